@@ -1,0 +1,187 @@
+//! Response bodies. Every body is a stream of chunks with bounded memory: a cached file is read
+//! in fixed-size chunks, an in-flight download is read from its temp file as the writer's
+//! progress allows. A body error makes hyper cut the connection, which is how a client learns
+//! that bytes it received are not a complete blob.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{stream, TryStreamExt};
+use http_body::Frame;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use tokio::sync::watch;
+
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Read size for file-backed bodies: large enough to keep syscalls and wakeups rare, small
+/// enough that hundreds of slow readers stay within a few tens of MiB.
+const CHUNK: usize = 128 * 1024;
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn from_stream<S>(s: S) -> Body
+where
+    S: futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
+    StreamBody::new(s.map_ok(Frame::data)).boxed_unsync()
+}
+
+/// How far a file has been written. A committed file is `Complete`; a download in progress
+/// publishes its progress through a watch channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// `written` bytes are on disk and readable; more will come.
+    Writing { written: u64 },
+    /// The whole file is on disk and verified.
+    Complete,
+    /// The download failed; readers must cut their connection.
+    Failed(String),
+}
+
+/// Streams `file[start..end)`. With `progress`, waits for the writer before reading past what
+/// has been written, so a reader never sees a byte before it is on disk.
+pub fn file_range(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+    progress: Option<watch::Receiver<Progress>>,
+) -> Body {
+    struct State {
+        file: Arc<File>,
+        pos: u64,
+        end: u64,
+        progress: Option<watch::Receiver<Progress>>,
+    }
+    let state = State {
+        file,
+        pos: start,
+        end,
+        progress,
+    };
+    from_stream(stream::try_unfold(state, |mut st| async move {
+        if st.pos >= st.end {
+            return Ok(None);
+        }
+        let mut limit = st.end;
+        if let Some(rx) = st.progress.as_mut() {
+            let available = loop {
+                let p = rx.borrow_and_update().clone();
+                match p {
+                    Progress::Complete => break st.end,
+                    Progress::Failed(why) => {
+                        return Err(io::Error::other(format!("download failed: {why}")))
+                    }
+                    Progress::Writing { written } if written > st.pos => break written,
+                    Progress::Writing { .. } => {}
+                }
+                if rx.changed().await.is_err() {
+                    // The writer vanished without a final state: treat as failed.
+                    return Err(io::Error::other("download abandoned"));
+                }
+            };
+            limit = limit.min(available);
+        }
+        let len = (limit - st.pos).min(CHUNK as u64) as usize;
+        let file = st.file.clone();
+        let pos = st.pos;
+        let chunk = tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+            .await
+            .map_err(io::Error::other)??;
+        st.pos += chunk.len() as u64;
+        Ok(Some((chunk, st)))
+    }))
+}
+
+fn read_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    let mut filled = 0;
+    while filled < len {
+        let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "cached file is shorter than expected",
+            ));
+        }
+        filled += n;
+    }
+    Ok(buf.freeze())
+}
+
+type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
+
+/// A body that reports, when it ends or is dropped, how many bytes it sent and whether it
+/// reached its end: the hook for request logs, byte counters and waiter gauges.
+pub struct Observed {
+    inner: Body,
+    bytes: u64,
+    complete: bool,
+    on_end: Option<OnEnd>,
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => self.complete = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.inner)
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes, self.complete || http_body::Body::is_end_stream(&self.inner));
+        }
+    }
+}
+
+pub fn observe(inner: Body, on_end: impl FnOnce(u64, bool) + Send + 'static) -> Body {
+    Observed {
+        inner,
+        bytes: 0,
+        complete: false,
+        on_end: Some(Box::new(on_end)),
+    }
+    .boxed_unsync()
+}
+
+/// Keeps `guard` alive for as long as the body.
+pub fn with_guard<G: Send + 'static>(inner: Body, guard: G) -> Body {
+    observe(inner, move |_, _| drop(guard))
+}
+
+/// Counts the bytes sent to the client by where they came from.
+pub fn count_served(inner: Body, metrics: Arc<crate::metrics::Metrics>, source: &'static str) -> Body {
+    observe(inner, move |bytes, _| metrics.served(source, bytes))
+}

@@ -1,0 +1,390 @@
+//! Configuration: typed structs with documented defaults, loaded from the TOML file, then the
+//! environment, then the command line, then checked by [`Config::validate`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Docker Hub's registry name as clients spell it in `?ns=`.
+pub const DOCKER_HUB: &str = "docker.io";
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value {value:?} for {key}: {reason}")]
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// A string that never prints: Debug and Display show `[REDACTED]`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    /// Upstream registries keyed by the registry name clients use (`docker.io`, `ghcr.io`).
+    /// Default: `docker.io` → `https://registry-1.docker.io`, anonymous.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
+            cache: CacheConfig::default(),
+            log: LogConfig::default(),
+            upstreams: BTreeMap::from([(DOCKER_HUB.to_owned(), UpstreamConfig::default())]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `0.0.0.0:5000`.
+    pub listen: SocketAddr,
+    /// Registry served to requests without `?ns=` (dockerd, podman). Default `docker.io`.
+    pub default_registry: String,
+    /// Idle connections that send no complete request header within this time are closed.
+    /// Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            default_registry: DOCKER_HUB.to_owned(),
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Cache directory (blobs, manifests, tags, temp files). Default `./data`.
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// A cached tag is served without asking the upstream for this long after it was last
+    /// fetched or revalidated. Default 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tag_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of the registry API (`http://` is allowed). Default Docker Hub.
+    pub url: String,
+    /// Username for token (or Basic) auth; anonymous when absent.
+    pub username: Option<String>,
+    /// Password or access token; env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default upstream.
+    pub password: Option<Secret>,
+    /// TCP + TLS connect timeout. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time from sending a request to the response headers. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest pause between two body chunks before the transfer counts as cut. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How many times a cut blob download is resumed with a Range request. Default 5.
+    pub resume_attempts: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DOCKER_HUB_URL.to_owned(),
+            username: None,
+            password: None,
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            resume_attempts: 5,
+        }
+    }
+}
+
+/// Overrides from the command line; `None` leaves the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub storage_dir: Option<PathBuf>,
+    pub upstream: Option<String>,
+    pub tag_ttl: Option<Duration>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Reads `path` (or the defaults when `None`), then applies the environment and the CLI
+    /// overrides, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        cli: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env);
+        config.apply_overrides(cli);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn default_upstream_mut(&mut self) -> &mut UpstreamConfig {
+        self.upstreams
+            .entry(self.server.default_registry.clone())
+            .or_default()
+    }
+
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(user) = env("PULLTHROUGH_UPSTREAM_USERNAME") {
+            self.default_upstream_mut().username = Some(user);
+        }
+        if let Some(pass) = env("PULLTHROUGH_UPSTREAM_PASSWORD") {
+            self.default_upstream_mut().password = Some(Secret(pass));
+        }
+    }
+
+    pub fn apply_overrides(&mut self, cli: &Overrides) {
+        if let Some(listen) = cli.listen {
+            self.server.listen = listen;
+        }
+        if let Some(dir) = &cli.storage_dir {
+            self.storage.dir = dir.clone();
+        }
+        if let Some(url) = &cli.upstream {
+            self.default_upstream_mut().url = url.clone();
+        }
+        if let Some(ttl) = cli.tag_ttl {
+            self.cache.tag_ttl = ttl;
+        }
+        if let Some(format) = cli.log_format {
+            self.log.format = format;
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: &str, reason: &str| ConfigError::Value {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if !self.upstreams.contains_key(&self.server.default_registry) {
+            return Err(bad(
+                "server.default_registry",
+                &self.server.default_registry,
+                "no [upstreams] entry with this name",
+            ));
+        }
+        for (name, up) in &self.upstreams {
+            let key = |field: &str| format!("upstreams.\"{name}\".{field}");
+            let url = url::Url::parse(&up.url)
+                .map_err(|e| bad(&key("url"), &up.url, &e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(bad(&key("url"), &up.url, "must be an http:// or https:// URL"));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(bad(
+                    &key("url"),
+                    "[REDACTED]",
+                    "put credentials in username/password, not in the URL",
+                ));
+            }
+            if up.password.is_some() && up.username.is_none() {
+                return Err(bad(&key("username"), "", "a password needs a username"));
+            }
+            for (field, d) in [
+                ("connect_timeout", up.connect_timeout),
+                ("first_byte_timeout", up.first_byte_timeout),
+                ("idle_timeout", up.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(bad(&key(field), "0s", "must be greater than zero"));
+                }
+            }
+        }
+        if self.storage.dir.as_os_str().is_empty() {
+            return Err(bad("storage.dir", "", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The registry whose `library/` namespace applies to single-component names.
+    pub fn is_docker_hub(registry: &str) -> bool {
+        registry == DOCKER_HUB
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_mirror_docker_hub() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.upstreams[DOCKER_HUB].url, DOCKER_HUB_URL);
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.contains("listen_addr"), "{err}");
+        let err = Config::from_toml("bogus = 1\n").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        let err = Config::from_toml("[cache]\ntag_ttl = \"soon\"\n").unwrap_err();
+        assert!(err.contains("tag_ttl") && err.contains("soon"), "{err}");
+        let mut c = Config::default();
+        c.upstreams.get_mut(DOCKER_HUB).unwrap().url = "ftp://x".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("upstreams.\"docker.io\".url") && err.contains("ftp://x"), "{err}");
+    }
+
+    #[test]
+    fn env_then_cli_override_file() {
+        let file = "[upstreams.\"docker.io\"]\nurl = \"http://127.0.0.1:1\"\nusername = \"a\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, file).unwrap();
+        let env = |k: &str| match k {
+            "PULLTHROUGH_UPSTREAM_USERNAME" => Some("envuser".to_string()),
+            "PULLTHROUGH_UPSTREAM_PASSWORD" => Some("hunter2".to_string()),
+            _ => None,
+        };
+        let cli = Overrides {
+            upstream: Some("http://127.0.0.1:2".into()),
+            tag_ttl: Some(Duration::from_secs(1)),
+            ..Overrides::default()
+        };
+        let c = Config::load(Some(&path), env, &cli).unwrap();
+        let up = &c.upstreams[DOCKER_HUB];
+        assert_eq!(up.url, "http://127.0.0.1:2");
+        assert_eq!(up.username.as_deref(), Some("envuser"));
+        assert_eq!(up.password.as_ref().map(Secret::expose), Some("hunter2"));
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(1));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2") && debug.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn repository_mirror_toml_is_valid() {
+        let text = include_str!("../mirror.toml");
+        let c = Config::from_toml(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.storage.dir, PathBuf::from("./data"));
+        let _ = Config::load(None, no_env, &Overrides::default()).unwrap();
+    }
+}

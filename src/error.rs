@@ -1,0 +1,210 @@
+//! The API error: what a client sees. Every lower layer's error is turned into one here, in
+//! one place, so the HTTP status and OCI error code of each failure are decided once.
+//! Internal details (I/O errors, upstream bodies) are logged, never sent.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde::Serialize;
+
+use crate::body::{self, Body};
+use crate::oci::ParseError;
+use crate::upstream;
+
+/// OCI distribution error codes, plus the distribution registry's `UNAVAILABLE`/`UNKNOWN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Code {
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    ManifestInvalid,
+    NameInvalid,
+    NameUnknown,
+    TagInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    Toomanyrequests,
+    Unavailable,
+    NotFound,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: Code,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    errors: [ErrorItem<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ErrorItem<'a> {
+    code: Code,
+    message: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "unknown path")
+    }
+
+    pub fn unsupported() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            "this is a pull-through mirror: only pulls are supported",
+        )
+    }
+
+    pub fn registry_not_mirrored(registry: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NameUnknown,
+            format!("registry {registry} is not mirrored"),
+        )
+    }
+
+    pub fn internal() -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Code::Unknown,
+            "internal error (see the mirror's log)",
+        )
+    }
+
+    pub fn into_response(self, head: bool) -> Response<Body> {
+        let json = serde_json::to_vec(&ErrorBody {
+            errors: [ErrorItem {
+                code: self.code,
+                message: &self.message,
+            }],
+        })
+        .unwrap_or_default();
+        let len = json.len();
+        let mut resp = Response::new(if head {
+            body::empty()
+        } else {
+            body::full(Bytes::from(json))
+        });
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(after) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        }
+        resp
+    }
+}
+
+impl From<ParseError> for ApiError {
+    fn from(e: ParseError) -> Self {
+        let code = match e {
+            ParseError::Name(_) => Code::NameInvalid,
+            ParseError::Tag(_) => Code::TagInvalid,
+            ParseError::Digest(_) => Code::DigestInvalid,
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string())
+    }
+}
+
+/// What kind of object a request was for: a 404 from the upstream means `MANIFEST_UNKNOWN`
+/// for one and `BLOB_UNKNOWN` for the other.
+#[derive(Debug, Clone, Copy)]
+pub enum Object {
+    Manifest,
+    Blob,
+    Tags,
+}
+
+impl ApiError {
+    pub fn from_upstream(e: &upstream::Error, object: Object) -> ApiError {
+        use upstream::Error as U;
+        match e {
+            U::NotFound { message } => {
+                let code = match object {
+                    Object::Manifest => Code::ManifestUnknown,
+                    Object::Blob => Code::BlobUnknown,
+                    Object::Tags => Code::NameUnknown,
+                };
+                ApiError::new(StatusCode::NOT_FOUND, code, message.clone())
+            }
+            U::Unauthorized { message } => {
+                ApiError::new(StatusCode::UNAUTHORIZED, Code::Unauthorized, message.clone())
+            }
+            U::Denied { message } => ApiError::new(StatusCode::FORBIDDEN, Code::Denied, message.clone()),
+            U::TooManyRequests {
+                message,
+                retry_after,
+            } => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: Code::Toomanyrequests,
+                message: message.clone(),
+                retry_after: *retry_after,
+            },
+            U::ServerError { upstream, status } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                format!("upstream {upstream} answered {status}"),
+            ),
+            U::Unreachable { upstream, .. } | U::Timeout { upstream, .. } | U::BackingOff { upstream } => {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    format!("upstream {upstream} is unavailable"),
+                )
+            }
+            U::DigestMismatch { .. } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                "upstream content did not match its digest",
+            ),
+            U::Protocol { upstream, .. } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                format!("upstream {upstream} sent an invalid response"),
+            ),
+            U::Unexpected { upstream, status } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unknown,
+                format!("upstream {upstream} answered {status}"),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn error_body_is_oci_json() {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, Code::Toomanyrequests, "slow down");
+        e.retry_after = Some(Duration::from_secs(60));
+        let resp = e.into_response(false);
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "60");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+        assert_eq!(v["errors"][0]["message"], "slow down");
+    }
+}

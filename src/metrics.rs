@@ -1,0 +1,248 @@
+//! Prometheus metrics. Labels are bounded: route kinds, outcomes, status classes and
+//! configured upstream names; never repository names or digests.
+
+use std::sync::Mutex;
+use std::time::{Duration, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::upstream::ratelimit::Budget;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    kind: &'static str,
+    method: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamRequestLabels {
+    kind: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<KindLabels, Histogram>,
+    cache: Family<CacheLabels, Counter>,
+    served_bytes: Family<SourceLabels, Counter>,
+    upstream_bytes: Counter,
+    upstream_requests: Family<UpstreamRequestLabels, Counter>,
+    counted_pulls: Family<UpstreamLabels, Counter>,
+    resumes: Counter,
+    digest_mismatches: Counter,
+    budget_limit: Family<UpstreamLabels, Gauge>,
+    budget_remaining: Family<UpstreamLabels, Gauge>,
+    budget_window: Family<UpstreamLabels, Gauge>,
+    budget_updated: Family<UpstreamLabels, Gauge>,
+    pub inflight_downloads: Gauge,
+    pub inflight_waiters: Gauge,
+    miss_ttfb: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let duration_family = || {
+            Family::<KindLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+            })
+        };
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("pullthrough")),
+            requests: Family::default(),
+            request_duration: duration_family(),
+            cache: Family::default(),
+            served_bytes: Family::default(),
+            upstream_bytes: Counter::default(),
+            upstream_requests: Family::default(),
+            counted_pulls: Family::default(),
+            resumes: Counter::default(),
+            digest_mismatches: Counter::default(),
+            budget_limit: Family::default(),
+            budget_remaining: Family::default(),
+            budget_window: Family::default(),
+            budget_updated: Family::default(),
+            inflight_downloads: Gauge::default(),
+            inflight_waiters: Gauge::default(),
+            miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        };
+        if let Ok(mut r) = m.registry.lock() {
+            r.register("requests", "Requests by route kind, method and status class", m.requests.clone());
+            r.register(
+                "request_duration_seconds",
+                "Time from request to the end of the response body",
+                m.request_duration.clone(),
+            );
+            r.register(
+                "cache",
+                "Cache outcomes by object kind (hit, miss, revalidated, stale, coalesced, passthrough)",
+                m.cache.clone(),
+            );
+            r.register("served_bytes", "Body bytes sent to clients by source", m.served_bytes.clone());
+            r.register("upstream_bytes", "Blob bytes fetched from upstreams", m.upstream_bytes.clone());
+            r.register(
+                "upstream_requests",
+                "Upstream requests by kind and status class",
+                m.upstream_requests.clone(),
+            );
+            r.register(
+                "upstream_pulls",
+                "Upstream manifest GETs: the requests that count against Docker Hub's pull limit",
+                m.counted_pulls.clone(),
+            );
+            r.register("upstream_resumes", "Blob downloads resumed with a Range request", m.resumes.clone());
+            r.register(
+                "digest_mismatches",
+                "Upstream content rejected because it did not match its digest",
+                m.digest_mismatches.clone(),
+            );
+            r.register("pull_budget_limit", "Upstream pull limit (ratelimit-limit)", m.budget_limit.clone());
+            r.register(
+                "pull_budget_remaining",
+                "Upstream pulls remaining (ratelimit-remaining)",
+                m.budget_remaining.clone(),
+            );
+            r.register(
+                "pull_budget_window_seconds",
+                "Upstream pull limit window",
+                m.budget_window.clone(),
+            );
+            r.register(
+                "pull_budget_updated_timestamp_seconds",
+                "When the pull budget was last read",
+                m.budget_updated.clone(),
+            );
+            r.register("inflight_downloads", "Blob downloads in progress", m.inflight_downloads.clone());
+            r.register(
+                "inflight_waiters",
+                "Clients receiving a blob that is still downloading",
+                m.inflight_waiters.clone(),
+            );
+            r.register(
+                "miss_first_byte_seconds",
+                "Time to the upstream's response headers on blob misses",
+                m.miss_ttfb.clone(),
+            );
+        }
+        m
+    }
+
+    pub fn request(&self, kind: &'static str, method: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                kind,
+                method: method.to_owned(),
+                status: status_class(status),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&KindLabels { kind })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn cache(&self, kind: &'static str, outcome: &'static str) {
+        self.cache.get_or_create(&CacheLabels { kind, outcome }).inc();
+    }
+
+    pub fn served(&self, source: &'static str, bytes: u64) {
+        self.served_bytes.get_or_create(&SourceLabels { source }).inc_by(bytes);
+    }
+
+    pub fn upstream_bytes(&self, bytes: u64) {
+        self.upstream_bytes.inc_by(bytes);
+    }
+
+    pub fn upstream_request(&self, kind: &'static str, status: u16) {
+        self.upstream_requests
+            .get_or_create(&UpstreamRequestLabels {
+                kind,
+                status: status_class(status),
+            })
+            .inc();
+    }
+
+    pub fn counted_pull(&self, upstream: &str) {
+        self.counted_pulls
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn resume(&self) {
+        self.resumes.inc();
+    }
+
+    pub fn digest_mismatch(&self) {
+        self.digest_mismatches.inc();
+    }
+
+    pub fn miss_first_byte(&self, elapsed: Duration) {
+        self.miss_ttfb.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn budget(&self, upstream: &str, b: &Budget) {
+        let l = UpstreamLabels {
+            upstream: upstream.to_owned(),
+        };
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.budget_limit.get_or_create(&l).set(clamp(b.limit));
+        self.budget_remaining.get_or_create(&l).set(clamp(b.remaining));
+        self.budget_window.get_or_create(&l).set(clamp(b.window_secs));
+        let ts = b.updated.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.budget_updated.get_or_create(&l).set(clamp(ts));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            // Writing to a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}

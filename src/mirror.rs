@@ -1,0 +1,265 @@
+//! The mirror's pull logic, below HTTP: which upstream a request goes to, when a tag is
+//! answered from the cache, revalidated with a HEAD or fetched, and how manifests are fetched,
+//! verified and stored. Handlers call this; this calls the store and the upstream client,
+//! never the other way round.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::config::{Config, DOCKER_HUB};
+use crate::download::Downloads;
+use crate::metrics::Metrics;
+use crate::oci::{media, Digest, RepoName, Tag};
+use crate::singleflight::Coalesce;
+use crate::store::manifests::Manifest;
+use crate::store::tags::{TagKey, TagRecord};
+use crate::store::Store;
+use crate::upstream::{self, Upstream};
+
+/// How a response was served, sent as `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Revalidated,
+    Stale,
+    Coalesced,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Revalidated => "REVALIDATED",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Coalesced => "COALESCED",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Revalidated => "revalidated",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Coalesced => "coalesced",
+        }
+    }
+
+    /// A joined flight is reported as coalesced whatever the leader's outcome was.
+    fn joined(self, coalesced: bool) -> CacheStatus {
+        if coalesced && self != CacheStatus::Hit {
+            CacheStatus::Coalesced
+        } else {
+            self
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Upstream(#[from] upstream::Error),
+    #[error("cache storage failed: {0}")]
+    Storage(String),
+    /// The upstream's manifest is of a type the mirror does not cache (e.g. schema 1).
+    #[error("manifest media type {0:?} is not cached")]
+    NotCacheable(String),
+    #[error(transparent)]
+    Abandoned(#[from] crate::singleflight::Abandoned),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+type TagResult = Result<(TagRecord, CacheStatus), Error>;
+type ManifestResult = Result<(Arc<Manifest>, CacheStatus), Error>;
+
+pub struct Mirror {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub downloads: Downloads,
+    upstreams: HashMap<String, Arc<Upstream>>,
+    tag_flights: Coalesce<TagKey, TagResult>,
+    manifest_flights: Coalesce<(String, RepoName, Digest), ManifestResult>,
+}
+
+impl Mirror {
+    /// Builds the mirror: opens the store (blocking) and the upstream clients.
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Mirror> {
+        let store = Arc::new(Store::open(&config.storage.dir).map_err(|e| {
+            anyhow::anyhow!("cannot open storage dir {}: {e}", config.storage.dir.display())
+        })?);
+        let mut upstreams = HashMap::new();
+        for (name, cfg) in &config.upstreams {
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(name, cfg, metrics.clone())?));
+        }
+        Ok(Mirror {
+            downloads: Downloads::new(store.clone(), metrics.clone()),
+            config,
+            store,
+            metrics,
+            upstreams,
+            tag_flights: Coalesce::default(),
+            manifest_flights: Coalesce::default(),
+        })
+    }
+
+    /// The upstream for containerd's `ns` (or the default registry), and the repository name
+    /// as that upstream knows it (`alpine` is `library/alpine` on Docker Hub).
+    pub fn upstream_for(&self, ns: Option<&str>, name: &RepoName) -> Option<(Arc<Upstream>, RepoName)> {
+        let registry = match ns {
+            None | Some("") => self.config.server.default_registry.as_str(),
+            Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
+            Some(ns) => ns,
+        };
+        let upstream = self.upstreams.get(registry)?.clone();
+        let name = if Config::is_docker_hub(registry) {
+            name.with_library_prefix()
+        } else {
+            name.clone()
+        };
+        Some((upstream, name))
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.values()
+    }
+
+    /// What `tag` points to: from the cache within the TTL, else revalidated with an upstream
+    /// HEAD (one per tag however many clients ask), else the cached value when the upstream
+    /// is failing.
+    pub async fn resolve_tag(self: &Arc<Self>, up: &Arc<Upstream>, repo: &RepoName, tag: &Tag) -> TagResult {
+        let key = TagKey {
+            registry: up.name.clone(),
+            repo: repo.clone(),
+            tag: tag.clone(),
+        };
+        let cached = self.store.tags.get(&key).await?;
+        if let Some(record) = &cached {
+            if record.age() < self.config.cache.tag_ttl {
+                return Ok((record.clone(), CacheStatus::Hit));
+            }
+        }
+        let this = self.clone();
+        let up = up.clone();
+        let flight_key = key.clone();
+        let (result, coalesced) = self
+            .tag_flights
+            .run(&key, || async move { this.revalidate_tag(&up, flight_key, cached).await })
+            .await?;
+        result.map(|(r, s)| (r, s.joined(coalesced)))
+    }
+
+    async fn revalidate_tag(&self, up: &Upstream, key: TagKey, cached: Option<TagRecord>) -> TagResult {
+        let head = up.manifest(&key.repo, key.tag.as_str(), true, media::ACCEPT_ALL).await;
+        let fresh = match head {
+            Ok(m) => match (m.digest, m.size) {
+                (Some(digest), Some(size)) if media::is_cacheable(&m.media_type) => TagRecord {
+                    digest,
+                    media_type: m.media_type,
+                    size,
+                    fetched_at: SystemTime::now(),
+                },
+                // The HEAD did not say enough: fetch the manifest itself.
+                _ => self.fetch_tag(up, &key).await?,
+            },
+            Err(e) => return self.stale_or(e, &key, cached),
+        };
+        let status = match &cached {
+            Some(c) if c.digest == fresh.digest => CacheStatus::Revalidated,
+            _ => CacheStatus::Miss,
+        };
+        if let Err(e) = self.store.tags.put(&key, fresh.clone()).await {
+            tracing::warn!(error = %e, "cannot persist tag record");
+        }
+        Ok((fresh, status))
+    }
+
+    fn stale_or(&self, e: upstream::Error, key: &TagKey, cached: Option<TagRecord>) -> TagResult {
+        let usable = e.is_outage() || matches!(e, upstream::Error::TooManyRequests { .. });
+        match cached {
+            Some(record) if usable => {
+                tracing::warn!(
+                    upstream = %key.registry, repo = %key.repo, tag = %key.tag, error = %e,
+                    age_secs = record.age().as_secs(),
+                    "upstream failed; serving the cached tag stale"
+                );
+                Ok((record, CacheStatus::Stale))
+            }
+            _ => Err(e.into()),
+        }
+    }
+
+    /// GETs a tag whose HEAD was not informative, storing the manifest.
+    async fn fetch_tag(&self, up: &Upstream, key: &TagKey) -> Result<TagRecord, Error> {
+        let m = up.manifest(&key.repo, key.tag.as_str(), false, media::ACCEPT_ALL).await?;
+        let manifest = self.verify_and_store(m, None).await?;
+        Ok(TagRecord {
+            digest: manifest.digest.clone(),
+            media_type: manifest.media_type.clone(),
+            size: manifest.bytes.len() as u64,
+            fetched_at: SystemTime::now(),
+        })
+    }
+
+    /// The manifest with `digest`: from the store, else fetched once (for all concurrent
+    /// askers), verified and stored.
+    pub async fn manifest(self: &Arc<Self>, up: &Arc<Upstream>, repo: &RepoName, digest: &Digest) -> ManifestResult {
+        if let Some(m) = self.store.manifests.get(digest).await? {
+            return Ok((m, CacheStatus::Hit));
+        }
+        let key = (up.name.clone(), repo.clone(), digest.clone());
+        let this = self.clone();
+        let up = up.clone();
+        let (repo, digest) = (repo.clone(), digest.clone());
+        let (result, coalesced) = self
+            .manifest_flights
+            .run(&key, || async move {
+                let m = up
+                    .manifest(&repo, &digest.to_string(), false, media::ACCEPT_ALL)
+                    .await?;
+                let stored = this.verify_and_store(m, Some(&digest)).await?;
+                Ok((stored, CacheStatus::Miss))
+            })
+            .await?;
+        result.map(|(m, s)| (m, s.joined(coalesced)))
+    }
+
+    /// Checks the bytes against the digest asked for and the upstream's header, then stores.
+    async fn verify_and_store(
+        &self,
+        m: upstream::ManifestResponse,
+        expected: Option<&Digest>,
+    ) -> Result<Arc<Manifest>, Error> {
+        let bytes = m.body.unwrap_or_default();
+        let actual = Digest::sha256_of(&bytes);
+        for claimed in [expected, m.digest.as_ref()].into_iter().flatten() {
+            if claimed.is_sha256() && *claimed != actual {
+                self.metrics.digest_mismatch();
+                tracing::error!(expected = %claimed, %actual, "upstream manifest does not match its digest");
+                return Err(upstream::Error::DigestMismatch {
+                    expected: claimed.to_string(),
+                    actual: actual.to_string(),
+                }
+                .into());
+            }
+        }
+        if !media::is_cacheable(&m.media_type) {
+            return Err(Error::NotCacheable(m.media_type));
+        }
+        let manifest = Arc::new(Manifest {
+            digest: actual,
+            media_type: m.media_type,
+            bytes,
+        });
+        self.store.manifests.put(manifest.clone()).await?;
+        Ok(manifest)
+    }
+}

@@ -1,0 +1,218 @@
+//! Routing: a pure function from method and path to a [`Route`].
+//!
+//! Repository names contain slashes, so the name is whatever precedes the *last*
+//! `/manifests/`, `/blobs/` or `/tags/list`. Paths are not percent-decoded: `%` is not in the
+//! name, tag or digest grammar, so an encoded `..` is simply an invalid name.
+
+use http::Method;
+
+use crate::oci::{Digest, ParseError, Reference, RepoName};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v2/`: the API version check.
+    Base,
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+        head: bool,
+    },
+    Blob {
+        name: RepoName,
+        digest: Digest,
+        head: bool,
+    },
+    TagsList {
+        name: RepoName,
+    },
+    Healthz,
+    Readyz,
+    Metrics,
+    Status,
+    /// A well-formed request the mirror never serves: pushes, deletes, uploads.
+    Unsupported,
+    /// A name, tag or digest that fails the grammar.
+    Invalid(ParseError),
+    NotFound,
+}
+
+impl Route {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Base => "ping",
+            Route::Manifest { .. } => "manifest",
+            Route::Blob { .. } => "blob",
+            Route::TagsList { .. } => "tags",
+            _ => "other",
+        }
+    }
+
+    pub fn repository(&self) -> Option<&RepoName> {
+        match self {
+            Route::Manifest { name, .. } | Route::Blob { name, .. } | Route::TagsList { name } => {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+}
+
+pub fn parse(method: &Method, path: &str) -> Route {
+    let read = method == Method::GET || method == Method::HEAD;
+    let head = method == Method::HEAD;
+    match path {
+        "/healthz" => return if read { Route::Healthz } else { Route::Unsupported },
+        "/readyz" => return if read { Route::Readyz } else { Route::Unsupported },
+        "/metrics" => return if read { Route::Metrics } else { Route::Unsupported },
+        "/_pullthrough/status" => return if read { Route::Status } else { Route::Unsupported },
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v2").map(|r| r.strip_prefix('/').unwrap_or(r)) else {
+        return Route::NotFound;
+    };
+    if !path.starts_with("/v2/") && path != "/v2" {
+        return Route::NotFound;
+    }
+    if rest.is_empty() {
+        return if read { Route::Base } else { Route::Unsupported };
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        if !read {
+            return Route::Unsupported;
+        }
+        return match name.parse() {
+            Ok(name) => Route::TagsList { name },
+            Err(e) => Route::Invalid(e),
+        };
+    }
+    if let Some(i) = rest.rfind("/manifests/") {
+        let (name, reference) = (&rest[..i], &rest[i + "/manifests/".len()..]);
+        if !read {
+            return Route::Unsupported;
+        }
+        return match (name.parse(), reference.parse()) {
+            (Ok(name), Ok(reference)) => Route::Manifest {
+                name,
+                reference,
+                head,
+            },
+            (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
+        };
+    }
+    if rest.ends_with("/blobs/uploads") || rest.contains("/blobs/uploads/") {
+        return Route::Unsupported;
+    }
+    if let Some(i) = rest.rfind("/blobs/") {
+        let (name, digest) = (&rest[..i], &rest[i + "/blobs/".len()..]);
+        if !read {
+            return Route::Unsupported;
+        }
+        return match (name.parse(), digest.parse()) {
+            (Ok(name), Ok(digest)) => Route::Blob { name, digest, head },
+            (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
+        };
+    }
+    if read {
+        Route::NotFound
+    } else {
+        Route::Unsupported
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> String {
+        format!("sha256:{}", "ab".repeat(32))
+    }
+
+    #[test]
+    fn base_and_operational_routes() {
+        assert_eq!(parse(&Method::GET, "/v2/"), Route::Base);
+        assert_eq!(parse(&Method::GET, "/v2"), Route::Base);
+        assert_eq!(parse(&Method::HEAD, "/v2/"), Route::Base);
+        assert_eq!(parse(&Method::GET, "/healthz"), Route::Healthz);
+        assert_eq!(parse(&Method::GET, "/readyz"), Route::Readyz);
+        assert_eq!(parse(&Method::GET, "/metrics"), Route::Metrics);
+        assert_eq!(parse(&Method::GET, "/_pullthrough/status"), Route::Status);
+        assert_eq!(parse(&Method::GET, "/"), Route::NotFound);
+        assert_eq!(parse(&Method::GET, "/v2x/foo"), Route::NotFound);
+    }
+
+    #[test]
+    fn names_with_slashes_split_at_last_keyword() {
+        let r = parse(&Method::GET, "/v2/a/manifests/b/manifests/latest");
+        match r {
+            Route::Manifest {
+                name,
+                reference,
+                head,
+            } => {
+                assert_eq!(name.as_str(), "a/manifests/b");
+                assert_eq!(reference.to_string(), "latest");
+                assert!(!head);
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = parse(&Method::HEAD, &format!("/v2/library/alpine/blobs/{}", d()));
+        assert!(matches!(r, Route::Blob { head: true, .. }));
+        let r = parse(&Method::GET, "/v2/x/y/z/tags/list");
+        assert!(matches!(r, Route::TagsList { name } if name.as_str() == "x/y/z"));
+    }
+
+    #[test]
+    fn writes_are_unsupported() {
+        for (m, p) in [
+            (Method::PUT, "/v2/a/manifests/latest".to_string()),
+            (Method::DELETE, format!("/v2/a/blobs/{}", d())),
+            (Method::POST, "/v2/a/blobs/uploads/".to_string()),
+            (Method::PATCH, "/v2/a/blobs/uploads/123".to_string()),
+            (Method::GET, "/v2/a/blobs/uploads/123".to_string()),
+            (Method::POST, "/v2/".to_string()),
+            (Method::POST, "/v2/whatever".to_string()),
+        ] {
+            assert_eq!(parse(&m, &p), Route::Unsupported, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn invalid_input_is_classified() {
+        let cases = [
+            ("/v2/../etc/manifests/latest", "name"),
+            ("/v2/%2e%2e/manifests/latest", "name"),
+            ("/v2//abs/manifests/latest", "name"),
+            ("/v2/UPPER/manifests/latest", "name"),
+            ("/v2/a\0b/manifests/latest", "name"),
+            ("/v2/a/manifests/..", "tag"),
+            ("/v2/a/manifests/a%2fb", "tag"),
+            ("/v2/a/blobs/sha256:../../etc/passwd", "digest"),
+            ("/v2/a/blobs/latest", "digest"),
+            ("/v2/a/manifests/sha256:zz", "digest"),
+        ];
+        for (path, want) in cases {
+            let got = match parse(&Method::GET, path) {
+                Route::Invalid(ParseError::Name(_)) => "name",
+                Route::Invalid(ParseError::Tag(_)) => "tag",
+                Route::Invalid(ParseError::Digest(_)) => "digest",
+                other => panic!("{path}: {other:?}"),
+            };
+            assert_eq!(got, want, "{path}");
+        }
+        let long = format!("/v2/{}/manifests/latest", "a".repeat(300));
+        assert!(matches!(
+            parse(&Method::GET, &long),
+            Route::Invalid(ParseError::Name(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_v2_paths_are_not_found() {
+        assert_eq!(
+            parse(&Method::GET, &format!("/v2/a/referrers/{}", d())),
+            Route::NotFound
+        );
+        assert_eq!(parse(&Method::GET, "/v2/_catalog"), Route::NotFound);
+    }
+}

@@ -1,0 +1,146 @@
+//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge), times out idle
+//! ones, drains on shutdown, and wraps every request in timing, panic isolation, metrics and
+//! one log line.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::body::{self, Body};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::handlers::{self, X_CACHE};
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::routes;
+
+/// Runs the mirror on `listener` until `shutdown` completes, then lets in-flight responses
+/// finish for up to `server.shutdown_grace`.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let grace = config.server.shutdown_grace;
+    let header_timeout = config.server.header_read_timeout;
+    let mirror = Arc::new(tokio::task::spawn_blocking(move || Mirror::new(config, metrics)).await??);
+    warn_about_exposure(&mirror.config);
+    tracing::info!(addr = %listener.local_addr()?, "pullthrough listening");
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let mirror = mirror.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let mirror = mirror.clone();
+            async move { Ok::<_, Infallible>(handle(mirror, req, peer).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+    Ok(())
+}
+
+fn warn_about_exposure(config: &Config) {
+    for (name, up) in &config.upstreams {
+        if up.username.is_some() {
+            tracing::warn!(
+                upstream = %name,
+                "upstream credentials are configured: anyone who can reach this mirror can pull \
+                 what those credentials can, including private images; restrict who can reach it"
+            );
+        }
+    }
+}
+
+/// One request: route, dispatch (panics become 500s), then metrics and a log line when the
+/// response body ends, with the bytes actually sent.
+async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let route = routes::parse(req.method(), req.uri().path());
+    let method = req.method().clone();
+    let head = method == http::Method::HEAD;
+    let dispatched = std::panic::AssertUnwindSafe(handlers::dispatch(&mirror, &route, &req))
+        .catch_unwind()
+        .await;
+    let resp = match dispatched {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => e.into_response(head),
+        Err(_) => {
+            tracing::error!(%method, path = req.uri().path(), "handler panicked");
+            ApiError::internal().into_response(head)
+        }
+    };
+    let status = resp.status().as_u16();
+    let cache = resp
+        .headers()
+        .get(X_CACHE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let kind = route.kind();
+    let repo = route.repository().map(|r| r.to_string()).unwrap_or_default();
+    let metrics = mirror.metrics.clone();
+    resp.map(move |b| {
+        body::observe(b, move |bytes, complete| {
+            let elapsed = started.elapsed();
+            metrics.request(kind, method.as_str(), status, elapsed);
+            tracing::info!(
+                target: "pullthrough::access",
+                %peer,
+                method = %method,
+                repo = %repo,
+                kind,
+                status,
+                bytes,
+                complete,
+                cache = %cache,
+                ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        })
+    })
+}

@@ -1,0 +1,91 @@
+//! Manifests by digest: the upstream's exact bytes and media type. A digest names immutable
+//! content, so a stored manifest is served for ever. Recently used manifests are also kept in
+//! memory, since clients ask for the same few over and over.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use moka::sync::Cache;
+
+use super::{blocking, digest_path, write_atomic};
+use crate::oci::Digest;
+
+/// Memory for manifests kept in RAM, by their byte size.
+const MEMORY_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+pub struct Manifests {
+    dir: PathBuf,
+    tmp: PathBuf,
+    memory: Cache<Digest, Arc<Manifest>>,
+}
+
+impl Manifests {
+    pub(super) fn new(dir: PathBuf, tmp: PathBuf) -> Manifests {
+        Manifests {
+            dir,
+            tmp,
+            memory: Cache::builder()
+                .max_capacity(MEMORY_BYTES)
+                .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
+                .build(),
+        }
+    }
+
+    pub async fn get(&self, digest: &Digest) -> io::Result<Option<Arc<Manifest>>> {
+        if let Some(m) = self.memory.get(digest) {
+            return Ok(Some(m));
+        }
+        if !digest.is_sha256() {
+            return Ok(None);
+        }
+        let path = digest_path(&self.dir, digest);
+        let read = blocking(move || match std::fs::read(&path) {
+            Ok(raw) => Ok(Some(raw)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+        let Some(raw) = read else { return Ok(None) };
+        let raw = Bytes::from(raw);
+        let Some(newline) = raw.iter().position(|&b| b == b'\n') else {
+            tracing::warn!(%digest, "stored manifest has no media type line; ignoring it");
+            return Ok(None);
+        };
+        let bytes = raw.slice(newline + 1..);
+        // Manifests are small: re-hashing on load means a damaged file is never served.
+        if Digest::sha256_of(&bytes) != *digest {
+            tracing::warn!(%digest, "stored manifest does not match its digest; ignoring it");
+            return Ok(None);
+        }
+        let media_type = String::from_utf8_lossy(&raw[..newline]).into_owned();
+        let m = Arc::new(Manifest {
+            digest: digest.clone(),
+            media_type,
+            bytes,
+        });
+        self.memory.insert(digest.clone(), m.clone());
+        Ok(Some(m))
+    }
+
+    /// Stores a manifest whose bytes were verified against `m.digest`.
+    pub async fn put(&self, m: Arc<Manifest>) -> io::Result<()> {
+        let path = digest_path(&self.dir, &m.digest);
+        let tmp = self.tmp.clone();
+        let mut raw = Vec::with_capacity(m.media_type.len() + 1 + m.bytes.len());
+        raw.extend_from_slice(m.media_type.as_bytes());
+        raw.push(b'\n');
+        raw.extend_from_slice(&m.bytes);
+        blocking(move || write_atomic(&tmp, &path, &raw)).await?;
+        self.memory.insert(m.digest.clone(), m);
+        Ok(())
+    }
+}

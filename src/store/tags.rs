@@ -1,0 +1,121 @@
+//! Tag records: which digest a tag pointed to when it was last fetched or revalidated.
+//! Written through to disk so a restarted mirror still knows its tags, and kept in memory so a
+//! tag within its TTL costs no I/O.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moka::sync::Cache;
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, write_atomic};
+use crate::oci::{Digest, RepoName, Tag};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct TagKey {
+    pub registry: String,
+    pub repo: RepoName,
+    pub tag: Tag,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub fetched_at: SystemTime,
+}
+
+impl TagRecord {
+    pub fn age(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(self.fetched_at)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    digest: String,
+    media_type: String,
+    size: u64,
+    fetched_at: u64,
+}
+
+pub struct Tags {
+    dir: PathBuf,
+    tmp: PathBuf,
+    memory: Cache<TagKey, TagRecord>,
+}
+
+impl Tags {
+    pub(super) fn new(dir: PathBuf, tmp: PathBuf) -> Tags {
+        Tags {
+            dir,
+            tmp,
+            memory: Cache::new(100_000),
+        }
+    }
+
+    fn path(&self, key: &TagKey) -> PathBuf {
+        // `_tags` cannot collide with a repository component, which never starts with `_`.
+        self.dir
+            .join(&key.registry)
+            .join(key.repo.as_str())
+            .join("_tags")
+            .join(key.tag.as_str())
+    }
+
+    pub async fn get(&self, key: &TagKey) -> io::Result<Option<TagRecord>> {
+        if let Some(r) = self.memory.get(key) {
+            return Ok(Some(r));
+        }
+        let path = self.path(key);
+        let raw = blocking(move || match std::fs::read(&path) {
+            Ok(raw) => Ok(Some(raw)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let record = serde_json::from_slice::<OnDisk>(&raw)
+            .ok()
+            .and_then(|d| {
+                Some(TagRecord {
+                    digest: d.digest.parse().ok()?,
+                    media_type: d.media_type,
+                    size: d.size,
+                    fetched_at: UNIX_EPOCH + Duration::from_secs(d.fetched_at),
+                })
+            });
+        match record {
+            Some(r) => {
+                self.memory.insert(key.clone(), r.clone());
+                Ok(Some(r))
+            }
+            None => {
+                tracing::warn!(registry = %key.registry, repo = %key.repo, tag = %key.tag, "unreadable tag record; ignoring it");
+                Ok(None)
+            }
+        }
+    }
+
+    pub async fn put(&self, key: &TagKey, record: TagRecord) -> io::Result<()> {
+        let on_disk = OnDisk {
+            digest: record.digest.to_string(),
+            media_type: record.media_type.clone(),
+            size: record.size,
+            fetched_at: record
+                .fetched_at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let raw = serde_json::to_vec(&on_disk).map_err(io::Error::other)?;
+        let path = self.path(key);
+        let tmp = self.tmp.clone();
+        self.memory.insert(key.clone(), record);
+        blocking(move || write_atomic(&tmp, &path, &raw)).await
+    }
+}

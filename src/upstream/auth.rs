@@ -1,0 +1,276 @@
+//! Upstream authentication: `WWW-Authenticate` challenges, Bearer tokens and Basic auth.
+//!
+//! The first request to an upstream goes out anonymously; its 401 challenge tells us the token
+//! realm and service, which are remembered so later repositories get a token before their first
+//! request. Tokens are cached per repository scope until shortly before they expire.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use moka::future::Cache;
+use serde::Deserialize;
+
+use super::Error;
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::oci::RepoName;
+
+/// The distribution token spec: a token without `expires_in` lives 60 seconds, and no token
+/// is assumed to live less than that.
+const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+/// Parses a `WWW-Authenticate` value: `Bearer realm="…",service="…",scope="…"` or `Basic …`.
+pub fn parse_challenge(value: &str) -> Option<Challenge> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let params = parse_params(rest);
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    Some(Challenge::Bearer {
+        realm: get("realm")?,
+        service: get("service"),
+    })
+}
+
+/// `key=value` pairs separated by commas; values may be quoted and contain commas.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return out;
+        }
+        let mut val = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => val.extend(chars.next()),
+                    '"' => break,
+                    c => val.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek() {
+                if *c == ',' {
+                    break;
+                }
+                val.push(*c);
+                chars.next();
+            }
+        }
+        out.push((key.trim().to_owned(), val.trim().to_owned()));
+    }
+}
+
+#[derive(Clone)]
+struct Token {
+    value: Secret,
+    lifetime: Duration,
+}
+
+struct TokenExpiry;
+
+impl moka::Expiry<String, Token> for TokenExpiry {
+    fn expire_after_create(&self, _: &String, token: &Token, _: Instant) -> Option<Duration> {
+        // Refresh a little before the upstream's expiry so a token never dies in flight.
+        let margin = (token.lifetime / 10).max(Duration::from_secs(5));
+        Some(token.lifetime.saturating_sub(margin))
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+pub struct Auth {
+    upstream: String,
+    http: reqwest::Client,
+    credentials: Option<(String, Secret)>,
+    /// The last challenge seen; a plain lock because it is only ever read or replaced.
+    challenge: RwLock<Option<Challenge>>,
+    tokens: Cache<String, Token>,
+    metrics: Arc<Metrics>,
+}
+
+impl Auth {
+    pub fn new(
+        upstream: String,
+        http: reqwest::Client,
+        credentials: Option<(String, Secret)>,
+        metrics: Arc<Metrics>,
+    ) -> Auth {
+        Auth {
+            upstream,
+            http,
+            credentials,
+            challenge: RwLock::new(None),
+            tokens: Cache::builder()
+                .max_capacity(10_000)
+                .expire_after(TokenExpiry)
+                .build(),
+            metrics,
+        }
+    }
+
+    fn scope(repo: Option<&RepoName>) -> String {
+        match repo {
+            Some(r) => format!("repository:{r}:pull"),
+            None => String::new(),
+        }
+    }
+
+    fn basic(&self) -> Option<String> {
+        self.credentials.as_ref().map(|(user, pass)| {
+            let raw = format!("{user}:{}", pass.expose());
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        })
+    }
+
+    /// The `Authorization` value for a request on `repo`, if the upstream is known to want one.
+    pub async fn authorization(&self, repo: Option<&RepoName>) -> Result<Option<Secret>, Error> {
+        let challenge = self.challenge.read().ok().and_then(|c| c.clone());
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.basic().map(Secret::new)),
+            Some(Challenge::Bearer { realm, service }) => {
+                let scope = Self::scope(repo);
+                let token = self
+                    .tokens
+                    .try_get_with(scope.clone(), self.fetch_token(&realm, service.as_deref(), &scope))
+                    .await
+                    .map_err(|e: Arc<Error>| (*e).clone())?;
+                Ok(Some(Secret::new(format!("Bearer {}", token.value.expose()))))
+            }
+        }
+    }
+
+    /// Records a 401's challenge and drops the token that was refused. Returns whether a retry
+    /// can succeed (the challenge is one we can answer).
+    pub async fn on_unauthorized(&self, www_authenticate: Option<&str>, repo: Option<&RepoName>) -> bool {
+        let Some(challenge) = www_authenticate.and_then(parse_challenge) else {
+            return false;
+        };
+        if challenge == Challenge::Basic && self.credentials.is_none() {
+            return false;
+        }
+        if let Ok(mut c) = self.challenge.write() {
+            *c = Some(challenge);
+        }
+        self.tokens.invalidate(&Self::scope(repo)).await;
+        true
+    }
+
+    async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<Token, Error> {
+        let mut url = url::Url::parse(realm).map_err(|_| Error::Protocol {
+            upstream: self.upstream.clone(),
+            detail: "token realm is not a URL".into(),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(service) = service {
+                q.append_pair("service", service);
+            }
+            if !scope.is_empty() {
+                q.append_pair("scope", scope);
+            }
+        }
+        let mut req = self.http.get(url);
+        if let Some(basic) = self.basic() {
+            req = req.header(http::header::AUTHORIZATION, basic);
+        }
+        let resp = req.send().await.map_err(|e| Error::from_reqwest(&self.upstream, &e))?;
+        let status = resp.status();
+        self.metrics.upstream_request("token", status.as_u16());
+        if !status.is_success() {
+            tracing::warn!(upstream = %self.upstream, %status, "token request refused");
+            return Err(match status.as_u16() {
+                401 => Error::Unauthorized {
+                    message: "upstream refused the configured credentials".into(),
+                },
+                403 => Error::Denied {
+                    message: "upstream denied access to the repository".into(),
+                },
+                429 => Error::TooManyRequests {
+                    message: "upstream token service rate limited the mirror".into(),
+                    retry_after: super::retry_after(resp.headers()),
+                },
+                _ => Error::ServerError {
+                    upstream: self.upstream.clone(),
+                    status: status.as_u16(),
+                },
+            });
+        }
+        let body: TokenResponse = resp.json().await.map_err(|_| Error::Protocol {
+            upstream: self.upstream.clone(),
+            detail: "token response is not valid JSON".into(),
+        })?;
+        let value = body.token.or(body.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
+            Error::Protocol {
+                upstream: self.upstream.clone(),
+                detail: "token response has no token".into(),
+            }
+        })?;
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60)).max(MIN_TOKEN_LIFETIME);
+        Ok(Token {
+            value: Secret::new(value),
+            lifetime,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#,
+        );
+        assert_eq!(
+            c,
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn parses_basic_and_rejects_unknown() {
+        assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge("Bearer service=x"), None);
+    }
+}

@@ -1,0 +1,383 @@
+//! The upstream registry client: authenticated requests with timeouts, redirects followed
+//! without credentials, and upstream answers classified into [`Error`] so that a 404 stays a
+//! 404 and a 429 stays a 429.
+
+pub mod auth;
+pub mod ratelimit;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+
+/// Manifests larger than this are refused: the distribution registry's own limit.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// How an upstream request failed. Cloneable so one failure can be handed to every client
+/// waiting on the same fetch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("not found upstream: {message}")]
+    NotFound { message: String },
+    #[error("upstream refused authentication: {message}")]
+    Unauthorized { message: String },
+    #[error("upstream denied access: {message}")]
+    Denied { message: String },
+    #[error("upstream rate limit: {message}")]
+    TooManyRequests {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("upstream {upstream} answered {status}")]
+    ServerError { upstream: String, status: u16 },
+    #[error("upstream {upstream} unreachable: {detail}")]
+    Unreachable { upstream: String, detail: String },
+    #[error("upstream {upstream} timed out waiting for {what}")]
+    Timeout { upstream: String, what: &'static str },
+    #[error("upstream {upstream} is backing off after repeated failures")]
+    BackingOff { upstream: String },
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("upstream {upstream} protocol error: {detail}")]
+    Protocol { upstream: String, detail: String },
+    #[error("upstream {upstream} answered unexpected status {status}")]
+    Unexpected { upstream: String, status: u16 },
+}
+
+impl Error {
+    pub(crate) fn from_reqwest(upstream: &str, e: &reqwest::Error) -> Error {
+        // reqwest's Display includes the URL, which never carries credentials (config refuses
+        // them in URLs), but the source chain is what says why.
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            detail = format!("{detail}: {s}");
+            source = s.source();
+        }
+        if e.is_timeout() {
+            Error::Timeout {
+                upstream: upstream.to_owned(),
+                what: "a response",
+            }
+        } else {
+            Error::Unreachable {
+                upstream: upstream.to_owned(),
+                detail,
+            }
+        }
+    }
+
+    /// Whether the upstream itself is failing (as opposed to answering "no").
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Error::ServerError { .. } | Error::Unreachable { .. } | Error::Timeout { .. } | Error::BackingOff { .. }
+        )
+    }
+}
+
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The message of the first error in an OCI error body, if the body is one.
+fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let msg = v.get("errors")?.get(0)?.get("message")?.as_str()?;
+    Some(msg.chars().take(512).collect())
+}
+
+/// A manifest as the upstream answered it.
+#[derive(Debug, Clone)]
+pub struct ManifestResponse {
+    pub media_type: String,
+    /// `Docker-Content-Digest`, when the upstream sent a valid one.
+    pub digest: Option<Digest>,
+    pub size: Option<u64>,
+    /// `None` for HEAD.
+    pub body: Option<Bytes>,
+}
+
+pub struct Upstream {
+    /// The registry name clients use (`docker.io`).
+    pub name: String,
+    base: url::Url,
+    http: reqwest::Client,
+    auth: auth::Auth,
+    config: UpstreamConfig,
+    pub budget: ratelimit::BudgetState,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(name: &str, config: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
+        let base = url::Url::parse(config.url.trim_end_matches('/'))?;
+        // Redirects are followed by reqwest, which drops Authorization when the host changes:
+        // the registry's token must never reach the CDN.
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let credentials = match (&config.username, &config.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            _ => None,
+        };
+        Ok(Upstream {
+            name: name.to_owned(),
+            base,
+            auth: auth::Auth::new(name.to_owned(), http.clone(), credentials, metrics.clone()),
+            http,
+            config: config.clone(),
+            budget: ratelimit::BudgetState::default(),
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    fn url(&self, repo: &RepoName, tail: &str) -> url::Url {
+        let mut url = self.base.clone();
+        let path = format!("{}/v2/{repo}/{tail}", self.base.path().trim_end_matches('/'));
+        url.set_path(&path);
+        url
+    }
+
+    /// Sends a request, answering one auth challenge; error statuses become [`Error`]s.
+    async fn send(
+        &self,
+        kind: &'static str,
+        method: Method,
+        repo: &RepoName,
+        tail: &str,
+        query: Option<&str>,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
+        let mut url = self.url(repo, tail);
+        url.set_query(query);
+        let mut answered_challenge = false;
+        loop {
+            let mut req = self.http.request(method.clone(), url.clone()).headers(headers.clone());
+            if let Some(authorization) = self.auth.authorization(Some(repo)).await? {
+                let mut value = HeaderValue::from_str(authorization.expose()).map_err(|_| Error::Protocol {
+                    upstream: self.name.clone(),
+                    detail: "token is not a valid header value".into(),
+                })?;
+                value.set_sensitive(true);
+                req = req.header(header::AUTHORIZATION, value);
+            }
+            let resp = tokio::time::timeout(self.config.first_byte_timeout, req.send())
+                .await
+                .map_err(|_| Error::Timeout {
+                    upstream: self.name.clone(),
+                    what: "response headers",
+                })?
+                .map_err(|e| Error::from_reqwest(&self.name, &e))?;
+            let status = resp.status();
+            self.metrics.upstream_request(kind, status.as_u16());
+            if status == StatusCode::UNAUTHORIZED && !answered_challenge {
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                if self.auth.on_unauthorized(challenge.as_deref(), Some(repo)).await {
+                    answered_challenge = true;
+                    continue;
+                }
+            }
+            return self.classify(resp).await;
+        }
+    }
+
+    async fn classify(&self, resp: reqwest::Response) -> Result<reqwest::Response, Error> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry = retry_after(resp.headers());
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let message = error_message(&body);
+        let msg = |default: &str| message.clone().unwrap_or_else(|| default.to_owned());
+        Err(match status.as_u16() {
+            404 => Error::NotFound {
+                message: msg("not found upstream"),
+            },
+            401 => Error::Unauthorized {
+                message: msg("upstream requires authentication"),
+            },
+            403 => Error::Denied {
+                message: msg("upstream denied access"),
+            },
+            429 => Error::TooManyRequests {
+                message: msg("upstream rate limit reached"),
+                retry_after: retry,
+            },
+            s if s >= 500 => Error::ServerError {
+                upstream: self.name.clone(),
+                status: s,
+            },
+            s => Error::Unexpected {
+                upstream: self.name.clone(),
+                status: s,
+            },
+        })
+    }
+
+    /// `HEAD` or `GET` of a manifest with the given `Accept`.
+    pub async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        head: bool,
+        accept: &str,
+    ) -> Result<ManifestResponse, Error> {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(accept) {
+            headers.insert(header::ACCEPT, v);
+        }
+        let (kind, method) = if head {
+            ("manifest_head", Method::HEAD)
+        } else {
+            ("manifest_get", Method::GET)
+        };
+        let result = self
+            .send(kind, method, repo, &format!("manifests/{reference}"), None, headers)
+            .await;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Error::TooManyRequests { message, .. } = &e {
+                    tracing::error!(upstream = %self.name, %repo, %message, "upstream pull rate limit reached (429)");
+                }
+                return Err(e);
+            }
+        };
+        self.observe_budget(resp.headers());
+        if !head {
+            self.metrics.counted_pull(&self.name);
+        }
+        let h = resp.headers();
+        let media_type = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .unwrap_or_default();
+        let digest = h
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let size = resp.content_length();
+        let body = if head {
+            None
+        } else {
+            Some(self.read_limited(resp, MAX_MANIFEST_BYTES).await?)
+        };
+        Ok(ManifestResponse {
+            media_type,
+            digest,
+            size: body.as_ref().map(|b| b.len() as u64).or(size),
+            body,
+        })
+    }
+
+    fn observe_budget(&self, headers: &HeaderMap) {
+        if let Some((budget, _previous)) = self.budget.observe(headers) {
+            self.metrics.budget(&self.name, &budget);
+        }
+    }
+
+    async fn read_limited(&self, resp: reqwest::Response, limit: usize) -> Result<Bytes, Error> {
+        let mut stream = resp.bytes_stream();
+        let mut buf = BytesMut::new();
+        loop {
+            let next = tokio::time::timeout(self.config.idle_timeout, stream.next())
+                .await
+                .map_err(|_| Error::Timeout {
+                    upstream: self.name.clone(),
+                    what: "the response body",
+                })?;
+            match next {
+                None => return Ok(buf.freeze()),
+                Some(Ok(chunk)) => {
+                    if buf.len() + chunk.len() > limit {
+                        return Err(Error::Protocol {
+                            upstream: self.name.clone(),
+                            detail: format!("manifest larger than {limit} bytes"),
+                        });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Err(Error::from_reqwest(&self.name, &e)),
+            }
+        }
+    }
+
+    /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`).
+    pub async fn blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<reqwest::Response, Error> {
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                headers.insert(header::RANGE, v);
+            }
+        }
+        self.send("blob_get", Method::GET, repo, &format!("blobs/{digest}"), None, headers)
+            .await
+    }
+
+    /// `HEAD` of a blob: its size, without downloading it.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
+        let resp = self
+            .send("blob_head", Method::HEAD, repo, &format!("blobs/{digest}"), None, HeaderMap::new())
+            .await?;
+        resp.content_length()
+            .or_else(|| {
+                resp.headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+            })
+            .ok_or_else(|| Error::Protocol {
+                upstream: self.name.clone(),
+                detail: "blob HEAD without Content-Length".into(),
+            })
+    }
+
+    /// `GET tags/list`, passed through with the client's query (`n`, `last`).
+    pub async fn tags(&self, repo: &RepoName, query: Option<&str>) -> Result<reqwest::Response, Error> {
+        self.send("tags", Method::GET, repo, "tags/list", query, HeaderMap::new())
+            .await
+    }
+
+    /// Reads the next body chunk, failing if the upstream goes quiet for the idle timeout.
+    pub async fn next_chunk(
+        &self,
+        stream: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    ) -> Result<Option<Bytes>, Error> {
+        match tokio::time::timeout(self.config.idle_timeout, stream.next()).await {
+            Err(_) => Err(Error::Timeout {
+                upstream: self.name.clone(),
+                what: "the next body chunk",
+            }),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(b))) => Ok(Some(b)),
+            Ok(Some(Err(e))) => Err(Error::from_reqwest(&self.name, &e)),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Docker Hub's pull budget, read from the `ratelimit-*` headers of manifest responses.
+
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use http::HeaderMap;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    pub limit: u64,
+    pub remaining: u64,
+    /// The window in seconds (`w=` in the header).
+    pub window_secs: u64,
+    pub source: Option<String>,
+    #[serde(with = "unix_secs")]
+    pub updated: SystemTime,
+}
+
+mod unix_secs {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+    }
+}
+
+/// `100;w=21600` → (100, 21600).
+fn parse_value(v: &str) -> Option<(u64, Option<u64>)> {
+    let mut parts = v.split(';');
+    let n = parts.next()?.trim().parse().ok()?;
+    let w = parts.find_map(|p| p.trim().strip_prefix("w=").and_then(|w| w.trim().parse().ok()));
+    Some((n, w))
+}
+
+pub fn parse(headers: &HeaderMap) -> Option<Budget> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (limit, w1) = parse_value(get("ratelimit-limit")?)?;
+    let (remaining, w2) = parse_value(get("ratelimit-remaining")?)?;
+    Some(Budget {
+        limit,
+        remaining,
+        window_secs: w2.or(w1).unwrap_or(0),
+        source: get("docker-ratelimit-source").map(str::to_owned),
+        updated: SystemTime::now(),
+    })
+}
+
+/// The latest budget seen for one upstream and credential.
+#[derive(Default)]
+pub struct BudgetState {
+    latest: Mutex<Option<Budget>>,
+}
+
+impl BudgetState {
+    /// Records the budget in `headers`, if any; returns the new and the previous values.
+    pub fn observe(&self, headers: &HeaderMap) -> Option<(Budget, Option<Budget>)> {
+        let budget = parse(headers)?;
+        let mut latest = self.latest.lock().ok()?;
+        let previous = latest.replace(budget.clone());
+        Some((budget, previous))
+    }
+
+    pub fn latest(&self) -> Option<Budget> {
+        self.latest.lock().ok().and_then(|b| b.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
+        h.insert("docker-ratelimit-source", "192.0.2.1".parse().unwrap());
+        let b = parse(&h).unwrap();
+        assert_eq!((b.limit, b.remaining, b.window_secs), (100, 76, 21600));
+        assert_eq!(b.source.as_deref(), Some("192.0.2.1"));
+    }
+
+    #[test]
+    fn absent_or_garbled_headers_are_none() {
+        assert!(parse(&HeaderMap::new()).is_none());
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", "lots".parse().unwrap());
+        h.insert("ratelimit-remaining", "1".parse().unwrap());
+        assert!(parse(&h).is_none());
+    }
+}
