@@ -25,7 +25,9 @@ pub fn empty() -> Body {
 }
 
 pub fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn from_stream<S>(s: S) -> Body
@@ -161,7 +163,10 @@ impl http_body::Body for Observed {
 impl Drop for Observed {
     fn drop(&mut self) {
         if let Some(f) = self.on_end.take() {
-            f(self.bytes, self.complete || http_body::Body::is_end_stream(&self.inner));
+            f(
+                self.bytes,
+                self.complete || http_body::Body::is_end_stream(&self.inner),
+            );
         }
     }
 }
@@ -182,6 +187,10 @@ pub fn with_guard<G: Send + 'static>(inner: Body, guard: G) -> Body {
 }
 
 /// Counts the bytes sent to the client by where they came from.
-pub fn count_served(inner: Body, metrics: Arc<crate::metrics::Metrics>, source: &'static str) -> Body {
+pub fn count_served(
+    inner: Body,
+    metrics: Arc<crate::metrics::Metrics>,
+    source: &'static str,
+) -> Body {
     observe(inner, move |bytes, _| metrics.served(source, bytes))
 }

@@ -280,10 +280,14 @@ impl Config {
         }
         for (name, up) in &self.upstreams {
             let key = |field: &str| format!("upstreams.\"{name}\".{field}");
-            let url = url::Url::parse(&up.url)
-                .map_err(|e| bad(&key("url"), &up.url, &e.to_string()))?;
+            let url =
+                url::Url::parse(&up.url).map_err(|e| bad(&key("url"), &up.url, &e.to_string()))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(bad(&key("url"), &up.url, "must be an http:// or https:// URL"));
+                return Err(bad(
+                    &key("url"),
+                    &up.url,
+                    "must be an http:// or https:// URL",
+                ));
             }
             if !url.username().is_empty() || url.password().is_some() {
                 return Err(bad(
@@ -349,7 +353,10 @@ mod tests {
         let mut c = Config::default();
         c.upstreams.get_mut(DOCKER_HUB).unwrap().url = "ftp://x".into();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("upstreams.\"docker.io\".url") && err.contains("ftp://x"), "{err}");
+        assert!(
+            err.contains("upstreams.\"docker.io\".url") && err.contains("ftp://x"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -80,7 +80,10 @@ impl Download {
     /// Waits for the upstream's answer.
     pub async fn started(&self) -> Start {
         let mut rx = self.start.subscribe();
-        let result = rx.wait_for(|s| !matches!(s, Start::Pending)).await.map(|s| s.clone());
+        let result = rx
+            .wait_for(|s| !matches!(s, Start::Pending))
+            .await
+            .map(|s| s.clone());
         // The sender lives as long as `self`, so the channel cannot close while we hold it.
         result.unwrap_or(Start::Pending)
     }
@@ -109,7 +112,12 @@ impl Downloads {
 
     /// Joins the download of `digest`, starting it if none runs. Returns whether this caller
     /// joined an existing one.
-    pub fn join(&self, upstream: Arc<Upstream>, repo: &RepoName, digest: &Digest) -> (Arc<Download>, bool) {
+    pub fn join(
+        &self,
+        upstream: Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> (Arc<Download>, bool) {
         match self.flights.join_or_start(digest, Download::new) {
             Joined::Follower(d) => (d, true),
             Joined::Leader(d, guard) => {
@@ -125,7 +133,11 @@ impl Downloads {
                 metrics.inflight_downloads.inc();
                 tokio::spawn(async move {
                     let download = job.download.clone();
-                    let (digest, repo, up) = (job.digest.clone(), job.repo.clone(), job.upstream.name.clone());
+                    let (digest, repo, up) = (
+                        job.digest.clone(),
+                        job.repo.clone(),
+                        job.upstream.name.clone(),
+                    );
                     let started = Instant::now();
                     let outcome = std::panic::AssertUnwindSafe(job.run())
                         .catch_unwind()
@@ -188,22 +200,34 @@ fn finish_waiters(d: &Download, outcome: &Outcome) {
     });
 }
 
-fn log_outcome(outcome: &Outcome, upstream: &str, repo: &RepoName, digest: &Digest, started: Instant) {
+fn log_outcome(
+    outcome: &Outcome,
+    upstream: &str,
+    repo: &RepoName,
+    digest: &Digest,
+    started: Instant,
+) {
     let ms = started.elapsed().as_millis() as u64;
     match outcome {
         Outcome::Committed { size, resumes } => {
             tracing::info!(upstream, %repo, %digest, size, resumes, ms, "blob download committed")
         }
         Outcome::AlreadyCached => tracing::debug!(%digest, "blob was already cached"),
-        Outcome::Refused(e) => tracing::info!(upstream, %repo, %digest, error = %e, "blob download refused"),
+        Outcome::Refused(e) => {
+            tracing::info!(upstream, %repo, %digest, error = %e, "blob download refused")
+        }
         Outcome::ResumesExhausted { written, last } => {
             tracing::warn!(upstream, %repo, %digest, written, error = %last, "blob download cut too often; not cached")
         }
         Outcome::DigestMismatch { actual } => {
             tracing::error!(upstream, %repo, %digest, %actual, "upstream blob does not match its digest; discarded")
         }
-        Outcome::Protocol(detail) => tracing::warn!(upstream, %repo, %digest, detail, "unusable upstream blob response"),
-        Outcome::Storage(e) => tracing::error!(upstream, %repo, %digest, error = %e, "cannot write blob to the cache"),
+        Outcome::Protocol(detail) => {
+            tracing::warn!(upstream, %repo, %digest, detail, "unusable upstream blob response")
+        }
+        Outcome::Storage(e) => {
+            tracing::error!(upstream, %repo, %digest, error = %e, "cannot write blob to the cache")
+        }
         Outcome::Panicked => tracing::error!(%digest, "blob download task panicked"),
     }
 }
@@ -284,7 +308,10 @@ impl Job {
                     Ok(r) => break r,
                     Err(ResumeError::Upstream(e)) => {
                         cut = e;
-                        tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(resumes))).await;
+                        tokio::time::sleep(std::time::Duration::from_millis(
+                            100 * u64::from(resumes),
+                        ))
+                        .await;
                     }
                     Err(ResumeError::Protocol(p)) => return Outcome::Protocol(p),
                 }
@@ -363,13 +390,15 @@ impl Job {
                     }
                     Some(Err(e)) => {
                         // Keep what arrived before the cut.
-                        self.write(file, written, &mut skip, batch.freeze(), size).await?;
+                        self.write(file, written, &mut skip, batch.freeze(), size)
+                            .await?;
                         return Err(CopyError::Upstream(e));
                     }
                     None => break,
                 }
             }
-            self.write(file, written, &mut skip, batch.freeze(), size).await?;
+            self.write(file, written, &mut skip, batch.freeze(), size)
+                .await?;
             if ended {
                 return Ok(());
             }
@@ -411,9 +440,9 @@ impl Job {
         .map_err(CopyError::Storage)?;
         written.hasher = hasher;
         written.bytes += len;
-        self.download
-            .progress
-            .send_replace(Progress::Writing { written: written.bytes });
+        self.download.progress.send_replace(Progress::Writing {
+            written: written.bytes,
+        });
         Ok(())
     }
 }

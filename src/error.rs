@@ -105,10 +105,16 @@ impl ApiError {
         });
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         if let Some(after) = self.retry_after {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
         }
         resp
     }
@@ -146,10 +152,14 @@ impl ApiError {
                 };
                 ApiError::new(StatusCode::NOT_FOUND, code, message.clone())
             }
-            U::Unauthorized { message } => {
-                ApiError::new(StatusCode::UNAUTHORIZED, Code::Unauthorized, message.clone())
+            U::Unauthorized { message } => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthorized,
+                message.clone(),
+            ),
+            U::Denied { message } => {
+                ApiError::new(StatusCode::FORBIDDEN, Code::Denied, message.clone())
             }
-            U::Denied { message } => ApiError::new(StatusCode::FORBIDDEN, Code::Denied, message.clone()),
             U::TooManyRequests {
                 message,
                 retry_after,
@@ -164,13 +174,13 @@ impl ApiError {
                 Code::Unavailable,
                 format!("upstream {upstream} answered {status}"),
             ),
-            U::Unreachable { upstream, .. } | U::Timeout { upstream, .. } | U::BackingOff { upstream } => {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Code::Unavailable,
-                    format!("upstream {upstream} is unavailable"),
-                )
-            }
+            U::Unreachable { upstream, .. }
+            | U::Timeout { upstream, .. }
+            | U::BackingOff { upstream } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                format!("upstream {upstream} is unavailable"),
+            ),
             U::DigestMismatch { .. } => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 Code::Unavailable,
@@ -197,7 +207,11 @@ mod tests {
 
     #[tokio::test]
     async fn error_body_is_oci_json() {
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, Code::Toomanyrequests, "slow down");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Code::Toomanyrequests,
+            "slow down",
+        );
         e.retry_after = Some(Duration::from_secs(60));
         let resp = e.into_response(false);
         assert_eq!(resp.status(), 429);

@@ -22,11 +22,19 @@ pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
 
-pub async fn dispatch<B>(mirror: &Arc<Mirror>, route: &Route, req: &Request<B>) -> Result<Response<Body>, ApiError> {
+pub async fn dispatch<B>(
+    mirror: &Arc<Mirror>,
+    route: &Route,
+    req: &Request<B>,
+) -> Result<Response<Body>, ApiError> {
     let head = req.method() == http::Method::HEAD;
     match route {
         Route::Base => Ok(base()),
-        Route::Manifest { name, reference, head } => {
+        Route::Manifest {
+            name,
+            reference,
+            head,
+        } => {
             let (up, repo) = select_upstream(mirror, req, name)?;
             manifest(mirror, &up, &repo, reference, *head, req.headers()).await
         }
@@ -48,21 +56,31 @@ pub async fn dispatch<B>(mirror: &Arc<Mirror>, route: &Route, req: &Request<B>) 
     }
 }
 
-fn select_upstream<B>(mirror: &Mirror, req: &Request<B>, name: &RepoName) -> Result<(Arc<Upstream>, RepoName), ApiError> {
+fn select_upstream<B>(
+    mirror: &Mirror,
+    req: &Request<B>,
+    name: &RepoName,
+) -> Result<(Arc<Upstream>, RepoName), ApiError> {
     let ns = req.uri().query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "ns")
             .map(|(_, v)| v.into_owned())
     });
     mirror.upstream_for(ns.as_deref(), name).ok_or_else(|| {
-        ApiError::registry_not_mirrored(ns.as_deref().unwrap_or(&mirror.config.server.default_registry))
+        ApiError::registry_not_mirrored(
+            ns.as_deref()
+                .unwrap_or(&mirror.config.server.default_registry),
+        )
     })
 }
 
 fn base() -> Response<Body> {
     let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(2));
     h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     resp
@@ -71,8 +89,10 @@ fn base() -> Response<Body> {
 fn text(status: StatusCode, s: &'static str) -> Response<Body> {
     let mut resp = Response::new(body::full(Bytes::from_static(s.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -81,7 +101,10 @@ async fn readyz(mirror: &Mirror) -> Result<Response<Body>, ApiError> {
         Ok(_) => Ok(text(StatusCode::OK, "ready\n")),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check: storage is not writable");
-            Ok(text(StatusCode::SERVICE_UNAVAILABLE, "storage not writable\n"))
+            Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage not writable\n",
+            ))
         }
     }
 }
@@ -110,8 +133,10 @@ fn status(mirror: &Mirror) -> Response<Body> {
         "inflight_downloads": mirror.downloads.in_flight(),
     });
     let mut resp = Response::new(body::full(Bytes::from(json.to_string())));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -132,11 +157,17 @@ fn from_mirror(e: mirror::Error, object: Object) -> ApiError {
 }
 
 fn with_cache_status(mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
-    resp.headers_mut().insert(X_CACHE, HeaderValue::from_static(status.as_str()));
+    resp.headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(status.as_str()));
     resp
 }
 
-fn manifest_response(media_type: &str, digest: &Digest, bytes: Option<Bytes>, size: u64) -> Response<Body> {
+fn manifest_response(
+    media_type: &str,
+    digest: &Digest,
+    bytes: Option<Bytes>,
+    size: u64,
+) -> Response<Body> {
     let mut resp = Response::new(match bytes {
         Some(b) => body::full(b),
         None => body::empty(),
@@ -160,7 +191,12 @@ async fn manifest(
     head: bool,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, ApiError> {
-    let accept = Accept::parse(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+    let accept = Accept::parse(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let err = |e| from_mirror(e, Object::Manifest);
     let (digest, tag_status) = match reference {
         Reference::Digest(d) if !d.is_sha256() => {
@@ -168,7 +204,7 @@ async fn manifest(
         }
         Reference::Digest(d) => (d.clone(), None),
         Reference::Tag(tag) => {
-            let (record, status) = match mirror.resolve_tag(up, repo, tag).await {
+            let (record, status) = match mirror.resolve_tag(up, repo, tag, !head).await {
                 Err(mirror::Error::NotCacheable(_)) => {
                     return passthrough_manifest(mirror, up, repo, reference, head, &accept).await
                 }
@@ -187,7 +223,13 @@ async fn manifest(
     };
     if head && tag_status.is_none() {
         // HEAD by digest: answer from the store, or from an upstream HEAD without spending a pull.
-        if let Some(m) = mirror.store.manifests.get(&digest).await.map_err(|e| err(e.into()))? {
+        if let Some(m) = mirror
+            .store
+            .manifests
+            .get(&digest)
+            .await
+            .map_err(|e| err(e.into()))?
+        {
             if accept.allows(&m.media_type) {
                 mirror.metrics.cache("manifest", "hit");
                 let resp = manifest_response(&m.media_type, &m.digest, None, m.bytes.len() as u64);
@@ -213,7 +255,12 @@ async fn manifest(
     };
     mirror.metrics.cache("manifest", status.label());
     let size = m.bytes.len() as u64;
-    let resp = manifest_response(&m.media_type, &m.digest, (!head).then(|| m.bytes.clone()), size);
+    let resp = manifest_response(
+        &m.media_type,
+        &m.digest,
+        (!head).then(|| m.bytes.clone()),
+        size,
+    );
     Ok(with_cache_status(resp, status))
 }
 
@@ -227,7 +274,9 @@ async fn passthrough_manifest(
     head: bool,
     accept: &Accept,
 ) -> Result<Response<Body>, ApiError> {
-    let accept_value = accept.header_value().unwrap_or_else(|| media::ACCEPT_ALL.to_owned());
+    let accept_value = accept
+        .header_value()
+        .unwrap_or_else(|| media::ACCEPT_ALL.to_owned());
     let m = up
         .manifest(repo, &reference.to_string(), head, &accept_value)
         .await
@@ -288,7 +337,16 @@ async fn blob(
     for _ in 0..2 {
         if let Some((file, size)) = mirror.store.blobs.open(digest).await.map_err(err)? {
             mirror.metrics.cache("blob", "hit");
-            let resp = blob_response(digest, file, size, range, None, head, &mirror.metrics, "cache");
+            let resp = blob_response(
+                digest,
+                file,
+                size,
+                range,
+                None,
+                head,
+                &mirror.metrics,
+                "cache",
+            );
             return Ok(with_cache_status(resp, CacheStatus::Hit));
         }
         if head {
@@ -308,7 +366,16 @@ async fn blob(
                 mirror.metrics.cache("blob", status.label());
                 mirror.metrics.inflight_waiters.inc();
                 let waiter = WaiterGuard(mirror.clone());
-                let resp = blob_response(digest, file, size, range, Some(progress), head, &mirror.metrics, "upstream");
+                let resp = blob_response(
+                    digest,
+                    file,
+                    size,
+                    range,
+                    Some(progress),
+                    head,
+                    &mirror.metrics,
+                    "upstream",
+                );
                 let resp = resp.map(|b| body::with_guard(b, waiter));
                 return Ok(with_cache_status(resp, status));
             }
@@ -356,7 +423,10 @@ async fn blob_head_miss(
 }
 
 fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
@@ -402,7 +472,8 @@ fn blob_response(
         }
         Ok(Some(r)) => {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start(), r.end())) {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start(), r.end()))
+            {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             (*r.start(), *r.end() + 1)
@@ -417,11 +488,17 @@ fn blob_response(
     resp
 }
 
-async fn tags_list(up: &Upstream, repo: &RepoName, query: Option<&str>, head: bool) -> Result<Response<Body>, ApiError> {
+async fn tags_list(
+    up: &Upstream,
+    repo: &RepoName,
+    query: Option<&str>,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
     // Only the paging parameters go upstream; `ns` is ours.
     let query: String = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(
-            url::form_urlencoded::parse(query.unwrap_or("").as_bytes()).filter(|(k, _)| k == "n" || k == "last"),
+            url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                .filter(|(k, _)| k == "n" || k == "last"),
         )
         .finish();
     let resp = up
@@ -434,12 +511,18 @@ async fn tags_list(up: &Upstream, repo: &RepoName, query: Option<&str>, head: bo
         .and_then(|v| v.to_str().ok())
         .map(relative_link);
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| ApiError::from_upstream(&crate::upstream::Error::from_reqwest(&up.name, &e), Object::Tags))?;
+    let bytes = resp.bytes().await.map_err(|e| {
+        ApiError::from_upstream(
+            &crate::upstream::Error::from_reqwest(&up.name, &e),
+            Object::Tags,
+        )
+    })?;
     let len = bytes.len();
-    let mut out = Response::new(if head { body::empty() } else { body::full(bytes) });
+    let mut out = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(bytes)
+    });
     let h = out.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -455,7 +538,11 @@ async fn tags_list(up: &Upstream, repo: &RepoName, query: Option<&str>, head: bo
 /// `<https://upstream/v2/x/tags/list?n=1&last=a>; rel="next"` → `</v2/x/tags/list?…>; rel="next"`,
 /// so the client's next page comes through the mirror too.
 fn relative_link(link: &str) -> String {
-    let Some((target, rest)) = link.trim().strip_prefix('<').and_then(|l| l.split_once('>')) else {
+    let Some((target, rest)) = link
+        .trim()
+        .strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+    else {
         return link.to_owned();
     };
     let target = match url::Url::parse(target) {

@@ -110,7 +110,11 @@ impl Metrics {
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         if let Ok(mut r) = m.registry.lock() {
-            r.register("requests", "Requests by route kind, method and status class", m.requests.clone());
+            r.register(
+                "requests",
+                "Requests by route kind, method and status class",
+                m.requests.clone(),
+            );
             r.register(
                 "request_duration_seconds",
                 "Time from request to the end of the response body",
@@ -121,8 +125,16 @@ impl Metrics {
                 "Cache outcomes by object kind (hit, miss, revalidated, stale, coalesced, passthrough)",
                 m.cache.clone(),
             );
-            r.register("served_bytes", "Body bytes sent to clients by source", m.served_bytes.clone());
-            r.register("upstream_bytes", "Blob bytes fetched from upstreams", m.upstream_bytes.clone());
+            r.register(
+                "served_bytes",
+                "Body bytes sent to clients by source",
+                m.served_bytes.clone(),
+            );
+            r.register(
+                "upstream_bytes",
+                "Blob bytes fetched from upstreams",
+                m.upstream_bytes.clone(),
+            );
             r.register(
                 "upstream_requests",
                 "Upstream requests by kind and status class",
@@ -133,13 +145,21 @@ impl Metrics {
                 "Upstream manifest GETs: the requests that count against Docker Hub's pull limit",
                 m.counted_pulls.clone(),
             );
-            r.register("upstream_resumes", "Blob downloads resumed with a Range request", m.resumes.clone());
+            r.register(
+                "upstream_resumes",
+                "Blob downloads resumed with a Range request",
+                m.resumes.clone(),
+            );
             r.register(
                 "digest_mismatches",
                 "Upstream content rejected because it did not match its digest",
                 m.digest_mismatches.clone(),
             );
-            r.register("pull_budget_limit", "Upstream pull limit (ratelimit-limit)", m.budget_limit.clone());
+            r.register(
+                "pull_budget_limit",
+                "Upstream pull limit (ratelimit-limit)",
+                m.budget_limit.clone(),
+            );
             r.register(
                 "pull_budget_remaining",
                 "Upstream pulls remaining (ratelimit-remaining)",
@@ -155,7 +175,11 @@ impl Metrics {
                 "When the pull budget was last read",
                 m.budget_updated.clone(),
             );
-            r.register("inflight_downloads", "Blob downloads in progress", m.inflight_downloads.clone());
+            r.register(
+                "inflight_downloads",
+                "Blob downloads in progress",
+                m.inflight_downloads.clone(),
+            );
             r.register(
                 "inflight_waiters",
                 "Clients receiving a blob that is still downloading",
@@ -184,11 +208,15 @@ impl Metrics {
     }
 
     pub fn cache(&self, kind: &'static str, outcome: &'static str) {
-        self.cache.get_or_create(&CacheLabels { kind, outcome }).inc();
+        self.cache
+            .get_or_create(&CacheLabels { kind, outcome })
+            .inc();
     }
 
     pub fn served(&self, source: &'static str, bytes: u64) {
-        self.served_bytes.get_or_create(&SourceLabels { source }).inc_by(bytes);
+        self.served_bytes
+            .get_or_create(&SourceLabels { source })
+            .inc_by(bytes);
     }
 
     pub fn upstream_bytes(&self, bytes: u64) {
@@ -230,9 +258,17 @@ impl Metrics {
         };
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.budget_limit.get_or_create(&l).set(clamp(b.limit));
-        self.budget_remaining.get_or_create(&l).set(clamp(b.remaining));
-        self.budget_window.get_or_create(&l).set(clamp(b.window_secs));
-        let ts = b.updated.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.budget_remaining
+            .get_or_create(&l)
+            .set(clamp(b.remaining));
+        self.budget_window
+            .get_or_create(&l)
+            .set(clamp(b.window_secs));
+        let ts = b
+            .updated
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.budget_updated.get_or_create(&l).set(clamp(ts));
     }
 

@@ -94,11 +94,17 @@ impl Mirror {
     /// Builds the mirror: opens the store (blocking) and the upstream clients.
     pub fn new(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Mirror> {
         let store = Arc::new(Store::open(&config.storage.dir).map_err(|e| {
-            anyhow::anyhow!("cannot open storage dir {}: {e}", config.storage.dir.display())
+            anyhow::anyhow!(
+                "cannot open storage dir {}: {e}",
+                config.storage.dir.display()
+            )
         })?);
         let mut upstreams = HashMap::new();
         for (name, cfg) in &config.upstreams {
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(name, cfg, metrics.clone())?));
+            upstreams.insert(
+                name.clone(),
+                Arc::new(Upstream::new(name, cfg, metrics.clone())?),
+            );
         }
         Ok(Mirror {
             downloads: Downloads::new(store.clone(), metrics.clone()),
@@ -113,7 +119,11 @@ impl Mirror {
 
     /// The upstream for containerd's `ns` (or the default registry), and the repository name
     /// as that upstream knows it (`alpine` is `library/alpine` on Docker Hub).
-    pub fn upstream_for(&self, ns: Option<&str>, name: &RepoName) -> Option<(Arc<Upstream>, RepoName)> {
+    pub fn upstream_for(
+        &self,
+        ns: Option<&str>,
+        name: &RepoName,
+    ) -> Option<(Arc<Upstream>, RepoName)> {
         let registry = match ns {
             None | Some("") => self.config.server.default_registry.as_str(),
             Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
@@ -134,8 +144,15 @@ impl Mirror {
 
     /// What `tag` points to: from the cache within the TTL, else revalidated with an upstream
     /// HEAD (one per tag however many clients ask), else the cached value when the upstream
-    /// is failing.
-    pub async fn resolve_tag(self: &Arc<Self>, up: &Arc<Upstream>, repo: &RepoName, tag: &Tag) -> TagResult {
+    /// is failing. A tag never seen is fetched with one GET when the caller wants the manifest
+    /// anyway (`want_body`), and with a HEAD otherwise.
+    pub async fn resolve_tag(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        tag: &Tag,
+        want_body: bool,
+    ) -> TagResult {
         let key = TagKey {
             registry: up.name.clone(),
             repo: repo.clone(),
@@ -152,13 +169,29 @@ impl Mirror {
         let flight_key = key.clone();
         let (result, coalesced) = self
             .tag_flights
-            .run(&key, || async move { this.revalidate_tag(&up, flight_key, cached).await })
+            .run(&key, || async move {
+                match cached {
+                    None if want_body => {
+                        let record = this.fetch_tag(&up, &flight_key).await?;
+                        this.save_tag(&flight_key, &record).await;
+                        Ok((record, CacheStatus::Miss))
+                    }
+                    cached => this.revalidate_tag(&up, flight_key, cached).await,
+                }
+            })
             .await?;
         result.map(|(r, s)| (r, s.joined(coalesced)))
     }
 
-    async fn revalidate_tag(&self, up: &Upstream, key: TagKey, cached: Option<TagRecord>) -> TagResult {
-        let head = up.manifest(&key.repo, key.tag.as_str(), true, media::ACCEPT_ALL).await;
+    async fn revalidate_tag(
+        &self,
+        up: &Upstream,
+        key: TagKey,
+        cached: Option<TagRecord>,
+    ) -> TagResult {
+        let head = up
+            .manifest(&key.repo, key.tag.as_str(), true, media::ACCEPT_ALL)
+            .await;
         let fresh = match head {
             Ok(m) => match (m.digest, m.size) {
                 (Some(digest), Some(size)) if media::is_cacheable(&m.media_type) => TagRecord {
@@ -176,10 +209,14 @@ impl Mirror {
             Some(c) if c.digest == fresh.digest => CacheStatus::Revalidated,
             _ => CacheStatus::Miss,
         };
-        if let Err(e) = self.store.tags.put(&key, fresh.clone()).await {
+        self.save_tag(&key, &fresh).await;
+        Ok((fresh, status))
+    }
+
+    async fn save_tag(&self, key: &TagKey, record: &TagRecord) {
+        if let Err(e) = self.store.tags.put(key, record.clone()).await {
             tracing::warn!(error = %e, "cannot persist tag record");
         }
-        Ok((fresh, status))
     }
 
     fn stale_or(&self, e: upstream::Error, key: &TagKey, cached: Option<TagRecord>) -> TagResult {
@@ -199,7 +236,9 @@ impl Mirror {
 
     /// GETs a tag whose HEAD was not informative, storing the manifest.
     async fn fetch_tag(&self, up: &Upstream, key: &TagKey) -> Result<TagRecord, Error> {
-        let m = up.manifest(&key.repo, key.tag.as_str(), false, media::ACCEPT_ALL).await?;
+        let m = up
+            .manifest(&key.repo, key.tag.as_str(), false, media::ACCEPT_ALL)
+            .await?;
         let manifest = self.verify_and_store(m, None).await?;
         Ok(TagRecord {
             digest: manifest.digest.clone(),
@@ -211,7 +250,12 @@ impl Mirror {
 
     /// The manifest with `digest`: from the store, else fetched once (for all concurrent
     /// askers), verified and stored.
-    pub async fn manifest(self: &Arc<Self>, up: &Arc<Upstream>, repo: &RepoName, digest: &Digest) -> ManifestResult {
+    pub async fn manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> ManifestResult {
         if let Some(m) = self.store.manifests.get(digest).await? {
             return Ok((m, CacheStatus::Hit));
         }

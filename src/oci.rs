@@ -68,9 +68,11 @@ impl FromStr for Digest {
         // algorithm: [a-z0-9]+ (separated by [+._-]); encoded: [a-zA-Z0-9=_-]+
         let alg_ok = !algorithm.is_empty()
             && algorithm.len() <= 32
-            && algorithm
-                .split(['+', '.', '_', '-'])
-                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+            && algorithm.split(['+', '.', '_', '-']).all(|c| {
+                !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
         let enc_ok = !encoded.is_empty()
             && encoded.len() <= 256
             && encoded
@@ -314,7 +316,11 @@ impl Accept {
     }
 
     pub fn allows(&self, media_type: &str) -> bool {
-        self.any || self.types.iter().any(|t| t.eq_ignore_ascii_case(media_type))
+        self.any
+            || self
+                .types
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(media_type))
     }
 
     /// The header values to forward upstream when the client's own Accept must be used.
@@ -357,22 +363,19 @@ mod tests {
 
     #[test]
     fn repo_name_follows_grammar() {
-        for ok in ["alpine", "library/alpine", "a/b/c", "foo-bar", "foo__bar", "a.b", "x--y"] {
+        for ok in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "foo-bar",
+            "foo__bar",
+            "a.b",
+            "x--y",
+        ] {
             assert!(ok.parse::<RepoName>().is_ok(), "{ok} rejected");
         }
         for bad in [
-            "",
-            "Alpine",
-            "..",
-            "a/../b",
-            "/abs",
-            "a//b",
-            "a/",
-            "-a",
-            "a-",
-            "a___b",
-            "a\0b",
-            "a b",
+            "", "Alpine", "..", "a/../b", "/abs", "a//b", "a/", "-a", "a-", "a___b", "a\0b", "a b",
         ] {
             assert!(bad.parse::<RepoName>().is_err(), "{bad:?} accepted");
         }
@@ -401,7 +404,10 @@ mod tests {
 
     #[test]
     fn reference_with_colon_is_a_digest() {
-        assert!(matches!("latest".parse::<Reference>(), Ok(Reference::Tag(_))));
+        assert!(matches!(
+            "latest".parse::<Reference>(),
+            Ok(Reference::Tag(_))
+        ));
         let d = format!("sha256:{}", "0".repeat(64));
         assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
         assert_eq!(

@@ -62,20 +62,51 @@ pub fn parse(method: &Method, path: &str) -> Route {
     let read = method == Method::GET || method == Method::HEAD;
     let head = method == Method::HEAD;
     match path {
-        "/healthz" => return if read { Route::Healthz } else { Route::Unsupported },
-        "/readyz" => return if read { Route::Readyz } else { Route::Unsupported },
-        "/metrics" => return if read { Route::Metrics } else { Route::Unsupported },
-        "/_pullthrough/status" => return if read { Route::Status } else { Route::Unsupported },
+        "/healthz" => {
+            return if read {
+                Route::Healthz
+            } else {
+                Route::Unsupported
+            }
+        }
+        "/readyz" => {
+            return if read {
+                Route::Readyz
+            } else {
+                Route::Unsupported
+            }
+        }
+        "/metrics" => {
+            return if read {
+                Route::Metrics
+            } else {
+                Route::Unsupported
+            }
+        }
+        "/_pullthrough/status" => {
+            return if read {
+                Route::Status
+            } else {
+                Route::Unsupported
+            }
+        }
         _ => {}
     }
-    let Some(rest) = path.strip_prefix("/v2").map(|r| r.strip_prefix('/').unwrap_or(r)) else {
+    let Some(rest) = path
+        .strip_prefix("/v2")
+        .map(|r| r.strip_prefix('/').unwrap_or(r))
+    else {
         return Route::NotFound;
     };
     if !path.starts_with("/v2/") && path != "/v2" {
         return Route::NotFound;
     }
     if rest.is_empty() {
-        return if read { Route::Base } else { Route::Unsupported };
+        return if read {
+            Route::Base
+        } else {
+            Route::Unsupported
+        };
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         if !read {

@@ -34,7 +34,8 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_read_timeout;
-    let mirror = Arc::new(tokio::task::spawn_blocking(move || Mirror::new(config, metrics)).await??);
+    let mirror =
+        Arc::new(tokio::task::spawn_blocking(move || Mirror::new(config, metrics)).await??);
     warn_about_exposure(&mirror.config);
     tracing::info!(addr = %listener.local_addr()?, "pullthrough listening");
 
@@ -67,7 +68,9 @@ pub async fn serve(
             let mirror = mirror.clone();
             async move { Ok::<_, Infallible>(handle(mirror, req, peer).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -76,7 +79,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining connections");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining connections"
+    );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
@@ -121,11 +127,22 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>, peer: SocketAddr) -
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    // hyper stops polling a body once Content-Length bytes are out, so "complete" is judged
+    // against the declared length rather than by seeing the end of the stream.
+    let declared = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let kind = route.kind();
-    let repo = route.repository().map(|r| r.to_string()).unwrap_or_default();
+    let repo = route
+        .repository()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
     let metrics = mirror.metrics.clone();
     resp.map(move |b| {
-        body::observe(b, move |bytes, complete| {
+        body::observe(b, move |bytes, ended| {
+            let complete = ended || head || declared.is_some_and(|len| bytes >= len);
             let elapsed = started.elapsed();
             metrics.request(kind, method.as_str(), status, elapsed);
             tracing::info!(

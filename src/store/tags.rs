@@ -79,16 +79,14 @@ impl Tags {
         })
         .await?;
         let Some(raw) = raw else { return Ok(None) };
-        let record = serde_json::from_slice::<OnDisk>(&raw)
-            .ok()
-            .and_then(|d| {
-                Some(TagRecord {
-                    digest: d.digest.parse().ok()?,
-                    media_type: d.media_type,
-                    size: d.size,
-                    fetched_at: UNIX_EPOCH + Duration::from_secs(d.fetched_at),
-                })
-            });
+        let record = serde_json::from_slice::<OnDisk>(&raw).ok().and_then(|d| {
+            Some(TagRecord {
+                digest: d.digest.parse().ok()?,
+                media_type: d.media_type,
+                size: d.size,
+                fetched_at: UNIX_EPOCH + Duration::from_secs(d.fetched_at),
+            })
+        });
         match record {
             Some(r) => {
                 self.memory.insert(key.clone(), r.clone());

@@ -167,17 +167,27 @@ impl Auth {
                 let scope = Self::scope(repo);
                 let token = self
                     .tokens
-                    .try_get_with(scope.clone(), self.fetch_token(&realm, service.as_deref(), &scope))
+                    .try_get_with(
+                        scope.clone(),
+                        self.fetch_token(&realm, service.as_deref(), &scope),
+                    )
                     .await
                     .map_err(|e: Arc<Error>| (*e).clone())?;
-                Ok(Some(Secret::new(format!("Bearer {}", token.value.expose()))))
+                Ok(Some(Secret::new(format!(
+                    "Bearer {}",
+                    token.value.expose()
+                ))))
             }
         }
     }
 
     /// Records a 401's challenge and drops the token that was refused. Returns whether a retry
     /// can succeed (the challenge is one we can answer).
-    pub async fn on_unauthorized(&self, www_authenticate: Option<&str>, repo: Option<&RepoName>) -> bool {
+    pub async fn on_unauthorized(
+        &self,
+        www_authenticate: Option<&str>,
+        repo: Option<&RepoName>,
+    ) -> bool {
         let Some(challenge) = www_authenticate.and_then(parse_challenge) else {
             return false;
         };
@@ -191,7 +201,12 @@ impl Auth {
         true
     }
 
-    async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<Token, Error> {
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, Error> {
         let mut url = url::Url::parse(realm).map_err(|_| Error::Protocol {
             upstream: self.upstream.clone(),
             detail: "token realm is not a URL".into(),
@@ -209,7 +224,10 @@ impl Auth {
         if let Some(basic) = self.basic() {
             req = req.header(http::header::AUTHORIZATION, basic);
         }
-        let resp = req.send().await.map_err(|e| Error::from_reqwest(&self.upstream, &e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::from_reqwest(&self.upstream, &e))?;
         let status = resp.status();
         self.metrics.upstream_request("token", status.as_u16());
         if !status.is_success() {
@@ -235,12 +253,14 @@ impl Auth {
             upstream: self.upstream.clone(),
             detail: "token response is not valid JSON".into(),
         })?;
-        let value = body.token.or(body.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
-            Error::Protocol {
+        let value = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::Protocol {
                 upstream: self.upstream.clone(),
                 detail: "token response has no token".into(),
-            }
-        })?;
+            })?;
         let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60)).max(MIN_TOKEN_LIFETIME);
         Ok(Token {
             value: Secret::new(value),
@@ -269,7 +289,10 @@ mod tests {
 
     #[test]
     fn parses_basic_and_rejects_unknown() {
-        assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(parse_challenge("Bearer service=x"), None);
     }

@@ -39,7 +39,10 @@ pub enum Error {
     #[error("upstream {upstream} unreachable: {detail}")]
     Unreachable { upstream: String, detail: String },
     #[error("upstream {upstream} timed out waiting for {what}")]
-    Timeout { upstream: String, what: &'static str },
+    Timeout {
+        upstream: String,
+        what: &'static str,
+    },
     #[error("upstream {upstream} is backing off after repeated failures")]
     BackingOff { upstream: String },
     #[error("digest mismatch: expected {expected}, got {actual}")]
@@ -77,7 +80,10 @@ impl Error {
     pub fn is_outage(&self) -> bool {
         matches!(
             self,
-            Error::ServerError { .. } | Error::Unreachable { .. } | Error::Timeout { .. } | Error::BackingOff { .. }
+            Error::ServerError { .. }
+                | Error::Unreachable { .. }
+                | Error::Timeout { .. }
+                | Error::BackingOff { .. }
         )
     }
 }
@@ -88,6 +94,15 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs)
+}
+
+/// `Content-Length` as sent. Not `reqwest::Response::content_length`, which is the size of the
+/// body received: 0 for any HEAD.
+pub(crate) fn header_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The message of the first error in an OCI error body, if the body is one.
@@ -120,7 +135,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(name: &str, config: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
+    pub fn new(
+        name: &str,
+        config: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Upstream> {
         let base = url::Url::parse(config.url.trim_end_matches('/'))?;
         // Redirects are followed by reqwest, which drops Authorization when the host changes:
         // the registry's token must never reach the CDN.
@@ -150,7 +169,10 @@ impl Upstream {
 
     fn url(&self, repo: &RepoName, tail: &str) -> url::Url {
         let mut url = self.base.clone();
-        let path = format!("{}/v2/{repo}/{tail}", self.base.path().trim_end_matches('/'));
+        let path = format!(
+            "{}/v2/{repo}/{tail}",
+            self.base.path().trim_end_matches('/')
+        );
         url.set_path(&path);
         url
     }
@@ -169,12 +191,16 @@ impl Upstream {
         url.set_query(query);
         let mut answered_challenge = false;
         loop {
-            let mut req = self.http.request(method.clone(), url.clone()).headers(headers.clone());
+            let mut req = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
             if let Some(authorization) = self.auth.authorization(Some(repo)).await? {
-                let mut value = HeaderValue::from_str(authorization.expose()).map_err(|_| Error::Protocol {
-                    upstream: self.name.clone(),
-                    detail: "token is not a valid header value".into(),
-                })?;
+                let mut value =
+                    HeaderValue::from_str(authorization.expose()).map_err(|_| Error::Protocol {
+                        upstream: self.name.clone(),
+                        detail: "token is not a valid header value".into(),
+                    })?;
                 value.set_sensitive(true);
                 req = req.header(header::AUTHORIZATION, value);
             }
@@ -193,7 +219,11 @@ impl Upstream {
                     .get(header::WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                if self.auth.on_unauthorized(challenge.as_deref(), Some(repo)).await {
+                if self
+                    .auth
+                    .on_unauthorized(challenge.as_deref(), Some(repo))
+                    .await
+                {
                     answered_challenge = true;
                     continue;
                 }
@@ -258,7 +288,14 @@ impl Upstream {
             ("manifest_get", Method::GET)
         };
         let result = self
-            .send(kind, method, repo, &format!("manifests/{reference}"), None, headers)
+            .send(
+                kind,
+                method,
+                repo,
+                &format!("manifests/{reference}"),
+                None,
+                headers,
+            )
             .await;
         let resp = match result {
             Ok(resp) => resp,
@@ -283,7 +320,7 @@ impl Upstream {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let size = resp.content_length();
+        let size = header_length(h);
         let body = if head {
             None
         } else {
@@ -330,39 +367,62 @@ impl Upstream {
     }
 
     /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`).
-    pub async fn blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<reqwest::Response, Error> {
+    pub async fn blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, Error> {
         let mut headers = HeaderMap::new();
         if offset > 0 {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
                 headers.insert(header::RANGE, v);
             }
         }
-        self.send("blob_get", Method::GET, repo, &format!("blobs/{digest}"), None, headers)
-            .await
+        self.send(
+            "blob_get",
+            Method::GET,
+            repo,
+            &format!("blobs/{digest}"),
+            None,
+            headers,
+        )
+        .await
     }
 
     /// `HEAD` of a blob: its size, without downloading it.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
         let resp = self
-            .send("blob_head", Method::HEAD, repo, &format!("blobs/{digest}"), None, HeaderMap::new())
+            .send(
+                "blob_head",
+                Method::HEAD,
+                repo,
+                &format!("blobs/{digest}"),
+                None,
+                HeaderMap::new(),
+            )
             .await?;
-        resp.content_length()
-            .or_else(|| {
-                resp.headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-            })
-            .ok_or_else(|| Error::Protocol {
-                upstream: self.name.clone(),
-                detail: "blob HEAD without Content-Length".into(),
-            })
+        header_length(resp.headers()).ok_or_else(|| Error::Protocol {
+            upstream: self.name.clone(),
+            detail: "blob HEAD without Content-Length".into(),
+        })
     }
 
     /// `GET tags/list`, passed through with the client's query (`n`, `last`).
-    pub async fn tags(&self, repo: &RepoName, query: Option<&str>) -> Result<reqwest::Response, Error> {
-        self.send("tags", Method::GET, repo, "tags/list", query, HeaderMap::new())
-            .await
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        query: Option<&str>,
+    ) -> Result<reqwest::Response, Error> {
+        self.send(
+            "tags",
+            Method::GET,
+            repo,
+            "tags/list",
+            query,
+            HeaderMap::new(),
+        )
+        .await
     }
 
     /// Reads the next body chunk, failing if the upstream goes quiet for the idle timeout.

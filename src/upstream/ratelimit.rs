@@ -21,7 +21,11 @@ mod unix_secs {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+        s.serialize_u64(
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
     }
 }
 
@@ -29,7 +33,11 @@ mod unix_secs {
 fn parse_value(v: &str) -> Option<(u64, Option<u64>)> {
     let mut parts = v.split(';');
     let n = parts.next()?.trim().parse().ok()?;
-    let w = parts.find_map(|p| p.trim().strip_prefix("w=").and_then(|w| w.trim().parse().ok()));
+    let w = parts.find_map(|p| {
+        p.trim()
+            .strip_prefix("w=")
+            .and_then(|w| w.trim().parse().ok())
+    });
     Some((n, w))
 }
 

@@ -1,0 +1,173 @@
+//! Blobs: miss, hit, HEAD without download, ranges, verification, redirects.
+
+mod common;
+
+use common::upstream::{sha256, Fault};
+use common::{error_code, x_cache, FakeUpstream, TestMirror};
+
+#[tokio::test]
+async fn blob_miss_is_streamed_and_cached_then_hit() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[3 * 1024 * 1024 + 17]);
+    let m = TestMirror::start(&up).await;
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(r.headers()["docker-content-digest"], layers[0].as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        (3 * 1024 * 1024 + 17).to_string().as_str()
+    );
+    assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
+    assert_eq!(up.blob_gets(), 1);
+
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
+    assert_eq!(up.blob_gets(), 1, "a hit costs no upstream request");
+}
+
+#[tokio::test]
+async fn head_of_uncached_blob_does_not_download_it() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[4096]);
+    let m = TestMirror::start(&up).await;
+    let r = m
+        .head(&format!("/v2/library/app/blobs/{}", layers[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "4096");
+    assert_eq!(r.headers()["docker-content-digest"], layers[0].as_str());
+    assert_eq!(up.blob_gets(), 0);
+    assert_eq!(up.blob_heads(), 1);
+}
+
+#[tokio::test]
+async fn range_requests_get_206_and_416() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[1000]);
+    let blob = up.state.content.lock().unwrap().blobs[&layers[0]].clone();
+    let m = TestMirror::start(&up).await;
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+
+    // On a miss: the range is served from the download in progress.
+    let r = m
+        .get(&path)
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 100-199/1000");
+    assert_eq!(r.bytes().await.unwrap(), blob.slice(100..200));
+
+    // On a hit.
+    let r = m
+        .get(&path)
+        .header("range", "bytes=900-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.headers()["content-range"], "bytes 900-999/1000");
+    assert_eq!(r.bytes().await.unwrap(), blob.slice(900..));
+
+    let r = m
+        .get(&path)
+        .header("range", "bytes=1000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */1000");
+    assert_eq!(up.blob_gets(), 1);
+}
+
+#[tokio::test]
+async fn wrong_digest_is_never_cached_and_the_connection_is_cut() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[256 * 1024]);
+    up.behave(|b| b.corrupt_blobs = true);
+    let m = TestMirror::start(&up).await;
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "headers go out before the body is verified"
+    );
+    assert!(
+        r.bytes().await.is_err(),
+        "the client must see a cut, not a complete body"
+    );
+
+    up.behave(|b| b.corrupt_blobs = false);
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(x_cache(&r), "MISS", "nothing was committed");
+    assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
+    assert_eq!(up.blob_gets(), 2);
+    assert!(m
+        .metrics()
+        .await
+        .contains("pullthrough_digest_mismatches_total 1"));
+}
+
+#[tokio::test]
+async fn blob_redirects_reach_the_cdn_without_the_token() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[70_000]);
+    up.behave(|b| {
+        b.require_token = true;
+        b.redirect_blobs = true;
+    });
+    let m = TestMirror::start(&up).await;
+    let r = m
+        .get(&format!("/v2/library/app/blobs/{}", layers[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
+    assert_eq!(up.cdn_gets(), 1);
+    for s in up.seen().iter().filter(|s| s.host == "cdn") {
+        assert!(
+            !s.headers.contains_key("authorization"),
+            "token leaked to the CDN"
+        );
+    }
+}
+
+#[tokio::test]
+async fn missing_blob_is_blob_unknown() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    let r = m
+        .get(&format!("/v2/library/app/blobs/sha256:{}", "0".repeat(64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+
+    up.add_image("library/app", "v1", &[10]);
+    up.behave(|b| {
+        b.blob_fault = Some(Fault::TooManyRequests {
+            retry_after: Some(9),
+        })
+    });
+    let (_, layers) = up.add_image("library/app", "v2", &[10]);
+    let r = m
+        .get(&format!("/v2/library/app/blobs/{}", layers[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "9");
+}

@@ -1,0 +1,139 @@
+# shellcheck shell=bash
+# Sourced by run.sh: the four real clients, each with private state under $T, each pointed
+# at the mirror on $MIRROR for docker.io. Their own way to Docker Hub is a closed port
+# (127.0.0.1:9), so a pull can only succeed through the mirror.
+#
+# Per client: pull_CLIENT IMAGE prints the manifest digest the client ended up with for
+# docker.io/library/IMAGE; reset_CLIENT IMAGE forgets the image and its blobs, so the next
+# pull downloads everything again.
+
+CLOSED=127.0.0.1:9
+PULL_TIMEOUT=${PULL_TIMEOUT:-300}
+
+# render TEMPLATE: a config file from this folder with the mirror (and for the suite the
+# closed Hub fallback) filled in. The templates are the files the README shows.
+render() {
+  sed -e "s|MIRROR|$MIRROR|g" \
+      -e "s|^server = \"https://registry-1.docker.io\"|server = \"http://$CLOSED\"|" \
+      -e "s|^location = \"docker.io\"|location = \"$CLOSED\"|" "$HERE/$1"
+}
+
+# --- containerd 1.6: private daemon, also the runtime of the private dockerd -----------
+ctr_() { ctr --address "$T/containerd/containerd.sock" --namespace suite "$@"; }
+
+start_containerd() {
+  local d=$T/containerd
+  mkdir -p "$d/certs.d/docker.io"
+  render hosts.toml >"$d/certs.d/docker.io/hosts.toml"
+  cat >"$d/config.toml" <<EOF
+version = 2
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd.sock.ttrpc"
+EOF
+  spawn containerd containerd --config "$d/config.toml"
+  for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && return 0; sleep 0.1; done
+  log "containerd did not start; see $T/logs/containerd.log"; return 1
+}
+
+pull_containerd() {
+  local ref=docker.io/library/$1
+  timeout "$PULL_TIMEOUT" ctr_ images pull --hosts-dir "$T/containerd/certs.d" "$ref" \
+    >>"$T/logs/ctr-pull.log" 2>&1 || { tail -3 "$T/logs/ctr-pull.log" >&2; return 1; }
+  ctr_ images ls | awk -v ref="$ref" '$1 == ref { print $3 }'
+}
+
+# --sync waits for containerd's garbage collector, so the blobs are gone when it returns.
+reset_containerd() {
+  ctr_ images rm --sync "docker.io/library/$1" >/dev/null 2>&1 || true
+  [ -z "$(ctr_ content ls -q)" ] || { log "containerd still holds blobs after reset"; return 1; }
+}
+
+# --- dockerd 20.10 ----------------------------------------------------------------------
+# The Debian docker client, not whatever newer `docker` comes first in PATH.
+docker_() { DOCKER_CONFIG=$T/docker/cli /usr/bin/docker -H "unix://$T/docker/docker.sock" "$@"; }
+
+start_dockerd() {
+  local d=$T/docker flags=()
+  mkdir -p "$d/cli"
+  render daemon.json >"$d/daemon.json"
+  # No network setup: nothing here may touch the host's bridges or firewall.
+  flags=(--bridge none --iptables=false --ip-masq=false)
+  if /usr/sbin/dockerd --help 2>&1 | grep -q -- '--ip6tables'; then flags+=(--ip6tables=false); fi
+  # The proxy variables make dockerd's own fallback to Docker Hub hit a closed port; the
+  # mirror (on 127.0.0.1) is exempt through NO_PROXY.
+  HTTP_PROXY=http://$CLOSED HTTPS_PROXY=http://$CLOSED NO_PROXY=127.0.0.1,localhost \
+    spawn dockerd /usr/sbin/dockerd --config-file "$d/daemon.json" --data-root "$d/data" \
+      --exec-root "$d/exec" --pidfile "$d/dockerd.pid" -H "unix://$d/docker.sock" \
+      --containerd "$T/containerd/containerd.sock" --storage-driver vfs "${flags[@]}"
+  for _ in $(seq 150); do docker_ version >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "dockerd did not start; see $T/logs/dockerd.log"; tail -5 "$T/logs/dockerd.log" >&2; return 1
+}
+
+pull_docker() {
+  timeout "$PULL_TIMEOUT" docker_ pull "$1" >>"$T/logs/docker-pull.log" 2>&1 \
+    || { tail -3 "$T/logs/docker-pull.log" >&2; return 1; }
+  docker_ image inspect -f '{{range .RepoDigests}}{{println .}}{{end}}' "$1" | head -1 | sed 's/.*@//'
+}
+
+reset_docker() {
+  docker_ rmi -f "$1" >/dev/null 2>&1 || true
+  [ -z "$(docker_ images -q)" ] || { log "dockerd still holds images after reset"; return 1; }
+}
+
+# run_docker IMAGE: runs the image's command (busybox echo) with no network.
+run_docker() { timeout 120 docker_ run --rm --network none "$1" 2>&1; }
+
+# --- podman 4.3 -------------------------------------------------------------------------
+podman_() {
+  local d=$T/podman
+  CONTAINERS_REGISTRIES_CONF=$d/registries.conf CONTAINERS_STORAGE_CONF=$d/storage.conf \
+    podman --root "$d/root" --runroot "$d/run" --tmpdir "$d/tmp" --storage-driver vfs \
+    --events-backend none --cgroup-manager cgroupfs "$@"
+}
+
+setup_podman() {
+  local d=$T/podman
+  mkdir -p "$d"
+  render registries.conf >"$d/registries.conf"
+  printf '[storage]\ndriver = "vfs"\ngraphroot = "%s"\nrunroot = "%s"\n' "$d/root" "$d/run" >"$d/storage.conf"
+}
+
+pull_podman() {
+  local ref=docker.io/library/$1
+  timeout "$PULL_TIMEOUT" podman_ pull -q "$ref" >>"$T/logs/podman-pull.log" 2>&1 \
+    || { tail -3 "$T/logs/podman-pull.log" >&2; return 1; }
+  podman_ image inspect --format '{{.Digest}}' "$ref"
+}
+
+reset_podman() {
+  podman_ rmi -f "docker.io/library/$1" >/dev/null 2>&1 || true
+  [ -z "$(podman_ images -q)" ] || { log "podman still holds images after reset"; return 1; }
+}
+
+# --- skopeo 1.9: talks to the mirror by address; --all keeps the index as pulled --------
+skopeo_() {
+  skopeo --registries-conf "$T/skopeo/registries.conf" --policy "$T/skopeo/policy.json" "$@"
+}
+
+setup_skopeo() {
+  mkdir -p "$T/skopeo"
+  : >"$T/skopeo/registries.conf"
+  echo '{"default": [{"type": "insecureAcceptAnything"}]}' >"$T/skopeo/policy.json"
+}
+
+# pull_skopeo IMAGE [OUT]: copies into the dir OUT (default one per image).
+pull_skopeo() {
+  local out=${2:-$T/skopeo/out-${1//[:\/]/-}}
+  rm -rf "$out"
+  timeout "$PULL_TIMEOUT" skopeo_ copy -q --all --src-tls-verify=false \
+    "docker://$MIRROR/library/$1" "dir:$out" >>"$T/logs/skopeo-pull.log" 2>&1 \
+    || { tail -3 "$T/logs/skopeo-pull.log" >&2; return 1; }
+  echo "sha256:$(sha256sum <"$out/manifest.json" | cut -d' ' -f1)"
+}
+
+reset_skopeo() { rm -rf "$T/skopeo/out-${1//[:\/]/-}"; }

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""A logging reverse proxy between pullthrough and its upstream, with blob cuts (stdlib only).
+
+    front.py --port P --upstream http://127.0.0.1:U --log requests.jsonl [--cut-after 1MiB]
+
+Every request is forwarded unchanged and logged as one JSON line (method, path, Range,
+status, body bytes sent, whether it was cut), so the suite can count exactly which
+upstream requests the mirror made. With --cut-after N, the first GET of each blob path
+gets its full headers (Content-Length included) but only N body bytes before the
+connection is closed: an upstream or CDN dropping a transfer half-way. Later GETs of the
+same path (the mirror's Range resume) go through whole.
+"""
+import argparse
+import http.client
+import http.server
+import json
+import re
+import threading
+import time
+import urllib.parse
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+CHUNK = 64 << 10
+
+
+def size_arg(text):
+    m = re.fullmatch(r"(\d+)([KMG]i?B?)?", text.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    unit = (m.group(2) or " ")[0].upper()
+    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30}.get(unit, 0)
+
+
+class FrontHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def forward(self):
+        started = time.time()
+        body = self.read_request_body()
+        upstream = self.server.upstream
+        conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=300)
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", upstream.netloc)
+            for name, value in self.headers.items():  # repeated headers stay separate lines
+                if name.lower() not in HOP_BY_HOP | {"host", "content-length"}:
+                    conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+        except OSError as e:
+            self.send_error(502, f"front: upstream unreachable: {e}")
+            return self.record(started, 502, 0, False)
+        try:
+            sent, cut = self.relay(resp)
+        finally:
+            conn.close()
+        self.record(started, resp.status, sent, cut)
+
+    def read_request_body(self):
+        length = self.headers.get("Content-Length")
+        return self.rfile.read(int(length)) if length else None
+
+    def relay(self, resp):
+        """Sends the upstream response on; returns (body bytes sent, whether it was cut)."""
+        self.send_response_only(resp.status, resp.reason)
+        for name, value in resp.getheaders():
+            if name.lower() not in HOP_BY_HOP:
+                self.send_header(name, value)
+        if resp.getheader("Content-Length") is None and self.command != "HEAD":
+            data = resp.read()  # only small error bodies come without a length
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return len(data), False
+        self.end_headers()
+        if self.command == "HEAD":
+            return 0, False
+        limit = self.cut_limit(resp.status)
+        sent = 0
+        while chunk := resp.read(CHUNK):
+            if limit is not None and sent + len(chunk) > limit:
+                self.wfile.write(chunk[: limit - sent])
+                self.wfile.flush()
+                self.close_connection = True  # the client sees a short body, then EOF
+                return limit, True
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        return sent, False
+
+    def cut_limit(self, status):
+        """N for the first successful GET of each blob path when cutting; None otherwise."""
+        srv = self.server
+        if not srv.cut_after or status not in (200, 206) or "/blobs/" not in self.path:
+            return None
+        path = urllib.parse.urlsplit(self.path).path
+        with srv.lock:
+            if path in srv.already_cut:
+                return None
+            srv.already_cut.add(path)
+        return srv.cut_after
+
+    def record(self, started, status, sent, cut):
+        rec = {"t": round(started, 3), "ms": round((time.time() - started) * 1000, 1),
+               "method": self.command, "path": self.path, "range": self.headers.get("Range"),
+               "status": status, "bytes": sent, "cut": cut}
+        with self.server.lock:
+            self.server.logfile.write(json.dumps(rec) + "\n")
+            self.server.logfile.flush()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT")
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--cut-after", type=size_arg, default=0, help="cut each blob once after this many bytes")
+    args = ap.parse_args()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), FrontHandler)
+    server.daemon_threads = True
+    server.upstream = urllib.parse.urlsplit(args.upstream)
+    server.cut_after = args.cut_after
+    server.lock, server.already_cut = threading.Lock(), set()
+    server.logfile = open(args.log, "a")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

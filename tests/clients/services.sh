@@ -1,0 +1,132 @@
+# shellcheck shell=bash
+# Sourced by run.sh: the processes the suite runs on loopback (registries, token server,
+# fault front, pullthrough), and the bookkeeping that stops every one of them on exit.
+# Needs: T (work dir), HERE (this folder), PT_BIN, MIRROR_PORT, UP_USER, UP_TOKEN.
+
+declare -A PID=()   # name -> pid of every background process this run started
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+# spawn NAME CMD...: runs CMD in the background, output to $T/logs/NAME.log.
+spawn() {
+  local name=$1; shift
+  "$@" >>"$T/logs/$name.log" 2>&1 &
+  PID[$name]=$!
+}
+
+# stop NAME: TERM, then KILL after 20 s (dockerd can take a while to drain).
+stop() {
+  local name=$1 pid=${PID[$1]:-}
+  [ -n "$pid" ] || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && { log "$name ($pid) ignored TERM; killing"; kill -KILL "$pid" 2>/dev/null || true; }
+  fi
+  wait "$pid" 2>/dev/null || true
+  unset "PID[$name]"
+}
+
+# stop_all: clients before the daemons they use, then everything else. Runs from the EXIT
+# trap, so it must not fail half-way.
+stop_all() {
+  local name
+  for name in dockerd containerd; do stop "$name"; done
+  for name in "${!PID[@]}"; do stop "$name"; done
+  # A container run leaves mounts (shm, rootfs) under the data root; rm -rf needs them gone.
+  grep -o " $T/[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+
+# wait_http NAME URL: until URL answers at all (any HTTP status), or NAME dies / 30 s pass.
+wait_http() {
+  local name=$1 url=$2
+  for _ in $(seq 300); do
+    curl -s -o /dev/null --max-time 2 "$url" && return 0
+    kill -0 "${PID[$name]}" 2>/dev/null || { log "$name exited; see $T/logs/$name.log"; tail -5 "$T/logs/$name.log" >&2; return 1; }
+    sleep 0.1
+  done
+  log "$name did not answer at $url within 30 s"; return 1
+}
+
+# make_signing_key: the RSA key and self-signed certificate shared by the token server
+# (signs JWTs) and the registry (trusts them through rootcertbundle).
+make_signing_key() {
+  mkdir -p "$T/keys"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=pullthrough-test-token-signer \
+    -keyout "$T/keys/key.pem" -out "$T/keys/cert.pem" 2>/dev/null
+}
+
+start_tokenserver() { # PORT
+  spawn token python3 "$HERE/tokenserver.py" --port "$1" --key "$T/keys/key.pem" --cert "$T/keys/cert.pem" \
+    --issuer pullthrough-test --user "$UP_USER:$UP_TOKEN" --ttl 60 --log "$T/logs/token-requests.jsonl"
+  wait_http token "http://127.0.0.1:$1/token"
+}
+
+# start_registry NAME PORT [TOKEN_PORT]: CNCF distribution; Bearer token auth when
+# TOKEN_PORT is given. Its access log (one line per request) lands in logs/NAME.log.
+start_registry() {
+  local name=$1 port=$2 token_port=${3:-} dir=$T/$1
+  mkdir -p "$dir/data"
+  cat >"$dir/config.yml" <<EOF
+version: 0.1
+log: {level: info, formatter: text}
+storage:
+  filesystem: {rootdirectory: $dir/data}
+  maintenance: {uploadpurging: {enabled: false}}
+http: {addr: 127.0.0.1:$port, secret: test-secret-$name}
+EOF
+  if [ -n "$token_port" ]; then
+    cat >>"$dir/config.yml" <<EOF
+auth:
+  token:
+    realm: http://127.0.0.1:$token_port/token
+    service: pullthrough-test-registry
+    issuer: pullthrough-test
+    rootcertbundle: $T/keys/cert.pem
+EOF
+  fi
+  spawn "$name" docker-registry serve "$dir/config.yml"
+  wait_http "$name" "http://127.0.0.1:$port/v2/"
+}
+
+# start_front NAME PORT UPSTREAM_PORT [front.py options]: the logging (and cutting) proxy.
+start_front() {
+  local name=$1 port=$2 upstream=$3; shift 3
+  : >"$T/logs/$name-requests.jsonl"
+  spawn "$name" python3 "$HERE/front.py" --port "$port" --upstream "http://127.0.0.1:$upstream" \
+    --log "$T/logs/$name-requests.jsonl" "$@"
+  wait_http "$name" "http://127.0.0.1:$port/v2/"
+}
+
+# start_mirror NAME UPSTREAM_URL [USER]: a fresh pullthrough (empty cache) on MIRROR_PORT,
+# the one port every client is configured with. The user name goes in the config file and
+# the token in the environment, the way mirror.toml recommends.
+start_mirror() {
+  local name=$1 url=$2 user=${3:-} dir=$T/$1
+  rm -rf "$dir"; mkdir -p "$dir"
+  cat >"$dir/mirror.toml" <<EOF
+[server]
+listen = "127.0.0.1:$MIRROR_PORT"
+[storage]
+dir = "$dir/data"
+[cache]
+tag_ttl = "1s"
+[log]
+format = "json"
+[upstreams."docker.io"]
+url = "$url"
+EOF
+  [ -z "$user" ] || printf 'username = "%s"\n' "$user" >>"$dir/mirror.toml"
+  if [ -n "$user" ]; then
+    PULLTHROUGH_UPSTREAM_PASSWORD=$UP_TOKEN spawn "$name" "$PT_BIN" --config "$dir/mirror.toml"
+  else
+    spawn "$name" "$PT_BIN" --config "$dir/mirror.toml"
+  fi
+  MIRROR_NAME=$name
+  wait_http "$name" "http://$MIRROR/v2/"
+}
+
+stop_mirror() { stop "$MIRROR_NAME"; }
+
+# mirror_metric NAME [LABEL=VALUE ...]: a counter summed over the other labels.
+mirror_metric() { python3 "$HERE/util.py" metric "http://$MIRROR/metrics" "$@"; }

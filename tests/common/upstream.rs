@@ -1,0 +1,708 @@
+//! A fake Docker Hub: registry API on 127.0.0.1, a token realm on its own port, and a "CDN" on
+//! another host address (127.0.0.2) that blobs are redirected to and that refuses any request
+//! carrying `Authorization`. It counts every request by kind and misbehaves on demand.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// Request counts by kind.
+#[derive(Default)]
+pub struct Counters {
+    pub manifest_get: AtomicU64,
+    pub manifest_head: AtomicU64,
+    pub blob_get: AtomicU64,
+    pub blob_head: AtomicU64,
+    pub cdn_get: AtomicU64,
+    pub token: AtomicU64,
+    pub tags: AtomicU64,
+    pub unauthorized: AtomicU64,
+}
+
+/// A failure to inject.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    Status(u16),
+    TooManyRequests { retry_after: Option<u64> },
+}
+
+/// Switchable misbehaviour.
+#[derive(Default)]
+pub struct Behaviour {
+    /// Require Bearer tokens (401 with a challenge otherwise).
+    pub require_token: bool,
+    /// Credentials the token realm demands (Basic), if any.
+    pub credentials: Option<(String, String)>,
+    /// `expires_in` sent with tokens.
+    pub token_expires_in: Option<u64>,
+    /// Redirect blob GETs to the CDN.
+    pub redirect_blobs: bool,
+    /// Serve blobs with one byte flipped.
+    pub corrupt_blobs: bool,
+    /// Cut the next N blob bodies after this many bytes.
+    pub cut_blob: Option<(u64, u32)>,
+    /// Send only this many bytes of a blob, then wait for `release` before the rest.
+    pub hold_blob_after: Option<u64>,
+    /// Delay before a blob response's headers.
+    pub blob_delay: Option<Duration>,
+    pub manifest_fault: Option<Fault>,
+    pub blob_fault: Option<Fault>,
+    /// Emit ratelimit headers; `remaining` drops on manifest GET only.
+    pub ratelimit: Option<(u64, u64)>,
+    /// Accept, then never answer.
+    pub hang: bool,
+}
+
+#[derive(Clone)]
+pub struct StoredManifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+#[derive(Default)]
+pub struct Content {
+    /// (repo, tag) → digest
+    pub tags: HashMap<(String, String), String>,
+    pub manifests: HashMap<String, StoredManifest>,
+    pub blobs: HashMap<String, Bytes>,
+}
+
+/// A request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub host: &'static str,
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+pub struct State {
+    pub counters: Counters,
+    pub behaviour: Mutex<Behaviour>,
+    pub content: Mutex<Content>,
+    pub seen: Mutex<Vec<Seen>>,
+    pub release: Notify,
+    valid_tokens: Mutex<Vec<String>>,
+    token_serial: AtomicU64,
+    registry_addr: Mutex<Option<SocketAddr>>,
+    token_addr: Mutex<Option<SocketAddr>>,
+    cdn_addr: Mutex<Option<SocketAddr>>,
+}
+
+pub struct FakeUpstream {
+    pub state: Arc<State>,
+    pub url: String,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn n(c: &AtomicU64) -> u64 {
+    c.load(Ordering::SeqCst)
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let state = Arc::new(State {
+            counters: Counters::default(),
+            behaviour: Mutex::new(Behaviour::default()),
+            content: Mutex::new(Content::default()),
+            seen: Mutex::new(Vec::new()),
+            release: Notify::new(),
+            valid_tokens: Mutex::new(Vec::new()),
+            token_serial: AtomicU64::new(0),
+            registry_addr: Mutex::new(None),
+            token_addr: Mutex::new(None),
+            cdn_addr: Mutex::new(None),
+        });
+        let registry = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let token = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cdn = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        *state.registry_addr.lock().unwrap() = Some(registry.local_addr().unwrap());
+        *state.token_addr.lock().unwrap() = Some(token.local_addr().unwrap());
+        *state.cdn_addr.lock().unwrap() = Some(cdn.local_addr().unwrap());
+        let url = format!("http://{}", registry.local_addr().unwrap());
+        let tasks = vec![
+            tokio::spawn(accept_loop(registry, state.clone(), Host::Registry)),
+            tokio::spawn(accept_loop(token, state.clone(), Host::Token)),
+            tokio::spawn(accept_loop(cdn, state.clone(), Host::Cdn)),
+        ];
+        FakeUpstream { state, url, tasks }
+    }
+
+    pub fn behave(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.state.behaviour.lock().unwrap());
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+
+    pub fn manifest_gets(&self) -> u64 {
+        n(&self.state.counters.manifest_get)
+    }
+    pub fn manifest_heads(&self) -> u64 {
+        n(&self.state.counters.manifest_head)
+    }
+    pub fn blob_gets(&self) -> u64 {
+        n(&self.state.counters.blob_get)
+    }
+    pub fn blob_heads(&self) -> u64 {
+        n(&self.state.counters.blob_head)
+    }
+    pub fn cdn_gets(&self) -> u64 {
+        n(&self.state.counters.cdn_get)
+    }
+    pub fn tokens(&self) -> u64 {
+        n(&self.state.counters.token)
+    }
+    /// Every registry/CDN request except tokens.
+    pub fn total(&self) -> u64 {
+        let c = &self.state.counters;
+        n(&c.manifest_get) + n(&c.manifest_head) + n(&c.blob_get) + n(&c.blob_head) + n(&c.tags)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Forgets every issued token, as if they had expired upstream.
+    pub fn revoke_tokens(&self) {
+        self.state.valid_tokens.lock().unwrap().clear();
+    }
+
+    pub fn add_blob(&self, bytes: impl Into<Bytes>) -> String {
+        let bytes = bytes.into();
+        let d = sha256(&bytes);
+        self.state
+            .content
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(d.clone(), bytes);
+        d
+    }
+
+    pub fn add_manifest(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: impl Into<Bytes>,
+    ) -> String {
+        let bytes = bytes.into();
+        let d = sha256(&bytes);
+        let mut c = self.state.content.lock().unwrap();
+        c.manifests.insert(
+            d.clone(),
+            StoredManifest {
+                media_type: media_type.into(),
+                bytes,
+            },
+        );
+        if let Some(tag) = tag {
+            c.tags.insert((repo.into(), tag.into()), d.clone());
+        }
+        d
+    }
+
+    /// An OCI image: a config blob and layers of the given sizes (pseudo-random bytes),
+    /// tagged `repo:tag`. Returns (manifest digest, layer digests).
+    pub fn add_image(&self, repo: &str, tag: &str, layer_sizes: &[usize]) -> (String, Vec<String>) {
+        let seed = self.state.token_serial.fetch_add(1, Ordering::SeqCst) + 0x9e37;
+        let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}");
+        let config_digest = self.add_blob(config.clone().into_bytes());
+        let mut layers = Vec::new();
+        for (i, size) in layer_sizes.iter().enumerate() {
+            layers.push(self.add_blob(pseudo_random(*size, seed * 31 + i as u64)));
+        }
+        let layer_json: Vec<String> = layers
+            .iter()
+            .zip(layer_sizes)
+            .map(|(d, s)| {
+                format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{s}}}"#)
+            })
+            .collect();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
+            config.len(),
+            layer_json.join(",")
+        );
+        let digest = self.add_manifest(repo, Some(tag), OCI_MANIFEST, manifest.into_bytes());
+        (digest, layers)
+    }
+
+    /// Points `repo:tag` at another digest (a push upstream).
+    pub fn retag(&self, repo: &str, tag: &str, digest: &str) {
+        self.state
+            .content
+            .lock()
+            .unwrap()
+            .tags
+            .insert((repo.into(), tag.into()), digest.into());
+    }
+}
+
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+enum Host {
+    Registry,
+    Token,
+    Cdn,
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, host: Host) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(state, host, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r
+}
+
+fn oci_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    let mut r = full(
+        status,
+        format!(r#"{{"errors":[{{"code":"{code}","message":"{message}"}}]}}"#),
+    );
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+fn fault_response(f: &Fault) -> Response<Body> {
+    match f {
+        Fault::Status(404) => oci_error(404, "MANIFEST_UNKNOWN", "manifest unknown"),
+        Fault::Status(401) => oci_error(401, "UNAUTHORIZED", "authentication required"),
+        Fault::Status(s) => oci_error(*s, "UNKNOWN", "injected failure"),
+        Fault::TooManyRequests { retry_after } => {
+            let mut r = oci_error(
+                429,
+                "TOOMANYREQUESTS",
+                "You have reached your pull rate limit.",
+            );
+            if let Some(s) = retry_after {
+                r.headers_mut()
+                    .insert("retry-after", s.to_string().parse().unwrap());
+            }
+            r
+        }
+    }
+}
+
+async fn route(state: Arc<State>, host: Host, req: Request<Incoming>) -> Response<Body> {
+    let host_name = match host {
+        Host::Registry => "registry",
+        Host::Token => "token",
+        Host::Cdn => "cdn",
+    };
+    state.seen.lock().unwrap().push(Seen {
+        host: host_name,
+        method: req.method().clone(),
+        path: req.uri().to_string(),
+        headers: req.headers().clone(),
+    });
+    if state.behaviour.lock().unwrap().hang {
+        std::future::pending::<()>().await;
+    }
+    match host {
+        Host::Token => token(&state, &req),
+        Host::Cdn => cdn(&state, &req).await,
+        Host::Registry => registry(&state, &req).await,
+    }
+}
+
+fn token(state: &State, req: &Request<Incoming>) -> Response<Body> {
+    state.counters.token.fetch_add(1, Ordering::SeqCst);
+    let b = state.behaviour.lock().unwrap();
+    if let Some((user, pass)) = &b.credentials {
+        use base64::Engine;
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        );
+        if req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(want.as_str())
+        {
+            return oci_error(401, "UNAUTHORIZED", "bad credentials");
+        }
+    }
+    let serial = state.token_serial.fetch_add(1, Ordering::SeqCst);
+    let token = format!("tok-{serial}");
+    state.valid_tokens.lock().unwrap().push(token.clone());
+    let body = match b.token_expires_in {
+        Some(e) => format!(r#"{{"token":"{token}","expires_in":{e}}}"#),
+        None => format!(r#"{{"access_token":"{token}"}}"#),
+    };
+    full(200, body)
+}
+
+fn authorized(state: &State, headers: &HeaderMap) -> bool {
+    let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(t) = v.strip_prefix("Bearer ") else {
+        return false;
+    };
+    state.valid_tokens.lock().unwrap().iter().any(|x| x == t)
+}
+
+fn challenge(state: &State, repo: &str) -> Response<Body> {
+    state.counters.unauthorized.fetch_add(1, Ordering::SeqCst);
+    let token_addr = state.token_addr.lock().unwrap().unwrap();
+    let mut r = oci_error(401, "UNAUTHORIZED", "authentication required");
+    r.headers_mut().insert(
+        "www-authenticate",
+        format!(r#"Bearer realm="http://{token_addr}/token",service="fake-hub",scope="repository:{repo}:pull""#)
+            .parse()
+            .unwrap(),
+    );
+    r
+}
+
+/// Splits `/v2/<name>/<kind>/<ref>`.
+fn parse_path(path: &str) -> Option<(String, &'static str, String)> {
+    let rest = path.strip_prefix("/v2/")?;
+    for kind in ["manifests", "blobs"] {
+        let pat = format!("/{kind}/");
+        if let Some(i) = rest.rfind(&pat) {
+            let k: &'static str = if kind == "manifests" {
+                "manifests"
+            } else {
+                "blobs"
+            };
+            return Some((rest[..i].to_owned(), k, rest[i + pat.len()..].to_owned()));
+        }
+    }
+    rest.strip_suffix("/tags/list")
+        .map(|n| (n.to_owned(), "tags", String::new()))
+}
+
+async fn registry(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let head = req.method() == Method::HEAD;
+    let Some((repo, kind, reference)) = parse_path(&path) else {
+        return oci_error(404, "NOT_FOUND", "no route");
+    };
+    let c = &state.counters;
+    match (kind, head) {
+        ("manifests", true) => c.manifest_head.fetch_add(1, Ordering::SeqCst),
+        ("manifests", false) => c.manifest_get.fetch_add(1, Ordering::SeqCst),
+        ("blobs", true) => c.blob_head.fetch_add(1, Ordering::SeqCst),
+        ("blobs", false) => c.blob_get.fetch_add(1, Ordering::SeqCst),
+        _ => c.tags.fetch_add(1, Ordering::SeqCst),
+    };
+    if state.behaviour.lock().unwrap().require_token && !authorized(state, req.headers()) {
+        return challenge(state, &repo);
+    }
+    match kind {
+        "manifests" => manifest(state, &repo, &reference, head, req.headers()),
+        "blobs" => blob(state, &reference, head, req.headers(), false).await,
+        _ => tags_list(state, &repo, req.uri().query()),
+    }
+}
+
+fn manifest(
+    state: &State,
+    repo: &str,
+    reference: &str,
+    head: bool,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let mut b = state.behaviour.lock().unwrap();
+    if let Some(f) = &b.manifest_fault {
+        return fault_response(f);
+    }
+    let content = state.content.lock().unwrap();
+    let digest = if reference.starts_with("sha256:") {
+        Some(reference.to_owned())
+    } else {
+        content
+            .tags
+            .get(&(repo.to_owned(), reference.to_owned()))
+            .cloned()
+    };
+    let Some(m) = digest.as_ref().and_then(|d| content.manifests.get(d)) else {
+        return oci_error(404, "MANIFEST_UNKNOWN", "manifest unknown");
+    };
+    let accept: Vec<String> = headers
+        .get_all("accept")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
+        })
+        .collect();
+    if !accept.is_empty() && !accept.iter().any(|a| a == &m.media_type || a == "*/*") {
+        return oci_error(404, "MANIFEST_UNKNOWN", "manifest not acceptable");
+    }
+    let mut r = full(200, if head { Bytes::new() } else { m.bytes.clone() });
+    let h = r.headers_mut();
+    h.insert("content-type", m.media_type.parse().unwrap());
+    h.insert(
+        "docker-content-digest",
+        digest.unwrap_or_default().parse().unwrap(),
+    );
+    h.insert("content-length", m.bytes.len().to_string().parse().unwrap());
+    if let Some((limit, remaining)) = b.ratelimit.as_mut() {
+        if !head {
+            *remaining = remaining.saturating_sub(1);
+        }
+        h.insert(
+            "ratelimit-limit",
+            format!("{limit};w=21600").parse().unwrap(),
+        );
+        h.insert(
+            "ratelimit-remaining",
+            format!("{remaining};w=21600").parse().unwrap(),
+        );
+        h.insert("docker-ratelimit-source", "127.0.0.1".parse().unwrap());
+    }
+    r
+}
+
+fn tags_list(state: &State, repo: &str, query: Option<&str>) -> Response<Body> {
+    let content = state.content.lock().unwrap();
+    let mut tags: Vec<&String> = content
+        .tags
+        .keys()
+        .filter(|(r, _)| r == repo)
+        .map(|(_, t)| t)
+        .collect();
+    tags.sort();
+    let params: HashMap<String, String> =
+        url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    if let Some(last) = params.get("last") {
+        tags.retain(|t| *t > last);
+    }
+    let limit = params
+        .get("n")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    let more = tags.len() > limit;
+    tags.truncate(limit);
+    let body = serde_json::json!({"name": repo, "tags": tags}).to_string();
+    let mut r = full(200, body);
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    if more {
+        let last = tags.last().map(|t| t.as_str()).unwrap_or("");
+        let addr = state.registry_addr.lock().unwrap().unwrap();
+        r.headers_mut().insert(
+            "link",
+            format!("<http://{addr}/v2/{repo}/tags/list?n={limit}&last={last}>; rel=\"next\"")
+                .parse()
+                .unwrap(),
+        );
+    }
+    r
+}
+
+async fn cdn(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body> {
+    state.counters.cdn_get.fetch_add(1, Ordering::SeqCst);
+    if req.headers().contains_key("authorization") {
+        return full(400, "the CDN refuses requests that carry a registry token");
+    }
+    let digest = req.uri().path().trim_start_matches("/blobs/").to_owned();
+    blob(state, &digest, false, req.headers(), true).await
+}
+
+async fn blob(
+    state: &Arc<State>,
+    digest: &str,
+    head: bool,
+    headers: &HeaderMap,
+    from_cdn: bool,
+) -> Response<Body> {
+    let (delay, fault, redirect, corrupt, hold) = {
+        let b = state.behaviour.lock().unwrap();
+        (
+            b.blob_delay,
+            b.blob_fault.clone(),
+            b.redirect_blobs,
+            b.corrupt_blobs,
+            b.hold_blob_after,
+        )
+    };
+    if let Some(f) = fault {
+        return match f {
+            Fault::Status(404) => oci_error(404, "BLOB_UNKNOWN", "blob unknown"),
+            f => fault_response(&f),
+        };
+    }
+    let Some(bytes) = state.content.lock().unwrap().blobs.get(digest).cloned() else {
+        return oci_error(404, "BLOB_UNKNOWN", "blob unknown");
+    };
+    if redirect && !from_cdn && !head {
+        let cdn = state.cdn_addr.lock().unwrap().unwrap();
+        let mut r = full(307, Bytes::new());
+        r.headers_mut().insert(
+            "location",
+            format!("http://{cdn}/blobs/{digest}").parse().unwrap(),
+        );
+        return r;
+    }
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    // Only a response that carries the body spends one of the cuts.
+    let cut = match state.behaviour.lock().unwrap().cut_blob.as_mut() {
+        Some((at, times)) if *times > 0 && !head => {
+            *times -= 1;
+            Some(*at)
+        }
+        _ => None,
+    };
+    let mut bytes = bytes;
+    if corrupt {
+        let mut v = bytes.to_vec();
+        v[0] ^= 0xff;
+        bytes = Bytes::from(v);
+    }
+    let total = bytes.len() as u64;
+    let mut start = 0u64;
+    let mut status = 200;
+    if let Some(r) = headers.get("range").and_then(|v| v.to_str().ok()) {
+        if let Some(s) = r.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')) {
+            start = s.parse().unwrap_or(0);
+            status = 206;
+        }
+    }
+    let part = bytes.slice(start as usize..);
+    let len = part.len();
+    let body: Body = if head {
+        Full::new(Bytes::new())
+            .map_err(|e| match e {})
+            .boxed_unsync()
+    } else {
+        chunked_body(
+            state.clone(),
+            part,
+            cut.map(|c| c.saturating_sub(start)),
+            hold,
+        )
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    let h = r.headers_mut();
+    h.insert("content-length", len.to_string().parse().unwrap());
+    h.insert("docker-content-digest", digest.parse().unwrap());
+    h.insert("content-type", "application/octet-stream".parse().unwrap());
+    if status == 206 {
+        h.insert(
+            "content-range",
+            format!("bytes {start}-{}/{total}", total - 1)
+                .parse()
+                .unwrap(),
+        );
+    }
+    r
+}
+
+/// The body in 64 KiB chunks; errors (cutting the connection) after `cut` bytes, and pauses
+/// after `hold` bytes until the test calls `release.notify_one()`.
+fn chunked_body(state: Arc<State>, bytes: Bytes, cut: Option<u64>, hold: Option<u64>) -> Body {
+    const CHUNK: usize = 64 * 1024;
+    let s = stream::unfold((0usize, false), move |(pos, held)| {
+        let bytes = bytes.clone();
+        let state = state.clone();
+        async move {
+            if pos >= bytes.len() {
+                return None;
+            }
+            if let Some(c) = cut {
+                if pos as u64 >= c {
+                    // Let what was sent reach the peer first, as a real cut would.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    return Some((
+                        Err(std::io::Error::other("injected cut")),
+                        (bytes.len(), held),
+                    ));
+                }
+            }
+            let mut held = held;
+            if let Some(h) = hold {
+                if !held && pos as u64 >= h {
+                    state.release.notified().await;
+                    held = true;
+                }
+            }
+            let mut end = (pos + CHUNK).min(bytes.len());
+            if let Some(c) = cut {
+                end = end.min(c.max(pos as u64 + 1) as usize);
+            }
+            if let Some(h) = hold {
+                if !held && (pos as u64) < h {
+                    end = end.min(h as usize);
+                }
+            }
+            Some((Ok(Frame::data(bytes.slice(pos..end))), (end, held)))
+        }
+    });
+    StreamBody::new(s).boxed_unsync()
+}

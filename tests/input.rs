@@ -1,0 +1,120 @@
+//! Bad input gets the right OCI error code, never a file outside the cache.
+
+mod common;
+
+use common::{error_code, FakeUpstream, TestMirror};
+
+#[tokio::test]
+async fn invalid_names_tags_and_digests_are_400_with_codes() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    let long = format!("/v2/{}/manifests/latest", "a".repeat(300));
+    let cases: Vec<(String, &str)> = vec![
+        ("/v2/%2e%2e/manifests/latest".into(), "NAME_INVALID"),
+        ("/v2/a/%2e%2e/b/manifests/latest".into(), "NAME_INVALID"),
+        ("/v2/UPPER/manifests/latest".into(), "NAME_INVALID"),
+        ("/v2/a%00b/manifests/latest".into(), "NAME_INVALID"),
+        (long, "NAME_INVALID"),
+        ("/v2/a/manifests/-bad".into(), "TAG_INVALID"),
+        (
+            format!("/v2/a/manifests/{}", "t".repeat(200)),
+            "TAG_INVALID",
+        ),
+        (
+            "/v2/a/blobs/sha256:..%2f..%2fetc%2fpasswd".into(),
+            "DIGEST_INVALID",
+        ),
+        ("/v2/a/blobs/sha256:ABC".into(), "DIGEST_INVALID"),
+        ("/v2/a/blobs/latest".into(), "DIGEST_INVALID"),
+    ];
+    // Sent raw: URL libraries resolve `..` and `%2e%2e` before a request leaves.
+    for (path, code) in cases {
+        let raw = raw_get(&m.url, &path).await;
+        assert!(raw.starts_with("HTTP/1.1 400"), "{path}: {raw}");
+        assert!(
+            raw.contains(&format!("\"code\":\"{code}\"")),
+            "{path}: {raw}"
+        );
+    }
+    let raw = raw_get(&m.url, "/v2/../../etc/passwd/blobs/sha256:abc").await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    let raw = raw_get(&m.url, "/v2/a/blobs//etc/passwd").await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert_eq!(up.total(), 0, "nothing invalid reaches the upstream");
+}
+
+async fn raw_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn pushes_and_deletes_are_405_unsupported() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    let d = format!("sha256:{}", "a".repeat(64));
+    let reqs = [
+        m.client
+            .post(format!("{}/v2/library/app/blobs/uploads/", m.url)),
+        m.client
+            .put(format!("{}/v2/library/app/manifests/latest", m.url)),
+        m.client
+            .delete(format!("{}/v2/library/app/blobs/{d}", m.url)),
+        m.client
+            .patch(format!("{}/v2/library/app/blobs/uploads/abc", m.url)),
+    ];
+    for req in reqs {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 405);
+        assert_eq!(error_code(r).await, "UNSUPPORTED");
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_json() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    for path in ["/nope", "/v2/_catalog", "/v2/a/referrers/sha256:abc"] {
+        let r = m.get(path).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert!(!error_code(r).await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn api_version_check_and_other_registries() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[10]);
+    let m = TestMirror::start(&up).await;
+    let r = m.get("/v2/").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+    let r = m
+        .get("/v2/library/app/manifests/v1?ns=docker.io")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = m
+        .get("/v2/library/app/manifests/v1?ns=ghcr.io")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN");
+    assert!(v["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ghcr.io"));
+}
