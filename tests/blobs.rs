@@ -65,6 +65,7 @@ async fn range_requests_get_206_and_416() {
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 100-199/1000");
     assert_eq!(r.bytes().await.unwrap(), blob.slice(100..200));
+    common::wait_committed(&m, &path).await;
 
     // On a hit.
     let r = m

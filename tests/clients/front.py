@@ -2,13 +2,16 @@
 """A logging reverse proxy between pullthrough and its upstream, with blob cuts (stdlib only).
 
     front.py --port P --upstream http://127.0.0.1:U --log requests.jsonl [--cut-after 1MiB]
+             [--rate 64MiB]
 
 Every request is forwarded unchanged and logged as one JSON line (method, path, Range,
 status, body bytes sent, whether it was cut), so the suite can count exactly which
 upstream requests the mirror made. With --cut-after N, the first GET of each blob path
 gets its full headers (Content-Length included) but only N body bytes before the
 connection is closed: an upstream or CDN dropping a transfer half-way. Later GETs of the
-same path (the mirror's Range resume) go through whole.
+same path (the mirror's Range resume) go through whole. --rate caps each response body at
+that many bytes per second, to make a download last long enough for concurrent clients to
+pile up on it.
 """
 import argparse
 import http.client
@@ -81,8 +84,9 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return 0, False
         limit = self.cut_limit(resp.status)
-        sent = 0
+        sent, started = 0, time.monotonic()
         while chunk := resp.read(CHUNK):
+            self.throttle(sent, started)
             if limit is not None and sent + len(chunk) > limit:
                 self.wfile.write(chunk[: limit - sent])
                 self.wfile.flush()
@@ -91,6 +95,13 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(chunk)
             sent += len(chunk)
         return sent, False
+
+    def throttle(self, sent, started):
+        rate = self.server.rate
+        if rate:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
 
     def cut_limit(self, status):
         """N for the first successful GET of each blob path when cutting; None otherwise."""
@@ -121,11 +132,12 @@ def main():
     ap.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT")
     ap.add_argument("--log", required=True)
     ap.add_argument("--cut-after", type=size_arg, default=0, help="cut each blob once after this many bytes")
+    ap.add_argument("--rate", type=size_arg, default=0, help="body bytes per second per response")
     args = ap.parse_args()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), FrontHandler)
     server.daemon_threads = True
     server.upstream = urllib.parse.urlsplit(args.upstream)
-    server.cut_after = args.cut_after
+    server.cut_after, server.rate = args.cut_after, args.rate
     server.lock, server.already_cut = threading.Lock(), set()
     server.logfile = open(args.log, "a")
     server.serve_forever()

@@ -133,3 +133,16 @@ pub fn x_cache(resp: &reqwest::Response) -> String {
         .unwrap_or("")
         .to_owned()
 }
+
+/// Waits until a blob download in the background has been committed (HEAD answers HIT).
+pub async fn wait_committed(m: &TestMirror, path: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = m.head(path).send().await.unwrap();
+        if x_cache(&r) == "HIT" {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{path} was not committed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
