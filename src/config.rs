@@ -95,6 +95,11 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Requests per client address allowed in `client_window`; more get 429. 0 (default) = off.
+    pub client_requests: u32,
+    /// The window of `client_requests`. Default 1 minute.
+    #[serde(with = "humantime_serde")]
+    pub client_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +109,8 @@ impl Default for ServerConfig {
             default_registry: DOCKER_HUB.to_owned(),
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            client_requests: 0,
+            client_window: Duration::from_secs(60),
         }
     }
 }
@@ -130,12 +137,17 @@ pub struct CacheConfig {
     /// fetched or revalidated. Default 5 minutes.
     #[serde(with = "humantime_serde")]
     pub tag_ttl: Duration,
+    /// A tag the upstream answered 404 for is answered 404 without asking again for this
+    /// long, so a typo in a CI matrix does not become a stream of counted pulls. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             tag_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -175,6 +187,24 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// How many times a cut blob download is resumed with a Range request. Default 5.
     pub resume_attempts: u32,
+    /// Consecutive failures (unreachable, timeout, 5xx) after which the upstream is marked
+    /// down and requests fail fast (stale where cached) for `backoff`. Default 3.
+    pub failure_threshold: u32,
+    /// First back-off after `failure_threshold` failures; doubles while probes fail (up to
+    /// 16 times). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// The mirror's own cap on manifest GETs (counted pulls) per `max_pulls_window`.
+    /// 0 (default) = no cap.
+    pub max_pulls: u32,
+    /// Default 6 hours, Docker Hub's window.
+    #[serde(with = "humantime_serde")]
+    pub max_pulls_window: Duration,
+    /// Warn when the remaining pull budget falls to this share of the limit. Default 0.2.
+    pub budget_warn_ratio: f64,
+    /// At or below this many remaining pulls, cached tags are served stale rather than
+    /// spending a GET, unless a HEAD shows the tag changed. Default 10.
+    pub budget_reserve: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -187,6 +217,12 @@ impl Default for UpstreamConfig {
             first_byte_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             resume_attempts: 5,
+            failure_threshold: 3,
+            backoff: Duration::from_secs(10),
+            max_pulls: 0,
+            max_pulls_window: Duration::from_secs(6 * 3600),
+            budget_warn_ratio: 0.2,
+            budget_reserve: 10,
         }
     }
 }
@@ -239,6 +275,8 @@ impl Config {
     }
 
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        // An empty variable means "not set", so `VAR=` in a compose file stays anonymous.
+        let env = |k: &str| env(k).filter(|v| !v.is_empty());
         if let Some(user) = env("PULLTHROUGH_UPSTREAM_USERNAME") {
             self.default_upstream_mut().username = Some(user);
         }
@@ -280,6 +318,27 @@ impl Config {
         }
         for (name, up) in &self.upstreams {
             let key = |field: &str| format!("upstreams.\"{name}\".{field}");
+            // The name becomes a directory under tags/: a host name with an optional port.
+            let name_ok = !name.is_empty()
+                && name.len() <= 255
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+            if !name_ok {
+                return Err(bad(
+                    "upstreams",
+                    name,
+                    "must be a registry host name, e.g. docker.io",
+                ));
+            }
+            if !(0.0..=1.0).contains(&up.budget_warn_ratio) {
+                return Err(bad(
+                    &key("budget_warn_ratio"),
+                    &up.budget_warn_ratio.to_string(),
+                    "must be between 0 and 1",
+                ));
+            }
             let url =
                 url::Url::parse(&up.url).map_err(|e| bad(&key("url"), &up.url, &e.to_string()))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -300,6 +359,8 @@ impl Config {
                 return Err(bad(&key("username"), "", "a password needs a username"));
             }
             for (field, d) in [
+                ("backoff", up.backoff),
+                ("max_pulls_window", up.max_pulls_window),
                 ("connect_timeout", up.connect_timeout),
                 ("first_byte_timeout", up.first_byte_timeout),
                 ("idle_timeout", up.idle_timeout),
@@ -308,6 +369,13 @@ impl Config {
                     return Err(bad(&key(field), "0s", "must be greater than zero"));
                 }
             }
+        }
+        if self.server.client_window.is_zero() {
+            return Err(bad(
+                "server.client_window",
+                "0s",
+                "must be greater than zero",
+            ));
         }
         if self.storage.dir.as_os_str().is_empty() {
             return Err(bad("storage.dir", "", "must not be empty"));

@@ -118,18 +118,27 @@ fn metrics(mirror: &Mirror) -> Response<Body> {
     resp
 }
 
+/// `GET /_pullthrough/status`: the pull budget and health of each upstream.
 fn status(mirror: &Mirror) -> Response<Body> {
     let upstreams: Vec<_> = mirror
         .upstreams()
         .map(|u| {
+            let budget = u.budget.latest();
             serde_json::json!({
                 "name": u.name,
-                "budget": u.budget.latest(),
+                "state": u.health.state(),
+                "limit": budget.as_ref().map(|b| b.limit),
+                "remaining": budget.as_ref().map(|b| b.remaining),
+                "window_secs": budget.as_ref().map(|b| b.window_secs),
+                "source": budget.as_ref().and_then(|b| b.source.clone()),
+                "updated": budget.as_ref().map(|b| humantime::format_rfc3339_seconds(b.updated).to_string()),
+                "counted_pulls": u.counted_pulls(),
             })
         })
         .collect();
     let json = serde_json::json!({
         "upstreams": upstreams,
+        "cache_hit_ratio": mirror.metrics.hit_ratio(),
         "inflight_downloads": mirror.downloads.in_flight(),
     });
     let mut resp = Response::new(body::full(Bytes::from(json.to_string())));

@@ -5,6 +5,7 @@
 //! (disk), `download` (single-flight blob fetches) and `upstream` (the registry client).
 //! Lower layers never call upward. Errors become HTTP responses only in `error`.
 
+pub mod access;
 pub mod body;
 pub mod cli;
 pub mod config;

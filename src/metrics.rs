@@ -1,6 +1,7 @@
 //! Prometheus metrics. Labels are bounded: route kinds, outcomes, status classes and
 //! configured upstream names; never repository names or digests.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -47,8 +48,10 @@ struct KindLabels {
     kind: &'static str,
 }
 
+/// `0` stands for "no response" (refused, timed out, cut).
 fn status_class(status: u16) -> &'static str {
     match status {
+        0 => "error",
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",
@@ -75,6 +78,10 @@ pub struct Metrics {
     pub inflight_downloads: Gauge,
     pub inflight_waiters: Gauge,
     miss_ttfb: Histogram,
+    /// Answers that cost the upstream no download (hit, revalidated, stale, coalesced) and
+    /// all cache answers, for the status page's hit ratio.
+    served_without_upstream: AtomicU64,
+    cache_answers: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -108,6 +115,8 @@ impl Metrics {
             inflight_downloads: Gauge::default(),
             inflight_waiters: Gauge::default(),
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            served_without_upstream: AtomicU64::new(0),
+            cache_answers: AtomicU64::new(0),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -211,6 +220,17 @@ impl Metrics {
         self.cache
             .get_or_create(&CacheLabels { kind, outcome })
             .inc();
+        self.cache_answers.fetch_add(1, Ordering::Relaxed);
+        if outcome != "miss" {
+            self.served_without_upstream.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Share of cache answers that needed no upstream download; `None` before any.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let total = self.cache_answers.load(Ordering::Relaxed);
+        let hits = self.served_without_upstream.load(Ordering::Relaxed);
+        (total > 0).then(|| hits as f64 / total as f64)
     }
 
     pub fn served(&self, source: &'static str, bytes: u64) {

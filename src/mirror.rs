@@ -85,8 +85,11 @@ pub struct Mirror {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub downloads: Downloads,
+    pub client_limit: Option<crate::access::ClientLimit>,
     upstreams: HashMap<String, Arc<Upstream>>,
     tag_flights: Coalesce<TagKey, TagResult>,
+    /// Tags the upstream recently answered 404 for.
+    missing_tags: moka::sync::Cache<TagKey, upstream::Error>,
     manifest_flights: Coalesce<(String, RepoName, Digest), ManifestResult>,
 }
 
@@ -108,12 +111,17 @@ impl Mirror {
         }
         Ok(Mirror {
             downloads: Downloads::new(store.clone(), metrics.clone()),
-            config,
+            client_limit: crate::access::ClientLimit::from_config(&config.server),
             store,
             metrics,
             upstreams,
             tag_flights: Coalesce::default(),
+            missing_tags: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.cache.negative_ttl)
+                .build(),
             manifest_flights: Coalesce::default(),
+            config,
         })
     }
 
@@ -164,53 +172,97 @@ impl Mirror {
                 return Ok((record.clone(), CacheStatus::Hit));
             }
         }
+        if let Some(e) = self.missing_tags.get(&key) {
+            return Err(e.into());
+        }
         let this = self.clone();
         let up = up.clone();
         let flight_key = key.clone();
         let (result, coalesced) = self
             .tag_flights
             .run(&key, || async move {
-                match cached {
-                    None if want_body => {
-                        let record = this.fetch_tag(&up, &flight_key).await?;
-                        this.save_tag(&flight_key, &record).await;
-                        Ok((record, CacheStatus::Miss))
+                let result = match cached {
+                    None if want_body => this.fetch_tag(&up, &flight_key).await,
+                    cached => {
+                        this.revalidate_tag(&up, &flight_key, cached, want_body)
+                            .await
                     }
-                    cached => this.revalidate_tag(&up, flight_key, cached).await,
+                };
+                if let Err(Error::Upstream(e @ upstream::Error::NotFound { .. })) = &result {
+                    this.missing_tags.insert(flight_key, e.clone());
                 }
+                result
             })
             .await?;
         result.map(|(r, s)| (r, s.joined(coalesced)))
     }
 
+    /// Asks the upstream with a HEAD (not a counted pull) whether the tag still points where it
+    /// did; fetches a changed manifest right away when the caller wants the body, so that a
+    /// failing GET can still fall back to the old one.
     async fn revalidate_tag(
         &self,
         up: &Upstream,
-        key: TagKey,
+        key: &TagKey,
         cached: Option<TagRecord>,
+        want_body: bool,
     ) -> TagResult {
         let head = up
             .manifest(&key.repo, key.tag.as_str(), true, media::ACCEPT_ALL)
             .await;
-        let fresh = match head {
-            Ok(m) => match (m.digest, m.size) {
-                (Some(digest), Some(size)) if media::is_cacheable(&m.media_type) => TagRecord {
-                    digest,
-                    media_type: m.media_type,
-                    size,
-                    fetched_at: SystemTime::now(),
-                },
-                // The HEAD did not say enough: fetch the manifest itself.
-                _ => self.fetch_tag(up, &key).await?,
-            },
-            Err(e) => return self.stale_or(e, &key, cached),
+        let m = match head {
+            Ok(m) => m,
+            Err(e) => return self.stale_or(e, key, cached),
         };
-        let status = match &cached {
-            Some(c) if c.digest == fresh.digest => CacheStatus::Revalidated,
-            _ => CacheStatus::Miss,
+        let (Some(digest), Some(size)) = (m.digest, m.size) else {
+            // The HEAD did not say enough; a GET would, but not at the cost of the reserve.
+            if up.budget_is_low() && cached.is_some() {
+                let e = upstream::Error::TooManyRequests {
+                    message: "pull budget at its reserve".into(),
+                    retry_after: None,
+                };
+                return self.stale_or(e, key, cached);
+            }
+            return match self.fetch_tag(up, key).await {
+                Err(Error::Upstream(e)) => self.stale_or(e, key, cached),
+                other => other,
+            };
         };
-        self.save_tag(&key, &fresh).await;
+        let unchanged = cached.as_ref().is_some_and(|c| c.digest == digest);
+        if !unchanged && want_body && media::is_cacheable(&m.media_type) {
+            if let Err(Error::Upstream(e)) = self.manifest_bytes(up, &key.repo, &digest).await {
+                return self.stale_or(e, key, cached);
+            }
+        }
+        let fresh = TagRecord {
+            digest,
+            media_type: m.media_type,
+            size,
+            fetched_at: SystemTime::now(),
+        };
+        self.save_tag(key, &fresh).await;
+        let status = if unchanged {
+            CacheStatus::Revalidated
+        } else {
+            CacheStatus::Miss
+        };
         Ok((fresh, status))
+    }
+
+    /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed.
+    async fn manifest_bytes(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Arc<Manifest>, Error> {
+        if let Some(m) = self.store.manifests.get(digest).await? {
+            return Ok(m);
+        }
+        let m = up
+            .manifest(repo, &digest.to_string(), false, media::ACCEPT_ALL)
+            .await?;
+        self.verify_and_store(m, Some(digest)).await
     }
 
     async fn save_tag(&self, key: &TagKey, record: &TagRecord) {
@@ -234,18 +286,20 @@ impl Mirror {
         }
     }
 
-    /// GETs a tag whose HEAD was not informative, storing the manifest.
-    async fn fetch_tag(&self, up: &Upstream, key: &TagKey) -> Result<TagRecord, Error> {
+    /// GETs a tag (one counted pull), storing the manifest and the tag.
+    async fn fetch_tag(&self, up: &Upstream, key: &TagKey) -> TagResult {
         let m = up
             .manifest(&key.repo, key.tag.as_str(), false, media::ACCEPT_ALL)
             .await?;
         let manifest = self.verify_and_store(m, None).await?;
-        Ok(TagRecord {
+        let record = TagRecord {
             digest: manifest.digest.clone(),
             media_type: manifest.media_type.clone(),
             size: manifest.bytes.len() as u64,
             fetched_at: SystemTime::now(),
-        })
+        };
+        self.save_tag(key, &record).await;
+        Ok((record, CacheStatus::Miss))
     }
 
     /// The manifest with `digest`: from the store, else fetched once (for all concurrent
@@ -266,10 +320,7 @@ impl Mirror {
         let (result, coalesced) = self
             .manifest_flights
             .run(&key, || async move {
-                let m = up
-                    .manifest(&repo, &digest.to_string(), false, media::ACCEPT_ALL)
-                    .await?;
-                let stored = this.verify_and_store(m, Some(&digest)).await?;
+                let stored = this.manifest_bytes(&up, &repo, &digest).await?;
                 Ok((stored, CacheStatus::Miss))
             })
             .await?;

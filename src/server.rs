@@ -102,6 +102,29 @@ fn warn_about_exposure(config: &Config) {
     }
 }
 
+/// The per-client request limit applies to the registry API, not to health and metrics.
+fn admit(mirror: &Mirror, route: &routes::Route, peer: SocketAddr) -> Result<(), ApiError> {
+    use routes::Route;
+    if matches!(
+        route,
+        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status
+    ) {
+        return Ok(());
+    }
+    let Some(limit) = &mirror.client_limit else {
+        return Ok(());
+    };
+    limit.check(peer.ip()).map_err(|wait| {
+        let mut e = ApiError::new(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            crate::error::Code::Toomanyrequests,
+            "too many requests from this address; slow down",
+        );
+        e.retry_after = Some(wait.max(std::time::Duration::from_secs(1)));
+        e
+    })
+}
+
 /// One request: route, dispatch (panics become 500s), then metrics and a log line when the
 /// response body ends, with the bytes actually sent.
 async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -109,9 +132,14 @@ async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>, peer: SocketAddr) -
     let route = routes::parse(req.method(), req.uri().path());
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
-    let dispatched = std::panic::AssertUnwindSafe(handlers::dispatch(&mirror, &route, &req))
-        .catch_unwind()
-        .await;
+    let dispatched = match admit(&mirror, &route, peer) {
+        Err(e) => Ok(Err(e)),
+        Ok(()) => {
+            std::panic::AssertUnwindSafe(handlers::dispatch(&mirror, &route, &req))
+                .catch_unwind()
+                .await
+        }
+    };
     let resp = match dispatched {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => e.into_response(head),

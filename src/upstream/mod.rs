@@ -3,10 +3,15 @@
 //! 404 and a 429 stays a 429.
 
 pub mod auth;
+pub mod health;
 pub mod ratelimit;
 
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -131,6 +136,10 @@ pub struct Upstream {
     auth: auth::Auth,
     config: UpstreamConfig,
     pub budget: ratelimit::BudgetState,
+    pub health: health::Health,
+    /// The configured cap on counted pulls, if any.
+    pull_cap: Option<DefaultDirectRateLimiter>,
+    counted_pulls: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -152,8 +161,15 @@ impl Upstream {
             (Some(u), Some(p)) => Some((u.clone(), p.clone())),
             _ => None,
         };
+        let pull_cap = NonZeroU32::new(config.max_pulls).and_then(|n| {
+            let quota = Quota::with_period(config.max_pulls_window / n.get())?.allow_burst(n);
+            Some(governor::RateLimiter::direct(quota))
+        });
         Ok(Upstream {
             name: name.to_owned(),
+            health: health::Health::new(config.failure_threshold, config.backoff),
+            pull_cap,
+            counted_pulls: AtomicU64::new(0),
             base,
             auth: auth::Auth::new(name.to_owned(), http.clone(), credentials, metrics.clone()),
             http,
@@ -189,6 +205,26 @@ impl Upstream {
     ) -> Result<reqwest::Response, Error> {
         let mut url = self.url(repo, tail);
         url.set_query(query);
+        let admission = self.health.admit();
+        if admission == health::Admission::Refuse {
+            return Err(Error::BackingOff {
+                upstream: self.name.clone(),
+            });
+        }
+        let result = self.send_admitted(kind, method, repo, url, headers).await;
+        let outage = matches!(&result, Err(e) if e.is_outage());
+        self.health.record(admission, outage);
+        result
+    }
+
+    async fn send_admitted(
+        &self,
+        kind: &'static str,
+        method: Method,
+        repo: &RepoName,
+        url: url::Url,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
         let mut answered_challenge = false;
         loop {
             let mut req = self
@@ -204,13 +240,20 @@ impl Upstream {
                 value.set_sensitive(true);
                 req = req.header(header::AUTHORIZATION, value);
             }
-            let resp = tokio::time::timeout(self.config.first_byte_timeout, req.send())
+            let sent = tokio::time::timeout(self.config.first_byte_timeout, req.send())
                 .await
                 .map_err(|_| Error::Timeout {
                     upstream: self.name.clone(),
                     what: "response headers",
-                })?
-                .map_err(|e| Error::from_reqwest(&self.name, &e))?;
+                })
+                .and_then(|r| r.map_err(|e| Error::from_reqwest(&self.name, &e)));
+            let resp = match sent {
+                Ok(resp) => resp,
+                Err(e) => {
+                    self.metrics.upstream_request(kind, 0);
+                    return Err(e);
+                }
+            };
             let status = resp.status();
             self.metrics.upstream_request(kind, status.as_u16());
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
@@ -285,6 +328,7 @@ impl Upstream {
         let (kind, method) = if head {
             ("manifest_head", Method::HEAD)
         } else {
+            self.spend_pull()?;
             ("manifest_get", Method::GET)
         };
         let result = self
@@ -300,14 +344,23 @@ impl Upstream {
         let resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                if let Error::TooManyRequests { message, .. } = &e {
+                if let Error::TooManyRequests {
+                    message,
+                    retry_after,
+                } = e
+                {
                     tracing::error!(upstream = %self.name, %repo, %message, "upstream pull rate limit reached (429)");
+                    return Err(Error::TooManyRequests {
+                        message,
+                        retry_after: retry_after.or_else(|| self.budget.time_for_one_pull()),
+                    });
                 }
                 return Err(e);
             }
         };
         self.observe_budget(resp.headers());
         if !head {
+            self.counted_pulls.fetch_add(1, Ordering::Relaxed);
             self.metrics.counted_pull(&self.name);
         }
         let h = resp.headers();
@@ -334,10 +387,50 @@ impl Upstream {
         })
     }
 
+    /// Takes one pull from the mirror's own cap, if one is configured.
+    fn spend_pull(&self) -> Result<(), Error> {
+        let Some(cap) = &self.pull_cap else {
+            return Ok(());
+        };
+        cap.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            tracing::warn!(upstream = %self.name, "the mirror's own pull cap (max_pulls) is reached");
+            Error::TooManyRequests {
+                message: format!("the mirror's pull cap for {} is reached", self.name),
+                retry_after: Some(wait.max(Duration::from_secs(1))),
+            }
+        })
+    }
+
     fn observe_budget(&self, headers: &HeaderMap) {
-        if let Some((budget, _previous)) = self.budget.observe(headers) {
-            self.metrics.budget(&self.name, &budget);
+        let Some((budget, previous)) = self.budget.observe(headers) else {
+            return;
+        };
+        self.metrics.budget(&self.name, &budget);
+        let threshold = (budget.limit as f64 * self.config.budget_warn_ratio) as u64;
+        let was_above = previous.map_or(true, |p| p.remaining > threshold);
+        if budget.remaining <= threshold && was_above {
+            tracing::warn!(
+                upstream = %self.name,
+                remaining = budget.remaining,
+                limit = budget.limit,
+                window_secs = budget.window_secs,
+                source = budget.source.as_deref().unwrap_or(""),
+                "upstream pull budget is running low"
+            );
         }
+    }
+
+    /// At or below the reserve: spend no GET that a stale answer can replace.
+    pub fn budget_is_low(&self) -> bool {
+        self.budget
+            .latest()
+            .is_some_and(|b| b.remaining <= self.config.budget_reserve)
+    }
+
+    /// Manifest GETs sent since start: the requests that count as pulls.
+    pub fn counted_pulls(&self) -> u64 {
+        self.counted_pulls.load(Ordering::Relaxed)
     }
 
     async fn read_limited(&self, resp: reqwest::Response, limit: usize) -> Result<Bytes, Error> {

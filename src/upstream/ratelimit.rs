@@ -72,6 +72,14 @@ impl BudgetState {
     pub fn latest(&self) -> Option<Budget> {
         self.latest.lock().ok().and_then(|b| b.clone())
     }
+
+    /// With a sliding window of `w` seconds for `limit` pulls, one pull frees up about every
+    /// `w / limit` seconds: the best Retry-After when the upstream sends none.
+    pub fn time_for_one_pull(&self) -> Option<std::time::Duration> {
+        let b = self.latest()?;
+        (b.limit > 0 && b.window_secs > 0)
+            .then(|| std::time::Duration::from_secs((b.window_secs / b.limit).max(1)))
+    }
 }
 
 #[cfg(test)]

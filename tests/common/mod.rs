@@ -142,7 +142,10 @@ pub async fn wait_committed(m: &TestMirror, path: &str) {
         if x_cache(&r) == "HIT" {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{path} was not committed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} was not committed"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -3,7 +3,6 @@
 //! carrying `Authorization`. It counts every request by kind and misbehaves on demand.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,6 +73,8 @@ pub struct Behaviour {
     pub ratelimit: Option<(u64, u64)>,
     /// Accept, then never answer.
     pub hang: bool,
+    /// Accept, then close at once (a crashed upstream behind a load balancer).
+    pub down: bool,
 }
 
 #[derive(Clone)]
@@ -296,11 +297,21 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, host: Host) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if state.behaviour.lock().unwrap().down {
+            drop(stream);
+            continue;
+        }
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(state, host, req).await) }
+                async move {
+                    // A service error makes hyper drop the connection without an answer.
+                    if state.behaviour.lock().unwrap().down {
+                        return Err("down");
+                    }
+                    Ok(route(state, host, req).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

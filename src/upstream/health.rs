@@ -1,0 +1,139 @@
+//! Upstream health: after repeated outage-type failures the upstream is marked down for a
+//! back-off, during which requests fail at once (and are served stale where possible) instead
+//! of each waiting for a timeout. When the back-off ends, one probe request goes through; its
+//! success marks the upstream up, its failure doubles the back-off.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Up,
+    BackingOff,
+}
+
+#[derive(Debug)]
+struct Inner {
+    failures: u32,
+    down_until: Option<Instant>,
+    backoff: Duration,
+    probing: bool,
+}
+
+#[derive(Debug)]
+pub struct Health {
+    threshold: u32,
+    base_backoff: Duration,
+    max_backoff: Duration,
+    inner: Mutex<Inner>,
+}
+
+/// Whether a request may go to the upstream; a probe must report its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Go,
+    Probe,
+    Refuse,
+}
+
+impl Health {
+    pub fn new(threshold: u32, backoff: Duration) -> Health {
+        Health {
+            threshold: threshold.max(1),
+            base_backoff: backoff,
+            max_backoff: backoff * 16,
+            inner: Mutex::new(Inner {
+                failures: 0,
+                down_until: None,
+                backoff,
+                probing: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn admit(&self) -> Admission {
+        let mut s = self.lock();
+        match s.down_until {
+            None => Admission::Go,
+            Some(until) if Instant::now() < until || s.probing => Admission::Refuse,
+            Some(_) => {
+                s.probing = true;
+                Admission::Probe
+            }
+        }
+    }
+
+    /// Records a request's result: `outage` for unreachable, timeout and 5xx.
+    pub fn record(&self, admission: Admission, outage: bool) {
+        let mut s = self.lock();
+        if admission == Admission::Probe {
+            s.probing = false;
+        }
+        if !outage {
+            if s.down_until.is_some() {
+                tracing::info!("upstream is answering again");
+            }
+            s.failures = 0;
+            s.down_until = None;
+            s.backoff = self.base_backoff;
+            return;
+        }
+        s.failures += 1;
+        if admission == Admission::Probe {
+            s.backoff = (s.backoff * 2).min(self.max_backoff);
+            s.down_until = Some(Instant::now() + s.backoff);
+        } else if s.failures >= self.threshold && s.down_until.is_none() {
+            tracing::warn!(
+                failures = s.failures,
+                backoff_secs = s.backoff.as_secs_f64(),
+                "upstream failing repeatedly; backing off"
+            );
+            s.down_until = Some(Instant::now() + s.backoff);
+        }
+    }
+
+    pub fn state(&self) -> State {
+        if self.lock().down_until.is_some() {
+            State::BackingOff
+        } else {
+            State::Up
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backs_off_after_threshold_then_probes_once() {
+        let h = Health::new(2, Duration::from_millis(20));
+        h.record(h.admit(), true);
+        assert_eq!(h.admit(), Admission::Go);
+        h.record(Admission::Go, true);
+        assert_eq!(h.state(), State::BackingOff);
+        assert_eq!(h.admit(), Admission::Refuse);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(h.admit(), Admission::Probe);
+        assert_eq!(h.admit(), Admission::Refuse, "one probe at a time");
+        h.record(Admission::Probe, false);
+        assert_eq!(h.state(), State::Up);
+        assert_eq!(h.admit(), Admission::Go);
+    }
+
+    #[test]
+    fn failed_probe_doubles_the_backoff() {
+        let h = Health::new(1, Duration::from_millis(10));
+        h.record(Admission::Go, true);
+        std::thread::sleep(Duration::from_millis(15));
+        assert_eq!(h.admit(), Admission::Probe);
+        h.record(Admission::Probe, true);
+        std::thread::sleep(Duration::from_millis(12));
+        assert_eq!(h.admit(), Admission::Refuse, "back-off doubled to 20 ms");
+    }
+}
