@@ -99,6 +99,23 @@ pub fn file_range(
             .await
             .map_err(io::Error::other)??;
         st.pos += chunk.len() as u64;
+        if st.pos >= st.end {
+            // The last chunk waits for the writer's verdict on the whole file, so a client
+            // never completes a response whose blob turns out not to match its digest.
+            if let Some(rx) = st.progress.as_mut() {
+                let verdict = rx
+                    .wait_for(|p| !matches!(p, Progress::Writing { .. }))
+                    .await
+                    .map(|p| p.clone());
+                match verdict {
+                    Ok(Progress::Complete) => {}
+                    Ok(Progress::Failed(why)) => {
+                        return Err(io::Error::other(format!("download failed: {why}")))
+                    }
+                    _ => return Err(io::Error::other("download abandoned")),
+                }
+            }
+        }
         Ok(Some((chunk, st)))
     }))
 }
@@ -193,4 +210,55 @@ pub fn count_served(
     source: &'static str,
 ) -> Body {
     observe(inner, move |bytes, _| metrics.served(source, bytes))
+}
+
+/// Hashes a body that carries a whole blob, holding back its last chunk until the hash is
+/// known: a mismatch turns into an error (a cut connection), so no client takes wrong bytes
+/// as a complete blob. `on_result` learns whether the bytes matched.
+pub fn verify(
+    inner: Body,
+    digest: crate::oci::Digest,
+    len: u64,
+    on_result: impl FnOnce(bool) + Send + 'static,
+) -> Body {
+    use sha2::Digest as _;
+    struct State<F> {
+        frames: http_body_util::BodyDataStream<Body>,
+        hasher: sha2::Sha256,
+        seen: u64,
+        digest: crate::oci::Digest,
+        len: u64,
+        on_result: Option<F>,
+    }
+    let state = State {
+        frames: inner.into_data_stream(),
+        hasher: sha2::Sha256::new(),
+        seen: 0,
+        digest,
+        len,
+        on_result: Some(on_result),
+    };
+    from_stream(stream::try_unfold(state, |mut st| async move {
+        use futures_util::StreamExt;
+        let Some(chunk) = st.frames.next().await.transpose()? else {
+            return Ok(None);
+        };
+        st.hasher.update(&chunk);
+        st.seen += chunk.len() as u64;
+        if st.seen >= st.len {
+            let actual =
+                crate::oci::Digest::from_sha256(std::mem::take(&mut st.hasher).finalize().into());
+            let ok = st.seen == st.len && actual == st.digest;
+            if let Some(f) = st.on_result.take() {
+                f(ok);
+            }
+            if !ok {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("content does not match {}", st.digest),
+                ));
+            }
+        }
+        Ok(Some((chunk, st)))
+    }))
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::config::{LogFormat, Overrides};
 
@@ -21,6 +21,9 @@ pub struct Cli {
     /// Cache directory (storage.dir).
     #[arg(long, value_name = "DIR")]
     pub storage_dir: Option<PathBuf>,
+    /// Bound on cached bytes, e.g. 50GiB (storage.max_size).
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<bytesize::ByteSize>,
     /// URL of the default upstream registry, e.g. https://registry-1.docker.io.
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
@@ -30,6 +33,35 @@ pub struct Cli {
     /// Log format (log.format).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator commands on the storage directory (of a stopped or running mirror). Without a
+/// command, the mirror runs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect or trim the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Re-hash every cached blob and manifest and report (or remove) those that fail.
+    Verify {
+        /// Remove corrupt files (the mirror fetches them again when asked).
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Entries, bytes, oldest and newest access.
+    Stats,
+    /// Delete least recently used content until the cache holds at most SIZE.
+    Prune {
+        /// Target size, e.g. 20GiB.
+        #[arg(long, value_name = "SIZE")]
+        to: bytesize::ByteSize,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -41,6 +73,7 @@ impl Cli {
         Overrides {
             listen: self.listen,
             storage_dir: self.storage_dir.clone(),
+            max_size: self.max_size,
             upstream: self.upstream.clone(),
             tag_ttl: self.tag_ttl,
             log_format: self.log_format,

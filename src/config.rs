@@ -120,12 +120,29 @@ impl Default for ServerConfig {
 pub struct StorageConfig {
     /// Cache directory (blobs, manifests, tags, temp files). Default `./data`.
     pub dir: PathBuf,
+    /// Bound on the bytes of cached blobs and manifests, e.g. `"50GiB"`; least recently used
+    /// content is evicted beyond it. Default: unbounded.
+    pub max_size: Option<bytesize::ByteSize>,
+    /// Once `max_size` is crossed, evict down to this, so eviction runs in batches.
+    /// Default: `max_size`.
+    pub low_watermark: Option<bytesize::ByteSize>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             dir: PathBuf::from("./data"),
+            max_size: None,
+            low_watermark: None,
+        }
+    }
+}
+
+impl StorageConfig {
+    pub fn limits(&self) -> crate::store::Limits {
+        crate::store::Limits {
+            max_size: self.max_size.map(|b| b.as_u64()),
+            low_watermark: self.low_watermark.map(|b| b.as_u64()),
         }
     }
 }
@@ -232,6 +249,7 @@ impl Default for UpstreamConfig {
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub storage_dir: Option<PathBuf>,
+    pub max_size: Option<bytesize::ByteSize>,
     pub upstream: Option<String>,
     pub tag_ttl: Option<Duration>,
     pub log_format: Option<LogFormat>,
@@ -291,6 +309,9 @@ impl Config {
         }
         if let Some(dir) = &cli.storage_dir {
             self.storage.dir = dir.clone();
+        }
+        if let Some(max) = cli.max_size {
+            self.storage.max_size = Some(max);
         }
         if let Some(url) = &cli.upstream {
             self.default_upstream_mut().url = url.clone();
@@ -376,6 +397,26 @@ impl Config {
                 "0s",
                 "must be greater than zero",
             ));
+        }
+        match (self.storage.max_size, self.storage.low_watermark) {
+            (Some(max), _) if max.as_u64() == 0 => {
+                return Err(bad("storage.max_size", "0", "must be greater than zero"));
+            }
+            (Some(max), Some(low)) if low > max => {
+                return Err(bad(
+                    "storage.low_watermark",
+                    &low.to_string(),
+                    "must not exceed storage.max_size",
+                ));
+            }
+            (None, Some(low)) => {
+                return Err(bad(
+                    "storage.low_watermark",
+                    &low.to_string(),
+                    "needs storage.max_size",
+                ));
+            }
+            _ => {}
         }
         if self.storage.dir.as_os_str().is_empty() {
             return Err(bad("storage.dir", "", "must not be empty"));

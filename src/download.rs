@@ -9,8 +9,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -37,6 +37,8 @@ pub enum Start {
     Streaming { size: u64 },
     /// The blob was committed by someone else before this download began: read the store.
     AlreadyCached,
+    /// The disk cannot take the blob: each client streams from the upstream, uncached.
+    NoSpace,
     /// The upstream refused or failed before sending the body.
     Failed(upstream::Error),
 }
@@ -46,6 +48,10 @@ pub enum Start {
 enum Outcome {
     /// Verified and renamed into the store.
     Committed { size: u64, resumes: u32 },
+    /// Verified and streamed, but larger than the cache bound, so not kept.
+    TooLargeToKeep { size: u64 },
+    /// Not enough disk space: clients were sent to stream from the upstream directly.
+    NoSpace { size: u64 },
     /// Another download committed it first.
     AlreadyCached,
     /// The upstream answered with an error before the body.
@@ -99,6 +105,43 @@ pub struct Downloads {
     flights: Flights<Digest, Download>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    disk: Arc<DiskState>,
+}
+
+/// Space kept free on the storage file system beyond a download's own size.
+const SPACE_MARGIN: u64 = 8 * 1024 * 1024;
+/// After a write fails for lack of space, caching pauses this long before trying again.
+const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
+
+/// Whether the disk recently ran out of space, and when that was last logged.
+#[derive(Default)]
+struct DiskState {
+    full_until: Mutex<Option<Instant>>,
+    warned: Mutex<Option<Instant>>,
+}
+
+impl DiskState {
+    fn is_full(&self) -> bool {
+        let until = *self.full_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn set_full(&self) {
+        *self.full_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + DISK_FULL_PAUSE);
+    }
+
+    /// Logs a warning at most once a minute.
+    fn warn(&self, why: &str) {
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                reason = why,
+                "storage is full: blobs are streamed to clients without being cached"
+            );
+        }
+    }
 }
 
 impl Downloads {
@@ -107,6 +150,7 @@ impl Downloads {
             flights: Flights::default(),
             store,
             metrics,
+            disk: Arc::default(),
         }
     }
 
@@ -128,6 +172,7 @@ impl Downloads {
                     digest: digest.clone(),
                     store: self.store.clone(),
                     metrics: self.metrics.clone(),
+                    disk: self.disk.clone(),
                 };
                 let metrics = self.metrics.clone();
                 metrics.inflight_downloads.inc();
@@ -166,7 +211,10 @@ impl Downloads {
 
 fn finish_waiters(d: &Download, outcome: &Outcome) {
     let failure = match outcome {
-        Outcome::Committed { .. } | Outcome::AlreadyCached => return,
+        Outcome::Committed { .. }
+        | Outcome::AlreadyCached
+        | Outcome::TooLargeToKeep { .. }
+        | Outcome::NoSpace { .. } => return,
         Outcome::Refused(e) => e.clone(),
         Outcome::ResumesExhausted { last, .. } => last.clone(),
         Outcome::DigestMismatch { actual } => upstream::Error::DigestMismatch {
@@ -213,6 +261,12 @@ fn log_outcome(
             tracing::info!(upstream, %repo, %digest, size, resumes, ms, "blob download committed")
         }
         Outcome::AlreadyCached => tracing::debug!(%digest, "blob was already cached"),
+        Outcome::TooLargeToKeep { size } => {
+            tracing::warn!(upstream, %repo, %digest, size, "blob is larger than storage.max_size; served but not kept")
+        }
+        Outcome::NoSpace { size } => {
+            tracing::debug!(upstream, %repo, %digest, size, "no disk space; clients stream uncached")
+        }
         Outcome::Refused(e) => {
             tracing::info!(upstream, %repo, %digest, error = %e, "blob download refused")
         }
@@ -239,6 +293,7 @@ struct Job {
     digest: Digest,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    disk: Arc<DiskState>,
 }
 
 /// Where the body stands: bytes on disk and the running hash.
@@ -266,9 +321,14 @@ impl Job {
         let Some(size) = resp.content_length() else {
             return Outcome::Protocol("blob response without Content-Length".into());
         };
+        if !self.make_room(size).await {
+            self.metrics.no_space();
+            self.download.start.send_replace(Start::NoSpace);
+            return Outcome::NoSpace { size };
+        }
         let temp = match self.store.blobs.create_temp().await {
             Ok(t) => t,
-            Err(e) => return Outcome::Storage(e),
+            Err(e) => return self.storage_failed(e),
         };
         let file = match temp.as_file().try_clone() {
             Ok(f) => Arc::new(f),
@@ -292,7 +352,7 @@ impl Job {
                 },
                 Err(CopyError::Upstream(e)) => e,
                 Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
-                Err(CopyError::Storage(e)) => return Outcome::Storage(e),
+                Err(CopyError::Storage(e)) => return self.storage_failed(e),
             };
             body = loop {
                 if resumes >= self.upstream.config().resume_attempts {
@@ -321,11 +381,53 @@ impl Job {
         if actual != self.digest {
             return self.mismatch(actual.to_string());
         }
-        if let Err(e) = self.store.blobs.commit(temp, &self.digest).await {
-            return Outcome::Storage(e);
+        if !self.store.index.fits(size) {
+            self.download.progress.send_replace(Progress::Complete);
+            return Outcome::TooLargeToKeep { size };
+        }
+        if let Err(e) = self.store.commit_blob(temp, &self.digest, size).await {
+            return self.storage_failed(e);
         }
         self.download.progress.send_replace(Progress::Complete);
         Outcome::Committed { size, resumes }
+    }
+
+    /// Whether the disk can take `size` more bytes, evicting old content to make room.
+    async fn make_room(&self, size: u64) -> bool {
+        if self.disk.is_full() {
+            self.disk.warn("recent write failure");
+            return false;
+        }
+        let needed = size + SPACE_MARGIN;
+        for attempt in 0..2 {
+            let store = self.store.clone();
+            let available = match tokio::task::spawn_blocking(move || store.available_space()).await
+            {
+                Ok(Ok(a)) => a,
+                // Cannot tell: try, and let a failed write decide.
+                _ => return true,
+            };
+            if available >= needed {
+                return true;
+            }
+            if attempt == 0 {
+                let evicted = self.store.index.evict_bytes(needed - available);
+                if evicted.is_empty() || self.store.evict(evicted).await.is_err() {
+                    break;
+                }
+            }
+        }
+        self.disk.warn("not enough free space for the blob");
+        false
+    }
+
+    fn storage_failed(&self, e: io::Error) -> Outcome {
+        if e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull {
+            self.metrics.no_space();
+            self.disk.set_full();
+            self.disk.warn("write failed: no space left on device");
+        }
+        Outcome::Storage(e)
     }
 
     fn mismatch(&self, actual: String) -> Outcome {

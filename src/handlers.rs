@@ -110,6 +110,10 @@ async fn readyz(mirror: &Mirror) -> Result<Response<Body>, ApiError> {
 }
 
 fn metrics(mirror: &Mirror) -> Response<Body> {
+    let store = &mirror.store;
+    mirror
+        .metrics
+        .cache_state(&store.index.stats(), store.index.max(), store.evictions());
     let mut resp = Response::new(body::full(Bytes::from(mirror.metrics.encode())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -344,18 +348,16 @@ async fn blob(
     }
     // One retry: a download that finds the blob already committed sends us back to the store.
     for _ in 0..2 {
-        if let Some((file, size)) = mirror.store.blobs.open(digest).await.map_err(err)? {
+        if let Some(hit) = mirror.store.blobs.open(digest).await.map_err(err)? {
             mirror.metrics.cache("blob", "hit");
-            let resp = blob_response(
-                digest,
-                file,
-                size,
-                range,
-                None,
-                head,
-                &mirror.metrics,
-                "cache",
-            );
+            let source = BlobSource {
+                file: hit.file,
+                size: hit.size,
+                progress: None,
+                verified: hit.verified,
+                label: "cache",
+            };
+            let resp = blob_response(mirror, digest, source, range, head);
             return Ok(with_cache_status(resp, CacheStatus::Hit));
         }
         if head {
@@ -375,25 +377,62 @@ async fn blob(
                 mirror.metrics.cache("blob", status.label());
                 mirror.metrics.inflight_waiters.inc();
                 let waiter = WaiterGuard(mirror.clone());
-                let resp = blob_response(
-                    digest,
+                let source = BlobSource {
                     file,
                     size,
-                    range,
-                    Some(progress),
-                    head,
-                    &mirror.metrics,
-                    "upstream",
-                );
-                let resp = resp.map(|b| body::with_guard(b, waiter));
+                    progress: Some(progress),
+                    // The download verifies the whole file before it ends.
+                    verified: true,
+                    label: "upstream",
+                };
+                let resp = blob_response(mirror, digest, source, range, head)
+                    .map(|b| body::with_guard(b, waiter));
                 return Ok(with_cache_status(resp, status));
             }
             Start::AlreadyCached => continue,
+            Start::NoSpace => return blob_uncached(mirror, up, repo, digest).await,
             Start::Failed(e) => return Err(ApiError::from_upstream(&e, Object::Blob)),
             Start::Pending => return Err(ApiError::internal()),
         }
     }
     Err(ApiError::internal())
+}
+
+/// Streams a blob straight from the upstream without caching it (the disk is full), still
+/// verifying it so a wrong byte is never passed on as complete.
+async fn blob_uncached(
+    mirror: &Arc<Mirror>,
+    up: &Upstream,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Response<Body>, ApiError> {
+    let resp = up
+        .blob(repo, digest, 0)
+        .await
+        .map_err(|e| ApiError::from_upstream(&e, Object::Blob))?;
+    let Some(size) = crate::upstream::header_length(resp.headers()) else {
+        return Err(ApiError::from_upstream(
+            &crate::upstream::Error::Protocol {
+                upstream: up.name.clone(),
+                detail: "blob response without Content-Length".into(),
+            },
+            Object::Blob,
+        ));
+    };
+    mirror.metrics.cache("blob", "miss");
+    let metrics = mirror.metrics.clone();
+    let stream = futures_util::TryStreamExt::map_err(resp.bytes_stream(), std::io::Error::other);
+    let bytes = futures_util::TryStreamExt::inspect_ok(stream, move |b| {
+        metrics.upstream_bytes(b.len() as u64)
+    });
+    let checked = body::verify(body::from_stream(bytes), digest.clone(), size, |_| {});
+    let mut out = Response::new(body::count_served(
+        checked,
+        mirror.metrics.clone(),
+        "upstream",
+    ));
+    blob_headers(out.headers_mut(), digest, size);
+    Ok(with_cache_status(out, CacheStatus::Miss))
 }
 
 struct WaiterGuard(Arc<Mirror>);
@@ -457,17 +496,26 @@ fn requested_range(range: Option<&str>, size: u64) -> Result<Option<RangeInclusi
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn blob_response(
-    digest: &Digest,
+/// Where a blob response's bytes come from.
+struct BlobSource {
     file: Arc<File>,
     size: u64,
-    range: Option<&str>,
+    /// The writer's progress, for a blob still downloading.
     progress: Option<tokio::sync::watch::Receiver<body::Progress>>,
+    /// False for a file found on disk at start-up and not yet read in full by this process.
+    verified: bool,
+    /// Metrics label: `cache` or `upstream`.
+    label: &'static str,
+}
+
+fn blob_response(
+    mirror: &Arc<Mirror>,
+    digest: &Digest,
+    src: BlobSource,
+    range: Option<&str>,
     head: bool,
-    metrics: &Arc<crate::metrics::Metrics>,
-    source: &'static str,
 ) -> Response<Body> {
+    let size = src.size;
     let mut resp = Response::new(body::empty());
     let (start, end) = match requested_range(range, size) {
         Err(()) => {
@@ -490,10 +538,25 @@ fn blob_response(
         Ok(None) => (0, size),
     };
     blob_headers(resp.headers_mut(), digest, end - start);
-    if !head {
-        let b = body::file_range(file, start, end, progress);
-        *resp.body_mut() = body::count_served(b, metrics.clone(), source);
+    if head {
+        return resp;
     }
+    let mut b = body::file_range(src.file, start, end, src.progress);
+    if !src.verified && start == 0 && end == size {
+        // First full read since start-up: check the bytes on disk on the way out.
+        let (m, d) = (mirror.clone(), digest.clone());
+        b = body::verify(b, digest.clone(), size, move |ok| {
+            if ok {
+                m.store.blobs.mark_verified(&d);
+            } else {
+                tracing::error!(digest = %d, "cached blob is corrupt; removed, will be fetched again");
+                m.metrics.digest_mismatch();
+                let store = m.store.clone();
+                tokio::task::spawn_blocking(move || store.blobs.discard(&d));
+            }
+        });
+    }
+    *resp.body_mut() = body::count_served(b, mirror.metrics.clone(), src.label);
     resp
 }
 

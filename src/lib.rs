@@ -6,6 +6,7 @@
 //! Lower layers never call upward. Errors become HTTP responses only in `error`.
 
 pub mod access;
+pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pullthrough::cli::Cli;
+use pullthrough::cli::{CacheCommand, Cli, Command};
 use pullthrough::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +18,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(command) = &cli.command {
+        return admin(command, &config.storage.dir);
+    }
     init_tracing(config.log.format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -31,6 +34,30 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin(command: &Command, dir: &std::path::Path) -> ExitCode {
+    let result = match command {
+        Command::Cache(CacheCommand::Stats) => pullthrough::admin::stats(dir).map(|r| (r, true)),
+        Command::Cache(CacheCommand::Prune { to }) => {
+            pullthrough::admin::prune(dir, to.as_u64()).map(|r| (r, true))
+        }
+        Command::Verify { repair } => pullthrough::admin::verify(dir, *repair),
+    };
+    match result {
+        Ok((report, ok)) => {
+            print!("{report}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("pullthrough: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

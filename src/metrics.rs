@@ -71,6 +71,11 @@ pub struct Metrics {
     counted_pulls: Family<UpstreamLabels, Counter>,
     resumes: Counter,
     digest_mismatches: Counter,
+    no_space: Counter,
+    evictions: Counter,
+    pub cache_size_bytes: Gauge,
+    pub cache_entries: Gauge,
+    pub cache_max_bytes: Gauge,
     budget_limit: Family<UpstreamLabels, Gauge>,
     budget_remaining: Family<UpstreamLabels, Gauge>,
     budget_window: Family<UpstreamLabels, Gauge>,
@@ -108,6 +113,11 @@ impl Metrics {
             counted_pulls: Family::default(),
             resumes: Counter::default(),
             digest_mismatches: Counter::default(),
+            no_space: Counter::default(),
+            evictions: Counter::default(),
+            cache_size_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache_max_bytes: Gauge::default(),
             budget_limit: Family::default(),
             budget_remaining: Family::default(),
             budget_window: Family::default(),
@@ -163,6 +173,31 @@ impl Metrics {
                 "digest_mismatches",
                 "Upstream content rejected because it did not match its digest",
                 m.digest_mismatches.clone(),
+            );
+            r.register(
+                "storage_full",
+                "Blob downloads not cached for lack of disk space (ENOSPC or too little free)",
+                m.no_space.clone(),
+            );
+            r.register(
+                "cache_evictions",
+                "Files evicted to stay within storage.max_size",
+                m.evictions.clone(),
+            );
+            r.register(
+                "cache_size_bytes",
+                "Bytes of cached blobs and manifests",
+                m.cache_size_bytes.clone(),
+            );
+            r.register(
+                "cache_entries",
+                "Cached blobs and manifests",
+                m.cache_entries.clone(),
+            );
+            r.register(
+                "cache_max_bytes",
+                "storage.max_size (0 when unbounded)",
+                m.cache_max_bytes.clone(),
             );
             r.register(
                 "pull_budget_limit",
@@ -262,6 +297,27 @@ impl Metrics {
 
     pub fn resume(&self) {
         self.resumes.inc();
+    }
+
+    pub fn no_space(&self) {
+        self.no_space.inc();
+    }
+
+    /// Brings the cache gauges and the eviction counter up to date (at scrape time).
+    pub fn cache_state(
+        &self,
+        stats: &crate::store::index::Stats,
+        max: Option<u64>,
+        evictions: u64,
+    ) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.cache_size_bytes.set(clamp(stats.bytes));
+        self.cache_entries.set(clamp(stats.entries as u64));
+        self.cache_max_bytes.set(clamp(max.unwrap_or(0)));
+        let seen = self.evictions.get();
+        if evictions > seen {
+            self.evictions.inc_by(evictions - seen);
+        }
     }
 
     pub fn digest_mismatch(&self) {

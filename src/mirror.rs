@@ -14,7 +14,7 @@ use crate::oci::{media, Digest, RepoName, Tag};
 use crate::singleflight::Coalesce;
 use crate::store::manifests::Manifest;
 use crate::store::tags::{TagKey, TagRecord};
-use crate::store::Store;
+use crate::store::{Mode, Store};
 use crate::upstream::{self, Upstream};
 
 /// How a response was served, sent as `X-Cache`.
@@ -96,12 +96,16 @@ pub struct Mirror {
 impl Mirror {
     /// Builds the mirror: opens the store (blocking) and the upstream clients.
     pub fn new(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Mirror> {
-        let store = Arc::new(Store::open(&config.storage.dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open storage dir {}: {e}",
-                config.storage.dir.display()
-            )
-        })?);
+        let store = Arc::new(
+            Store::open(&config.storage.dir, config.storage.limits(), Mode::Serve).map_err(
+                |e| {
+                    anyhow::anyhow!(
+                        "cannot open storage dir {}: {e}",
+                        config.storage.dir.display()
+                    )
+                },
+            )?,
+        );
         let mut upstreams = HashMap::new();
         for (name, cfg) in &config.upstreams {
             upstreams.insert(
@@ -354,7 +358,7 @@ impl Mirror {
             media_type: m.media_type,
             bytes,
         });
-        self.store.manifests.put(manifest.clone()).await?;
+        self.store.put_manifest(manifest.clone()).await?;
         Ok(manifest)
     }
 }

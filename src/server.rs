@@ -47,6 +47,7 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    let maintenance = tokio::spawn(save_index_periodically(mirror.clone()));
     tokio::pin!(shutdown);
 
     loop {
@@ -87,7 +88,30 @@ pub async fn serve(
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
+    maintenance.abort();
+    save_index(&mirror).await;
     Ok(())
+}
+
+/// How often the access order is saved: a restart loses at most this much LRU history.
+const INDEX_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn save_index_periodically(mirror: Arc<Mirror>) {
+    let mut tick = tokio::time::interval(INDEX_SAVE_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        save_index(&mirror).await;
+    }
+}
+
+async fn save_index(mirror: &Arc<Mirror>) {
+    let store = mirror.store.clone();
+    match tokio::task::spawn_blocking(move || store.save_index()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cache index"),
+        Err(e) => tracing::warn!(error = %e, "cannot save the cache index"),
+    }
 }
 
 fn warn_about_exposure(config: &Config) {

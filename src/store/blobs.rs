@@ -7,38 +7,80 @@ use std::sync::Arc;
 
 use tempfile::NamedTempFile;
 
+use super::index::{Index, Key};
 use super::{blocking, digest_path};
 use crate::oci::Digest;
+
+/// A cached blob, open for reading.
+pub struct Hit {
+    pub file: Arc<File>,
+    pub size: u64,
+    /// Whether this process has checked the bytes against the digest. Blobs found on disk at
+    /// start-up are checked on their first full read.
+    pub verified: bool,
+}
 
 pub struct Blobs {
     dir: PathBuf,
     tmp: PathBuf,
+    index: Arc<Index>,
 }
 
 impl Blobs {
-    pub(super) fn new(dir: PathBuf, tmp: PathBuf) -> Blobs {
-        Blobs { dir, tmp }
+    pub(super) fn new(dir: PathBuf, tmp: PathBuf, index: Arc<Index>) -> Blobs {
+        Blobs { dir, tmp, index }
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
         digest_path(&self.dir, digest)
     }
 
-    /// Opens a committed blob: its file and size, or `None` when it is not cached.
-    pub async fn open(&self, digest: &Digest) -> io::Result<Option<(Arc<File>, u64)>> {
+    /// Opens a committed blob, or `None` when it is not cached. A file whose size differs
+    /// from the indexed one (truncated, replaced) is removed rather than served.
+    pub async fn open(&self, digest: &Digest) -> io::Result<Option<Hit>> {
         if !digest.is_sha256() {
             return Ok(None);
         }
+        let key = Key::blob(digest);
+        let Some((size, verified)) = self.index.touch(&key) else {
+            return Ok(None);
+        };
         let path = self.path(digest);
-        blocking(move || match File::open(&path) {
+        let opened = blocking(move || match File::open(&path) {
             Ok(file) => {
                 let len = file.metadata()?.len();
-                Ok(Some((Arc::new(file), len)))
+                if len != size {
+                    tracing::warn!(path = %path.display(), len, expected = size, "cached blob has the wrong size; removing it");
+                    let _ = std::fs::remove_file(&path);
+                    return Ok(None);
+                }
+                Ok(Some(file))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         })
-        .await
+        .await?;
+        match opened {
+            Some(file) => Ok(Some(Hit {
+                file: Arc::new(file),
+                size,
+                verified,
+            })),
+            None => {
+                self.index.remove(&key);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops a blob found to be corrupt. Blocking.
+    pub fn discard(&self, digest: &Digest) {
+        self.index.remove(&Key::blob(digest));
+        let _ = std::fs::remove_file(self.path(digest));
+    }
+
+    pub fn mark_verified(&self, digest: &Digest) {
+        self.index.mark_verified(&Key::blob(digest));
     }
 
     /// A new temp file for a download; deleted when dropped unless committed.
@@ -47,8 +89,14 @@ impl Blobs {
         blocking(move || NamedTempFile::new_in(tmp)).await
     }
 
-    /// Makes a verified temp file visible under its digest (fsync, then atomic rename).
-    pub async fn commit(&self, temp: NamedTempFile, digest: &Digest) -> io::Result<()> {
+    /// Makes a verified temp file visible under its digest (fsync, then atomic rename) and
+    /// indexes it; returns what must be evicted to stay within the bound.
+    pub(super) async fn commit(
+        &self,
+        temp: NamedTempFile,
+        digest: &Digest,
+        size: u64,
+    ) -> io::Result<Vec<Key>> {
         let path = self.path(digest);
         blocking(move || {
             temp.as_file().sync_data()?;
@@ -58,6 +106,7 @@ impl Blobs {
             temp.persist(&path).map_err(|e| e.error)?;
             Ok(())
         })
-        .await
+        .await?;
+        Ok(self.index.insert(Key::blob(digest), size, true))
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use moka::sync::Cache;
 
+use super::index::{Index, Key};
 use super::{blocking, digest_path, write_atomic};
 use crate::oci::Digest;
 
@@ -26,13 +27,15 @@ pub struct Manifests {
     dir: PathBuf,
     tmp: PathBuf,
     memory: Cache<Digest, Arc<Manifest>>,
+    index: Arc<Index>,
 }
 
 impl Manifests {
-    pub(super) fn new(dir: PathBuf, tmp: PathBuf) -> Manifests {
+    pub(super) fn new(dir: PathBuf, tmp: PathBuf, index: Arc<Index>) -> Manifests {
         Manifests {
             dir,
             tmp,
+            index,
             memory: Cache::builder()
                 .max_capacity(MEMORY_BYTES)
                 .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
@@ -41,11 +44,11 @@ impl Manifests {
     }
 
     pub async fn get(&self, digest: &Digest) -> io::Result<Option<Arc<Manifest>>> {
+        if self.index.touch(&Key::manifest(digest)).is_none() {
+            return Ok(None);
+        }
         if let Some(m) = self.memory.get(digest) {
             return Ok(Some(m));
-        }
-        if !digest.is_sha256() {
-            return Ok(None);
         }
         let path = digest_path(&self.dir, digest);
         let read = blocking(move || match std::fs::read(&path) {
@@ -54,7 +57,10 @@ impl Manifests {
             Err(e) => Err(e),
         })
         .await?;
-        let Some(raw) = read else { return Ok(None) };
+        let Some(raw) = read else {
+            self.index.remove(&Key::manifest(digest));
+            return Ok(None);
+        };
         let raw = Bytes::from(raw);
         let Some(newline) = raw.iter().position(|&b| b == b'\n') else {
             tracing::warn!(%digest, "stored manifest has no media type line; ignoring it");
@@ -63,7 +69,10 @@ impl Manifests {
         let bytes = raw.slice(newline + 1..);
         // Manifests are small: re-hashing on load means a damaged file is never served.
         if Digest::sha256_of(&bytes) != *digest {
-            tracing::warn!(%digest, "stored manifest does not match its digest; ignoring it");
+            tracing::warn!(%digest, "stored manifest does not match its digest; removing it");
+            self.index.remove(&Key::manifest(digest));
+            let path = digest_path(&self.dir, digest);
+            blocking(move || std::fs::remove_file(path)).await.ok();
             return Ok(None);
         }
         let media_type = String::from_utf8_lossy(&raw[..newline]).into_owned();
@@ -76,16 +85,23 @@ impl Manifests {
         Ok(Some(m))
     }
 
-    /// Stores a manifest whose bytes were verified against `m.digest`.
-    pub async fn put(&self, m: Arc<Manifest>) -> io::Result<()> {
+    pub(super) fn forget(&self, digest: &Digest) {
+        self.memory.invalidate(digest);
+    }
+
+    /// Stores a manifest whose bytes were verified against `m.digest`; returns what must be
+    /// evicted to stay within the bound.
+    pub(super) async fn put(&self, m: Arc<Manifest>) -> io::Result<Vec<Key>> {
         let path = digest_path(&self.dir, &m.digest);
         let tmp = self.tmp.clone();
         let mut raw = Vec::with_capacity(m.media_type.len() + 1 + m.bytes.len());
         raw.extend_from_slice(m.media_type.as_bytes());
         raw.push(b'\n');
         raw.extend_from_slice(&m.bytes);
+        let size = raw.len() as u64;
         blocking(move || write_atomic(&tmp, &path, &raw)).await?;
+        let evicted = self.index.insert(Key::manifest(&m.digest), size, true);
         self.memory.insert(m.digest.clone(), m);
-        Ok(())
+        Ok(evicted)
     }
 }

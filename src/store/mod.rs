@@ -4,61 +4,240 @@
 //! blobs/sha256/ab/abcdef…      blob bytes, named by their verified digest
 //! manifests/sha256/ab/abcdef…  "<media type>\n" + the manifest's exact bytes
 //! tags/<registry>/<repo>/_tags/<tag>   JSON tag record (digest, media type, fetch time)
+//! index.snapshot               sizes and last-access times, least recently used first
 //! tmp/                         downloads in progress; emptied at start-up
 //! ```
 //!
 //! Paths are only ever built from parsed `Digest`, `RepoName` and `Tag` values and from
 //! configured registry names, so no request can name a file outside this tree. A file appears
-//! under its final name only by an atomic rename after verification.
+//! under its final name only by an atomic rename after verification. Blobs and manifests count
+//! against the size bound; evicting one deletes its file (a reader holding it open keeps
+//! reading: an unlinked file lives until closed).
 
 pub mod blobs;
+pub mod index;
 pub mod manifests;
 pub mod tags;
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
 
 use tempfile::NamedTempFile;
 
 use crate::oci::Digest;
+use index::{Entry, Index, Key, Kind};
+
+const SNAPSHOT: &str = "index.snapshot";
+
+/// How the store is opened: by the server (owns the directory: cleans temp files, evicts) or
+/// by an operator command next to a possibly running server (touches nothing on open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Inspect,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub max_size: Option<u64>,
+    pub low_watermark: Option<u64>,
+}
 
 pub struct Store {
     root: PathBuf,
+    evictions: std::sync::atomic::AtomicU64,
+    tmp: PathBuf,
+    pub index: Arc<Index>,
     pub blobs: blobs::Blobs,
     pub manifests: manifests::Manifests,
     pub tags: tags::Tags,
 }
 
 impl Store {
-    /// Opens (creating if needed) the storage directory and removes temp files left by a
-    /// previous process. Blocking: call before serving, or from `spawn_blocking`.
-    pub fn open(root: &Path) -> io::Result<Store> {
+    /// Opens (creating if needed) the storage directory and rebuilds the index from the files
+    /// on disk, in the access order saved by the last run. Blocking: call before serving or
+    /// from `spawn_blocking`.
+    pub fn open(root: &Path, limits: Limits, mode: Mode) -> io::Result<Store> {
         let tmp = root.join("tmp");
-        for dir in ["blobs/sha256", "manifests/sha256", "tags"] {
-            std::fs::create_dir_all(root.join(dir))?;
-        }
-        std::fs::create_dir_all(&tmp)?;
-        let mut removed = 0usize;
-        for entry in std::fs::read_dir(&tmp)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() && std::fs::remove_file(entry.path()).is_ok() {
-                removed += 1;
+        if mode == Mode::Serve {
+            for dir in ["blobs/sha256", "manifests/sha256", "tags"] {
+                std::fs::create_dir_all(root.join(dir))?;
             }
+            std::fs::create_dir_all(&tmp)?;
+            clean_temp(&tmp)?;
         }
-        if removed > 0 {
-            tracing::info!(removed, "removed temp files left by an earlier run");
-        }
-        Ok(Store {
+        let index = Arc::new(Index::new(limits.max_size, limits.low_watermark));
+        let store = Store {
             root: root.to_owned(),
-            blobs: blobs::Blobs::new(root.join("blobs"), tmp.clone()),
-            manifests: manifests::Manifests::new(root.join("manifests"), tmp.clone()),
-            tags: tags::Tags::new(root.join("tags"), tmp),
-        })
+            evictions: std::sync::atomic::AtomicU64::new(0),
+            blobs: blobs::Blobs::new(root.join("blobs"), tmp.clone(), index.clone()),
+            manifests: manifests::Manifests::new(
+                root.join("manifests"),
+                tmp.clone(),
+                index.clone(),
+            ),
+            tags: tags::Tags::new(root.join("tags"), tmp.clone()),
+            tmp,
+            index,
+        };
+        let evicted = store.index.load(scan(root)?);
+        if mode == Mode::Serve {
+            store.delete_files(&evicted);
+        }
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    pub fn path_of(&self, key: &Key) -> PathBuf {
+        digest_path(&self.root.join(key.kind.dir()), &key.digest)
+    }
+
+    /// Deletes evicted files. Blocking.
+    pub fn delete_files(&self, keys: &[Key]) {
+        for key in keys {
+            if key.kind == Kind::Manifest {
+                self.manifests.forget(&key.digest);
+            }
+            self.evictions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match std::fs::remove_file(self.path_of(key)) {
+                Ok(()) => tracing::debug!(digest = %key.digest, kind = ?key.kind, "evicted"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(digest = %key.digest, error = %e, "cannot delete evicted file")
+                }
+            }
+        }
+    }
+
+    /// Writes the index (sizes and access order) if it changed since the last save, so a
+    /// restart keeps the LRU order. Batched: called periodically and at shutdown, never per
+    /// access. Blocking.
+    pub fn save_index(&self) -> io::Result<()> {
+        if !self.index.is_dirty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for entry in self.index.snapshot() {
+            text.push_str(&entry.to_line());
+            text.push('\n');
+        }
+        write_atomic(&self.tmp, &self.root.join(SNAPSHOT), text.as_bytes())
+    }
+
+    /// Commits a verified blob download and applies the evictions it causes.
+    pub async fn commit_blob(
+        self: &Arc<Self>,
+        temp: NamedTempFile,
+        digest: &Digest,
+        size: u64,
+    ) -> io::Result<()> {
+        let evicted = self.blobs.commit(temp, digest, size).await?;
+        self.evict(evicted).await
+    }
+
+    /// Stores a verified manifest and applies the evictions it causes.
+    pub async fn put_manifest(self: &Arc<Self>, m: Arc<manifests::Manifest>) -> io::Result<()> {
+        let evicted = self.manifests.put(m).await?;
+        self.evict(evicted).await
+    }
+
+    /// Deletes the files of evicted entries, off the async workers.
+    pub async fn evict(self: &Arc<Self>, keys: Vec<Key>) -> io::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let store = self.clone();
+        blocking(move || {
+            store.delete_files(&keys);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Files evicted since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes free on the storage file system. Blocking.
+    pub fn available_space(&self) -> io::Result<u64> {
+        fs4::available_space(&self.root)
+    }
+}
+
+fn clean_temp(tmp: &Path) -> io::Result<()> {
+    let mut removed = 0usize;
+    for entry in std::fs::read_dir(tmp)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed temp files left by an earlier run");
+    }
+    Ok(())
+}
+
+/// Every blob and manifest file on disk, least recently used first: in the saved snapshot's
+/// order where known, by modification time otherwise. Only files are stat'ed that the snapshot
+/// does not know, so start-up reads directories, not every inode.
+fn scan(root: &Path) -> io::Result<Vec<Entry>> {
+    let mut known: HashMap<Key, (usize, Entry)> = HashMap::new();
+    if let Ok(text) = std::fs::read_to_string(root.join(SNAPSHOT)) {
+        for (i, entry) in text.lines().filter_map(Entry::from_line).enumerate() {
+            known.insert(entry.key.clone(), (i, entry));
+        }
+    }
+    let mut found: Vec<(u64, usize, Entry)> = Vec::new();
+    for kind in [Kind::Blob, Kind::Manifest] {
+        let base = root.join(kind.dir()).join("sha256");
+        let Ok(prefixes) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for prefix in prefixes.flatten() {
+            let Ok(files) = std::fs::read_dir(prefix.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let name = file.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                let key = Key { kind, digest };
+                match known.remove(&key) {
+                    Some((i, entry)) => found.push((entry.last_access, i, entry)),
+                    None => {
+                        let Ok(meta) = file.metadata() else { continue };
+                        let mtime = meta
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_secs());
+                        let entry = Entry {
+                            key,
+                            size: meta.len(),
+                            last_access: mtime,
+                            verified: false,
+                        };
+                        found.push((mtime, usize::MAX, entry));
+                    }
+                }
+            }
+        }
+    }
+    found.sort_by_key(|(access, i, _)| (*access, *i));
+    Ok(found.into_iter().map(|(_, _, e)| e).collect())
 }
 
 /// `<dir>/sha256/ab/abcdef…` for a sha256 digest.

@@ -408,7 +408,7 @@ impl Upstream {
         };
         self.metrics.budget(&self.name, &budget);
         let threshold = (budget.limit as f64 * self.config.budget_warn_ratio) as u64;
-        let was_above = previous.map_or(true, |p| p.remaining > threshold);
+        let was_above = previous.is_none_or(|p| p.remaining > threshold);
         if budget.remaining <= threshold && was_above {
             tracing::warn!(
                 upstream = %self.name,
