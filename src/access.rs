@@ -1,16 +1,24 @@
-//! Who may use the mirror, and how much: the per-client request limit.
+//! Who may use the mirror, and how much: client address allow-list, Basic auth (htpasswd with
+//! bcrypt, or static tokens), and the per-client request limit. All off by default: a mirror
+//! of public images is usually open.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
+use http::{header, HeaderMap, StatusCode};
+use sha2::{Digest as _, Sha256};
 
-use crate::config::ServerConfig;
+use crate::config::{Secret, ServerConfig};
+use crate::error::{ApiError, Code};
 
-/// Requests per client address within a window; `None` when unlimited.
+/// Requests per client address within a window.
 pub struct ClientLimit {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
@@ -37,5 +45,172 @@ impl ClientLimit {
         self.limiter
             .check_key(&client)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+}
+
+/// The allow-list and client credentials.
+pub struct Access {
+    allow: Vec<ipnet::IpNet>,
+    /// user → bcrypt hash
+    htpasswd: HashMap<String, String>,
+    tokens: Vec<Secret>,
+    realm: String,
+    /// Credentials already checked, by a hash of the header: bcrypt costs tens of
+    /// milliseconds, far too much to pay on every request.
+    accepted: moka::sync::Cache<[u8; 32], ()>,
+}
+
+impl Access {
+    /// Reads the htpasswd file, if any. Blocking.
+    pub fn from_config(server: &ServerConfig) -> anyhow::Result<Access> {
+        let mut htpasswd = HashMap::new();
+        if let Some(path) = &server.htpasswd {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read server.htpasswd {}: {e}", path.display())
+            })?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((user, hash)) = line.split_once(':') else {
+                    anyhow::bail!("{}:{}: not a user:hash line", path.display(), n + 1);
+                };
+                if !hash.starts_with("$2") {
+                    anyhow::bail!(
+                        "{}:{}: only bcrypt entries are supported (htpasswd -B)",
+                        path.display(),
+                        n + 1
+                    );
+                }
+                htpasswd.insert(user.to_owned(), hash.to_owned());
+            }
+        }
+        Ok(Access {
+            allow: server.allow.clone(),
+            htpasswd,
+            tokens: server.tokens.clone(),
+            realm: server.auth_realm.clone(),
+            accepted: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+        })
+    }
+
+    pub fn requires_credentials(&self) -> bool {
+        !self.htpasswd.is_empty() || !self.tokens.is_empty()
+    }
+
+    /// Whether any client access control is configured.
+    pub fn is_restricted(&self) -> bool {
+        !self.allow.is_empty() || self.requires_credentials()
+    }
+
+    pub fn check_address(&self, peer: IpAddr) -> Result<(), ApiError> {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let peer = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+            v4 => v4,
+        };
+        if self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&peer)) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                Code::Denied,
+                "this address may not use the mirror",
+            ))
+        }
+    }
+
+    /// Checks the client's credentials. Blocking when bcrypt has to run: call from
+    /// `spawn_blocking` via [`Access::check_credentials_async`].
+    fn credentials_ok(&self, headers: &HeaderMap) -> bool {
+        let Some(value) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        if self.accepted.contains_key(&key) {
+            return true;
+        }
+        let ok = if let Some(token) = value.strip_prefix("Bearer ") {
+            self.tokens
+                .iter()
+                .any(|t| constant_time_eq(t.expose(), token.trim()))
+        } else if let Some(encoded) = value.strip_prefix("Basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .ok()
+                .and_then(|raw| String::from_utf8(raw).ok());
+            match decoded.as_deref().and_then(|d| d.split_once(':')) {
+                Some((user, pass)) => {
+                    self.tokens
+                        .iter()
+                        .any(|t| constant_time_eq(t.expose(), pass))
+                        || self
+                            .htpasswd
+                            .get(user)
+                            .is_some_and(|hash| bcrypt::verify(pass, hash).unwrap_or(false))
+                }
+                None => false,
+            }
+        } else {
+            false
+        };
+        if ok {
+            self.accepted.insert(key, ());
+        }
+        ok
+    }
+
+    pub async fn check_credentials(self: &Arc<Self>, headers: &HeaderMap) -> Result<(), ApiError> {
+        if !self.requires_credentials() {
+            return Ok(());
+        }
+        let this = self.clone();
+        let headers = headers.clone();
+        let ok = tokio::task::spawn_blocking(move || this.credentials_ok(&headers))
+            .await
+            .unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            let mut e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthorized,
+                "authentication required",
+            );
+            e.challenge = Some(format!("Basic realm=\"{}\"", self.realm.replace('"', "")));
+            Err(e)
+        }
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_allow_list_with_mapped_v4() {
+        let cfg = ServerConfig {
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ServerConfig::default()
+        };
+        let a = Access::from_config(&cfg).unwrap();
+        assert!(a.check_address("10.1.2.3".parse().unwrap()).is_ok());
+        assert!(a.check_address("::ffff:10.1.2.3".parse().unwrap()).is_ok());
+        assert!(a.check_address("192.168.0.1".parse().unwrap()).is_err());
     }
 }

@@ -64,6 +64,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Upstream registries keyed by the registry name clients use (`docker.io`, `ghcr.io`).
     /// Default: `docker.io` → `https://registry-1.docker.io`, anonymous.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -76,6 +77,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             cache: CacheConfig::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
             upstreams: BTreeMap::from([(DOCKER_HUB.to_owned(), UpstreamConfig::default())]),
         }
     }
@@ -100,6 +102,20 @@ pub struct ServerConfig {
     /// The window of `client_requests`. Default 1 minute.
     #[serde(with = "humantime_serde")]
     pub client_window: Duration,
+    /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS (HTTP/2 by ALPN).
+    /// SIGHUP reloads both files. Default: plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get 403.
+    /// Default: empty, everyone.
+    pub allow: Vec<ipnet::IpNet>,
+    /// An htpasswd file with bcrypt entries (`htpasswd -B`); clients must send Basic auth.
+    pub htpasswd: Option<PathBuf>,
+    /// Static tokens accepted as the Basic auth password (any user name) or as a Bearer token.
+    pub tokens: Vec<Secret>,
+    /// Realm in the `WWW-Authenticate: Basic` challenge. Default `pullthrough`.
+    pub auth_realm: String,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +127,12 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             client_requests: 0,
             client_window: Duration::from_secs(60),
+            tls_cert: None,
+            tls_key: None,
+            allow: Vec::new(),
+            htpasswd: None,
+            tokens: Vec::new(),
+            auth_realm: "pullthrough".to_owned(),
         }
     }
 }
@@ -182,6 +204,14 @@ pub enum LogFormat {
 pub struct LogConfig {
     /// `text` (default) or `json`.
     pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this address (plain HTTP, no client auth) instead of on the main
+    /// listener. Default: on the main listener, behind the same access control.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -390,6 +420,13 @@ impl Config {
                     return Err(bad(&key(field), "0s", "must be greater than zero"));
                 }
             }
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err(bad(
+                "server.tls_cert",
+                "",
+                "tls_cert and tls_key must be set together",
+            ));
         }
         if self.server.client_window.is_zero() {
             return Err(bad(

@@ -38,6 +38,8 @@ pub struct ApiError {
     pub code: Code,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// A `WWW-Authenticate` challenge to send with a 401.
+    pub challenge: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -58,6 +60,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -110,6 +113,9 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(v) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            h.insert(header::WWW_AUTHENTICATE, v);
+        }
         if let Some(after) = self.retry_after {
             h.insert(
                 header::RETRY_AFTER,
@@ -168,6 +174,7 @@ impl ApiError {
                 code: Code::Toomanyrequests,
                 message: message.clone(),
                 retry_after: *retry_after,
+                challenge: None,
             },
             U::ServerError { upstream, status } => ApiError::new(
                 StatusCode::BAD_GATEWAY,

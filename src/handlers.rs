@@ -114,6 +114,10 @@ fn metrics(mirror: &Mirror) -> Response<Body> {
     mirror
         .metrics
         .cache_state(&store.index.stats(), store.index.max(), store.evictions());
+    for up in mirror.upstreams() {
+        let is_up = up.health.state() == crate::upstream::health::State::Up;
+        mirror.metrics.upstream_up(&up.name, is_up);
+    }
     let mut resp = Response::new(body::full(Bytes::from(mirror.metrics.encode())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

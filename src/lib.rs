@@ -20,6 +20,7 @@ pub mod routes;
 pub mod server;
 pub mod singleflight;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

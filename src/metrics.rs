@@ -80,6 +80,7 @@ pub struct Metrics {
     budget_remaining: Family<UpstreamLabels, Gauge>,
     budget_window: Family<UpstreamLabels, Gauge>,
     budget_updated: Family<UpstreamLabels, Gauge>,
+    upstream_up: Family<UpstreamLabels, Gauge>,
     pub inflight_downloads: Gauge,
     pub inflight_waiters: Gauge,
     miss_ttfb: Histogram,
@@ -122,6 +123,7 @@ impl Metrics {
             budget_remaining: Family::default(),
             budget_window: Family::default(),
             budget_updated: Family::default(),
+            upstream_up: Family::default(),
             inflight_downloads: Gauge::default(),
             inflight_waiters: Gauge::default(),
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -220,6 +222,11 @@ impl Metrics {
                 m.budget_updated.clone(),
             );
             r.register(
+                "upstream_up",
+                "1 while the upstream is used, 0 while it is backed off after failures",
+                m.upstream_up.clone(),
+            );
+            r.register(
                 "inflight_downloads",
                 "Blob downloads in progress",
                 m.inflight_downloads.clone(),
@@ -301,6 +308,14 @@ impl Metrics {
 
     pub fn no_space(&self) {
         self.no_space.inc();
+    }
+
+    pub fn upstream_up(&self, upstream: &str, up: bool) {
+        self.upstream_up
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .set(i64::from(up));
     }
 
     /// Brings the cache gauges and the eviction counter up to date (at scrape time).

@@ -86,6 +86,7 @@ pub struct Mirror {
     pub metrics: Arc<Metrics>,
     pub downloads: Downloads,
     pub client_limit: Option<crate::access::ClientLimit>,
+    pub access: Arc<crate::access::Access>,
     upstreams: HashMap<String, Arc<Upstream>>,
     tag_flights: Coalesce<TagKey, TagResult>,
     /// Tags the upstream recently answered 404 for.
@@ -116,6 +117,7 @@ impl Mirror {
         Ok(Mirror {
             downloads: Downloads::new(store.clone(), metrics.clone()),
             client_limit: crate::access::ClientLimit::from_config(&config.server),
+            access: Arc::new(crate::access::Access::from_config(&config.server)?),
             store,
             metrics,
             upstreams,

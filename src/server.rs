@@ -13,7 +13,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 
 use crate::body::{self, Body};
@@ -22,7 +22,17 @@ use crate::error::ApiError;
 use crate::handlers::{self, X_CACHE};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::routes;
+use crate::routes::{self, Route};
+use crate::tls::Tls;
+
+/// Which requests a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The registry API (and /metrics unless `metrics.listen` moves it).
+    Main,
+    /// `metrics.listen`: /metrics and /healthz only.
+    Metrics,
+}
 
 /// Runs the mirror on `listener` until `shutdown` completes, then lets in-flight responses
 /// finish for up to `server.shutdown_grace`.
@@ -36,8 +46,22 @@ pub async fn serve(
     let header_timeout = config.server.header_read_timeout;
     let mirror =
         Arc::new(tokio::task::spawn_blocking(move || Mirror::new(config, metrics)).await??);
-    warn_about_exposure(&mirror.config);
-    tracing::info!(addr = %listener.local_addr()?, "pullthrough listening");
+    warn_about_exposure(&mirror);
+    let tls = match (
+        &mirror.config.server.tls_cert,
+        &mirror.config.server.tls_key,
+    ) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (cert.clone(), key.clone());
+            let tls = tokio::task::spawn_blocking(move || Tls::load(&cert, &key)).await??;
+            Some(Arc::new(tls))
+        }
+        _ => None,
+    };
+    let mut background = vec![tokio::spawn(save_index_periodically(mirror.clone()))];
+    if let Some(tls) = &tls {
+        background.push(tokio::spawn(reload_tls_on_sighup(tls.clone())));
+    }
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -47,9 +71,23 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    let maintenance = tokio::spawn(save_index_periodically(mirror.clone()));
-    tokio::pin!(shutdown);
 
+    if let Some(addr) = mirror.config.metrics.listen {
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
+        tracing::info!(%addr, "metrics listening");
+        let (builder, mirror) = (builder.clone(), mirror.clone());
+        // Scrapes are short: this listener is simply stopped at shutdown, not drained.
+        background.push(tokio::spawn(async move {
+            while let Ok((stream, peer)) = metrics_listener.accept().await {
+                let (builder, mirror) = (builder.clone(), mirror.clone());
+                tokio::spawn(serve_io(builder, stream, mirror, peer, Role::Metrics, None));
+            }
+        }));
+    }
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "pullthrough listening");
+    tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -64,20 +102,32 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let mirror = mirror.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let mirror = mirror.clone();
-            async move { Ok::<_, Infallible>(handle(mirror, req, peer).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let (builder, mirror, watcher) = (builder.clone(), mirror.clone(), graceful.watcher());
+        match &tls {
+            None => {
+                tokio::spawn(serve_io(
+                    builder,
+                    stream,
+                    mirror,
+                    peer,
+                    Role::Main,
+                    Some(watcher),
+                ));
             }
-        });
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            serve_io(builder, tls_stream, mirror, peer, Role::Main, Some(watcher))
+                                .await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tracing::info!(
@@ -88,9 +138,55 @@ pub async fn serve(
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
-    maintenance.abort();
+    for task in background {
+        task.abort();
+    }
     save_index(&mirror).await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes.
+async fn serve_io<I>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    mirror: Arc<Mirror>,
+    peer: SocketAddr,
+    role: Role,
+    watcher: Option<Watcher>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let mirror = mirror.clone();
+        async move { Ok::<_, Infallible>(handle(mirror, req, peer, role).await) }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    let result = match watcher {
+        Some(watcher) => watcher.watch(conn).await,
+        None => conn.await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn reload_tls_on_sighup(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let tls = tls.clone();
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+            }
+            Err(e) => tracing::error!(error = %e, "TLS reload failed"),
+        }
+    }
 }
 
 /// How often the access order is saved: a restart loses at most this much LRU history.
@@ -114,25 +210,37 @@ async fn save_index(mirror: &Arc<Mirror>) {
     }
 }
 
-fn warn_about_exposure(config: &Config) {
-    for (name, up) in &config.upstreams {
+fn warn_about_exposure(mirror: &Mirror) {
+    if mirror.access.is_restricted() {
+        return;
+    }
+    for (name, up) in &mirror.config.upstreams {
         if up.username.is_some() {
             tracing::warn!(
                 upstream = %name,
-                "upstream credentials are configured: anyone who can reach this mirror can pull \
-                 what those credentials can, including private images; restrict who can reach it"
+                "UPSTREAM CREDENTIALS WITHOUT CLIENT ACCESS CONTROL: anyone who can reach this \
+                 mirror can pull what these credentials can, private images included; set \
+                 server.allow, server.htpasswd or server.tokens"
             );
         }
     }
 }
 
-/// The per-client request limit applies to the registry API, not to health and metrics.
-fn admit(mirror: &Mirror, route: &routes::Route, peer: SocketAddr) -> Result<(), ApiError> {
-    use routes::Route;
-    if matches!(
-        route,
-        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status
-    ) {
+/// Access control, then the per-client limit. Health checks are always answered, so that
+/// orchestrators need no credentials.
+async fn admit(
+    mirror: &Mirror,
+    route: &Route,
+    role: Role,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<(), ApiError> {
+    if matches!(route, Route::Healthz | Route::Readyz) || role == Role::Metrics {
+        return Ok(());
+    }
+    mirror.access.check_address(peer.ip())?;
+    mirror.access.check_credentials(req.headers()).await?;
+    if matches!(route, Route::Metrics | Route::Status) {
         return Ok(());
     }
     let Some(limit) = &mirror.client_limit else {
@@ -151,12 +259,23 @@ fn admit(mirror: &Mirror, route: &routes::Route, peer: SocketAddr) -> Result<(),
 
 /// One request: route, dispatch (panics become 500s), then metrics and a log line when the
 /// response body ends, with the bytes actually sent.
-async fn handle(mirror: Arc<Mirror>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(
+    mirror: Arc<Mirror>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    role: Role,
+) -> Response<Body> {
     let started = Instant::now();
-    let route = routes::parse(req.method(), req.uri().path());
+    let route = match (role, routes::parse(req.method(), req.uri().path())) {
+        (Role::Metrics, r @ (Route::Metrics | Route::Healthz)) => r,
+        (Role::Metrics, _) => Route::NotFound,
+        // /metrics lives on its own listener when one is configured.
+        (Role::Main, Route::Metrics) if mirror.config.metrics.listen.is_some() => Route::NotFound,
+        (Role::Main, r) => r,
+    };
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
-    let dispatched = match admit(&mirror, &route, peer) {
+    let dispatched = match admit(&mirror, &route, role, &req, peer).await {
         Err(e) => Ok(Err(e)),
         Ok(()) => {
             std::panic::AssertUnwindSafe(handlers::dispatch(&mirror, &route, &req))

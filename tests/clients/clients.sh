@@ -18,13 +18,17 @@ render() {
       -e "s|^location = \"docker.io\"|location = \"$CLOSED\"|" "$HERE/$1"
 }
 
-# --- containerd 1.6: private daemon, also the runtime of the private dockerd -----------
-ctr_() { ctr --address "$T/containerd/containerd.sock" --namespace suite "$@"; }
+# Each client's command line with its private state, as an array so `timeout` can run it.
+# Set by the setup functions below once $T exists.
+CTR=() DOCKER=() PODMAN=() SKOPEO=()
 
-start_containerd() {
-  local d=$T/containerd
-  mkdir -p "$d/certs.d/docker.io"
-  render hosts.toml >"$d/certs.d/docker.io/hosts.toml"
+# --- containerd 1.6 ----------------------------------------------------------------------
+# run_containerd NAME DIR: a containerd with all its state and sockets in DIR, no CRI.
+# Two run: one for ctr, one as dockerd's runtime. Sharing one would let dockerd's copy of a
+# manifest collide with ctr's in containerd's shared content store when both pull at once.
+run_containerd() {
+  local name=$1 d=$2
+  mkdir -p "$d"
   cat >"$d/config.toml" <<EOF
 version = 2
 root = "$d/root"
@@ -35,32 +39,42 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$d/containerd.sock.ttrpc"
 EOF
-  spawn containerd containerd --config "$d/config.toml"
-  for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && return 0; sleep 0.1; done
-  log "containerd did not start; see $T/logs/containerd.log"; return 1
+  spawn "$name" containerd --config "$d/config.toml"
+  for _ in $(seq 100); do ctr --address "$d/containerd.sock" version >/dev/null 2>&1 && return 0; sleep 0.1; done
+  log "$name did not start; see $T/logs/$name.log"; return 1
+}
+
+start_containerd() {
+  local d=$T/containerd
+  CTR=(ctr --address "$d/containerd.sock" --namespace suite)
+  mkdir -p "$d/certs.d/docker.io"
+  render hosts.toml >"$d/certs.d/docker.io/hosts.toml"
+  run_containerd containerd "$d"
 }
 
 pull_containerd() {
   local ref=docker.io/library/$1
-  timeout "$PULL_TIMEOUT" ctr_ images pull --hosts-dir "$T/containerd/certs.d" "$ref" \
+  timeout "$PULL_TIMEOUT" "${CTR[@]}" images pull --hosts-dir "$T/containerd/certs.d" "$ref" \
     >>"$T/logs/ctr-pull.log" 2>&1 || { tail -3 "$T/logs/ctr-pull.log" >&2; return 1; }
-  ctr_ images ls | awk -v ref="$ref" '$1 == ref { print $3 }'
+  "${CTR[@]}" images ls | awk -v ref="$ref" '$1 == ref { print $3 }'
 }
 
 # --sync waits for containerd's garbage collector, so the blobs are gone when it returns.
 reset_containerd() {
-  ctr_ images rm --sync "docker.io/library/$1" >/dev/null 2>&1 || true
-  [ -z "$(ctr_ content ls -q)" ] || { log "containerd still holds blobs after reset"; return 1; }
+  "${CTR[@]}" images rm --sync "docker.io/library/$1" >/dev/null 2>&1 || true
+  [ -z "$("${CTR[@]}" content ls -q)" ] || { log "containerd still holds blobs after reset"; return 1; }
 }
 
 # --- dockerd 20.10 ----------------------------------------------------------------------
-# The Debian docker client, not whatever newer `docker` comes first in PATH.
-docker_() { DOCKER_CONFIG=$T/docker/cli /usr/bin/docker -H "unix://$T/docker/docker.sock" "$@"; }
-
 start_dockerd() {
   local d=$T/docker flags=()
   mkdir -p "$d/cli"
+  # The Debian docker client, not whatever newer `docker` comes first in PATH.
+  DOCKER=(env "DOCKER_CONFIG=$d/cli" /usr/bin/docker -H "unix://$d/docker.sock")
   render daemon.json >"$d/daemon.json"
+  # Its own containerd, so a system one at /run/containerd (which dockerd would otherwise
+  # pick up) stays out of it.
+  run_containerd docker-containerd "$d/containerd"
   # No network setup: nothing here may touch the host's bridges or firewall.
   flags=(--bridge none --iptables=false --ip-masq=false)
   if /usr/sbin/dockerd --help 2>&1 | grep -q -- '--ip6tables'; then flags+=(--ip6tables=false); fi
@@ -69,59 +83,52 @@ start_dockerd() {
   HTTP_PROXY=http://$CLOSED HTTPS_PROXY=http://$CLOSED NO_PROXY=127.0.0.1,localhost \
     spawn dockerd /usr/sbin/dockerd --config-file "$d/daemon.json" --data-root "$d/data" \
       --exec-root "$d/exec" --pidfile "$d/dockerd.pid" -H "unix://$d/docker.sock" \
-      --containerd "$T/containerd/containerd.sock" --storage-driver vfs "${flags[@]}"
-  for _ in $(seq 150); do docker_ version >/dev/null 2>&1 && return 0; sleep 0.2; done
+      --containerd "$d/containerd/containerd.sock" --storage-driver vfs "${flags[@]}"
+  for _ in $(seq 150); do "${DOCKER[@]}" version >/dev/null 2>&1 && return 0; sleep 0.2; done
   log "dockerd did not start; see $T/logs/dockerd.log"; tail -5 "$T/logs/dockerd.log" >&2; return 1
 }
 
 pull_docker() {
-  timeout "$PULL_TIMEOUT" docker_ pull "$1" >>"$T/logs/docker-pull.log" 2>&1 \
+  timeout "$PULL_TIMEOUT" "${DOCKER[@]}" pull "$1" >>"$T/logs/docker-pull.log" 2>&1 \
     || { tail -3 "$T/logs/docker-pull.log" >&2; return 1; }
-  docker_ image inspect -f '{{range .RepoDigests}}{{println .}}{{end}}' "$1" | head -1 | sed 's/.*@//'
+  "${DOCKER[@]}" image inspect -f '{{range .RepoDigests}}{{println .}}{{end}}' "$1" | head -1 | sed 's/.*@//'
 }
 
 reset_docker() {
-  docker_ rmi -f "$1" >/dev/null 2>&1 || true
-  [ -z "$(docker_ images -q)" ] || { log "dockerd still holds images after reset"; return 1; }
+  "${DOCKER[@]}" rmi -f "$1" >/dev/null 2>&1 || true
+  [ -z "$("${DOCKER[@]}" images -q)" ] || { log "dockerd still holds images after reset"; return 1; }
 }
 
 # run_docker IMAGE: runs the image's command (busybox echo) with no network.
-run_docker() { timeout 120 docker_ run --rm --network none "$1" 2>&1; }
+run_docker() { timeout 120 "${DOCKER[@]}" run --rm --network none "$1" 2>&1; }
 
 # --- podman 4.3 -------------------------------------------------------------------------
-podman_() {
-  local d=$T/podman
-  CONTAINERS_REGISTRIES_CONF=$d/registries.conf CONTAINERS_STORAGE_CONF=$d/storage.conf \
-    podman --root "$d/root" --runroot "$d/run" --tmpdir "$d/tmp" --storage-driver vfs \
-    --events-backend none --cgroup-manager cgroupfs "$@"
-}
-
 setup_podman() {
   local d=$T/podman
   mkdir -p "$d"
+  PODMAN=(env "CONTAINERS_REGISTRIES_CONF=$d/registries.conf" "CONTAINERS_STORAGE_CONF=$d/storage.conf"
+    podman --root "$d/root" --runroot "$d/run" --tmpdir "$d/tmp" --storage-driver vfs
+    --events-backend none --cgroup-manager cgroupfs)
   render registries.conf >"$d/registries.conf"
   printf '[storage]\ndriver = "vfs"\ngraphroot = "%s"\nrunroot = "%s"\n' "$d/root" "$d/run" >"$d/storage.conf"
 }
 
 pull_podman() {
   local ref=docker.io/library/$1
-  timeout "$PULL_TIMEOUT" podman_ pull -q "$ref" >>"$T/logs/podman-pull.log" 2>&1 \
+  timeout "$PULL_TIMEOUT" "${PODMAN[@]}" pull -q "$ref" >>"$T/logs/podman-pull.log" 2>&1 \
     || { tail -3 "$T/logs/podman-pull.log" >&2; return 1; }
-  podman_ image inspect --format '{{.Digest}}' "$ref"
+  "${PODMAN[@]}" image inspect --format '{{.Digest}}' "$ref"
 }
 
 reset_podman() {
-  podman_ rmi -f "docker.io/library/$1" >/dev/null 2>&1 || true
-  [ -z "$(podman_ images -q)" ] || { log "podman still holds images after reset"; return 1; }
+  "${PODMAN[@]}" rmi -f "docker.io/library/$1" >/dev/null 2>&1 || true
+  [ -z "$("${PODMAN[@]}" images -q)" ] || { log "podman still holds images after reset"; return 1; }
 }
 
 # --- skopeo 1.9: talks to the mirror by address; --all keeps the index as pulled --------
-skopeo_() {
-  skopeo --registries-conf "$T/skopeo/registries.conf" --policy "$T/skopeo/policy.json" "$@"
-}
-
 setup_skopeo() {
   mkdir -p "$T/skopeo"
+  SKOPEO=(skopeo --registries-conf "$T/skopeo/registries.conf" --policy "$T/skopeo/policy.json")
   : >"$T/skopeo/registries.conf"
   echo '{"default": [{"type": "insecureAcceptAnything"}]}' >"$T/skopeo/policy.json"
 }
@@ -130,7 +137,7 @@ setup_skopeo() {
 pull_skopeo() {
   local out=${2:-$T/skopeo/out-${1//[:\/]/-}}
   rm -rf "$out"
-  timeout "$PULL_TIMEOUT" skopeo_ copy -q --all --src-tls-verify=false \
+  timeout "$PULL_TIMEOUT" "${SKOPEO[@]}" copy -q --all --src-tls-verify=false \
     "docker://$MIRROR/library/$1" "dir:$out" >>"$T/logs/skopeo-pull.log" 2>&1 \
     || { tail -3 "$T/logs/skopeo-pull.log" >&2; return 1; }
   echo "sha256:$(sha256sum <"$out/manifest.json" | cut -d' ' -f1)"

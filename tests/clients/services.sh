@@ -14,12 +14,20 @@ spawn() {
   PID[$name]=$!
 }
 
-# stop NAME: TERM, then KILL after 20 s (dockerd can take a while to drain).
+# term_tree PID: SIGTERM to PID's descendants (deepest first), then PID. A background
+# subshell's `timeout client ...` would outlive a TERM sent to the subshell alone.
+term_tree() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do term_tree "$child"; done
+  kill -TERM "$1" 2>/dev/null || true
+}
+
+# stop NAME: TERM (to its process tree), then KILL after 20 s (dockerd can take a while).
 stop() {
   local name=$1 pid=${PID[$1]:-}
   [ -n "$pid" ] || return 0
   if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
+    term_tree "$pid"
     for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && { log "$name ($pid) ignored TERM; killing"; kill -KILL "$pid" 2>/dev/null || true; }
   fi
@@ -31,10 +39,13 @@ stop() {
 # trap, so it must not fail half-way.
 stop_all() {
   local name
-  for name in dockerd containerd; do stop "$name"; done
+  for name in dockerd docker-containerd containerd; do stop "$name"; done
   for name in "${!PID[@]}"; do stop "$name"; done
   # A container run leaves mounts (shm, rootfs) under the data root; rm -rf needs them gone.
-  grep -o " $T/[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  local m
+  for m in $(awk -v t="$T/" 'index($2, t) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
 }
 
 # wait_http NAME URL: until URL answers at all (any HTTP status), or NAME dies / 30 s pass.
@@ -126,7 +137,8 @@ EOF
   wait_http "$name" "http://$MIRROR/v2/"
 }
 
-stop_mirror() { stop "$MIRROR_NAME"; }
+# stop_mirror: stops the current mirror and drops its cache (its log stays in logs/).
+stop_mirror() { stop "$MIRROR_NAME"; rm -rf "${T:?}/$MIRROR_NAME"; }
 
 # mirror_metric NAME [LABEL=VALUE ...]: a counter summed over the other labels.
 mirror_metric() { python3 "$HERE/util.py" metric "http://$MIRROR/metrics" "$@"; }

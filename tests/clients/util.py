@@ -14,7 +14,7 @@ import re
 import socket
 import sys
 import urllib.request
-from collections import Counter, defaultdict, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
 
 
 def free_ports(n):
@@ -79,45 +79,45 @@ def registry_blob_gets(log_path):
 
 
 def table(results_path):
-    """The full list of checks, then a client x check matrix. Returns the exit status."""
-    rows = [line.rstrip("\n").split("\t") for line in open(results_path) if line.strip()]
-    rows = [(r + [""] * 5)[:5] for r in rows]  # client, image, check, result, detail
-    widths = [max(len(r[i]) for r in rows + [["CLIENT", "IMAGE", "CHECK", "RESULT"]]) for i in range(4)]
+    """Every check, then a check x client matrix with a verdict per client; 1 if any failed."""
+    rows = [(line.rstrip("\n").split("\t") + [""] * 5)[:5] for line in open(results_path) if line.strip()]
+    heads = ["CLIENT", "IMAGE", "CHECK", "RESULT", "DETAIL"]
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(["CLIENT", "IMAGE", "CHECK", "RESULT"], widths)) + "  DETAIL")
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    print_columns([heads] + rows)
 
-    matrix = defaultdict(lambda: defaultdict(Counter))
-    checks = list(OrderedDict.fromkeys(r[2] for r in rows))
+    counts = defaultdict(Counter)  # (check, client) -> results
     for client, _, check, result, _ in rows:
-        matrix[client][check][result] += 1
-    cell = {}
-    for client in matrix:
-        for check in checks:
-            c = matrix[client][check]
-            n = sum(c.values())
-            if n == 0:
-                cell[client, check] = "-"
-            elif c["FAIL"]:
-                cell[client, check] = f"FAIL {c['FAIL']}/{n}"
-            elif c["PASS"]:
-                cell[client, check] = f"PASS {c['PASS']}/{n}" + (f" +{c['SKIP']} skip" if c["SKIP"] else "")
-            else:
-                cell[client, check] = "SKIP"
-    clients = list(matrix)
-    first = max(len(c) for c in clients + ["CLIENT"])
-    col = {k: max(len(k), *(len(cell[c, k]) for c in clients)) for k in checks}
+        counts[check, client][result] += 1
+    checks = list(OrderedDict.fromkeys(r[2] for r in rows))
+    clients = list(OrderedDict.fromkeys(r[0] for r in rows))
+    matrix = [["CHECK"] + clients]
+    for check in checks:
+        matrix.append([check] + [summary(counts[check, client]) for client in clients])
+    failed = [c for c in clients if any(counts[k, c]["FAIL"] for k in checks)]
+    matrix.append(["VERDICT"] + ["FAIL" if c in failed else "PASS" for c in clients])
     print()
-    print("CLIENT".ljust(first) + "  " + "  ".join(k.ljust(col[k]) for k in checks) + "  VERDICT")
-    failed = False
-    for client in clients:
-        bad = any(matrix[client][k]["FAIL"] for k in checks)
-        failed |= bad
-        verdict = "FAIL" if bad else "PASS"
-        print(client.ljust(first) + "  " + "  ".join(cell[client, k].ljust(col[k]) for k in checks) + "  " + verdict)
+    print_columns(matrix)
     print()
     return 1 if failed else 0
+
+
+def summary(results):
+    """One matrix cell: '5/5' passed, 'FAIL 1/5', 'skip', or '-' when not applicable."""
+    n = sum(results.values())
+    if n == 0:
+        return "-"
+    if results["FAIL"]:
+        return f"FAIL {results['FAIL']}/{n}"
+    if results["PASS"]:
+        return f"{results['PASS']}/{n}" + (f" +{results['SKIP']} skip" if results["SKIP"] else "")
+    return "skip"
+
+
+def print_columns(rows):
+    """Left-aligned columns; the last column is not padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
 def main(argv):

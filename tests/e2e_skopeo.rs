@@ -1,0 +1,490 @@
+//! End to end with real software: the CNCF distribution registry (Debian `docker-registry`)
+//! as the upstream on loopback, seeded with a multi-arch image this test builds itself, and
+//! `skopeo copy --all` pulling it through pullthrough, twice. The second pull must cost no
+//! upstream blob request, by pullthrough's own metrics and by the registry's access log.
+//!
+//! Needs `docker-registry` and `skopeo` on PATH (.ci/run installs both). Without them the
+//! test passes and says on stderr what it skipped and why.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use tokio::process::{Child, Command};
+
+const REPO: &str = "library/e2e-multi";
+const TAG: &str = "v1";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pulls_multi_arch_through_the_mirror_then_from_cache() {
+    let Some(registry_bin) = find_or_skip("docker-registry", "docker-registry") else {
+        return;
+    };
+    if find_or_skip("skopeo", "skopeo").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let skopeo = Skopeo::new(work);
+
+    let registry = Registry::start(&registry_bin, work).await;
+    let image = write_multi_arch_layout(&work.join("layout"));
+    let upstream_ref = format!("docker://{}/{REPO}:{TAG}", registry.addr);
+    skopeo
+        .copy(
+            &["--dest-tls-verify=false"],
+            &format!("oci:{}:{TAG}", work.join("layout").display()),
+            &upstream_ref,
+        )
+        .await;
+    assert_eq!(
+        registry.manifest_digest().await,
+        image.index_digest,
+        "the registry serves the index bytes the test wrote"
+    );
+
+    let mirror = Mirror::start(&registry, &work.join("cache")).await;
+    let mirror_ref = format!("docker://{}/{REPO}:{TAG}", mirror.addr);
+
+    // Cold: every blob comes from the upstream, exactly once.
+    let first = work.join("pull-1");
+    skopeo
+        .copy(
+            &["--src-tls-verify=false"],
+            &mirror_ref,
+            &format!("dir:{}", first.display()),
+        )
+        .await;
+    assert_eq!(
+        sha256_file(&first.join("manifest.json")),
+        image.index_digest,
+        "cold pull: index digest"
+    );
+    let blobs = image.blobs.len();
+    assert_eq!(
+        registry.blob_gets_settled(blobs).await,
+        blobs,
+        "cold pull: one upstream GET per blob"
+    );
+    assert_eq!(
+        mirror.upstream_blob_gets().await,
+        blobs as u64,
+        "cold pull: mirror's metric"
+    );
+
+    // Warm, with a fresh destination: nothing but (at most) manifest checks upstream.
+    let second = work.join("pull-2");
+    skopeo
+        .copy(
+            &["--src-tls-verify=false"],
+            &mirror_ref,
+            &format!("dir:{}", second.display()),
+        )
+        .await;
+    assert_eq!(
+        sha256_file(&second.join("manifest.json")),
+        image.index_digest,
+        "warm pull: index digest"
+    );
+    for blob in &image.blobs {
+        let hex = blob.trim_start_matches("sha256:");
+        assert_eq!(
+            &sha256_file(&second.join(hex)),
+            blob,
+            "warm pull: blob {blob} intact"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // let a stray access log line land
+    assert_eq!(
+        registry.blob_gets(),
+        blobs,
+        "warm pull: no upstream blob GET (registry log)"
+    );
+    assert_eq!(
+        mirror.upstream_blob_gets().await,
+        blobs as u64,
+        "warm pull: no upstream blob GET (metric)"
+    );
+
+    mirror.stop().await;
+    registry.stop().await;
+}
+
+/// The program's path, or `None` after telling stderr that the test is skipped without it.
+fn find_or_skip(program: &str, debian_package: &str) -> Option<PathBuf> {
+    let found = find_on_path(program);
+    if found.is_none() {
+        // Straight to the stderr handle: libtest swallows eprintln! from passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED e2e_skopeo: `{program}` not found on PATH (Debian package {debian_package}; \
+             .ci/run installs it)"
+        );
+    }
+    found
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn sha256_file(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    format!("sha256:{}", sha256_hex(&data))
+}
+
+/// A port that was free a moment ago (for the registry, which cannot take a listener).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---- the image: an OCI layout written by hand ------------------------------------------
+
+struct Image {
+    index_digest: String,
+    /// Configs and layers of both platforms: what a `--all` pull fetches with `/blobs/`.
+    blobs: BTreeSet<String>,
+}
+
+/// Writes an OCI layout at `root` whose tag `v1` is an index over linux/amd64 and
+/// linux/arm64, each with a config and two uncompressed tar layers of deterministic bytes.
+fn write_multi_arch_layout(root: &Path) -> Image {
+    std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
+    std::fs::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let put = |data: &[u8]| -> String {
+        let hex = sha256_hex(data);
+        std::fs::write(root.join("blobs/sha256").join(&hex), data).unwrap();
+        format!("sha256:{hex}")
+    };
+    let mut blobs = BTreeSet::new();
+    let mut platforms = Vec::new();
+    for (n, arch) in ["amd64", "arm64"].into_iter().enumerate() {
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for i in 0..2u64 {
+            let tar = tar_with_one_file(
+                &format!("data/{arch}-{i}.bin"),
+                &pseudo_random(300_000, n as u64 * 10 + i),
+            );
+            let digest = put(&tar);
+            diff_ids.push(digest.clone()); // uncompressed: the diff_id is the digest
+            layers.push(json!({"mediaType": OCI_LAYER_TAR, "digest": digest, "size": tar.len()}));
+            blobs.insert(digest);
+        }
+        let config = serde_json::to_vec(&json!({
+            "architecture": arch, "os": "linux", "created": "2024-01-01T00:00:00Z",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap();
+        let config_digest = put(&config);
+        blobs.insert(config_digest.clone());
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
+            "layers": layers,
+        }))
+        .unwrap();
+        platforms.push(json!({
+            "mediaType": OCI_MANIFEST, "digest": put(&manifest), "size": manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        }));
+    }
+    let index = serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": platforms}),
+    )
+    .unwrap();
+    let index_digest = put(&index);
+    let top = json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": OCI_INDEX, "digest": index_digest, "size": index.len(),
+        "annotations": {"org.opencontainers.image.ref.name": TAG},
+    }]});
+    std::fs::write(root.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    Image {
+        index_digest,
+        blobs,
+    }
+}
+
+/// Deterministic filler (xorshift64*): different per seed, identical run to run.
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A POSIX ustar archive holding one regular file: header, data padded to 512 bytes, and
+/// the two zero blocks that end an archive. Owner root, mtime 0.
+fn tar_with_one_file(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; 512];
+    let mut field =
+        |offset: usize, value: &[u8]| header[offset..offset + value.len()].copy_from_slice(value);
+    field(0, name.as_bytes());
+    field(100, b"0000644\0");
+    field(108, b"0000000\0");
+    field(116, b"0000000\0");
+    field(124, format!("{:011o}\0", data.len()).as_bytes());
+    field(136, b"00000000000\0");
+    field(148, b"        "); // the checksum counts its own field as spaces
+    field(156, b"0");
+    field(257, b"ustar\0");
+    field(263, b"00");
+    field(265, b"root");
+    field(297, b"root");
+    let checksum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{checksum:06o}\0 ").as_bytes());
+    let mut tar = header.to_vec();
+    tar.extend_from_slice(data);
+    tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
+    tar
+}
+
+// ---- skopeo ----------------------------------------------------------------------------
+
+/// skopeo with its own (empty) registries.conf and an accept-anything policy, so the host's
+/// /etc/containers files do not matter.
+struct Skopeo {
+    registries_conf: PathBuf,
+    policy: PathBuf,
+}
+
+impl Skopeo {
+    fn new(work: &Path) -> Skopeo {
+        let skopeo = Skopeo {
+            registries_conf: work.join("registries.conf"),
+            policy: work.join("policy.json"),
+        };
+        std::fs::write(&skopeo.registries_conf, "").unwrap();
+        std::fs::write(
+            &skopeo.policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .unwrap();
+        skopeo
+    }
+
+    async fn copy(&self, tls: &[&str], from: &str, to: &str) {
+        let mut cmd = Command::new("skopeo");
+        cmd.arg("--registries-conf")
+            .arg(&self.registries_conf)
+            .arg("--policy")
+            .arg(&self.policy)
+            // --preserve-digests: skopeo would otherwise gzip the uncompressed layers on
+            // the way to a registry, changing every digest the test knows.
+            .args(["copy", "-q", "--all", "--preserve-digests"])
+            .args(tls)
+            .args([from, to])
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(STEP_TIMEOUT, cmd.output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("skopeo copy {from} {to}: no result within {STEP_TIMEOUT:?}")
+            })
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy {from} {to} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+// ---- the upstream: docker-registry -----------------------------------------------------
+
+struct Registry {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Registry {
+    /// Starts the registry on a free port; tries again on another port if it cannot listen.
+    async fn start(bin: &Path, work: &Path) -> Registry {
+        let log = work.join("registry.log");
+        for _attempt in 0..3 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let config = work.join("registry.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog: {{level: info, formatter: text}}\n\
+                     storage: {{filesystem: {{rootdirectory: {}}}}}\n\
+                     http: {{addr: {addr}, secret: e2e-test}}\n",
+                    work.join("registry-data").display()
+                ),
+            )
+            .unwrap();
+            let out = std::fs::File::create(&log).unwrap();
+            let child = Command::new(bin)
+                .arg("serve")
+                .arg(&config)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start docker-registry");
+            let mut registry = Registry {
+                child,
+                addr,
+                log: log.clone(),
+                http: reqwest::Client::new(),
+            };
+            if registry.ready().await {
+                return registry;
+            }
+            registry.stop().await;
+        }
+        panic!(
+            "docker-registry did not start; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    async fn ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            if let Ok(r) = self
+                .http
+                .get(format!("http://{}/v2/", self.addr))
+                .send()
+                .await
+            {
+                return r.status().is_success();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// The digest the registry gives the tag, checked against the bytes it sends.
+    async fn manifest_digest(&self) -> String {
+        let r = self
+            .http
+            .get(format!("http://{}/v2/{REPO}/manifests/{TAG}", self.addr))
+            .header("accept", OCI_INDEX)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let header = r.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(&r.bytes().await.unwrap())),
+            header
+        );
+        header
+    }
+
+    /// Blob GETs in the registry's access log (one line per completed request).
+    fn blob_gets(&self) -> usize {
+        let needle = format!("\"GET /v2/{REPO}/blobs/sha256:");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&needle))
+            .count()
+    }
+
+    /// `blob_gets`, after giving the log up to 2 s to reach `expected`.
+    async fn blob_gets_settled(&self, expected: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.blob_gets() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.blob_gets()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+// ---- the mirror: pullthrough in-process --------------------------------------------------
+
+struct Mirror {
+    addr: String,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    http: reqwest::Client,
+}
+
+impl Mirror {
+    async fn start(upstream: &Registry, cache: &Path) -> Mirror {
+        let toml = format!(
+            "[storage]\ndir = {:?}\n[cache]\ntag_ttl = \"1s\"\n[upstreams.\"docker.io\"]\nurl = \"http://{}\"\n",
+            cache.display().to_string(),
+            upstream.addr
+        );
+        let config = pullthrough::Config::from_toml(&toml).expect("test config parses");
+        config.validate().expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(pullthrough::serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Mirror {
+            addr,
+            shutdown,
+            task,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// `pullthrough_upstream_requests_total{kind="blob_get"}`, summed over status classes.
+    async fn upstream_blob_gets(&self) -> u64 {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("pullthrough_upstream_requests_total{")
+                    && l.contains("kind=\"blob_get\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}

@@ -1,0 +1,343 @@
+//! What ops rely on: metrics, health, TLS, access control, graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::upstream::sha256;
+use common::{error_code, x_cache, FakeUpstream, TestMirror};
+use pullthrough::config::Secret;
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_move_as_pulls_happen() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[100_000, 50_000]);
+    let m = TestMirror::start(&up).await;
+    for _ in 0..2 {
+        m.get("/v2/library/app/manifests/v1")
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        for b in &blobs {
+            let path = format!("/v2/library/app/blobs/{b}");
+            m.get(&path).send().await.unwrap().bytes().await.unwrap();
+            common::wait_committed(&m, &path).await;
+        }
+    }
+    let t = m.metrics().await;
+    assert_eq!(
+        metric(&t, r#"pullthrough_cache_total{kind="blob",outcome="miss"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &t,
+            r#"pullthrough_cache_total{kind="manifest",outcome="miss"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &t,
+            r#"pullthrough_cache_total{kind="manifest",outcome="hit"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &t,
+            r#"pullthrough_upstream_requests_total{kind="blob_get",status="2xx"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &t,
+            r#"pullthrough_upstream_pulls_total{upstream="docker.io"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&t, r#"pullthrough_served_bytes_total{source="upstream"}"#),
+        150_000.0
+    );
+    assert_eq!(metric(&t, "pullthrough_upstream_bytes_total"), 150_000.0);
+    assert!(metric(&t, r#"pullthrough_served_bytes_total{source="cache"}"#) >= 150_000.0);
+    assert_eq!(metric(&t, "pullthrough_cache_entries"), 3.0);
+    assert!(metric(&t, "pullthrough_cache_size_bytes") > 150_000.0);
+    assert_eq!(
+        metric(&t, r#"pullthrough_upstream_up{upstream="docker.io"}"#),
+        1.0
+    );
+    assert_eq!(metric(&t, "pullthrough_inflight_downloads"), 0.0);
+    assert!(
+        metric(
+            &t,
+            r#"pullthrough_requests_total{kind="blob",method="GET",status="2xx"}"#
+        ) >= 4.0
+    );
+    assert!(t.contains("pullthrough_miss_first_byte_seconds_bucket"));
+    assert!(t.contains("pullthrough_request_duration_seconds_bucket{le="));
+}
+
+#[tokio::test]
+async fn metrics_can_move_to_their_own_listener() {
+    let up = FakeUpstream::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let m = TestMirror::start_with(&up, |c| {
+        c.metrics.listen = Some(([127, 0, 0, 1], port).into())
+    })
+    .await;
+    assert_eq!(m.get("/v2/").send().await.unwrap().status(), 200);
+    assert_eq!(m.get("/metrics").send().await.unwrap().status(), 404);
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("pullthrough_requests_total"));
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/v2/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "the metrics listener serves no registry API"
+    );
+}
+
+#[tokio::test]
+async fn readyz_fails_when_storage_is_not_writable() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    assert_eq!(m.get("/readyz").send().await.unwrap().status(), 200);
+    assert_eq!(m.get("/healthz").send().await.unwrap().status(), 200);
+    // Tests run as root, which ignores permission bits: replace the temp dir with a file.
+    let tmp = m.storage().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    assert_eq!(m.get("/readyz").send().await.unwrap().status(), 503);
+    assert_eq!(m.get("/healthz").send().await.unwrap().status(), 200);
+}
+
+fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let pem = cert.cert.pem();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, &pem).unwrap();
+    std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+    (c, k, pem)
+}
+
+#[tokio::test]
+async fn https_with_http2_by_alpn_and_curl() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[70_000]);
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, pem) = write_cert(certs.path());
+    let m = TestMirror::start_with(&up, |c| {
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    let port = m.url.rsplit(':').next().unwrap().to_owned();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], port.parse().unwrap()).into())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{port}");
+    let r = client
+        .get(format!("{base}/v2/library/app/blobs/{}", blobs[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blobs[0]);
+    let plain = m.get("/v2/").send().await;
+    assert!(
+        plain.is_err() || plain.unwrap().status() != 200,
+        "plain HTTP must not be served"
+    );
+
+    drop(m);
+
+    // The same with curl against the binary, configured through a file.
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED curl part of https_with_http2_by_alpn_and_curl: curl not installed");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = certs.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+             [storage]\ndir = {:?}\n[upstreams.\"docker.io\"]\nurl = \"{}\"\n",
+            certs.path().join("data"),
+            up.url
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let curl = |http: &'static str| {
+        // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
+        tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", http, "--cacert"])
+            .arg(&cert)
+            .args([
+                "--resolve",
+                &format!("localhost:{port}:127.0.0.1"),
+                "-w",
+                " %{http_version}",
+                &format!("https://localhost:{port}/v2/"),
+            ])
+            .output()
+    };
+    let mut out = curl("--http1.1").await.unwrap();
+    for _ in 0..50 {
+        if out.status.success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = curl("--http1.1").await.unwrap();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "{} 1.1");
+    let out = curl("--http2").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "{} 2");
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn cidr_allow_list_denies_other_addresses() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start_with(&up, |c| {
+        c.server.allow = vec!["10.0.0.0/8".parse().unwrap()]
+    })
+    .await;
+    let r = m.get("/v2/").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "DENIED");
+    assert_eq!(m.get("/healthz").send().await.unwrap().status(), 200);
+
+    let m = TestMirror::start_with(&up, |c| {
+        c.server.allow = vec!["127.0.0.1/32".parse().unwrap()]
+    })
+    .await;
+    assert_eq!(m.get("/v2/").send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn basic_auth_from_htpasswd_and_static_tokens() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(&htpasswd, format!("ci:{hash}\n")).unwrap();
+    let m = TestMirror::start_with(&up, |c| {
+        c.server.htpasswd = Some(htpasswd.clone());
+        c.server.tokens = vec![Secret::new("tok-123")];
+    })
+    .await;
+    let r = m.get("/v2/").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Basic realm=\"pullthrough\""
+    );
+    assert_eq!(error_code(r).await, "UNAUTHORIZED");
+    let r = m
+        .get("/v2/")
+        .basic_auth("ci", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for _ in 0..2 {
+        let r = m
+            .get("/v2/")
+            .basic_auth("ci", Some("s3cret"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = m
+        .get("/v2/")
+        .basic_auth("anyone", Some("tok-123"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = m.get("/v2/").bearer_auth("tok-123").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(m.get("/healthz").send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_an_in_flight_blob() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[2 * 1024 * 1024]);
+    up.behave(|b| b.hold_blob_after = Some(512 * 1024));
+    let m = TestMirror::start(&up).await;
+    let r = m
+        .get(&format!("/v2/library/app/blobs/{}", blobs[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(x_cache(&r), "MISS");
+    let reader = tokio::spawn(async move { r.bytes().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let url = m.url.clone();
+    let stopping = tokio::spawn(m.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        reqwest::get(format!("{url}/v2/")).await.is_err(),
+        "still accepting after shutdown"
+    );
+    up.state.release.notify_one();
+    let body = reader.await.unwrap().unwrap();
+    assert_eq!(sha256(&body), blobs[0]);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
