@@ -123,6 +123,11 @@ impl Store {
         if !self.index.is_dirty() {
             return Ok(());
         }
+        self.write_index()
+    }
+
+    /// Writes the index unconditionally. Blocking.
+    pub fn write_index(&self) -> io::Result<()> {
         let mut text = String::new();
         for entry in self.index.snapshot() {
             text.push_str(&entry.to_line());
