@@ -147,6 +147,26 @@ pub enum Object {
 }
 
 impl ApiError {
+    pub fn from_mirror(e: crate::mirror::Error, object: Object) -> ApiError {
+        use crate::mirror::Error as M;
+        match e {
+            M::Upstream(u) => ApiError::from_upstream(&u, object),
+            M::Storage(detail) => {
+                tracing::error!(%detail, "cache storage error");
+                ApiError::internal()
+            }
+            M::NotCacheable(mt) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                Code::ManifestUnknown,
+                format!("manifest media type {mt} is not supported by this mirror"),
+            ),
+            M::Abandoned(_) => {
+                tracing::error!("a shared upstream request was abandoned (task panicked)");
+                ApiError::internal()
+            }
+        }
+    }
+
     pub fn from_upstream(e: &upstream::Error, object: Object) -> ApiError {
         use upstream::Error as U;
         match e {

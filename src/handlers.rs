@@ -157,22 +157,6 @@ fn status(mirror: &Mirror) -> Response<Body> {
     resp
 }
 
-fn from_mirror(e: mirror::Error, object: Object) -> ApiError {
-    match e {
-        mirror::Error::Upstream(u) => ApiError::from_upstream(&u, object),
-        mirror::Error::Storage(detail) => {
-            tracing::error!(%detail, "cache storage error");
-            ApiError::internal()
-        }
-        mirror::Error::NotCacheable(mt) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            crate::error::Code::ManifestUnknown,
-            format!("manifest media type {mt} is not supported by this mirror"),
-        ),
-        mirror::Error::Abandoned(_) => ApiError::internal(),
-    }
-}
-
 fn with_cache_status(mut resp: Response<Body>, status: CacheStatus) -> Response<Body> {
     resp.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static(status.as_str()));
@@ -214,7 +198,7 @@ async fn manifest(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    let err = |e| from_mirror(e, Object::Manifest);
+    let err = |e| ApiError::from_mirror(e, Object::Manifest);
     let (digest, tag_status) = match reference {
         Reference::Digest(d) if !d.is_sha256() => {
             return passthrough_manifest(mirror, up, repo, reference, head, &accept).await;

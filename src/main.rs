@@ -21,7 +21,9 @@ fn main() -> ExitCode {
     if let Some(command) = &cli.command {
         return admin(command, &config.storage.dir);
     }
-    init_tracing(config.log.format);
+    // Log lines go through a background writer thread: a request never waits on stderr.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
+    init_tracing(config.log.format, writer);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -81,12 +83,12 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, writer: tracing_appender::non_blocking::NonBlocking) {
     let filter =
         EnvFilter::try_from_env("PULLTHROUGH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
