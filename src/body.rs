@@ -16,9 +16,13 @@ use tokio::sync::watch;
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Read size for file-backed bodies: large enough to keep syscalls and wakeups rare, small
-/// enough that hundreds of slow readers stay within a few tens of MiB.
-const CHUNK: usize = 128 * 1024;
+/// Read sizes for file-backed bodies. Every response starts with small reads, so hundreds of
+/// slow readers (each holding about one chunk) stay within a few tens of MiB; a reader that
+/// takes each chunk quickly gets larger ones, so fast transfers cost few syscalls and task hops.
+const MIN_CHUNK: usize = 64 * 1024;
+const MAX_CHUNK: usize = 1024 * 1024;
+/// A chunk asked for again within this time was consumed by a fast reader.
+const FAST_READER: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -62,12 +66,16 @@ pub fn file_range(
         pos: u64,
         end: u64,
         progress: Option<watch::Receiver<Progress>>,
+        chunk: usize,
+        last: Option<std::time::Instant>,
     }
     let state = State {
         file,
         pos: start,
         end,
         progress,
+        chunk: MIN_CHUNK,
+        last: None,
     };
     from_stream(stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
@@ -92,13 +100,19 @@ pub fn file_range(
             };
             limit = limit.min(available);
         }
-        let len = (limit - st.pos).min(CHUNK as u64) as usize;
+        st.chunk = match st.last {
+            Some(t) if t.elapsed() < FAST_READER => (st.chunk * 2).min(MAX_CHUNK),
+            Some(_) => MIN_CHUNK,
+            None => st.chunk,
+        };
+        let len = (limit - st.pos).min(st.chunk as u64) as usize;
         let file = st.file.clone();
         let pos = st.pos;
         let chunk = tokio::task::spawn_blocking(move || read_at(&file, pos, len))
             .await
             .map_err(io::Error::other)??;
         st.pos += chunk.len() as u64;
+        st.last = Some(std::time::Instant::now());
         if st.pos >= st.end {
             // The last chunk waits for the writer's verdict on the whole file, so a client
             // never completes a response whose blob turns out not to match its digest.
