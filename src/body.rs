@@ -16,13 +16,10 @@ use tokio::sync::watch;
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Read sizes for file-backed bodies. Every response starts with small reads, so hundreds of
-/// slow readers (each holding about one chunk) stay within a few tens of MiB; a reader that
-/// takes each chunk quickly gets larger ones, so fast transfers cost few syscalls and task hops.
-const MIN_CHUNK: usize = 64 * 1024;
-const MAX_CHUNK: usize = 1024 * 1024;
-/// A chunk asked for again within this time was consumed by a fast reader.
-const FAST_READER: std::time::Duration = std::time::Duration::from_millis(2);
+/// Read size for file-backed bodies. With hyper's write buffer capped (see `server`), a slow
+/// reader holds about one chunk plus that buffer, so 256 slow readers stay within tens of MiB;
+/// a reader's speed cannot be told from how fast hyper asks, since hyper buffers ahead.
+const CHUNK: usize = 128 * 1024;
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -66,16 +63,17 @@ pub fn file_range(
         pos: u64,
         end: u64,
         progress: Option<watch::Receiver<Progress>>,
-        chunk: usize,
-        last: Option<std::time::Instant>,
+        /// Whether `file`'s own offset is already at `pos` (bodies that own their file).
+        sequential: bool,
     }
     let state = State {
         file,
         pos: start,
         end,
         progress,
-        chunk: MIN_CHUNK,
-        last: None,
+        // A committed file opened for this response alone is read sequentially (no zeroed
+        // buffers); a download's temp file is shared by its readers, so they use pread.
+        sequential: false,
     };
     from_stream(stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
@@ -100,19 +98,19 @@ pub fn file_range(
             };
             limit = limit.min(available);
         }
-        st.chunk = match st.last {
-            Some(t) if t.elapsed() < FAST_READER => (st.chunk * 2).min(MAX_CHUNK),
-            Some(_) => MIN_CHUNK,
-            None => st.chunk,
-        };
-        let len = (limit - st.pos).min(st.chunk as u64) as usize;
+        let len = (limit - st.pos).min(CHUNK as u64) as usize;
         let file = st.file.clone();
         let pos = st.pos;
-        let chunk = tokio::task::spawn_blocking(move || read_at(&file, pos, len))
-            .await
-            .map_err(io::Error::other)??;
+        let seek = !st.sequential;
+        let chunk = if st.progress.is_none() {
+            st.sequential = true;
+            tokio::task::spawn_blocking(move || read_next(&file, seek.then_some(pos), len))
+        } else {
+            tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+        }
+        .await
+        .map_err(io::Error::other)??;
         st.pos += chunk.len() as u64;
-        st.last = Some(std::time::Instant::now());
         if st.pos >= st.end {
             // The last chunk waits for the writer's verdict on the whole file, so a client
             // never completes a response whose blob turns out not to match its digest.
@@ -132,6 +130,25 @@ pub fn file_range(
         }
         Ok(Some((chunk, st)))
     }))
+}
+
+/// Reads `len` bytes at the file's own offset (after seeking to `seek`), into uninitialised
+/// capacity: no zeroing of a buffer that is overwritten anyway.
+fn read_next(file: &File, seek: Option<u64>, len: usize) -> io::Result<Bytes> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut reader = file;
+    if let Some(pos) = seek {
+        reader.seek(SeekFrom::Start(pos))?;
+    }
+    let mut buf = Vec::with_capacity(len);
+    reader.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "cached file is shorter than expected",
+        ));
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn read_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {

@@ -68,6 +68,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        // hyper asks a body for more while its write buffer is below this; the default
+        // (~400 KiB) would let every slow reader pin that much memory.
+        .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();

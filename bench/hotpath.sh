@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Hot-path benchmark: what a warm cache costs per request. The same load, driven by wrk, against
+# pullthrough (cache warmed from a plain docker-registry upstream), nginx serving the same blob
+# and manifest files as static files with sendfile at the same /v2/... paths, and registry:2
+# proxy mode (docker-registry with proxy.remoteurl) warmed with the same content.
+#
+#   bench/hotpath.sh [--quick] [--duration 5] [--systems "pullthrough nginx registry"]
+#
+# Rows: cached 64 MiB blob at 1 and 16 connections (MB/s); cached 1 MiB blob at 64 connections
+# (req/s, p99); manifest by tag within the tag TTL and by digest at 64 connections (req/s, p99);
+# manifest by digest with "Connection: close" (req/s, a new connection per request as dockerd
+# and podman do); the server's peak RSS (VmHWM) over those rows; and its peak RSS while 256
+# clients read a 256 MiB blob at 64 KiB/s each (tools/slowreaders.py) on a freshly started
+# process. Every row runs --duration seconds after a 1 s warm-up; wrk shares the CPUs with
+# the server, so each row also reports the server's own CPU time per GB or per request
+# (from /proc/PID/stat), which other load on the machine barely moves.
+# --quick: 2 s rows, 8 s of slow readers.
+# Env: PULLTHROUGH_BIN (skip cargo build), BENCH_KEEP=1 (keep the temp dir with all logs).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+DURATION=5
+SLOW_SECONDS=20
+SLOW_CLIENTS=256
+SYSTEMS="pullthrough nginx registry"
+REPO=library/bench
+ACCEPT="Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --quick) DURATION=2; SLOW_SECONDS=8 ;;
+      --duration) DURATION=$2; shift ;;
+      --systems) SYSTEMS=$2; shift ;;
+      -h|--help) usage 0 ;;
+      *) log "unknown argument $1"; usage 2 >&2 ;;
+    esac
+    shift
+  done
+}
+
+available() {
+  case $1 in
+    pullthrough) return 0 ;;
+    nginx) have nginx ;;
+    registry) have "${REGISTRY_BIN:-docker-registry}" ;;
+    *) die "unknown system $1" ;;
+  esac
+}
+
+# The image as static files at the registry paths, for nginx.
+static_root() {
+  local root=$1 name
+  mkdir -p "$root/v2/$REPO/blobs" "$root/v2/$REPO/manifests"
+  for name in small mid big; do
+    ln -f "$(seed_get "blobs.$name.path")" "$root/v2/$REPO/blobs/$(seed_get "blobs.$name.digest")" 2>/dev/null ||
+      cp "$(seed_get "blobs.$name.path")" "$root/v2/$REPO/blobs/$(seed_get "blobs.$name.digest")"
+  done
+  cp "$(seed_get manifest.path)" "$root/v2/$REPO/manifests/v1"
+  cp "$(seed_get manifest.path)" "$root/v2/$REPO/manifests/$(seed_get manifest.digest)"
+}
+
+nginx_static_conf() { # ROOT
+  cat <<CONF
+    root $1;
+    types { }
+    default_type application/octet-stream;
+    location /v2/$REPO/manifests/ { default_type $(seed_get manifest.media_type); }
+CONF
+}
+
+start_system() { # SYSTEM PORT; server pid in LAST_PID; the cache dirs survive restarts
+  case $1 in
+    pullthrough) start_pullthrough "$RUN/pullthrough" "$2" "http://127.0.0.1:$UP_PORT" --tag-ttl 1h ;;
+    nginx) [ -d "$RUN/www" ] || static_root "$RUN/www"
+           start_nginx "$RUN/nginx" "$2" "$(nginx_static_conf "$RUN/www")" ;;
+    registry) start_registry "$RUN/registry" "$2" "http://127.0.0.1:$UP_PORT" ;;
+  esac
+}
+
+server_pids() { # SYSTEM PID: the processes whose memory counts
+  if [ "$1" = nginx ]; then nginx_pids "$2"; else echo "$2"; fi
+}
+
+# GETs everything once (verifying each blob's sha256), so the next GETs are cache hits.
+warm() {
+  local sys=$1 port=$2 name
+  for name in small mid big; do
+    run_child python3 "$TOOLS/fetch.py" "http://127.0.0.1:$port/v2/$REPO/blobs/$(seed_get "blobs.$name.digest")" \
+      --sha256 "$(seed_get "blobs.$name.digest" | cut -d: -f2)" >"$RES/$sys-warm-$name.json" ||
+      die "$sys: warming blob $name failed: $(head -c 300 "$RES/$sys-warm-$name.json")"
+  done
+  for name in v1 "$(seed_get manifest.digest)"; do
+    curl -sf -o /dev/null -H "$ACCEPT" "http://127.0.0.1:$port/v2/$REPO/manifests/$name" ||
+      die "$sys: manifest $name is not served"
+  done
+  [ "$sys" = registry ] && wait_registry_cache
+  return 0
+}
+
+# registry:2 proxy mode fills its cache in the background: wait for every blob file.
+wait_registry_cache() {
+  local name hex size f _
+  for name in small mid big; do
+    hex=$(seed_get "blobs.$name.digest" | cut -d: -f2)
+    size=$(seed_get "blobs.$name.size")
+    f=$RUN/registry/data/docker/registry/v2/blobs/sha256/${hex:0:2}/$hex/data
+    for _ in $(seq 600); do
+      [ -f "$f" ] && [ "$(stat -c %s "$f")" = "$size" ] && break
+      sleep 0.2
+    done
+    [ -f "$f" ] || die "registry:2 proxy did not cache blob $name within 120 s"
+  done
+}
+
+# wrk_row SYSTEM KEY CONNS PATH [wrk -H args]: 1 s warm-up, then DURATION s measured, with the
+# CPU time the server's processes used meanwhile.
+wrk_row() {
+  local sys=$1 key=$2 conns=$3 path=$4; shift 4
+  local threads=$(( conns < 2 ? conns : 2 )) url="http://127.0.0.1:$PORT$path"
+  run_child wrk -t "$threads" -c "$conns" -d 1s --timeout 30s "$@" "$url" >/dev/null 2>&1 || true
+  log "$sys: $key"
+  local cpu0 cpu1
+  cpu0=$(cpu_seconds "${SERVER_PIDS[@]}")
+  run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --timeout 30s --latency -s "$TOOLS/wrk-json.lua" \
+    "$@" "$url" >"$RES/$sys-$key.wrk.txt" 2>&1 || true
+  cpu1=$(cpu_seconds "${SERVER_PIDS[@]}")
+  sed -n 's/^WRKJSON //p' "$RES/$sys-$key.wrk.txt" |
+    sed "s/}\$/, \"server_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')}/" >"$RES/$sys-$key.json"
+  [ -s "$RES/$sys-$key.json" ] || log "warning: wrk gave no result for $sys $key (see $RES/$sys-$key.wrk.txt)"
+}
+
+rss_json() { # SYSTEM PID KEY [extra json]
+  local kib pids
+  read -ra pids <<<"$(server_pids "$1" "$2")"
+  kib=$(peak_rss_kib "${pids[@]}")
+  echo "{\"rss_kib\": $kib${4:+, $4}}" >"$RES/$1-$3.json"
+}
+
+bench_system() {
+  local sys=$1 pid slow
+  PORT=$(free_port)
+  log "$sys: starting and warming"
+  start_system "$sys" "$PORT"
+  pid=$LAST_PID
+  warm "$sys" "$PORT"
+  read -ra SERVER_PIDS <<<"$(server_pids "$sys" "$pid")"
+  wrk_row "$sys" blob64_c1 1 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
+  wrk_row "$sys" blob64_c16 16 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
+  wrk_row "$sys" blob1_c64 64 "/v2/$REPO/blobs/$(seed_get blobs.small.digest)"
+  wrk_row "$sys" tag_c64 64 "/v2/$REPO/manifests/v1" -H "$ACCEPT"
+  wrk_row "$sys" digest_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
+  wrk_row "$sys" close_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT" \
+    -H "Connection: close"
+  rss_json "$sys" "$pid" rss_run
+  stop_pid "$pid"
+
+  log "$sys: restarted; $SLOW_CLIENTS slow readers of the 256 MiB blob for $SLOW_SECONDS s"
+  start_system "$sys" "$PORT"
+  pid=$LAST_PID
+  run_child python3 "$TOOLS/slowreaders.py" "http://127.0.0.1:$PORT/v2/$REPO/blobs/$(seed_get blobs.big.digest)" \
+    -n "$SLOW_CLIENTS" --seconds "$SLOW_SECONDS" >"$RES/$sys-slow.json" || log "warning: $sys: $(cat "$RES/$sys-slow.json")"
+  slow=$(cat "$RES/$sys-slow.json")
+  rss_json "$sys" "$pid" rss_slow "\"readers\": $slow"
+  stop_pid "$pid"
+}
+
+main() {
+  parse_args "$@"
+  need_pkgs python3 curl wrk docker-registry nginx
+  have wrk || die "wrk is not installed"
+  have docker-registry || die "docker-registry (the upstream) is not installed"
+  setup_run
+  RES=$RUN/results
+  mkdir -p "$RES"
+  build_pullthrough
+  other_load start
+  seed_upstream "$RUN/upstream" "$(free_port)" small=1MiB mid=64MiB big=256MiB
+  echo "{\"duration\": $DURATION, \"slow_seconds\": $SLOW_SECONDS, \"systems\": \"$SYSTEMS\"}" >"$RES/run.json"
+  local sys
+  for sys in $SYSTEMS; do
+    if available "$sys"; then bench_system "$sys"; else log "$sys is not installed: skipped"; fi
+  done
+  other_load end "$RES/load.json"
+  python3 "$TOOLS/report.py" hotpath "$RES"
+}
+
+main "$@"

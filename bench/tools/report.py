@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Prints the result tables of bench/singleflight.sh and bench/hotpath.sh (stdlib only).
+
+    report.py singleflight RESULTS_DIR
+    report.py hotpath RESULTS_DIR
+
+Reads the JSON files the scripts leave in RESULTS_DIR and prints a plain-text table with the
+ratios against the references measured in the same run, then how each target fared.
+"""
+import glob, json, os, re, statistics, sys
+
+MiB = 1 << 20
+NAMES = {"pullthrough": "pullthrough", "nginx": "nginx proxy_cache_lock", "registry": "registry:2 proxy"}
+
+
+def load(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def table(header, rows, left=1):
+    """Columns right-aligned except the first `left` ones."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    out = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [fmt(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def metric(text, name, labels=""):
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text or "", re.M)
+    return float(m[1]) if m else None
+
+
+def other_load(res):
+    d = load(f"{res}/load.json")
+    if d and d["wall_s"]:
+        pct = 100 * d["other_cpu_s"] / (d["wall_s"] * d["cpus"])
+        warn = "  <- figures are unreliable" if pct > 10 else ""
+        print(f"other processes on this machine used {pct:.0f}% of its CPU time during the run{warn}")
+
+
+def verdict(ok):
+    return "MEETS" if ok else "MISSES"
+
+
+# ---------------------------------------------------------------- single-flight
+
+def upstream_counts(stats):
+    gets = blob_bytes = other = 0
+    for key, v in (stats or {}).get("paths", {}).items():
+        method, path = key.split(" ", 1)
+        if method == "GET" and "/blobs/" in path:
+            gets += v["requests"]
+            blob_bytes += v["bytes"]
+        else:
+            other += v["requests"]
+    return gets, blob_bytes, other
+
+
+def singleflight(res):
+    setup, run = load(f"{res}/setup.json"), load(f"{res}/run.json")
+    size, deadline = run["size"], run["deadline"]
+    ttfbs = [load(p)["summary"]["ttfb_median"] for p in sorted(glob.glob(f"{res}/upstream-ttfb-*.json"))]
+    ttfbs = [t for t in ttfbs if t is not None]
+    up_ttfb = statistics.median(ttfbs) if ttfbs else None
+    print(f"\nsingle-flight: {size / MiB:.0f} MiB blob, N cold clients at once, upstream capped at "
+          f"{setup['rate'] / MiB:.0f} MiB/s ({'auto' if setup['rate_mode'] == 'auto' else 'set'}); "
+          f"{os.cpu_count()} CPUs")
+    print(f"ceiling: {setup['ceiling_by']} to {setup['ceiling_clients']} hashing clients = "
+          f"{setup['ceiling'] / MiB:.0f} MiB/s in all; N x cap stays below it")
+    other_load(res)
+    if ttfbs:
+        print(f"upstream's own TTFB (direct, {len(ttfbs)} GETs): median {up_ttfb * 1000:.1f} ms, "
+              f"max {max(ttfbs) * 1000:.1f} ms")
+    header = ["system", "N", "ok", "upstream GETs", "other up. reqs", "up. bytes / blob",
+              "slowest client s", "vs 1 client", "TTFB med ms", "TTFB max ms"]
+    rows, ours, notes = [], {}, []
+    for sys_ in run["systems"].split():
+        base = None
+        for n in map(int, run["clients"].split()):
+            f = load(f"{res}/{sys_}-{n}.fetch.json")
+            if not f:
+                continue
+            s = f["summary"]
+            stats = load(f"{res}/{sys_}-{n}.upstream.json", {})
+            gets, blob_bytes, other = upstream_counts(stats)
+            cut = "deadline" in s["errors"] or stats.get("active", 0) > 0
+            ge = ">=" if cut else ""
+            wall = s["wall_max"]
+            if n == 1 and not cut:
+                base = wall
+            ratio = f"{ge}{wall / base:.2f}" if base else "-"
+            wall_s = f">{deadline}" if "deadline" in s["errors"] else f"{wall:.2f}"
+            ms = lambda v: f"{v * 1000:.1f}" if v is not None else "-"
+            rows.append([NAMES[sys_], n, f"{s['ok']}/{s['clients']}", gets, other,
+                         f"{ge}{blob_bytes / size:.2f}", wall_s, ratio, ms(s["ttfb_median"]), ms(s["ttfb_max"])])
+            other_errors = [e for e in s["errors"] if e != "deadline"]
+            if other_errors:
+                notes.append(f"{NAMES[sys_]} N={n}: client errors: {', '.join(other_errors)}")
+            if cut:
+                notes.append(f"{NAMES[sys_]} N={n}: stopped at the {deadline} s deadline; upstream counts "
+                             "are those at that moment (lower bounds)")
+            warm = load(f"{res}/pullthrough-warm.fetch.json") if sys_ == "pullthrough" else None
+            if warm and n == max(map(int, run["clients"].split())):
+                w = warm["summary"]
+                rows.append(["pullthrough, warm (hit)", n, f"{w['ok']}/{w['clients']}", "-", "-", "-",
+                             f"{w['wall_max']:.2f}", f"{w['wall_max'] / base:.2f}" if base else "-",
+                             ms(w["ttfb_median"]), ms(w["ttfb_max"])])
+            if sys_ == "pullthrough":
+                ours[n] = dict(s=s, gets=gets, bytes=blob_bytes, wall=wall, ratio=wall / base if base else None,
+                               metrics=open(f"{res}/{sys_}-{n}.metrics.txt").read()
+                               if os.path.exists(f"{res}/{sys_}-{n}.metrics.txt") else "")
+    print()
+    print(table(header, rows, left=1))
+    for note in notes:
+        print("note: " + note)
+    print("'warm (hit)': the same clients again once the blob is cached, i.e. the most this machine lets "
+          "pullthrough deliver; 'vs 1 client' compares it with the cold 1-client time")
+    if ours:
+        blob_gets = '{kind="blob_get",status="2xx"}'
+        print("\npullthrough's own /metrics per N (upstream blob GETs 2xx / upstream bytes / blob): " + ", ".join(
+            f"N={n}: {metric(o['metrics'], 'pullthrough_upstream_requests_total', blob_gets) or 0:.0f}"
+            f" / {(metric(o['metrics'], 'pullthrough_upstream_bytes_total') or 0) / size:.2f}"
+            for n, o in sorted(ours.items())))
+        print("targets (pullthrough):")
+        byte_ok = all(o["bytes"] == size and o["s"]["ok"] == o["s"]["clients"] for o in ours.values())
+        print(f"  upstream bytes = 1.00 x blob at every N: {verdict(byte_ok)} ("
+              + ", ".join(f"N={n}: {o['bytes'] / size:.2f}" for n, o in sorted(ours.items())) + ")")
+        nmax = max(ours)
+        r = ours[nmax]["ratio"]
+        if r is not None and nmax > 1:
+            print(f"  slowest client at N={nmax} <= 1.15 x the 1-client time: {verdict(r <= 1.15)} ({r:.2f})")
+        if up_ttfb is not None:
+            meds = {n: o["s"]["ttfb_median"] for n, o in ours.items() if o["s"]["ttfb_median"] is not None}
+            worst = max(meds.values()) - up_ttfb
+            print(f"  median TTFB within 50 ms of the upstream's: {verdict(worst <= 0.050)} "
+                  f"(worst +{worst * 1000:.1f} ms)")
+
+
+# ---------------------------------------------------------------- hot path
+
+ROWS = [  # key, label, unit
+    ("blob64_c1", "cached 64 MiB blob, 1 conn", "MB/s"),
+    ("blob64_c1", "  server CPU per GB", "cpu/GB"),
+    ("blob64_c16", "cached 64 MiB blob, 16 conns", "MB/s"),
+    ("blob64_c16", "  server CPU per GB", "cpu/GB"),
+    ("blob1_c64", "cached 1 MiB blob, 64 conns", "req/s"),
+    ("blob1_c64", "  p99 latency", "p99"),
+    ("blob1_c64", "  server CPU per request", "cpu/req"),
+    ("tag_c64", "manifest by tag (in TTL), 64 conns", "req/s"),
+    ("tag_c64", "  p99 latency", "p99"),
+    ("tag_c64", "  server CPU per request", "cpu/req"),
+    ("digest_c64", "manifest by digest, 64 conns", "req/s"),
+    ("digest_c64", "  p99 latency", "p99"),
+    ("digest_c64", "  server CPU per request", "cpu/req"),
+    ("close_c64", "Connection: close, manifest by digest, 64 c.", "req/s"),
+    ("close_c64", "  server CPU per request", "cpu/req"),
+    ("rss_run", "peak RSS during the wrk rows", "rss"),
+    ("rss_slow", "peak RSS, 256 slow readers of 256 MiB", "rss"),
+]
+HIGHER_IS_BETTER = {"MB/s": True, "req/s": True, "p99": False, "rss": False, "cpu/GB": False, "cpu/req": False}
+
+
+def value(res, system, key, unit):
+    d = load(f"{res}/{system}-{key}.json")
+    if d is None:
+        return None, None
+    if unit == "rss":
+        return d.get("rss_kib"), d
+    if unit == "MB/s":
+        return d["bytes"] / d["duration_s"] / 1e6, d
+    if unit == "req/s":
+        return d["requests"] / d["duration_s"], d
+    if unit == "cpu/GB":
+        return (d["server_cpu_s"] / (d["bytes"] / 1e9) if d.get("bytes") and "server_cpu_s" in d else None), d
+    if unit == "cpu/req":
+        return (d["server_cpu_s"] / d["requests"] * 1e6 if d.get("requests") and "server_cpu_s" in d else None), d
+    return d["p99_us"] / 1000, d
+
+
+def show(v, unit, d):
+    if v is None:
+        return "n/a"
+    bad = ""
+    if d and unit in ("MB/s", "req/s", "p99") and (d.get("errors") or d.get("non2xx")):
+        bad = "!"
+    if unit == "rss":
+        return f"{v / 1024:.1f} MiB"
+    if unit == "cpu/GB":
+        return f"{v:.2f} s"
+    if unit == "cpu/req":
+        return f"{v:.0f} us"
+    if unit == "p99":
+        return f"{v:.2f} ms{bad}"
+    return f"{v:,.0f}{bad}"
+
+
+def ratio(ours, other):
+    if ours is None or other is None or other == 0 or ours == 0:
+        return "-"
+    return f"{ours / other:.2f}"
+
+
+def hotpath(res):
+    run = load(f"{res}/run.json", {})
+    print(f"\nhot path: wrk {run.get('duration', '?')} s per row, {os.cpu_count()} CPUs shared by "
+          f"server and client; same bytes everywhere (nginx serves the blob and manifest files)")
+    other_load(res)
+    header = ["row", "ours", "nginx", "registry:2", "ours/nginx", "ours/registry:2"]
+    rows, errs, results = [], [], {}
+    for key, label, unit in ROWS:
+        vals = {s: value(res, s, key, unit) for s in ("pullthrough", "nginx", "registry")}
+        results[(key, unit)] = {s: v for s, (v, _) in vals.items()}
+        for s, (v, d) in vals.items():
+            if d and unit in ("MB/s", "req/s") and (d.get("errors") or d.get("non2xx")):
+                errs.append(f"{NAMES[s]} / {label.strip()}: {d.get('errors')} socket errors, "
+                            f"{d.get('non2xx')} non-2xx")
+            readers = (d or {}).get("readers") if key == "rss_slow" else None
+            if readers and (readers["status"].get("200") != readers["connections"] or readers["errors"]):
+                errs.append(f"{NAMES[s]} / slow readers: {readers['status']} of {readers['connections']}, "
+                            f"errors {readers['errors']}")
+        o, n, r = vals["pullthrough"][0], vals["nginx"][0], vals["registry"][0]
+        rows.append([label + (f" ({unit})" if unit in ("MB/s", "req/s") else ""),
+                     show(o, unit, vals["pullthrough"][1]), show(n, unit, vals["nginx"][1]),
+                     show(r, unit, vals["registry"][1]), ratio(o, n), ratio(o, r)])
+    print()
+    print(table(header, rows))
+    print("ratios are ours / theirs: above 1 is better for MB/s and req/s, below 1 is better for "
+          "p99, CPU and RSS; '!' marks a row with socket errors or non-2xx answers")
+    for e in sorted(set(errs)):
+        print("note: " + e)
+    print("targets (pullthrough):")
+    t = lambda k, u: results[(k, u)]
+    def cmp(k, u, other, factor):
+        o, x = t(k, u)["pullthrough"], t(k, u)[other]
+        if o is None or x is None:
+            return None
+        return o >= factor * x if HIGHER_IS_BETTER[u] else o * factor <= x
+    checks = [
+        ("blob throughput >= 1.0 x nginx", [cmp("blob64_c1", "MB/s", "nginx", 1), cmp("blob64_c16", "MB/s", "nginx", 1)]),
+        ("manifest req/s >= 1.0 x nginx", [cmp("tag_c64", "req/s", "nginx", 1), cmp("digest_c64", "req/s", "nginx", 1)]),
+        ("manifest p99 <= 2 ms at 64 conns", [None if t(k, "p99")["pullthrough"] is None else t(k, "p99")["pullthrough"] <= 2
+                                             for k in ("tag_c64", "digest_c64")]),
+        (">= 2 x registry:2 on every row", [cmp(k, u, "registry", 2) for k, _, u in ROWS
+                                            if u in ("MB/s", "req/s", "p99", "rss")]),
+        ("peak RSS < 64 MiB with 256 slow readers", [None if t("rss_slow", "rss")["pullthrough"] is None
+                                                     else t("rss_slow", "rss")["pullthrough"] < 64 * 1024]),
+    ]
+    for name, results_ in checks:
+        known = [x for x in results_ if x is not None]
+        if not known:
+            print(f"  {name}: not measured")
+            continue
+        print(f"  {name}: {verdict(all(known))} ({sum(known)}/{len(known)} rows)")
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath"):
+        sys.exit(__doc__)
+    {"singleflight": singleflight, "hotpath": hotpath}[sys.argv[1]](sys.argv[2])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Bandwidth-capped, counting HTTP/1.1 reverse proxy for loopback benchmarks (stdlib asyncio).
+
+    throttle.py --listen 127.0.0.1:PORT --upstream 127.0.0.1:UPORT [--rate 32MiB]
+
+Stands in front of an upstream registry to make it behave like a remote one: every response
+body byte, over all connections together, passes one shared token bucket of --rate bytes/s
+(0 = no cap), handed out in 64 KiB slots in arrival order, so concurrent transfers share the
+cap fairly. Keep-alive, Content-Length and chunked bodies are supported; request bodies need
+a Content-Length.
+
+Counts requests, statuses and body bytes per "METHOD path" and the transfers in progress:
+    GET  /_throttle/stats   {"active": n, "paths": {"GET /v2/...": {"requests", "bytes", "status"}}}
+    POST /_throttle/reset   zero the counters
+"""
+import argparse, asyncio, json, re, time
+
+HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+SLOT = 64 * 1024
+
+
+def parse_size(v):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?", v.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {v!r}")
+    return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2].upper()])
+
+
+class Bucket:
+    """Shared cap: each caller reserves the next free time slot for its bytes, then sleeps."""
+    def __init__(self, rate):
+        self.rate, self.next = rate, time.monotonic()
+
+    async def take(self, n):
+        if not self.rate:
+            return
+        now = time.monotonic()
+        start = max(now, self.next)
+        self.next = start + n / self.rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class Stats:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.paths = {}
+
+    def entry(self, method, path):
+        return self.paths.setdefault(f"{method} {path}", {"requests": 0, "bytes": 0, "status": {}})
+
+
+class Proxy:
+    def __init__(self, upstream, rate):
+        host, port = upstream.rsplit(":", 1)
+        self.up = (host, int(port))
+        self.bucket, self.stats, self.active = Bucket(rate), Stats(), 0
+
+    async def client(self, reader, writer):
+        up = None
+        try:
+            while True:
+                req = await read_head(reader)
+                if req is None:
+                    break
+                method, target, headers = parse_request(req)
+                body = b""
+                if "content-length" in headers.lower_keys:
+                    body = await reader.readexactly(int(headers.get("content-length")))
+                elif headers.get("transfer-encoding"):
+                    await respond(writer, 501, b"chunked request bodies are not supported\n")
+                    break
+                if target.startswith("/_throttle/"):
+                    await self.control(writer, method, target)
+                    continue
+                if up is None:
+                    up = await asyncio.open_connection(*self.up)
+                keep = await self.forward(up, writer, method, target, headers, body)
+                if not keep:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            for w in (writer, up[1] if up else None):
+                if w:
+                    w.close()
+
+    async def forward(self, up, writer, method, target, headers, body):
+        """One request/response exchange; returns whether both connections stay usable."""
+        up_r, up_w = up
+        lines = [f"{method} {target} HTTP/1.1"]
+        lines += [f"{k}: {v}" for k, v in headers.items if k.lower() not in HOP and k.lower() != "content-length"]
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}")
+        up_w.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await up_w.drain()
+        head = await read_head(up_r)
+        if head is None:
+            raise ConnectionError("upstream closed")
+        status, rheaders = parse_response(head)
+        path = target.split("?", 1)[0]
+        st = self.stats.entry(method, path)
+        st["requests"] += 1
+        st["status"][str(status)] = st["status"].get(str(status), 0) + 1
+        chunked = "chunked" in rheaders.get("transfer-encoding", "").lower()
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            length = 0
+        elif "content-length" in rheaders.lower_keys:
+            length = int(rheaders.get("content-length"))
+        else:
+            length = None
+        out = [head.split(b"\r\n", 1)[0].decode("latin-1")]
+        out += [f"{k}: {v}" for k, v in rheaders.items if k.lower() not in HOP]
+        out.append("Transfer-Encoding: chunked" if chunked else "Connection: keep-alive")
+        if length is None and not chunked:
+            out[-1] = "Connection: close"
+        writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
+        self.active += 1
+        try:
+            if chunked:
+                await self.copy_chunked(up_r, writer, st)
+                return True
+            if length is None:
+                await self.copy(up_r, writer, st, None)
+                return False
+            await self.copy(up_r, writer, st, length)
+            await writer.drain()
+            return True
+        finally:
+            self.active -= 1
+
+    async def copy(self, r, w, st, length):
+        left = length
+        while left is None or left > 0:
+            data = await r.read(SLOT if left is None else min(SLOT, left))
+            if not data:
+                if left is None:
+                    return
+                raise ConnectionError("upstream body cut")
+            await self.bucket.take(len(data))
+            w.write(data)
+            await w.drain()
+            st["bytes"] += len(data)
+            if left is not None:
+                left -= len(data)
+
+    async def copy_chunked(self, r, w, st):
+        while True:
+            line = await r.readuntil(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            w.write(line)
+            if size == 0:
+                while (trailer := await r.readuntil(b"\r\n")) != b"\r\n":
+                    w.write(trailer)
+                w.write(b"\r\n")
+                await w.drain()
+                return
+            await self.copy(r, w, st, size)
+            w.write(await r.readexactly(2))
+
+    async def control(self, writer, method, target):
+        if target.startswith("/_throttle/stats"):
+            body = json.dumps({"active": self.active, "paths": self.stats.paths}).encode()
+            await respond(writer, 200, body, "application/json")
+        elif target.startswith("/_throttle/reset") and method == "POST":
+            self.stats.reset()
+            await respond(writer, 200, b"{}", "application/json")
+        else:
+            await respond(writer, 404, b"unknown control path\n")
+
+
+class Headers:
+    def __init__(self, items):
+        self.items = items
+        self.lower_keys = {k.lower() for k, _ in items}
+
+    def get(self, key, default=""):
+        key = key.lower()
+        for k, v in self.items:
+            if k.lower() == key:
+                return v
+        return default
+
+
+def parse_headers(lines):
+    items = []
+    for line in lines:
+        k, _, v = line.partition(":")
+        items.append((k.strip(), v.strip()))
+    return Headers(items)
+
+
+def parse_request(head):
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    return method, target, parse_headers(lines[1:])
+
+
+def parse_response(head):
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split(" ", 2)[1]), parse_headers(lines[1:])
+
+
+async def read_head(reader):
+    """The request or status line and headers without the final CRLF CRLF; None at EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise
+    return head[:-4]
+
+
+async def respond(writer, status, body, ctype="text/plain"):
+    writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+                 .encode() + body)
+    await writer.drain()
+
+
+async def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--listen", required=True, help="host:port")
+    ap.add_argument("--upstream", required=True, help="host:port of the registry")
+    ap.add_argument("--rate", type=parse_size, default=0, help="shared body bytes/s, e.g. 32MiB (0: no cap)")
+    a = ap.parse_args()
+    proxy = Proxy(a.upstream, a.rate)
+    host, port = a.listen.rsplit(":", 1)
+    server = await asyncio.start_server(proxy.client, host, int(port), limit=1 << 20)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
