@@ -5,10 +5,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{stream, TryStreamExt};
 use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
@@ -17,8 +16,9 @@ use tokio::sync::watch;
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Read size for file-backed bodies. With hyper's write buffer capped (see `server`), a slow
-/// reader holds about one chunk plus that buffer, so 256 slow readers stay within tens of MiB;
-/// a reader's speed cannot be told from how fast hyper asks, since hyper buffers ahead.
+/// reader holds about one chunk plus that buffer, so 256 slow readers stay within tens of MiB.
+/// (Growing the chunk for fast readers was tried: the kernel's socket buffer makes every reader
+/// look fast at first, and the big chunk then stays pinned by the slow ones.)
 const CHUNK: usize = 128 * 1024;
 
 pub fn empty() -> Body {
@@ -63,17 +63,12 @@ pub fn file_range(
         pos: u64,
         end: u64,
         progress: Option<watch::Receiver<Progress>>,
-        /// Whether `file`'s own offset is already at `pos` (bodies that own their file).
-        sequential: bool,
     }
     let state = State {
         file,
         pos: start,
         end,
         progress,
-        // A committed file opened for this response alone is read sequentially (no zeroed
-        // buffers); a download's temp file is shared by its readers, so they use pread.
-        sequential: false,
     };
     from_stream(stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
@@ -101,15 +96,9 @@ pub fn file_range(
         let len = (limit - st.pos).min(CHUNK as u64) as usize;
         let file = st.file.clone();
         let pos = st.pos;
-        let seek = !st.sequential;
-        let chunk = if st.progress.is_none() {
-            st.sequential = true;
-            tokio::task::spawn_blocking(move || read_next(&file, seek.then_some(pos), len))
-        } else {
-            tokio::task::spawn_blocking(move || read_at(&file, pos, len))
-        }
-        .await
-        .map_err(io::Error::other)??;
+        let chunk = tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+            .await
+            .map_err(io::Error::other)??;
         st.pos += chunk.len() as u64;
         if st.pos >= st.end {
             // The last chunk waits for the writer's verdict on the whole file, so a client
@@ -132,39 +121,42 @@ pub fn file_range(
     }))
 }
 
-/// Reads `len` bytes at the file's own offset (after seeking to `seek`), into uninitialised
-/// capacity: no zeroing of a buffer that is overwritten anyway.
-fn read_next(file: &File, seek: Option<u64>, len: usize) -> io::Result<Bytes> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut reader = file;
-    if let Some(pos) = seek {
-        reader.seek(SeekFrom::Start(pos))?;
-    }
-    let mut buf = Vec::with_capacity(len);
-    reader.take(len as u64).read_to_end(&mut buf)?;
-    if buf.len() < len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "cached file is shorter than expected",
-        ));
+/// Reads `file[pos..pos + len]` into fresh, uninitialised memory. `FileExt::read_at` needs an
+/// initialised buffer, and zeroing one per chunk cost a quarter of the CPU of serving a hit.
+fn read_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let filled = buf.len();
+        let offset = libc::off_t::try_from(pos + filled as u64).map_err(io::Error::other)?;
+        // SAFETY: the destination is the vector's spare capacity, `len - filled` bytes that it
+        // owns; pread writes at most that many and reports how many it wrote, and only those
+        // are added to the vector's length.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(filled).cast(),
+                len - filled,
+                offset,
+            )
+        };
+        match n {
+            n if n > 0 => unsafe { buf.set_len(filled + n as usize) },
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "cached file is shorter than expected",
+                ))
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
     Ok(Bytes::from(buf))
-}
-
-fn read_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(len);
-    let mut filled = 0;
-    while filled < len {
-        let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "cached file is shorter than expected",
-            ));
-        }
-        filled += n;
-    }
-    Ok(buf.freeze())
 }
 
 type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
