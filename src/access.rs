@@ -124,58 +124,61 @@ impl Access {
         }
     }
 
-    /// Checks the client's credentials. Blocking when bcrypt has to run: call from
-    /// `spawn_blocking` via [`Access::check_credentials_async`].
-    fn credentials_ok(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
+    /// Checks an `Authorization` value against the tokens and the htpasswd file. Blocking:
+    /// bcrypt takes tens of milliseconds.
+    fn credentials_ok(&self, value: &str) -> bool {
+        if let Some(token) = value.strip_prefix("Bearer ") {
+            return self
+                .tokens
+                .iter()
+                .any(|t| constant_time_eq(t.expose(), token.trim()));
+        }
+        let Some(encoded) = value.strip_prefix("Basic ") else {
             return false;
         };
-        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-        if self.accepted.contains_key(&key) {
-            return true;
-        }
-        let ok = if let Some(token) = value.strip_prefix("Bearer ") {
-            self.tokens
-                .iter()
-                .any(|t| constant_time_eq(t.expose(), token.trim()))
-        } else if let Some(encoded) = value.strip_prefix("Basic ") {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(encoded.trim())
-                .ok()
-                .and_then(|raw| String::from_utf8(raw).ok());
-            match decoded.as_deref().and_then(|d| d.split_once(':')) {
-                Some((user, pass)) => {
-                    self.tokens
-                        .iter()
-                        .any(|t| constant_time_eq(t.expose(), pass))
-                        || self
-                            .htpasswd
-                            .get(user)
-                            .is_some_and(|hash| bcrypt::verify(pass, hash).unwrap_or(false))
-                }
-                None => false,
-            }
-        } else {
-            false
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|raw| String::from_utf8(raw).ok());
+        let Some((user, pass)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+            return false;
         };
-        if ok {
-            self.accepted.insert(key, ());
-        }
-        ok
+        self.tokens
+            .iter()
+            .any(|t| constant_time_eq(t.expose(), pass))
+            || self
+                .htpasswd
+                .get(user)
+                .is_some_and(|hash| bcrypt::verify(pass, hash).unwrap_or(false))
     }
 
     pub async fn check_credentials(self: &Arc<Self>, headers: &HeaderMap) -> Result<(), ApiError> {
         if !self.requires_credentials() {
             return Ok(());
         }
-        let this = self.clone();
-        let headers = headers.clone();
-        let ok = tokio::task::spawn_blocking(move || this.credentials_ok(&headers))
-            .await
-            .unwrap_or(false);
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let ok = match value {
+            None => false,
+            Some(value) => {
+                // Credentials seen before are checked here, without a trip to a blocking thread.
+                let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+                if self.accepted.contains_key(&key) {
+                    true
+                } else {
+                    let this = self.clone();
+                    let ok = tokio::task::spawn_blocking(move || this.credentials_ok(&value))
+                        .await
+                        .unwrap_or(false);
+                    if ok {
+                        self.accepted.insert(key, ());
+                    }
+                    ok
+                }
+            }
+        };
         if ok {
             Ok(())
         } else {

@@ -189,7 +189,7 @@ impl Downloads {
                         .await
                         .unwrap_or(Outcome::Panicked);
                     // Make sure no waiter is left waiting, whatever happened.
-                    finish_waiters(&download, &outcome);
+                    finish_waiters(&download, &outcome, &up, &digest);
                     drop(guard);
                     metrics.inflight_downloads.dec();
                     log_outcome(&outcome, &up, &repo, &digest, started);
@@ -209,7 +209,7 @@ impl Downloads {
     }
 }
 
-fn finish_waiters(d: &Download, outcome: &Outcome) {
+fn finish_waiters(d: &Download, outcome: &Outcome, upstream: &str, digest: &Digest) {
     let failure = match outcome {
         Outcome::Committed { .. }
         | Outcome::AlreadyCached
@@ -218,15 +218,15 @@ fn finish_waiters(d: &Download, outcome: &Outcome) {
         Outcome::Refused(e) => e.clone(),
         Outcome::ResumesExhausted { last, .. } => last.clone(),
         Outcome::DigestMismatch { actual } => upstream::Error::DigestMismatch {
-            expected: String::new(),
+            expected: digest.to_string(),
             actual: actual.clone(),
         },
         Outcome::Protocol(detail) => upstream::Error::Protocol {
-            upstream: String::new(),
+            upstream: upstream.to_owned(),
             detail: detail.clone(),
         },
         Outcome::Storage(_) | Outcome::Panicked => upstream::Error::Protocol {
-            upstream: String::new(),
+            upstream: upstream.to_owned(),
             detail: "download failed inside the mirror".into(),
         },
     };

@@ -61,46 +61,23 @@ impl Route {
 pub fn parse(method: &Method, path: &str) -> Route {
     let read = method == Method::GET || method == Method::HEAD;
     let head = method == Method::HEAD;
-    match path {
-        "/healthz" => {
-            return if read {
-                Route::Healthz
-            } else {
-                Route::Unsupported
-            }
-        }
-        "/readyz" => {
-            return if read {
-                Route::Readyz
-            } else {
-                Route::Unsupported
-            }
-        }
-        "/metrics" => {
-            return if read {
-                Route::Metrics
-            } else {
-                Route::Unsupported
-            }
-        }
-        "/_pullthrough/status" => {
-            return if read {
-                Route::Status
-            } else {
-                Route::Unsupported
-            }
-        }
-        _ => {}
-    }
-    let Some(rest) = path
-        .strip_prefix("/v2")
-        .map(|r| r.strip_prefix('/').unwrap_or(r))
-    else {
-        return Route::NotFound;
+    let operational = match path {
+        "/healthz" => Some(Route::Healthz),
+        "/readyz" => Some(Route::Readyz),
+        "/metrics" => Some(Route::Metrics),
+        "/_pullthrough/status" => Some(Route::Status),
+        _ => None,
     };
-    if !path.starts_with("/v2/") && path != "/v2" {
-        return Route::NotFound;
+    if let Some(route) = operational {
+        return if read { route } else { Route::Unsupported };
     }
+    let rest = match path {
+        "/v2" => "",
+        _ => match path.strip_prefix("/v2/") {
+            Some(rest) => rest,
+            None => return Route::NotFound,
+        },
+    };
     if rest.is_empty() {
         return if read {
             Route::Base
