@@ -13,9 +13,11 @@ use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
 use tokio::sync::watch;
 
+use crate::sendfile::{self, Sendfile};
+
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Read size for file-backed bodies. With hyper's write buffer capped (see `server`), a slow
+/// Read size for file-backed bodies that are copied. With hyper's write buffer capped (see `server`), a slow
 /// reader holds about one chunk plus that buffer, so 256 slow readers stay within tens of MiB.
 /// (Growing the chunk for fast readers was tried: the kernel's socket buffer makes every reader
 /// look fast at first, and the big chunk then stays pinned by the slow ones.)
@@ -51,24 +53,29 @@ pub enum Progress {
 }
 
 /// Streams `file[start..end)`. With `progress`, waits for the writer before reading past what
-/// has been written, so a reader never sees a byte before it is on disk.
+/// has been written, so a reader never sees a byte before it is on disk. With `sendfile`, chunks
+/// whose pages are in the page cache go to the socket without a copy (see [`crate::sendfile`]);
+/// the others are read on the blocking pool.
 pub fn file_range(
     file: Arc<File>,
     start: u64,
     end: u64,
     progress: Option<watch::Receiver<Progress>>,
+    sendfile: Option<Sendfile>,
 ) -> Body {
     struct State {
         file: Arc<File>,
         pos: u64,
         end: u64,
         progress: Option<watch::Receiver<Progress>>,
+        sendfile: Option<Sendfile>,
     }
     let state = State {
         file,
         pos: start,
         end,
         progress,
+        sendfile,
     };
     from_stream(stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
@@ -93,14 +100,8 @@ pub fn file_range(
             };
             limit = limit.min(available);
         }
-        let len = (limit - st.pos).min(CHUNK as u64) as usize;
-        let file = st.file.clone();
-        let pos = st.pos;
-        let chunk = tokio::task::spawn_blocking(move || read_at(&file, pos, len))
-            .await
-            .map_err(io::Error::other)??;
-        st.pos += chunk.len() as u64;
-        if st.pos >= st.end {
+        let len = (limit - st.pos).min(sendfile::MAX_CHUNK as u64) as usize;
+        if st.pos + len as u64 >= st.end {
             // The last chunk waits for the writer's verdict on the whole file, so a client
             // never completes a response whose blob turns out not to match its digest.
             if let Some(rx) = st.progress.as_mut() {
@@ -117,6 +118,21 @@ pub fn file_range(
                 }
             }
         }
+        let zero_copy = st
+            .sendfile
+            .as_ref()
+            .and_then(|sf| sf.chunk(&st.file, st.pos, len));
+        let chunk = match zero_copy {
+            Some(chunk) => chunk,
+            None => {
+                let (file, pos) = (st.file.clone(), st.pos);
+                let len = len.min(CHUNK);
+                tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+                    .await
+                    .map_err(io::Error::other)??
+            }
+        };
+        st.pos += chunk.len() as u64;
         Ok(Some((chunk, st)))
     }))
 }

@@ -16,6 +16,7 @@ use crate::error::{ApiError, Object};
 use crate::mirror::{self, CacheStatus, Mirror};
 use crate::oci::{media, Accept, Digest, Reference, RepoName};
 use crate::routes::Route;
+use crate::sendfile::Sendfile;
 use crate::upstream::Upstream;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -40,7 +41,8 @@ pub async fn dispatch<B>(
         }
         Route::Blob { name, digest, head } => {
             let (up, repo) = select_upstream(mirror, req, name)?;
-            blob(mirror, &up, &repo, digest, *head, req.headers()).await
+            let sendfile = req.extensions().get::<Sendfile>().cloned();
+            blob(mirror, &up, &repo, digest, *head, req.headers(), sendfile).await
         }
         Route::TagsList { name } => {
             let (up, repo) = select_upstream(mirror, req, name)?;
@@ -321,6 +323,7 @@ async fn blob(
     digest: &Digest,
     head: bool,
     headers: &HeaderMap,
+    sendfile: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let err = |e: std::io::Error| {
@@ -345,7 +348,7 @@ async fn blob(
                 verified: hit.verified,
                 label: "cache",
             };
-            let resp = blob_response(mirror, digest, source, range, head);
+            let resp = blob_response(mirror, digest, source, range, head, sendfile);
             return Ok(with_cache_status(resp, CacheStatus::Hit));
         }
         if head {
@@ -373,7 +376,7 @@ async fn blob(
                     verified: true,
                     label: "upstream",
                 };
-                let resp = blob_response(mirror, digest, source, range, head)
+                let resp = blob_response(mirror, digest, source, range, head, sendfile)
                     .map(|b| body::with_guard(b, waiter));
                 return Ok(with_cache_status(resp, status));
             }
@@ -502,6 +505,7 @@ fn blob_response(
     src: BlobSource,
     range: Option<&str>,
     head: bool,
+    sendfile: Option<Sendfile>,
 ) -> Response<Body> {
     let size = src.size;
     let mut resp = Response::new(body::empty());
@@ -529,8 +533,11 @@ fn blob_response(
     if head {
         return resp;
     }
-    let mut b = body::file_range(src.file, start, end, src.progress);
-    if !src.verified && start == 0 && end == size {
+    let verify = !src.verified && start == 0 && end == size;
+    // Bytes that must be hashed on the way out cannot bypass memory.
+    let sendfile = sendfile.filter(|_| !verify);
+    let mut b = body::file_range(src.file, start, end, src.progress, sendfile);
+    if verify {
         // First full read since start-up: check the bytes on disk on the way out.
         let (m, d) = (mirror.clone(), digest.clone());
         b = body::verify(b, digest.clone(), size, move |ok| {

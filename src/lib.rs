@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod routes;
+pub mod sendfile;
 pub mod server;
 pub mod singleflight;
 pub mod store;

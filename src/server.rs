@@ -23,6 +23,7 @@ use crate::handlers::{self, X_CACHE};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::routes::{self, Route};
+use crate::sendfile::{self, Sendfile};
 use crate::tls::Tls;
 
 /// Which requests a listener answers.
@@ -71,6 +72,9 @@ pub async fn serve(
         // hyper asks a body for more while its write buffer is below this; the default
         // (~400 KiB) would let every slow reader pin that much memory.
         .max_buf_size(64 * 1024)
+        // Body chunks must reach the connection's writer as they are, never copied into one
+        // buffer: zero-copy file bodies depend on it (see `sendfile`).
+        .writev(true)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
@@ -85,7 +89,15 @@ pub async fn serve(
         background.push(tokio::spawn(async move {
             while let Ok((stream, peer)) = metrics_listener.accept().await {
                 let (builder, mirror) = (builder.clone(), mirror.clone());
-                tokio::spawn(serve_io(builder, stream, mirror, peer, Role::Metrics, None));
+                tokio::spawn(serve_io(
+                    builder,
+                    stream,
+                    mirror,
+                    peer,
+                    Role::Metrics,
+                    None,
+                    None,
+                ));
             }
         }));
     }
@@ -108,13 +120,15 @@ pub async fn serve(
         let (builder, mirror, watcher) = (builder.clone(), mirror.clone(), graceful.watcher());
         match &tls {
             None => {
+                let (conn, sendfile) = sendfile::Connection::new(stream);
                 tokio::spawn(serve_io(
                     builder,
-                    stream,
+                    conn,
                     mirror,
                     peer,
                     Role::Main,
                     Some(watcher),
+                    Some(sendfile),
                 ));
             }
             Some(tls) => {
@@ -122,8 +136,16 @@ pub async fn serve(
                 tokio::spawn(async move {
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            serve_io(builder, tls_stream, mirror, peer, Role::Main, Some(watcher))
-                                .await
+                            serve_io(
+                                builder,
+                                tls_stream,
+                                mirror,
+                                peer,
+                                Role::Main,
+                                Some(watcher),
+                                None,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -148,7 +170,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes.
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes. With `sendfile` (a plain TCP
+/// connection), HTTP/1.x requests may answer with zero-copy file bodies.
 async fn serve_io<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
@@ -156,11 +179,18 @@ async fn serve_io<I>(
     peer: SocketAddr,
     role: Role,
     watcher: Option<Watcher>,
+    sendfile: Option<Sendfile>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let mirror = mirror.clone();
+        // HTTP/2 copies body chunks into its frames: placeholders must not reach it.
+        if req.version() <= http::Version::HTTP_11 {
+            if let Some(sf) = &sendfile {
+                req.extensions_mut().insert(sf.clone());
+            }
+        }
         async move { Ok::<_, Infallible>(handle(mirror, req, peer, role).await) }
     });
     let conn = builder

@@ -172,3 +172,46 @@ async fn missing_blob_is_blob_unknown() {
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "9");
 }
+
+/// Cached blobs on plain HTTP/1.1 go out with sendfile; HTTP/2 copies. Both must carry exactly
+/// the file's bytes, for whole blobs and for ranges that cross the zero-copy chunk size.
+#[tokio::test]
+async fn cached_blob_bytes_are_exact_over_http1_keep_alive_and_h2c() {
+    let up = FakeUpstream::start().await;
+    let size = 3 * 1024 * 1024 + 17;
+    let (_, layers) = up.add_image("library/app", "v1", &[size]);
+    let blob = up.state.content.lock().unwrap().blobs[&layers[0]].clone();
+    let m = TestMirror::start(&up).await;
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+    assert_eq!(
+        sha256(&m.get(&path).send().await.unwrap().bytes().await.unwrap()),
+        layers[0]
+    );
+    common::wait_committed(&m, &path).await;
+
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (client, version) in [
+        (&m.client, reqwest::Version::HTTP_11),
+        (&h2, reqwest::Version::HTTP_2),
+    ] {
+        // Several requests on one connection: zero-copy ranges must stay in step.
+        for _ in 0..2 {
+            let r = client.get(format!("{}{path}", m.url)).send().await.unwrap();
+            assert_eq!(r.version(), version);
+            assert_eq!(x_cache(&r), "HIT");
+            assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
+            let r = client
+                .get(format!("{}{path}", m.url))
+                .header("range", "bytes=1048000-2097999")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 206);
+            assert!(r.bytes().await.unwrap() == blob.slice(1048000..2098000));
+        }
+    }
+    assert_eq!(up.blob_gets(), 1);
+}
