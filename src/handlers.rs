@@ -493,7 +493,7 @@ struct BlobSource {
     size: u64,
     /// The writer's progress, for a blob still downloading.
     progress: Option<tokio::sync::watch::Receiver<body::Progress>>,
-    /// False for a file found on disk at start-up and not yet read in full by this process.
+    /// False for a file found on disk at start-up and not yet hashed by this process.
     verified: bool,
     /// Metrics label: `cache` or `upstream`.
     label: &'static str,
@@ -533,24 +533,13 @@ fn blob_response(
     if head {
         return resp;
     }
-    let verify = !src.verified && start == 0 && end == size;
-    // Bytes that must be hashed on the way out cannot bypass memory.
-    let sendfile = sendfile.filter(|_| !verify);
-    let mut b = body::file_range(src.file, start, end, src.progress, sendfile);
-    if verify {
-        // First full read since start-up: check the bytes on disk on the way out.
-        let (m, d) = (mirror.clone(), digest.clone());
-        b = body::verify(b, digest.clone(), size, move |ok| {
-            if ok {
-                m.store.blobs.mark_verified(&d);
-            } else {
-                tracing::error!(digest = %d, "cached blob is corrupt; removed, will be fetched again");
-                m.metrics.digest_mismatch();
-                let store = m.store.clone();
-                tokio::task::spawn_blocking(move || store.blobs.discard(&d));
-            }
-        });
+    let mut progress = src.progress;
+    if !src.verified {
+        // Found on disk at start-up: hashed once in the background; the response's last
+        // chunk waits for the verdict.
+        progress = Some(mirror.verifications.join(digest, src.file.clone(), size));
     }
+    let b = body::file_range(src.file, start, end, progress, sendfile);
     *resp.body_mut() = body::count_served(b, mirror.metrics.clone(), src.label);
     resp
 }

@@ -23,6 +23,7 @@ pub mod singleflight;
 pub mod store;
 pub mod tls;
 pub mod upstream;
+pub mod verify;
 
 pub use config::Config;
 pub use server::serve;

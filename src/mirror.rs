@@ -85,6 +85,7 @@ pub struct Mirror {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub downloads: Downloads,
+    pub verifications: crate::verify::Verifications,
     pub client_limit: Option<crate::access::ClientLimit>,
     pub access: Arc<crate::access::Access>,
     upstreams: HashMap<String, Arc<Upstream>>,
@@ -116,6 +117,7 @@ impl Mirror {
         }
         Ok(Mirror {
             downloads: Downloads::new(store.clone(), metrics.clone()),
+            verifications: crate::verify::Verifications::new(store.clone(), metrics.clone()),
             client_limit: crate::access::ClientLimit::from_config(&config.server),
             access: Arc::new(crate::access::Access::from_config(&config.server)?),
             store,

@@ -209,6 +209,50 @@ async fn altered_blob_found_after_restart_is_never_served_as_complete() {
     assert_eq!(pull(&m, &blobs[0]).await, "HIT");
 }
 
+/// After a restart, readers of a blob not yet hashed by this process share one background
+/// verification: a sound blob reaches all of them (and is then trusted), an altered one
+/// reaches none of them as complete, ranges included.
+#[tokio::test]
+async fn concurrent_first_reads_after_restart_share_one_verdict() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[3 * MIB, 3 * MIB + 5]);
+    let m = TestMirror::start(&up).await;
+    pull(&m, &blobs[0]).await;
+    pull(&m, &blobs[1]).await;
+    let altered = blob_file(&m.storage(), &blobs[1]);
+    let dir = m.stop().await;
+    let mut bytes = std::fs::read(&altered).unwrap();
+    bytes[MIB] ^= 0x01;
+    std::fs::write(&altered, bytes).unwrap();
+
+    let m = TestMirror::start_in(&up, dir, |_| {}).await;
+    let get = |digest: &str, range: Option<&str>| {
+        let mut req = m.get(&format!("/v2/library/app/blobs/{digest}"));
+        if let Some(range) = range {
+            req = req.header("range", range);
+        }
+        async move { req.send().await.unwrap().bytes().await }
+    };
+    let sound = futures_util::future::join_all((0..8).map(|_| get(&blobs[0], None))).await;
+    for body in sound {
+        assert_eq!(sha256(&body.unwrap()), blobs[0]);
+    }
+    let (whole, early_range, late_range) = tokio::join!(
+        get(&blobs[1], None),
+        get(&blobs[1], Some("bytes=0-99")),
+        get(&blobs[1], Some("bytes=2097152-")),
+    );
+    assert!(whole.is_err() && early_range.is_err() && late_range.is_err());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!altered.exists(), "the corrupt file is removed");
+    assert!(m
+        .metrics()
+        .await
+        .contains("pullthrough_digest_mismatches_total 1"));
+    assert_eq!(pull(&m, &blobs[0]).await, "HIT");
+    assert_eq!(pull(&m, &blobs[1]).await, "MISS");
+}
+
 #[tokio::test]
 async fn killed_mid_download_restarts_clean() {
     let up = FakeUpstream::start().await;

@@ -1,0 +1,118 @@
+//! First-read verification of blobs found on disk at start-up: one hashing pass per blob on
+//! the blocking pool, however many clients read it meanwhile.
+//!
+//! Readers are not held up: they stream the file (zero-copy where possible) with a
+//! [`Progress`] that says every byte is readable but the verdict is pending, so each one's last
+//! chunk waits for the hash, exactly as followers of a download do. A mismatch cuts them all
+//! and removes the file; the next request fetches it again.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use crate::body::Progress;
+use crate::metrics::Metrics;
+use crate::oci::Digest;
+use crate::singleflight::{Flights, Joined};
+use crate::store::Store;
+
+/// Read size of the hashing pass.
+const READ: usize = 1024 * 1024;
+
+pub struct Verifications {
+    flights: Flights<Digest, watch::Sender<Progress>>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+}
+
+/// How a verification ended; each is logged by name.
+#[derive(Debug)]
+enum Outcome {
+    Verified,
+    Mismatch {
+        actual: Digest,
+    },
+    /// Reading the file failed; it is left in place and tried again by the next reader.
+    Unreadable(io::Error),
+    Panicked,
+}
+
+impl Verifications {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Verifications {
+        Verifications {
+            flights: Flights::default(),
+            store,
+            metrics,
+        }
+    }
+
+    /// Joins the verification of `digest` (the file `file` of `size` bytes), starting it if
+    /// none runs, and returns the progress its readers follow.
+    pub fn join(&self, digest: &Digest, file: Arc<File>, size: u64) -> watch::Receiver<Progress> {
+        let (sender, guard) = match self.flights.join_or_start(digest, || {
+            watch::channel(Progress::Writing { written: size }).0
+        }) {
+            Joined::Follower(sender) => return sender.subscribe(),
+            Joined::Leader(sender, guard) => (sender, guard),
+        };
+        let rx = sender.subscribe();
+        let (store, metrics, digest) = (self.store.clone(), self.metrics.clone(), digest.clone());
+        tokio::spawn(async move {
+            let expected = digest.clone();
+            let outcome = tokio::task::spawn_blocking(move || hash(&file, size))
+                .await
+                .map_or(Outcome::Panicked, |hashed| match hashed {
+                    Ok(actual) if actual == expected => Outcome::Verified,
+                    Ok(actual) => Outcome::Mismatch { actual },
+                    Err(e) => Outcome::Unreadable(e),
+                });
+            match &outcome {
+                Outcome::Verified => {
+                    store.blobs.mark_verified(&digest);
+                    tracing::debug!(%digest, "cached blob verified");
+                }
+                Outcome::Mismatch { actual } => {
+                    tracing::error!(%digest, %actual, "cached blob is corrupt; removed, will be fetched again");
+                    metrics.digest_mismatch();
+                    let (store, digest) = (store.clone(), digest.clone());
+                    let _ = tokio::task::spawn_blocking(move || store.blobs.discard(&digest)).await;
+                }
+                Outcome::Unreadable(e) => {
+                    tracing::error!(%digest, error = %e, "cannot read cached blob to verify it")
+                }
+                Outcome::Panicked => tracing::error!(%digest, "blob verification panicked"),
+            }
+            // The entry goes before the verdict, so a reader woken by a failure that asks again
+            // starts afresh instead of joining this finished pass.
+            drop(guard);
+            sender.send_replace(match outcome {
+                Outcome::Verified => Progress::Complete,
+                failed => Progress::Failed(format!("{failed:?}")),
+            });
+        });
+        rx
+    }
+}
+
+fn hash(file: &File, size: u64) -> io::Result<Digest> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; READ];
+    let mut pos = 0u64;
+    while pos < size {
+        let want = (size - pos).min(READ as u64) as usize;
+        let n = file.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "cached file is shorter than expected",
+            ));
+        }
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(Digest::from_sha256(hasher.finalize().into()))
+}
