@@ -13,6 +13,7 @@ pub mod config;
 pub mod download;
 pub mod error;
 pub mod handlers;
+pub mod logging;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

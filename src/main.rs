@@ -2,8 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pullthrough::cli::{CacheCommand, Cli, Command};
-use pullthrough::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use pullthrough::config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,9 +20,13 @@ fn main() -> ExitCode {
     if let Some(command) = &cli.command {
         return admin(command, &config.storage.dir);
     }
-    // Log lines go through a background writer thread: a request never waits on stderr.
-    let (writer, _flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
-    init_tracing(config.log.format, writer);
+    let _flush_logs_on_exit = match pullthrough::logging::init(config.log.format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("pullthrough: cannot start the log writer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -80,18 +83,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-fn init_tracing(format: LogFormat, writer: tracing_appender::non_blocking::NonBlocking) {
-    let filter =
-        EnvFilter::try_from_env("PULLTHROUGH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
