@@ -172,6 +172,42 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// `writev` with `MSG_MORE`: more data follows at once.
+    fn poll_write_more(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self
+                .tcp
+                .try_io(Interest::WRITABLE, || send_more(&self.tcp, bufs))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
+fn send_more(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid; it points at `bufs`, whose IoSlices are laid out as
+    // iovecs and outlive the call; sendmsg only reads them.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(1024) as _;
+        libc::sendmsg(tcp.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 fn send_file(tcp: &TcpStream, file: &File, offset: u64, count: usize) -> io::Result<usize> {
     let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
     // SAFETY: both descriptors are open for the duration of the call; `off` is a valid
@@ -224,7 +260,13 @@ impl AsyncWrite for Connection {
             } else {
                 let run = &bufs[i..next_placeholder];
                 let want = run.iter().map(|b| b.len()).sum();
-                let step = Pin::new(&mut this.tcp).poll_write_vectored(cx, run);
+                let step = if next_placeholder < bufs.len() {
+                    // Response headers followed by file bytes: let the kernel pack them into
+                    // the same segments instead of pushing the headers out alone.
+                    this.poll_write_more(cx, run)
+                } else {
+                    Pin::new(&mut this.tcp).poll_write_vectored(cx, run)
+                };
                 (step, want, next_placeholder)
             };
             match step {

@@ -174,6 +174,8 @@ async fn truncated_blob_is_not_served_but_refetched() {
     let (_, blobs) = up.add_image("library/app", "v1", &[MIB]);
     let m = TestMirror::start(&up).await;
     pull(&m, &blobs[0]).await;
+    // A hit leaves the file open in the descriptor cache: truncation must be seen there too.
+    assert_eq!(pull(&m, &blobs[0]).await, "HIT");
     let file = blob_file(&m.storage(), &blobs[0]);
     let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     f.set_len(1000).unwrap();

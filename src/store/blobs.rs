@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use moka::sync::Cache;
 use tempfile::NamedTempFile;
 
 use super::index::{Index, Key};
@@ -20,15 +21,30 @@ pub struct Hit {
     pub verified: bool,
 }
 
+/// Descriptors of recently served blobs kept open: a hit then costs no path lookup and no
+/// hop to the blocking pool. Bounded in number, and closed after [`OPEN_IDLE`] unused so that
+/// a file deleted behind the mirror's back (`pullthrough cache prune`) frees its space soon.
+const OPEN_FILES: u64 = 1024;
+const OPEN_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Blobs {
     dir: PathBuf,
     tmp: PathBuf,
     index: Arc<Index>,
+    open_files: Cache<Digest, Arc<File>>,
 }
 
 impl Blobs {
     pub(super) fn new(dir: PathBuf, tmp: PathBuf, index: Arc<Index>) -> Blobs {
-        Blobs { dir, tmp, index }
+        Blobs {
+            dir,
+            tmp,
+            index,
+            open_files: Cache::builder()
+                .max_capacity(OPEN_FILES)
+                .time_to_idle(OPEN_IDLE)
+                .build(),
+        }
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
@@ -45,6 +61,18 @@ impl Blobs {
         let Some((size, verified)) = self.index.touch(&key) else {
             return Ok(None);
         };
+        if let Some(file) = self.open_files.get(digest) {
+            // fstat on an open descriptor needs no disk I/O; a file truncated meanwhile is
+            // dropped here and handled by the full open below.
+            if file.metadata().is_ok_and(|m| m.len() == size) {
+                return Ok(Some(Hit {
+                    file,
+                    size,
+                    verified,
+                }));
+            }
+            self.open_files.invalidate(digest);
+        }
         let path = self.path(digest);
         let opened = blocking(move || match File::open(&path) {
             Ok(file) => {
@@ -61,11 +89,15 @@ impl Blobs {
         })
         .await?;
         match opened {
-            Some(file) => Ok(Some(Hit {
-                file: Arc::new(file),
-                size,
-                verified,
-            })),
+            Some(file) => {
+                let file = Arc::new(file);
+                self.open_files.insert(digest.clone(), file.clone());
+                Ok(Some(Hit {
+                    file,
+                    size,
+                    verified,
+                }))
+            }
             None => {
                 self.index.remove(&key);
                 Ok(None)
@@ -75,8 +107,14 @@ impl Blobs {
 
     /// Drops a blob found to be corrupt. Blocking.
     pub fn discard(&self, digest: &Digest) {
+        self.forget(digest);
         self.index.remove(&Key::blob(digest));
         let _ = std::fs::remove_file(self.path(digest));
+    }
+
+    /// Closes the cached descriptor of a blob whose file is going away.
+    pub fn forget(&self, digest: &Digest) {
+        self.open_files.invalidate(digest);
     }
 
     pub fn mark_verified(&self, digest: &Digest) {

@@ -101,8 +101,9 @@ impl Store {
     /// Deletes evicted files. Blocking.
     pub fn delete_files(&self, keys: &[Key]) {
         for key in keys {
-            if key.kind == Kind::Manifest {
-                self.manifests.forget(&key.digest);
+            match key.kind {
+                Kind::Manifest => self.manifests.forget(&key.digest),
+                Kind::Blob => self.blobs.forget(&key.digest),
             }
             self.evictions
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
