@@ -34,8 +34,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+    // The server runs as a task on a worker, not on this thread: connection tasks it spawns
+    // then start on the same worker instead of waking another thread each time.
+    match runtime.block_on(async { tokio::spawn(run(config)).await }) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
