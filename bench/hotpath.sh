@@ -4,22 +4,26 @@
 # and manifest files as static files with sendfile at the same /v2/... paths, and registry:2
 # proxy mode (docker-registry with proxy.remoteurl) warmed with the same content.
 #
-#   bench/hotpath.sh [--quick] [--duration 5] [--systems "pullthrough nginx registry"]
+#   bench/hotpath.sh [--quick] [--duration 5] [--repeat 3] [--systems "pullthrough nginx registry"]
 #
 # Rows: cached 64 MiB blob at 1 and 16 connections (MB/s); cached 1 MiB blob at 64 connections
 # (req/s, p99); manifest by tag within the tag TTL and by digest at 64 connections (req/s, p99);
 # manifest by digest with "Connection: close" (req/s, a new connection per request as dockerd
 # and podman do); the server's peak RSS (VmHWM) over those rows; and its peak RSS while 256
 # clients read a 256 MiB blob at 64 KiB/s each (tools/slowreaders.py) on a freshly started
-# process. Every row runs --duration seconds after a 1 s warm-up; wrk shares the CPUs with
-# the server, so each row also reports the server's own CPU time per GB or per request
-# (from /proc/PID/stat), which other load on the machine barely moves.
-# --quick: 2 s rows, 8 s of slow readers.
+# process. All systems run side by side, and each row is measured --repeat times, the
+# systems taking turns (A B C A B C ...), so that drift in the machine's speed (this is a VM:
+# ±15 % between runs of the same row is common) lands on every system alike; the table shows
+# each row's median. Every measurement runs --duration seconds after a 1 s warm-up; wrk shares
+# the CPUs with the server, so each row also reports the server's own CPU time per GB or per
+# request (from /proc/PID/stat), which other load on the machine barely moves.
+# --quick: 2 s rows, 2 repeats, 8 s of slow readers.
 # Env: PULLTHROUGH_BIN (skip cargo build), BENCH_KEEP=1 (keep the temp dir with all logs).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 DURATION=5
+REPEAT=3
 SLOW_SECONDS=20
 SLOW_CLIENTS=256
 SYSTEMS="pullthrough nginx registry"
@@ -31,8 +35,9 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "
 parse_args() {
   while [ $# -gt 0 ]; do
     case $1 in
-      --quick) DURATION=2; SLOW_SECONDS=8 ;;
+      --quick) DURATION=2; REPEAT=2; SLOW_SECONDS=8 ;;
       --duration) DURATION=$2; shift ;;
+      --repeat) REPEAT=$2; shift ;;
       --systems) SYSTEMS=$2; shift ;;
       -h|--help) usage 0 ;;
       *) log "unknown argument $1"; usage 2 >&2 ;;
@@ -115,21 +120,23 @@ wait_registry_cache() {
   done
 }
 
-# wrk_row SYSTEM KEY CONNS PATH [wrk -H args]: 1 s warm-up, then DURATION s measured, with the
-# CPU time the server's processes used meanwhile.
+# wrk_row SYSTEM KEY REP CONNS PATH [wrk -H args]: 1 s warm-up, then DURATION s measured, with
+# the CPU time the server's processes used meanwhile.
 wrk_row() {
-  local sys=$1 key=$2 conns=$3 path=$4; shift 4
-  local threads=$(( conns < 2 ? conns : 2 )) url="http://127.0.0.1:$PORT$path"
+  local sys=$1 key=$2 rep=$3 conns=$4 path=$5; shift 5
+  local threads=$(( conns < 2 ? conns : 2 )) url="http://127.0.0.1:${PORTS[$sys]}$path"
+  local pids out=$RES/$sys-$key.$rep
+  read -ra pids <<<"${SPIDS[$sys]}"
   run_child wrk -t "$threads" -c "$conns" -d 1s --timeout 30s "$@" "$url" >/dev/null 2>&1 || true
-  log "$sys: $key"
+  log "$sys: $key ($rep/$REPEAT)"
   local cpu0 cpu1
-  cpu0=$(cpu_seconds "${SERVER_PIDS[@]}")
+  cpu0=$(cpu_seconds "${pids[@]}")
   run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --timeout 30s --latency -s "$TOOLS/wrk-json.lua" \
-    "$@" "$url" >"$RES/$sys-$key.wrk.txt" 2>&1 || true
-  cpu1=$(cpu_seconds "${SERVER_PIDS[@]}")
-  sed -n 's/^WRKJSON //p' "$RES/$sys-$key.wrk.txt" |
-    sed "s/}\$/, \"server_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')}/" >"$RES/$sys-$key.json"
-  [ -s "$RES/$sys-$key.json" ] || log "warning: wrk gave no result for $sys $key (see $RES/$sys-$key.wrk.txt)"
+    "$@" "$url" >"$out.wrk.txt" 2>&1 || true
+  cpu1=$(cpu_seconds "${pids[@]}")
+  sed -n 's/^WRKJSON //p' "$out.wrk.txt" |
+    sed "s/}\$/, \"server_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')}/" >"$out.json"
+  [ -s "$out.json" ] || log "warning: wrk gave no result for $sys $key (see $out.wrk.txt)"
 }
 
 rss_json() { # SYSTEM PID KEY [extra json]
@@ -139,28 +146,48 @@ rss_json() { # SYSTEM PID KEY [extra json]
   echo "{\"rss_kib\": $kib${4:+, $4}}" >"$RES/$1-$3.json"
 }
 
-bench_system() {
-  local sys=$1 pid slow
-  PORT=$(free_port)
-  log "$sys: starting and warming"
-  start_system "$sys" "$PORT"
-  pid=$LAST_PID
-  warm "$sys" "$PORT"
-  read -ra SERVER_PIDS <<<"$(server_pids "$sys" "$pid")"
-  wrk_row "$sys" blob64_c1 1 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
-  wrk_row "$sys" blob64_c16 16 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
-  wrk_row "$sys" blob1_c64 64 "/v2/$REPO/blobs/$(seed_get blobs.small.digest)"
-  wrk_row "$sys" tag_c64 64 "/v2/$REPO/manifests/v1" -H "$ACCEPT"
-  wrk_row "$sys" digest_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
-  wrk_row "$sys" close_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT" \
-    -H "Connection: close"
-  rss_json "$sys" "$pid" rss_run
-  stop_pid "$pid"
+# row KEY CONNS PATH [wrk args]: every system in turn, REPEAT times.
+row() {
+  local rep sys
+  for rep in $(seq "$REPEAT"); do
+    for sys in "${RUNNING[@]}"; do wrk_row "$sys" "$1" "$rep" "${@:2}"; done
+  done
+}
 
+bench_rows() {
+  local sys
+  declare -gA PORTS=() SPIDS=() MAIN_PID=()
+  RUNNING=()
+  for sys in $SYSTEMS; do
+    available "$sys" || { log "$sys is not installed: skipped"; continue; }
+    PORTS[$sys]=$(free_port)
+    log "$sys: starting and warming"
+    start_system "$sys" "${PORTS[$sys]}"
+    MAIN_PID[$sys]=$LAST_PID
+    warm "$sys" "${PORTS[$sys]}"
+    SPIDS[$sys]=$(server_pids "$sys" "${MAIN_PID[$sys]}")
+    RUNNING+=("$sys")
+  done
+  row blob64_c1 1 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
+  row blob64_c16 16 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
+  row blob1_c64 64 "/v2/$REPO/blobs/$(seed_get blobs.small.digest)"
+  row tag_c64 64 "/v2/$REPO/manifests/v1" -H "$ACCEPT"
+  row digest_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
+  row close_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT" -H "Connection: close"
+  for sys in "${RUNNING[@]}"; do
+    rss_json "$sys" "${MAIN_PID[$sys]}" rss_run
+    stop_pid "${MAIN_PID[$sys]}"
+  done
+}
+
+# 256 slow readers of the 256 MiB blob against a freshly started process, one system at a time.
+bench_slow_readers() {
+  local sys=$1 pid port slow
+  port=$(free_port)
   log "$sys: restarted; $SLOW_CLIENTS slow readers of the 256 MiB blob for $SLOW_SECONDS s"
-  start_system "$sys" "$PORT"
+  start_system "$sys" "$port"
   pid=$LAST_PID
-  run_child python3 "$TOOLS/slowreaders.py" "http://127.0.0.1:$PORT/v2/$REPO/blobs/$(seed_get blobs.big.digest)" \
+  run_child python3 "$TOOLS/slowreaders.py" "http://127.0.0.1:$port/v2/$REPO/blobs/$(seed_get blobs.big.digest)" \
     -n "$SLOW_CLIENTS" --seconds "$SLOW_SECONDS" >"$RES/$sys-slow.json" || log "warning: $sys: $(cat "$RES/$sys-slow.json")"
   slow=$(cat "$RES/$sys-slow.json")
   rss_json "$sys" "$pid" rss_slow "\"readers\": $slow"
@@ -178,11 +205,10 @@ main() {
   build_pullthrough
   other_load start
   seed_upstream "$RUN/upstream" "$(free_port)" small=1MiB mid=64MiB big=256MiB
-  echo "{\"duration\": $DURATION, \"slow_seconds\": $SLOW_SECONDS, \"systems\": \"$SYSTEMS\"}" >"$RES/run.json"
+  echo "{\"duration\": $DURATION, \"repeat\": $REPEAT, \"slow_seconds\": $SLOW_SECONDS, \"systems\": \"$SYSTEMS\"}" >"$RES/run.json"
+  bench_rows
   local sys
-  for sys in $SYSTEMS; do
-    if available "$sys"; then bench_system "$sys"; else log "$sys is not installed: skipped"; fi
-  done
+  for sys in "${RUNNING[@]}"; do bench_slow_readers "$sys"; done
   other_load end "$RES/load.json"
   python3 "$TOOLS/report.py" hotpath "$RES"
 }

@@ -167,21 +167,34 @@ ROWS = [  # key, label, unit
 HIGHER_IS_BETTER = {"MB/s": True, "req/s": True, "p99": False, "rss": False, "cpu/GB": False, "cpu/req": False}
 
 
-def value(res, system, key, unit):
-    d = load(f"{res}/{system}-{key}.json")
-    if d is None:
-        return None, None
+def one_value(d, unit):
     if unit == "rss":
-        return d.get("rss_kib"), d
+        return d.get("rss_kib")
     if unit == "MB/s":
-        return d["bytes"] / d["duration_s"] / 1e6, d
+        return d["bytes"] / d["duration_s"] / 1e6
     if unit == "req/s":
-        return d["requests"] / d["duration_s"], d
+        return d["requests"] / d["duration_s"]
     if unit == "cpu/GB":
-        return (d["server_cpu_s"] / (d["bytes"] / 1e9) if d.get("bytes") and "server_cpu_s" in d else None), d
+        return d["server_cpu_s"] / (d["bytes"] / 1e9) if d.get("bytes") and "server_cpu_s" in d else None
     if unit == "cpu/req":
-        return (d["server_cpu_s"] / d["requests"] * 1e6 if d.get("requests") and "server_cpu_s" in d else None), d
-    return d["p99_us"] / 1000, d
+        return d["server_cpu_s"] / d["requests"] * 1e6 if d.get("requests") and "server_cpu_s" in d else None
+    return d["p99_us"] / 1000
+
+
+def value(res, system, key, unit):
+    """The median over a row's repeats (files KEY.1.json, KEY.2.json, ...), or the single
+    measurement in KEY.json; with the repeats' data merged so that any errors show."""
+    runs = [d for d in (load(f) for f in sorted(glob.glob(f"{res}/{system}-{key}.*.json"))) if d]
+    if not runs:
+        single = load(f"{res}/{system}-{key}.json")
+        runs = [single] if single else []
+    if not runs:
+        return None, None
+    vals = [v for v in (one_value(d, unit) for d in runs) if v is not None]
+    merged = dict(runs[0])
+    for k in ("errors", "non2xx"):
+        merged[k] = sum(d.get(k) or 0 for d in runs)
+    return (statistics.median(vals) if vals else None), merged
 
 
 def show(v, unit, d):
@@ -209,8 +222,9 @@ def ratio(ours, other):
 
 def hotpath(res):
     run = load(f"{res}/run.json", {})
-    print(f"\nhot path: wrk {run.get('duration', '?')} s per row, {os.cpu_count()} CPUs shared by "
-          f"server and client; same bytes everywhere (nginx serves the blob and manifest files)")
+    print(f"\nhot path: wrk {run.get('duration', '?')} s per measurement, median of {run.get('repeat', 1)} per row "
+          f"with the systems taking turns; {os.cpu_count()} CPUs shared by server and client; same bytes "
+          f"everywhere (nginx serves the blob and manifest files)")
     other_load(res)
     header = ["row", "ours", "nginx", "registry:2", "ours/nginx", "ours/registry:2"]
     rows, errs, results = [], [], {}
