@@ -233,9 +233,7 @@ impl Connection {
             }
         }
     }
-}
 
-impl Connection {
     /// `writev` with `MSG_MORE`: more data follows at once.
     fn poll_write_more(
         &self,
