@@ -2,11 +2,10 @@
 //! the store without cleaning or evicting anything, so they are safe next to a running mirror:
 //! a file they delete is, to the mirror, a miss it fetches again.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
-
+use crate::oci::Digest;
 use crate::store::index::{Entry, Kind};
 use crate::store::{Limits, Mode, Store};
 
@@ -56,29 +55,17 @@ pub fn prune(dir: &Path, to: u64) -> anyhow::Result<String> {
 
 /// Whether a stored file's content matches its digest.
 fn file_ok(store: &Store, entry: &Entry) -> std::io::Result<bool> {
-    let mut file = std::fs::File::open(store.path_of(&entry.key))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1024 * 1024];
-    let mut skip_header = entry.key.kind == Kind::Manifest;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+    let file = std::fs::File::open(store.path_of(&entry.key))?;
+    let mut reader = BufReader::with_capacity(1024 * 1024, file);
+    // A manifest file starts with its media type line, which is not part of the digest.
+    if entry.key.kind == Kind::Manifest {
+        let mut line = Vec::new();
+        reader.read_until(b'\n', &mut line)?;
+        if line.last() != Some(&b'\n') {
+            return Ok(false);
         }
-        let mut chunk = &buf[..n];
-        // A manifest file starts with its media type line, which is not part of the digest.
-        if skip_header {
-            match chunk.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    chunk = &chunk[i + 1..];
-                    skip_header = false;
-                }
-                None => continue,
-            }
-        }
-        hasher.update(chunk);
     }
-    Ok(!skip_header && hex::encode(hasher.finalize()) == entry.key.digest.hex())
+    Ok(Digest::sha256_of_reader(reader)? == entry.key.digest)
 }
 
 /// `pullthrough verify [--repair]`: re-hashes every cached file. Returns the report and

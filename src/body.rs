@@ -17,8 +17,9 @@ use crate::sendfile::{self, Sendfile};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
-/// Read size for file-backed bodies that are copied. With hyper's write buffer capped (see `server`), a slow
-/// reader holds about one chunk plus that buffer, so 256 slow readers stay within tens of MiB.
+/// Read size for file-backed bodies that are copied (not sent with `sendfile`). With hyper's
+/// write buffer capped (see `server`), a slow reader holds about one chunk plus that buffer, so
+/// 256 slow readers stay within tens of MiB.
 /// (Growing the chunk for fast readers was tried: the kernel's socket buffer makes every reader
 /// look fast at first, and the big chunk then stays pinned by the slow ones.)
 const CHUNK: usize = 128 * 1024;

@@ -533,12 +533,13 @@ fn blob_response(
     if head {
         return resp;
     }
-    let mut progress = src.progress;
-    if !src.verified {
+    let progress = if src.verified {
+        src.progress
+    } else {
         // Found on disk at start-up: hashed once in the background; the response's last
         // chunk waits for the verdict.
-        progress = Some(mirror.verifications.join(digest, src.file.clone(), size));
-    }
+        Some(mirror.verifications.join(digest, src.file.clone(), size))
+    };
     let b = body::file_range(src.file, start, end, progress, sendfile);
     *resp.body_mut() = body::count_served(b, mirror.metrics.clone(), src.label);
     resp

@@ -38,6 +38,20 @@ impl Digest {
         Digest::from_sha256(Sha256::digest(bytes).into())
     }
 
+    /// The sha256 of everything `r` yields, read 1 MiB at a time. Blocking.
+    pub fn sha256_of_reader(mut r: impl std::io::Read) -> std::io::Result<Digest> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return Ok(Digest::from_sha256(hasher.finalize().into())),
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     pub fn from_sha256(raw: [u8; 32]) -> Digest {
         Digest {
             algorithm: "sha256".into(),

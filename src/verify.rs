@@ -11,7 +11,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use crate::body::Progress;
@@ -19,9 +18,6 @@ use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::singleflight::{Flights, Joined};
 use crate::store::Store;
-
-/// Read size of the hashing pass.
-const READ: usize = 1024 * 1024;
 
 pub struct Verifications {
     flights: Flights<Digest, watch::Sender<Progress>>,
@@ -98,21 +94,19 @@ impl Verifications {
     }
 }
 
+/// Hashes `file[..size]` with positional reads: the descriptor is shared with readers and the
+/// open-file cache, so its cursor must not move.
 fn hash(file: &File, size: u64) -> io::Result<Digest> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; READ];
-    let mut pos = 0u64;
-    while pos < size {
-        let want = (size - pos).min(READ as u64) as usize;
-        let n = file.read_at(&mut buf[..want], pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "cached file is shorter than expected",
-            ));
-        }
-        hasher.update(&buf[..n]);
-        pos += n as u64;
+    struct At<'a> {
+        file: &'a File,
+        pos: u64,
     }
-    Ok(Digest::from_sha256(hasher.finalize().into()))
+    impl io::Read for At<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.file.read_at(buf, self.pos)?;
+            self.pos += n as u64;
+            Ok(n)
+        }
+    }
+    Digest::sha256_of_reader(io::Read::take(At { file, pos: 0 }, size))
 }
