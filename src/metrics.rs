@@ -17,7 +17,7 @@ use crate::upstream::ratelimit::Budget;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     kind: &'static str,
-    method: String,
+    method: &'static str,
     status: &'static str,
 }
 
@@ -57,6 +57,20 @@ fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// A bounded label: a client choosing methods must not grow the series without end.
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
     }
 }
 
@@ -249,7 +263,7 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels {
                 kind,
-                method: method.to_owned(),
+                method: method_label(method),
                 status: status_class(status),
             })
             .inc();

@@ -28,6 +28,21 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    const ALL: [CacheStatus; 5] = [
+        CacheStatus::Hit,
+        CacheStatus::Miss,
+        CacheStatus::Revalidated,
+        CacheStatus::Stale,
+        CacheStatus::Coalesced,
+    ];
+
+    /// The status an `X-Cache` value names.
+    pub fn from_header(value: &[u8]) -> Option<CacheStatus> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.as_str().as_bytes() == value)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",

@@ -20,8 +20,10 @@ use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::handlers::{self, X_CACHE};
+use crate::logging::{self, AccessLine};
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
+use crate::mirror::{CacheStatus, Mirror};
+use crate::oci::RepoName;
 use crate::routes::{self, Route};
 use crate::sendfile::{self, Sendfile};
 use crate::tls::Tls;
@@ -328,9 +330,8 @@ async fn handle(
     let cache = resp
         .headers()
         .get(X_CACHE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
+        .and_then(|v| CacheStatus::from_header(v.as_bytes()))
+        .map_or("-", CacheStatus::as_str);
     // hyper stops polling a body once Content-Length bytes are out, so "complete" is judged
     // against the declared length rather than by seeing the end of the stream.
     let declared = resp
@@ -338,30 +339,24 @@ async fn handle(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let kind = route.kind();
-    let repo = route
-        .repository()
-        .map(|r| r.to_string())
-        .unwrap_or_default();
     let metrics = mirror.metrics.clone();
     resp.map(move |b| {
         body::observe(b, move |bytes, ended| {
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);
             let elapsed = started.elapsed();
+            let kind = route.kind();
             metrics.request(kind, method.as_str(), status, elapsed);
-            tracing::info!(
-                target: "pullthrough::access",
-                %peer,
-                method = %method,
-                repo = %repo,
+            logging::access(&AccessLine {
+                peer,
+                method: method.as_str(),
+                repo: route.repository().map_or("", RepoName::as_str),
                 kind,
                 status,
                 bytes,
                 complete,
-                cache = %cache,
-                ms = elapsed.as_secs_f64() * 1000.0,
-                "request"
-            );
+                cache,
+                elapsed,
+            });
         })
     })
 }
