@@ -7,7 +7,8 @@
 #   bench/hotpath.sh [--quick] [--duration 5] [--repeat 3] [--systems "pullthrough nginx registry"]
 #
 # Rows: cached 64 MiB blob at 1 and 16 connections (MB/s); cached 1 MiB blob at 64 connections
-# (req/s, p99); manifest by tag within the tag TTL and by digest at 64 connections (req/s, p99);
+# (req/s, p99); manifest by tag within the tag TTL and by digest at 64 connections (req/s, p99),
+# each measured again with a single wrk thread;
 # manifest by digest with "Connection: close" (req/s, a new connection per request as dockerd
 # and podman do); the server's peak RSS (VmHWM) over those rows; and its peak RSS while 256
 # clients read a 256 MiB blob at 64 KiB/s each (tools/slowreaders.py) on a freshly started
@@ -124,7 +125,7 @@ wait_registry_cache() {
 # the CPU time the server's processes used meanwhile.
 wrk_row() {
   local sys=$1 key=$2 rep=$3 conns=$4 path=$5; shift 5
-  local threads=$(( conns < 2 ? conns : 2 )) url="http://127.0.0.1:${PORTS[$sys]}$path"
+  local threads=${WRK_THREADS:-$(( conns < 2 ? conns : 2 ))} url="http://127.0.0.1:${PORTS[$sys]}$path"
   local pids out=$RES/$sys-$key.$rep
   read -ra pids <<<"${SPIDS[$sys]}"
   run_child wrk -t "$threads" -c "$conns" -d 1s --timeout 30s "$@" "$url" >/dev/null 2>&1 || true
@@ -173,6 +174,10 @@ bench_rows() {
   row blob1_c64 64 "/v2/$REPO/blobs/$(seed_get blobs.small.digest)"
   row tag_c64 64 "/v2/$REPO/manifests/v1" -H "$ACCEPT"
   row digest_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
+  # The same two loads from one wrk thread: with two, wrk and a server wanting both CPUs
+  # preempt each other, and p99 measures that more than the server.
+  WRK_THREADS=1 row tag_c64_t1 64 "/v2/$REPO/manifests/v1" -H "$ACCEPT"
+  WRK_THREADS=1 row digest_c64_t1 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
   row close_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT" -H "Connection: close"
   for sys in "${RUNNING[@]}"; do
     rss_json "$sys" "${MAIN_PID[$sys]}" rss_run
