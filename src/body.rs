@@ -254,21 +254,15 @@ pub fn count_served(
 
 /// Hashes a body that carries a whole blob, holding back its last chunk until the hash is
 /// known: a mismatch turns into an error (a cut connection), so no client takes wrong bytes
-/// as a complete blob. `on_result` learns whether the bytes matched.
-pub fn verify(
-    inner: Body,
-    digest: crate::oci::Digest,
-    len: u64,
-    on_result: impl FnOnce(bool) + Send + 'static,
-) -> Body {
+/// as a complete blob.
+pub fn verify(inner: Body, digest: crate::oci::Digest, len: u64) -> Body {
     use sha2::Digest as _;
-    struct State<F> {
+    struct State {
         frames: http_body_util::BodyDataStream<Body>,
         hasher: sha2::Sha256,
         seen: u64,
         digest: crate::oci::Digest,
         len: u64,
-        on_result: Option<F>,
     }
     let state = State {
         frames: inner.into_data_stream(),
@@ -276,7 +270,6 @@ pub fn verify(
         seen: 0,
         digest,
         len,
-        on_result: Some(on_result),
     };
     from_stream(stream::try_unfold(state, |mut st| async move {
         use futures_util::StreamExt;
@@ -288,11 +281,7 @@ pub fn verify(
         if st.seen >= st.len {
             let actual =
                 crate::oci::Digest::from_sha256(std::mem::take(&mut st.hasher).finalize().into());
-            let ok = st.seen == st.len && actual == st.digest;
-            if let Some(f) = st.on_result.take() {
-                f(ok);
-            }
-            if !ok {
+            if st.seen != st.len || actual != st.digest {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("content does not match {}", st.digest),

@@ -416,7 +416,7 @@ async fn blob_uncached(
     let bytes = futures_util::TryStreamExt::inspect_ok(stream, move |b| {
         metrics.upstream_bytes(b.len() as u64)
     });
-    let checked = body::verify(body::from_stream(bytes), digest.clone(), size, |_| {});
+    let checked = body::verify(body::from_stream(bytes), digest.clone(), size);
     let mut out = Response::new(body::count_served(
         checked,
         mirror.metrics.clone(),

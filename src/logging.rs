@@ -199,17 +199,16 @@ pub struct AccessLine<'a> {
     pub elapsed: Duration,
 }
 
-impl AccessLine<'_> {
-    /// Milliseconds to the microsecond, as in the text line, and without float noise (2.263,
-    /// not 2.2630000000000003).
-    fn ms(&self) -> f64 {
-        self.elapsed.as_micros() as f64 / 1e3
+/// Milliseconds to the microsecond. The text line formats it with integers (float formatting
+/// was a visible part of a line's cost); JSON takes the float, free of noise (2.263, not
+/// 2.2630000000000003).
+struct Millis(Duration);
+
+impl Millis {
+    fn as_f64(&self) -> f64 {
+        self.0.as_micros() as f64 / 1e3
     }
 }
-
-/// Milliseconds to the microsecond, formatted with integers: float formatting was a visible
-/// part of a line's cost.
-struct Millis(Duration);
 
 impl fmt::Display for Millis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -304,7 +303,7 @@ fn write_line(buf: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &Acce
                     bytes: line.bytes,
                     complete: line.complete,
                     cache: line.cache,
-                    ms: line.ms(),
+                    ms: Millis(line.elapsed).as_f64(),
                 },
                 target: ACCESS_TARGET,
             };

@@ -113,7 +113,7 @@ impl Blobs {
     }
 
     /// Closes the cached descriptor of a blob whose file is going away.
-    pub fn forget(&self, digest: &Digest) {
+    pub(super) fn forget(&self, digest: &Digest) {
         self.open_files.invalidate(digest);
     }
 
