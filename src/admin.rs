@@ -17,11 +17,8 @@ fn open(dir: &Path) -> anyhow::Result<Store> {
 }
 
 fn time(secs: Option<u64>) -> String {
-    secs.map(|s| {
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
-            .to_string()
-    })
-    .unwrap_or_else(|| "-".into())
+    secs.map(|s| humantime::format_rfc3339_seconds(crate::clock::from_unix_secs(s)).to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 /// `pullthrough cache stats`

@@ -160,14 +160,7 @@ impl Default for StorageConfig {
     }
 }
 
-impl StorageConfig {
-    pub fn limits(&self) -> crate::store::Limits {
-        crate::store::Limits {
-            max_size: self.max_size.map(|b| b.as_u64()),
-            low_watermark: self.low_watermark.map(|b| b.as_u64()),
-        }
-    }
-}
+impl StorageConfig {}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -6,47 +6,58 @@
 //! writer, woken by a watch channel on each write. Every way a download can end is an
 //! [`Outcome`], logged by name.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use crate::body::Progress;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::singleflight::{Flights, Joined};
+use crate::store::handle::BlobHandle;
+use crate::store::writer::{BlobWriter, Finished};
 use crate::store::Store;
-use crate::upstream::{self, Upstream};
+use crate::upstream::{self, BlobBody, Upstream};
 
 /// Ready chunks are gathered up to this size before one write, so a fast upstream does not
 /// cost a write per network packet, while a slow one is written as soon as anything arrives.
 const WRITE_BATCH: usize = 1024 * 1024;
 
 /// What a client waiting for a download learns once the upstream has answered.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Start {
     /// Waiting for the upstream's response headers.
     Pending,
-    /// The body is arriving; the file is readable up to the published progress.
-    Streaming { size: u64 },
+    /// The body is arriving: read it through this handle, which follows the writer.
+    Streaming(BlobHandle),
     /// The blob was committed by someone else before this download began: read the store.
     AlreadyCached,
     /// The disk cannot take the blob: each client streams from the upstream, uncached.
     NoSpace,
-    /// The upstream refused or failed before sending the body.
-    Failed(upstream::Error),
+    /// The download failed before any byte could be served.
+    Failed(Failure),
+}
+
+/// Why a download failed, as its waiters are told.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Upstream(upstream::Error),
+    #[error("upstream blob does not match {expected} (got {actual})")]
+    DigestMismatch { expected: Digest, actual: String },
+    #[error("cannot write the blob to the cache: {0}")]
+    Storage(Arc<io::Error>),
+    #[error("the download task panicked")]
+    Panicked,
 }
 
 /// How a download ended. Each is logged; none is left implicit.
 #[derive(Debug)]
 enum Outcome {
-    /// Verified and renamed into the store.
+    /// Verified and published in the store.
     Committed { size: u64, resumes: u32 },
     /// Verified and streamed, but larger than the cache bound, so not kept.
     TooLargeToKeep { size: u64 },
@@ -61,7 +72,7 @@ enum Outcome {
     /// The bytes did not hash to the digest, or had the wrong length.
     DigestMismatch { actual: String },
     /// The upstream's answer cannot be used (no length, wrong range).
-    Protocol(String),
+    Protocol(upstream::Error),
     /// Writing the temp file or committing it failed.
     Storage(io::Error),
     /// The download task panicked.
@@ -70,16 +81,12 @@ enum Outcome {
 
 pub struct Download {
     start: watch::Sender<Start>,
-    progress: watch::Sender<Progress>,
-    file: OnceLock<Arc<File>>,
 }
 
 impl Download {
     fn new() -> Download {
         Download {
             start: watch::channel(Start::Pending).0,
-            progress: watch::channel(Progress::Writing { written: 0 }).0,
-            file: OnceLock::new(),
         }
     }
 
@@ -92,11 +99,6 @@ impl Download {
             .map(|s| s.clone());
         // The sender lives as long as `self`, so the channel cannot close while we hold it.
         result.unwrap_or(Start::Pending)
-    }
-
-    /// The temp file and a receiver of the writer's progress; valid once `Streaming`.
-    pub fn reader(&self) -> Option<(Arc<File>, watch::Receiver<Progress>)> {
-        Some((self.file.get()?.clone(), self.progress.subscribe()))
     }
 }
 
@@ -122,18 +124,17 @@ struct DiskState {
 
 impl DiskState {
     fn is_full(&self) -> bool {
-        let until = *self.full_until.lock().unwrap_or_else(|p| p.into_inner());
+        let until = *crate::sync::lock(&self.full_until);
         until.is_some_and(|t| Instant::now() < t)
     }
 
     fn set_full(&self) {
-        *self.full_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + DISK_FULL_PAUSE);
+        *crate::sync::lock(&self.full_until) = Some(Instant::now() + DISK_FULL_PAUSE);
     }
 
     /// Logs a warning at most once a minute.
     fn warn(&self, why: &str) {
-        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut warned = crate::sync::lock(&self.warned);
         if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             *warned = Some(Instant::now());
             tracing::warn!(
@@ -189,7 +190,7 @@ impl Downloads {
                         .await
                         .unwrap_or(Outcome::Panicked);
                     // Make sure no waiter is left waiting, whatever happened.
-                    finish_waiters(&download, &outcome, &up, &digest);
+                    let outcome = finish_waiters(&download, outcome, &digest);
                     drop(guard);
                     metrics.inflight_downloads.dec();
                     log_outcome(&outcome, &up, &repo, &digest, started);
@@ -209,43 +210,32 @@ impl Downloads {
     }
 }
 
-fn finish_waiters(d: &Download, outcome: &Outcome, upstream: &str, digest: &Digest) {
-    let failure = match outcome {
+fn finish_waiters(d: &Download, outcome: Outcome, digest: &Digest) -> Outcome {
+    let failure = match &outcome {
         Outcome::Committed { .. }
         | Outcome::AlreadyCached
         | Outcome::TooLargeToKeep { .. }
-        | Outcome::NoSpace { .. } => return,
-        Outcome::Refused(e) => e.clone(),
-        Outcome::ResumesExhausted { last, .. } => last.clone(),
-        Outcome::DigestMismatch { actual } => upstream::Error::DigestMismatch {
-            expected: digest.to_string(),
+        | Outcome::NoSpace { .. } => return outcome,
+        Outcome::Refused(e) | Outcome::Protocol(e) => Failure::Upstream(e.clone()),
+        Outcome::ResumesExhausted { last, .. } => Failure::Upstream(last.clone()),
+        Outcome::DigestMismatch { actual } => Failure::DigestMismatch {
+            expected: digest.clone(),
             actual: actual.clone(),
         },
-        Outcome::Protocol(detail) => upstream::Error::Protocol {
-            upstream: upstream.to_owned(),
-            detail: detail.clone(),
-        },
-        Outcome::Storage(_) | Outcome::Panicked => upstream::Error::Protocol {
-            upstream: upstream.to_owned(),
-            detail: "download failed inside the mirror".into(),
-        },
+        Outcome::Storage(e) => Failure::Storage(Arc::new(io::Error::new(e.kind(), e.to_string()))),
+        Outcome::Panicked => Failure::Panicked,
     };
+    // Readers of the body learn it from the writer (dropped with the job); waiters for the
+    // start learn it here.
     d.start.send_if_modified(|s| {
         if matches!(s, Start::Pending) {
-            *s = Start::Failed(failure.clone());
+            *s = Start::Failed(failure);
             true
         } else {
             false
         }
     });
-    d.progress.send_if_modified(|p| {
-        if matches!(p, Progress::Writing { .. }) {
-            *p = Progress::Failed(format!("{outcome:?}"));
-            true
-        } else {
-            false
-        }
-    });
+    outcome
 }
 
 fn log_outcome(
@@ -276,8 +266,8 @@ fn log_outcome(
         Outcome::DigestMismatch { actual } => {
             tracing::error!(upstream, %repo, %digest, %actual, "upstream blob does not match its digest; discarded")
         }
-        Outcome::Protocol(detail) => {
-            tracing::warn!(upstream, %repo, %digest, detail, "unusable upstream blob response")
+        Outcome::Protocol(e) => {
+            tracing::warn!(upstream, %repo, %digest, error = %e, "unusable upstream blob response")
         }
         Outcome::Storage(e) => {
             tracing::error!(upstream, %repo, %digest, error = %e, "cannot write blob to the cache")
@@ -296,12 +286,6 @@ struct Job {
     disk: Arc<DiskState>,
 }
 
-/// Where the body stands: bytes on disk and the running hash.
-struct Written {
-    bytes: u64,
-    hasher: Sha256,
-}
-
 impl Job {
     async fn run(self) -> Outcome {
         match self.store.blobs.open(&self.digest).await {
@@ -313,42 +297,38 @@ impl Job {
             Err(e) => return Outcome::Storage(e),
         }
         let asked = Instant::now();
-        let resp = match self.upstream.blob(&self.repo, &self.digest, 0).await {
-            Ok(r) => r,
+        let mut body = match self.upstream.blob(&self.repo, &self.digest, 0).await {
+            Ok(b) => b,
+            Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),
             Err(e) => return Outcome::Refused(e),
         };
         self.metrics.miss_first_byte(asked.elapsed());
-        let Some(size) = resp.content_length() else {
-            return Outcome::Protocol("blob response without Content-Length".into());
+        let Some(size) = body.size else {
+            return Outcome::Protocol(upstream::Error::Protocol {
+                upstream: self.upstream.name.clone(),
+                detail: "blob response without Content-Length".into(),
+            });
         };
         if !self.make_room(size).await {
             self.metrics.no_space();
             self.download.start.send_replace(Start::NoSpace);
             return Outcome::NoSpace { size };
         }
-        let temp = match self.store.blobs.create_temp().await {
-            Ok(t) => t,
+        let mut writer = match self.store.blob_writer().await {
+            Ok(w) => w,
             Err(e) => return self.storage_failed(e),
         };
-        let file = match temp.as_file().try_clone() {
-            Ok(f) => Arc::new(f),
-            Err(e) => return Outcome::Storage(e),
-        };
-        let _ = self.download.file.set(file.clone());
-        self.download.start.send_replace(Start::Streaming { size });
+        self.download
+            .start
+            .send_replace(Start::Streaming(writer.reader(size)));
 
-        let mut written = Written {
-            bytes: 0,
-            hasher: Sha256::new(),
-        };
-        let mut body = Resumed { resp, skip: 0 };
         let mut resumes = 0u32;
         loop {
-            let mut cut = match self.copy_body(body, &file, &mut written, size).await {
-                Ok(()) if written.bytes == size => break,
+            let mut cut = match self.copy_body(&mut body, &mut writer, size).await {
+                Ok(()) if writer.written() == size => break,
                 Ok(()) => upstream::Error::Protocol {
                     upstream: self.upstream.name.clone(),
-                    detail: format!("body ended at {} of {size} bytes", written.bytes),
+                    detail: format!("body ended at {} of {size} bytes", writer.written()),
                 },
                 Err(CopyError::Upstream(e)) => e,
                 Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
@@ -357,39 +337,39 @@ impl Job {
             body = loop {
                 if resumes >= self.upstream.config().resume_attempts {
                     return Outcome::ResumesExhausted {
-                        written: written.bytes,
+                        written: writer.written(),
                         last: cut,
                     };
                 }
                 resumes += 1;
                 self.metrics.resume();
-                tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = written.bytes, attempt = resumes, error = %cut, "resuming cut blob download");
-                match self.resume(written.bytes, size).await {
-                    Ok(r) => break r,
-                    Err(ResumeError::Upstream(e)) => {
-                        cut = e;
-                        tokio::time::sleep(std::time::Duration::from_millis(
-                            100 * u64::from(resumes),
-                        ))
-                        .await;
+                tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = resumes, error = %cut, "resuming cut blob download");
+                match self
+                    .upstream
+                    .blob(&self.repo, &self.digest, writer.written())
+                    .await
+                {
+                    Ok(b) if b.size == Some(size) => break b,
+                    Ok(b) => {
+                        return Outcome::Protocol(upstream::Error::Protocol {
+                            upstream: self.upstream.name.clone(),
+                            detail: format!("resume answered size {:?}, expected {size}", b.size),
+                        })
                     }
-                    Err(ResumeError::Protocol(p)) => return Outcome::Protocol(p),
+                    Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),
+                    Err(e) => {
+                        cut = e;
+                        tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+                    }
                 }
             };
         }
-        let actual = Digest::from_sha256(written.hasher.finalize().into());
-        if actual != self.digest {
-            return self.mismatch(actual.to_string());
+        match writer.finish(&self.digest, size).await {
+            Ok(Finished::Published) => Outcome::Committed { size, resumes },
+            Ok(Finished::TooLargeToKeep) => Outcome::TooLargeToKeep { size },
+            Ok(Finished::Mismatch { actual }) => self.mismatch(actual.to_string()),
+            Err(e) => self.storage_failed(e),
         }
-        if !self.store.index.fits(size) {
-            self.download.progress.send_replace(Progress::Complete);
-            return Outcome::TooLargeToKeep { size };
-        }
-        if let Err(e) = self.store.commit_blob(temp, &self.digest, size).await {
-            return self.storage_failed(e);
-        }
-        self.download.progress.send_replace(Progress::Complete);
-        Outcome::Committed { size, resumes }
     }
 
     /// Whether the disk can take `size` more bytes, evicting old content to make room.
@@ -422,7 +402,7 @@ impl Job {
     }
 
     fn storage_failed(&self, e: io::Error) -> Outcome {
-        if e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull {
+        if crate::platform::is_no_space(&e) {
             self.metrics.no_space();
             self.disk.set_full();
             self.disk.warn("write failed: no space left on device");
@@ -435,72 +415,39 @@ impl Job {
         Outcome::DigestMismatch { actual }
     }
 
-    /// Asks for the rest of the blob from `offset`. A fresh request, so a fresh token and a
-    /// fresh CDN redirect.
-    async fn resume(&self, offset: u64, size: u64) -> Result<Resumed, ResumeError> {
-        let resp = self
-            .upstream
-            .blob(&self.repo, &self.digest, offset)
-            .await
-            .map_err(ResumeError::Upstream)?;
-        match resp.status().as_u16() {
-            206 => {
-                let range = resp
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                let expected = format!("bytes {offset}-{}/{size}", size - 1);
-                if range != expected {
-                    return Err(ResumeError::Protocol(format!(
-                        "resume answered Content-Range {range:?}, expected {expected:?}"
-                    )));
-                }
-                Ok(Resumed { resp, skip: 0 })
-            }
-            // The upstream ignored the Range: read from the start and drop what we have.
-            200 => Ok(Resumed { resp, skip: offset }),
-            s => Err(ResumeError::Protocol(format!("resume answered status {s}"))),
-        }
-    }
-
+    /// Copies the body into the writer until it ends or fails; ready chunks are batched.
     async fn copy_body(
         &self,
-        body: Resumed,
-        file: &Arc<File>,
-        written: &mut Written,
+        body: &mut BlobBody,
+        writer: &mut BlobWriter,
         size: u64,
     ) -> Result<(), CopyError> {
-        let Resumed { resp, mut skip } = body;
-        let mut stream = resp.bytes_stream();
         loop {
-            let first = self
-                .upstream
-                .next_chunk(&mut stream)
-                .await
-                .map_err(CopyError::Upstream)?;
+            let first = body.next_chunk().await.map_err(CopyError::Upstream)?;
             let Some(first) = first else { return Ok(()) };
             let mut batch = BytesMut::from(&first[..]);
             let mut ended = false;
+            let mut failed = None;
             // Take whatever else is already buffered, without waiting.
             while batch.len() < WRITE_BATCH {
-                match self.upstream.next_chunk(&mut stream).now_or_never() {
-                    Some(Ok(Some(b))) => batch.extend_from_slice(&b),
-                    Some(Ok(None)) => {
+                match body.ready_chunk() {
+                    Ok(Some(Some(b))) => batch.extend_from_slice(&b),
+                    Ok(Some(None)) => {
                         ended = true;
                         break;
                     }
-                    Some(Err(e)) => {
-                        // Keep what arrived before the cut.
-                        self.write(file, written, &mut skip, batch.freeze(), size)
-                            .await?;
-                        return Err(CopyError::Upstream(e));
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
                     }
-                    None => break,
                 }
             }
-            self.write(file, written, &mut skip, batch.freeze(), size)
-                .await?;
+            // What arrived before a cut is kept: the resume starts after it.
+            self.write(writer, batch.freeze(), size).await?;
+            if let Some(e) = failed {
+                return Err(CopyError::Upstream(e));
+            }
             if ended {
                 return Ok(());
             }
@@ -509,59 +456,21 @@ impl Job {
 
     async fn write(
         &self,
-        file: &Arc<File>,
-        written: &mut Written,
-        skip: &mut u64,
-        mut chunk: Bytes,
+        writer: &mut BlobWriter,
+        chunk: Bytes,
         size: u64,
     ) -> Result<(), CopyError> {
-        if *skip > 0 {
-            let n = (*skip).min(chunk.len() as u64);
-            *skip -= n;
-            chunk = chunk.slice(n as usize..);
-        }
-        if chunk.is_empty() {
-            return Ok(());
-        }
         let len = chunk.len() as u64;
-        if written.bytes + len > size {
+        if writer.written() + len > size {
             return Err(CopyError::TooLong);
         }
         self.metrics.upstream_bytes(len);
-        let file = file.clone();
-        let offset = written.bytes;
-        let mut hasher = std::mem::take(&mut written.hasher);
-        // Hashing and writing are CPU and disk work: keep them off the async workers.
-        let hasher = tokio::task::spawn_blocking(move || {
-            file.write_all_at(&chunk, offset)?;
-            hasher.update(&chunk);
-            Ok::<_, io::Error>(hasher)
-        })
-        .await
-        .map_err(|e| CopyError::Storage(io::Error::other(e)))?
-        .map_err(CopyError::Storage)?;
-        written.hasher = hasher;
-        written.bytes += len;
-        self.download.progress.send_replace(Progress::Writing {
-            written: written.bytes,
-        });
-        Ok(())
+        writer.write(chunk).await.map_err(CopyError::Storage)
     }
-}
-
-/// A blob response and how many leading bytes of it we already have.
-struct Resumed {
-    resp: reqwest::Response,
-    skip: u64,
 }
 
 enum CopyError {
     Upstream(upstream::Error),
     TooLong,
     Storage(io::Error),
-}
-
-enum ResumeError {
-    Upstream(upstream::Error),
-    Protocol(String),
 }

@@ -1,30 +1,36 @@
 //! pullthrough: a pull-through caching mirror for Docker Hub and other OCI registries.
 //!
-//! Layering: `server` accepts connections and hands requests to `handlers` (HTTP) via
-//! `routes` (pure parsing); handlers call `mirror` (the cache logic), which calls `store`
-//! (disk), `download` (single-flight blob fetches) and `upstream` (the registry client).
-//! Lower layers never call upward. Errors become HTTP responses only in `error`.
+//! Layers call one way, top to bottom (see ARCHITECTURE.md; `tests/architecture.rs` keeps it
+//! so): `server` (connections, TLS, admission) → `routes` (parse, dispatch) → `handlers`
+//! (HTTP: headers, ranges, bodies; `handlers::error` maps failures to responses) → `mirror` (the pull
+//! layer: what to answer) → services (`store`, `download`, `verify`, `upstream`,
+//! `singleflight`) → foundations (`config`, `oci`, `outcome`, `metrics`, `logging`, `clock`,
+//! `sync`, `platform`, `sendfile`).
+//!
+//! An embedder needs [`serve`] (or [`Server`]) and [`Config`]; the operator commands are in
+//! [`admin`].
 
-pub mod access;
 pub mod admin;
-pub mod body;
 pub mod cli;
+pub mod clock;
 pub mod config;
-pub mod download;
-pub mod error;
-pub mod handlers;
+mod download;
+mod handlers;
 pub mod logging;
-pub mod metrics;
-pub mod mirror;
+mod metrics;
+mod mirror;
 pub mod oci;
+mod outcome;
+mod platform;
 pub mod routes;
-pub mod sendfile;
-pub mod server;
-pub mod singleflight;
+mod sendfile;
+mod server;
+mod singleflight;
 pub mod store;
-pub mod tls;
-pub mod upstream;
-pub mod verify;
+mod sync;
+mod upstream;
+mod verify;
 
+pub use clock::Clock;
 pub use config::Config;
-pub use server::serve;
+pub use server::{serve, Server};

@@ -38,7 +38,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.buf.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.buf)
     }
 }
 

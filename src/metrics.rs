@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::upstream::ratelimit::Budget;
+use crate::outcome::{CacheStatus, ObjectKind, Source};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -23,13 +23,13 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
-    kind: &'static str,
-    outcome: &'static str,
+    kind: ObjectKind,
+    outcome: CacheStatus,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
-    source: &'static str,
+    source: Source,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +74,15 @@ fn method_label(method: &str) -> &'static str {
     }
 }
 
+/// A pull budget reading, as the budget gauges show it.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetSample {
+    pub limit: u64,
+    pub remaining: u64,
+    pub window_secs: u64,
+    pub updated: std::time::SystemTime,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
@@ -98,8 +107,8 @@ pub struct Metrics {
     pub inflight_downloads: Gauge,
     pub inflight_waiters: Gauge,
     miss_ttfb: Histogram,
-    /// Answers that cost the upstream no download (hit, revalidated, stale, coalesced) and
-    /// all cache answers, for the status page's hit ratio.
+    /// Answers that cost the upstream no download (all but miss and passthrough) and all
+    /// cache answers, for the status page's hit ratio.
     served_without_upstream: AtomicU64,
     cache_answers: AtomicU64,
 }
@@ -144,7 +153,8 @@ impl Metrics {
             served_without_upstream: AtomicU64::new(0),
             cache_answers: AtomicU64::new(0),
         };
-        if let Ok(mut r) = m.registry.lock() {
+        {
+            let mut r = crate::sync::lock(&m.registry);
             r.register(
                 "requests",
                 "Requests by route kind, method and status class",
@@ -272,12 +282,12 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn cache(&self, kind: &'static str, outcome: &'static str) {
+    pub fn cache(&self, kind: ObjectKind, outcome: CacheStatus) {
         self.cache
             .get_or_create(&CacheLabels { kind, outcome })
             .inc();
         self.cache_answers.fetch_add(1, Ordering::Relaxed);
-        if outcome != "miss" {
+        if !outcome.downloaded() {
             self.served_without_upstream.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -289,7 +299,7 @@ impl Metrics {
         (total > 0).then(|| hits as f64 / total as f64)
     }
 
-    pub fn served(&self, source: &'static str, bytes: u64) {
+    pub fn served(&self, source: Source, bytes: u64) {
         self.served_bytes
             .get_or_create(&SourceLabels { source })
             .inc_by(bytes);
@@ -333,15 +343,10 @@ impl Metrics {
     }
 
     /// Brings the cache gauges and the eviction counter up to date (at scrape time).
-    pub fn cache_state(
-        &self,
-        stats: &crate::store::index::Stats,
-        max: Option<u64>,
-        evictions: u64,
-    ) {
+    pub fn cache_state(&self, bytes: u64, entries: u64, max: Option<u64>, evictions: u64) {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.cache_size_bytes.set(clamp(stats.bytes));
-        self.cache_entries.set(clamp(stats.entries as u64));
+        self.cache_size_bytes.set(clamp(bytes));
+        self.cache_entries.set(clamp(entries));
         self.cache_max_bytes.set(clamp(max.unwrap_or(0)));
         let seen = self.evictions.get();
         if evictions > seen {
@@ -357,7 +362,8 @@ impl Metrics {
         self.miss_ttfb.observe(elapsed.as_secs_f64());
     }
 
-    pub fn budget(&self, upstream: &str, b: &Budget) {
+    /// The pull budget an upstream last reported.
+    pub fn budget(&self, upstream: &str, b: BudgetSample) {
         let l = UpstreamLabels {
             upstream: upstream.to_owned(),
         };
@@ -369,21 +375,17 @@ impl Metrics {
         self.budget_window
             .get_or_create(&l)
             .set(clamp(b.window_secs));
-        let ts = b
-            .updated
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        self.budget_updated.get_or_create(&l).set(clamp(ts));
+        self.budget_updated
+            .get_or_create(&l)
+            .set(clamp(crate::clock::unix_secs(b.updated)));
     }
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        if let Ok(r) = self.registry.lock() {
-            // Writing to a String cannot fail.
-            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        }
+        let r = crate::sync::lock(&self.registry);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
     }
 }

@@ -1,12 +1,20 @@
-//! Routing: a pure function from method and path to a [`Route`].
+//! Routing: a pure function from method and path to a [`Route`] ([`parse`]), and the one
+//! `match` that sends each route to its handler ([`dispatch`]).
 //!
 //! Repository names contain slashes, so the name is whatever precedes the *last*
 //! `/manifests/`, `/blobs/` or `/tags/list`. Paths are not percent-decoded: `%` is not in the
 //! name, tag or digest grammar, so an encoded `..` is simply an invalid name.
 
-use http::Method;
+use std::sync::Arc;
 
+use http::{Method, Request, Response};
+
+use crate::handlers::body::Body;
+use crate::handlers::error::ApiError;
+use crate::handlers::{blobs, manifests, ops, tags};
+use crate::mirror::Mirror;
 use crate::oci::{Digest, ParseError, Reference, RepoName};
+use crate::sendfile::Sendfile;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -55,6 +63,37 @@ impl Route {
             }
             _ => None,
         }
+    }
+}
+
+/// Answers `req`, which was routed to `route`.
+pub async fn dispatch<B>(
+    mirror: &Arc<Mirror>,
+    route: &Route,
+    req: &Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    let query = req.uri().query();
+    match route {
+        Route::Base => Ok(ops::base()),
+        Route::Manifest {
+            name,
+            reference,
+            head,
+        } => manifests::get(mirror, name, reference, *head, query, req.headers()).await,
+        Route::Blob { name, digest, head } => {
+            let sendfile = req.extensions().get::<Sendfile>().cloned();
+            blobs::get(mirror, name, digest, *head, query, req.headers(), sendfile).await
+        }
+        Route::TagsList { name } => {
+            tags::list(mirror, name, query, req.method() == Method::HEAD).await
+        }
+        Route::Healthz => Ok(ops::healthz()),
+        Route::Readyz => Ok(ops::readyz(mirror).await),
+        Route::Metrics => Ok(ops::metrics(mirror)),
+        Route::Status => Ok(ops::status(mirror)),
+        Route::Unsupported => Err(ApiError::unsupported()),
+        Route::Invalid(e) => Err(e.clone().into()),
+        Route::NotFound => Err(ApiError::not_found()),
     }
 }
 

@@ -15,15 +15,15 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::platform;
 
 /// The most one placeholder chunk stands for. Kept at 1 MiB so that the byte counts taken
 /// when a chunk is produced (logs, metrics) run at most that far ahead of the socket.
@@ -58,7 +58,7 @@ impl Sendfile {
     /// the caller reads them on the blocking pool instead.
     pub fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> Option<Bytes> {
         let len = len.min(MAX_CHUNK);
-        if len == 0 || !resident(file, offset, len) {
+        if len == 0 || !platform::is_resident(file, offset, len) {
             return None;
         }
         self.lock().push_back(Region {
@@ -70,115 +70,8 @@ impl Sendfile {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Region>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.pending)
     }
-}
-
-/// Whether every page of `file[offset..offset + len]` is in the page cache: `cachestat(2)`
-/// (Linux 6.5+, which counts whole folios at a time), else `mincore(2)`.
-fn resident(file: &File, offset: u64, len: usize) -> bool {
-    static NO_CACHESTAT: AtomicBool = AtomicBool::new(false);
-    if !NO_CACHESTAT.load(Ordering::Relaxed) {
-        match cached_pages(file, offset, len) {
-            Ok(cached) => return cached >= pages_spanned(offset, len) as u64,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                NO_CACHESTAT.store(true, Ordering::Relaxed)
-            }
-            Err(_) => return false,
-        }
-    }
-    mincore_resident(file, offset, len)
-}
-
-fn pages_spanned(offset: u64, len: usize) -> usize {
-    let page = page_size() as u64;
-    let first = offset / page;
-    let last = (offset + len as u64).div_ceil(page);
-    (last - first) as usize
-}
-
-/// How many pages of the range are in the page cache, by `cachestat(2)`.
-fn cached_pages(file: &File, offset: u64, len: usize) -> io::Result<u64> {
-    /// The syscall's number in the generic table, shared by x86_64 and aarch64.
-    const SYS_CACHESTAT: libc::c_long = 451;
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    let range = Range {
-        off: offset,
-        len: len as u64,
-    };
-    let mut stat = Stat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live, correctly laid out locals.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stat.nr_cache)
-}
-
-/// `mincore` on a mapping that is never touched asks the page cache without faulting anything
-/// in.
-fn mincore_resident(file: &File, offset: u64, len: usize) -> bool {
-    const MAX_PAGES: usize = MAX_CHUNK / 4096 + 1;
-    let page = page_size();
-    let start = offset - offset % page as u64;
-    let span = (offset - start) as usize + len;
-    let pages = span.div_ceil(page);
-    let Ok(map_offset) = libc::off_t::try_from(start) else {
-        return false;
-    };
-    if pages > MAX_PAGES {
-        return false;
-    }
-    let mut vec = [0u8; MAX_PAGES];
-    // SAFETY: a fresh read-only shared mapping of `span` bytes that is never dereferenced;
-    // mincore writes one byte per page into `vec`, which holds `pages` <= MAX_PAGES bytes;
-    // the mapping is removed before returning.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            map_offset,
-        );
-        if addr == libc::MAP_FAILED {
-            return false;
-        }
-        let rc = libc::mincore(addr, span, vec.as_mut_ptr());
-        libc::munmap(addr, span);
-        rc == 0 && vec[..pages].iter().all(|b| b & 1 == 1)
-    }
-}
-
-fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(p).ok().filter(|p| *p > 0).unwrap_or(4096)
-    })
 }
 
 /// A TCP connection whose writer sends placeholder slices as file ranges.
@@ -211,7 +104,7 @@ impl Connection {
             };
             let count = want.min(region.len);
             let sent = self.tcp.try_io(Interest::WRITABLE, || {
-                send_file(&self.tcp, &region.file, region.offset, count)
+                platform::send_file(&self.tcp, &region.file, region.offset, count)
             });
             match sent {
                 Ok(0) => {
@@ -244,40 +137,12 @@ impl Connection {
             ready!(self.tcp.poll_write_ready(cx))?;
             match self
                 .tcp
-                .try_io(Interest::WRITABLE, || send_more(&self.tcp, bufs))
+                .try_io(Interest::WRITABLE, || platform::send_more(&self.tcp, bufs))
             {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
             }
         }
-    }
-}
-
-fn send_more(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    // SAFETY: an all-zero msghdr is valid; it points at `bufs`, whose IoSlices are laid out as
-    // iovecs and outlive the call; sendmsg only reads them.
-    let n = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len().min(1024) as _;
-        libc::sendmsg(tcp.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL)
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn send_file(tcp: &TcpStream, file: &File, offset: u64, count: usize) -> io::Result<usize> {
-    let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-    // SAFETY: both descriptors are open for the duration of the call; `off` is a valid
-    // pointer to a local that sendfile updates.
-    let n = unsafe { libc::sendfile(tcp.as_raw_fd(), file.as_raw_fd(), &mut off, count) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
@@ -469,21 +334,5 @@ mod tests {
         file.set_len(4096).unwrap();
         let err = write_all(&mut conn, vec![chunk]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
-
-    #[test]
-    fn pages_past_the_end_of_a_file_are_not_resident() {
-        let mut tmp = tempfile::tempfile().unwrap();
-        tmp.write_all(&[1u8; 3 * 4096]).unwrap();
-        tmp.set_len(2 * 4096 + 10).unwrap();
-        for check in [resident, mincore_resident] {
-            assert!(check(&tmp, 0, 4096));
-            assert!(check(&tmp, 100, 2 * 4096));
-            assert!(!check(&tmp, 0, 4 * 4096));
-        }
-        match cached_pages(&tmp, 0, 4 * 4096) {
-            Ok(n) => assert_eq!(n, 3),
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSYS), "{e}"),
-        }
     }
 }

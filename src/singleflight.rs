@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -53,11 +53,7 @@ impl<K: Hash + Eq, S> Drop for FlightGuard<K, S> {
     }
 }
 
-/// The table lock is never held across an await, and a panic while holding it cannot leave the
-/// map inconsistent (every operation is a single insert, get or remove), so poison is ignored.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::sync::lock;
 
 impl<K: Hash + Eq + Clone, S> Flights<K, S> {
     pub fn join_or_start(&self, key: &K, start: impl FnOnce() -> S) -> Joined<K, S> {
@@ -81,12 +77,9 @@ impl<K: Hash + Eq + Clone, S> Flights<K, S> {
         lock(&self.table).get(key).cloned()
     }
 
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         lock(&self.table).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -143,7 +136,8 @@ where
         value.map(|v| (v, coalesced)).ok_or(Abandoned)
     }
 
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.flights.len()
     }
 }

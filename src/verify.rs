@@ -8,15 +8,14 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::body::Progress;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::singleflight::{Flights, Joined};
+use crate::store::handle::Progress;
 use crate::store::Store;
 
 pub struct Verifications {
@@ -103,7 +102,7 @@ fn hash(file: &File, size: u64) -> io::Result<Digest> {
     }
     impl io::Read for At<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let n = self.file.read_at(buf, self.pos)?;
+            let n = crate::platform::read_into_at(self.file, buf, self.pos)?;
             self.pos += n as u64;
             Ok(n)
         }

@@ -8,18 +8,10 @@ use std::sync::Arc;
 use moka::sync::Cache;
 use tempfile::NamedTempFile;
 
+use super::handle::{BlobHandle, LocalFile};
 use super::index::{Index, Key};
-use super::{blocking, digest_path};
+use super::{blocking, digest_path, persist};
 use crate::oci::Digest;
-
-/// A cached blob, open for reading.
-pub struct Hit {
-    pub file: Arc<File>,
-    pub size: u64,
-    /// Whether this process has checked the bytes against the digest. Blobs found on disk at
-    /// start-up are checked on their first full read.
-    pub verified: bool,
-}
 
 /// Descriptors of recently served blobs kept open: a hit then costs no path lookup and no
 /// hop to the blocking pool. Bounded in number, and closed after [`OPEN_IDLE`] unused so that
@@ -52,8 +44,9 @@ impl Blobs {
     }
 
     /// Opens a committed blob, or `None` when it is not cached. A file whose size differs
-    /// from the indexed one (truncated, replaced) is removed rather than served.
-    pub async fn open(&self, digest: &Digest) -> io::Result<Option<Hit>> {
+    /// from the indexed one (truncated, replaced) is removed rather than served. The handle
+    /// is unverified for a blob found on disk at start-up and not yet hashed by this process.
+    pub async fn open(&self, digest: &Digest) -> io::Result<Option<BlobHandle>> {
         if !digest.is_sha256() {
             return Ok(None);
         }
@@ -65,11 +58,7 @@ impl Blobs {
             // fstat on an open descriptor needs no disk I/O; a file truncated meanwhile is
             // dropped here and handled by the full open below.
             if file.metadata().is_ok_and(|m| m.len() == size) {
-                return Ok(Some(Hit {
-                    file,
-                    size,
-                    verified,
-                }));
+                return Ok(Some(hit(file, size, verified)));
             }
             self.open_files.invalidate(digest);
         }
@@ -92,11 +81,7 @@ impl Blobs {
             Some(file) => {
                 let file = Arc::new(file);
                 self.open_files.insert(digest.clone(), file.clone());
-                Ok(Some(Hit {
-                    file,
-                    size,
-                    verified,
-                }))
+                Ok(Some(hit(file, size, verified)))
             }
             None => {
                 self.index.remove(&key);
@@ -121,14 +106,14 @@ impl Blobs {
         self.index.mark_verified(&Key::blob(digest));
     }
 
-    /// A new temp file for a download; deleted when dropped unless committed.
-    pub async fn create_temp(&self) -> io::Result<NamedTempFile> {
+    /// A new temp file for a download; deleted when dropped unless persisted.
+    pub(super) async fn create_temp(&self) -> io::Result<NamedTempFile> {
         let tmp = self.tmp.clone();
         blocking(move || NamedTempFile::new_in(tmp)).await
     }
 
-    /// Makes a verified temp file visible under its digest (fsync, then atomic rename) and
-    /// indexes it; returns what must be evicted to stay within the bound.
+    /// Makes a verified temp file visible under its digest and indexes it; returns what must
+    /// be evicted to stay within the bound.
     pub(super) async fn commit(
         &self,
         temp: NamedTempFile,
@@ -136,15 +121,11 @@ impl Blobs {
         size: u64,
     ) -> io::Result<Vec<Key>> {
         let path = self.path(digest);
-        blocking(move || {
-            temp.as_file().sync_data()?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            temp.persist(&path).map_err(|e| e.error)?;
-            Ok(())
-        })
-        .await?;
+        blocking(move || persist(temp, &path)).await?;
         Ok(self.index.insert(Key::blob(digest), size, true))
     }
+}
+
+fn hit(file: Arc<File>, size: u64, verified: bool) -> BlobHandle {
+    BlobHandle::complete(Arc::new(LocalFile(file)), size, verified)
 }

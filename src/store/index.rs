@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use crate::oci::Digest;
 
@@ -100,10 +100,7 @@ impl Entry {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::clock::unix_secs(SystemTime::now())
 }
 
 struct Slot {
@@ -194,7 +191,7 @@ impl Index {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // Every critical section leaves the maps consistent before it can panic.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     pub fn max(&self) -> Option<u64> {

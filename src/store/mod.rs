@@ -15,15 +15,16 @@
 //! reading: an unlinked file lives until closed).
 
 pub mod blobs;
+pub mod handle;
 pub mod index;
 pub mod manifests;
 pub mod tags;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use tempfile::NamedTempFile;
 
@@ -44,6 +45,15 @@ pub enum Mode {
 pub struct Limits {
     pub max_size: Option<u64>,
     pub low_watermark: Option<u64>,
+}
+
+impl Limits {
+    pub fn from_config(storage: &crate::config::StorageConfig) -> Limits {
+        Limits {
+            max_size: storage.max_size.map(|b| b.as_u64()),
+            low_watermark: storage.low_watermark.map(|b| b.as_u64()),
+        }
+    }
 }
 
 pub struct Store {
@@ -137,8 +147,19 @@ impl Store {
         write_atomic(&self.tmp, &self.root.join(SNAPSHOT), text.as_bytes())
     }
 
+    /// A writer for a blob download (the miss side of the seam).
+    pub async fn blob_writer(self: &Arc<Self>) -> io::Result<writer::BlobWriter> {
+        let temp = self.blobs.create_temp().await?;
+        writer::BlobWriter::new(self.clone(), temp)
+    }
+
+    /// Whether the storage directory takes new files: a temp file can be created.
+    pub async fn is_writable(&self) -> io::Result<()> {
+        self.blobs.create_temp().await.map(drop)
+    }
+
     /// Commits a verified blob download and applies the evictions it causes.
-    pub async fn commit_blob(
+    async fn publish_blob(
         self: &Arc<Self>,
         temp: NamedTempFile,
         digest: &Digest,
@@ -225,11 +246,7 @@ fn scan(root: &Path) -> io::Result<Vec<Entry>> {
                     Some((i, entry)) => found.push((entry.last_access, i, entry)),
                     None => {
                         let Ok(meta) = file.metadata() else { continue };
-                        let mtime = meta
-                            .modified()
-                            .ok()
-                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_secs());
+                        let mtime = meta.modified().map_or(0, crate::clock::unix_secs);
                         let entry = Entry {
                             key,
                             size: meta.len(),
@@ -253,16 +270,21 @@ fn digest_path(dir: &Path, digest: &Digest) -> PathBuf {
 }
 
 /// Writes `bytes` to a temp file and renames it to `path`: readers see the old file or the
-/// whole new one, never a part.
+/// whole new one, never a part. Blocking.
 fn write_atomic(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
+    let mut file = NamedTempFile::new_in(tmp)?;
+    file.write_all(bytes)?;
+    persist(file, path)
+}
+
+/// The one commit: data synced to disk, then an atomic rename to the final name. Blocking.
+fn persist(temp: NamedTempFile, path: &Path) -> io::Result<()> {
+    temp.as_file().sync_data()?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut file = NamedTempFile::new_in(tmp)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_data()?;
-    file.persist(path).map_err(|e| e.error)?;
+    temp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
@@ -25,14 +25,6 @@ pub struct TagRecord {
     pub media_type: String,
     pub size: u64,
     pub fetched_at: SystemTime,
-}
-
-impl TagRecord {
-    pub fn age(&self) -> Duration {
-        SystemTime::now()
-            .duration_since(self.fetched_at)
-            .unwrap_or(Duration::ZERO)
-    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,7 +76,7 @@ impl Tags {
                 digest: d.digest.parse().ok()?,
                 media_type: d.media_type,
                 size: d.size,
-                fetched_at: UNIX_EPOCH + Duration::from_secs(d.fetched_at),
+                fetched_at: crate::clock::from_unix_secs(d.fetched_at),
             })
         });
         match record {
@@ -104,11 +96,7 @@ impl Tags {
             digest: record.digest.to_string(),
             media_type: record.media_type.clone(),
             size: record.size,
-            fetched_at: record
-                .fetched_at
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            fetched_at: crate::clock::unix_secs(record.fetched_at),
         };
         let raw = serde_json::to_vec(&on_disk).map_err(io::Error::other)?;
         let path = self.path(key);

@@ -243,7 +243,7 @@ impl Auth {
                     message: "upstream token service rate limited the mirror".into(),
                     retry_after: super::retry_after(resp.headers()),
                 },
-                _ => Error::ServerError {
+                _ => Error::Failing {
                     upstream: self.upstream.clone(),
                     status: status.as_u16(),
                 },

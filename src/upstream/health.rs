@@ -4,7 +4,9 @@
 //! success marks the upstream up, its failure doubles the back-off.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::Clock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -16,7 +18,7 @@ pub enum State {
 #[derive(Debug)]
 struct Inner {
     failures: u32,
-    down_until: Option<Instant>,
+    down_until: Option<SystemTime>,
     backoff: Duration,
     probing: bool,
 }
@@ -26,6 +28,7 @@ pub struct Health {
     threshold: u32,
     base_backoff: Duration,
     max_backoff: Duration,
+    clock: Clock,
     inner: Mutex<Inner>,
 }
 
@@ -38,11 +41,12 @@ pub enum Admission {
 }
 
 impl Health {
-    pub fn new(threshold: u32, backoff: Duration) -> Health {
+    pub fn new(threshold: u32, backoff: Duration, clock: Clock) -> Health {
         Health {
             threshold: threshold.max(1),
             base_backoff: backoff,
             max_backoff: backoff * 16,
+            clock,
             inner: Mutex::new(Inner {
                 failures: 0,
                 down_until: None,
@@ -53,14 +57,14 @@ impl Health {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     pub fn admit(&self) -> Admission {
         let mut s = self.lock();
         match s.down_until {
             None => Admission::Go,
-            Some(until) if Instant::now() < until || s.probing => Admission::Refuse,
+            Some(until) if self.clock.now() < until || s.probing => Admission::Refuse,
             Some(_) => {
                 s.probing = true;
                 Admission::Probe
@@ -86,14 +90,14 @@ impl Health {
         s.failures += 1;
         if admission == Admission::Probe {
             s.backoff = (s.backoff * 2).min(self.max_backoff);
-            s.down_until = Some(Instant::now() + s.backoff);
+            s.down_until = Some(self.clock.now() + s.backoff);
         } else if s.failures >= self.threshold && s.down_until.is_none() {
             tracing::warn!(
                 failures = s.failures,
                 backoff_secs = s.backoff.as_secs_f64(),
                 "upstream failing repeatedly; backing off"
             );
-            s.down_until = Some(Instant::now() + s.backoff);
+            s.down_until = Some(self.clock.now() + s.backoff);
         }
     }
 
@@ -112,13 +116,14 @@ mod tests {
 
     #[test]
     fn backs_off_after_threshold_then_probes_once() {
-        let h = Health::new(2, Duration::from_millis(20));
+        let clock = Clock::manual();
+        let h = Health::new(2, Duration::from_millis(20), clock.clone());
         h.record(h.admit(), true);
         assert_eq!(h.admit(), Admission::Go);
         h.record(Admission::Go, true);
         assert_eq!(h.state(), State::BackingOff);
         assert_eq!(h.admit(), Admission::Refuse);
-        std::thread::sleep(Duration::from_millis(30));
+        clock.advance(Duration::from_millis(30));
         assert_eq!(h.admit(), Admission::Probe);
         assert_eq!(h.admit(), Admission::Refuse, "one probe at a time");
         h.record(Admission::Probe, false);
@@ -128,12 +133,13 @@ mod tests {
 
     #[test]
     fn failed_probe_doubles_the_backoff() {
-        let h = Health::new(1, Duration::from_millis(10));
+        let clock = Clock::manual();
+        let h = Health::new(1, Duration::from_secs(10), clock.clone());
         h.record(Admission::Go, true);
-        std::thread::sleep(Duration::from_millis(15));
+        clock.advance(Duration::from_secs(15));
         assert_eq!(h.admit(), Admission::Probe);
         h.record(Admission::Probe, true);
-        std::thread::sleep(Duration::from_millis(12));
-        assert_eq!(h.admit(), Admission::Refuse, "back-off doubled to 20 ms");
+        clock.advance(Duration::from_secs(12));
+        assert_eq!(h.admit(), Admission::Refuse, "back-off doubled to 20 s");
     }
 }

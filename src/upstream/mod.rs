@@ -8,18 +8,19 @@ pub mod ratelimit;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use governor::{DefaultDirectRateLimiter, Quota};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
+use crate::clock::Clock;
 use crate::config::UpstreamConfig;
-use crate::metrics::Metrics;
-use crate::oci::{Digest, RepoName};
+use crate::metrics::{BudgetSample, Metrics};
+use crate::oci::{Digest, Reference, RepoName};
 
 /// Manifests larger than this are refused: the distribution registry's own limit.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -40,9 +41,13 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
     #[error("upstream {upstream} answered {status}")]
-    ServerError { upstream: String, status: u16 },
-    #[error("upstream {upstream} unreachable: {detail}")]
-    Unreachable { upstream: String, detail: String },
+    Failing { upstream: String, status: u16 },
+    #[error("upstream {upstream} unreachable ({why}): {detail}")]
+    Unreachable {
+        upstream: String,
+        why: Failure,
+        detail: String,
+    },
     #[error("upstream {upstream} timed out waiting for {what}")]
     Timeout {
         upstream: String,
@@ -50,12 +55,38 @@ pub enum Error {
     },
     #[error("upstream {upstream} is backing off after repeated failures")]
     BackingOff { upstream: String },
-    #[error("digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { expected: String, actual: String },
     #[error("upstream {upstream} protocol error: {detail}")]
     Protocol { upstream: String, detail: String },
     #[error("upstream {upstream} answered unexpected status {status}")]
     Unexpected { upstream: String, status: u16 },
+}
+
+/// Why an upstream could not be reached: what an operator needs first, and a short, safe
+/// thing to tell a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The host name did not resolve.
+    Resolve,
+    /// Nothing listens there (connection refused).
+    Refused,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
+    /// Another connection failure (reset, unreachable network).
+    Connect,
+    /// The connection broke during the response.
+    Cut,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Failure::Resolve => "name not resolved",
+            Failure::Refused => "connection refused",
+            Failure::Tls => "TLS failed",
+            Failure::Connect => "cannot connect",
+            Failure::Cut => "connection cut",
+        })
+    }
 }
 
 impl Error {
@@ -63,10 +94,27 @@ impl Error {
         // reqwest's Display includes the URL, which never carries credentials (config refuses
         // them in URLs), but the source chain is what says why.
         let mut detail = e.to_string();
+        let mut why = if e.is_connect() {
+            Failure::Connect
+        } else {
+            Failure::Cut
+        };
         let mut source = std::error::Error::source(e);
         while let Some(s) = source {
             detail = format!("{detail}: {s}");
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    why = Failure::Refused;
+                }
+            }
+            if s.downcast_ref::<rustls::Error>().is_some() {
+                why = Failure::Tls;
+            }
             source = s.source();
+        }
+        // hyper-util's resolver error has no type of its own to look for.
+        if e.is_connect() && detail.contains("dns error") {
+            why = Failure::Resolve;
         }
         if e.is_timeout() {
             Error::Timeout {
@@ -76,8 +124,23 @@ impl Error {
         } else {
             Error::Unreachable {
                 upstream: upstream.to_owned(),
+                why,
                 detail,
             }
+        }
+    }
+
+    /// What a client may be told about the failure, beyond its status: never a URL, a header
+    /// or an upstream's body.
+    pub fn client_reason(&self) -> String {
+        match self {
+            Error::Failing { status, .. } | Error::Unexpected { status, .. } => {
+                format!("answered {status}")
+            }
+            Error::Unreachable { why, .. } => why.to_string(),
+            Error::Timeout { what, .. } => format!("timed out waiting for {what}"),
+            Error::BackingOff { .. } => "backing off after repeated failures".into(),
+            other => other.to_string(),
         }
     }
 
@@ -85,7 +148,7 @@ impl Error {
     pub fn is_outage(&self) -> bool {
         matches!(
             self,
-            Error::ServerError { .. }
+            Error::Failing { .. }
                 | Error::Unreachable { .. }
                 | Error::Timeout { .. }
                 | Error::BackingOff { .. }
@@ -117,6 +180,69 @@ fn error_message(body: &[u8]) -> Option<String> {
     Some(msg.chars().take(512).collect())
 }
 
+/// A blob body from the upstream, starting at the offset asked for whatever the upstream did
+/// with the `Range` (a 200 that ignored it has its leading bytes skipped here).
+pub struct BlobBody {
+    /// The whole blob's length, when the upstream said it.
+    pub size: Option<u64>,
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    /// Leading bytes still to drop (a 200 answer to a Range request).
+    skip: u64,
+    idle_timeout: Duration,
+    upstream: String,
+}
+
+impl BlobBody {
+    /// The next chunk; `None` at the end. Fails if the upstream goes quiet for the idle
+    /// timeout or the connection breaks.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
+        loop {
+            let Some(mut chunk) = self.poll_next().await? else {
+                return Ok(None);
+            };
+            if self.skip > 0 {
+                let n = self.skip.min(chunk.len() as u64);
+                self.skip -= n;
+                chunk = chunk.slice(n as usize..);
+            }
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
+            }
+        }
+    }
+
+    /// A chunk that has already arrived, without waiting: `Ok(None)` for none yet, `Err` on a
+    /// failure, and `Ok(Some(None))` at the end.
+    pub fn ready_chunk(&mut self) -> Result<Option<Option<Bytes>>, Error> {
+        match self.next_chunk().now_or_never() {
+            None => Ok(None),
+            Some(r) => r.map(Some),
+        }
+    }
+
+    async fn poll_next(&mut self) -> Result<Option<Bytes>, Error> {
+        let next = tokio::time::timeout(self.idle_timeout, self.stream.next())
+            .await
+            .map_err(|_| Error::Timeout {
+                upstream: self.upstream.clone(),
+                what: "the next body chunk",
+            })?;
+        match next {
+            None => Ok(None),
+            Some(Ok(b)) => Ok(Some(b)),
+            Some(Err(e)) => Err(Error::from_reqwest(&self.upstream, &e)),
+        }
+    }
+}
+
+/// One page of a repository's tags, as the upstream sent it.
+pub struct TagsPage {
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    /// The `Link` header (next page), as sent.
+    pub link: Option<String>,
+}
+
 /// A manifest as the upstream answered it.
 #[derive(Debug, Clone)]
 pub struct ManifestResponse {
@@ -141,13 +267,20 @@ pub struct Upstream {
     pull_cap: Option<DefaultDirectRateLimiter>,
     counted_pulls: AtomicU64,
     metrics: Arc<Metrics>,
+    clock: Clock,
+    /// When an outage was last logged at warn.
+    last_outage_log: Mutex<Option<SystemTime>>,
 }
+
+/// The least time between two warnings about failures of one upstream.
+const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Upstream {
     pub fn new(
         name: &str,
         config: &UpstreamConfig,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> anyhow::Result<Upstream> {
         let base = url::Url::parse(config.url.trim_end_matches('/'))?;
         // Redirects are followed by reqwest, which drops Authorization when the host changes:
@@ -167,7 +300,9 @@ impl Upstream {
         });
         Ok(Upstream {
             name: name.to_owned(),
-            health: health::Health::new(config.failure_threshold, config.backoff),
+            health: health::Health::new(config.failure_threshold, config.backoff, clock.clone()),
+            clock,
+            last_outage_log: Mutex::new(None),
             pull_cap,
             counted_pulls: AtomicU64::new(0),
             base,
@@ -213,8 +348,26 @@ impl Upstream {
         }
         let result = self.send_admitted(kind, method, repo, url, headers).await;
         let outage = matches!(&result, Err(e) if e.is_outage());
+        if let Err(e) = &result {
+            if outage {
+                self.warn_outage(e);
+            }
+        }
         self.health.record(admission, outage);
         result
+    }
+
+    /// Logs why the upstream failed, at most once per [`OUTAGE_LOG_INTERVAL`]: an outage must
+    /// not flood the log, but its cause must be in it.
+    fn warn_outage(&self, e: &Error) {
+        let now = self.clock.now();
+        let mut last = crate::sync::lock(&self.last_outage_log);
+        if last.is_some_and(|t| now.duration_since(t).is_ok_and(|d| d < OUTAGE_LOG_INTERVAL)) {
+            tracing::debug!(upstream = %self.name, error = %e, "upstream request failed");
+            return;
+        }
+        *last = Some(now);
+        tracing::warn!(upstream = %self.name, error = %e, "upstream request failed");
     }
 
     async fn send_admitted(
@@ -302,7 +455,7 @@ impl Upstream {
                 message: msg("upstream rate limit reached"),
                 retry_after: retry,
             },
-            s if s >= 500 => Error::ServerError {
+            s if s >= 500 => Error::Failing {
                 upstream: self.name.clone(),
                 status: s,
             },
@@ -317,7 +470,7 @@ impl Upstream {
     pub async fn manifest(
         &self,
         repo: &RepoName,
-        reference: &str,
+        reference: &Reference,
         head: bool,
         accept: &str,
     ) -> Result<ManifestResponse, Error> {
@@ -406,7 +559,15 @@ impl Upstream {
         let Some((budget, previous)) = self.budget.observe(headers) else {
             return;
         };
-        self.metrics.budget(&self.name, &budget);
+        self.metrics.budget(
+            &self.name,
+            BudgetSample {
+                limit: budget.limit,
+                remaining: budget.remaining,
+                window_secs: budget.window_secs,
+                updated: budget.updated,
+            },
+        );
         let threshold = (budget.limit as f64 * self.config.budget_warn_ratio) as u64;
         let was_above = previous.is_none_or(|p| p.remaining > threshold);
         if budget.remaining <= threshold && was_above {
@@ -459,28 +620,59 @@ impl Upstream {
         }
     }
 
-    /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`).
+    /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`). A fresh
+    /// request, so a fresh token and a fresh CDN redirect: also how a cut download resumes.
     pub async fn blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         offset: u64,
-    ) -> Result<reqwest::Response, Error> {
+    ) -> Result<BlobBody, Error> {
         let mut headers = HeaderMap::new();
         if offset > 0 {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
                 headers.insert(header::RANGE, v);
             }
         }
-        self.send(
-            "blob_get",
-            Method::GET,
-            repo,
-            &format!("blobs/{digest}"),
-            None,
-            headers,
-        )
-        .await
+        let resp = self
+            .send(
+                "blob_get",
+                Method::GET,
+                repo,
+                &format!("blobs/{digest}"),
+                None,
+                headers,
+            )
+            .await?;
+        let protocol = |detail: String| Error::Protocol {
+            upstream: self.name.clone(),
+            detail,
+        };
+        let (size, skip) = match resp.status().as_u16() {
+            206 => {
+                let range = resp
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let size = content_range_total(range, offset).ok_or_else(|| {
+                    protocol(format!(
+                        "Range bytes={offset}- answered with Content-Range {range:?}"
+                    ))
+                })?;
+                (Some(size), 0)
+            }
+            // No Range sent, or the upstream ignored it: the body starts at 0.
+            200 => (header_length(resp.headers()), offset),
+            s => return Err(protocol(format!("blob GET answered status {s}"))),
+        };
+        Ok(BlobBody {
+            size,
+            stream: resp.bytes_stream().boxed(),
+            skip,
+            idle_timeout: self.config.idle_timeout,
+            upstream: self.name.clone(),
+        })
     }
 
     /// `HEAD` of a blob: its size, without downloading it.
@@ -502,35 +694,51 @@ impl Upstream {
     }
 
     /// `GET tags/list`, passed through with the client's query (`n`, `last`).
-    pub async fn tags(
-        &self,
-        repo: &RepoName,
-        query: Option<&str>,
-    ) -> Result<reqwest::Response, Error> {
-        self.send(
-            "tags",
-            Method::GET,
-            repo,
-            "tags/list",
-            query,
-            HeaderMap::new(),
-        )
-        .await
+    pub async fn tags(&self, repo: &RepoName, query: Option<&str>) -> Result<TagsPage, Error> {
+        let resp = self
+            .send(
+                "tags",
+                Method::GET,
+                repo,
+                "tags/list",
+                query,
+                HeaderMap::new(),
+            )
+            .await?;
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let body = self.read_limited(resp, MAX_MANIFEST_BYTES).await?;
+        Ok(TagsPage {
+            body,
+            content_type,
+            link,
+        })
     }
+}
 
-    /// Reads the next body chunk, failing if the upstream goes quiet for the idle timeout.
-    pub async fn next_chunk(
-        &self,
-        stream: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
-    ) -> Result<Option<Bytes>, Error> {
-        match tokio::time::timeout(self.config.idle_timeout, stream.next()).await {
-            Err(_) => Err(Error::Timeout {
-                upstream: self.name.clone(),
-                what: "the next body chunk",
-            }),
-            Ok(None) => Ok(None),
-            Ok(Some(Ok(b))) => Ok(Some(b)),
-            Ok(Some(Err(e))) => Err(Error::from_reqwest(&self.name, &e)),
-        }
+/// The total of `bytes <offset>-<last>/<total>` when it starts at `offset` and runs to the end.
+fn content_range_total(range: &str, offset: u64) -> Option<u64> {
+    let (span, total) = range.strip_prefix("bytes ")?.split_once('/')?;
+    let total: u64 = total.trim().parse().ok()?;
+    let (first, last) = span.split_once('-')?;
+    let (first, last): (u64, u64) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (first == offset && last.checked_add(1) == Some(total)).then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_must_answer_from_the_offset_to_the_end() {
+        assert_eq!(content_range_total("bytes 10-99/100", 10), Some(100));
+        assert_eq!(content_range_total("bytes 0-99/100", 10), None);
+        assert_eq!(content_range_total("bytes 10-50/100", 10), None);
+        assert_eq!(content_range_total("bytes 10-99/*", 10), None);
+        assert_eq!(content_range_total("garbage", 10), None);
     }
 }

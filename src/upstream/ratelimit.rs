@@ -13,20 +13,12 @@ pub struct Budget {
     /// The window in seconds (`w=` in the header).
     pub window_secs: u64,
     pub source: Option<String>,
-    #[serde(with = "unix_secs")]
+    #[serde(serialize_with = "as_unix_secs")]
     pub updated: SystemTime,
 }
 
-mod unix_secs {
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        )
-    }
+fn as_unix_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(crate::clock::unix_secs(*t))
 }
 
 /// `100;w=21600` → (100, 21600).
@@ -64,13 +56,13 @@ impl BudgetState {
     /// Records the budget in `headers`, if any; returns the new and the previous values.
     pub fn observe(&self, headers: &HeaderMap) -> Option<(Budget, Option<Budget>)> {
         let budget = parse(headers)?;
-        let mut latest = self.latest.lock().ok()?;
+        let mut latest = crate::sync::lock(&self.latest);
         let previous = latest.replace(budget.clone());
         Some((budget, previous))
     }
 
     pub fn latest(&self) -> Option<Budget> {
-        self.latest.lock().ok().and_then(|b| b.clone())
+        crate::sync::lock(&self.latest).clone()
     }
 
     /// With a sliding window of `w` seconds for `limit` pulls, one pull frees up about every

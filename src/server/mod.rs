@@ -1,6 +1,10 @@
-//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge), times out idle
-//! ones, drains on shutdown, and wraps every request in timing, panic isolation, metrics and
-//! one log line.
+//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge; TLS with ALPN),
+//! times out idle ones, drains on shutdown, admits each request (access control, client
+//! limits), and wraps it in timing, panic isolation, metrics and one log line. What a request
+//! is answered with is the business of `routes` and below.
+
+pub mod admission;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,17 +20,19 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 
-use crate::body::{self, Body};
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::ApiError;
-use crate::handlers::{self, X_CACHE};
+use crate::handlers::body::{self, Body};
+use crate::handlers::error::ApiError;
 use crate::logging::{self, AccessLine};
 use crate::metrics::Metrics;
-use crate::mirror::{CacheStatus, Mirror};
+use crate::mirror::Mirror;
 use crate::oci::RepoName;
+use crate::outcome::CacheStatus;
 use crate::routes::{self, Route};
 use crate::sendfile::{self, Sendfile};
-use crate::tls::Tls;
+use admission::{Access, ClientLimit};
+use tls::Tls;
 
 /// Which requests a listener answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +43,16 @@ enum Role {
     Metrics,
 }
 
+/// What every request on a listener shares: the pull layer and the admission rules.
+struct App {
+    mirror: Arc<Mirror>,
+    metrics: Arc<Metrics>,
+    access: Arc<Access>,
+    client_limit: Option<ClientLimit>,
+    /// `/metrics` is served on its own listener (`metrics.listen`), not on the main one.
+    metrics_elsewhere: bool,
+}
+
 /// Runs the mirror on `listener` until `shutdown` completes, then lets in-flight responses
 /// finish for up to `server.shutdown_grace`.
 pub async fn serve(
@@ -44,18 +60,90 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    Server::new(config).serve(listener, shutdown).await
+}
+
+/// The server with what tests and embedders may set beyond the config.
+pub struct Server {
+    config: Config,
+    clock: Clock,
+    metrics_listener: Option<TcpListener>,
+}
+
+impl Server {
+    pub fn new(config: Config) -> Server {
+        Server {
+            config,
+            clock: Clock::system(),
+            metrics_listener: None,
+        }
+    }
+
+    /// The clock for TTLs and back-offs (a manual one in tests).
+    pub fn clock(mut self, clock: Clock) -> Server {
+        self.clock = clock;
+        self
+    }
+
+    /// An already bound listener for `/metrics`, instead of binding `metrics.listen`.
+    pub fn metrics_listener(mut self, listener: TcpListener) -> Server {
+        self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// See [`serve`].
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        run(self, listener, shutdown).await
+    }
+}
+
+async fn run(
+    server: Server,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Server {
+        config,
+        clock,
+        metrics_listener,
+    } = server;
     let metrics = Arc::new(Metrics::new());
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_read_timeout;
-    let mirror =
-        Arc::new(tokio::task::spawn_blocking(move || Mirror::new(config, metrics)).await??);
-    warn_about_exposure(&mirror);
-    let tls = match (
-        &mirror.config.server.tls_cert,
-        &mirror.config.server.tls_key,
-    ) {
+    let access = Arc::new(Access::from_config(&config.server)?);
+    warn_about_exposure(&config, &access);
+    let metrics_listen = config.metrics.listen;
+    let tls_files = (
+        config.server.tls_cert.clone(),
+        config.server.tls_key.clone(),
+    );
+    let client_limit = ClientLimit::from_config(&config.server);
+    let mirror_metrics = metrics.clone();
+    let mirror = Arc::new(
+        tokio::task::spawn_blocking(move || Mirror::new(config, mirror_metrics, clock)).await??,
+    );
+    let metrics_listener = match (metrics_listener, metrics_listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?,
+        ),
+        (None, None) => None,
+    };
+    let app = Arc::new(App {
+        mirror: mirror.clone(),
+        metrics,
+        access,
+        client_limit,
+        metrics_elsewhere: metrics_listener.is_some(),
+    });
+    let tls = match tls_files {
         (Some(cert), Some(key)) => {
-            let (cert, key) = (cert.clone(), key.clone());
             let tls = tokio::task::spawn_blocking(move || Tls::load(&cert, &key)).await??;
             Some(Arc::new(tls))
         }
@@ -81,20 +169,17 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
 
-    if let Some(addr) = mirror.config.metrics.listen {
-        let metrics_listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
-        tracing::info!(%addr, "metrics listening");
-        let (builder, mirror) = (builder.clone(), mirror.clone());
+    if let Some(metrics_listener) = metrics_listener {
+        tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
+        let (builder, app) = (builder.clone(), app.clone());
         // Scrapes are short: this listener is simply stopped at shutdown, not drained.
         background.push(tokio::spawn(async move {
             while let Ok((stream, peer)) = metrics_listener.accept().await {
-                let (builder, mirror) = (builder.clone(), mirror.clone());
+                let (builder, app) = (builder.clone(), app.clone());
                 tokio::spawn(serve_io(
                     builder,
                     stream,
-                    mirror,
+                    app,
                     peer,
                     Role::Metrics,
                     None,
@@ -119,14 +204,14 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, mirror, watcher) = (builder.clone(), mirror.clone(), graceful.watcher());
+        let (builder, app, watcher) = (builder.clone(), app.clone(), graceful.watcher());
         match &tls {
             None => {
                 let (conn, sendfile) = sendfile::Connection::new(stream);
                 tokio::spawn(serve_io(
                     builder,
                     conn,
-                    mirror,
+                    app,
                     peer,
                     Role::Main,
                     Some(watcher),
@@ -141,7 +226,7 @@ pub async fn serve(
                             serve_io(
                                 builder,
                                 tls_stream,
-                                mirror,
+                                app,
                                 peer,
                                 Role::Main,
                                 Some(watcher),
@@ -168,7 +253,7 @@ pub async fn serve(
     for task in background {
         task.abort();
     }
-    save_index(&mirror).await;
+    mirror.save_index().await;
     Ok(())
 }
 
@@ -177,7 +262,7 @@ pub async fn serve(
 async fn serve_io<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
-    mirror: Arc<Mirror>,
+    app: Arc<App>,
     peer: SocketAddr,
     role: Role,
     watcher: Option<Watcher>,
@@ -186,14 +271,14 @@ async fn serve_io<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let mirror = mirror.clone();
+        let app = app.clone();
         // HTTP/2 copies body chunks into its frames: placeholders must not reach it.
         if req.version() <= http::Version::HTTP_11 {
             if let Some(sf) = &sendfile {
                 req.extensions_mut().insert(sf.clone());
             }
         }
-        async move { Ok::<_, Infallible>(handle(mirror, req, peer, role).await) }
+        async move { Ok::<_, Infallible>(handle(app, req, peer, role).await) }
     });
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
@@ -232,24 +317,15 @@ async fn save_index_periodically(mirror: Arc<Mirror>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        save_index(&mirror).await;
+        mirror.save_index().await;
     }
 }
 
-async fn save_index(mirror: &Arc<Mirror>) {
-    let store = mirror.store.clone();
-    match tokio::task::spawn_blocking(move || store.save_index()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cache index"),
-        Err(e) => tracing::warn!(error = %e, "cannot save the cache index"),
-    }
-}
-
-fn warn_about_exposure(mirror: &Mirror) {
-    if mirror.access.is_restricted() {
+fn warn_about_exposure(config: &Config, access: &Access) {
+    if access.is_restricted() {
         return;
     }
-    for (name, up) in &mirror.config.upstreams {
+    for (name, up) in &config.upstreams {
         if up.username.is_some() {
             tracing::warn!(
                 upstream = %name,
@@ -264,7 +340,7 @@ fn warn_about_exposure(mirror: &Mirror) {
 /// Access control, then the per-client limit. Health checks are always answered, so that
 /// orchestrators need no credentials.
 async fn admit(
-    mirror: &Mirror,
+    app: &App,
     route: &Route,
     role: Role,
     req: &Request<Incoming>,
@@ -273,18 +349,18 @@ async fn admit(
     if matches!(route, Route::Healthz | Route::Readyz) || role == Role::Metrics {
         return Ok(());
     }
-    mirror.access.check_address(peer.ip())?;
-    mirror.access.check_credentials(req.headers()).await?;
+    app.access.check_address(peer.ip())?;
+    app.access.check_credentials(req.headers()).await?;
     if matches!(route, Route::Metrics | Route::Status) {
         return Ok(());
     }
-    let Some(limit) = &mirror.client_limit else {
+    let Some(limit) = &app.client_limit else {
         return Ok(());
     };
     limit.check(peer.ip()).map_err(|wait| {
         let mut e = ApiError::new(
             http::StatusCode::TOO_MANY_REQUESTS,
-            crate::error::Code::Toomanyrequests,
+            crate::handlers::error::Code::Toomanyrequests,
             "too many requests from this address; slow down",
         );
         e.retry_after = Some(wait.max(std::time::Duration::from_secs(1)));
@@ -295,7 +371,7 @@ async fn admit(
 /// One request: route, dispatch (panics become 500s), then metrics and a log line when the
 /// response body ends, with the bytes actually sent.
 async fn handle(
-    mirror: Arc<Mirror>,
+    app: Arc<App>,
     req: Request<Incoming>,
     peer: SocketAddr,
     role: Role,
@@ -305,15 +381,15 @@ async fn handle(
         (Role::Metrics, r @ (Route::Metrics | Route::Healthz)) => r,
         (Role::Metrics, _) => Route::NotFound,
         // /metrics lives on its own listener when one is configured.
-        (Role::Main, Route::Metrics) if mirror.config.metrics.listen.is_some() => Route::NotFound,
+        (Role::Main, Route::Metrics) if app.metrics_elsewhere => Route::NotFound,
         (Role::Main, r) => r,
     };
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
-    let dispatched = match admit(&mirror, &route, role, &req, peer).await {
+    let dispatched = match admit(&app, &route, role, &req, peer).await {
         Err(e) => Ok(Err(e)),
         Ok(()) => {
-            std::panic::AssertUnwindSafe(handlers::dispatch(&mirror, &route, &req))
+            std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req))
                 .catch_unwind()
                 .await
         }
@@ -328,10 +404,9 @@ async fn handle(
     };
     let status = resp.status().as_u16();
     let cache = resp
-        .headers()
-        .get(X_CACHE)
-        .and_then(|v| CacheStatus::from_header(v.as_bytes()))
-        .map_or("-", CacheStatus::as_str);
+        .extensions()
+        .get::<CacheStatus>()
+        .map_or("-", |s| s.as_str());
     // hyper stops polling a body once Content-Length bytes are out, so "complete" is judged
     // against the declared length rather than by seeing the end of the stream.
     let declared = resp
@@ -339,7 +414,7 @@ async fn handle(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let metrics = mirror.metrics.clone();
+    let metrics = app.metrics.clone();
     resp.map(move |b| {
         body::observe(b, move |bytes, ended| {
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);

@@ -16,7 +16,7 @@ use http::{header, HeaderMap, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::{Secret, ServerConfig};
-use crate::error::{ApiError, Code};
+use crate::handlers::error::{ApiError, Code};
 
 /// Requests per client address within a window.
 pub struct ClientLimit {

@@ -1,9 +1,8 @@
-//! Response bodies. Every body is a stream of chunks with bounded memory: a cached file is read
-//! in fixed-size chunks, an in-flight download is read from its temp file as the writer's
-//! progress allows. A body error makes hyper cut the connection, which is how a client learns
+//! Response bodies. Every body is a stream of chunks with bounded memory: a cached blob is read
+//! in fixed-size chunks, an in-flight download is read behind its writer as its progress
+//! allows. A body error makes hyper cut the connection, which is how a client learns
 //! that bytes it received are not a complete blob.
 
-use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
@@ -13,7 +12,9 @@ use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
 use tokio::sync::watch;
 
+use crate::outcome::Source;
 use crate::sendfile::{self, Sendfile};
+use crate::store::handle::{BlobHandle, BlobRead, Progress};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -41,38 +42,22 @@ where
     StreamBody::new(s.map_ok(Frame::data)).boxed_unsync()
 }
 
-/// How far a file has been written. A committed file is `Complete`; a download in progress
-/// publishes its progress through a watch channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
-    /// `written` bytes are on disk and readable; more will come.
-    Writing { written: u64 },
-    /// The whole file is on disk and verified.
-    Complete,
-    /// The download failed; readers must cut their connection.
-    Failed(String),
-}
-
-/// Streams `file[start..end)`. With `progress`, waits for the writer before reading past what
-/// has been written, so a reader never sees a byte before it is on disk. With `sendfile`, chunks
-/// whose pages are in the page cache go to the socket without a copy (see [`crate::sendfile`]);
-/// the others are read on the blocking pool.
-pub fn file_range(
-    file: Arc<File>,
-    start: u64,
-    end: u64,
-    progress: Option<watch::Receiver<Progress>>,
-    sendfile: Option<Sendfile>,
-) -> Body {
+/// Streams `blob[start..end)`. A blob still being written (or verified) is read only as far
+/// as its writer has gone, so a reader never sees a byte before it is stored, and the last
+/// chunk waits for the writer's verdict on the whole. With `sendfile`, chunks of a local file
+/// whose pages are in the page cache go to the socket without a copy (see
+/// [`crate::sendfile`]); the others are read through the handle (the blocking pool for files).
+pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendfile>) -> Body {
     struct State {
-        file: Arc<File>,
+        reader: Arc<dyn BlobRead>,
         pos: u64,
         end: u64,
         progress: Option<watch::Receiver<Progress>>,
         sendfile: Option<Sendfile>,
     }
+    let (reader, progress) = blob.into_parts();
     let state = State {
-        file,
+        reader,
         pos: start,
         end,
         progress,
@@ -103,7 +88,7 @@ pub fn file_range(
         }
         let len = (limit - st.pos).min(sendfile::MAX_CHUNK as u64) as usize;
         if st.pos + len as u64 >= st.end {
-            // The last chunk waits for the writer's verdict on the whole file, so a client
+            // The last chunk waits for the writer's verdict on the whole blob, so a client
             // never completes a response whose blob turns out not to match its digest.
             if let Some(rx) = st.progress.as_mut() {
                 let verdict = rx
@@ -119,61 +104,17 @@ pub fn file_range(
                 }
             }
         }
-        let zero_copy = st
-            .sendfile
-            .as_ref()
-            .and_then(|sf| sf.chunk(&st.file, st.pos, len));
+        let zero_copy = match (&st.sendfile, st.reader.file()) {
+            (Some(sf), Some(file)) => sf.chunk(file, st.pos, len),
+            _ => None,
+        };
         let chunk = match zero_copy {
             Some(chunk) => chunk,
-            None => {
-                let (file, pos) = (st.file.clone(), st.pos);
-                let len = len.min(CHUNK);
-                tokio::task::spawn_blocking(move || read_at(&file, pos, len))
-                    .await
-                    .map_err(io::Error::other)??
-            }
+            None => st.reader.read_at(st.pos, len.min(CHUNK)).await?,
         };
         st.pos += chunk.len() as u64;
         Ok(Some((chunk, st)))
     }))
-}
-
-/// Reads `file[pos..pos + len]` into fresh, uninitialised memory. `FileExt::read_at` needs an
-/// initialised buffer, and zeroing one per chunk cost a quarter of the CPU of serving a hit.
-fn read_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    use std::os::fd::AsRawFd;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
-    while buf.len() < len {
-        let filled = buf.len();
-        let offset = libc::off_t::try_from(pos + filled as u64).map_err(io::Error::other)?;
-        // SAFETY: the destination is the vector's spare capacity, `len - filled` bytes that it
-        // owns; pread writes at most that many and reports how many it wrote, and only those
-        // are added to the vector's length.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                buf.as_mut_ptr().add(filled).cast(),
-                len - filled,
-                offset,
-            )
-        };
-        match n {
-            n if n > 0 => unsafe { buf.set_len(filled + n as usize) },
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "cached file is shorter than expected",
-                ))
-            }
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(Bytes::from(buf))
 }
 
 type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
@@ -244,50 +185,6 @@ pub fn with_guard<G: Send + 'static>(inner: Body, guard: G) -> Body {
 }
 
 /// Counts the bytes sent to the client by where they came from.
-pub fn count_served(
-    inner: Body,
-    metrics: Arc<crate::metrics::Metrics>,
-    source: &'static str,
-) -> Body {
+pub fn count_served(inner: Body, metrics: Arc<crate::metrics::Metrics>, source: Source) -> Body {
     observe(inner, move |bytes, _| metrics.served(source, bytes))
-}
-
-/// Hashes a body that carries a whole blob, holding back its last chunk until the hash is
-/// known: a mismatch turns into an error (a cut connection), so no client takes wrong bytes
-/// as a complete blob.
-pub fn verify(inner: Body, digest: crate::oci::Digest, len: u64) -> Body {
-    use sha2::Digest as _;
-    struct State {
-        frames: http_body_util::BodyDataStream<Body>,
-        hasher: sha2::Sha256,
-        seen: u64,
-        digest: crate::oci::Digest,
-        len: u64,
-    }
-    let state = State {
-        frames: inner.into_data_stream(),
-        hasher: sha2::Sha256::new(),
-        seen: 0,
-        digest,
-        len,
-    };
-    from_stream(stream::try_unfold(state, |mut st| async move {
-        use futures_util::StreamExt;
-        let Some(chunk) = st.frames.next().await.transpose()? else {
-            return Ok(None);
-        };
-        st.hasher.update(&chunk);
-        st.seen += chunk.len() as u64;
-        if st.seen >= st.len {
-            let actual =
-                crate::oci::Digest::from_sha256(std::mem::take(&mut st.hasher).finalize().into());
-            if st.seen != st.len || actual != st.digest {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("content does not match {}", st.digest),
-                ));
-            }
-        }
-        Ok(Some((chunk, st)))
-    }))
 }

@@ -1,6 +1,6 @@
 //! The API error: what a client sees. Every lower layer's error is turned into one here, in
 //! one place, so the HTTP status and OCI error code of each failure are decided once.
-//! Internal details (I/O errors, upstream bodies) are logged, never sent.
+//! Causes (I/O errors, upstream error chains, panics) are logged for the operator, never sent.
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::body::{self, Body};
+use crate::handlers::body::{self, Body};
 use crate::oci::ParseError;
 use crate::upstream;
 
@@ -73,14 +73,6 @@ impl ApiError {
             StatusCode::METHOD_NOT_ALLOWED,
             Code::Unsupported,
             "this is a pull-through mirror: only pulls are supported",
-        )
-    }
-
-    pub fn registry_not_mirrored(registry: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            Code::NameUnknown,
-            format!("registry {registry} is not mirrored"),
         )
     }
 
@@ -151,17 +143,34 @@ impl ApiError {
         use crate::mirror::Error as M;
         match e {
             M::Upstream(u) => ApiError::from_upstream(&u, object),
-            M::Storage(detail) => {
-                tracing::error!(%detail, "cache storage error");
-                ApiError::internal()
+            M::DigestMismatch { .. } => {
+                tracing::warn!(error = %e, "refused upstream content");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    Code::Unavailable,
+                    "upstream content did not match its digest",
+                )
             }
-            M::NotCacheable(mt) => ApiError::new(
+            M::Storage { what, ref source } => {
+                tracing::error!(what, error = %source, "cache storage error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::Unknown,
+                    "the mirror's cache storage failed (see the mirror's log)",
+                )
+            }
+            M::NotMirrored(registry) => ApiError::new(
                 StatusCode::NOT_FOUND,
-                Code::ManifestUnknown,
-                format!("manifest media type {mt} is not supported by this mirror"),
+                Code::NameUnknown,
+                format!("registry {registry} is not mirrored"),
             ),
-            M::Abandoned(_) => {
-                tracing::error!("a shared upstream request was abandoned (task panicked)");
+            M::UnsupportedDigest => ApiError::new(
+                StatusCode::NOT_FOUND,
+                Code::BlobUnknown,
+                "only sha256 blobs are mirrored",
+            ),
+            M::Abandoned(why) => {
+                tracing::error!(why, "a shared upstream request was abandoned");
                 ApiError::internal()
             }
         }
@@ -196,7 +205,7 @@ impl ApiError {
                 retry_after: *retry_after,
                 challenge: None,
             },
-            U::ServerError { upstream, status } => ApiError::new(
+            U::Failing { upstream, status } => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 Code::Unavailable,
                 format!("upstream {upstream} answered {status}"),
@@ -206,12 +215,7 @@ impl ApiError {
             | U::BackingOff { upstream } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable,
-                format!("upstream {upstream} is unavailable"),
-            ),
-            U::DigestMismatch { .. } => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "upstream content did not match its digest",
+                format!("upstream {upstream} is unavailable: {}", e.client_reason()),
             ),
             U::Protocol { upstream, .. } => ApiError::new(
                 StatusCode::BAD_GATEWAY,

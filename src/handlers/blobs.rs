@@ -1,0 +1,140 @@
+//! `GET`/`HEAD /v2/<name>/blobs/<digest>`: the pull layer's answer as a body, with ranges.
+
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Response, StatusCode};
+
+use super::body::{self, Body};
+use super::{content_type, namespace, with_cache_status, DOCKER_CONTENT_DIGEST};
+use crate::handlers::error::{ApiError, Object};
+use crate::mirror::{BlobAnswer, Mirror};
+use crate::oci::{Digest, RepoName};
+use crate::outcome::Source;
+use crate::sendfile::Sendfile;
+
+pub async fn get(
+    mirror: &Arc<Mirror>,
+    name: &RepoName,
+    digest: &Digest,
+    head: bool,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    sendfile: Option<Sendfile>,
+) -> Result<Response<Body>, ApiError> {
+    let err = |e| ApiError::from_mirror(e, Object::Blob);
+    let target = mirror
+        .target(namespace(query).as_deref(), name)
+        .map_err(err)?;
+    let answer = mirror.blob(&target, digest, head).await.map_err(err)?;
+    let status = answer.status();
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let metrics = mirror.metrics().clone();
+    let resp = match answer {
+        BlobAnswer::Size { size } => {
+            let mut resp = Response::new(body::empty());
+            blob_headers(resp.headers_mut(), digest, size);
+            resp
+        }
+        BlobAnswer::Passthrough { size, stream } => {
+            let mut resp = Response::new(body::count_served(
+                body::from_stream(stream),
+                metrics,
+                Source::Upstream,
+            ));
+            blob_headers(resp.headers_mut(), digest, size);
+            resp
+        }
+        BlobAnswer::Hit(handle) => {
+            let size = handle.size();
+            ranged(digest, size, range, head, |start, end| {
+                let b = body::blob_range(handle, start, end, sendfile);
+                body::count_served(b, metrics, Source::Cache)
+            })
+        }
+        BlobAnswer::Fetching { handle, waiter, .. } => {
+            let size = handle.size();
+            ranged(digest, size, range, head, |start, end| {
+                let b = body::blob_range(handle, start, end, sendfile);
+                body::with_guard(body::count_served(b, metrics, Source::Upstream), waiter)
+            })
+        }
+    };
+    Ok(with_cache_status(resp, status))
+}
+
+/// A response for the range the client asked of a `size`-byte blob: 200, 206 or 416, with the
+/// body from `body(start, end)` unless this is a HEAD.
+fn ranged(
+    digest: &Digest,
+    size: u64,
+    range: Option<&str>,
+    head: bool,
+    body: impl FnOnce(u64, u64) -> Body,
+) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    let (start, end) = match requested_range(range, size) {
+        Err(()) => {
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            return resp;
+        }
+        Ok(Some(r)) => {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start(), r.end()))
+            {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            (*r.start(), *r.end() + 1)
+        }
+        Ok(None) => (0, size),
+    };
+    blob_headers(resp.headers_mut(), digest, end - start);
+    if !head {
+        *resp.body_mut() = body(start, end);
+    }
+    resp
+}
+
+fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
+    content_type(h, "application/octet-stream");
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+}
+
+/// The one byte range a `Range` header asks for. Malformed or multi-range headers are ignored
+/// (the whole blob is sent, as RFC 9110 allows); `Err` means unsatisfiable.
+fn requested_range(range: Option<&str>, size: u64) -> Result<Option<RangeInclusive<u64>>, ()> {
+    let Some(range) = range else { return Ok(None) };
+    let Ok(parsed) = http_range_header::parse_range_header(range) else {
+        return Ok(None);
+    };
+    match parsed.validate(size) {
+        Ok(ranges) if ranges.len() == 1 => Ok(ranges.into_iter().next()),
+        Ok(_) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(requested_range(None, 10), Ok(None));
+        assert_eq!(requested_range(Some("bytes=2-4"), 10), Ok(Some(2..=4)));
+        assert_eq!(requested_range(Some("bytes=5-"), 10), Ok(Some(5..=9)));
+        assert_eq!(requested_range(Some("bytes=-3"), 10), Ok(Some(7..=9)));
+        assert_eq!(requested_range(Some("bytes=10-"), 10), Err(()));
+        assert_eq!(requested_range(Some("garbage"), 10), Ok(None));
+    }
+}

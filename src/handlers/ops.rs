@@ -1,0 +1,56 @@
+//! The API version check and the operator endpoints: health, readiness, metrics, status.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::{self, Body};
+use super::{content_type, API_VERSION};
+use crate::mirror::Mirror;
+
+/// `GET /v2/`.
+pub fn base() -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
+    let h = resp.headers_mut();
+    content_type(h, "application/json");
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(2));
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from_static(s.as_bytes())));
+    *resp.status_mut() = status;
+    content_type(resp.headers_mut(), "text/plain; charset=utf-8");
+    resp
+}
+
+pub fn healthz() -> Response<Body> {
+    text(StatusCode::OK, "ok\n")
+}
+
+pub async fn readyz(mirror: &Mirror) -> Response<Body> {
+    match mirror.readiness().await {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check: storage is not writable");
+            text(StatusCode::SERVICE_UNAVAILABLE, "storage not writable\n")
+        }
+    }
+}
+
+pub fn metrics(mirror: &Mirror) -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from(mirror.metrics_text())));
+    content_type(
+        resp.headers_mut(),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    );
+    resp
+}
+
+/// `GET /_pullthrough/status`: the pull budget and health of each upstream.
+pub fn status(mirror: &Mirror) -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from(mirror.status().to_string())));
+    content_type(resp.headers_mut(), "application/json");
+    resp
+}

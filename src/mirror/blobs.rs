@@ -1,0 +1,277 @@
+//! Blobs: a hit from the store, else the download of the digest (started, or joined while it
+//! runs), else, when the disk cannot take it, a verified relay from the upstream. A HEAD never
+//! downloads: its size comes from a download in flight or an upstream HEAD.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use sha2::Digest as _;
+
+use super::{Error, Mirror, Target};
+use crate::download::Start;
+use crate::metrics::Metrics;
+use crate::oci::Digest;
+use crate::outcome::{CacheStatus, ObjectKind};
+use crate::store::handle::BlobHandle;
+use crate::upstream;
+
+/// What a blob request is answered with.
+pub enum BlobAnswer {
+    /// From the cache.
+    Hit(BlobHandle),
+    /// A download this request started (`Miss`) or joined (`Coalesced`), read as it arrives.
+    Fetching {
+        handle: BlobHandle,
+        status: CacheStatus,
+        waiter: Waiter,
+    },
+    /// Relayed from the upstream without caching (the disk is full), verified on the way: a
+    /// stream error cuts the response before a wrong byte completes it.
+    Passthrough {
+        size: u64,
+        stream: BoxStream<'static, io::Result<Bytes>>,
+    },
+    /// A HEAD of a blob that is not cached: its size only.
+    Size { size: u64 },
+}
+
+impl BlobAnswer {
+    pub fn status(&self) -> CacheStatus {
+        match self {
+            BlobAnswer::Hit(_) => CacheStatus::Hit,
+            BlobAnswer::Fetching { status, .. } => *status,
+            BlobAnswer::Passthrough { .. } => CacheStatus::Passthrough,
+            BlobAnswer::Size { .. } => CacheStatus::Miss,
+        }
+    }
+}
+
+/// Counts a client reading a blob that is still downloading, for as long as it is held.
+pub struct Waiter(Arc<Metrics>);
+
+impl Waiter {
+    fn new(metrics: Arc<Metrics>) -> Waiter {
+        metrics.inflight_waiters.inc();
+        Waiter(metrics)
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.0.inflight_waiters.dec();
+    }
+}
+
+impl Mirror {
+    /// The blob `digest` of `target`'s repository.
+    pub async fn blob(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<BlobAnswer, Error> {
+        let answer = self.find_blob(target, digest, head).await?;
+        self.metrics.cache(ObjectKind::Blob, answer.status());
+        Ok(answer)
+    }
+
+    async fn find_blob(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<BlobAnswer, Error> {
+        if !digest.is_sha256() {
+            return Err(Error::UnsupportedDigest);
+        }
+        // A download that finds the blob already committed sends us back to the store once.
+        for _ in 0..2 {
+            if let Some(handle) = self
+                .store
+                .blobs
+                .open(digest)
+                .await
+                .map_err(Error::storage("opening a cached blob"))?
+            {
+                return Ok(BlobAnswer::Hit(self.verified(digest, handle)));
+            }
+            if head {
+                return self.blob_size(target, digest).await;
+            }
+            let (download, joined) =
+                self.downloads
+                    .join(target.upstream.clone(), &target.repo, digest);
+            match download.started().await {
+                Start::Streaming(handle) => {
+                    let status = if joined {
+                        CacheStatus::Coalesced
+                    } else {
+                        CacheStatus::Miss
+                    };
+                    let waiter = Waiter::new(self.metrics.clone());
+                    return Ok(BlobAnswer::Fetching {
+                        handle,
+                        status,
+                        waiter,
+                    });
+                }
+                Start::AlreadyCached => continue,
+                Start::NoSpace => return self.blob_passthrough(target, digest).await,
+                Start::Failed(f) => return Err(f.into()),
+                Start::Pending => return Err(Error::Abandoned("the download never started")),
+            }
+        }
+        Err(Error::Abandoned(
+            "the blob vanished right after it was committed",
+        ))
+    }
+
+    /// A blob found on disk at start-up is hashed once in the background; its readers' last
+    /// chunk waits for the verdict.
+    fn verified(&self, digest: &Digest, handle: BlobHandle) -> BlobHandle {
+        if handle.is_verified() {
+            return handle;
+        }
+        match handle.file().cloned() {
+            Some(file) => {
+                let progress = self.verifications.join(digest, file, handle.size());
+                handle.verified_by(progress)
+            }
+            None => handle,
+        }
+    }
+
+    /// HEAD of an uncached blob: the size from a download in progress, else from an upstream
+    /// HEAD.
+    async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
+        if let Some(d) = self.downloads.get(digest) {
+            if let Start::Streaming(handle) = d.started().await {
+                return Ok(BlobAnswer::Size {
+                    size: handle.size(),
+                });
+            }
+        }
+        let size = target.upstream.blob_size(&target.repo, digest).await?;
+        Ok(BlobAnswer::Size { size })
+    }
+
+    /// Streams a blob straight from the upstream without caching it, still verifying it.
+    async fn blob_passthrough(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<BlobAnswer, Error> {
+        let body = target.upstream.blob(&target.repo, digest, 0).await?;
+        let Some(size) = body.size else {
+            return Err(upstream::Error::Protocol {
+                upstream: target.upstream.name.clone(),
+                detail: "blob response without Content-Length".into(),
+            }
+            .into());
+        };
+        let metrics = self.metrics.clone();
+        let chunks = stream::try_unfold(body, |mut body| async move {
+            let chunk = body.next_chunk().await.map_err(io::Error::other)?;
+            Ok(chunk.map(|c| (c, body)))
+        })
+        .inspect(move |c| {
+            if let Ok(c) = c {
+                metrics.upstream_bytes(c.len() as u64);
+            }
+        });
+        Ok(BlobAnswer::Passthrough {
+            size,
+            stream: verified(chunks, digest.clone(), size).boxed(),
+        })
+    }
+}
+
+/// Hashes a stream that carries a whole blob, holding back its last chunk until the hash is
+/// known: a mismatch (or a wrong length) becomes an error in place of that chunk.
+fn verified(
+    inner: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
+    digest: Digest,
+    len: u64,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    struct State<S> {
+        inner: std::pin::Pin<Box<S>>,
+        hasher: sha2::Sha256,
+        seen: u64,
+        digest: Digest,
+        len: u64,
+    }
+    let state = State {
+        inner: Box::pin(inner),
+        hasher: sha2::Sha256::new(),
+        seen: 0,
+        digest,
+        len,
+    };
+    stream::try_unfold(state, |mut st| async move {
+        let Some(chunk) = st.inner.next().await.transpose()? else {
+            if st.seen != st.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("upstream body ended at {} of {} bytes", st.seen, st.len),
+                ));
+            }
+            return Ok(None);
+        };
+        st.hasher.update(&chunk);
+        st.seen += chunk.len() as u64;
+        if st.seen >= st.len {
+            let actual = Digest::from_sha256(std::mem::take(&mut st.hasher).finalize().into());
+            if st.seen != st.len || actual != st.digest {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("content does not match {}", st.digest),
+                ));
+            }
+        }
+        Ok(Some((chunk, st)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+
+    fn chunks(parts: &[&'static [u8]]) -> impl futures_util::Stream<Item = io::Result<Bytes>> {
+        stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_verified_stream_passes_matching_bytes() {
+        let digest = Digest::sha256_of(b"hello world");
+        let got: Vec<Bytes> = verified(chunks(&[b"hello ", b"world"]), digest, 11)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), b"hello world");
+    }
+
+    #[tokio::test]
+    async fn a_verified_stream_fails_on_its_last_chunk_when_the_digest_differs() {
+        let digest = Digest::sha256_of(b"hello world");
+        let mut s = Box::pin(verified(chunks(&[b"hello ", b"wOrld"]), digest, 11));
+        assert!(s.next().await.unwrap().is_ok());
+        assert!(s.next().await.unwrap().is_err(), "last chunk withheld");
+    }
+
+    #[tokio::test]
+    async fn a_verified_stream_fails_when_the_body_ends_short() {
+        let digest = Digest::sha256_of(b"hello world");
+        let result: io::Result<Vec<Bytes>> = verified(chunks(&[b"hello "]), digest, 11)
+            .try_collect()
+            .await;
+        assert!(result.is_err());
+    }
+}

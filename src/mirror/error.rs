@@ -1,0 +1,74 @@
+//! The pull layer's error: what went wrong, with its typed cause kept. Cloneable, because one
+//! failure of a shared fetch is handed to every request that waited on it. Mapped to HTTP in
+//! one place, `crate::handlers::error`.
+
+use std::io;
+use std::sync::Arc;
+
+use crate::download;
+use crate::oci::Digest;
+use crate::outcome::ObjectKind;
+use crate::upstream;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The upstream refused or failed.
+    #[error(transparent)]
+    Upstream(#[from] upstream::Error),
+    /// The upstream's bytes do not hash to the digest they were asked for (or claimed).
+    #[error("upstream {kind} does not match its digest {expected} (got {actual})", kind = .kind.as_str())]
+    DigestMismatch {
+        kind: ObjectKind,
+        expected: Digest,
+        actual: String,
+    },
+    /// The local cache could not be read or written.
+    #[error("cache storage failed while {what}: {source}")]
+    Storage {
+        what: &'static str,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// No upstream is configured for the registry asked for.
+    #[error("registry {0} is not mirrored")]
+    NotMirrored(String),
+    /// Only sha256 content is cached and verified.
+    #[error("only sha256 blobs are mirrored")]
+    UnsupportedDigest,
+    /// The work a request waited on ended without an answer (its task panicked).
+    #[error("a shared fetch was abandoned: {0}")]
+    Abandoned(&'static str),
+}
+
+impl Error {
+    pub(crate) fn storage(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |e| Error::Storage {
+            what,
+            source: Arc::new(e),
+        }
+    }
+}
+
+impl From<crate::singleflight::Abandoned> for Error {
+    fn from(_: crate::singleflight::Abandoned) -> Self {
+        Error::Abandoned("the leader's task panicked")
+    }
+}
+
+impl From<download::Failure> for Error {
+    fn from(f: download::Failure) -> Self {
+        match f {
+            download::Failure::Upstream(e) => Error::Upstream(e),
+            download::Failure::DigestMismatch { expected, actual } => Error::DigestMismatch {
+                kind: ObjectKind::Blob,
+                expected,
+                actual,
+            },
+            download::Failure::Storage(source) => Error::Storage {
+                what: "writing a downloaded blob",
+                source,
+            },
+            download::Failure::Panicked => Error::Abandoned("the download task panicked"),
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Manifests: when a tag is answered from the cache, revalidated with a HEAD (which Docker Hub
+//! does not count) or fetched with a GET (which it does), when cached content is served stale,
+//! and how manifests are fetched once for all concurrent askers, verified and stored.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Error, Mirror, Target};
+use crate::oci::{media, Accept, Digest, Reference, RepoName, Tag};
+use crate::outcome::{CacheStatus, ObjectKind};
+use crate::store::manifests::Manifest;
+pub(super) use crate::store::tags::TagKey;
+use crate::store::tags::TagRecord;
+use crate::upstream::{self, Upstream};
+
+/// What a manifest request is answered with.
+#[derive(Debug, Clone)]
+pub struct ManifestAnswer {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    /// `None` for HEAD.
+    pub body: Option<Bytes>,
+    pub status: CacheStatus,
+}
+
+impl ManifestAnswer {
+    fn of(m: &Manifest, head: bool, status: CacheStatus) -> ManifestAnswer {
+        ManifestAnswer {
+            media_type: m.media_type.clone(),
+            digest: m.digest.clone(),
+            size: m.bytes.len() as u64,
+            body: (!head).then(|| m.bytes.clone()),
+            status,
+        }
+    }
+}
+
+/// A manifest fetched from the upstream: stored, or of a type the mirror does not cache
+/// (schema 1, say), in which case it is relayed as it is.
+#[derive(Debug, Clone)]
+pub(super) enum Fetched {
+    Stored(Arc<Manifest>),
+    Uncacheable(Arc<Manifest>),
+}
+
+/// What a tag points to, or the manifest itself when the GET that resolved it returned a type
+/// the mirror does not cache.
+#[derive(Debug, Clone)]
+pub(super) enum Resolved {
+    Record(TagRecord, CacheStatus),
+    Uncacheable(Arc<Manifest>),
+}
+
+pub(super) type TagResult = Result<Resolved, Error>;
+pub(super) type FetchResult = Result<(Fetched, CacheStatus), Error>;
+
+impl Mirror {
+    /// The manifest `reference` names, for a client whose `Accept` is `accept`.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        target: &Target,
+        reference: &Reference,
+        head: bool,
+        accept: &Accept,
+    ) -> Result<ManifestAnswer, Error> {
+        let answer = match reference {
+            Reference::Digest(d) if !d.is_sha256() => {
+                self.passthrough_manifest(target, reference, head, accept)
+                    .await?
+            }
+            Reference::Digest(d) => self.manifest_by_digest(target, d, head, accept).await?,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag, head, accept).await?,
+        };
+        self.metrics.cache(ObjectKind::Manifest, answer.status);
+        Ok(answer)
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        target: &Target,
+        tag: &Tag,
+        head: bool,
+        accept: &Accept,
+    ) -> Result<ManifestAnswer, Error> {
+        let (record, tag_status) = match self.resolve_tag(target, tag, !head).await? {
+            Resolved::Record(record, status) => (record, status),
+            Resolved::Uncacheable(m) if accept.allows(&m.media_type) => {
+                return Ok(ManifestAnswer::of(&m, head, CacheStatus::Passthrough))
+            }
+            Resolved::Uncacheable(_) => {
+                let reference = Reference::Tag(tag.clone());
+                return self
+                    .passthrough_manifest(target, &reference, head, accept)
+                    .await;
+            }
+        };
+        if !accept.allows(&record.media_type) {
+            let reference = Reference::Tag(tag.clone());
+            return self
+                .passthrough_manifest(target, &reference, head, accept)
+                .await;
+        }
+        if head {
+            return Ok(ManifestAnswer {
+                media_type: record.media_type,
+                digest: record.digest,
+                size: record.size,
+                body: None,
+                status: tag_status,
+            });
+        }
+        let (fetched, fetch_status) = self.fetch_manifest(target, &record.digest).await?;
+        let (Fetched::Stored(m) | Fetched::Uncacheable(m)) = &fetched;
+        // A tag's status says whether the tag was known; a fetch of its bytes makes it a miss.
+        let status = match (tag_status, fetch_status) {
+            (s, CacheStatus::Hit) => s,
+            (CacheStatus::Stale, _) => CacheStatus::Stale,
+            (_, s) => s,
+        };
+        Ok(ManifestAnswer::of(m, head, status))
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        head: bool,
+        accept: &Accept,
+    ) -> Result<ManifestAnswer, Error> {
+        let reference = Reference::Digest(digest.clone());
+        if head {
+            // From the store, or from an upstream HEAD without spending a pull.
+            let stored = self
+                .store
+                .manifests
+                .get(digest)
+                .await
+                .map_err(Error::storage("reading a stored manifest"))?;
+            return match stored {
+                Some(m) if accept.allows(&m.media_type) => {
+                    Ok(ManifestAnswer::of(&m, true, CacheStatus::Hit))
+                }
+                _ => {
+                    self.passthrough_manifest(target, &reference, head, accept)
+                        .await
+                }
+            };
+        }
+        let (fetched, status) = self.fetch_manifest(target, digest).await?;
+        match fetched {
+            Fetched::Stored(m) if accept.allows(&m.media_type) => {
+                Ok(ManifestAnswer::of(&m, false, status))
+            }
+            Fetched::Uncacheable(m) if accept.allows(&m.media_type) => {
+                Ok(ManifestAnswer::of(&m, false, CacheStatus::Passthrough))
+            }
+            _ => {
+                self.passthrough_manifest(target, &reference, head, accept)
+                    .await
+            }
+        }
+    }
+
+    /// Asks the upstream with the client's own `Accept` and relays the answer uncached: for
+    /// clients that do not accept the stored type, and for digests the mirror cannot verify.
+    async fn passthrough_manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        head: bool,
+        accept: &Accept,
+    ) -> Result<ManifestAnswer, Error> {
+        let accept_value = accept
+            .header_value()
+            .unwrap_or_else(|| media::ACCEPT_ALL.to_owned());
+        let m = target
+            .upstream
+            .manifest(&target.repo, reference, head, &accept_value)
+            .await?;
+        let (digest, size) = match &m.body {
+            Some(b) => (Digest::sha256_of(b), b.len() as u64),
+            None => match (m.digest.clone(), m.size) {
+                (Some(d), Some(s)) => (d, s),
+                _ => {
+                    return Err(upstream::Error::Protocol {
+                        upstream: target.upstream.name.clone(),
+                        detail: "manifest HEAD without digest or length".into(),
+                    }
+                    .into())
+                }
+            },
+        };
+        if let (Some(claimed), true) = (&m.digest, m.body.is_some()) {
+            if claimed.is_sha256() && *claimed != digest {
+                return Err(self.mismatch(claimed.clone(), &digest));
+            }
+        }
+        Ok(ManifestAnswer {
+            media_type: m.media_type,
+            digest,
+            size,
+            body: m.body,
+            status: CacheStatus::Passthrough,
+        })
+    }
+
+    fn mismatch(&self, expected: Digest, actual: &Digest) -> Error {
+        self.metrics.digest_mismatch();
+        tracing::error!(%expected, %actual, "upstream manifest does not match its digest");
+        Error::DigestMismatch {
+            kind: ObjectKind::Manifest,
+            expected,
+            actual: actual.to_string(),
+        }
+    }
+
+    /// What `tag` points to: from the cache within the TTL, else revalidated with an upstream
+    /// HEAD (one per tag however many clients ask), else the cached value when the upstream
+    /// is failing. A tag never seen is fetched with one GET when the caller wants the manifest
+    /// anyway (`want_body`), and with a HEAD otherwise.
+    async fn resolve_tag(
+        self: &Arc<Self>,
+        target: &Target,
+        tag: &Tag,
+        want_body: bool,
+    ) -> TagResult {
+        let key = TagKey {
+            registry: target.upstream.name.clone(),
+            repo: target.repo.clone(),
+            tag: tag.clone(),
+        };
+        let cached = self
+            .store
+            .tags
+            .get(&key)
+            .await
+            .map_err(Error::storage("reading a tag record"))?;
+        if let Some(record) = &cached {
+            if self.clock.since(record.fetched_at) < self.config.cache.tag_ttl {
+                return Ok(Resolved::Record(record.clone(), CacheStatus::Hit));
+            }
+        }
+        if let Some((e, at)) = self.missing_tags.get(&key) {
+            if self.clock.since(at) < self.config.cache.negative_ttl {
+                return Err(e.into());
+            }
+            self.missing_tags.invalidate(&key);
+        }
+        let this = self.clone();
+        let up = target.upstream.clone();
+        let flight_key = key.clone();
+        let (result, coalesced) = self
+            .tag_flights
+            .run(&key, || async move {
+                // A flight that ended between our read and this one may have stored the tag.
+                let cached = match this.store.tags.get(&flight_key).await {
+                    Ok(Some(r)) if this.clock.since(r.fetched_at) < this.config.cache.tag_ttl => {
+                        return Ok(Resolved::Record(r, CacheStatus::Hit))
+                    }
+                    Ok(fresher) => fresher.or(cached),
+                    Err(_) => cached,
+                };
+                let result = match cached {
+                    None if want_body => this.fetch_tag(&up, &flight_key).await,
+                    cached => {
+                        this.revalidate_tag(&up, &flight_key, cached, want_body)
+                            .await
+                    }
+                };
+                if let Err(Error::Upstream(e @ upstream::Error::NotFound { .. })) = &result {
+                    this.missing_tags
+                        .insert(flight_key, (e.clone(), this.clock.now()));
+                }
+                result
+            })
+            .await?;
+        result.map(|r| match r {
+            Resolved::Record(r, s) => Resolved::Record(r, s.joined(coalesced)),
+            uncacheable => uncacheable,
+        })
+    }
+
+    /// Asks the upstream with a HEAD (not a counted pull) whether the tag still points where it
+    /// did; fetches a changed manifest right away when the caller wants the body, so that a
+    /// failing GET can still fall back to the old one.
+    async fn revalidate_tag(
+        &self,
+        up: &Upstream,
+        key: &TagKey,
+        cached: Option<TagRecord>,
+        want_body: bool,
+    ) -> TagResult {
+        let reference = Reference::Tag(key.tag.clone());
+        let head = up
+            .manifest(&key.repo, &reference, true, media::ACCEPT_ALL)
+            .await;
+        let m = match head {
+            Ok(m) => m,
+            Err(e) => return self.stale_or(e, key, cached),
+        };
+        let (Some(digest), Some(size)) = (m.digest, m.size) else {
+            // The HEAD did not say enough; a GET would, but not at the cost of the reserve.
+            if up.budget_is_low() && cached.is_some() {
+                let e = upstream::Error::TooManyRequests {
+                    message: "pull budget at its reserve".into(),
+                    retry_after: None,
+                };
+                return self.stale_or(e, key, cached);
+            }
+            return match self.fetch_tag(up, key).await {
+                Err(Error::Upstream(e)) => self.stale_or(e, key, cached),
+                other => other,
+            };
+        };
+        let unchanged = cached.as_ref().is_some_and(|c| c.digest == digest);
+        if !unchanged && want_body && media::is_cacheable(&m.media_type) {
+            if let Err(Error::Upstream(e)) = self.manifest_bytes(up, &key.repo, &digest).await {
+                return self.stale_or(e, key, cached);
+            }
+        }
+        let fresh = TagRecord {
+            digest,
+            media_type: m.media_type,
+            size,
+            fetched_at: self.clock.now(),
+        };
+        self.save_tag(key, &fresh).await;
+        let status = if unchanged {
+            CacheStatus::Revalidated
+        } else {
+            CacheStatus::Miss
+        };
+        Ok(Resolved::Record(fresh, status))
+    }
+
+    /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed.
+    async fn manifest_bytes(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Fetched, Error> {
+        if let Some(m) = self
+            .store
+            .manifests
+            .get(digest)
+            .await
+            .map_err(Error::storage("reading a stored manifest"))?
+        {
+            return Ok(Fetched::Stored(m));
+        }
+        let reference = Reference::Digest(digest.clone());
+        let m = up
+            .manifest(repo, &reference, false, media::ACCEPT_ALL)
+            .await?;
+        self.verify_and_store(m, Some(digest)).await
+    }
+
+    async fn save_tag(&self, key: &TagKey, record: &TagRecord) {
+        if let Err(e) = self.store.tags.put(key, record.clone()).await {
+            tracing::warn!(error = %e, "cannot persist tag record");
+        }
+    }
+
+    fn stale_or(&self, e: upstream::Error, key: &TagKey, cached: Option<TagRecord>) -> TagResult {
+        let usable = e.is_outage() || matches!(e, upstream::Error::TooManyRequests { .. });
+        match cached {
+            Some(record) if usable => {
+                tracing::warn!(
+                    upstream = %key.registry, repo = %key.repo, tag = %key.tag, error = %e,
+                    age_secs = self.clock.since(record.fetched_at).as_secs(),
+                    "upstream failed; serving the cached tag stale"
+                );
+                Ok(Resolved::Record(record, CacheStatus::Stale))
+            }
+            _ => Err(e.into()),
+        }
+    }
+
+    /// GETs a tag (one counted pull), storing the manifest and the tag.
+    async fn fetch_tag(&self, up: &Upstream, key: &TagKey) -> TagResult {
+        let reference = Reference::Tag(key.tag.clone());
+        let m = up
+            .manifest(&key.repo, &reference, false, media::ACCEPT_ALL)
+            .await?;
+        let manifest = match self.verify_and_store(m, None).await? {
+            Fetched::Stored(m) => m,
+            Fetched::Uncacheable(m) => return Ok(Resolved::Uncacheable(m)),
+        };
+        let record = TagRecord {
+            digest: manifest.digest.clone(),
+            media_type: manifest.media_type.clone(),
+            size: manifest.bytes.len() as u64,
+            fetched_at: self.clock.now(),
+        };
+        self.save_tag(key, &record).await;
+        Ok(Resolved::Record(record, CacheStatus::Miss))
+    }
+
+    /// The manifest with `digest`: from the store, else fetched once (for all concurrent
+    /// askers), verified and stored.
+    async fn fetch_manifest(self: &Arc<Self>, target: &Target, digest: &Digest) -> FetchResult {
+        if let Some(m) = self
+            .store
+            .manifests
+            .get(digest)
+            .await
+            .map_err(Error::storage("reading a stored manifest"))?
+        {
+            return Ok((Fetched::Stored(m), CacheStatus::Hit));
+        }
+        let key = (
+            target.upstream.name.clone(),
+            target.repo.clone(),
+            digest.clone(),
+        );
+        let this = self.clone();
+        let up = target.upstream.clone();
+        let (repo, digest) = (target.repo.clone(), digest.clone());
+        let (result, coalesced) = self
+            .manifest_flights
+            .run(&key, || async move {
+                let fetched = this.manifest_bytes(&up, &repo, &digest).await?;
+                Ok((fetched, CacheStatus::Miss))
+            })
+            .await?;
+        result.map(|(m, s)| (m, s.joined(coalesced)))
+    }
+
+    /// Checks the bytes against the digest asked for and the upstream's header, then stores
+    /// them if the mirror caches their type.
+    async fn verify_and_store(
+        &self,
+        m: upstream::ManifestResponse,
+        expected: Option<&Digest>,
+    ) -> Result<Fetched, Error> {
+        let bytes = m.body.unwrap_or_default();
+        let actual = Digest::sha256_of(&bytes);
+        for claimed in [expected, m.digest.as_ref()].into_iter().flatten() {
+            if claimed.is_sha256() && *claimed != actual {
+                return Err(self.mismatch(claimed.clone(), &actual));
+            }
+        }
+        let manifest = Arc::new(Manifest {
+            digest: actual,
+            media_type: m.media_type,
+            bytes,
+        });
+        if !media::is_cacheable(&manifest.media_type) {
+            return Ok(Fetched::Uncacheable(manifest));
+        }
+        self.store
+            .put_manifest(manifest.clone())
+            .await
+            .map_err(Error::storage("storing a manifest"))?;
+        Ok(Fetched::Stored(manifest))
+    }
+}
