@@ -4,6 +4,8 @@
 //! (no saved order: every file is stat'ed), each beside a plain directory walk of the same tree
 //! measured in the same run, and checks the 1-second target.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

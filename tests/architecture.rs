@@ -1,6 +1,8 @@
 //! The layering of ARCHITECTURE.md, checked: every module under `src/` belongs to one layer,
 //! no module imports from a layer above its own, and the modules' imports form no cycle.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,7 @@
 //! Upstream token auth: challenge, credentials, reuse, refresh.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use common::{secret, FakeUpstream, TestMirror};

@@ -1,5 +1,7 @@
 //! Blobs: miss, hit, HEAD without download, ranges, verification, redirects.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use common::upstream::{sha256, Fault};

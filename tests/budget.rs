@@ -1,5 +1,7 @@
 //! The pull budget: tracked, shielded, and never turned into failed pulls of cached images.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -6,6 +6,8 @@
 //! Needs `docker-registry` and `skopeo` on PATH (.ci/run installs both). Without them the
 //! test passes and says on stderr what it skipped and why.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,7 @@
 //! The shipped configs are ones the mirror accepts.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 use pullthrough::config::Config;
 
 #[test]

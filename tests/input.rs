@@ -1,5 +1,7 @@
 //! Bad input gets the right OCI error code, never a file outside the cache.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use common::{error_code, FakeUpstream, TestMirror};

@@ -1,5 +1,7 @@
 //! Manifests and tags: cache hits, TTL, HEAD revalidation, digest immutability, Accept.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use std::time::Duration;

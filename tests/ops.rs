@@ -1,5 +1,7 @@
 //! What ops rely on: metrics, health, TLS, access control, graceful shutdown.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use std::time::Duration;

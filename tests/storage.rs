@@ -1,5 +1,7 @@
 //! A cache that runs for months: size bound, LRU, restarts, crashes, corruption, full disks.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use std::path::{Path, PathBuf};
