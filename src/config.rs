@@ -30,10 +30,31 @@ pub enum ConfigError {
     },
 }
 
-/// A string that never prints: Debug and Display show `[REDACTED]`.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+/// A string that never prints: Debug and Display show `[REDACTED]`, and a value of the wrong
+/// type is refused without being quoted.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+                Ok(Secret(v))
+            }
+        }
+        d.deserialize_str(Visitor).map_err(|_: D::Error| {
+            <D::Error as serde::de::Error>::custom("a secret must be a string (value not shown)")
+        })
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Secret {
@@ -173,6 +194,10 @@ pub struct CacheConfig {
     /// long, so a typo in a CI matrix does not become a stream of counted pulls. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// How long a request for a cached tag past its TTL waits for the revalidation before the
+    /// cached value is served stale; the revalidation goes on in the background. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
 }
 
 impl Default for CacheConfig {
@@ -180,6 +205,7 @@ impl Default for CacheConfig {
         CacheConfig {
             tag_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(30),
+            stale_after: Duration::from_secs(1),
         }
     }
 }
@@ -222,6 +248,11 @@ pub struct UpstreamConfig {
     /// Time from sending a request to the response headers. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub first_byte_timeout: Duration,
+    /// The same for a `HEAD` (tag revalidation, blob size), which has no body to wait for and
+    /// holds up a request that could be answered from the cache; `first_byte_timeout` if
+    /// that is shorter. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub head_timeout: Duration,
     /// Longest pause between two body chunks before the transfer counts as cut. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -255,6 +286,7 @@ impl Default for UpstreamConfig {
             password: None,
             connect_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(30),
+            head_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             resume_attempts: 5,
             failure_threshold: 3,
@@ -305,8 +337,32 @@ impl Config {
         Ok(config)
     }
 
+    /// Parses a config file. The error names the line and column and says what is wrong,
+    /// but never quotes the file: the offending line may hold a password.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end();
+            match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                    let column = before.len() - line_start + 1;
+                    // The key is safe to show; what follows `=` may be a secret.
+                    let key = text[line_start..]
+                        .lines()
+                        .next()
+                        .and_then(|l| l.split_once('='))
+                        .map(|(k, _)| k.trim())
+                        .filter(|k| !k.is_empty());
+                    match key {
+                        Some(key) => format!("line {line}, column {column}, key {key}: {message}"),
+                        None => format!("line {line}, column {column}: {message}"),
+                    }
+                }
+                None => message.to_owned(),
+            }
+        })
     }
 
     fn default_upstream_mut(&mut self) -> &mut UpstreamConfig {
@@ -407,6 +463,7 @@ impl Config {
                 ("max_pulls_window", up.max_pulls_window),
                 ("connect_timeout", up.connect_timeout),
                 ("first_byte_timeout", up.first_byte_timeout),
+                ("head_timeout", up.head_timeout),
                 ("idle_timeout", up.idle_timeout),
             ] {
                 if d.is_zero() {
@@ -462,6 +519,17 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_parse_error_never_quotes_the_file() {
+        let text = "[upstreams.\"docker.io\"]\nusername = \"me\"\npasword = \"PWsecret-123\"\n";
+        let e = Config::from_toml(text).unwrap_err();
+        assert!(!e.contains("PWsecret"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("pasword"), "names the unknown field: {e}");
+        let e = Config::from_toml("[upstreams.\"docker.io\"]\npassword = 987654321\n").unwrap_err();
+        assert!(!e.contains("987654321"), "{e}");
+    }
+
     use super::*;
 
     fn no_env(_: &str) -> Option<String> {

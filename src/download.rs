@@ -7,7 +7,7 @@
 //! [`Outcome`], logged by name.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -107,42 +107,6 @@ pub struct Downloads {
     flights: Flights<Digest, Download>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    disk: Arc<DiskState>,
-}
-
-/// Space kept free on the storage file system beyond a download's own size.
-const SPACE_MARGIN: u64 = 8 * 1024 * 1024;
-/// After a write fails for lack of space, caching pauses this long before trying again.
-const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
-
-/// Whether the disk recently ran out of space, and when that was last logged.
-#[derive(Default)]
-struct DiskState {
-    full_until: Mutex<Option<Instant>>,
-    warned: Mutex<Option<Instant>>,
-}
-
-impl DiskState {
-    fn is_full(&self) -> bool {
-        let until = *crate::sync::lock(&self.full_until);
-        until.is_some_and(|t| Instant::now() < t)
-    }
-
-    fn set_full(&self) {
-        *crate::sync::lock(&self.full_until) = Some(Instant::now() + DISK_FULL_PAUSE);
-    }
-
-    /// Logs a warning at most once a minute.
-    fn warn(&self, why: &str) {
-        let mut warned = crate::sync::lock(&self.warned);
-        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            *warned = Some(Instant::now());
-            tracing::warn!(
-                reason = why,
-                "storage is full: blobs are streamed to clients without being cached"
-            );
-        }
-    }
 }
 
 impl Downloads {
@@ -151,7 +115,6 @@ impl Downloads {
             flights: Flights::default(),
             store,
             metrics,
-            disk: Arc::default(),
         }
     }
 
@@ -173,7 +136,6 @@ impl Downloads {
                     digest: digest.clone(),
                     store: self.store.clone(),
                     metrics: self.metrics.clone(),
-                    disk: self.disk.clone(),
                 };
                 let metrics = self.metrics.clone();
                 metrics.inflight_downloads.inc();
@@ -283,7 +245,6 @@ struct Job {
     digest: Digest,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    disk: Arc<DiskState>,
 }
 
 impl Job {
@@ -297,17 +258,34 @@ impl Job {
             Err(e) => return Outcome::Storage(e),
         }
         let asked = Instant::now();
-        let mut body = match self.upstream.blob(&self.repo, &self.digest, 0).await {
-            Ok(b) => b,
-            Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),
-            Err(e) => return Outcome::Refused(e),
+        let mut attempts = 0u32;
+        let mut body = loop {
+            match self.upstream.blob(&self.repo, &self.digest, 0).await {
+                Ok(b) => break b,
+                Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),
+                // A failure before the headers is retried like a cut body: the connection or
+                // the upstream may be back at once.
+                Err(e)
+                    if e.is_outage()
+                        && !matches!(e, upstream::Error::BackingOff { .. })
+                        && attempts < self.upstream.config().resume_attempts =>
+                {
+                    attempts += 1;
+                    tracing::info!(upstream = %self.upstream.name, digest = %self.digest, attempt = attempts, error = %e, "retrying blob download");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempts))).await;
+                }
+                Err(e) => return Outcome::Refused(e),
+            }
         };
         self.metrics.miss_first_byte(asked.elapsed());
-        let Some(size) = body.size else {
-            return Outcome::Protocol(upstream::Error::Protocol {
-                upstream: self.upstream.name.clone(),
-                detail: "blob response without Content-Length".into(),
-            });
+        let size = match body.size {
+            Some(size) => size,
+            // A chunked answer (some registries send one): the size from a HEAD, which costs
+            // no pull, so that clients still get a Content-Length.
+            None => match self.upstream.blob_size(&self.repo, &self.digest).await {
+                Ok(size) => size,
+                Err(e) => return Outcome::Protocol(e),
+            },
         };
         if !self.make_room(size).await {
             self.metrics.no_space();
@@ -349,7 +327,7 @@ impl Job {
                     .blob(&self.repo, &self.digest, writer.written())
                     .await
                 {
-                    Ok(b) if b.size == Some(size) => break b,
+                    Ok(b) if b.size.is_none_or(|s| s == size) => break b,
                     Ok(b) => {
                         return Outcome::Protocol(upstream::Error::Protocol {
                             upstream: self.upstream.name.clone(),
@@ -372,40 +350,13 @@ impl Job {
         }
     }
 
-    /// Whether the disk can take `size` more bytes, evicting old content to make room.
     async fn make_room(&self, size: u64) -> bool {
-        if self.disk.is_full() {
-            self.disk.warn("recent write failure");
-            return false;
-        }
-        let needed = size + SPACE_MARGIN;
-        for attempt in 0..2 {
-            let store = self.store.clone();
-            let available = match tokio::task::spawn_blocking(move || store.available_space()).await
-            {
-                Ok(Ok(a)) => a,
-                // Cannot tell: try, and let a failed write decide.
-                _ => return true,
-            };
-            if available >= needed {
-                return true;
-            }
-            if attempt == 0 {
-                let evicted = self.store.index.evict_bytes(needed - available);
-                if evicted.is_empty() || self.store.evict(evicted).await.is_err() {
-                    break;
-                }
-            }
-        }
-        self.disk.warn("not enough free space for the blob");
-        false
+        self.store.make_room(size).await
     }
 
     fn storage_failed(&self, e: io::Error) -> Outcome {
-        if crate::platform::is_no_space(&e) {
+        if self.store.note_write_failure(&e) {
             self.metrics.no_space();
-            self.disk.set_full();
-            self.disk.warn("write failed: no space left on device");
         }
         Outcome::Storage(e)
     }

@@ -76,12 +76,10 @@ fn ranged(
     let mut resp = Response::new(body::empty());
     let (start, end) = match requested_range(range, size) {
         Err(()) => {
-            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-            let h = resp.headers_mut();
+            let mut resp = ApiError::range_not_satisfiable(size).into_response(head);
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                h.insert(header::CONTENT_RANGE, v);
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
             return resp;
         }
         Ok(Some(r)) => {
@@ -114,6 +112,13 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
 /// (the whole blob is sent, as RFC 9110 allows); `Err` means unsatisfiable.
 fn requested_range(range: Option<&str>, size: u64) -> Result<Option<RangeInclusive<u64>>, ()> {
     let Some(range) = range else { return Ok(None) };
+    // The last zero bytes: a valid header that no byte satisfies (RFC 9110 §14.1.1).
+    if range
+        .strip_prefix("bytes=")
+        .is_some_and(|spec| spec.trim() == "-0")
+    {
+        return Err(());
+    }
     let Ok(parsed) = http_range_header::parse_range_header(range) else {
         return Ok(None);
     };
@@ -136,5 +141,29 @@ mod tests {
         assert_eq!(requested_range(Some("bytes=-3"), 10), Ok(Some(7..=9)));
         assert_eq!(requested_range(Some("bytes=10-"), 10), Err(()));
         assert_eq!(requested_range(Some("garbage"), 10), Ok(None));
+        assert_eq!(requested_range(Some("bytes=-0"), 10), Err(()));
+    }
+
+    proptest::proptest! {
+        /// Whatever the header, an answer is whole, unsatisfiable, or a range inside the blob.
+        #[test]
+        fn any_range_header_stays_inside_the_blob(range in "\\PC{0,60}", size in 0u64..1 << 40) {
+            if let Ok(Some(r)) = requested_range(Some(&range), size) {
+                proptest::prop_assert!(r.start() <= r.end() && *r.end() < size, "{range:?} {r:?}");
+            }
+        }
+
+        #[test]
+        fn byte_ranges_are_honoured(start in 0u64..1000, len in 1u64..1000, size in 1u64..3000) {
+            let range = format!("bytes={start}-{}", start + len - 1);
+            match requested_range(Some(&range), size) {
+                Ok(Some(r)) => {
+                    proptest::prop_assert_eq!(*r.start(), start);
+                    proptest::prop_assert_eq!(*r.end(), (start + len - 1).min(size - 1));
+                }
+                Err(()) => proptest::prop_assert!(start >= size),
+                Ok(None) => proptest::prop_assert!(false, "ignored {range}"),
+            }
+        }
     }
 }

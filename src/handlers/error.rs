@@ -27,6 +27,7 @@ pub enum Code {
     Denied,
     Unsupported,
     Toomanyrequests,
+    RangeInvalid,
     Unavailable,
     NotFound,
     Unknown,
@@ -73,6 +74,14 @@ impl ApiError {
             StatusCode::METHOD_NOT_ALLOWED,
             Code::Unsupported,
             "this is a pull-through mirror: only pulls are supported",
+        )
+    }
+
+    pub fn range_not_satisfiable(size: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Code::RangeInvalid,
+            format!("the range is not satisfiable for a blob of {size} bytes"),
         )
     }
 
@@ -205,10 +214,12 @@ impl ApiError {
                 retry_after: *retry_after,
                 challenge: None,
             },
+            // Failing like an unreachable upstream, and answered alike, so the status does not
+            // change once the back-off starts.
             U::Failing { upstream, status } => ApiError::new(
-                StatusCode::BAD_GATEWAY,
+                StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable,
-                format!("upstream {upstream} answered {status}"),
+                format!("upstream {upstream} is unavailable: answered {status}"),
             ),
             U::Unreachable { upstream, .. }
             | U::Timeout { upstream, .. }

@@ -15,7 +15,6 @@ use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::outcome::{CacheStatus, ObjectKind};
 use crate::store::handle::BlobHandle;
-use crate::upstream;
 
 /// What a blob request is answered with.
 pub enum BlobAnswer {
@@ -164,12 +163,9 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<BlobAnswer, Error> {
         let body = target.upstream.blob(&target.repo, digest, 0).await?;
-        let Some(size) = body.size else {
-            return Err(upstream::Error::Protocol {
-                upstream: target.upstream.name.clone(),
-                detail: "blob response without Content-Length".into(),
-            }
-            .into());
+        let size = match body.size {
+            Some(size) => size,
+            None => target.upstream.blob_size(&target.repo, digest).await?,
         };
         let metrics = self.metrics.clone();
         let chunks = stream::try_unfold(body, |mut body| async move {

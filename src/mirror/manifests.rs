@@ -248,34 +248,49 @@ impl Mirror {
             }
             self.missing_tags.invalidate(&key);
         }
+        let stale = cached.clone();
         let this = self.clone();
         let up = target.upstream.clone();
         let flight_key = key.clone();
-        let (result, coalesced) = self
-            .tag_flights
-            .run(&key, || async move {
-                // A flight that ended between our read and this one may have stored the tag.
-                let cached = match this.store.tags.get(&flight_key).await {
-                    Ok(Some(r)) if this.clock.since(r.fetched_at) < this.config.cache.tag_ttl => {
-                        return Ok(Resolved::Record(r, CacheStatus::Hit))
-                    }
-                    Ok(fresher) => fresher.or(cached),
-                    Err(_) => cached,
-                };
-                let result = match cached {
-                    None if want_body => this.fetch_tag(&up, &flight_key).await,
-                    cached => {
-                        this.revalidate_tag(&up, &flight_key, cached, want_body)
-                            .await
-                    }
-                };
-                if let Err(Error::Upstream(e @ upstream::Error::NotFound { .. })) = &result {
-                    this.missing_tags
-                        .insert(flight_key, (e.clone(), this.clock.now()));
+        let flight = self.tag_flights.run(&key, || async move {
+            // A flight that ended between our read and this one may have stored the tag.
+            let cached = match this.store.tags.get(&flight_key).await {
+                Ok(Some(r)) if this.clock.since(r.fetched_at) < this.config.cache.tag_ttl => {
+                    return Ok(Resolved::Record(r, CacheStatus::Hit))
                 }
-                result
-            })
-            .await?;
+                Ok(fresher) => fresher.or(cached),
+                Err(_) => cached,
+            };
+            let result = match cached {
+                None if want_body => this.fetch_tag(&up, &flight_key).await,
+                cached => {
+                    this.revalidate_tag(&up, &flight_key, cached, want_body)
+                        .await
+                }
+            };
+            if let Err(Error::Upstream(e @ upstream::Error::NotFound { .. })) = &result {
+                this.missing_tags
+                    .insert(flight_key, (e.clone(), this.clock.now()));
+            }
+            result
+        });
+        // With a cached value to fall back on, a slow upstream costs at most `stale_after`: the
+        // flight runs in its own task and updates the tag when it ends.
+        let (result, coalesced) = match stale {
+            None => flight.await?,
+            Some(record) => match tokio::time::timeout(self.config.cache.stale_after, flight).await
+            {
+                Ok(done) => done?,
+                Err(_) => {
+                    tracing::warn!(
+                        upstream = %key.registry, repo = %key.repo, tag = %key.tag,
+                        waited_ms = self.config.cache.stale_after.as_millis() as u64,
+                        "tag revalidation is slow; serving the cached tag stale"
+                    );
+                    return Ok(Resolved::Record(record, CacheStatus::Stale));
+                }
+            },
+        };
         result.map(|r| match r {
             Resolved::Record(r, s) => Resolved::Record(r, s.joined(coalesced)),
             uncacheable => uncacheable,
@@ -451,10 +466,11 @@ impl Mirror {
         if !media::is_cacheable(&manifest.media_type) {
             return Ok(Fetched::Uncacheable(manifest));
         }
-        self.store
-            .put_manifest(manifest.clone())
-            .await
-            .map_err(Error::storage("storing a manifest"))?;
+        // A manifest that cannot be written is still served (the store keeps it in memory):
+        // failing here would spend another pull on every retry.
+        if let Err(e) = self.store.put_manifest(manifest.clone()).await {
+            tracing::error!(digest = %manifest.digest, error = %e, "cannot store manifest; serving it uncached");
+        }
         Ok(Fetched::Stored(manifest))
     }
 }

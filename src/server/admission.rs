@@ -127,15 +127,18 @@ impl Access {
     /// Checks an `Authorization` value against the tokens and the htpasswd file. Blocking:
     /// bcrypt takes tens of milliseconds.
     fn credentials_ok(&self, value: &str) -> bool {
-        if let Some(token) = value.strip_prefix("Bearer ") {
+        // RFC 9110 §11.1: the scheme is case-insensitive.
+        let (scheme, rest) = value.trim_start().split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
             return self
                 .tokens
                 .iter()
-                .any(|t| constant_time_eq(t.expose(), token.trim()));
+                .any(|t| constant_time_eq(t.expose(), rest.trim()));
         }
-        let Some(encoded) = value.strip_prefix("Basic ") else {
+        if !scheme.eq_ignore_ascii_case("basic") {
             return false;
-        };
+        }
+        let encoded = rest;
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .ok()

@@ -57,7 +57,11 @@ impl Blobs {
         if let Some(file) = self.open_files.get(digest) {
             // fstat on an open descriptor needs no disk I/O; a file truncated meanwhile is
             // dropped here and handled by the full open below.
-            if file.metadata().is_ok_and(|m| m.len() == size) {
+            // A file unlinked behind our back (`pullthrough cache prune`) has no links left.
+            if file
+                .metadata()
+                .is_ok_and(|m| m.len() == size && std::os::unix::fs::MetadataExt::nlink(&m) > 0)
+            {
                 return Ok(Some(hit(file, size, verified)));
             }
             self.open_files.invalidate(digest);

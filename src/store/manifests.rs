@@ -23,11 +23,20 @@ pub struct Manifest {
     pub bytes: Bytes,
 }
 
+/// Memory for manifests that could not be written (the disk is full), so that each costs the
+/// upstream one pull, not one per request.
+const UNWRITTEN_BYTES: u64 = 16 * 1024 * 1024;
+
 pub struct Manifests {
     dir: PathBuf,
     tmp: PathBuf,
     memory: Cache<Digest, Arc<Manifest>>,
+    unwritten: Cache<Digest, Arc<Manifest>>,
     index: Arc<Index>,
+}
+
+fn weigh(_: &Digest, m: &Arc<Manifest>) -> u32 {
+    u32::try_from(m.bytes.len()).unwrap_or(u32::MAX)
 }
 
 impl Manifests {
@@ -38,14 +47,18 @@ impl Manifests {
             index,
             memory: Cache::builder()
                 .max_capacity(MEMORY_BYTES)
-                .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
+                .weigher(weigh)
+                .build(),
+            unwritten: Cache::builder()
+                .max_capacity(UNWRITTEN_BYTES)
+                .weigher(weigh)
                 .build(),
         }
     }
 
     pub async fn get(&self, digest: &Digest) -> io::Result<Option<Arc<Manifest>>> {
         if self.index.touch(&Key::manifest(digest)).is_none() {
-            return Ok(None);
+            return Ok(self.unwritten.get(digest));
         }
         if let Some(m) = self.memory.get(digest) {
             return Ok(Some(m));
@@ -85,12 +98,19 @@ impl Manifests {
         Ok(Some(m))
     }
 
+    /// Keeps a manifest in memory only (the disk cannot take it now); always `Ok`.
+    pub(super) fn keep_unwritten(&self, m: Arc<Manifest>) -> io::Result<()> {
+        self.unwritten.insert(m.digest.clone(), m);
+        Ok(())
+    }
+
     pub(super) fn forget(&self, digest: &Digest) {
         self.memory.invalidate(digest);
     }
 
     /// Stores a manifest whose bytes were verified against `m.digest`; returns what must be
-    /// evicted to stay within the bound.
+    /// evicted to stay within the bound. When the file cannot be written, the manifest is
+    /// kept in memory (bounded) and the error returned.
     pub(super) async fn put(&self, m: Arc<Manifest>) -> io::Result<Vec<Key>> {
         let path = digest_path(&self.dir, &m.digest);
         let tmp = self.tmp.clone();
@@ -99,7 +119,11 @@ impl Manifests {
         raw.push(b'\n');
         raw.extend_from_slice(&m.bytes);
         let size = raw.len() as u64;
-        blocking(move || write_atomic(&tmp, &path, &raw)).await?;
+        if let Err(e) = blocking(move || write_atomic(&tmp, &path, &raw)).await {
+            self.unwritten.insert(m.digest.clone(), m);
+            return Err(e);
+        }
+        self.unwritten.invalidate(&m.digest);
         let evicted = self.index.insert(Key::manifest(&m.digest), size, true);
         self.memory.insert(m.digest.clone(), m);
         Ok(evicted)

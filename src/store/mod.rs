@@ -24,7 +24,8 @@ pub mod writer;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tempfile::NamedTempFile;
 
@@ -58,6 +59,7 @@ impl Limits {
 
 pub struct Store {
     root: PathBuf,
+    disk: DiskState,
     evictions: std::sync::atomic::AtomicU64,
     tmp: PathBuf,
     pub index: Arc<Index>,
@@ -82,6 +84,7 @@ impl Store {
         let index = Arc::new(Index::new(limits.max_size, limits.low_watermark));
         let store = Store {
             root: root.to_owned(),
+            disk: DiskState::default(),
             evictions: std::sync::atomic::AtomicU64::new(0),
             blobs: blobs::Blobs::new(root.join("blobs"), tmp.clone(), index.clone()),
             manifests: manifests::Manifests::new(
@@ -153,9 +156,61 @@ impl Store {
         writer::BlobWriter::new(self.clone(), temp)
     }
 
-    /// Whether the storage directory takes new files: a temp file can be created.
+    /// Whether the storage directory takes new content: a temp file can be created, and no
+    /// write has recently failed for lack of space.
     pub async fn is_writable(&self) -> io::Result<()> {
+        if self.disk.is_full() {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "a recent write found the storage file system full",
+            ));
+        }
         self.blobs.create_temp().await.map(drop)
+    }
+
+    /// Whether the disk can take `size` more bytes, evicting old content to make room. Never
+    /// evicts for content that could not fit even in an empty cache.
+    pub async fn make_room(self: &Arc<Self>, size: u64) -> bool {
+        if self.disk.is_full() {
+            self.disk.warn("a recent write failed for lack of space");
+            return false;
+        }
+        let needed = size + SPACE_MARGIN;
+        for attempt in 0..2 {
+            let store = self.clone();
+            let available = match tokio::task::spawn_blocking(move || store.available_space()).await
+            {
+                Ok(Ok(a)) => a,
+                // Cannot tell: try, and let a failed write decide.
+                _ => return true,
+            };
+            if available >= needed {
+                return true;
+            }
+            // Evicting everything would still leave too little: keep the cache as it is.
+            if available.saturating_add(self.index.total()) < needed {
+                break;
+            }
+            if attempt == 0 {
+                let evicted = self.index.evict_bytes(needed - available);
+                if evicted.is_empty() || self.evict(evicted).await.is_err() {
+                    break;
+                }
+            }
+        }
+        self.disk.warn("not enough free space");
+        false
+    }
+
+    /// Records a failed write; returns whether it failed for lack of space, in which case
+    /// caching pauses for a while (content is served uncached meanwhile).
+    pub fn note_write_failure(&self, e: &io::Error) -> bool {
+        if !crate::platform::is_no_space(e) {
+            return false;
+        }
+        self.disk.set_full();
+        self.disk.warn("a write failed: no space left on device");
+        true
     }
 
     /// Commits a verified blob download and applies the evictions it causes.
@@ -169,9 +224,20 @@ impl Store {
         self.evict(evicted).await
     }
 
-    /// Stores a verified manifest and applies the evictions it causes.
+    /// Stores a verified manifest and applies the evictions it causes. When it cannot be
+    /// written it is still kept in memory, so it is served without another upstream fetch.
     pub async fn put_manifest(self: &Arc<Self>, m: Arc<manifests::Manifest>) -> io::Result<()> {
-        let evicted = self.manifests.put(m).await?;
+        if self.disk.is_full() {
+            self.disk.warn("a recent write failed for lack of space");
+            return self.manifests.keep_unwritten(m);
+        }
+        let evicted = match self.manifests.put(m).await {
+            Ok(evicted) => evicted,
+            Err(e) => {
+                self.note_write_failure(&e);
+                return Err(e);
+            }
+        };
         self.evict(evicted).await
     }
 
@@ -196,6 +262,41 @@ impl Store {
     /// Bytes free on the storage file system. Blocking.
     pub fn available_space(&self) -> io::Result<u64> {
         fs4::available_space(&self.root)
+    }
+}
+
+/// Space kept free on the storage file system beyond a download's own size.
+const SPACE_MARGIN: u64 = 8 * 1024 * 1024;
+/// After a write fails for lack of space, caching pauses this long before trying again.
+const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
+
+/// Whether the disk recently ran out of space, and when that was last logged.
+#[derive(Default)]
+struct DiskState {
+    full_until: Mutex<Option<Instant>>,
+    warned: Mutex<Option<Instant>>,
+}
+
+impl DiskState {
+    fn is_full(&self) -> bool {
+        let until = *crate::sync::lock(&self.full_until);
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn set_full(&self) {
+        *crate::sync::lock(&self.full_until) = Some(Instant::now() + DISK_FULL_PAUSE);
+    }
+
+    /// Logs a warning at most once a minute.
+    fn warn(&self, why: &str) {
+        let mut warned = crate::sync::lock(&self.warned);
+        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                reason = why,
+                "storage is full: content is served to clients without being cached"
+            );
+        }
     }
 }
 

@@ -273,6 +273,24 @@ impl Auth {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any challenge an upstream sends parses or is refused, without a panic.
+        #[test]
+        fn any_www_authenticate_value_parses_or_is_refused(value in "\\PC{0,200}") {
+            let _ = parse_challenge(&value);
+        }
+
+        #[test]
+        fn a_bearer_challenge_yields_its_realm(realm in "https://[a-z]{1,12}\\.example/[a-z]{0,8}") {
+            let value = format!("Bearer realm=\"{realm}\",service=\"s\",scope=\"repository:a:pull\"");
+            let parsed = parse_challenge(&value);
+            proptest::prop_assert_eq!(
+                parsed,
+                Some(Challenge::Bearer { realm, service: Some("s".into()) })
+            );
+        }
+    }
+
     #[test]
     fn parses_docker_hub_challenge() {
         let c = parse_challenge(

@@ -393,7 +393,12 @@ impl Upstream {
                 value.set_sensitive(true);
                 req = req.header(header::AUTHORIZATION, value);
             }
-            let sent = tokio::time::timeout(self.config.first_byte_timeout, req.send())
+            let deadline = if method == Method::HEAD {
+                self.config.head_timeout.min(self.config.first_byte_timeout)
+            } else {
+                self.config.first_byte_timeout
+            };
+            let sent = tokio::time::timeout(deadline, req.send())
                 .await
                 .map_err(|_| Error::Timeout {
                     upstream: self.name.clone(),

@@ -75,6 +75,10 @@ pub struct Behaviour {
     pub hang: bool,
     /// Accept, then close at once (a crashed upstream behind a load balancer).
     pub down: bool,
+    /// Close the connection without an answer for the next N blob GETs.
+    pub drop_blob_gets: u32,
+    /// Send blob GETs chunked, without `Content-Length` (as some registries do).
+    pub chunked_blobs: bool,
 }
 
 #[derive(Clone)]
@@ -308,8 +312,17 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, host: Host) {
                 let state = state.clone();
                 async move {
                     // A service error makes hyper drop the connection without an answer.
-                    if state.behaviour.lock().unwrap().down {
-                        return Err("down");
+                    {
+                        let mut b = state.behaviour.lock().unwrap();
+                        if b.down {
+                            return Err("down");
+                        }
+                        let blob_get =
+                            req.method() == Method::GET && req.uri().path().contains("/blobs/");
+                        if blob_get && b.drop_blob_gets > 0 {
+                            b.drop_blob_gets -= 1;
+                            return Err("dropped");
+                        }
                     }
                     Ok(route(state, host, req).await)
                 }
@@ -591,7 +604,7 @@ async fn blob(
     headers: &HeaderMap,
     from_cdn: bool,
 ) -> Response<Body> {
-    let (delay, fault, redirect, corrupt, hold) = {
+    let (delay, fault, redirect, corrupt, hold, chunked) = {
         let b = state.behaviour.lock().unwrap();
         (
             b.blob_delay,
@@ -599,6 +612,7 @@ async fn blob(
             b.redirect_blobs,
             b.corrupt_blobs,
             b.hold_blob_after,
+            b.chunked_blobs,
         )
     };
     if let Some(f) = fault {
@@ -662,7 +676,9 @@ async fn blob(
     let mut r = Response::new(body);
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
     let h = r.headers_mut();
-    h.insert("content-length", len.to_string().parse().unwrap());
+    if !chunked || head {
+        h.insert("content-length", len.to_string().parse().unwrap());
+    }
     h.insert("docker-content-digest", digest.parse().unwrap());
     h.insert("content-type", "application/octet-stream".parse().unwrap());
     if status == 206 {

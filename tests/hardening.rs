@@ -1,0 +1,300 @@
+//! Bad days in production: full disks, hanging or flaky upstreams, odd but valid requests.
+//! Each test is a defect of the hardening issue, failing before its fix.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::upstream::{sha256, Fault};
+use common::{error_code, secret, test_config, x_cache, FakeUpstream, TestMirror};
+use pullthrough::config::Config;
+use pullthrough::Clock;
+
+const MIB: usize = 1024 * 1024;
+
+/// A tmpfs of `size` mounted for the test's lifetime (needs root; `None` otherwise).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn pull(m: &TestMirror, digest: &str) -> String {
+    let r = m
+        .get(&format!("/v2/library/app/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cache = x_cache(&r);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    cache
+}
+
+#[tokio::test]
+async fn a_blob_that_can_never_fit_evicts_nothing() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[100_000, 24 * MIB]);
+    let storage = fs.path().join("data");
+    let m = TestMirror::start_with(&up, |c| c.storage.dir = storage.clone()).await;
+    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(pull(&m, &blobs[0]).await, "MISS");
+    common::wait_committed(&m, &format!("/v2/library/app/blobs/{}", blobs[0])).await;
+
+    assert_eq!(pull(&m, &blobs[1]).await, "MISS", "streamed, uncached");
+    let text = m.metrics().await;
+    assert_eq!(metric(&text, "pullthrough_cache_evictions_total"), 0.0);
+    assert_eq!(pull(&m, &blobs[0]).await, "HIT", "what was cached stays");
+    let gets = up.manifest_gets();
+    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(up.manifest_gets(), gets, "no pull spent again");
+}
+
+#[tokio::test]
+async fn a_manifest_on_a_full_disk_is_served_and_costs_one_pull() {
+    let Some(fs) = Tmpfs::mount("4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    let (digest, _) = up.add_image("library/app", "v1", &[1000]);
+    let storage = fs.path().join("data");
+    let m = TestMirror::start_with(&up, |c| c.storage.dir = storage.clone()).await;
+    // Fill the file system to the last byte.
+    let filler = fs.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 8 * MIB]);
+    for _ in 0..3 {
+        let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        let r = m
+            .get(&format!("/v2/library/app/manifests/{digest}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    }
+    assert_eq!(up.manifest_gets(), 1, "one pull, however often it is asked");
+    let r = m.get("/readyz").send().await.unwrap();
+    assert_eq!(r.status(), 503, "readiness says the cache cannot write");
+}
+
+/// A mirror with a manual clock, for tests that need a tag past its TTL.
+async fn start_with_clock(
+    up: &FakeUpstream,
+    tweak: impl FnOnce(&mut Config),
+) -> (
+    String,
+    Clock,
+    tokio::sync::oneshot::Sender<()>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&up.url, dir.path());
+    tweak(&mut config);
+    config.validate().unwrap();
+    let clock = Clock::manual();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = pullthrough::Server::new(config).clock(clock.clone());
+    tokio::spawn(server.serve(listener, async {
+        let _ = rx.await;
+    }));
+    (url, clock, tx, dir)
+}
+
+#[tokio::test]
+async fn a_hanging_revalidation_is_answered_stale_within_a_second() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[10]);
+    let (url, clock, _stop, _dir) = start_with_clock(&up, |c| {
+        c.cache.tag_ttl = Duration::from_secs(60);
+        // The default: long enough that only the stale deadline can explain a fast answer.
+        c.upstreams.get_mut("docker.io").unwrap().first_byte_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let get = || {
+        client
+            .get(format!("{url}/v2/library/app/manifests/v1"))
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    clock.advance(Duration::from_secs(120));
+    up.behave(|b| b.hang = true);
+    for _ in 0..2 {
+        let started = Instant::now();
+        let r = get().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(x_cache(&r), "STALE");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "stale answer took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_upstream_blob_is_cached_with_its_length() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[300_000]);
+    up.behave(|b| b.chunked_blobs = true);
+    let m = TestMirror::start(&up).await;
+    let r = m
+        .get(&format!("/v2/library/app/blobs/{}", blobs[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "300000");
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blobs[0]);
+    common::wait_committed(&m, &format!("/v2/library/app/blobs/{}", blobs[0])).await;
+    assert_eq!(up.blob_gets(), 1);
+}
+
+#[tokio::test]
+async fn a_first_blob_get_cut_before_its_headers_is_retried() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[200_000]);
+    up.behave(|b| b.drop_blob_gets = 1);
+    let m = TestMirror::start(&up).await;
+    assert_eq!(pull(&m, &blobs[0]).await, "MISS");
+    up.behave(|b| assert_eq!(b.drop_blob_gets, 0, "the first GET was dropped"));
+    assert_eq!(up.blob_gets(), 1, "the retry was answered");
+}
+
+#[tokio::test]
+async fn unsatisfiable_ranges_are_416_in_the_registry_json() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[1000]);
+    let m = TestMirror::start(&up).await;
+    pull(&m, &blobs[0]).await;
+    common::wait_committed(&m, &format!("/v2/library/app/blobs/{}", blobs[0])).await;
+    for range in ["bytes=-0", "bytes=5000-"] {
+        let r = m
+            .get(&format!("/v2/library/app/blobs/{}", blobs[0]))
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 416, "{range}");
+        assert_eq!(r.headers()["content-range"], "bytes */1000");
+        assert_eq!(error_code(r).await, "RANGE_INVALID");
+    }
+}
+
+#[tokio::test]
+async fn the_authorization_scheme_is_case_insensitive() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[10]);
+    let m = TestMirror::start_with(&up, |c| c.server.tokens = vec![secret("tok-123")]).await;
+    let r = m.get("/v2/").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = m
+            .get("/v2/")
+            .header("authorization", format!("{scheme} tok-123"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let basic = base64_basic("ci", "tok-123");
+    let r = m
+        .get("/v2/")
+        .header("authorization", format!("basic {basic}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+fn base64_basic(user: &str, pass: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let raw = format!("{user}:{pass}").into_bytes();
+    let mut out = String::new();
+    for c in raw.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_upstream_503_outage_is_503_from_the_first_request() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[10]);
+    up.behave(|b| b.manifest_fault = Some(Fault::Status(503)));
+    let m = TestMirror::start(&up).await;
+    for _ in 0..4 {
+        let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(error_code(r).await, "UNAVAILABLE");
+    }
+}
+
+#[tokio::test]
+async fn a_blob_deleted_behind_the_mirror_is_not_served_from_an_open_descriptor() {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", &[50_000]);
+    let m = TestMirror::start(&up).await;
+    pull(&m, &blobs[0]).await;
+    common::wait_committed(&m, &format!("/v2/library/app/blobs/{}", blobs[0])).await;
+    assert_eq!(pull(&m, &blobs[0]).await, "HIT");
+    let hex = blobs[0].trim_start_matches("sha256:");
+    let file: PathBuf = m.storage().join("blobs/sha256").join(&hex[..2]).join(hex);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(
+        pull(&m, &blobs[0]).await,
+        "MISS",
+        "fetched again, not served unlinked"
+    );
+}
