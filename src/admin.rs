@@ -14,7 +14,6 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::cli::{CacheCommand, Command, ConfigCommand, GlobalArgs};
-
 use crate::oci::Digest;
 use crate::store::index::{Entry, Kind};
 use crate::store::{Limits, Mode, Store};
