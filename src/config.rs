@@ -543,14 +543,14 @@ impl Config {
             (Some(max), Some(low)) if low > max => {
                 return Err(bad(
                     "storage.low_watermark",
-                    &low.to_string(),
+                    &format_size(low),
                     "must not exceed storage.max_size",
                 ));
             }
             (None, Some(low)) => {
                 return Err(bad(
                     "storage.low_watermark",
-                    &low.to_string(),
+                    &format_size(low),
                     "needs storage.max_size",
                 ));
             }
