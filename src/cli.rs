@@ -1,54 +1,126 @@
-//! The command line. Flags override the config file and the environment.
+//! The command line. Flags override the config file and the environment. The global flags
+//! (`--config`, `--storage-dir`, …) are accepted before or after a subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{LogFormat, Overrides};
+use crate::config::{parse_size, Config, ConfigError, LogFormat, Overrides};
 
 /// A pull-through caching mirror for Docker Hub and other OCI registries.
 #[derive(Debug, Parser)]
 #[command(name = "pullthrough", version, about)]
 pub struct Cli {
-    /// Config file (TOML). Without it, built-in defaults apply (Docker Hub, ./data, :5000).
-    #[arg(long, short = 'c', value_name = "FILE", env = "PULLTHROUGH_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Listen address, e.g. 0.0.0.0:5000 (server.listen).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// Cache directory (storage.dir).
-    #[arg(long, value_name = "DIR")]
-    pub storage_dir: Option<PathBuf>,
-    /// Bound on cached bytes, e.g. 50GiB (storage.max_size).
-    #[arg(long, value_name = "SIZE")]
-    pub max_size: Option<bytesize::ByteSize>,
-    /// URL of the default upstream registry, e.g. https://registry-1.docker.io.
-    #[arg(long, value_name = "URL")]
-    pub upstream: Option<String>,
-    /// How long a cached tag is served without asking the upstream, e.g. 1s, 5m (cache.tag_ttl).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub tag_ttl: Option<Duration>,
-    /// Log format (log.format).
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
+    #[command(flatten)]
+    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
-/// Operator commands on the storage directory (of a stopped or running mirror). Without a
-/// command, the mirror runs.
+/// The flags that choose and override the configuration; every command takes them.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML). Without it, built-in defaults apply (Docker Hub, ./data, :5000).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        env = "PULLTHROUGH_CONFIG",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:5000 (server.listen).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// Cache directory (storage.dir).
+    #[arg(
+        long,
+        value_name = "DIR",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub storage_dir: Option<PathBuf>,
+    /// Bound on cached bytes, e.g. 50GiB (storage.max_size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, global = true,
+        help_heading = "Global options")]
+    pub max_size: Option<bytesize::ByteSize>,
+    /// URL of the default upstream registry, e.g. https://registry-1.docker.io.
+    #[arg(
+        long,
+        value_name = "URL",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub upstream: Option<String>,
+    /// How long a cached tag is served without asking the upstream, e.g. 1s, 5m (cache.tag_ttl).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, global = true,
+        help_heading = "Global options")]
+    pub tag_ttl: Option<Duration>,
+    /// Log format (log.format).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Operator commands. Without a command, the mirror runs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Inspect or trim the cache.
+    /// Inspect or trim the cache (of a stopped or running mirror).
     #[command(subcommand)]
     Cache(CacheCommand),
     /// Re-hash every cached blob and manifest and report (or remove) those that fail.
+    ///
+    /// Shows a progress bar on a terminal and a progress line every few seconds otherwise
+    /// (on stderr). Exit status 1 when something is corrupt and not repaired.
     Verify {
         /// Remove corrupt files (the mirror fetches them again when asked).
         #[arg(long)]
         repair: bool,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `pullthrough completions bash > /etc/bash_completion.d/pullthrough`;
+    /// zsh: `pullthrough completions zsh > "${fpath[1]}/_pullthrough"`;
+    /// fish: `pullthrough completions fish > ~/.config/fish/completions/pullthrough.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `pullthrough man | man -l -`.
+    Man,
+    /// Exit 0 when the mirror's health endpoint answers 200 (for container health checks).
+    ///
+    /// A plain HTTP/1.1 GET, so that an image needs no curl.
+    Healthcheck {
+        /// The URL to ask (http:// only).
+        #[arg(
+            long,
+            value_name = "URL",
+            default_value = "http://127.0.0.1:5000/healthz"
+        )]
+        url: String,
+        /// Give up after this long.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+        timeout: Duration,
     },
 }
 
@@ -59,16 +131,23 @@ pub enum CacheCommand {
     /// Delete least recently used content until the cache holds at most SIZE.
     Prune {
         /// Target size, e.g. 20GiB.
-        #[arg(long, value_name = "SIZE")]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         to: bytesize::ByteSize,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load the configuration as the server would (file, environment, flags), validate it and
+    /// print the effective values as TOML, secrets redacted. Exit status 1 when it is invalid.
+    Check,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 1s, 90s, 5m, 1h)"))
 }
 
-impl Cli {
+impl GlobalArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             listen: self.listen,
@@ -77,6 +156,201 @@ impl Cli {
             upstream: self.upstream.clone(),
             tag_ttl: self.tag_ttl,
             log_format: self.log_format,
+        }
+    }
+
+    /// The configuration exactly as the server loads it: the file (or the defaults), then the
+    /// environment, then these flags, then [`Config::validate`].
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        Config::load(
+            self.config.as_deref(),
+            |k| std::env::var(k).ok(),
+            &self.overrides(),
+        )
+    }
+}
+
+/// Writes the completion script for `shell`, generated from the CLI definition.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut command = Cli::command();
+    clap_complete::generate(shell, &mut command, "pullthrough", out);
+}
+
+/// Writes the man page (roff), generated from the CLI definition, with a page section for
+/// every subcommand appended.
+pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let command = Cli::command();
+    let man = clap_mangen::Man::new(command.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    render_subcommands(&command, "", out)?;
+    man.render_version_section(out)?;
+    Ok(())
+}
+
+/// One `.SH` section per subcommand (nested ones as `cache prune`), with its about text and
+/// options: clap_mangen's own subcommand section lists only the names.
+fn render_subcommands(
+    command: &clap::Command,
+    prefix: &str,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    for sub in command.get_subcommands() {
+        if sub.is_hide_set() || sub.get_name() == "help" {
+            continue;
+        }
+        let name = format!("{prefix}{}", sub.get_name());
+        if sub.has_subcommands() {
+            render_subcommands(sub, &format!("{name} "), out)?;
+            continue;
+        }
+        let sub = sub.clone().bin_name(format!("pullthrough {name}"));
+        writeln!(out, ".SH \"COMMAND: {}\"", name.to_uppercase())?;
+        let man = clap_mangen::Man::new(sub);
+        // The synopsis and description of the subcommand, then its own options.
+        let mut section = Vec::new();
+        man.render_synopsis_section(&mut section)?;
+        man.render_description_section(&mut section)?;
+        man.render_options_section(&mut section)?;
+        // Demote the subcommand's sections to subsections of this one.
+        let text = String::from_utf8_lossy(&section).replace(".SH ", ".SS ");
+        out.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pullthrough").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_are_accepted_after_the_subcommand() {
+        let cli = parse(&[
+            "verify",
+            "--storage-dir",
+            "/srv/cache",
+            "--config",
+            "m.toml",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.storage_dir, Some(PathBuf::from("/srv/cache")));
+        assert_eq!(cli.global.config, Some(PathBuf::from("m.toml")));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Verify {
+                repair: false,
+                json: false
+            })
+        ));
+
+        let cli = parse(&["cache", "prune", "--to", "1GiB", "--storage-dir", "d"]).unwrap();
+        assert_eq!(cli.global.storage_dir, Some(PathBuf::from("d")));
+        let cli = parse(&["cache", "--max-size", "2GiB", "stats"]).unwrap();
+        assert_eq!(cli.global.max_size, Some(bytesize::ByteSize::gib(2)));
+        let cli = parse(&["config", "check", "-c", "x.toml", "--tag-ttl", "1m"]).unwrap();
+        assert_eq!(cli.global.config, Some(PathBuf::from("x.toml")));
+        assert_eq!(cli.global.tag_ttl, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn global_flags_are_still_accepted_before_the_subcommand() {
+        let cli = parse(&[
+            "--storage-dir",
+            "d",
+            "--log-format",
+            "json",
+            "verify",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.storage_dir, Some(PathBuf::from("d")));
+        assert_eq!(cli.global.log_format, Some(LogFormat::Json));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Verify { json: true, .. })
+        ));
+    }
+
+    #[test]
+    fn flags_alone_run_the_server() {
+        let cli = parse(&["--listen", "127.0.0.1:5001", "--upstream", "http://x"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.global.overrides().upstream.as_deref(), Some("http://x"));
+    }
+
+    #[test]
+    fn bad_size_flag_shows_the_accepted_forms() {
+        let err = parse(&["--max-size", "lots"]).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "invalid size \"lots\": expected a number with an optional unit, e.g. 500MiB, 20GiB, 2TiB"
+            ),
+            "{err}"
+        );
+        let err = parse(&["cache", "prune", "--to", "half"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid size \"half\""), "{err}");
+    }
+
+    #[test]
+    fn healthcheck_defaults_to_the_local_healthz() {
+        let cli = parse(&["healthcheck"]).unwrap();
+        match cli.command {
+            Some(Command::Healthcheck { url, timeout }) => {
+                assert_eq!(url, "http://127.0.0.1:5000/healthz");
+                assert_eq!(timeout, Duration::from_secs(5));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn completions_are_generated_for_bash_zsh_and_fish() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            completions(shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in ["verify", "healthcheck", "storage-dir"] {
+                assert!(text.contains(word), "{shell}: no {word} in\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_page_documents_every_command_and_global_flag() {
+        let mut out = Vec::new();
+        man(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH pullthrough"),
+            "{text}"
+        );
+        for word in [
+            "COMMAND: VERIFY",
+            "COMMAND: CACHE PRUNE",
+            "COMMAND: CONFIG CHECK",
+            "COMMAND: HEALTHCHECK",
+            "storage\\-dir",
+            "repair",
+        ] {
+            assert!(text.contains(word), "no {word} in\n{text}");
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Docker Hub's registry name as clients spell it in `?ns=`.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -78,7 +78,106 @@ impl fmt::Display for Secret {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Serialized as `[REDACTED]` too, so that a printed config (`pullthrough config check`)
+/// shows that a secret is set without showing it.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[REDACTED]")
+    }
+}
+
+/// Parses a size as written in the config and on the command line (`500MiB`, `20GiB`, `2TiB`,
+/// `1.5GB`, or a plain number of bytes), with an error that shows the accepted forms.
+pub fn parse_size(s: &str) -> Result<bytesize::ByteSize, String> {
+    let trimmed = s.trim();
+    // bytesize takes "-5GiB" apart as a unit error deep inside; refuse signs here.
+    let parsed = if trimmed.starts_with(['-', '+']) {
+        None
+    } else {
+        trimmed.parse::<bytesize::ByteSize>().ok()
+    };
+    parsed.ok_or_else(|| size_error(s))
+}
+
+fn size_error(s: &str) -> String {
+    format!("invalid size {s:?}: expected a number with an optional unit, e.g. 500MiB, 20GiB, 2TiB")
+}
+
+/// Writes a size in the largest binary unit that divides it exactly (`50GiB`), so that it
+/// reads back as the same number of bytes.
+pub fn format_size(size: bytesize::ByteSize) -> String {
+    let bytes = size.as_u64();
+    for (unit, factor) in [
+        ("PiB", 1u64 << 50),
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes != 0 && bytes % factor == 0 {
+            return format!("{}{unit}", bytes / factor);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// Serde for `Option<ByteSize>` fields: a string through [`parse_size`] or a number of bytes.
+mod size {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::Serializer;
+
+    struct SizeVisitor;
+
+    impl<'de> Visitor<'de> for SizeVisitor {
+        type Value = Option<bytesize::ByteSize>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size such as \"500MiB\", \"20GiB\" or \"2TiB\", or a number of bytes")
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            super::parse_size(s).map(Some).map_err(E::custom)
+        }
+
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(bytesize::ByteSize(n)))
+        }
+
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            u64::try_from(n)
+                .map(|n| Some(bytesize::ByteSize(n)))
+                .map_err(|_| E::custom(super::size_error(&n.to_string())))
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(SizeVisitor)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<bytesize::ByteSize>, D::Error> {
+        d.deserialize_option(SizeVisitor)
+    }
+
+    pub fn serialize<S: Serializer>(
+        size: &Option<bytesize::ByteSize>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match size {
+            Some(size) => s.serialize_str(&super::format_size(*size)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -104,7 +203,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on. Default `0.0.0.0:5000`.
@@ -158,16 +257,18 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Cache directory (blobs, manifests, tags, temp files). Default `./data`.
     pub dir: PathBuf,
     /// Bound on the bytes of cached blobs and manifests, e.g. `"50GiB"`; least recently used
     /// content is evicted beyond it. Default: unbounded.
+    #[serde(with = "size", skip_serializing_if = "Option::is_none")]
     pub max_size: Option<bytesize::ByteSize>,
     /// Once `max_size` is crossed, evict down to this, so eviction runs in batches.
     /// Default: `max_size`.
+    #[serde(with = "size", skip_serializing_if = "Option::is_none")]
     pub low_watermark: Option<bytesize::ByteSize>,
 }
 
@@ -183,7 +284,7 @@ impl Default for StorageConfig {
 
 impl StorageConfig {}
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// A cached tag is served without asking the upstream for this long after it was last
@@ -210,7 +311,7 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -218,14 +319,14 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` (default) or `json`.
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Serve `/metrics` on this address (plain HTTP, no client auth) instead of on the main
@@ -233,7 +334,7 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Base URL of the registry API (`http://` is allowed). Default Docker Hub.
@@ -492,14 +593,14 @@ impl Config {
             (Some(max), Some(low)) if low > max => {
                 return Err(bad(
                     "storage.low_watermark",
-                    &low.to_string(),
+                    &format_size(low),
                     "must not exceed storage.max_size",
                 ));
             }
             (None, Some(low)) => {
                 return Err(bad(
                     "storage.low_watermark",
-                    &low.to_string(),
+                    &format_size(low),
                     "needs storage.max_size",
                 ));
             }
@@ -509,6 +610,12 @@ impl Config {
             return Err(bad("storage.dir", "", "must not be empty"));
         }
         Ok(())
+    }
+
+    /// The configuration as TOML that [`Config::from_toml`] reads back, secrets as
+    /// `[REDACTED]`.
+    pub fn to_redacted_toml(&self) -> Result<String, String> {
+        toml::to_string_pretty(self).map_err(|e| e.to_string())
     }
 
     /// The registry whose `library/` namespace applies to single-component names.
@@ -600,5 +707,57 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
         assert_eq!(c.storage.dir, PathBuf::from("./data"));
         let _ = Config::load(None, no_env, &Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn bad_size_in_toml_shows_the_accepted_forms() {
+        let err = Config::from_toml("[storage]\nmax_size = \"lots\"\n").unwrap_err();
+        assert!(
+            err.contains(
+                "invalid size \"lots\": expected a number with an optional unit, e.g. 500MiB, 20GiB, 2TiB"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("max_size"), "{err}");
+        let err = Config::from_toml("[storage]\nlow_watermark = -5\n").unwrap_err();
+        assert!(err.contains("invalid size \"-5\""), "{err}");
+        let err = Config::from_toml("[storage]\nmax_size = true\n").unwrap_err();
+        assert!(err.contains("500MiB"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_as_strings_or_byte_counts() {
+        let c =
+            Config::from_toml("[storage]\nmax_size = \"50GiB\"\nlow_watermark = 1000\n").unwrap();
+        assert_eq!(c.storage.max_size, Some(bytesize::ByteSize::gib(50)));
+        assert_eq!(c.storage.low_watermark, Some(bytesize::ByteSize(1000)));
+        assert_eq!(parse_size(" 2TiB ").unwrap(), bytesize::ByteSize::tib(2));
+        assert!(parse_size("-1GiB").is_err());
+        assert_eq!(format_size(bytesize::ByteSize::gib(50)), "50GiB");
+        assert_eq!(format_size(bytesize::ByteSize(1500)), "1500B");
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same_and_hides_secrets() {
+        let mut c = Config::default();
+        c.storage.max_size = Some(bytesize::ByteSize::gib(20));
+        c.server.tokens = vec![Secret::new("tok-123")];
+        c.server.allow = vec!["10.0.0.0/8".parse().unwrap()];
+        let up = c.upstreams.get_mut(DOCKER_HUB).unwrap();
+        up.username = Some("me".into());
+        up.password = Some(Secret::new("hunter2"));
+        let text = c.to_redacted_toml().unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("tok-123"),
+            "{text}"
+        );
+        assert!(text.contains("password = \"[REDACTED]\""), "{text}");
+        let back = Config::from_toml(&text).unwrap();
+        assert_eq!(back.storage.max_size, c.storage.max_size);
+        assert_eq!(back.cache.tag_ttl, c.cache.tag_ttl);
+        assert_eq!(back.server.allow, c.server.allow);
+        assert_eq!(back.upstreams[DOCKER_HUB].url, DOCKER_HUB_URL);
+        assert_eq!(back.upstreams[DOCKER_HUB].username.as_deref(), Some("me"));
+        back.validate().unwrap();
     }
 }

@@ -1,25 +1,26 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pullthrough::cli::{CacheCommand, Cli, Command};
+use pullthrough::cli::{Cli, GlobalArgs};
 use pullthrough::config::Config;
 
+/// Parses the command line: an operator command runs in `admin`, no command runs the mirror.
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(
-        cli.config.as_deref(),
-        |k| std::env::var(k).ok(),
-        &cli.overrides(),
-    ) {
+    match &cli.command {
+        Some(command) => pullthrough::admin::run(&cli.global, command),
+        None => serve(&cli.global),
+    }
+}
+
+fn serve(global: &GlobalArgs) -> ExitCode {
+    let config = match global.load_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pullthrough: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(command) = &cli.command {
-        return admin(command, &config.storage.dir);
-    }
     let _flush_logs_on_exit = match pullthrough::logging::init(config.log.format) {
         Ok(guard) => guard,
         Err(e) => {
@@ -45,30 +46,6 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-fn admin(command: &Command, dir: &std::path::Path) -> ExitCode {
-    let result = match command {
-        Command::Cache(CacheCommand::Stats) => pullthrough::admin::stats(dir).map(|r| (r, true)),
-        Command::Cache(CacheCommand::Prune { to }) => {
-            pullthrough::admin::prune(dir, to.as_u64()).map(|r| (r, true))
-        }
-        Command::Verify { repair } => pullthrough::admin::verify(dir, *repair),
-    };
-    match result {
-        Ok((report, ok)) => {
-            print!("{report}");
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("pullthrough: {e:#}");
-            ExitCode::from(2)
         }
     }
 }

@@ -17,3 +17,38 @@ fn repository_config_is_valid() {
     let text = std::fs::read_to_string("mirror.toml").unwrap();
     Config::from_toml(&text).unwrap().validate().unwrap();
 }
+
+/// The `mirror.toml: |` block of a ConfigMap, without its indentation.
+fn configmap_file(yaml: &str, key: &str) -> String {
+    let header = format!("  {key}: |");
+    let mut lines = yaml.lines().skip_while(|l| l.trim_end() != header).skip(1);
+    let mut text = String::new();
+    for line in lines.by_ref() {
+        if !line.is_empty() && !line.starts_with("    ") {
+            break;
+        }
+        text.push_str(line.strip_prefix("    ").unwrap_or(line));
+        text.push('\n');
+    }
+    text
+}
+
+#[test]
+fn kubernetes_configmap_holds_a_valid_config() {
+    let yaml = std::fs::read_to_string("examples/kubernetes/configmap.yaml").unwrap();
+    let text = configmap_file(&yaml, "mirror.toml");
+    assert!(text.contains("[upstreams.\"docker.io\"]"), "{text}");
+    let config = Config::from_toml(&text).unwrap();
+    config.validate().unwrap();
+    let statefulset = std::fs::read_to_string("examples/kubernetes/statefulset.yaml").unwrap();
+    let dir = config.storage.dir.to_str().unwrap();
+    assert!(
+        statefulset.contains(&format!("mountPath: {dir}\n")),
+        "storage.dir {dir} is not the volume's mount path"
+    );
+    let max = config.storage.max_size.unwrap();
+    assert!(
+        max < bytesize::ByteSize::gib(50) && statefulset.contains("storage: 50Gi"),
+        "storage.max_size {max} must stay below the volume's 50Gi"
+    );
+}

@@ -1,0 +1,299 @@
+//! The operator commands as an operator runs them: the built binary, flags after the
+//! subcommand, exit status, stdout and stderr.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::upstream::sha256;
+use common::{FakeUpstream, TestMirror};
+use pullthrough::config::Config;
+
+const MIB: usize = 1024 * 1024;
+
+/// Runs the binary with `args` and `env`, without the caller's PULLTHROUGH_* variables.
+async fn pullthrough(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+    command.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PULLTHROUGH_") {
+            command.env_remove(k);
+        }
+    }
+    command.envs(env.iter().copied());
+    // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
+    command.output().await.unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn blob_file(root: &Path, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    root.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// A storage dir holding the given blobs, cached through a mirror.
+async fn cached_blobs(sizes: &[usize]) -> (FakeUpstream, TestMirror, Vec<String>) {
+    let up = FakeUpstream::start().await;
+    let (_, blobs) = up.add_image("library/app", "v1", sizes);
+    let m = TestMirror::start(&up).await;
+    for b in &blobs {
+        let path = format!("/v2/library/app/blobs/{b}");
+        let body = m.get(&path).send().await.unwrap().bytes().await.unwrap();
+        assert_eq!(&sha256(&body), b);
+        common::wait_committed(&m, &path).await;
+    }
+    (up, m, blobs)
+}
+
+async fn verify_json(dir: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let mut args = vec!["verify", "--json", "--storage-dir", dir];
+    args.extend_from_slice(extra);
+    let out = pullthrough(&args, &[]).await;
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", stdout(&out)));
+    (out, json)
+}
+
+#[tokio::test]
+async fn verify_json_reports_files_bytes_corrupt_and_repaired() {
+    let (_up, m, blobs) = cached_blobs(&[MIB, MIB, 100_000]).await;
+    let root = m.storage();
+    let dir = root.to_str().unwrap();
+
+    let (out, report) = verify_json(dir, &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(report["files_checked"], 3);
+    assert_eq!(report["files_ok"], 3);
+    assert_eq!(report["bytes_checked"], (2 * MIB + 100_000) as u64);
+    assert_eq!(report["corrupt"], serde_json::json!([]));
+    assert_eq!(report["repaired"], 0);
+    assert_eq!(report["healthy"], true);
+    assert_eq!(report["storage_dir"], dir);
+
+    let file = blob_file(&root, &blobs[1]);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+
+    let (out, report) = verify_json(dir, &[]).await;
+    assert_eq!(out.status.code(), Some(1), "corrupt and not repaired");
+    assert_eq!(report["files_ok"], 2);
+    assert_eq!(report["healthy"], false);
+    assert_eq!(
+        report["corrupt"],
+        serde_json::json!([{
+            "kind": "blob",
+            "digest": blobs[1],
+            "size": MIB,
+            "error": "digest mismatch",
+            "removed": false,
+        }])
+    );
+    assert!(file.exists());
+
+    let (out, report) = verify_json(dir, &["--repair"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(report["repaired"], 1);
+    assert_eq!(report["corrupt"][0]["removed"], true);
+    assert_eq!(report["healthy"], true);
+    assert!(!file.exists());
+}
+
+#[tokio::test]
+async fn verify_text_report_and_no_progress_bar_without_a_terminal() {
+    let (_up, m, blobs) = cached_blobs(&[200_000]).await;
+    let root = m.storage();
+    // The global flag before the subcommand, as before.
+    let out = pullthrough(&["--storage-dir", root.to_str().unwrap(), "verify"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "1 ok, 0 corrupt, 0 removed (1 files, 195.31 KiB checked)\n"
+    );
+    // A run this short writes no progress line; a bar would need a terminal.
+    assert_eq!(stderr(&out), "");
+    std::fs::write(blob_file(&root, &blobs[0]), b"garbage").unwrap();
+    let out = pullthrough(&["verify", "--storage-dir", root.to_str().unwrap()], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with(&format!("corrupt blob {} (digest mismatch)\n", blobs[0])),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test]
+async fn storage_commands_take_the_config_after_the_subcommand() {
+    let (_up, m, _blobs) = cached_blobs(&[MIB, MIB]).await;
+    let root = m.storage();
+    let config = root.join("ops.toml");
+    std::fs::write(&config, format!("[storage]\ndir = {:?}\n", root)).unwrap();
+    let config = config.to_str().unwrap();
+    let out = pullthrough(&["cache", "stats", "--config", config], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("entries: 2"), "{}", stdout(&out));
+    let out = pullthrough(&["cache", "prune", "--to", "1MiB", "-c", config], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("pruned 1 files"),
+        "{}",
+        stdout(&out)
+    );
+    let out = pullthrough(&["verify", "--json"], &[("PULLTHROUGH_CONFIG", config)]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files_checked"], 1);
+}
+
+#[tokio::test]
+async fn verify_of_a_missing_storage_dir_fails_with_the_reason() {
+    let out = pullthrough(
+        &["verify", "--storage-dir", "/nonexistent/pullthrough"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+}
+
+#[tokio::test]
+async fn config_check_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:5999\"\ntokens = [\"tok-file-secret\"]\n\
+         [storage]\ndir = \"/srv/cache\"\nmax_size = \"50GiB\"\n\
+         [upstreams.\"docker.io\"]\nusername = \"me\"\npassword = \"file-secret\"\n",
+    )
+    .unwrap();
+    let out = pullthrough(
+        &[
+            "config",
+            "check",
+            "--config",
+            file.to_str().unwrap(),
+            "--max-size",
+            "20GiB",
+            "--tag-ttl",
+            "90s",
+        ],
+        &[("PULLTHROUGH_UPSTREAM_PASSWORD", "env-secret")],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("# pullthrough config check: valid."),
+        "{text}"
+    );
+    for secret in ["tok-file-secret", "file-secret", "env-secret"] {
+        assert!(!text.contains(secret), "{secret} shown in\n{text}");
+    }
+    assert!(text.contains("password = \"[REDACTED]\""), "{text}");
+    // File, then environment, then flags: the printed values are the effective ones.
+    let effective = Config::from_toml(&text).unwrap();
+    assert_eq!(effective.server.listen.to_string(), "127.0.0.1:5999");
+    assert_eq!(effective.storage.dir.to_str(), Some("/srv/cache"));
+    assert_eq!(
+        effective.storage.max_size,
+        Some(bytesize::ByteSize::gib(20))
+    );
+    assert_eq!(effective.cache.tag_ttl.as_secs(), 90);
+    assert_eq!(
+        effective.upstreams["docker.io"].username.as_deref(),
+        Some("me")
+    );
+}
+
+#[tokio::test]
+async fn config_check_without_a_file_shows_the_defaults() {
+    let out = pullthrough(&["config", "check"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("from the built-in defaults"), "{text}");
+    assert!(
+        text.contains("url = \"https://registry-1.docker.io\""),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn config_check_fails_on_a_bad_file_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[storage]\nmax_size = \"lots\"\n",
+            "invalid size \"lots\": expected a number with an optional unit, e.g. 500MiB, 20GiB, 2TiB",
+        ),
+        ("[server]\nlisten_addr = \"x\"\n", "listen_addr"),
+        (
+            "[storage]\nlow_watermark = \"1GiB\"\n",
+            "storage.low_watermark",
+        ),
+        (
+            "[server]\nhtpasswd = \"/nonexistent/htpasswd\"\n",
+            "cannot read server.htpasswd",
+        ),
+    ];
+    for (i, (text, reason)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let out = pullthrough(&["config", "check", "-c", file.to_str().unwrap()], &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(stderr(&out).contains(reason), "{text}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "nothing printed for an invalid config");
+    }
+    let out = pullthrough(&["config", "check", "-c", "/nonexistent/mirror.toml"], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read config file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn a_bad_size_flag_shows_the_accepted_forms() {
+    let out = pullthrough(&["--max-size", "lots"], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid size \"lots\": expected a number with an optional unit"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn completions_and_man_page_print_to_stdout() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = pullthrough(&["completions", shell], &[]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("storage-dir"), "{shell}");
+    }
+    let out = pullthrough(&["man"], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(".TH pullthrough 1"));
+}
+
+#[tokio::test]
+async fn healthcheck_exits_zero_only_on_200() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    let url = format!("{}/healthz", m.url);
+    let out = pullthrough(&["healthcheck", "--url", &url], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let url = format!("{}/nothing-here", m.url);
+    let out = pullthrough(&["healthcheck", "--url", &url], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("answered 404"), "{}", stderr(&out));
+}
