@@ -1,6 +1,8 @@
 //! The operator commands as an operator runs them: the built binary, flags after the
 //! subcommand, exit status, stdout and stderr.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
 mod common;
 
 use std::path::Path;
