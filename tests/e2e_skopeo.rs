@@ -8,19 +8,20 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::upstream::{pseudo_random, sha256, OCI_INDEX, OCI_MANIFEST};
+use common::{eventually, metric_sum, wait_for, TestMirror, PAST_TTL, SETTLE, TTL};
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 use tokio::process::{Child, Command};
 
 const REPO: &str = "library/e2e-multi";
 const TAG: &str = "v1";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -53,7 +54,12 @@ async fn skopeo_pulls_multi_arch_through_the_mirror_then_from_cache() {
         "the registry serves the index bytes the test wrote"
     );
 
-    let mirror = Mirror::start(&registry, &work.join("cache")).await;
+    let mirror = TestMirror::start_for(
+        &format!("http://{}", registry.addr),
+        tempfile::tempdir().unwrap(),
+        |c| c.cache.tag_ttl = TTL,
+    )
+    .await;
     let mirror_ref = format!("docker://{}/{REPO}:{TAG}", mirror.addr);
 
     // Cold: every blob comes from the upstream, exactly once.
@@ -71,18 +77,26 @@ async fn skopeo_pulls_multi_arch_through_the_mirror_then_from_cache() {
         "cold pull: index digest"
     );
     let blobs = image.blobs.len();
+    eventually(
+        "cold pull: the registry logs a GET per blob",
+        SETTLE,
+        || async { registry.blob_gets() >= blobs },
+    )
+    .await;
     assert_eq!(
-        registry.blob_gets_settled(blobs).await,
+        registry.blob_gets(),
         blobs,
         "cold pull: one upstream GET per blob"
     );
     assert_eq!(
-        mirror.upstream_blob_gets().await,
+        upstream_blob_gets(&mirror).await,
         blobs as u64,
         "cold pull: mirror's metric"
     );
 
-    // Warm, with a fresh destination: nothing but (at most) manifest checks upstream.
+    // Warm, with a fresh destination and the tag past its TTL: nothing but manifest checks
+    // upstream.
+    mirror.advance(PAST_TTL);
     let second = work.join("pull-2");
     skopeo
         .copy(
@@ -104,20 +118,29 @@ async fn skopeo_pulls_multi_arch_through_the_mirror_then_from_cache() {
             "warm pull: blob {blob} intact"
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await; // let a stray access log line land
+    registry.log_caught_up().await;
     assert_eq!(
         registry.blob_gets(),
         blobs,
         "warm pull: no upstream blob GET (registry log)"
     );
     assert_eq!(
-        mirror.upstream_blob_gets().await,
+        upstream_blob_gets(&mirror).await,
         blobs as u64,
         "warm pull: no upstream blob GET (metric)"
     );
 
     mirror.stop().await;
     registry.stop().await;
+}
+
+/// `pullthrough_upstream_requests_total{kind="blob_get"}`, summed over status classes.
+async fn upstream_blob_gets(mirror: &TestMirror) -> u64 {
+    metric_sum(
+        &mirror.metrics().await,
+        "pullthrough_upstream_requests_total",
+        "kind=\"blob_get\"",
+    ) as u64
 }
 
 /// The program's path, or `None` after telling stderr that the test is skipped without it.
@@ -141,22 +164,9 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 fn sha256_file(path: &Path) -> String {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    format!("sha256:{}", sha256_hex(&data))
-}
-
-/// A port that was free a moment ago (for the registry, which cannot take a listener).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    sha256(&data)
 }
 
 // ---- the image: an OCI layout written by hand ------------------------------------------
@@ -173,9 +183,10 @@ fn write_multi_arch_layout(root: &Path) -> Image {
     std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
     std::fs::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let put = |data: &[u8]| -> String {
-        let hex = sha256_hex(data);
-        std::fs::write(root.join("blobs/sha256").join(&hex), data).unwrap();
-        format!("sha256:{hex}")
+        let digest = sha256(data);
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::write(root.join("blobs/sha256").join(hex), data).unwrap();
+        digest
     };
     let mut blobs = BTreeSet::new();
     let mut platforms = Vec::new();
@@ -225,20 +236,6 @@ fn write_multi_arch_layout(root: &Path) -> Image {
         index_digest,
         blobs,
     }
-}
-
-/// Deterministic filler (xorshift64*): different per seed, identical run to run.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A POSIX ustar archive holding one regular file: header, data padded to 512 bytes, and
@@ -327,65 +324,63 @@ struct Registry {
 }
 
 impl Registry {
-    /// Starts the registry on a free port; tries again on another port if it cannot listen.
+    /// Starts the registry on a port it picks itself (`addr: 127.0.0.1:0`), and returns once
+    /// it has logged that address and answers `/v2/` there.
     async fn start(bin: &Path, work: &Path) -> Registry {
         let log = work.join("registry.log");
-        for _attempt in 0..3 {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let config = work.join("registry.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog: {{level: info, formatter: text}}\n\
-                     storage: {{filesystem: {{rootdirectory: {}}}}}\n\
-                     http: {{addr: {addr}, secret: e2e-test}}\n",
-                    work.join("registry-data").display()
-                ),
-            )
-            .unwrap();
-            let out = std::fs::File::create(&log).unwrap();
-            let child = Command::new(bin)
-                .arg("serve")
-                .arg(&config)
-                .stdout(out.try_clone().unwrap())
-                .stderr(out)
-                .kill_on_drop(true)
-                .spawn()
-                .expect("start docker-registry");
-            let mut registry = Registry {
-                child,
-                addr,
-                log: log.clone(),
-                http: reqwest::Client::new(),
-            };
-            if registry.ready().await {
-                return registry;
-            }
-            registry.stop().await;
-        }
-        panic!(
-            "docker-registry did not start; its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+        let config = work.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info, formatter: text}}\n\
+                 storage: {{filesystem: {{rootdirectory: {}}}}}\n\
+                 http: {{addr: 127.0.0.1:0, secret: e2e-test}}\n",
+                work.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let out = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start docker-registry");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let addr = wait_for(
+            "docker-registry logs the address it listens on",
+            Duration::from_secs(15),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "docker-registry exited ({status}); its log:\n{}",
+                        read_log()
+                    );
+                }
+                std::future::ready(listening_addr(&read_log()))
+            },
+        )
+        .await;
+        let registry = Registry {
+            child,
+            addr,
+            log: log.clone(),
+            http: reqwest::Client::new(),
+        };
+        let r = registry
+            .http
+            .get(format!("http://{}/v2/", registry.addr))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("docker-registry: {e}; its log:\n{}", read_log()));
+        assert!(
+            r.status().is_success(),
+            "docker-registry /v2/: {}",
+            r.status()
         );
-    }
-
-    async fn ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return false;
-            }
-            if let Ok(r) = self
-                .http
-                .get(format!("http://{}/v2/", self.addr))
-                .send()
-                .await
-            {
-                return r.status().is_success();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
+        registry
     }
 
     /// The digest the registry gives the tag, checked against the bytes it sends.
@@ -402,30 +397,39 @@ impl Registry {
             .to_str()
             .unwrap()
             .to_owned();
-        assert_eq!(
-            format!("sha256:{}", sha256_hex(&r.bytes().await.unwrap())),
-            header
-        );
+        assert_eq!(sha256(&r.bytes().await.unwrap()), header);
         header
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Blob GETs in the registry's access log (one line per completed request).
     fn blob_gets(&self) -> usize {
         let needle = format!("\"GET /v2/{REPO}/blobs/sha256:");
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
+        self.log_text()
             .lines()
             .filter(|line| line.contains(&needle))
             .count()
     }
 
-    /// `blob_gets`, after giving the log up to 2 s to reach `expected`.
-    async fn blob_gets_settled(&self, expected: usize) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.blob_gets() < expected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.blob_gets()
+    /// Returns once the access log holds a request of the test's own, sent now: requests that
+    /// ended before it are logged by then.
+    async fn log_caught_up(&self) {
+        let marker = format!("/v2/?caught-up={}", std::process::id());
+        let r = self
+            .http
+            .get(format!("http://{}{marker}", self.addr))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{marker}: {}", r.status());
+        let needle = format!("\"GET {marker} ");
+        eventually("the registry logs the marker request", SETTLE, || {
+            std::future::ready(self.log_text().contains(&needle))
+        })
+        .await;
     }
 
     async fn stop(mut self) {
@@ -433,60 +437,9 @@ impl Registry {
     }
 }
 
-// ---- the mirror: pullthrough in-process --------------------------------------------------
-
-struct Mirror {
-    addr: String,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    http: reqwest::Client,
-}
-
-impl Mirror {
-    async fn start(upstream: &Registry, cache: &Path) -> Mirror {
-        let toml = format!(
-            "[storage]\ndir = {:?}\n[cache]\ntag_ttl = \"1s\"\n[upstreams.\"docker.io\"]\nurl = \"http://{}\"\n",
-            cache.display().to_string(),
-            upstream.addr
-        );
-        let config = pullthrough::Config::from_toml(&toml).expect("test config parses");
-        config.validate().expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(pullthrough::serve(config, listener, async {
-            let _ = stopped.await;
-        }));
-        Mirror {
-            addr,
-            shutdown,
-            task,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    /// `pullthrough_upstream_requests_total{kind="blob_get"}`, summed over status classes.
-    async fn upstream_blob_gets(&self) -> u64 {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| {
-                l.starts_with("pullthrough_upstream_requests_total{")
-                    && l.contains("kind=\"blob_get\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-
-    async fn stop(self) {
-        let _ = self.shutdown.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
+/// The address in distribution's `msg="listening on 127.0.0.1:PORT"` line.
+fn listening_addr(log: &str) -> Option<String> {
+    let (_, rest) = log.split_once("msg=\"listening on ")?;
+    let (addr, _) = rest.split_once('"')?;
+    Some(addr.to_owned())
 }

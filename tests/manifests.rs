@@ -4,55 +4,70 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::upstream::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
-use common::{error_code, x_cache, FakeUpstream, TestMirror};
+use common::{error_code, x_cache, FakeUpstream, TestMirror, PAST_TTL, TTL};
 
 const ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// GET of a manifest path, with `accept` if given.
+async fn get(m: &TestMirror, path: &str, accept: Option<&str>) -> reqwest::Response {
+    let mut req = m.get(path);
+    if let Some(accept) = accept {
+        req = req.header("accept", accept);
+    }
+    req.send().await.unwrap()
+}
+
+/// HEAD of a manifest path, with `accept` if given.
+async fn head(m: &TestMirror, path: &str, accept: Option<&str>) -> reqwest::Response {
+    let mut req = m.head(path);
+    if let Some(accept) = accept {
+        req = req.header("accept", accept);
+    }
+    req.send().await.unwrap()
+}
+
+/// A manifest answer: 200, the manifest's digest and media type, and how the cache answered
+/// (`X-Cache`).
+#[track_caller]
+fn assert_manifest(r: &reqwest::Response, digest: &str, media_type: &str, cache: &str) {
+    assert_eq!(r.status(), 200, "{}", r.url());
+    assert_eq!(x_cache(r), cache, "{}", r.url());
+    assert_eq!(r.headers()["docker-content-digest"], digest, "{}", r.url());
+    assert_eq!(r.headers()["content-type"], media_type, "{}", r.url());
+}
+
+/// An error answer: its status and its OCI error code.
+async fn assert_error(r: reqwest::Response, status: u16, code: &str) {
+    let url = r.url().clone();
+    assert_eq!(r.status(), status, "{url}");
+    assert_eq!(error_code(r).await, code, "{url}");
+}
 
 #[tokio::test]
 async fn tag_miss_then_hit_within_ttl_costs_no_more_upstream_requests() {
     let up = FakeUpstream::start().await;
     let (digest, _) = up.add_image("library/alpine", "3.20", &[100]);
     let m = TestMirror::start(&up).await;
+    let path = "/v2/library/alpine/manifests/3.20";
 
-    let r = m
-        .get("/v2/library/alpine/manifests/3.20")
-        .header("accept", ALL)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(x_cache(&r), "MISS");
-    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
-    assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
+    let r = get(&m, path, Some(ALL)).await;
+    assert_manifest(&r, &digest, OCI_MANIFEST, "MISS");
     let body = r.bytes().await.unwrap();
     assert_eq!(common::upstream::sha256(&body), digest);
     let before = (up.manifest_gets(), up.manifest_heads());
     assert_eq!(before.0, 1, "one counted GET for a cold tag");
 
-    let r = m
-        .get("/v2/library/alpine/manifests/3.20")
-        .header("accept", ALL)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(x_cache(&r), "HIT");
+    let r = get(&m, path, Some(ALL)).await;
+    assert_manifest(&r, &digest, OCI_MANIFEST, "HIT");
     assert_eq!(r.bytes().await.unwrap(), body);
-    let r = m
-        .head("/v2/library/alpine/manifests/3.20")
-        .header("accept", ALL)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(x_cache(&r), "HIT");
+    let r = head(&m, path, Some(ALL)).await;
+    assert_manifest(&r, &digest, OCI_MANIFEST, "HIT");
     assert_eq!(
         r.headers()["content-length"],
         body.len().to_string().as_str()
     );
-    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
     assert_eq!((up.manifest_gets(), up.manifest_heads()), before);
 }
 
@@ -61,24 +76,22 @@ async fn single_component_names_mean_library_on_docker_hub() {
     let up = FakeUpstream::start().await;
     let (digest, _) = up.add_image("library/alpine", "latest", &[10]);
     let m = TestMirror::start(&up).await;
-    let r = m.get("/v2/alpine/manifests/latest").send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    let r = get(&m, "/v2/alpine/manifests/latest", None).await;
+    assert_manifest(&r, &digest, OCI_MANIFEST, "MISS");
 }
 
 #[tokio::test]
 async fn expired_tag_is_revalidated_with_head_only() {
     let up = FakeUpstream::start().await;
-    up.add_image("library/app", "v1", &[10]);
-    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = Duration::from_millis(200)).await;
-    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
-    assert_eq!(x_cache(&r), "MISS");
+    let (digest, _) = up.add_image("library/app", "v1", &[10]);
+    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = TTL).await;
+    let path = "/v2/library/app/manifests/v1";
+    assert_manifest(&get(&m, path, None).await, &digest, OCI_MANIFEST, "MISS");
     let gets = up.manifest_gets();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.advance(PAST_TTL);
     let heads = up.manifest_heads();
-    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(x_cache(&r), "REVALIDATED");
+    let r = get(&m, path, None).await;
+    assert_manifest(&r, &digest, OCI_MANIFEST, "REVALIDATED");
     assert_eq!(
         up.manifest_gets(),
         gets,
@@ -91,14 +104,14 @@ async fn expired_tag_is_revalidated_with_head_only() {
 async fn changed_tag_fetches_only_the_new_manifest() {
     let up = FakeUpstream::start().await;
     up.add_image("library/app", "v1", &[10]);
-    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = Duration::from_millis(100)).await;
-    m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = TTL).await;
+    let path = "/v2/library/app/manifests/v1";
+    get(&m, path, None).await;
     let (new_digest, _) = up.add_image("library/app", "v1", &[20]);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    m.advance(PAST_TTL);
     let gets = up.manifest_gets();
-    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
-    assert_eq!(x_cache(&r), "MISS");
-    assert_eq!(r.headers()["docker-content-digest"], new_digest.as_str());
+    let r = get(&m, path, None).await;
+    assert_manifest(&r, &new_digest, OCI_MANIFEST, "MISS");
     assert_eq!(up.manifest_gets(), gets + 1);
 }
 
@@ -106,17 +119,16 @@ async fn changed_tag_fetches_only_the_new_manifest() {
 async fn digest_references_are_never_refetched() {
     let up = FakeUpstream::start().await;
     let (digest, _) = up.add_image("library/app", "v1", &[10]);
-    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = Duration::from_millis(1)).await;
+    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = TTL).await;
     let path = format!("/v2/library/app/manifests/{digest}");
-    let r = m.get(&path).send().await.unwrap();
-    assert_eq!(x_cache(&r), "MISS");
+    assert_manifest(&get(&m, &path, None).await, &digest, OCI_MANIFEST, "MISS");
     let total = up.total();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Long past any tag's TTL: a digest names the same bytes forever.
+    m.advance(PAST_TTL);
     for _ in 0..3 {
-        let r = m.get(&path).send().await.unwrap();
-        assert_eq!(x_cache(&r), "HIT");
-        let r = m.head(&path).send().await.unwrap();
-        assert_eq!(x_cache(&r), "HIT");
+        assert_manifest(&get(&m, &path, None).await, &digest, OCI_MANIFEST, "HIT");
+        assert_manifest(&head(&m, &path, None).await, &digest, OCI_MANIFEST, "HIT");
+        m.advance(PAST_TTL);
     }
     assert_eq!(up.total(), total);
 }
@@ -126,12 +138,7 @@ async fn head_of_cold_tag_does_not_spend_a_pull() {
     let up = FakeUpstream::start().await;
     let (digest, _) = up.add_image("library/app", "v1", &[10]);
     let m = TestMirror::start(&up).await;
-    let r = m
-        .head("/v2/library/app/manifests/v1")
-        .header("accept", ALL)
-        .send()
-        .await
-        .unwrap();
+    let r = head(&m, "/v2/library/app/manifests/v1", Some(ALL)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
     assert!(r.headers().contains_key("content-length"));
@@ -142,31 +149,24 @@ async fn head_of_cold_tag_does_not_spend_a_pull() {
 async fn stored_type_not_accepted_by_client_is_passed_through_uncached() {
     let up = FakeUpstream::start().await;
     let index = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
-    up.add_manifest(
+    let digest = up.add_manifest(
         "library/multi",
         Some("latest"),
         OCI_INDEX,
         index.into_bytes(),
     );
     let m = TestMirror::start(&up).await;
-    let r = m
-        .get("/v2/library/multi/manifests/latest")
-        .header("accept", ALL)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.headers()["content-type"], OCI_INDEX);
+    let path = "/v2/library/multi/manifests/latest";
+    assert_manifest(&get(&m, path, Some(ALL)).await, &digest, OCI_INDEX, "MISS");
 
     // A client that only takes Docker v2 manifests must not get the index.
     let gets = up.manifest_gets();
-    let r = m
-        .get("/v2/library/multi/manifests/latest")
-        .header("accept", DOCKER_MANIFEST)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    assert_error(
+        get(&m, path, Some(DOCKER_MANIFEST)).await,
+        404,
+        "MANIFEST_UNKNOWN",
+    )
+    .await;
     assert_eq!(
         up.manifest_gets(),
         gets + 1,
@@ -184,19 +184,8 @@ async fn stored_type_not_accepted_by_client_is_passed_through_uncached() {
     );
 
     // No Accept and */* take anything.
-    let r = m
-        .get("/v2/library/multi/manifests/latest")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(x_cache(&r), "HIT");
-    let r = m
-        .get("/v2/library/multi/manifests/latest")
-        .header("accept", "*/*")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(x_cache(&r), "HIT");
+    assert_manifest(&get(&m, path, None).await, &digest, OCI_INDEX, "HIT");
+    assert_manifest(&get(&m, path, Some("*/*")).await, &digest, OCI_INDEX, "HIT");
 }
 
 #[tokio::test]
@@ -213,25 +202,27 @@ async fn upstream_digest_header_mismatch_is_rejected_and_not_cached() {
     }
     let m = TestMirror::start(&up).await;
     let path = format!("/v2/library/app/manifests/{digest}");
-    let r = m.get(&path).send().await.unwrap();
-    assert_eq!(r.status(), 502);
-    let r = m.get(&path).send().await.unwrap();
-    assert_eq!(r.status(), 502, "a bad manifest is never cached");
+    assert_eq!(get(&m, &path, None).await.status(), 502);
+    assert_eq!(
+        get(&m, &path, None).await.status(),
+        502,
+        "a bad manifest is never cached"
+    );
     assert_eq!(up.manifest_gets(), 2);
 }
 
 #[tokio::test]
-async fn upstream_errors_keep_their_meaning() {
+async fn upstream_not_found_rate_limit_outage_and_denial_reach_the_client_as_such() {
     use common::upstream::Fault;
     let up = FakeUpstream::start().await;
     let m = TestMirror::start(&up).await;
-    let r = m
-        .get("/v2/library/nothing/manifests/latest")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    let path = "/v2/library/app/manifests/v1";
+    assert_error(
+        get(&m, "/v2/library/nothing/manifests/latest", None).await,
+        404,
+        "MANIFEST_UNKNOWN",
+    )
+    .await;
 
     up.add_image("library/app", "v1", &[10]);
     up.behave(|b| {
@@ -239,19 +230,16 @@ async fn upstream_errors_keep_their_meaning() {
             retry_after: Some(42),
         })
     });
-    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
-    assert_eq!(r.status(), 429);
+    let r = get(&m, path, None).await;
     assert_eq!(r.headers()["retry-after"], "42");
-    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    assert_error(r, 429, "TOOMANYREQUESTS").await;
 
     up.behave(|b| b.manifest_fault = Some(Fault::Status(503)));
-    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+    let r = get(&m, path, None).await;
     assert!(r.status() == 502 || r.status() == 503, "{}", r.status());
 
     up.behave(|b| b.manifest_fault = Some(Fault::Status(403)));
-    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
-    assert_eq!(r.status(), 403);
-    assert_eq!(error_code(r).await, "DENIED");
+    assert_error(get(&m, path, None).await, 403, "DENIED").await;
 }
 
 #[tokio::test]
@@ -261,21 +249,13 @@ async fn tags_list_is_passed_through_with_paging() {
         up.add_image("library/app", t, &[1]);
     }
     let m = TestMirror::start(&up).await;
-    let r = m
-        .get("/v2/library/app/tags/list?n=2&ns=docker.io")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&m, "/v2/library/app/tags/list?n=2&ns=docker.io", None).await;
     assert_eq!(r.status(), 200);
     let link = r.headers()["link"].to_str().unwrap().to_owned();
     assert_eq!(link, "</v2/library/app/tags/list?n=2&last=b>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
-    let r = m
-        .get("/v2/library/app/tags/list?n=2&last=b")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&m, "/v2/library/app/tags/list?n=2&last=b", None).await;
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["c"]));
 }

@@ -7,19 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::upstream::sha256;
-use common::{error_code, x_cache, FakeUpstream, TestMirror};
+use common::{error_code, metric, x_cache, FakeUpstream, TestMirror};
+use futures_util::StreamExt;
 use pullthrough::config::Secret;
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-}
-
 #[tokio::test]
-async fn metrics_move_as_pulls_happen() {
+async fn metrics_count_misses_hits_requests_and_bytes_as_pulls_happen() {
     let up = FakeUpstream::start().await;
     let (_, blobs) = up.add_image("library/app", "v1", &[100_000, 50_000]);
     let m = TestMirror::start(&up).await;
@@ -96,15 +89,13 @@ async fn metrics_move_as_pulls_happen() {
 #[tokio::test]
 async fn metrics_can_move_to_their_own_listener() {
     let up = FakeUpstream::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let m = TestMirror::start_with(&up, |c| {
-        c.metrics.listen = Some(([127, 0, 0, 1], port).into())
-    })
-    .await;
+    // The listener for `metrics.listen`, bound here and handed over, so the port stays ours.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(&up.url, dir.path());
+    config.metrics.listen = Some(([127, 0, 0, 1], port).into());
+    let m = TestMirror::launch(config, dir, |s| s.metrics_listener(listener)).await;
     assert_eq!(m.get("/v2/").send().await.unwrap().status(), 200);
     assert_eq!(m.get("/metrics").send().await.unwrap().status(), 404);
     let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
@@ -150,7 +141,7 @@ fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf,
 }
 
 #[tokio::test]
-async fn https_with_http2_by_alpn_and_curl() {
+async fn https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http() {
     let up = FakeUpstream::start().await;
     let (_, blobs) = up.add_image("library/app", "v1", &[70_000]);
     let certs = tempfile::tempdir().unwrap();
@@ -189,32 +180,27 @@ async fn https_with_http2_by_alpn_and_curl() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED curl part of https_with_http2_by_alpn_and_curl: curl not installed");
+        eprintln!(
+            "SKIPPED curl part of https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http: \
+             curl not installed"
+        );
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let config = certs.path().join("mirror.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+            "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
              [storage]\ndir = {:?}\n[upstreams.\"docker.io\"]\nurl = \"{}\"\n",
             certs.path().join("data"),
             up.url
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    // On a port it picks and logs: it accepts connections once `start_daemon` returns.
+    let mut daemon =
+        common::start_daemon([std::ffi::OsStr::new("--config"), config.as_ref()]).await;
+    let port = daemon.addr.port();
     let curl = |http: &'static str| {
         // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
         tokio::process::Command::new("curl")
@@ -229,14 +215,7 @@ async fn https_with_http2_by_alpn_and_curl() {
             ])
             .output()
     };
-    let mut out = curl("--http1.1").await.unwrap();
-    for _ in 0..50 {
-        if out.status.success() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        out = curl("--http1.1").await.unwrap();
-    }
+    let out = curl("--http1.1").await.unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -245,7 +224,7 @@ async fn https_with_http2_by_alpn_and_curl() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "{} 1.1");
     let out = curl("--http2").await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "{} 2");
-    child.kill().await.unwrap();
+    daemon.child.kill().await.unwrap();
 }
 
 #[tokio::test]
@@ -268,7 +247,7 @@ async fn cidr_allow_list_denies_other_addresses() {
 }
 
 #[tokio::test]
-async fn basic_auth_from_htpasswd_and_static_tokens() {
+async fn clients_authenticate_with_htpasswd_basic_auth_or_static_tokens() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let htpasswd = dir.path().join("htpasswd");
@@ -315,7 +294,7 @@ async fn basic_auth_from_htpasswd_and_static_tokens() {
 }
 
 #[tokio::test]
-async fn shutdown_finishes_an_in_flight_blob() {
+async fn shutdown_stops_accepting_and_finishes_an_in_flight_blob() {
     let up = FakeUpstream::start().await;
     let (_, blobs) = up.add_image("library/app", "v1", &[2 * 1024 * 1024]);
     up.behave(|b| b.hold_blob_after = Some(512 * 1024));
@@ -326,15 +305,24 @@ async fn shutdown_finishes_an_in_flight_blob() {
         .await
         .unwrap();
     assert_eq!(x_cache(&r), "MISS");
-    let reader = tokio::spawn(async move { r.bytes().await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The blob is in flight: its first bytes are here, the rest is held upstream.
+    let mut body = r.bytes_stream();
+    let mut received = body.next().await.unwrap().unwrap().to_vec();
+    let reader = tokio::spawn(async move {
+        while let Some(chunk) = body.next().await {
+            received.extend_from_slice(&chunk?);
+        }
+        Ok::<_, reqwest::Error>(received)
+    });
     let url = m.url.clone();
     let stopping = tokio::spawn(m.stop());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        reqwest::get(format!("{url}/v2/")).await.is_err(),
-        "still accepting after shutdown"
-    );
+    common::eventually(
+        "no longer accepting after shutdown",
+        common::SETTLE,
+        || async { reqwest::get(format!("{url}/v2/")).await.is_err() },
+    )
+    .await;
+    assert!(!reader.is_finished(), "the blob was not in flight");
     up.state.release.notify_one();
     let body = reader.await.unwrap().unwrap();
     assert_eq!(sha256(&body), blobs[0]);

@@ -106,18 +106,7 @@ async fn first_client_disconnecting_does_not_cancel_the_download() {
     drop(body);
     up.state.release.notify_one();
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = m.head(&path).send().await.unwrap();
-        if x_cache(&r) == "HIT" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "download was not committed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_committed(&m, &path).await;
     let r = m.get(&path).send().await.unwrap();
     assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
     assert_eq!(up.blob_gets(), 1);

@@ -5,10 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::upstream::sha256;
-use common::{x_cache, FakeUpstream, TestMirror};
+use common::{eventually, x_cache, FakeUpstream, TestMirror, SETTLE};
 
 const MIB: usize = 1024 * 1024;
 
@@ -208,7 +207,10 @@ async fn altered_blob_found_after_restart_is_never_served_as_complete() {
         r.bytes().await.is_err(),
         "corrupt bytes were passed on as a complete blob"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the corrupt file is removed", SETTLE, || async {
+        !file.exists()
+    })
+    .await;
     assert_eq!(pull(&m, &blobs[0]).await, "MISS");
     assert_eq!(pull(&m, &blobs[0]).await, "HIT");
 }
@@ -247,8 +249,10 @@ async fn concurrent_first_reads_after_restart_share_one_verdict() {
         get(&blobs[1], Some("bytes=2097152-")),
     );
     assert!(whole.is_err() && early_range.is_err() && late_range.is_err());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!altered.exists(), "the corrupt file is removed");
+    eventually("the corrupt file is removed", SETTLE, || async {
+        !altered.exists()
+    })
+    .await;
     assert!(m
         .metrics()
         .await
@@ -263,31 +267,15 @@ async fn killed_mid_download_restarts_clean() {
     let (_, blobs) = up.add_image("library/app", "v1", &[4 * MIB]);
     up.behave(|b| b.hold_blob_after = Some(MIB as u64));
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--upstream",
-            &up.url,
-        ])
-        .arg("--storage-dir")
-        .arg(dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/v2/library/app/blobs/{}", blobs[0]);
-    let client = reqwest::Client::new();
-    let resp = loop {
-        match client.get(&url).send().await {
-            Ok(r) => break r,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let mut daemon = common::start_daemon([
+        "--upstream".as_ref(),
+        up.url.as_ref(),
+        "--storage-dir".as_ref(),
+        dir.path().as_os_str(),
+    ])
+    .await;
+    let url = format!("http://{}/v2/library/app/blobs/{}", daemon.addr, blobs[0]);
+    let resp = reqwest::get(&url).await.unwrap();
     let mut body = resp.bytes_stream();
     futures_util::StreamExt::next(&mut body)
         .await
@@ -297,8 +285,7 @@ async fn killed_mid_download_restarts_clean() {
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         1
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    daemon.child.kill().await.unwrap();
     drop(body);
     up.behave(|b| b.hold_blob_after = None);
     up.state.release.notify_one();
@@ -341,7 +328,7 @@ async fn eviction_under_concurrent_readers_never_serves_wrong_bytes() {
 }
 
 #[tokio::test]
-async fn operator_commands_report_verify_and_prune() {
+async fn operator_commands_report_verify_repair_and_prune() {
     let up = FakeUpstream::start().await;
     let (_, blobs) = up.add_image("library/app", "v1", &[MIB; 3]);
     let m = TestMirror::start(&up).await;

@@ -1,27 +1,49 @@
 //! Test daemon: the real server on an ephemeral port over a temp dir, in front of the fake
-//! upstream.
+//! upstream (or any registry), with a manual clock; and the `pullthrough` binary, started on
+//! an ephemeral port it reports itself.
+//!
+//! Nothing here waits a fixed time: TTLs, the negative cache and back-offs are moved past with
+//! [`TestMirror::advance`], and what happens in the background is waited for with
+//! [`eventually`].
 
 #![allow(dead_code)]
 
 pub mod upstream;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use pullthrough::config::{Config, Secret, DOCKER_HUB};
+use pullthrough::{Clock, Server};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::oneshot;
 
 pub use upstream::FakeUpstream;
 
+/// How long [`eventually`] waits by default for something that takes milliseconds.
+pub const SETTLE: Duration = Duration::from_secs(10);
+
+/// A tag TTL, negative-cache TTL or back-off that real time never ends during a test: tests
+/// end it with `m.advance(PAST_TTL)`.
+pub const TTL: Duration = Duration::from_secs(60);
+/// Past [`TTL`], with a second to spare for tag records kept in whole seconds on disk.
+pub const PAST_TTL: Duration = Duration::from_secs(61);
+
 pub struct TestMirror {
     pub url: String,
+    pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    /// The clock the mirror decides TTLs, the negative cache and back-offs by; it runs with
+    /// real time and jumps on [`TestMirror::advance`].
+    pub clock: Clock,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// A config for tests: the fake upstream as docker.io, fast timeouts.
+/// A config for tests: `upstream_url` as docker.io, fast timeouts.
 pub fn test_config(upstream_url: &str, dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.storage.dir = dir.to_owned();
@@ -52,25 +74,56 @@ impl TestMirror {
         dir: tempfile::TempDir,
         tweak: impl FnOnce(&mut Config),
     ) -> TestMirror {
-        let mut config = test_config(&upstream.url, dir.path());
+        Self::start_for(&upstream.url, dir, tweak).await
+    }
+
+    /// In front of any registry at `upstream_url` (a real one in e2e tests), as docker.io.
+    pub async fn start_for(
+        upstream_url: &str,
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestMirror {
+        let mut config = test_config(upstream_url, dir.path());
         tweak(&mut config);
+        Self::launch(config, dir, |server| server).await
+    }
+
+    /// Runs `config` (whose storage dir is normally in `dir`) with a manual clock and whatever
+    /// else `server` sets, e.g. an already bound metrics listener.
+    pub async fn launch(
+        config: Config,
+        dir: tempfile::TempDir,
+        server: impl FnOnce(Server) -> Server,
+    ) -> TestMirror {
         config.validate().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let clock = Clock::manual();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(pullthrough::serve(config, listener, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(server(Server::new(config).clock(clock.clone())).serve(
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        ));
         TestMirror {
-            url,
+            url: format!("http://{addr}"),
+            addr,
             dir,
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap(),
+            clock,
             shutdown: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// Moves the mirror's clock forward: tag TTLs, negative-cache entries and back-offs that
+    /// end within `by` are over.
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
     }
 
     /// Stops the server and returns its storage dir, for restart tests.
@@ -134,18 +187,117 @@ pub fn x_cache(resp: &reqwest::Response) -> String {
         .to_owned()
 }
 
-/// Waits until a blob download in the background has been committed (HEAD answers HIT).
-pub async fn wait_committed(m: &TestMirror, path: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+/// The value of one series in a Prometheus text exposition (`name` with its labels, exactly
+/// as exposed).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+/// The sum of every series of `family` whose labels include `label` (e.g. `kind="blob_get"`),
+/// whatever its other labels; 0 when there is none.
+pub fn metric_sum(text: &str, family: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') && l.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `probe` until it finds something and returns that; panics with `what` if it finds
+/// nothing within `within`.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
-        let r = m.head(path).send().await.unwrap();
-        if x_cache(&r) == "HIT" {
-            return;
+        if let Some(found) = probe().await {
+            return found;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{path} was not committed"
+            "not within {within:?}: {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls `condition` until it holds; panics with `what` if it does not within `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let probe = || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    };
+    wait_for(what, within, probe).await;
+}
+
+/// Waits until a blob download in the background has been committed (HEAD answers HIT).
+pub async fn wait_committed(m: &TestMirror, path: &str) {
+    eventually(&format!("{path} is committed"), SETTLE, || async {
+        x_cache(&m.head(path).send().await.unwrap()) == "HIT"
+    })
+    .await;
+}
+
+/// The `pullthrough` binary, running on a port it chose itself.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    /// Where it listens, as it logged it.
+    pub addr: SocketAddr,
+}
+
+/// Starts the binary with `args` plus `--listen 127.0.0.1:0 --log-format json` (flags win over
+/// a config file), and returns once it has logged the address it listens on: it is accepting
+/// connections then. The rest of its log is read and dropped, so it never blocks on stderr.
+pub async fn start_daemon<I, S>(args: I) -> Daemon
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("PULLTHROUGH_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let addr = tokio::time::timeout(SETTLE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let addr = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .filter(|v| v["fields"]["message"] == "pullthrough listening")
+                .and_then(|v| v["fields"]["addr"].as_str()?.parse::<SocketAddr>().ok());
+            if addr.is_some() {
+                return addr;
+            }
+            seen.push(line);
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        panic!(
+            "pullthrough did not log its listen address; its log:\n{}",
+            seen.join("\n")
+        )
+    });
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Daemon { child, addr }
 }
