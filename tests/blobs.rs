@@ -50,7 +50,7 @@ async fn head_of_uncached_blob_does_not_download_it() {
 }
 
 #[tokio::test]
-async fn range_requests_get_206_and_416() {
+async fn ranges_are_206_on_a_miss_and_a_hit_and_416_past_the_end() {
     let up = FakeUpstream::start().await;
     let (_, layers) = up.add_image("library/app", "v1", &[1000]);
     let blob = up.state.content.lock().unwrap().blobs[&layers[0]].clone();
@@ -148,7 +148,7 @@ async fn blob_redirects_reach_the_cdn_without_the_token() {
 }
 
 #[tokio::test]
-async fn missing_blob_is_blob_unknown() {
+async fn missing_blob_is_blob_unknown_and_a_rate_limited_one_keeps_retry_after() {
     let up = FakeUpstream::start().await;
     let m = TestMirror::start(&up).await;
     let r = m

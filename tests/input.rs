@@ -91,7 +91,7 @@ async fn unknown_paths_are_404_json() {
 }
 
 #[tokio::test]
-async fn api_version_check_and_other_registries() {
+async fn v2_answers_the_api_version_and_unmirrored_registries_are_name_unknown() {
     let up = FakeUpstream::start().await;
     up.add_image("library/app", "v1", &[10]);
     let m = TestMirror::start(&up).await;

@@ -262,7 +262,7 @@ async fn concurrent_first_reads_after_restart_share_one_verdict() {
 }
 
 #[tokio::test]
-async fn killed_mid_download_restarts_clean() {
+async fn killed_mid_download_restarts_without_temp_files_and_refetches() {
     let up = FakeUpstream::start().await;
     let (_, blobs) = up.add_image("library/app", "v1", &[4 * MIB]);
     up.behave(|b| b.hold_blob_after = Some(MIB as u64));
