@@ -56,7 +56,8 @@ pub enum Progress {
 /// Streams `file[start..end)`. With `progress`, waits for the writer before reading past what
 /// has been written, so a reader never sees a byte before it is on disk. With `sendfile`, chunks
 /// whose pages are in the page cache go to the socket without a copy (see [`crate::sendfile`]);
-/// the others are read on the blocking pool.
+/// the others are read on the blocking pool, in chunks of [`Sendfile::copy_chunk`] when the
+/// connection asks for smaller ones (HTTP/2).
 pub fn file_range(
     file: Arc<File>,
     start: u64,
@@ -127,7 +128,8 @@ pub fn file_range(
             Some(chunk) => chunk,
             None => {
                 let (file, pos) = (st.file.clone(), st.pos);
-                let len = len.min(CHUNK);
+                let most = st.sendfile.as_ref().and_then(Sendfile::copy_chunk);
+                let len = len.min(most.unwrap_or(CHUNK));
                 tokio::task::spawn_blocking(move || read_at(&file, pos, len))
                     .await
                     .map_err(io::Error::other)??

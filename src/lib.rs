@@ -6,10 +6,12 @@
 //! Lower layers never call upward. Errors become HTTP responses only in `error`.
 
 pub mod access;
+pub mod activity;
 pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod connlimit;
 pub mod download;
 pub mod error;
 pub mod handlers;
@@ -17,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod platform_limits;
 pub mod routes;
 pub mod sendfile;
 pub mod server;

@@ -1,23 +1,25 @@
-//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge), times out idle
-//! ones, drains on shutdown, and wraps every request in timing, panic isolation, metrics and
-//! one log line.
+//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge) up to a cap per
+//! client address, closes those with no request in flight for `header_read_timeout`, drains
+//! on shutdown, and wraps every request in timing, panic isolation, metrics and one log line.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
+use crate::activity::{Activity, InFlight};
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::connlimit::ConnLimit;
 use crate::error::ApiError;
 use crate::handlers::{self, X_CACHE};
 use crate::logging::{self, AccessLine};
@@ -37,6 +39,36 @@ enum Role {
     Metrics,
 }
 
+/// HTTP/2 limits. Whatever flow-control window a client advertises, a stream holds at most
+/// `H2_SEND_BUF` bytes queued in h2 plus the chunk being handed over (`H2_FILE_CHUNK` for file
+/// bodies): about 48 KiB, so at most about 4.7 MiB for a connection's `H2_MAX_STREAMS`
+/// (hyper's defaults, 400 KiB and 200 streams, let one connection that never reads pin 140 MB).
+/// RFC 9113 asks for no fewer than 100 streams; containerd uses a handful per connection.
+const H2_MAX_STREAMS: u32 = 100;
+const H2_SEND_BUF: usize = 32 * 1024;
+/// File bodies on HTTP/2 are read in chunks this size, one DATA frame at the default frame
+/// size; h2 copies them into its frames anyway, so bigger ones only sit in memory longer.
+const H2_FILE_CHUNK: usize = 16 * 1024;
+/// Clients never upload: windows as small as the protocol's default bound what a client can
+/// make the mirror buffer for request bodies (the connection window below 65535 would have no
+/// effect).
+const H2_STREAM_WINDOW: u32 = 16 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 65_535;
+/// A request header block (decoded, hyper's default); a bigger one is refused.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams a client may reset before the mirror answers them (rapid reset, CVE-2023-44487),
+/// and streams the mirror may reset for a client's protocol errors before it drops the client.
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_ERROR_RESETS: usize = 128;
+/// A ping after this long without a frame from the client; no answer within the timeout
+/// drops the connection (a vanished peer, or one that stopped reading).
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a connection told to close (idle, or at shutdown) may take once it has no request
+/// in flight: long enough to flush the end of a response or exchange HTTP/2's GOAWAY and
+/// PING; then it is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 /// Runs the mirror on `listener` until `shutdown` completes, then lets in-flight responses
 /// finish for up to `server.shutdown_grace`.
 pub async fn serve(
@@ -44,9 +76,15 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    match crate::platform_limits::raise_open_files_limit() {
+        Ok((from, to)) if from != to => tracing::info!(from, to, "raised the open files limit"),
+        Ok((limit, _)) => tracing::info!(limit, "open files limit is at its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let metrics = Arc::new(Metrics::new());
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_read_timeout;
+    let conn_limit = ConnLimit::new(config.server.max_connections_per_client);
     let mirror =
         Arc::new(tokio::task::spawn_blocking(move || Mirror::new(config, metrics)).await??);
     warn_about_exposure(&mirror);
@@ -78,8 +116,22 @@ pub async fn serve(
         // buffer: zero-copy file bodies depend on it (see `sendfile`).
         .writev(true)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUF)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(false)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    // Told to every connection at shutdown; dropped by each when it ends, which is how the
+    // drain below knows they all have.
+    let (stop_tx, stop_rx) = watch::channel(false);
 
     if let Some(addr) = mirror.config.metrics.listen {
         let metrics_listener = TcpListener::bind(addr)
@@ -118,40 +170,48 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(place) = conn_limit.try_acquire(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: too many from this address");
+            mirror.metrics.connection_refused();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let (builder, mirror, watcher) = (builder.clone(), mirror.clone(), graceful.watcher());
+        let (builder, mirror, stop) = (builder.clone(), mirror.clone(), stop_rx.clone());
         match &tls {
             None => {
                 let (conn, sendfile) = sendfile::Connection::new(stream);
-                tokio::spawn(serve_io(
-                    builder,
-                    conn,
-                    mirror,
-                    peer,
-                    Role::Main,
-                    Some(watcher),
-                    Some(sendfile),
-                ));
+                tokio::spawn(async move {
+                    serve_io(
+                        builder,
+                        conn,
+                        mirror,
+                        peer,
+                        Role::Main,
+                        Some(stop),
+                        Some(sendfile),
+                    )
+                    .await;
+                    drop(place);
+                });
             }
             Some(tls) => {
                 let acceptor = tls.acceptor();
+                let mut stop = Some(stop);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
+                    let accepted = tokio::select! {
+                        accepted = handshake => accepted,
+                        () = stopped(&mut stop) => return,
+                    };
+                    match accepted {
                         Ok(Ok(tls_stream)) => {
-                            serve_io(
-                                builder,
-                                tls_stream,
-                                mirror,
-                                peer,
-                                Role::Main,
-                                Some(watcher),
-                                None,
-                            )
-                            .await
+                            serve_io(builder, tls_stream, mirror, peer, Role::Main, stop, None)
+                                .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
+                    drop(place);
                 });
             }
         }
@@ -161,8 +221,10 @@ pub async fn serve(
         grace_secs = grace.as_secs(),
         "shutting down: draining connections"
     );
+    let _ = stop_tx.send(true);
+    drop(stop_rx);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = stop_tx.closed() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     for task in background {
@@ -174,36 +236,83 @@ pub async fn serve(
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it closes. With `sendfile` (a plain TCP
 /// connection), HTTP/1.x requests may answer with zero-copy file bodies.
+///
+/// The watchdog: a connection with no request in flight for `header_read_timeout` (counted
+/// from its opening or the end of its last response) is told to close, then dropped if it
+/// has not within `CLOSE_LINGER`. hyper's own header timeout covers only HTTP/1.1 once the
+/// version is known; this also covers a connection still sending the HTTP/2 preface (which
+/// holds the version detection), one in the HTTP/2 handshake, and an HTTP/2 connection with
+/// no complete request. On `stop`, every connection is told to close and dropped once it has
+/// had no request in flight for `CLOSE_LINGER`, so a half-sent request does not hold
+/// shutdown.
 async fn serve_io<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
     mirror: Arc<Mirror>,
     peer: SocketAddr,
     role: Role,
-    watcher: Option<Watcher>,
+    mut stop: Option<watch::Receiver<bool>>,
     sendfile: Option<Sendfile>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let mirror = mirror.clone();
-        // HTTP/2 copies body chunks into its frames: placeholders must not reach it.
-        if req.version() <= http::Version::HTTP_11 {
-            if let Some(sf) = &sendfile {
-                req.extensions_mut().insert(sf.clone());
+    let idle_timeout = mirror.config.server.header_read_timeout;
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let activity = activity.clone();
+        // HTTP/2 copies body chunks into its frames: placeholders must not reach it, and file
+        // chunks stay small (see `H2_FILE_CHUNK`).
+        let h2_files = Sendfile::copy_only(H2_FILE_CHUNK);
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let in_flight = activity.begin();
+            let mirror = mirror.clone();
+            let files = if req.version() <= http::Version::HTTP_11 {
+                sendfile.as_ref()
+            } else {
+                Some(&h2_files)
+            };
+            if let Some(files) = files {
+                req.extensions_mut().insert(files.clone());
             }
-        }
-        async move { Ok::<_, Infallible>(handle(mirror, req, peer, role).await) }
-    });
+            async move { Ok::<_, Infallible>(handle(mirror, req, peer, role, in_flight).await) }
+        })
+    };
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    let result = match watcher {
-        Some(watcher) => watcher.watch(conn).await,
-        None => conn.await,
+    tokio::pin!(conn);
+    let mut closing = false;
+    let result = loop {
+        let limit = if closing { CLOSE_LINGER } else { idle_timeout };
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = activity.idle_for(limit) => {
+                if closing {
+                    tracing::debug!(%peer, "connection dropped: did not close when told");
+                    return;
+                }
+                tracing::debug!(%peer, "closing a connection with no request for the header timeout");
+                conn.as_mut().graceful_shutdown();
+                activity.touch();
+                closing = true;
+            }
+            () = stopped(&mut stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once the server shuts down; never without a `stop` channel.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        // An error means the server is gone: as good as stopped.
+        Some(rx) => drop(rx.wait_for(|stopped| *stopped).await),
+        None => std::future::pending().await,
     }
 }
 
@@ -299,6 +408,7 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     role: Role,
+    in_flight: InFlight,
 ) -> Response<Body> {
     let started = Instant::now();
     let route = match (role, routes::parse(req.method(), req.uri().path())) {
@@ -357,6 +467,7 @@ async fn handle(
                 cache,
                 elapsed,
             });
+            drop(in_flight);
         })
     })
 }
