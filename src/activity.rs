@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub struct Activity {
@@ -16,8 +15,6 @@ pub struct Activity {
     /// `opened`.
     idle_since: AtomicU64,
     opened: Instant,
-    /// Woken whenever the last request in flight ends.
-    idle: Notify,
 }
 
 /// One request in flight; it ends when this drops.
@@ -35,7 +32,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             opened: Instant::now(),
-            idle: Notify::new(),
         }
     }
 
@@ -54,30 +50,22 @@ impl Activity {
         self.idle_since.store(self.now(), Ordering::SeqCst);
     }
 
-    /// Resolves once no request has been in flight for `limit`.
+    /// Resolves once no request has been in flight for `limit`. It looks at the connection
+    /// once per `limit` while requests are in flight, rather than being woken by each request
+    /// that ends: a busy connection pays no timer per request.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
-            let ended = self.idle.notified();
-            tokio::pin!(ended);
-            // Registered before looking, so that an end between the look and the wait wakes it.
-            ended.as_mut().enable();
             if self.in_flight() > 0 {
-                ended.await;
+                // Whenever the last one ends, it moves `idle_since` to then.
+                tokio::time::sleep(limit).await;
                 continue;
             }
             let since = Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
             let deadline = self.opened + since + limit;
             if Instant::now() >= deadline {
-                // Looked again: a request may have begun since the first look.
-                if self.in_flight() == 0 {
-                    return;
-                }
-                continue;
+                return;
             }
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {}
-                () = ended => {}
-            }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 
@@ -91,9 +79,7 @@ impl Drop for InFlight {
         let a = &self.0;
         // The clock first: whoever sees the count at zero then sees a time at least this late.
         a.touch();
-        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            a.idle.notify_waiters();
-        }
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

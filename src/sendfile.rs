@@ -96,7 +96,7 @@ impl Sendfile {
 
 /// Whether every page of `file[offset..offset + len]` is in the page cache: `cachestat(2)`
 /// (Linux 6.5+, which counts whole folios at a time), else `mincore(2)`.
-fn resident(file: &File, offset: u64, len: usize) -> bool {
+pub fn resident(file: &File, offset: u64, len: usize) -> bool {
     static NO_CACHESTAT: AtomicBool = AtomicBool::new(false);
     if !NO_CACHESTAT.load(Ordering::Relaxed) {
         match cached_pages(file, offset, len) {
