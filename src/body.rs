@@ -132,8 +132,8 @@ pub fn file_range(
                 let len = len.min(most.unwrap_or(CHUNK));
                 if most.is_some() && sendfile::resident(&file, pos, len) {
                     // A small chunk already in the page cache: copying it here costs a few
-                    // microseconds, less than the trip to the blocking pool (which doubled
-                    // the CPU per byte of HTTP/2 blobs).
+                    // microseconds, less than the trip to the blocking pool (which cost
+                    // HTTP/2 blobs 2.5 times the CPU per byte).
                     read_at(&file, pos, len)?
                 } else {
                     tokio::task::spawn_blocking(move || read_at(&file, pos, len))
@@ -299,4 +299,32 @@ pub fn verify(inner: Body, digest: crate::oci::Digest, len: u64) -> Body {
         }
         Ok(Some((chunk, st)))
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn copy_only_file_bodies_come_in_small_copied_chunks() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        let body = file_range(
+            Arc::new(file),
+            1000,
+            bytes.len() as u64,
+            None,
+            Some(Sendfile::copy_only(32 * 1024)),
+        );
+        let mut frames = body.into_data_stream();
+        let mut got = Vec::new();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut frames).await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.len() <= 32 * 1024, "{}", chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert!(got == bytes[1000..], "the copied bytes are the file's");
+    }
 }

@@ -346,6 +346,13 @@ async fn connections_over_the_per_client_cap_are_closed_at_accept() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let metrics = m.metrics().await;
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pullthrough_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "{metrics}");
     h2_driver.abort();
 }
 
