@@ -62,7 +62,9 @@ const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 const H2_MAX_PENDING_RESETS: usize = 20;
 const H2_MAX_ERROR_RESETS: usize = 128;
 /// A ping after this long without a frame from the client; no answer within the timeout
-/// drops the connection (a vanished peer, or one that stopped reading).
+/// resets its streams and closes the connection (a vanished peer, or one that stopped
+/// reading). A connection whose client does not read cannot take the GOAWAY either: the
+/// watchdog drops it, its streams gone, `header_read_timeout` later.
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a connection told to close (idle, or at shutdown) may take once it has no request
