@@ -210,8 +210,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Registry served to requests without `?ns=` (dockerd, podman). Default `docker.io`.
     pub default_registry: String,
-    /// Idle connections that send no complete request header within this time are closed.
-    /// Default 30 s.
+    /// Connections with no request in flight for this long are closed: idle ones, those with
+    /// a half-sent request header, HTTP/2 connections that have not completed their preface or
+    /// a request. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
@@ -222,6 +223,12 @@ pub struct ServerConfig {
     /// The window of `client_requests`. Default 1 minute.
     #[serde(with = "humantime_serde")]
     pub client_window: Duration,
+    /// Open connections allowed from one client address, HTTP/1.1 and HTTP/2 alike; more are
+    /// closed as they are accepted. 0 = unlimited. Default 256: far more than legitimate
+    /// clients use (dockerd opens a few per pull, containerd multiplexes over one HTTP/2
+    /// connection, a NAT'd build farm of dozens of hosts stays below it), yet one address
+    /// cannot take every file descriptor or pin unbounded connection memory.
+    pub max_connections_per_client: u32,
     /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS (HTTP/2 by ALPN).
     /// SIGHUP reloads both files. Default: plain HTTP.
     pub tls_cert: Option<PathBuf>,
@@ -247,6 +254,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             client_requests: 0,
             client_window: Duration::from_secs(60),
+            max_connections_per_client: 256,
             tls_cert: None,
             tls_key: None,
             allow: Vec::new(),

@@ -10,6 +10,10 @@
 //! An embedder needs [`serve`] (or [`Server`]) and [`Config`]; the operator commands are in
 //! [`admin`].
 
+// No unwrap on anything a client or an upstream controls; tests (their own crates, and
+// `#[cfg(test)]` modules by clippy.toml) may.
+#![deny(clippy::unwrap_used)]
+
 pub mod admin;
 pub mod cli;
 pub mod clock;

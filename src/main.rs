@@ -1,3 +1,7 @@
+// No unwrap on anything a client or an upstream controls; tests (their own crates, and
+// `#[cfg(test)]` modules by clippy.toml) may.
+#![deny(clippy::unwrap_used)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

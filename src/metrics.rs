@@ -96,6 +96,7 @@ pub struct Metrics {
     digest_mismatches: Counter,
     no_space: Counter,
     evictions: Counter,
+    connections_refused: Counter,
     pub cache_size_bytes: Gauge,
     pub cache_entries: Gauge,
     pub cache_max_bytes: Gauge,
@@ -139,6 +140,7 @@ impl Metrics {
             digest_mismatches: Counter::default(),
             no_space: Counter::default(),
             evictions: Counter::default(),
+            connections_refused: Counter::default(),
             cache_size_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache_max_bytes: Gauge::default(),
@@ -209,6 +211,11 @@ impl Metrics {
                 "cache_evictions",
                 "Files evicted to stay within storage.max_size",
                 m.evictions.clone(),
+            );
+            r.register(
+                "connections_refused",
+                "Connections closed at accept: the client address had server.max_connections_per_client open",
+                m.connections_refused.clone(),
             );
             r.register(
                 "cache_size_bytes",
@@ -328,6 +335,10 @@ impl Metrics {
 
     pub fn resume(&self) {
         self.resumes.inc();
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     pub fn no_space(&self) {

@@ -9,8 +9,8 @@
 //!
 //! This relies on hyper passing body chunks to `poll_write_vectored` as they are (its queue
 //! write strategy, which `server` forces with `writev(true)`), never copying them; HTTP/2 and
-//! TLS connections copy, so they never get a [`Sendfile`]. A placeholder that arrives with no
-//! range queued cuts the connection instead of sending zeros.
+//! TLS connections copy, so they never get a [`Sendfile`] that hands out placeholders. A
+//! placeholder that arrives with no range queued cuts the connection instead of sending zeros.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -47,18 +47,38 @@ struct Region {
 
 /// One connection's queue of ranges, shared by its response bodies (which add) and its writer
 /// (which sends). Bodies and writer run in the connection's task, so the lock is uncontended.
+///
+/// An HTTP/2 stream instead gets a [`Sendfile::copy_only`]: no placeholders ever, only a
+/// smaller read size for copied file chunks.
 #[derive(Clone, Default)]
 pub struct Sendfile {
     pending: Arc<Mutex<VecDeque<Region>>>,
+    copy_only: Option<usize>,
 }
 
 impl Sendfile {
+    /// For a connection that copies every body chunk (HTTP/2 copies them into its frames):
+    /// never a placeholder, and file bodies read in chunks of at most `chunk` bytes, so that
+    /// what a stream holds stays near its send buffer (see `server`).
+    pub fn copy_only(chunk: usize) -> Sendfile {
+        Sendfile {
+            pending: Arc::default(),
+            copy_only: Some(chunk.max(1)),
+        }
+    }
+
+    /// The most a copied file chunk should hold on this connection, when it wants less than
+    /// the default.
+    pub fn copy_chunk(&self) -> Option<usize> {
+        self.copy_only
+    }
+
     /// A placeholder chunk for `file[offset..offset + len]`, or `None` when those pages are not
     /// all in the page cache: `sendfile` would then wait for the disk on an async worker, so
-    /// the caller reads them on the blocking pool instead.
+    /// the caller reads them on the blocking pool instead. Always `None` when copy-only.
     pub fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> Option<Bytes> {
         let len = len.min(MAX_CHUNK);
-        if len == 0 || !platform::is_resident(file, offset, len) {
+        if self.copy_only.is_some() || len == 0 || !platform::is_resident(file, offset, len) {
             return None;
         }
         self.lock().push_back(Region {

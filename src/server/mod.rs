@@ -1,24 +1,27 @@
-//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge; TLS with ALPN),
-//! times out idle ones, drains on shutdown, admits each request (access control, client
+//! The HTTP server: accepts connections (HTTP/1.1, and h2c by prior knowledge; TLS with ALPN)
+//! up to a cap per client address, closes those with no request in flight for
+//! `header_read_timeout`, drains on shutdown, admits each request (access control, client
 //! limits), and wraps it in timing, panic isolation, metrics and one log line. What a request
 //! is answered with is the business of `routes` and below.
 
+mod activity;
 pub mod admission;
+mod connlimit;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -31,7 +34,9 @@ use crate::oci::RepoName;
 use crate::outcome::CacheStatus;
 use crate::routes::{self, Route};
 use crate::sendfile::{self, Sendfile};
+use activity::{Activity, InFlight};
 use admission::{Access, ClientLimit};
+use connlimit::ConnLimit;
 use tls::Tls;
 
 /// Which requests a listener answers.
@@ -43,6 +48,39 @@ enum Role {
     Metrics,
 }
 
+/// HTTP/2 limits. Whatever flow-control window a client advertises, a stream holds at most
+/// `H2_SEND_BUF` bytes queued in h2 plus the chunk being handed over (`H2_FILE_CHUNK` for file
+/// bodies): 64 KiB, so at most 6.4 MiB for a connection's `H2_MAX_STREAMS` (hyper's defaults,
+/// 400 KiB and 200 streams with 128 KiB chunks, let one connection that never reads pin
+/// 140 MB). RFC 9113 asks for no fewer than 100 streams; containerd uses a handful.
+const H2_MAX_STREAMS: u32 = 100;
+const H2_SEND_BUF: usize = 32 * 1024;
+/// File bodies on HTTP/2 are read in chunks this size: h2 copies them into its frames anyway,
+/// so bigger ones only sit in memory longer. Measured on cached blobs, 32 KiB (with the send
+/// buffer above) cost less CPU per byte than 16 KiB, and than hyper's defaults.
+const H2_FILE_CHUNK: usize = 32 * 1024;
+/// Clients never upload: windows as small as the protocol's default bound what a client can
+/// make the mirror buffer for request bodies (the connection window below 65535 would have no
+/// effect).
+const H2_STREAM_WINDOW: u32 = 16 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 65_535;
+/// A request header block (decoded, hyper's default); a bigger one is refused.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams a client may reset before the mirror answers them (rapid reset, CVE-2023-44487),
+/// and streams the mirror may reset for a client's protocol errors before it drops the client.
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_ERROR_RESETS: usize = 128;
+/// A ping after this long without a frame from the client; no answer within the timeout
+/// resets its streams and closes the connection (a vanished peer, or one that stopped
+/// reading). A connection whose client does not read cannot take the GOAWAY either: the
+/// watchdog drops it, its streams gone, `header_read_timeout` later.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a connection told to close (idle, or at shutdown) may take once it has no request
+/// in flight: long enough to flush the end of a response or exchange HTTP/2's GOAWAY and
+/// PING; then it is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 /// What every request on a listener shares: the pull layer and the admission rules.
 struct App {
     mirror: Arc<Mirror>,
@@ -51,6 +89,8 @@ struct App {
     client_limit: Option<ClientLimit>,
     /// `/metrics` is served on its own listener (`metrics.listen`), not on the main one.
     metrics_elsewhere: bool,
+    /// `server.header_read_timeout`: also how long a connection may sit with no request.
+    idle_timeout: Duration,
 }
 
 /// Runs the mirror on `listener` until `shutdown` completes, then lets in-flight responses
@@ -111,9 +151,15 @@ async fn run(
         clock,
         metrics_listener,
     } = server;
+    match crate::platform::raise_open_files_limit() {
+        Ok((from, to)) if from != to => tracing::info!(from, to, "raised the open files limit"),
+        Ok((limit, _)) => tracing::info!(limit, "open files limit is at its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let metrics = Arc::new(Metrics::new());
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_read_timeout;
+    let conn_limit = ConnLimit::new(config.server.max_connections_per_client);
     let access = Arc::new(Access::from_config(&config.server)?);
     warn_about_exposure(&config, &access);
     let metrics_listen = config.metrics.listen;
@@ -141,6 +187,7 @@ async fn run(
         access,
         client_limit,
         metrics_elsewhere: metrics_listener.is_some(),
+        idle_timeout: header_timeout,
     });
     let tls = match tls_files {
         (Some(cert), Some(key)) => {
@@ -166,8 +213,22 @@ async fn run(
         // buffer: zero-copy file bodies depend on it (see `sendfile`).
         .writev(true)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUF)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(false)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    // Told to every connection at shutdown; dropped by each when it ends, which is how the
+    // drain below knows they all have.
+    let (stop_tx, stop_rx) = watch::channel(false);
 
     if let Some(metrics_listener) = metrics_listener {
         tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
@@ -203,40 +264,47 @@ async fn run(
             },
             () = &mut shutdown => break,
         };
+        let Some(place) = conn_limit.try_acquire(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: too many from this address");
+            app.metrics.connection_refused();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let (builder, app, watcher) = (builder.clone(), app.clone(), graceful.watcher());
+        let (builder, app, stop) = (builder.clone(), app.clone(), stop_rx.clone());
         match &tls {
             None => {
                 let (conn, sendfile) = sendfile::Connection::new(stream);
-                tokio::spawn(serve_io(
-                    builder,
-                    conn,
-                    app,
-                    peer,
-                    Role::Main,
-                    Some(watcher),
-                    Some(sendfile),
-                ));
+                tokio::spawn(async move {
+                    serve_io(
+                        builder,
+                        conn,
+                        app,
+                        peer,
+                        Role::Main,
+                        Some(stop),
+                        Some(sendfile),
+                    )
+                    .await;
+                    drop(place);
+                });
             }
             Some(tls) => {
                 let acceptor = tls.acceptor();
+                let mut stop = Some(stop);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
+                    let accepted = tokio::select! {
+                        accepted = handshake => accepted,
+                        () = stopped(&mut stop) => return,
+                    };
+                    match accepted {
                         Ok(Ok(tls_stream)) => {
-                            serve_io(
-                                builder,
-                                tls_stream,
-                                app,
-                                peer,
-                                Role::Main,
-                                Some(watcher),
-                                None,
-                            )
-                            .await
+                            serve_io(builder, tls_stream, app, peer, Role::Main, stop, None).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
+                    drop(place);
                 });
             }
         }
@@ -246,8 +314,10 @@ async fn run(
         grace_secs = grace.as_secs(),
         "shutting down: draining connections"
     );
+    let _ = stop_tx.send(true);
+    drop(stop_rx);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = stop_tx.closed() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     for task in background {
@@ -259,36 +329,86 @@ async fn run(
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it closes. With `sendfile` (a plain TCP
 /// connection), HTTP/1.x requests may answer with zero-copy file bodies.
+///
+/// The watchdog: a connection with no request in flight for `header_read_timeout` (counted
+/// from its opening or the end of its last response) is told to close, then dropped if it
+/// has not within `CLOSE_LINGER`. hyper's own header timeout covers only HTTP/1.1 once the
+/// version is known; this also covers a connection still sending the HTTP/2 preface (which
+/// holds the version detection), one in the HTTP/2 handshake, and an HTTP/2 connection with
+/// no complete request. On `stop`, every connection is told to close and dropped once it has
+/// had no request in flight for `CLOSE_LINGER`, so a half-sent request does not hold
+/// shutdown.
 async fn serve_io<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
     app: Arc<App>,
     peer: SocketAddr,
     role: Role,
-    watcher: Option<Watcher>,
+    mut stop: Option<watch::Receiver<bool>>,
     sendfile: Option<Sendfile>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let app = app.clone();
-        // HTTP/2 copies body chunks into its frames: placeholders must not reach it.
-        if req.version() <= http::Version::HTTP_11 {
-            if let Some(sf) = &sendfile {
-                req.extensions_mut().insert(sf.clone());
-            }
-        }
-        async move { Ok::<_, Infallible>(handle(app, req, peer, role).await) }
-    });
+    let idle_timeout = app.idle_timeout;
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let activity = activity.clone();
+        // HTTP/2 copies body chunks into its frames: placeholders must not reach it, and file
+        // chunks stay small (see `H2_FILE_CHUNK`).
+        let h2_files = Sendfile::copy_only(H2_FILE_CHUNK);
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let in_flight = activity.begin();
+            let app = app.clone();
+            let files = if req.version() <= http::Version::HTTP_11 {
+                sendfile.clone()
+            } else {
+                Some(h2_files.clone())
+            };
+            let conn = ConnInfo {
+                peer,
+                role,
+                files,
+                in_flight,
+            };
+            async move { Ok::<_, Infallible>(handle(app, req, conn).await) }
+        })
+    };
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    let result = match watcher {
-        Some(watcher) => watcher.watch(conn).await,
-        None => conn.await,
+    tokio::pin!(conn);
+    let mut closing = false;
+    let result = loop {
+        let limit = if closing { CLOSE_LINGER } else { idle_timeout };
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = activity.idle_for(limit) => {
+                if closing {
+                    tracing::debug!(%peer, "connection dropped: did not close when told");
+                    return;
+                }
+                tracing::debug!(%peer, "closing a connection with no request for the header timeout");
+                conn.as_mut().graceful_shutdown();
+                activity.touch();
+                closing = true;
+            }
+            () = stopped(&mut stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once the server shuts down; never without a `stop` channel.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        // An error means the server is gone: as good as stopped.
+        Some(rx) => drop(rx.wait_for(|stopped| *stopped).await),
+        None => std::future::pending().await,
     }
 }
 
@@ -368,14 +488,25 @@ async fn admit(
     })
 }
 
-/// One request: route, dispatch (panics become 500s), then metrics and a log line when the
-/// response body ends, with the bytes actually sent.
-async fn handle(
-    app: Arc<App>,
-    req: Request<Incoming>,
+/// What a request knows of its connection.
+struct ConnInfo {
     peer: SocketAddr,
     role: Role,
-) -> Response<Body> {
+    /// How file bodies go out on this connection (see `sendfile`).
+    files: Option<Sendfile>,
+    /// Held until the response body is dropped, for the connection's watchdog.
+    in_flight: InFlight,
+}
+
+/// One request: route, dispatch (panics become 500s), then metrics and a log line when the
+/// response body ends, with the bytes actually sent.
+async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let ConnInfo {
+        peer,
+        role,
+        files,
+        in_flight,
+    } = conn;
     let started = Instant::now();
     let route = match (role, routes::parse(req.method(), req.uri().path())) {
         (Role::Metrics, r @ (Route::Metrics | Route::Healthz)) => r,
@@ -384,6 +515,10 @@ async fn handle(
         (Role::Main, Route::Metrics) if app.metrics_elsewhere => Route::NotFound,
         (Role::Main, r) => r,
     };
+    // Only blob bodies use it; other requests are spared the allocations of an extension.
+    if let (Route::Blob { .. }, Some(files)) = (&route, files) {
+        req.extensions_mut().insert(files);
+    }
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
     let dispatched = match admit(&app, &route, role, &req, peer).await {
@@ -432,6 +567,7 @@ async fn handle(
                 cache,
                 elapsed,
             });
+            drop(in_flight);
         })
     })
 }

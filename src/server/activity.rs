@@ -1,0 +1,125 @@
+//! What one connection is doing, for its watchdog in `server`: how many requests are in flight
+//! (from the service call to the end of the response body) and since when it has had none.
+//! An HTTP/2 connection that never completes a request, or a connection that has half a
+//! request header, has none in flight however many bytes or frames it sends.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// When the last request in flight ended (or the connection opened), in nanoseconds since
+    /// `opened`.
+    idle_since: AtomicU64,
+    opened: Instant,
+}
+
+/// One request in flight; it ends when this drops.
+pub struct InFlight(Arc<Activity>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+
+    /// A request starts; keep the guard until its response body is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Restarts the idle clock, as if the last request had just ended.
+    pub fn touch(&self) {
+        self.idle_since.store(self.now(), Ordering::SeqCst);
+    }
+
+    /// Resolves once no request has been in flight for `limit`. It looks at the connection
+    /// once per `limit` while requests are in flight, rather than being woken by each request
+    /// that ends: a busy connection pays no timer per request.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            if self.in_flight() > 0 {
+                // Whenever the last one ends, it moves `idle_since` to then.
+                tokio::time::sleep(limit).await;
+                continue;
+            }
+            let since = Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
+            let deadline = self.opened + since + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        // The clock first: whoever sees the count at zero then sees a time at least this late.
+        a.touch();
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_only_after_the_last_request_ends_plus_the_limit() {
+        let a = Arc::new(Activity::new());
+        let limit = Duration::from_secs(10);
+        let first = a.begin();
+        let second = a.begin();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let waiting = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.idle_for(limit).await;
+                Instant::now()
+            }
+        });
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!waiting.is_finished(), "one request is still in flight");
+        drop(second);
+        let ended = Instant::now();
+        let idle_at = waiting.await.unwrap();
+        assert!(idle_at >= ended + limit, "{:?}", idle_at - ended);
+        assert_eq!(a.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_is_idle_after_the_limit_and_touch_restarts_the_clock() {
+        let a = Arc::new(Activity::new());
+        let opened = Instant::now();
+        a.idle_for(Duration::from_secs(5)).await;
+        assert!(opened.elapsed() >= Duration::from_secs(5));
+        a.touch();
+        let touched = Instant::now();
+        a.idle_for(Duration::from_secs(2)).await;
+        assert!(touched.elapsed() >= Duration::from_secs(2));
+    }
+}
