@@ -237,6 +237,11 @@ pub struct ServerConfig {
     /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get 403.
     /// Default: empty, everyone.
     pub allow: Vec<ipnet::IpNet>,
+    /// Load balancers and ingresses, as CIDRs (`["10.0.0.0/8"]`). From a peer in this list,
+    /// the right-most address in `X-Forwarded-For` that is not in it (or `Forwarded: for=`,
+    /// without `X-Forwarded-For`) is the client: for the access log, `allow` and
+    /// `client_requests`. From any other peer those headers are ignored. Default: empty.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// An htpasswd file with bcrypt entries (`htpasswd -B`); clients must send Basic auth.
     pub htpasswd: Option<PathBuf>,
     /// Static tokens accepted as the Basic auth password (any user name) or as a Bearer token.
@@ -258,6 +263,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             allow: Vec::new(),
+            trusted_proxies: Vec::new(),
             htpasswd: None,
             tokens: Vec::new(),
             auth_realm: "pullthrough".to_owned(),

@@ -415,7 +415,7 @@ impl Job {
         if writer.written() + len > size {
             return Err(CopyError::TooLong);
         }
-        self.metrics.upstream_bytes(len);
+        self.metrics.upstream_bytes(&self.upstream.name, len);
         writer.write(chunk).await.map_err(CopyError::Storage)
     }
 }

@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -185,9 +185,18 @@ static ACCESS_OUT: OnceLock<(BatchWriter, LogFormat)> = OnceLock::new();
 
 /// One request's access line.
 pub struct AccessLine<'a> {
+    /// The connection's peer.
     pub peer: SocketAddr,
+    /// The client: the peer, or the address a trusted proxy forwarded for.
+    pub client: IpAddr,
+    pub request_id: &'a str,
     pub method: &'a str,
-    pub repo: &'a str,
+    /// The configured upstream the request went to, or "-".
+    pub registry: &'a str,
+    /// As the client named it, or "".
+    pub repository: &'a str,
+    /// The tag or digest, or "".
+    pub reference: &'a str,
     pub kind: &'static str,
     pub status: u16,
     /// Body bytes handed to the connection.
@@ -197,6 +206,10 @@ pub struct AccessLine<'a> {
     /// `X-Cache`, or "-".
     pub cache: &'static str,
     pub elapsed: Duration,
+    /// Time spent waiting on the upstream; zero for hits.
+    pub upstream: Duration,
+    /// `User-Agent`, or "".
+    pub user_agent: &'a str,
 }
 
 /// Milliseconds to the microsecond. The text line formats it with integers (float formatting
@@ -222,16 +235,23 @@ impl fmt::Display for AccessLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "peer={} method={} repo={} kind=\"{}\" status={} bytes={} complete={} cache={} ms={}",
+            "peer={} client={} request_id={} method={} registry={} repository={} reference={} \
+             kind=\"{}\" status={} bytes={} complete={} cache={} ms={} upstream_ms={} user_agent={:?}",
             self.peer,
+            self.client,
+            self.request_id,
             self.method,
-            self.repo,
+            self.registry,
+            self.repository,
+            self.reference,
             self.kind,
             self.status,
             self.bytes,
             self.complete,
             self.cache,
-            Millis(self.elapsed)
+            Millis(self.elapsed),
+            Millis(self.upstream),
+            self.user_agent,
         )
     }
 }
@@ -249,14 +269,20 @@ struct JsonLine<'a> {
 struct JsonFields<'a> {
     message: &'static str,
     peer: SocketAddr,
+    client: IpAddr,
+    request_id: &'a str,
     method: &'a str,
-    repo: &'a str,
+    registry: &'a str,
+    repository: &'a str,
+    reference: &'a str,
     kind: &'static str,
     status: u16,
     bytes: u64,
     complete: bool,
     cache: &'static str,
     ms: f64,
+    upstream_ms: f64,
+    user_agent: &'a str,
 }
 
 const ACCESS_TARGET: &str = "pullthrough::access";
@@ -296,14 +322,20 @@ fn write_line(buf: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &Acce
                 fields: JsonFields {
                     message: "request",
                     peer: line.peer,
+                    client: line.client,
+                    request_id: line.request_id,
                     method: line.method,
-                    repo: line.repo,
+                    registry: line.registry,
+                    repository: line.repository,
+                    reference: line.reference,
                     kind: line.kind,
                     status: line.status,
                     bytes: line.bytes,
                     complete: line.complete,
                     cache: line.cache,
                     ms: Millis(line.elapsed).as_f64(),
+                    upstream_ms: Millis(line.upstream).as_f64(),
+                    user_agent: line.user_agent,
                 },
                 target: ACCESS_TARGET,
             };
@@ -382,14 +414,20 @@ mod tests {
     fn sample() -> AccessLine<'static> {
         AccessLine {
             peer: "127.0.0.1:44414".parse().unwrap(),
+            client: "192.0.2.7".parse().unwrap(),
+            request_id: "5f0c2a1e00000001",
             method: "GET",
-            repo: "library/bench",
+            registry: "docker.io",
+            repository: "library/bench",
+            reference: "latest",
             kind: "manifest",
             status: 200,
             bytes: 709,
             complete: true,
-            cache: "HIT",
+            cache: "MISS",
             elapsed: Duration::from_nanos(2_263_456),
+            upstream: Duration::from_micros(1_500),
+            user_agent: "containerd/2.0 \"x\"",
         }
     }
 
@@ -401,8 +439,10 @@ mod tests {
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             "2026-11-24T16:24:57.056447Z  INFO pullthrough::access: request peer=127.0.0.1:44414 \
-             method=GET repo=library/bench kind=\"manifest\" status=200 bytes=709 complete=true \
-             cache=HIT ms=2.263\n"
+             client=192.0.2.7 request_id=5f0c2a1e00000001 method=GET registry=docker.io \
+             repository=library/bench reference=latest kind=\"manifest\" status=200 bytes=709 \
+             complete=true cache=MISS ms=2.263 upstream_ms=1.500 \
+             user_agent=\"containerd/2.0 \\\"x\\\"\"\n"
         );
     }
 
@@ -418,11 +458,17 @@ mod tests {
         let f = &v["fields"];
         assert_eq!(f["message"], "request");
         assert_eq!(f["peer"], "127.0.0.1:44414");
-        assert_eq!(f["repo"], "library/bench");
+        assert_eq!(f["client"], "192.0.2.7");
+        assert_eq!(f["request_id"], "5f0c2a1e00000001");
+        assert_eq!(f["registry"], "docker.io");
+        assert_eq!(f["repository"], "library/bench");
+        assert_eq!(f["reference"], "latest");
         assert_eq!(f["status"], 200);
         assert_eq!(f["bytes"], 709);
         assert_eq!(f["complete"], true);
-        assert_eq!(f["cache"], "HIT");
+        assert_eq!(f["cache"], "MISS");
         assert_eq!(f["ms"], 2.263);
+        assert_eq!(f["upstream_ms"], 1.5);
+        assert_eq!(f["user_agent"], "containerd/2.0 \"x\"");
     }
 }

@@ -1,5 +1,8 @@
-//! Prometheus metrics. Labels are bounded: route kinds, outcomes, status classes and
-//! configured upstream names; never repository names or digests.
+//! Prometheus metrics. Labels are bounded: route kinds, outcomes, status classes, a fixed set
+//! of status codes and configured upstream names; never repository names or digests.
+//!
+//! Exposed as OpenMetrics to scrapers that ask for it, else in the Prometheus text format
+//! (`text/plain; version=0.0.4`), which `promtool check metrics` reads: see [`Format`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -19,12 +22,37 @@ struct RequestLabels {
     kind: &'static str,
     method: &'static str,
     status: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DurationLabels {
+    kind: &'static str,
+    /// `hit`, `miss`, … or `none` for answers without a cache status.
+    cache: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
     kind: ObjectKind,
     outcome: CacheStatus,
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamKindLabels {
+    kind: &'static str,
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,16 +64,12 @@ struct SourceLabels {
 struct UpstreamRequestLabels {
     kind: &'static str,
     status: &'static str,
+    upstream: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: &'static str,
 }
 
 /// `0` stands for "no response" (refused, timed out, cut).
@@ -57,6 +81,83 @@ fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// The status codes an operator tells apart; the rest are `other`.
+fn status_code(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        206 => "206",
+        304 => "304",
+        307 => "307",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        416 => "416",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// Why a client's request was refused before it reached a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not in `server.allow`.
+    Address,
+    /// Missing or wrong credentials (`server.htpasswd`, `server.tokens`).
+    Credentials,
+    /// Over `server.client_requests`.
+    RateLimit,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Address => "address",
+            Refusal::Credentials => "credentials",
+            Refusal::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// How `/metrics` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text,
+}
+
+impl Format {
+    /// OpenMetrics when the scraper's `Accept` asks for it (with a non-zero q), else text.
+    pub fn negotiate<'a>(accept: impl IntoIterator<Item = &'a str>) -> Format {
+        let wants_openmetrics = accept.into_iter().flat_map(|v| v.split(',')).any(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !q_zero
+        });
+        if wants_openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
     }
 }
 
@@ -86,11 +187,18 @@ pub struct BudgetSample {
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
-    request_duration: Family<KindLabels, Histogram>,
+    request_duration: Family<DurationLabels, Histogram>,
     cache: Family<CacheLabels, Counter>,
     served_bytes: Family<SourceLabels, Counter>,
-    upstream_bytes: Counter,
+    upstream_bytes: Family<UpstreamLabels, Counter>,
     upstream_requests: Family<UpstreamRequestLabels, Counter>,
+    upstream_duration: Family<UpstreamKindLabels, Histogram>,
+    client_refusals: Family<ReasonLabels, Counter>,
+    build_info: Family<VersionLabels, Gauge>,
+    process_open_fds: Gauge,
+    process_max_fds: Gauge,
+    process_resident_memory: Gauge,
+    process_start_time: Gauge,
     counted_pulls: Family<UpstreamLabels, Counter>,
     resumes: Counter,
     digest_mismatches: Counter,
@@ -122,19 +230,25 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let duration_family = || {
-            Family::<KindLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0005, 2.0, 18))
-            })
-        };
         let m = Metrics {
-            registry: Mutex::new(Registry::with_prefix("pullthrough")),
+            registry: Mutex::new(Registry::default()),
             requests: Family::default(),
-            request_duration: duration_family(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+            }),
             cache: Family::default(),
             served_bytes: Family::default(),
-            upstream_bytes: Counter::default(),
+            upstream_bytes: Family::default(),
             upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 12))
+            }),
+            client_refusals: Family::default(),
+            build_info: Family::default(),
+            process_open_fds: Gauge::default(),
+            process_max_fds: Gauge::default(),
+            process_resident_memory: Gauge::default(),
+            process_start_time: Gauge::default(),
             counted_pulls: Family::default(),
             resumes: Counter::default(),
             digest_mismatches: Counter::default(),
@@ -155,22 +269,66 @@ impl Metrics {
             served_without_upstream: AtomicU64::new(0),
             cache_answers: AtomicU64::new(0),
         };
+        m.build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        m.process_start_time
+            .set(i64::try_from(crate::clock::unix_secs(process_start())).unwrap_or(0));
         {
-            let mut r = crate::sync::lock(&m.registry);
+            let mut root = crate::sync::lock(&m.registry);
+            root.register(
+                "process_open_fds",
+                "Open file descriptors",
+                m.process_open_fds.clone(),
+            );
+            root.register(
+                "process_max_fds",
+                "The soft limit on open file descriptors",
+                m.process_max_fds.clone(),
+            );
+            root.register(
+                "process_resident_memory_bytes",
+                "Resident memory",
+                m.process_resident_memory.clone(),
+            );
+            root.register(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch",
+                m.process_start_time.clone(),
+            );
+            let r = root.sub_registry_with_prefix("pullthrough");
+            r.register(
+                "build_info",
+                "Always 1, labelled with the version",
+                m.build_info.clone(),
+            );
             r.register(
                 "requests",
-                "Requests by route kind, method and status class",
+                "Requests by route kind, method, status class and code (200, 206, 304, 307, 400, \
+                 401, 403, 404, 416, 429, 500, 502, 503, other)",
                 m.requests.clone(),
             );
             r.register(
                 "request_duration_seconds",
-                "Time from request to the end of the response body",
+                "Time from request to the end of the response body, by route kind and cache status",
                 m.request_duration.clone(),
             );
             r.register(
                 "cache",
-                "Cache outcomes by object kind (hit, miss, revalidated, stale, coalesced, passthrough)",
+                "Cache outcomes by object kind (hit, miss, revalidated, stale, coalesced, passthrough) and upstream",
                 m.cache.clone(),
+            );
+            r.register(
+                "client_refusals",
+                "Requests refused before a handler: address (server.allow), credentials, rate_limit (server.client_requests)",
+                m.client_refusals.clone(),
+            );
+            r.register(
+                "upstream_request_duration_seconds",
+                "Time to an upstream's response headers, by upstream and request kind (manifest, token, …)",
+                m.upstream_duration.clone(),
             );
             r.register(
                 "served_bytes",
@@ -179,12 +337,12 @@ impl Metrics {
             );
             r.register(
                 "upstream_bytes",
-                "Blob bytes fetched from upstreams",
+                "Blob bytes fetched from upstreams, by upstream",
                 m.upstream_bytes.clone(),
             );
             r.register(
                 "upstream_requests",
-                "Upstream requests by kind and status class",
+                "Upstream requests by kind, status class and upstream",
                 m.upstream_requests.clone(),
             );
             r.register(
@@ -276,22 +434,45 @@ impl Metrics {
         m
     }
 
-    pub fn request(&self, kind: &'static str, method: &str, status: u16, elapsed: Duration) {
+    pub fn request(
+        &self,
+        kind: &'static str,
+        method: &str,
+        status: u16,
+        cache: Option<CacheStatus>,
+        elapsed: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 kind,
                 method: method_label(method),
                 status: status_class(status),
+                code: status_code(status),
             })
             .inc();
         self.request_duration
-            .get_or_create(&KindLabels { kind })
+            .get_or_create(&DurationLabels {
+                kind,
+                cache: cache.map_or("none", CacheStatus::label),
+            })
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn cache(&self, kind: ObjectKind, outcome: CacheStatus) {
+    pub fn client_refused(&self, why: Refusal) {
+        self.client_refusals
+            .get_or_create(&ReasonLabels {
+                reason: why.label(),
+            })
+            .inc();
+    }
+
+    pub fn cache(&self, upstream: &str, kind: ObjectKind, outcome: CacheStatus) {
         self.cache
-            .get_or_create(&CacheLabels { kind, outcome })
+            .get_or_create(&CacheLabels {
+                kind,
+                outcome,
+                upstream: upstream.to_owned(),
+            })
             .inc();
         self.cache_answers.fetch_add(1, Ordering::Relaxed);
         if !outcome.downloaded() {
@@ -312,17 +493,35 @@ impl Metrics {
             .inc_by(bytes);
     }
 
-    pub fn upstream_bytes(&self, bytes: u64) {
-        self.upstream_bytes.inc_by(bytes);
+    pub fn upstream_bytes(&self, upstream: &str, bytes: u64) {
+        self.upstream_bytes
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc_by(bytes);
     }
 
-    pub fn upstream_request(&self, kind: &'static str, status: u16) {
+    /// One upstream request of `kind`, answered `status` (0: no answer) after `elapsed`.
+    pub fn upstream_request(
+        &self,
+        upstream: &str,
+        kind: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         self.upstream_requests
             .get_or_create(&UpstreamRequestLabels {
                 kind,
                 status: status_class(status),
+                upstream: upstream.to_owned(),
             })
             .inc();
+        self.upstream_duration
+            .get_or_create(&UpstreamKindLabels {
+                kind,
+                upstream: upstream.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn counted_pull(&self, upstream: &str) {
@@ -391,12 +590,143 @@ impl Metrics {
             .set(clamp(crate::clock::unix_secs(b.updated)));
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// Reads the process gauges from /proc (Linux; elsewhere they stay 0).
+    fn update_process(&self) {
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.process_open_fds.set(fds.count() as i64);
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            if let Some(kb) = proc_field(&status, "VmRSS:") {
+                self.process_resident_memory.set(kb.saturating_mul(1024));
+            }
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            if let Some(soft) = proc_field(&limits, "Max open files") {
+                self.process_max_fds.set(soft);
+            }
+        }
+    }
+
+    /// The exposition in `format`.
+    pub fn encode(&self, format: Format) -> String {
+        self.update_process();
         let mut out = String::new();
         let r = crate::sync::lock(&self.registry);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => openmetrics_to_text(&out),
+        }
+    }
+}
+
+/// The first number after `key` on the line that starts with it.
+fn proc_field(text: &str, key: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// When this process started, near enough: when its metrics were first made.
+fn process_start() -> std::time::SystemTime {
+    static START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::SystemTime::now)
+}
+
+/// OpenMetrics as prometheus-client writes it, in the Prometheus text format 0.0.4: a counter
+/// family is named with its `_total` there, and `# UNIT` and `# EOF` do not exist.
+fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            // Written once the TYPE line says whether the name changes.
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = match kind {
+                "counter" if !name.ends_with("_total") => format!("{name}_total"),
+                _ => name.to_owned(),
+            };
+            if let Some(h) = help.take() {
+                let text = h["# HELP ".len()..].split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            let kind = match kind {
+                "counter" | "gauge" | "histogram" | "summary" => kind,
+                _ => "untyped",
+            };
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if let Some(h) = help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counter_families_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.request("blob", "GET", 404, None, Duration::from_millis(3));
+        let text = m.encode(Format::Text);
+        assert!(
+            text.contains("# TYPE pullthrough_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP pullthrough_requests_total Requests"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "pullthrough_requests_total{kind=\"blob\",method=\"GET\",status=\"4xx\",code=\"404\"} 1\n"
+        ));
+        assert!(text.contains("# TYPE pullthrough_request_duration_seconds histogram\n"));
+        assert!(text.contains("pullthrough_build_info{version=\""), "{text}");
+        assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        let om = m.encode(Format::OpenMetrics);
+        assert!(om.contains("# TYPE pullthrough_requests counter\n"));
+        assert!(om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn openmetrics_only_for_scrapers_that_ask_for_it() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate([prometheus]), Format::OpenMetrics);
+        assert_eq!(
+            Format::negotiate(["text/plain;version=0.0.4"]),
+            Format::Text
+        );
+        assert_eq!(Format::negotiate([]), Format::Text);
+        assert_eq!(
+            Format::negotiate(["application/openmetrics-text;q=0, text/plain"]),
+            Format::Text
+        );
+    }
+
+    #[test]
+    fn status_codes_are_a_bounded_set() {
+        assert_eq!(status_code(429), "429");
+        assert_eq!(status_code(418), "other");
+        assert_eq!(status_code(0), "other");
     }
 }

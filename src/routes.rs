@@ -89,7 +89,7 @@ pub async fn dispatch<B>(
         }
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(ops::readyz(mirror).await),
-        Route::Metrics => Ok(ops::metrics(mirror)),
+        Route::Metrics => Ok(ops::metrics(mirror, req.headers())),
         Route::Status => Ok(ops::status(mirror)),
         Route::Unsupported => Err(ApiError::unsupported()),
         Route::Invalid(e) => Err(e.clone().into()),

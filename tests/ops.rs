@@ -32,27 +32,30 @@ async fn metrics_count_misses_hits_requests_and_bytes_as_pulls_happen() {
     }
     let t = m.metrics().await;
     assert_eq!(
-        metric(&t, r#"pullthrough_cache_total{kind="blob",outcome="miss"}"#),
+        metric(
+            &t,
+            r#"pullthrough_cache_total{kind="blob",outcome="miss",upstream="docker.io"}"#
+        ),
         2.0
     );
     assert_eq!(
         metric(
             &t,
-            r#"pullthrough_cache_total{kind="manifest",outcome="miss"}"#
+            r#"pullthrough_cache_total{kind="manifest",outcome="miss",upstream="docker.io"}"#
         ),
         1.0
     );
     assert_eq!(
         metric(
             &t,
-            r#"pullthrough_cache_total{kind="manifest",outcome="hit"}"#
+            r#"pullthrough_cache_total{kind="manifest",outcome="hit",upstream="docker.io"}"#
         ),
         1.0
     );
     assert_eq!(
         metric(
             &t,
-            r#"pullthrough_upstream_requests_total{kind="blob_get",status="2xx"}"#
+            r#"pullthrough_upstream_requests_total{kind="blob_get",status="2xx",upstream="docker.io"}"#
         ),
         2.0
     );
@@ -67,7 +70,13 @@ async fn metrics_count_misses_hits_requests_and_bytes_as_pulls_happen() {
         metric(&t, r#"pullthrough_served_bytes_total{source="upstream"}"#),
         150_000.0
     );
-    assert_eq!(metric(&t, "pullthrough_upstream_bytes_total"), 150_000.0);
+    assert_eq!(
+        metric(
+            &t,
+            r#"pullthrough_upstream_bytes_total{upstream="docker.io"}"#
+        ),
+        150_000.0
+    );
     assert!(metric(&t, r#"pullthrough_served_bytes_total{source="cache"}"#) >= 150_000.0);
     assert_eq!(metric(&t, "pullthrough_cache_entries"), 3.0);
     assert!(metric(&t, "pullthrough_cache_size_bytes") > 150_000.0);
@@ -79,7 +88,7 @@ async fn metrics_count_misses_hits_requests_and_bytes_as_pulls_happen() {
     assert!(
         metric(
             &t,
-            r#"pullthrough_requests_total{kind="blob",method="GET",status="2xx"}"#
+            r#"pullthrough_requests_total{kind="blob",method="GET",status="2xx",code="200"}"#
         ) >= 4.0
     );
     assert!(t.contains("pullthrough_miss_first_byte_seconds_bucket"));

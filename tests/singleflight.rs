@@ -40,7 +40,7 @@ async fn concurrent_misses_fetch_upstream_once() {
     assert_eq!(up.blob_gets(), 1, "32 clients, one upstream GET");
     let metrics = m.metrics().await;
     assert!(
-        metrics.contains("pullthrough_cache_total{kind=\"blob\",outcome=\"coalesced\"} 31"),
+        metrics.contains("pullthrough_cache_total{kind=\"blob\",outcome=\"coalesced\",upstream=\"docker.io\"} 31"),
         "{metrics}"
     );
 }

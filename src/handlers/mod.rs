@@ -30,7 +30,7 @@ fn with_cache_status(mut resp: Response<Body>, status: CacheStatus) -> Response<
 }
 
 /// `ns=<registry>` from the query: containerd's way of naming the upstream registry.
-fn namespace(query: Option<&str>) -> Option<String> {
+pub fn namespace(query: Option<&str>) -> Option<String> {
     url::form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == "ns")
         .map(|(_, v)| v.into_owned())

@@ -6,6 +6,7 @@ use http::{Response, StatusCode};
 
 use super::body::{self, Body};
 use super::{content_type, API_VERSION};
+use crate::metrics::Format;
 use crate::mirror::Mirror;
 
 /// `GET /v2/`.
@@ -39,12 +40,17 @@ pub async fn readyz(mirror: &Mirror) -> Response<Body> {
     }
 }
 
-pub fn metrics(mirror: &Mirror) -> Response<Body> {
-    let mut resp = Response::new(body::full(Bytes::from(mirror.metrics_text())));
-    content_type(
-        resp.headers_mut(),
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+/// `GET /metrics`: OpenMetrics if the scraper's `Accept` asks for it, else the Prometheus text
+/// format (what `promtool check metrics` reads).
+pub fn metrics(mirror: &Mirror, headers: &http::HeaderMap) -> Response<Body> {
+    let format = Format::negotiate(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
     );
+    let mut resp = Response::new(body::full(Bytes::from(mirror.metrics_text(format))));
+    content_type(resp.headers_mut(), format.content_type());
     resp
 }
 

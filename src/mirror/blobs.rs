@@ -72,7 +72,8 @@ impl Mirror {
         head: bool,
     ) -> Result<BlobAnswer, Error> {
         let answer = self.find_blob(target, digest, head).await?;
-        self.metrics.cache(ObjectKind::Blob, answer.status());
+        self.metrics
+            .cache(target.registry(), ObjectKind::Blob, answer.status());
         Ok(answer)
     }
 
@@ -168,13 +169,14 @@ impl Mirror {
             None => target.upstream.blob_size(&target.repo, digest).await?,
         };
         let metrics = self.metrics.clone();
+        let upstream = target.upstream.name.clone();
         let chunks = stream::try_unfold(body, |mut body| async move {
             let chunk = body.next_chunk().await.map_err(io::Error::other)?;
             Ok(chunk.map(|c| (c, body)))
         })
         .inspect(move |c| {
             if let Ok(c) = c {
-                metrics.upstream_bytes(c.len() as u64);
+                metrics.upstream_bytes(&upstream, c.len() as u64);
             }
         });
         Ok(BlobAnswer::Passthrough {

@@ -73,7 +73,8 @@ impl Mirror {
             Reference::Digest(d) => self.manifest_by_digest(target, d, head, accept).await?,
             Reference::Tag(tag) => self.manifest_by_tag(target, tag, head, accept).await?,
         };
-        self.metrics.cache(ObjectKind::Manifest, answer.status);
+        self.metrics
+            .cache(target.registry(), ObjectKind::Manifest, answer.status);
         Ok(answer)
     }
 

@@ -95,11 +95,7 @@ impl Mirror {
     /// The upstream for containerd's `ns` (or the default registry), and the repository name
     /// as that upstream knows it (`alpine` is `library/alpine` on Docker Hub).
     pub fn target(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
-        let registry = match ns {
-            None | Some("") => self.config.server.default_registry.as_str(),
-            Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
-            Some(ns) => ns,
-        };
+        let registry = self.registry_for(ns);
         let upstream = self
             .upstreams
             .get(registry)
@@ -111,6 +107,22 @@ impl Mirror {
             name.clone()
         };
         Ok(Target { upstream, repo })
+    }
+
+    /// The registry containerd's `ns` names (or the default registry); configured or not.
+    pub fn registry_for<'a>(&'a self, ns: Option<&'a str>) -> &'a str {
+        match ns {
+            None | Some("") => self.config.server.default_registry.as_str(),
+            Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
+            Some(ns) => ns,
+        }
+    }
+
+    /// The configured upstream `ns` goes to, for the access log; `None` if not mirrored.
+    pub fn upstream_name(&self, ns: Option<&str>) -> Option<&str> {
+        self.upstreams
+            .get(self.registry_for(ns))
+            .map(|u| u.name.as_str())
     }
 
     /// One page of the repository's tags, passed through from the upstream.
@@ -135,7 +147,7 @@ impl Mirror {
     }
 
     /// The Prometheus exposition, with the cache and upstream gauges brought up to date.
-    pub fn metrics_text(&self) -> String {
+    pub fn metrics_text(&self, format: crate::metrics::Format) -> String {
         let stats = self.store.index.stats();
         self.metrics.cache_state(
             stats.bytes,
@@ -147,7 +159,7 @@ impl Mirror {
             let is_up = up.health.state() == upstream::health::State::Up;
             self.metrics.upstream_up(&up.name, is_up);
         }
-        self.metrics.encode()
+        self.metrics.encode(format)
     }
 
     /// `/_pullthrough/status`: the pull budget and health of each upstream.

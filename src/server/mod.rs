@@ -6,12 +6,14 @@
 
 mod activity;
 pub mod admission;
+pub mod client_addr;
 mod connlimit;
+mod request_id;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,7 @@ use crate::routes::{self, Route};
 use crate::sendfile::{self, Sendfile};
 use activity::{Activity, InFlight};
 use admission::{Access, ClientLimit};
+use client_addr::TrustedProxies;
 use connlimit::ConnLimit;
 use tls::Tls;
 
@@ -87,6 +90,7 @@ struct App {
     metrics: Arc<Metrics>,
     access: Arc<Access>,
     client_limit: Option<ClientLimit>,
+    trusted_proxies: TrustedProxies,
     /// `/metrics` is served on its own listener (`metrics.listen`), not on the main one.
     metrics_elsewhere: bool,
     /// `server.header_read_timeout`: also how long a connection may sit with no request.
@@ -168,6 +172,7 @@ async fn run(
         config.server.tls_key.clone(),
     );
     let client_limit = ClientLimit::from_config(&config.server);
+    let trusted_proxies = TrustedProxies::new(config.server.trusted_proxies.clone());
     let mirror_metrics = metrics.clone();
     let mirror = Arc::new(
         tokio::task::spawn_blocking(move || Mirror::new(config, mirror_metrics, clock)).await??,
@@ -186,6 +191,7 @@ async fn run(
         metrics,
         access,
         client_limit,
+        trusted_proxies,
         metrics_elsewhere: metrics_listener.is_some(),
         idle_timeout: header_timeout,
     });
@@ -464,26 +470,40 @@ async fn admit(
     route: &Route,
     role: Role,
     req: &Request<Incoming>,
-    peer: SocketAddr,
+    client: IpAddr,
 ) -> Result<(), ApiError> {
     if matches!(route, Route::Healthz | Route::Readyz) || role == Role::Metrics {
         return Ok(());
     }
-    app.access.check_address(peer.ip())?;
-    app.access.check_credentials(req.headers()).await?;
+    use crate::metrics::Refusal;
+    let refused = |why| {
+        let metrics = app.metrics.clone();
+        move |e| {
+            metrics.client_refused(why);
+            e
+        }
+    };
+    app.access
+        .check_address(client)
+        .map_err(refused(Refusal::Address))?;
+    app.access
+        .check_credentials(req.headers())
+        .await
+        .map_err(refused(Refusal::Credentials))?;
     if matches!(route, Route::Metrics | Route::Status) {
         return Ok(());
     }
     let Some(limit) = &app.client_limit else {
         return Ok(());
     };
-    limit.check(peer.ip()).map_err(|wait| {
+    limit.check(client).map_err(|wait| {
         let mut e = ApiError::new(
             http::StatusCode::TOO_MANY_REQUESTS,
             crate::handlers::error::Code::Toomanyrequests,
             "too many requests from this address; slow down",
         );
         e.retry_after = Some(wait.max(std::time::Duration::from_secs(1)));
+        app.metrics.client_refused(Refusal::RateLimit);
         e
     })
 }
@@ -521,15 +541,47 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
     }
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
-    let dispatched = match admit(&app, &route, role, &req, peer).await {
+    let client = app.trusted_proxies.client(peer.ip(), req.headers());
+    let request_id = request_id::for_request(req.headers());
+    let user_agent: String = req
+        .headers()
+        .get(http::header::USER_AGENT)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(256)
+                .collect()
+        })
+        .unwrap_or_default();
+    let (registry, reference) = match &route {
+        Route::Manifest { reference, .. } => (true, reference.to_string()),
+        Route::Blob { digest, .. } => (true, digest.to_string()),
+        Route::TagsList { .. } => (true, String::new()),
+        _ => (false, String::new()),
+    };
+    let registry = registry
+        .then(|| {
+            let ns = crate::handlers::namespace(req.uri().query());
+            app.mirror.upstream_name(ns.as_deref()).map(str::to_owned)
+        })
+        .flatten();
+    let mut waited = Duration::ZERO;
+    let dispatched = match admit(&app, &route, role, &req, client).await {
         Err(e) => Ok(Err(e)),
         Ok(()) => {
-            std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req))
+            let asked = Instant::now();
+            let answer = std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req))
                 .catch_unwind()
-                .await
+                .await;
+            // What the pull layer took to answer is time spent on the upstream, unless the
+            // answer came from the cache alone.
+            if route.repository().is_some() {
+                waited = asked.elapsed();
+            }
+            answer
         }
     };
-    let resp = match dispatched {
+    let mut resp = match dispatched {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => e.into_response(head),
         Err(_) => {
@@ -538,10 +590,14 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
         }
     };
     let status = resp.status().as_u16();
-    let cache = resp
-        .extensions()
-        .get::<CacheStatus>()
-        .map_or("-", |s| s.as_str());
+    let cache_status = resp.extensions().get::<CacheStatus>().copied();
+    if cache_status == Some(CacheStatus::Hit) {
+        waited = Duration::ZERO;
+    }
+    let cache = cache_status.map_or("-", |s| s.as_str());
+    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(request_id::HEADER, v);
+    }
     // hyper stops polling a body once Content-Length bytes are out, so "complete" is judged
     // against the declared length rather than by seeing the end of the stream.
     let declared = resp
@@ -555,17 +611,27 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);
             let elapsed = started.elapsed();
             let kind = route.kind();
-            metrics.request(kind, method.as_str(), status, elapsed);
+            metrics.request(kind, method.as_str(), status, cache_status, elapsed);
             logging::access(&AccessLine {
                 peer,
+                client,
+                request_id: &request_id,
                 method: method.as_str(),
-                repo: route.repository().map_or("", RepoName::as_str),
+                registry: registry.as_deref().unwrap_or("-"),
+                repository: route.repository().map_or("-", RepoName::as_str),
+                reference: if reference.is_empty() {
+                    "-"
+                } else {
+                    &reference
+                },
                 kind,
                 status,
                 bytes,
                 complete,
                 cache,
                 elapsed,
+                upstream: waited,
+                user_agent: &user_agent,
             });
             drop(in_flight);
         })

@@ -224,12 +224,18 @@ impl Auth {
         if let Some(basic) = self.basic() {
             req = req.header(http::header::AUTHORIZATION, basic);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Error::from_reqwest(&self.upstream, &e))?;
+        let asked = std::time::Instant::now();
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.metrics
+                    .upstream_request(&self.upstream, "token", 0, asked.elapsed());
+                return Err(Error::from_reqwest(&self.upstream, &e));
+            }
+        };
         let status = resp.status();
-        self.metrics.upstream_request("token", status.as_u16());
+        self.metrics
+            .upstream_request(&self.upstream, "token", status.as_u16(), asked.elapsed());
         if !status.is_success() {
             tracing::warn!(upstream = %self.upstream, %status, "token request refused");
             return Err(match status.as_u16() {

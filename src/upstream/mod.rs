@@ -398,6 +398,7 @@ impl Upstream {
             } else {
                 self.config.first_byte_timeout
             };
+            let asked = std::time::Instant::now();
             let sent = tokio::time::timeout(deadline, req.send())
                 .await
                 .map_err(|_| Error::Timeout {
@@ -408,12 +409,14 @@ impl Upstream {
             let resp = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
-                    self.metrics.upstream_request(kind, 0);
+                    self.metrics
+                        .upstream_request(&self.name, kind, 0, asked.elapsed());
                     return Err(e);
                 }
             };
             let status = resp.status();
-            self.metrics.upstream_request(kind, status.as_u16());
+            self.metrics
+                .upstream_request(&self.name, kind, status.as_u16(), asked.elapsed());
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
                 let challenge = resp
                     .headers()
