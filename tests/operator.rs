@@ -345,15 +345,21 @@ async fn metrics_name_status_codes_upstreams_cache_status_refusals_build_and_pro
 }
 
 /// `promtool check metrics` (which reads the text format) accepts the exposition. Skipped
-/// without promtool (`PROMTOOL` or on the `PATH`): `.ci/lint-packaging` runs it with one.
+/// without promtool on the `PATH`; `.ci/lint-packaging` runs it with `PROMTOOL` set.
 #[tokio::test]
 async fn metrics_pass_promtool_check_metrics() {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    if std::process::Command::new(&promtool)
+    // Set explicitly (as CI does), a missing promtool fails the test instead of skipping it.
+    let explicit = std::env::var("PROMTOOL").ok();
+    let promtool = explicit.clone().unwrap_or_else(|| "promtool".into());
+    let found = std::process::Command::new(&promtool)
         .arg("--version")
         .output()
-        .is_err()
-    {
+        .is_ok();
+    assert!(
+        found || explicit.is_none(),
+        "PROMTOOL={promtool} does not run"
+    );
+    if !found {
         eprintln!("skipped: no promtool");
         return;
     }
