@@ -270,3 +270,51 @@ async fn every_v2_answer_says_the_api_version_and_errors_may_carry_detail() {
         "registry/2.0"
     );
 }
+
+#[tokio::test]
+async fn tags_list_is_paged_by_the_mirror_when_the_upstream_ignores_n_and_last() {
+    let up = FakeUpstream::start().await;
+    for t in ["b", "d", "a", "c", "e"] {
+        up.add_image("library/app", t, &[1]);
+    }
+    up.behave(|b| b.ignore_tag_paging = true);
+    let m = TestMirror::start(&up).await;
+    let tags = |v: serde_json::Value| v["tags"].clone();
+
+    let r = m.get("/v2/library/app/tags/list?n=2").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["link"],
+        "</v2/library/app/tags/list?n=2&last=b>; rel=\"next\""
+    );
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["a", "b"]));
+    let r = m
+        .get("/v2/library/app/tags/list?n=2&last=b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["link"],
+        "</v2/library/app/tags/list?n=2&last=d>; rel=\"next\""
+    );
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["c", "d"]));
+    let r = m
+        .get("/v2/library/app/tags/list?n=2&last=d")
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("link"));
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["e"]));
+    let r = m
+        .get("/v2/library/app/tags/list?last=c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["d", "e"]));
+    // Without paging, the upstream's answer as it came.
+    let r = m.get("/v2/library/app/tags/list").send().await.unwrap();
+    assert_eq!(
+        tags(r.json().await.unwrap()),
+        serde_json::json!(["e", "d", "c", "b", "a"])
+    );
+}
