@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
@@ -33,6 +34,12 @@ pub enum Route {
     TagsList {
         name: RepoName,
     },
+    /// A manifest reference that fails the tag grammar (and is not a digest): a manifest that
+    /// cannot exist, answered `404 MANIFEST_UNKNOWN` without asking the upstream.
+    NoSuchManifest {
+        name: RepoName,
+        reference: String,
+    },
     Healthz,
     Readyz,
     Metrics,
@@ -49,7 +56,7 @@ impl Route {
     pub fn kind(&self) -> &'static str {
         match self {
             Route::Base => "ping",
-            Route::Manifest { .. } => "manifest",
+            Route::Manifest { .. } | Route::NoSuchManifest { .. } => "manifest",
             Route::Blob { .. } => "blob",
             Route::TagsList { .. } => "tags",
             _ => "other",
@@ -58,16 +65,36 @@ impl Route {
 
     pub fn repository(&self) -> Option<&RepoName> {
         match self {
-            Route::Manifest { name, .. } | Route::Blob { name, .. } | Route::TagsList { name } => {
-                Some(name)
-            }
+            Route::Manifest { name, .. }
+            | Route::NoSuchManifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::TagsList { name } => Some(name),
             _ => None,
         }
     }
 }
 
-/// Answers `req`, which was routed to `route`.
+/// Answers `req`, which was routed to `route`. Every registry API answer carries
+/// `Docker-Distribution-Api-Version` (errors get it in [`ApiError::into_response`]).
 pub async fn dispatch<B>(
+    mirror: &Arc<Mirror>,
+    route: &Route,
+    req: &Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    let mut resp = answer(mirror, route, req).await?;
+    if !matches!(
+        route,
+        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status
+    ) {
+        resp.headers_mut().insert(
+            HeaderName::from_static("docker-distribution-api-version"),
+            HeaderValue::from_static("registry/2.0"),
+        );
+    }
+    Ok(resp)
+}
+
+async fn answer<B>(
     mirror: &Arc<Mirror>,
     route: &Route,
     req: &Request<B>,
@@ -87,6 +114,7 @@ pub async fn dispatch<B>(
         Route::TagsList { name } => {
             tags::list(mirror, name, query, req.method() == Method::HEAD).await
         }
+        Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(ops::readyz(mirror).await),
         Route::Metrics => Ok(ops::metrics(mirror, req.headers())),
@@ -143,6 +171,12 @@ pub fn parse(method: &Method, path: &str) -> Route {
                 name,
                 reference,
                 head,
+            },
+            // A malformed *digest* stays `400 DIGEST_INVALID`: it says what is wrong with the
+            // request, as it does for blobs.
+            (Ok(name), Err(ParseError::Tag(_))) => Route::NoSuchManifest {
+                name,
+                reference: reference.to_owned(),
             },
             (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
         };
@@ -232,8 +266,10 @@ mod tests {
             ("/v2//abs/manifests/latest", "name"),
             ("/v2/UPPER/manifests/latest", "name"),
             ("/v2/a\0b/manifests/latest", "name"),
-            ("/v2/a/manifests/..", "tag"),
-            ("/v2/a/manifests/a%2fb", "tag"),
+            ("/v2/a/manifests/..", "no such manifest"),
+            ("/v2/a/manifests/a%2fb", "no such manifest"),
+            ("/v2/a/manifests/.INVALID_MANIFEST_NAME", "no such manifest"),
+            ("/v2/UPPER/manifests/..", "name"),
             ("/v2/a/blobs/sha256:../../etc/passwd", "digest"),
             ("/v2/a/blobs/latest", "digest"),
             ("/v2/a/manifests/sha256:zz", "digest"),
@@ -241,7 +277,7 @@ mod tests {
         for (path, want) in cases {
             let got = match parse(&Method::GET, path) {
                 Route::Invalid(ParseError::Name(_)) => "name",
-                Route::Invalid(ParseError::Tag(_)) => "tag",
+                Route::NoSuchManifest { .. } => "no such manifest",
                 Route::Invalid(ParseError::Digest(_)) => "digest",
                 other => panic!("{path}: {other:?}"),
             };

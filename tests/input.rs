@@ -7,7 +7,9 @@ mod common;
 use common::{error_code, FakeUpstream, TestMirror};
 
 #[tokio::test]
-async fn invalid_names_tags_and_digests_are_400_with_codes() {
+async fn invalid_names_and_digests_are_400_with_codes() {
+    // A reference that fails the tag grammar is a manifest that does not exist: see
+    // `tests/oci.rs`.
     let up = FakeUpstream::start().await;
     let m = TestMirror::start(&up).await;
     let long = format!("/v2/{}/manifests/latest", "a".repeat(300));
@@ -17,11 +19,6 @@ async fn invalid_names_tags_and_digests_are_400_with_codes() {
         ("/v2/UPPER/manifests/latest".into(), "NAME_INVALID"),
         ("/v2/a%00b/manifests/latest".into(), "NAME_INVALID"),
         (long, "NAME_INVALID"),
-        ("/v2/a/manifests/-bad".into(), "TAG_INVALID"),
-        (
-            format!("/v2/a/manifests/{}", "t".repeat(200)),
-            "TAG_INVALID",
-        ),
         (
             "/v2/a/blobs/sha256:..%2f..%2fetc%2fpasswd".into(),
             "DIGEST_INVALID",

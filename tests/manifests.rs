@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::upstream::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use common::upstream::OCI_MANIFEST;
 use common::{error_code, x_cache, FakeUpstream, TestMirror, PAST_TTL, TTL};
 
 const ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
@@ -143,49 +143,6 @@ async fn head_of_cold_tag_does_not_spend_a_pull() {
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
     assert!(r.headers().contains_key("content-length"));
     assert_eq!(up.manifest_gets(), 0);
-}
-
-#[tokio::test]
-async fn stored_type_not_accepted_by_client_is_passed_through_uncached() {
-    let up = FakeUpstream::start().await;
-    let index = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
-    let digest = up.add_manifest(
-        "library/multi",
-        Some("latest"),
-        OCI_INDEX,
-        index.into_bytes(),
-    );
-    let m = TestMirror::start(&up).await;
-    let path = "/v2/library/multi/manifests/latest";
-    assert_manifest(&get(&m, path, Some(ALL)).await, &digest, OCI_INDEX, "MISS");
-
-    // A client that only takes Docker v2 manifests must not get the index.
-    let gets = up.manifest_gets();
-    assert_error(
-        get(&m, path, Some(DOCKER_MANIFEST)).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
-    assert_eq!(
-        up.manifest_gets(),
-        gets + 1,
-        "passed through to the upstream"
-    );
-    let last = up
-        .seen()
-        .into_iter()
-        .rev()
-        .find(|s| s.method == "GET")
-        .unwrap();
-    assert_eq!(
-        last.headers["accept"], DOCKER_MANIFEST,
-        "with the client's own Accept"
-    );
-
-    // No Accept and */* take anything.
-    assert_manifest(&get(&m, path, None).await, &digest, OCI_INDEX, "HIT");
-    assert_manifest(&get(&m, path, Some("*/*")).await, &digest, OCI_INDEX, "HIT");
 }
 
 #[tokio::test]

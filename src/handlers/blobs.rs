@@ -7,7 +7,10 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 
 use super::body::{self, Body};
-use super::{content_type, namespace, with_cache_status, DOCKER_CONTENT_DIGEST};
+use super::{
+    content_headers, content_type, namespace, none_match, not_modified, with_cache_status,
+    DOCKER_CONTENT_DIGEST,
+};
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::{BlobAnswer, Mirror};
 use crate::oci::{Digest, RepoName};
@@ -27,6 +30,13 @@ pub async fn get(
     let target = mirror
         .target(namespace(query).as_deref(), name)
         .map_err(err)?;
+    // A blob is named by its digest: a client that has it needs only to learn that it still
+    // exists (a HEAD's worth, from the store or an uncounted upstream HEAD).
+    if none_match(headers, digest) {
+        let answer = mirror.blob(&target, digest, true).await.map_err(err)?;
+        let status = answer.status();
+        return Ok(with_cache_status(not_modified(digest, true), status));
+    }
     let answer = mirror.blob(&target, digest, head).await.map_err(err)?;
     let status = answer.status();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -106,6 +116,7 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
+    content_headers(h, digest, true);
 }
 
 /// The one byte range a `Range` header asks for. Malformed or multi-range headers are ignored

@@ -41,6 +41,10 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// A `WWW-Authenticate` challenge to send with a 401.
     pub challenge: Option<String>,
+    /// The OCI error's optional `detail`: structured facts a client can act on (the media
+    /// type a manifest is available as, the reference that was asked for). Never a cause
+    /// from below the pull layer (paths, upstream bodies, I/O errors).
+    pub detail: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -52,6 +56,8 @@ struct ErrorBody<'a> {
 struct ErrorItem<'a> {
     code: Code,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a serde_json::Value>,
 }
 
 impl ApiError {
@@ -62,7 +68,28 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             challenge: None,
+            detail: None,
         }
+    }
+
+    pub fn with_detail(mut self, detail: serde_json::Value) -> ApiError {
+        self.detail = Some(detail);
+        self
+    }
+
+    /// A manifest reference that fails the tag grammar names a manifest that cannot exist:
+    /// `404 MANIFEST_UNKNOWN`, as the distribution-spec conformance suite expects (not
+    /// `400 TAG_INVALID`, which the spec reserves for pushes), answered without asking the
+    /// upstream.
+    pub fn manifest_unknown(reference: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::ManifestUnknown,
+            "manifest unknown: the reference is not a valid tag",
+        )
+        .with_detail(
+            serde_json::json!({ "reference": reference.chars().take(256).collect::<String>() }),
+        )
     }
 
     pub fn not_found() -> ApiError {
@@ -98,6 +125,7 @@ impl ApiError {
             errors: [ErrorItem {
                 code: self.code,
                 message: &self.message,
+                detail: self.detail.as_ref(),
             }],
         })
         .unwrap_or_default();
@@ -114,6 +142,8 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        // Errors too: clients check it on a 401 from `/v2/` (and the spec's suite on all).
+        h.insert(super::API_VERSION, HeaderValue::from_static("registry/2.0"));
         if let Some(v) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
             h.insert(header::WWW_AUTHENTICATE, v);
         }
@@ -173,11 +203,23 @@ impl ApiError {
                 Code::NameUnknown,
                 format!("registry {registry} is not mirrored"),
             ),
-            M::UnsupportedDigest => ApiError::new(
+            M::UnsupportedDigest => {
+                let (code, what) = match object {
+                    Object::Manifest => (Code::ManifestUnknown, "manifests"),
+                    _ => (Code::BlobUnknown, "blobs"),
+                };
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    code,
+                    format!("only sha256 {what} are mirrored"),
+                )
+            }
+            M::NotAcceptable { available } => ApiError::new(
                 StatusCode::NOT_FOUND,
-                Code::BlobUnknown,
-                "only sha256 blobs are mirrored",
-            ),
+                Code::ManifestUnknown,
+                format!("manifest unknown: available only as {available}, which the request's Accept does not allow"),
+            )
+            .with_detail(serde_json::json!({ "mediaType": available })),
             M::Abandoned(why) => {
                 tracing::error!(why, "a shared upstream request was abandoned");
                 ApiError::internal()
@@ -213,6 +255,7 @@ impl ApiError {
                 message: message.clone(),
                 retry_after: *retry_after,
                 challenge: None,
+                detail: None,
             },
             // Failing like an unreachable upstream, and answered alike, so the status does not
             // change once the back-off starts.

@@ -1,4 +1,5 @@
-//! `GET`/`HEAD /v2/<name>/manifests/<reference>`.
+//! `GET`/`HEAD /v2/<name>/manifests/<reference>`, with `ETag` (the quoted digest),
+//! `If-None-Match` → `304`, and `Cache-Control: immutable` when asked for by digest.
 
 use std::sync::Arc;
 
@@ -6,7 +7,9 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response};
 
 use super::body::{self, Body};
-use super::{namespace, with_cache_status, DOCKER_CONTENT_DIGEST};
+use super::{
+    content_headers, namespace, none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST,
+};
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::{ManifestAnswer, Mirror};
 use crate::oci::{Accept, Reference, RepoName};
@@ -29,14 +32,32 @@ pub async fn get(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
+    let by_digest = matches!(reference, Reference::Digest(_));
+    // A conditional request is decided on what a HEAD knows (a tag record, revalidated if its
+    // TTL is over): a `304` never spends a counted pull.
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        let known = mirror
+            .manifest(&target, reference, true, &accept)
+            .await
+            .map_err(err)?;
+        if none_match(headers, &known.digest) {
+            return Ok(with_cache_status(
+                not_modified(&known.digest, by_digest),
+                known.status,
+            ));
+        }
+        if head {
+            return Ok(response(known, by_digest));
+        }
+    }
     let answer = mirror
         .manifest(&target, reference, head, &accept)
         .await
         .map_err(err)?;
-    Ok(response(answer))
+    Ok(response(answer, by_digest))
 }
 
-fn response(m: ManifestAnswer) -> Response<Body> {
+fn response(m: ManifestAnswer, by_digest: bool) -> Response<Body> {
     let mut resp = Response::new(match m.body {
         Some(b) => body::full(b),
         None => body::empty(),
@@ -49,5 +70,6 @@ fn response(m: ManifestAnswer) -> Response<Body> {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));
+    content_headers(h, &m.digest, by_digest);
     with_cache_status(resp, m.status)
 }

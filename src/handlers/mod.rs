@@ -13,12 +13,49 @@ pub mod tags;
 use http::header::{self, HeaderName, HeaderValue};
 use http::Response;
 
+use crate::oci::Digest;
 use crate::outcome::CacheStatus;
 use body::Body;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+
+/// For content named by its digest, which never changes: a year, and `immutable`.
+const IMMUTABLE: &str = "max-age=31536000, immutable";
+
+/// `ETag` (the quoted digest) and, for content addressed by digest, `Cache-Control`.
+fn content_headers(h: &mut http::HeaderMap, digest: &Digest, by_digest: bool) {
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    if by_digest {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+    }
+}
+
+/// Whether `If-None-Match` names `digest` (quoted or not, weak or strong, or `*`).
+fn none_match(headers: &http::HeaderMap, digest: &Digest) -> bool {
+    let want = digest.to_string();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+        .any(|t| t == "*" || t == want)
+}
+
+/// `304 Not Modified`: no body, the validators kept.
+fn not_modified(digest: &Digest, by_digest: bool) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
+    content_headers(resp.headers_mut(), digest, by_digest);
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        resp.headers_mut().insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    resp
+}
 
 /// Marks how a response was served: `X-Cache` for clients, and the typed status as a response
 /// extension for the server's log line and metrics.

@@ -1,7 +1,13 @@
 //! `GET /v2/<name>/tags/list`: passed through to the upstream with the paging parameters.
+//!
+//! An upstream that ignores `n` and `last` (it sends every tag and no `Link`) is paged here:
+//! what it returned is sorted, cut after `last` and to `n`, and a `Link` to the next page
+//! (through the mirror) is added when more remain. An upstream that honoured them gives the
+//! same page again, so the rule needs no guess at which kind it is.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::Response;
 
@@ -28,10 +34,18 @@ pub async fn list(
                 .filter(|(k, _)| k == "n" || k == "last"),
         )
         .finish();
-    let page = mirror
+    let mut page = mirror
         .tags(&target, (!paging.is_empty()).then_some(paging.as_str()))
         .await
         .map_err(err)?;
+    let (n, last) = paging_params(query);
+    if (n.is_some() || last.is_some()) && page.link.is_none() {
+        if let Some((body, next)) = paginate(&page.body, n, last.as_deref()) {
+            page.body = body;
+            page.content_type = Some(HeaderValue::from_static("application/json"));
+            page.link = next.map(|last| next_link(name, query, n.unwrap_or(0), &last));
+        }
+    }
     let len = page.body.len();
     let mut out = Response::new(if head {
         body::empty()
@@ -49,6 +63,59 @@ pub async fn list(
         h.insert(header::LINK, v);
     }
     Ok(out)
+}
+
+/// `n` (when a number) and `last` from the client's query.
+fn paging_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
+    let mut n = None;
+    let mut last = None;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "n" => n = v.parse().ok(),
+            "last" => last = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    (n, last)
+}
+
+/// The page `n`/`last` ask for out of an upstream body `{"name":…,"tags":[…]}`, and the last
+/// tag of the page when more follow it. `None` when the body is not a tags list (it is then
+/// passed on as it came).
+fn paginate(body: &[u8], n: Option<usize>, last: Option<&str>) -> Option<(Bytes, Option<String>)> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let tags = v.get_mut("tags")?;
+    let mut names: Vec<String> = match tags.take() {
+        serde_json::Value::Null => Vec::new(),
+        t => serde_json::from_value(t).ok()?,
+    };
+    names.sort();
+    names.dedup();
+    if let Some(last) = last {
+        names.retain(|t| t.as_str() > last);
+    }
+    let more = n.is_some_and(|n| names.len() > n);
+    if let Some(n) = n {
+        names.truncate(n);
+    }
+    let next = if more && !names.is_empty() {
+        names.last().cloned()
+    } else {
+        None
+    };
+    *tags = serde_json::json!(names);
+    Some((Bytes::from(serde_json::to_vec(&v).ok()?), next))
+}
+
+/// `</v2/<name>/tags/list?n=…&last=…>; rel="next"`, keeping the client's `ns`.
+fn next_link(name: &RepoName, query: Option<&str>, n: usize, last: &str) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(ns) = namespace(query) {
+        q.append_pair("ns", &ns);
+    }
+    q.append_pair("n", &n.to_string());
+    q.append_pair("last", last);
+    format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish())
 }
 
 /// `<https://upstream/v2/x/tags/list?n=1&last=a>; rel="next"` → `</v2/x/tags/list?…>; rel="next"`,
@@ -74,6 +141,24 @@ fn relative_link(link: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_of_an_unpaged_answer() {
+        let body = br#"{"name":"a","tags":["c","a","b","d"]}"#;
+        let (page, next) = paginate(body, Some(2), None).unwrap();
+        assert_eq!(&page[..], br#"{"name":"a","tags":["a","b"]}"#);
+        assert_eq!(next.as_deref(), Some("b"));
+        let (page, next) = paginate(body, Some(2), Some("b")).unwrap();
+        assert_eq!(&page[..], br#"{"name":"a","tags":["c","d"]}"#);
+        assert_eq!(next, None);
+        let (page, next) = paginate(body, None, Some("c")).unwrap();
+        assert_eq!(&page[..], br#"{"name":"a","tags":["d"]}"#);
+        assert_eq!(next, None);
+        let (page, next) = paginate(body, Some(0), None).unwrap();
+        assert_eq!(&page[..], br#"{"name":"a","tags":[]}"#);
+        assert_eq!(next, None);
+        assert!(paginate(b"not json", Some(1), None).is_none());
+    }
 
     #[test]
     fn links_become_relative() {

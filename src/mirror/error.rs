@@ -33,8 +33,11 @@ pub enum Error {
     #[error("registry {0} is not mirrored")]
     NotMirrored(String),
     /// Only sha256 content is cached and verified.
-    #[error("only sha256 blobs are mirrored")]
+    #[error("only sha256 content is mirrored")]
     UnsupportedDigest,
+    /// The manifest exists, but only as `available`, which the client's `Accept` excludes.
+    #[error("the manifest is available only as {available}")]
+    NotAcceptable { available: String },
     /// The work a request waited on ended without an answer (its task panicked).
     #[error("a shared fetch was abandoned: {0}")]
     Abandoned(&'static str),

@@ -14,6 +14,17 @@ pub(super) use crate::store::tags::TagKey;
 use crate::store::tags::TagRecord;
 use crate::upstream::{self, Upstream};
 
+/// Whether a client whose `Accept` is `accept` may have a manifest of `media_type`.
+fn negotiate(accept: &Accept, media_type: &str) -> Result<(), Error> {
+    if accept.allows(media_type) {
+        Ok(())
+    } else {
+        Err(Error::NotAcceptable {
+            available: media_type.to_owned(),
+        })
+    }
+}
+
 /// What a manifest request is answered with.
 #[derive(Debug, Clone)]
 pub struct ManifestAnswer {
@@ -58,6 +69,19 @@ pub(super) type FetchResult = Result<(Fetched, CacheStatus), Error>;
 
 impl Mirror {
     /// The manifest `reference` names, for a client whose `Accept` is `accept`.
+    ///
+    /// Negotiation is decided here, not upstream: the mirror always asks the upstream with
+    /// its own full list ([`media::ACCEPT_ALL`]) and stores what the upstream has; a client
+    /// whose `Accept` allows none of that gets [`Error::NotAcceptable`] (`404
+    /// MANIFEST_UNKNOWN` naming the available type) from what the mirror knows, without an
+    /// upstream request. HEAD and GET decide alike, from the same tag record or stored
+    /// manifest, so they always agree. (There is no passthrough with the client's `Accept`:
+    /// an upstream that converts to schema 1 for it spends a counted pull on bytes the digest
+    /// check then refuses.)
+    ///
+    /// A digest of another algorithm than sha256 is answered [`Error::UnsupportedDigest`]
+    /// (`404 MANIFEST_UNKNOWN`) without an upstream request, as blobs are: the mirror cannot
+    /// verify such content, and relaying it would spend an uncached, counted pull per request.
     pub async fn manifest(
         self: &Arc<Self>,
         target: &Target,
@@ -66,10 +90,7 @@ impl Mirror {
         accept: &Accept,
     ) -> Result<ManifestAnswer, Error> {
         let answer = match reference {
-            Reference::Digest(d) if !d.is_sha256() => {
-                self.passthrough_manifest(target, reference, head, accept)
-                    .await?
-            }
+            Reference::Digest(d) if !d.is_sha256() => return Err(Error::UnsupportedDigest),
             Reference::Digest(d) => self.manifest_by_digest(target, d, head, accept).await?,
             Reference::Tag(tag) => self.manifest_by_tag(target, tag, head, accept).await?,
         };
@@ -87,22 +108,12 @@ impl Mirror {
     ) -> Result<ManifestAnswer, Error> {
         let (record, tag_status) = match self.resolve_tag(target, tag, !head).await? {
             Resolved::Record(record, status) => (record, status),
-            Resolved::Uncacheable(m) if accept.allows(&m.media_type) => {
-                return Ok(ManifestAnswer::of(&m, head, CacheStatus::Passthrough))
-            }
-            Resolved::Uncacheable(_) => {
-                let reference = Reference::Tag(tag.clone());
-                return self
-                    .passthrough_manifest(target, &reference, head, accept)
-                    .await;
+            Resolved::Uncacheable(m) => {
+                negotiate(accept, &m.media_type)?;
+                return Ok(ManifestAnswer::of(&m, head, CacheStatus::Passthrough));
             }
         };
-        if !accept.allows(&record.media_type) {
-            let reference = Reference::Tag(tag.clone());
-            return self
-                .passthrough_manifest(target, &reference, head, accept)
-                .await;
-        }
+        negotiate(accept, &record.media_type)?;
         if head {
             return Ok(ManifestAnswer {
                 media_type: record.media_type,
@@ -130,7 +141,6 @@ impl Mirror {
         head: bool,
         accept: &Accept,
     ) -> Result<ManifestAnswer, Error> {
-        let reference = Reference::Digest(digest.clone());
         if head {
             // From the store, or from an upstream HEAD without spending a pull.
             let stored = self
@@ -139,71 +149,54 @@ impl Mirror {
                 .get(digest)
                 .await
                 .map_err(Error::storage("reading a stored manifest"))?;
-            return match stored {
-                Some(m) if accept.allows(&m.media_type) => {
-                    Ok(ManifestAnswer::of(&m, true, CacheStatus::Hit))
-                }
-                _ => {
-                    self.passthrough_manifest(target, &reference, head, accept)
-                        .await
-                }
+            let answer = match stored {
+                Some(m) => ManifestAnswer::of(&m, true, CacheStatus::Hit),
+                None => self.head_manifest(target, digest).await?,
             };
+            negotiate(accept, &answer.media_type)?;
+            return Ok(answer);
         }
         let (fetched, status) = self.fetch_manifest(target, digest).await?;
-        match fetched {
-            Fetched::Stored(m) if accept.allows(&m.media_type) => {
-                Ok(ManifestAnswer::of(&m, false, status))
-            }
-            Fetched::Uncacheable(m) if accept.allows(&m.media_type) => {
-                Ok(ManifestAnswer::of(&m, false, CacheStatus::Passthrough))
-            }
-            _ => {
-                self.passthrough_manifest(target, &reference, head, accept)
-                    .await
-            }
-        }
+        let (m, status) = match fetched {
+            Fetched::Stored(m) => (m, status),
+            Fetched::Uncacheable(m) => (m, CacheStatus::Passthrough),
+        };
+        negotiate(accept, &m.media_type)?;
+        Ok(ManifestAnswer::of(&m, false, status))
     }
 
-    /// Asks the upstream with the client's own `Accept` and relays the answer uncached: for
-    /// clients that do not accept the stored type, and for digests the mirror cannot verify.
-    async fn passthrough_manifest(
+    /// An upstream HEAD of a manifest by digest (not a counted pull), with the mirror's own
+    /// `Accept`.
+    async fn head_manifest(
         &self,
         target: &Target,
-        reference: &Reference,
-        head: bool,
-        accept: &Accept,
+        digest: &Digest,
     ) -> Result<ManifestAnswer, Error> {
-        let accept_value = accept
-            .header_value()
-            .unwrap_or_else(|| media::ACCEPT_ALL.to_owned());
+        let reference = Reference::Digest(digest.clone());
         let m = target
             .upstream
-            .manifest(&target.repo, reference, head, &accept_value)
+            .manifest(&target.repo, &reference, true, media::ACCEPT_ALL)
             .await?;
-        let (digest, size) = match &m.body {
-            Some(b) => (Digest::sha256_of(b), b.len() as u64),
-            None => match (m.digest.clone(), m.size) {
-                (Some(d), Some(s)) => (d, s),
-                _ => {
-                    return Err(upstream::Error::Protocol {
-                        upstream: target.upstream.name.clone(),
-                        detail: "manifest HEAD without digest or length".into(),
-                    }
-                    .into())
-                }
-            },
-        };
-        if let (Some(claimed), true) = (&m.digest, m.body.is_some()) {
-            if claimed.is_sha256() && *claimed != digest {
-                return Err(self.mismatch(claimed.clone(), &digest));
+        let Some(size) = m.size else {
+            return Err(upstream::Error::Protocol {
+                upstream: target.upstream.name.clone(),
+                detail: "manifest HEAD without length".into(),
             }
+            .into());
+        };
+        if m.digest.as_ref().is_some_and(|claimed| claimed != digest) {
+            return Err(upstream::Error::Protocol {
+                upstream: target.upstream.name.clone(),
+                detail: "manifest HEAD answered another digest".into(),
+            }
+            .into());
         }
         Ok(ManifestAnswer {
             media_type: m.media_type,
-            digest,
+            digest: digest.clone(),
             size,
-            body: m.body,
-            status: CacheStatus::Passthrough,
+            body: None,
+            status: CacheStatus::Miss,
         })
     }
 

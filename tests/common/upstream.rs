@@ -79,6 +79,9 @@ pub struct Behaviour {
     pub drop_blob_gets: u32,
     /// Send blob GETs chunked, without `Content-Length` (as some registries do).
     pub chunked_blobs: bool,
+    /// Answer tags/list with every tag, in insertion-independent but unsorted order, ignoring
+    /// `n` and `last` (as some registries do).
+    pub ignore_tag_paging: bool,
 }
 
 #[derive(Clone)]
@@ -562,6 +565,14 @@ fn tags_list(state: &State, repo: &str, query: Option<&str>) -> Response<Body> {
         url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
             .into_owned()
             .collect();
+    if state.behaviour.lock().unwrap().ignore_tag_paging {
+        tags.reverse();
+        let body = serde_json::json!({"name": repo, "tags": tags}).to_string();
+        let mut r = full(200, body);
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return r;
+    }
     if let Some(last) = params.get("last") {
         tags.retain(|t| *t > last);
     }

@@ -1,0 +1,320 @@
+//! The distribution spec to the letter (issue 16): references that cannot exist, manifest
+//! negotiation decided by the mirror, registry headers, tag paging, referrers, `_catalog`.
+//! Each test is the hermetic equivalent of a check of the spec's conformance suite or of a
+//! defect the issue names.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+
+mod common;
+
+use common::upstream::{DOCKER_MANIFEST, OCI_INDEX};
+use common::{x_cache, FakeUpstream, TestMirror};
+
+const OCI_ONLY: &str =
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+async fn send(req: reqwest::RequestBuilder, accept: Option<&str>) -> reqwest::Response {
+    let req = match accept {
+        Some(a) => req.header("accept", a),
+        None => req,
+    };
+    req.send().await.unwrap()
+}
+
+/// The first OCI error of a response body, whole.
+async fn first_error(r: reqwest::Response) -> serde_json::Value {
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["errors"][0].clone()
+}
+
+/// A Docker v2 image manifest (not OCI), tagged `repo:tag`.
+fn add_docker_image(up: &FakeUpstream, repo: &str, tag: &str) -> String {
+    let config = up.add_blob(&b"{\"os\":\"linux\"}"[..]);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{config}","size":14}},"layers":[]}}"#
+    );
+    up.add_manifest(repo, Some(tag), DOCKER_MANIFEST, manifest.into_bytes())
+}
+
+#[tokio::test]
+async fn a_reference_that_is_not_a_tag_is_manifest_unknown_without_asking_upstream() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    for path in [
+        "/v2/library/app/manifests/.INVALID_MANIFEST_NAME",
+        "/v2/library/app/manifests/-bad",
+        &format!("/v2/library/app/manifests/{}", "t".repeat(200)),
+    ] {
+        let r = m.head(path).send().await.unwrap();
+        assert_eq!(r.status(), 404, "HEAD {path}");
+        assert_eq!(
+            r.headers()["docker-distribution-api-version"],
+            "registry/2.0"
+        );
+        let r = m.get(path).send().await.unwrap();
+        assert_eq!(r.status(), 404, "GET {path}");
+        let e = first_error(r).await;
+        assert_eq!(e["code"], "MANIFEST_UNKNOWN", "{path}");
+        assert!(e["detail"]["reference"].is_string(), "{e}");
+    }
+    // Names and digests keep their 400s.
+    let r = m.get("/v2/UPPER/manifests/.bad").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(first_error(r).await["code"], "NAME_INVALID");
+    let r = m
+        .get("/v2/library/app/manifests/sha256:zz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(first_error(r).await["code"], "DIGEST_INVALID");
+    let r = m.get("/v2/library/app/blobs/latest").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(first_error(r).await["code"], "DIGEST_INVALID");
+    assert_eq!(up.total(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn an_accept_that_excludes_the_stored_type_is_refused_locally_and_spends_no_pull() {
+    let up = FakeUpstream::start().await;
+    let digest = add_docker_image(&up, "library/app", "v1");
+    let m = TestMirror::start(&up).await;
+    let path = "/v2/library/app/manifests/v1";
+
+    // Cold: one GET with the mirror's own Accept, whatever the client's.
+    let r = send(m.get(path), Some(OCI_ONLY)).await;
+    assert_eq!(r.status(), 404);
+    let e = first_error(r).await;
+    assert_eq!(e["code"], "MANIFEST_UNKNOWN");
+    assert!(
+        e["message"].as_str().unwrap().contains(DOCKER_MANIFEST),
+        "{e}"
+    );
+    assert_eq!(e["detail"]["mediaType"], DOCKER_MANIFEST);
+    assert_eq!(up.manifest_gets(), 1);
+    let sent = up.seen().into_iter().find(|s| s.method == "GET").unwrap();
+    assert!(
+        sent.headers["accept"]
+            .to_str()
+            .unwrap()
+            .contains(DOCKER_MANIFEST),
+        "the mirror asks with its full Accept list"
+    );
+
+    let total = up.total();
+    for _ in 0..5 {
+        assert_eq!(send(m.get(path), Some(OCI_ONLY)).await.status(), 404);
+        assert_eq!(
+            send(m.head(path), Some(OCI_ONLY)).await.status(),
+            404,
+            "HEAD agrees"
+        );
+        let by_digest = format!("/v2/library/app/manifests/{digest}");
+        assert_eq!(send(m.get(&by_digest), Some(OCI_ONLY)).await.status(), 404);
+        assert_eq!(send(m.head(&by_digest), Some(OCI_ONLY)).await.status(), 404);
+    }
+    assert_eq!(
+        up.total(),
+        total,
+        "refusals are decided without the upstream"
+    );
+
+    // A client that takes the stored type gets it from the cache.
+    let r = send(m.get(path), Some(DOCKER_MANIFEST)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    assert_eq!(up.total(), total);
+}
+
+#[tokio::test]
+async fn head_and_get_agree_for_a_cold_tag_whatever_the_accept() {
+    let up = FakeUpstream::start().await;
+    let index = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
+    up.add_manifest(
+        "library/multi",
+        Some("latest"),
+        OCI_INDEX,
+        index.into_bytes(),
+    );
+    let m = TestMirror::start(&up).await;
+    let path = "/v2/library/multi/manifests/latest";
+    // HEAD first (no pull), then GET: both refuse a client that takes only Docker manifests.
+    let r = send(m.head(path), Some(DOCKER_MANIFEST)).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(up.manifest_gets(), 0, "a HEAD never spends a pull");
+    let r = send(m.get(path), Some(DOCKER_MANIFEST)).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(first_error(r).await["detail"]["mediaType"], OCI_INDEX);
+    assert_eq!(
+        up.manifest_gets(),
+        0,
+        "the tag record already says the type"
+    );
+    let r = send(m.get(path), None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], OCI_INDEX);
+    assert_eq!(up.manifest_gets(), 1);
+}
+
+#[tokio::test]
+async fn non_sha256_manifest_digests_are_unknown_without_asking_upstream() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    let r = m
+        .get(&format!(
+            "/v2/library/app/manifests/sha512:{}",
+            "a".repeat(128)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(first_error(r).await["code"], "MANIFEST_UNKNOWN");
+    assert_eq!(up.total(), 0);
+}
+
+#[tokio::test]
+async fn manifests_and_blobs_carry_etag_and_answer_if_none_match_with_304() {
+    let up = FakeUpstream::start().await;
+    let (digest, layers) = up.add_image("library/app", "v1", &[1000]);
+    let m = TestMirror::start(&up).await;
+    let quoted = format!("\"{digest}\"");
+
+    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"], quoted.as_str());
+    assert!(
+        !r.headers().contains_key("cache-control"),
+        "a tag can move: not immutable"
+    );
+    let by_digest = format!("/v2/library/app/manifests/{digest}");
+    let r = m.get(&by_digest).send().await.unwrap();
+    assert_eq!(r.headers()["etag"], quoted.as_str());
+    assert_eq!(r.headers()["cache-control"], "max-age=31536000, immutable");
+
+    let gets = up.manifest_gets();
+    for path in ["/v2/library/app/manifests/v1", by_digest.as_str()] {
+        for req in [m.get(path), m.head(path)] {
+            let r = req.header("if-none-match", &quoted).send().await.unwrap();
+            assert_eq!(r.status(), 304, "{path}");
+            assert_eq!(r.headers()["etag"], quoted.as_str());
+            assert!(r.bytes().await.unwrap().is_empty());
+        }
+    }
+    // A stale validator gets the full body.
+    let r = m
+        .get("/v2/library/app/manifests/v1")
+        .header("if-none-match", "\"sha256:0000\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.bytes().await.unwrap().is_empty());
+    assert_eq!(up.manifest_gets(), gets, "no 304 spends a pull");
+
+    let blob = format!("/v2/library/app/blobs/{}", layers[0]);
+    let r = m.get(&blob).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = format!("\"{}\"", layers[0]);
+    assert_eq!(r.headers()["etag"], etag.as_str());
+    assert_eq!(r.headers()["cache-control"], "max-age=31536000, immutable");
+    assert_eq!(r.bytes().await.unwrap().len(), 1000);
+    common::wait_committed(&m, &blob).await;
+    let r = m
+        .get(&blob)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn every_v2_answer_says_the_api_version_and_errors_may_carry_detail() {
+    let up = FakeUpstream::start().await;
+    let (digest, layers) = up.add_image("library/app", "v1", &[10]);
+    let m = TestMirror::start(&up).await;
+    for path in [
+        "/v2/".to_owned(),
+        "/v2/library/app/manifests/v1".to_owned(),
+        format!("/v2/library/app/manifests/{digest}"),
+        format!("/v2/library/app/blobs/{}", layers[0]),
+        "/v2/library/app/tags/list".to_owned(),
+        "/v2/library/nothing/manifests/v1".to_owned(),
+        "/v2/UPPER/manifests/v1".to_owned(),
+        "/v2/library/app/nothing".to_owned(),
+    ] {
+        for req in [m.get(&path), m.head(&path)] {
+            let r = req.send().await.unwrap();
+            assert_eq!(
+                r.headers()
+                    .get("docker-distribution-api-version")
+                    .map(|v| v.to_str().unwrap()),
+                Some("registry/2.0"),
+                "{path}: {}",
+                r.status()
+            );
+        }
+    }
+    let r = m
+        .client
+        .put(format!("{}/v2/library/app/manifests/v1", m.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+}
+
+#[tokio::test]
+async fn tags_list_is_paged_by_the_mirror_when_the_upstream_ignores_n_and_last() {
+    let up = FakeUpstream::start().await;
+    for t in ["b", "d", "a", "c", "e"] {
+        up.add_image("library/app", t, &[1]);
+    }
+    up.behave(|b| b.ignore_tag_paging = true);
+    let m = TestMirror::start(&up).await;
+    let tags = |v: serde_json::Value| v["tags"].clone();
+
+    let r = m.get("/v2/library/app/tags/list?n=2").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["link"],
+        "</v2/library/app/tags/list?n=2&last=b>; rel=\"next\""
+    );
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["a", "b"]));
+    let r = m
+        .get("/v2/library/app/tags/list?n=2&last=b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["link"],
+        "</v2/library/app/tags/list?n=2&last=d>; rel=\"next\""
+    );
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["c", "d"]));
+    let r = m
+        .get("/v2/library/app/tags/list?n=2&last=d")
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("link"));
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["e"]));
+    let r = m
+        .get("/v2/library/app/tags/list?last=c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tags(r.json().await.unwrap()), serde_json::json!(["d", "e"]));
+    // Without paging, the upstream's answer as it came.
+    let r = m.get("/v2/library/app/tags/list").send().await.unwrap();
+    assert_eq!(
+        tags(r.json().await.unwrap()),
+        serde_json::json!(["e", "d", "c", "b", "a"])
+    );
+}
