@@ -12,7 +12,11 @@
 # manifest by digest with "Connection: close" (req/s, a new connection per request as dockerd
 # and podman do); the server's peak RSS (VmHWM) over those rows; and its peak RSS while 256
 # clients read a 256 MiB blob at 64 KiB/s each (tools/slowreaders.py) on a freshly started
-# process. All systems run side by side, and each row is measured --repeat times, the
+# process. HTTPS rows, with pullthrough (server.tls_cert/tls_key) and nginx (listen ... ssl
+# http2) serving the same files with the same self-signed ECDSA P-256 certificate (made with
+# openssl in the temp dir): HTTP/1.1 over TLS with wrk (cached 64 MiB blob at 16 connections,
+# MB/s; manifest by digest at 64 connections, req/s) and HTTP/2 with h2load (64 connections,
+# 8 streams each: manifest by digest and the 1 MiB blob, req/s). All systems run side by side, and each row is measured --repeat times, the
 # systems taking turns (A B C A B C ...), so that drift in the machine's speed (this is a VM:
 # ±15 % between runs of the same row is common) lands on every system alike; the table shows
 # each row's median. Every measurement runs --duration seconds after a 1 s warm-up; wrk shares
@@ -122,10 +126,10 @@ wait_registry_cache() {
 }
 
 # wrk_row SYSTEM KEY REP CONNS PATH [wrk -H args]: 1 s warm-up, then DURATION s measured, with
-# the CPU time the server's processes used meanwhile.
+# the CPU time the server's processes used meanwhile. SCHEME=https for the TLS servers.
 wrk_row() {
   local sys=$1 key=$2 rep=$3 conns=$4 path=$5; shift 5
-  local threads=${WRK_THREADS:-$(( conns < 2 ? conns : 2 ))} url="http://127.0.0.1:${PORTS[$sys]}$path"
+  local threads=${WRK_THREADS:-$(( conns < 2 ? conns : 2 ))} url="${SCHEME:-http}://127.0.0.1:${PORTS[$sys]}$path"
   local pids out=$RES/$sys-$key.$rep
   read -ra pids <<<"${SPIDS[$sys]}"
   run_child wrk -t "$threads" -c "$conns" -d 1s --timeout 30s "$@" "$url" >/dev/null 2>&1 || true
@@ -140,6 +144,25 @@ wrk_row() {
   [ -s "$out.json" ] || log "warning: wrk gave no result for $sys $key (see $out.wrk.txt)"
 }
 
+# h2_row SYSTEM KEY REP PATH [h2load -H args]: HTTP/2 over TLS (ALPN h2), 64 connections with 8
+# streams each from 2 h2load threads; a 1 s run to warm up, then DURATION s measured, with the
+# server's CPU time meanwhile.
+h2_row() {
+  local sys=$1 key=$2 rep=$3 path=$4; shift 4
+  local url="https://127.0.0.1:${PORTS[$sys]}$path" out=$RES/$sys-$key.$rep pids cpu0 cpu1
+  local load=(h2load -t 2 -c 64 -m 8 -T 30 "$@")
+  read -ra pids <<<"${SPIDS[$sys]}"
+  run_child "${load[@]}" -D 1 "$url" >/dev/null 2>&1 || true
+  log "$sys: $key ($rep/$REPEAT)"
+  cpu0=$(cpu_seconds "${pids[@]}")
+  run_child "${load[@]}" -D "$DURATION" "$url" >"$out.h2load.txt" 2>&1 || true
+  cpu1=$(cpu_seconds "${pids[@]}")
+  python3 "$TOOLS/h2load-json.py" <"$out.h2load.txt" 2>/dev/null |
+    sed "s/}\$/, \"server_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')}/" >"$out.json"
+  [ -s "$out.json" ] || log "warning: h2load gave no result for $sys $key (see $out.h2load.txt)"
+  grep -q '"protocol": "h2"' "$out.json" 2>/dev/null || log "warning: $sys $key did not negotiate h2"
+}
+
 rss_json() { # SYSTEM PID KEY [extra json]
   local kib pids
   read -ra pids <<<"$(server_pids "$1" "$2")"
@@ -152,6 +175,14 @@ row() {
   local rep sys
   for rep in $(seq "$REPEAT"); do
     for sys in "${RUNNING[@]}"; do wrk_row "$sys" "$1" "$rep" "${@:2}"; done
+  done
+}
+
+# h2row KEY PATH [h2load args]: the same with h2load.
+h2row() {
+  local rep sys
+  for rep in $(seq "$REPEAT"); do
+    for sys in "${RUNNING[@]}"; do h2_row "$sys" "$1" "$rep" "${@:2}"; done
   done
 }
 
@@ -185,6 +216,49 @@ bench_rows() {
   done
 }
 
+# The HTTPS rows: pullthrough (on the cache the plain rows warmed) and nginx, same certificate.
+bench_tls_rows() {
+  local sys name hex digest
+  declare -gA PORTS=() SPIDS=() MAIN_PID=()
+  RUNNING=()
+  make_cert "$RUN/tls"
+  printf '[server]\ntls_cert = "%s"\ntls_key = "%s"\n' "$RUN/tls/cert.pem" "$RUN/tls/key.pem" >"$RUN/tls/pullthrough.toml"
+  for sys in $SYSTEMS; do
+    [ "$sys" = registry ] && continue
+    available "$sys" || continue
+    PORTS[$sys]=$(free_port)
+    log "$sys: starting with TLS and warming"
+    case $sys in
+      pullthrough) PT_SCHEME=https start_pullthrough "$RUN/pullthrough" "${PORTS[$sys]}" "http://127.0.0.1:$UP_PORT" \
+                     --tag-ttl 1h --config "$RUN/tls/pullthrough.toml" ;;
+      nginx) start_nginx "$RUN/nginx-tls" "${PORTS[$sys]}" "$(nginx_static_conf "$RUN/www")
+    ssl_certificate $RUN/tls/cert.pem;
+    ssl_certificate_key $RUN/tls/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;" "" "ssl http2" ;;
+    esac
+    MAIN_PID[$sys]=$LAST_PID
+    for name in small mid; do
+      digest=$(seed_get "blobs.$name.digest"); hex=${digest#sha256:}
+      [ "$(curl -sfk "https://127.0.0.1:${PORTS[$sys]}/v2/$REPO/blobs/$digest" | sha256sum | cut -d' ' -f1)" = "$hex" ] ||
+        die "$sys: blob $name over HTTPS is not the right bytes"
+    done
+    curl -sfk --http2 -o /dev/null -H "$ACCEPT" "https://127.0.0.1:${PORTS[$sys]}/v2/$REPO/manifests/$(seed_get manifest.digest)" ||
+      die "$sys: manifest over HTTP/2 is not served"
+    SPIDS[$sys]=$(server_pids "$sys" "${MAIN_PID[$sys]}")
+    RUNNING+=("$sys")
+  done
+  [ ${#RUNNING[@]} -gt 0 ] || return 0
+  SCHEME=https row tls_blob64_c16 16 "/v2/$REPO/blobs/$(seed_get blobs.mid.digest)"
+  SCHEME=https row tls_digest_c64 64 "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
+  if have h2load; then
+    h2row h2_digest "/v2/$REPO/manifests/$(seed_get manifest.digest)" -H "$ACCEPT"
+    h2row h2_blob1 "/v2/$REPO/blobs/$(seed_get blobs.small.digest)"
+  else
+    log "h2load (nghttp2-client) is not installed: HTTP/2 rows skipped"
+  fi
+  for sys in "${RUNNING[@]}"; do stop_pid "${MAIN_PID[$sys]}"; done
+}
+
 # 256 slow readers of the 256 MiB blob against a freshly started process, one system at a time.
 bench_slow_readers() {
   local sys=$1 pid port slow
@@ -201,7 +275,7 @@ bench_slow_readers() {
 
 main() {
   parse_args "$@"
-  need_pkgs python3 curl wrk docker-registry nginx
+  need_pkgs python3 curl wrk docker-registry nginx openssl nghttp2-client
   have wrk || die "wrk is not installed"
   have docker-registry || die "docker-registry (the upstream) is not installed"
   setup_run
@@ -212,8 +286,9 @@ main() {
   seed_upstream "$RUN/upstream" "$(free_port)" small=1MiB mid=64MiB big=256MiB
   echo "{\"duration\": $DURATION, \"repeat\": $REPEAT, \"slow_seconds\": $SLOW_SECONDS, \"systems\": \"$SYSTEMS\"}" >"$RES/run.json"
   bench_rows
+  have openssl && bench_tls_rows
   local sys
-  for sys in "${RUNNING[@]}"; do bench_slow_readers "$sys"; done
+  for sys in $SYSTEMS; do available "$sys" && bench_slow_readers "$sys"; done
   other_load end "$RES/load.json"
   python3 "$TOOLS/report.py" hotpath "$RES"
 }

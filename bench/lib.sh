@@ -89,7 +89,7 @@ stop_pid() { # TERM, then KILL after 5 s; only pids this script started
 wait_http() { # URL [seconds]: until it answers anything
   local url=$1 tries=$(( ${2:-15} * 10 )) _
   for _ in $(seq "$tries"); do
-    curl -s -o /dev/null --max-time 1 "$url" && return 0
+    curl -sk -o /dev/null --max-time 1 "$url" && return 0
     sleep 0.1
   done
   die "nothing answers at $url"
@@ -150,12 +150,13 @@ build_pullthrough() {
   PT_BIN=$ROOT/target/release/pullthrough
 }
 
-# start_pullthrough DIR PORT UPSTREAM_URL [extra flags]
+# start_pullthrough DIR PORT UPSTREAM_URL [extra flags]; PT_SCHEME=https for a TLS config
 start_pullthrough() {
   local dir=$1 port=$2 up=$3; shift 3
   mkdir -p "$dir"
+  local scheme=${PT_SCHEME:-http}  # https when the flags name a config with tls_cert
   spawn "$dir.log" "$PT_BIN" --listen "127.0.0.1:$port" --storage-dir "$dir" --upstream "$up" "$@"
-  wait_http "http://127.0.0.1:$port/v2/"
+  wait_http "$scheme://127.0.0.1:$port/v2/"
 }
 
 # start_registry DIR PORT [REMOTE_URL]: the CNCF distribution registry; with REMOTE_URL it runs
@@ -183,9 +184,11 @@ start_throttle() {
   wait_http "http://127.0.0.1:$2/_throttle/stats"
 }
 
-# start_nginx DIR PORT SERVER_BODY [HTTP_EXTRA]: nginx with a config of our own under DIR
+# start_nginx DIR PORT SERVER_BODY [HTTP_EXTRA] [LISTEN_OPTS]: nginx with a config of our own
+# under DIR; LISTEN_OPTS "ssl http2" makes it HTTPS (SERVER_BODY then names the certificate).
 start_nginx() {
-  local dir=$1 port=$2 body=$3 extra=${4:-} user=""
+  local dir=$1 port=$2 body=$3 extra=${4:-} opts=${5:-} user="" scheme=http
+  [[ $opts == *ssl* ]] && scheme=https
   mkdir -p "$dir"
   [ "$(id -u)" -eq 0 ] && user="user root;"
   cat >"$dir/nginx.conf" <<CONF
@@ -204,13 +207,21 @@ http {
   fastcgi_temp_path $dir/fastcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
 $extra
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port${opts:+ $opts};
 $body
   }
 }
 CONF
   spawn "$dir/stdout.log" "${NGINX_BIN:-nginx}" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" -g "daemon off;"
-  wait_http "http://127.0.0.1:$port/"
+  wait_http "$scheme://127.0.0.1:$port/"
+}
+
+# make_cert DIR: a self-signed ECDSA P-256 certificate for 127.0.0.1 (DIR/cert.pem, DIR/key.pem).
+make_cert() {
+  mkdir -p "$1"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$1/key.pem" -out "$1/cert.pem" >/dev/null 2>&1 || die "openssl could not make a certificate"
 }
 
 nginx_pids() { # master pid -> master and workers

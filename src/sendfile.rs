@@ -49,11 +49,16 @@ struct Region {
 /// (which sends). Bodies and writer run in the connection's task, so the lock is uncontended.
 ///
 /// An HTTP/2 stream instead gets a [`Sendfile::copy_only`]: no placeholders ever, only a
-/// smaller read size for copied file chunks.
-#[derive(Clone, Default)]
+/// smaller read size for copied file chunks, and no queue (so making one allocates nothing).
+#[derive(Clone)]
 pub struct Sendfile {
-    pending: Arc<Mutex<VecDeque<Region>>>,
-    copy_only: Option<usize>,
+    mode: Mode,
+}
+
+#[derive(Clone)]
+enum Mode {
+    Queue(Arc<Mutex<VecDeque<Region>>>),
+    CopyOnly(usize),
 }
 
 impl Sendfile {
@@ -62,15 +67,17 @@ impl Sendfile {
     /// what a stream holds stays near its send buffer (see `server`).
     pub fn copy_only(chunk: usize) -> Sendfile {
         Sendfile {
-            pending: Arc::default(),
-            copy_only: Some(chunk.max(1)),
+            mode: Mode::CopyOnly(chunk.max(1)),
         }
     }
 
     /// The most a copied file chunk should hold on this connection, when it wants less than
     /// the default.
     pub fn copy_chunk(&self) -> Option<usize> {
-        self.copy_only
+        match self.mode {
+            Mode::CopyOnly(chunk) => Some(chunk),
+            Mode::Queue(_) => None,
+        }
     }
 
     /// A placeholder chunk for `file[offset..offset + len]`, or `None` when those pages are not
@@ -78,45 +85,41 @@ impl Sendfile {
     /// the caller reads them on the blocking pool instead. Always `None` when copy-only.
     pub fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> Option<Bytes> {
         let len = len.min(MAX_CHUNK);
-        if self.copy_only.is_some() || len == 0 || !platform::is_resident(file, offset, len) {
+        let Mode::Queue(pending) = &self.mode else {
+            return None;
+        };
+        if len == 0 || !platform::is_resident(file, offset, len) {
             return None;
         }
-        self.lock().push_back(Region {
+        crate::sync::lock(pending).push_back(Region {
             file: file.clone(),
             offset,
             len,
         });
         Some(Bytes::from_static(&PLACEHOLDER[..len]))
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Region>> {
-        crate::sync::lock(&self.pending)
-    }
 }
 
 /// A TCP connection whose writer sends placeholder slices as file ranges.
 pub struct Connection {
     tcp: TcpStream,
-    sendfile: Sendfile,
+    pending: Arc<Mutex<VecDeque<Region>>>,
 }
 
 impl Connection {
     pub fn new(tcp: TcpStream) -> (Connection, Sendfile) {
-        let sendfile = Sendfile::default();
-        (
-            Connection {
-                tcp,
-                sendfile: sendfile.clone(),
-            },
-            sendfile,
-        )
+        let pending = Arc::<Mutex<VecDeque<Region>>>::default();
+        let sendfile = Sendfile {
+            mode: Mode::Queue(pending.clone()),
+        };
+        (Connection { tcp, pending }, sendfile)
     }
 
     /// Sends up to `want` bytes of the oldest queued range.
     fn poll_send_file(&self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
-            let mut pending = self.sendfile.lock();
+            let mut pending = crate::sync::lock(&self.pending);
             let Some(region) = pending.front_mut() else {
                 return Poll::Ready(Err(io::Error::other(
                     "placeholder chunk without a file range",

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Prints the result tables of bench/singleflight.sh and bench/hotpath.sh (stdlib only).
+"""Prints the result tables of bench/singleflight.sh, hotpath.sh and soak.sh (stdlib only).
 
     report.py singleflight RESULTS_DIR
     report.py hotpath RESULTS_DIR
+    report.py soak RESULTS_DIR
 
 Reads the JSON files the scripts leave in RESULTS_DIR and prints a plain-text table with the
 ratios against the references measured in the same run, then how each target fared.
@@ -165,7 +166,16 @@ ROWS = [  # key, label, unit
     ("digest_c64_t1", "  1 wrk thread: p99 latency", "p99"),
     ("close_c64", "Connection: close, manifest by digest, 64 c.", "req/s"),
     ("close_c64", "  server CPU per request", "cpu/req"),
-    ("rss_run", "peak RSS during the wrk rows", "rss"),
+    ("tls_blob64_c16", "HTTPS/1.1: cached 64 MiB blob, 16 conns", "MB/s"),
+    ("tls_blob64_c16", "  server CPU per GB", "cpu/GB"),
+    ("tls_digest_c64", "HTTPS/1.1: manifest by digest, 64 conns", "req/s"),
+    ("tls_digest_c64", "  p99 latency", "p99"),
+    ("tls_digest_c64", "  server CPU per request", "cpu/req"),
+    ("h2_digest", "HTTP/2 (TLS): manifest by digest, 64x8", "req/s"),
+    ("h2_digest", "  server CPU per request", "cpu/req"),
+    ("h2_blob1", "HTTP/2 (TLS): cached 1 MiB blob, 64x8", "req/s"),
+    ("h2_blob1", "  server CPU per GB", "cpu/GB"),
+    ("rss_run", "peak RSS during the plain wrk rows", "rss"),
     ("rss_slow", "peak RSS, 256 slow readers of 256 MiB", "rss"),
 ]
 HIGHER_IS_BETTER = {"MB/s": True, "req/s": True, "p99": False, "rss": False, "cpu/GB": False, "cpu/req": False}
@@ -228,7 +238,8 @@ def hotpath(res):
     run = load(f"{res}/run.json", {})
     print(f"\nhot path: wrk {run.get('duration', '?')} s per measurement, median of {run.get('repeat', 1)} per row "
           f"with the systems taking turns; {os.cpu_count()} CPUs shared by server and client; same bytes "
-          f"everywhere (nginx serves the blob and manifest files)")
+          f"everywhere (nginx serves the blob and manifest files); HTTPS rows: same certificate, "
+          f"h2load 64 connections x 8 streams for HTTP/2")
     other_load(res)
     header = ["row", "ours", "nginx", "registry:2", "ours/nginx", "ours/registry:2"]
     rows, errs, results = [], [], {}
@@ -266,6 +277,10 @@ def hotpath(res):
     checks = [
         ("blob throughput >= 1.0 x nginx", [cmp("blob64_c1", "MB/s", "nginx", 1), cmp("blob64_c16", "MB/s", "nginx", 1)]),
         ("manifest req/s >= 1.0 x nginx", [cmp("tag_c64", "req/s", "nginx", 1), cmp("digest_c64", "req/s", "nginx", 1)]),
+        ("HTTP/2 manifests >= 1.0 x nginx", [cmp("h2_digest", "req/s", "nginx", 1)]),
+        ("other HTTPS rows >= 1.0 x nginx", [cmp("tls_blob64_c16", "MB/s", "nginx", 1),
+                                             cmp("tls_digest_c64", "req/s", "nginx", 1),
+                                             cmp("h2_blob1", "req/s", "nginx", 1)]),
         ("manifest p99 <= 2 ms at 64 conns, 2 wrk threads", [p99_within(k, 2) for k in ("tag_c64", "digest_c64")]),
         ("manifest p99 <= 2 ms at 64 conns, 1 wrk thread", [p99_within(k, 2) for k in ("tag_c64_t1", "digest_c64_t1")]),
         (">= 2 x registry:2 on every row", [cmp(k, u, "registry", 2) for k, _, u in ROWS
@@ -281,10 +296,146 @@ def hotpath(res):
         print(f"  {name}: {verdict(all(known))} ({sum(known)}/{len(known)} rows)")
 
 
+# ---------------------------------------------------------------- soak
+
+FAULT_WINDOW = 35  # s: a failure this soon after an injected fault is put down to it
+
+
+def soak(res):
+    run = load(f"{res}/run.json", {})
+    events = []
+    with open(f"{res}/events.jsonl") as f:
+        for line in f:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                print(f"note: unreadable event line: {line[:120]!r}")
+    faults = (load(f"{res}/throttle.json", {}) or {}).get("faults", {"cut": 0, "429": 0, "log": []})
+    flog = faults.get("log", [])
+    print(f"\nsoak: {run.get('minutes')} min of mixed load; upstream faults: cut {run.get('cut')}, "
+          f"429 {run.get('r429')} per blob/manifest GET; warm-up {run.get('warmup_s')} s after each start; "
+          f"{os.cpu_count()} CPUs")
+    other_load(res)
+
+    # Resources, per process lifetime.
+    samples = []
+    if os.path.exists(f"{res}/samples.tsv"):
+        for line in open(f"{res}/samples.tsv"):
+            t, pid, rss, fds, thr = line.split()
+            samples.append((float(t), int(pid), int(rss), int(fds), int(thr)))
+    starts = {e["pid"]: e["t"] for e in events if e["kind"] == "start"}
+    rows = []
+    for pid in sorted({s[1] for s in samples}, key=lambda p: starts.get(p, 0)):
+        life = [s for s in samples if s[1] == pid]
+        t_start = starts.get(pid, life[0][0])
+        warm = [s for s in life if s[0] >= t_start + run.get("warmup_s", 120)]
+        w, e = (warm[0] if warm else life[0]), life[-1]
+        after = warm or life
+        rows.append([pid, len(life), f"{(e[0] - t_start) / 60:.1f}",
+                     f"{w[2] / 1024:.1f}", f"{max(s[2] for s in after) / 1024:.1f}", f"{e[2] / 1024:.1f}",
+                     f"{(e[2] - w[2]) / 1024:+.1f}", w[3], max(s[3] for s in after), e[3], f"{e[3] - w[3]:+d}",
+                     w[4], e[4]])
+    print("\nresources (sampled every 10 s; 'warm' = first sample after warm-up):")
+    print(table(["pid", "samples", "lived min", "RSS warm MiB", "RSS max", "RSS end", "RSS growth",
+                 "fds warm", "fds max", "fds end", "fds growth", "threads warm", "threads end"], rows))
+
+    # Client GETs: every attempt, and what explains each failed one.
+    stop_t = [e["t"] for e in events if e["kind"] == "stop"]
+    restart_windows = [(t, min([s for s in starts.values() if s >= t] or [t + 60]) + 1) for t in stop_t]
+    gets = [e for e in events if "try" in e]
+    causes, unexplained = {}, []
+    for e in gets:
+        if e["verified"]:
+            continue
+        path = e["path"]
+        if e.get("sha_mismatch"):
+            cause = "CORRUPT: a 200 whose body has the wrong sha256"
+            unexplained.append(e)
+        elif any(a <= e["t"] <= b for a, b in restart_windows):
+            cause = "the restart"
+        else:
+            recent = [f for f in flog if e["t"] - FAULT_WINDOW <= f[0] <= e["t"] + 1]
+            here = [f for f in recent if f[2].split(" ", 1)[1] == path]
+            pick = here or recent
+            what = f"status {e['status']}" if e["curl_rc"] == 0 else f"curl exit {e['curl_rc']} (status {e['status']})"
+            if pick:
+                kinds = "/".join(sorted({f[1] for f in pick}))
+                cause = (f"{what}: upstream {kinds} injected on this path" if here else
+                         f"{what}: upstream {kinds} injected on another path within {FAULT_WINDOW} s (back-off)")
+            else:
+                cause = f"{what}: UNEXPLAINED"
+                unexplained.append(e)
+        key = (e["kind"], cause)
+        causes[key] = causes.get(key, 0) + 1
+    verified = sum(1 for e in gets if e["verified"])
+    client_runs = [e for e in events if e["kind"] == "client"]
+    gave_up = [(e["of"], e["path"]) for e in client_runs if not e["verified"]]
+    by_kind = {}
+    for e in gets:
+        k = by_kind.setdefault(e["kind"], [0, 0, 0])
+        k[0] += 1
+        k[1] += e["verified"]
+        k[2] += e["bytes"] if e["verified"] else 0
+    print("\nclient GETs (curl; every 200 checked against its sha256):")
+    print(table(["kind", "attempts", "verified 200s", "verified MiB"],
+                [[k, v[0], v[1], f"{v[2] / MiB:.0f}"] for k, v in sorted(by_kind.items())]))
+    if causes:
+        print("failed attempts, with what explains them:")
+        for (kind, cause), n in sorted(causes.items()):
+            print(f"  {n:4d}  {kind}: {cause}")
+    print(f"faults injected by the upstream proxy: {faults.get('cut', 0)} cuts, {faults.get('429', 0)} x 429")
+
+    # Load generators.
+    tot = {}
+    for e in events:
+        if e["kind"] in ("wrk", "h2load") and e.get("result"):
+            t = tot.setdefault(e["kind"], {"runs": 0, "requests": 0, "errors": 0, "non2xx": 0})
+            t["runs"] += 1
+            for k in ("requests", "errors", "non2xx"):
+                t[k] += e["result"].get(k) or 0
+        elif e["kind"] in ("wrk", "h2load"):
+            tot.setdefault(e["kind"], {"runs": 0, "requests": 0, "errors": 0, "non2xx": 0})["runs"] += 1
+            unexplained.append(e)
+    for k, t in sorted(tot.items()):
+        proto = "HTTP/1.1, wrk" if k == "wrk" else "h2c, h2load"
+        print(f"cached hits ({proto}): {t['runs']} runs, {t['requests']:,} 2xx, {t['errors']} socket errors, "
+              f"{t['non2xx']} non-2xx")
+        if t["errors"] or t["non2xx"]:
+            unexplained.append({"kind": k, "errors": t["errors"], "non2xx": t["non2xx"]})
+    slow = [e.get("result") for e in events if e["kind"] == "slow"]
+    if slow:
+        ok = sum((r or {}).get("status", {}).get("200", 0) for r in slow)
+        conns = sum((r or {}).get("connections", 0) for r in slow)
+        errs = sorted({x for r in slow for x in (r or {}).get("errors", [])})
+        print(f"slow readers: {len(slow)} runs, {ok}/{conns} connections answered 200, "
+              f"{sum((r or {}).get('bytes', 0) for r in slow) / MiB:.0f} MiB read, errors: {errs or 'none'}")
+        if ok != conns or errs:
+            unexplained.append({"kind": "slow", "errors": errs})
+
+    # The mirror's own logs.
+    for path in sorted(glob.glob(f"{res}/mirror.*.log")):
+        text = open(path, errors="replace").read()
+        lv = {lvl: len(re.findall(rf"\b{lvl}\b", text)) for lvl in ("ERROR", "WARN")}
+        print(f"{os.path.basename(path)}: {lv['ERROR']} ERROR, {lv['WARN']} WARN lines, "
+              f"{len(re.findall('panic', text))} mentions of panic")
+
+    print("verdict:")
+    print(f"  every fetched body verified: {verdict(not any(e.get('sha_mismatch') for e in gets) and not gave_up)} "
+          f"({verified} verified 200s, {sum(1 for e in gets if e.get('sha_mismatch'))} wrong bodies, "
+          f"{len(client_runs)} clients, {len(gave_up)} gave up after 8 tries)")
+    print(f"  errors the faults or the restart do not explain: {verdict(not unexplained)} ({len(unexplained)})")
+    for e in unexplained[:10]:
+        print(f"    {json.dumps(e)[:300]}")
+    for r in rows:
+        rss_ok = float(r[6]) <= max(8.0, 0.1 * float(r[3]))
+        print(f"  pid {r[0]}: no growth after warm-up (RSS within max(8 MiB, 10 %), fds within 8): "
+              f"{verdict(rss_ok and int(r[10]) <= 8)} (RSS {r[6]} MiB, fds {r[10]})")
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath", "soak"):
         sys.exit(__doc__)
-    {"singleflight": singleflight, "hotpath": hotpath}[sys.argv[1]](sys.argv[2])
+    {"singleflight": singleflight, "hotpath": hotpath, "soak": soak}[sys.argv[1]](sys.argv[2])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 """Bandwidth-capped, counting HTTP/1.1 reverse proxy for loopback benchmarks (stdlib asyncio).
 
     throttle.py --listen 127.0.0.1:PORT --upstream 127.0.0.1:UPORT [--rate 32MiB]
+                [--cut 0.1] [--r429 0.1] [--fault-paths REGEX] [--seed 1]
 
 Stands in front of an upstream registry to make it behave like a remote one: every response
 body byte, over all connections together, passes one shared token bucket of --rate bytes/s
@@ -9,11 +10,18 @@ body byte, over all connections together, passes one shared token bucket of --ra
 cap fairly. Keep-alive, Content-Length and chunked bodies are supported; request bodies need
 a Content-Length.
 
+Faults (for the soak benchmark), on GETs whose path matches --fault-paths (default /blobs/):
+with probability --r429 the request is answered 429 with Retry-After: 1 and not forwarded;
+with probability --cut the response is forwarded but the connection is closed after half the
+body. Each is counted per path under "faults".
+
 Counts requests, statuses and body bytes per "METHOD path" and the transfers in progress:
-    GET  /_throttle/stats   {"active": n, "paths": {"GET /v2/...": {"requests", "bytes", "status"}}}
+    GET  /_throttle/stats   {"active": n, "paths": {"GET /v2/...": {"requests", "bytes", "status"}},
+                             "faults": {"cut": n, "429": n, "paths": {"cut GET /v2/...": n},
+                                        "log": [[unix time, kind, "GET /v2/..."], ...]}}
     POST /_throttle/reset   zero the counters
 """
-import argparse, asyncio, json, re, time
+import argparse, asyncio, json, random, re, time
 
 HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 SLOT = 64 * 1024
@@ -47,16 +55,31 @@ class Stats:
 
     def reset(self):
         self.paths = {}
+        self.faults = {"cut": 0, "429": 0, "paths": {}, "log": []}
+
+    def fault(self, kind, method, path):
+        self.faults[kind] += 1
+        self.faults["log"].append([round(time.time(), 3), kind, f"{method} {path}"])
+        key = f"{kind} {method} {path}"
+        self.faults["paths"][key] = self.faults["paths"].get(key, 0) + 1
 
     def entry(self, method, path):
         return self.paths.setdefault(f"{method} {path}", {"requests": 0, "bytes": 0, "status": {}})
 
 
 class Proxy:
-    def __init__(self, upstream, rate):
+    def __init__(self, upstream, rate, cut=0.0, r429=0.0, fault_paths="/blobs/", seed=1):
         host, port = upstream.rsplit(":", 1)
         self.up = (host, int(port))
         self.bucket, self.stats, self.active = Bucket(rate), Stats(), 0
+        self.cut, self.r429, self.fault_re, self.rng = cut, r429, re.compile(fault_paths), random.Random(seed)
+
+    def draw(self, method, target):
+        """Which fault, if any, this request gets: None, "cut" or "429"."""
+        if method != "GET" or not (self.cut or self.r429) or not self.fault_re.search(target):
+            return None
+        x = self.rng.random()
+        return "429" if x < self.r429 else "cut" if x < self.r429 + self.cut else None
 
     async def client(self, reader, writer):
         up = None
@@ -75,9 +98,17 @@ class Proxy:
                 if target.startswith("/_throttle/"):
                     await self.control(writer, method, target)
                     continue
+                fault = self.draw(method, target)
+                if fault == "429":
+                    self.stats.fault("429", method, target.split("?", 1)[0])
+                    writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: 72\r\n\r\n"
+                                 b'{"errors":[{"code":"TOOMANYREQUESTS","message":"injected by throttle"}]}')
+                    await writer.drain()
+                    continue
                 if up is None:
                     up = await asyncio.open_connection(*self.up)
-                keep = await self.forward(up, writer, method, target, headers, body)
+                keep = await self.forward(up, writer, method, target, headers, body, fault == "cut")
                 if not keep:
                     break
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
@@ -87,7 +118,7 @@ class Proxy:
                 if w:
                     w.close()
 
-    async def forward(self, up, writer, method, target, headers, body):
+    async def forward(self, up, writer, method, target, headers, body, cut=False):
         """One request/response exchange; returns whether both connections stay usable."""
         up_r, up_w = up
         lines = [f"{method} {target} HTTP/1.1"]
@@ -125,6 +156,11 @@ class Proxy:
             if length is None:
                 await self.copy(up_r, writer, st, None)
                 return False
+            if cut and length > 1:
+                self.stats.fault("cut", method, path)
+                await self.copy(up_r, writer, st, length // 2)
+                await writer.drain()
+                return False  # the rest of the body stays unread: both connections close
             await self.copy(up_r, writer, st, length)
             await writer.drain()
             return True
@@ -162,7 +198,8 @@ class Proxy:
 
     async def control(self, writer, method, target):
         if target.startswith("/_throttle/stats"):
-            body = json.dumps({"active": self.active, "paths": self.stats.paths}).encode()
+            body = json.dumps({"active": self.active, "paths": self.stats.paths,
+                               "faults": self.stats.faults}).encode()
             await respond(writer, 200, body, "application/json")
         elif target.startswith("/_throttle/reset") and method == "POST":
             self.stats.reset()
@@ -225,8 +262,12 @@ async def main():
     ap.add_argument("--listen", required=True, help="host:port")
     ap.add_argument("--upstream", required=True, help="host:port of the registry")
     ap.add_argument("--rate", type=parse_size, default=0, help="shared body bytes/s, e.g. 32MiB (0: no cap)")
+    ap.add_argument("--cut", type=float, default=0.0, help="probability of cutting a response body")
+    ap.add_argument("--r429", type=float, default=0.0, help="probability of answering 429")
+    ap.add_argument("--fault-paths", default="/blobs/", help="regex: which GET paths get faults")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the fault draws")
     a = ap.parse_args()
-    proxy = Proxy(a.upstream, a.rate)
+    proxy = Proxy(a.upstream, a.rate, a.cut, a.r429, a.fault_paths, a.seed)
     host, port = a.listen.rsplit(":", 1)
     server = await asyncio.start_server(proxy.client, host, int(port), limit=1 << 20)
     async with server:

@@ -2,11 +2,17 @@
 //! (from the service call to the end of the response body) and since when it has had none.
 //! An HTTP/2 connection that never completes a request, or a connection that has half a
 //! request header, has none in flight however many bytes or frames it sends.
+//!
+//! It is also the waker of the watchdog's own futures (its timer and the shutdown signal), so
+//! that the connection's task polls them only when they fired, not on each of the connection's
+//! I/O wake-ups (a shutdown signal that is polled locks a mutex shared by every connection).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Wake;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
 
 pub struct Activity {
@@ -15,6 +21,10 @@ pub struct Activity {
     /// `opened`.
     idle_since: AtomicU64,
     opened: Instant,
+    /// Set when a watchdog future was woken; starts set, so that it is polled once.
+    watchdog_woken: AtomicBool,
+    /// The connection's task, woken with the watchdog.
+    task: AtomicWaker,
 }
 
 /// One request in flight; it ends when this drops.
@@ -32,7 +42,17 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             opened: Instant::now(),
+            watchdog_woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
         }
+    }
+
+    /// For the connection's task, each time it is polled: remembers its waker, and says whether
+    /// the watchdog's futures were woken since they were last polled (so need polling now,
+    /// with a waker made from this `Activity`).
+    pub fn watchdog_due(&self, task: &std::task::Waker) -> bool {
+        self.task.register(task);
+        self.watchdog_woken.swap(false, Ordering::AcqRel)
     }
 
     /// A request starts; keep the guard until its response body is dropped.
@@ -71,6 +91,17 @@ impl Activity {
 
     fn now(&self) -> u64 {
         u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Wake for Activity {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.watchdog_woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 

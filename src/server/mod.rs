@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -232,6 +233,8 @@ async fn run(
         .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
         .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    // Shared, not cloned per connection: a clone copies every setting and bumps two Arcs.
+    let builder = Arc::new(builder);
     // Told to every connection at shutdown; dropped by each when it ends, which is how the
     // drain below knows they all have.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -343,9 +346,11 @@ async fn run(
 /// holds the version detection), one in the HTTP/2 handshake, and an HTTP/2 connection with
 /// no complete request. On `stop`, every connection is told to close and dropped once it has
 /// had no request in flight for `CLOSE_LINGER`, so a half-sent request does not hold
-/// shutdown.
+/// shutdown. The watchdog's timer and shutdown signal wake it through its `Activity`, so the
+/// connection's many I/O wake-ups do not poll them (the shutdown signal's mutex is shared by
+/// every connection).
 async fn serve_io<I>(
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     io: I,
     app: Arc<App>,
     peer: SocketAddr,
@@ -359,16 +364,15 @@ async fn serve_io<I>(
     let activity = Arc::new(Activity::new());
     let service = {
         let activity = activity.clone();
-        // HTTP/2 copies body chunks into its frames: placeholders must not reach it, and file
-        // chunks stay small (see `H2_FILE_CHUNK`).
-        let h2_files = Sendfile::copy_only(H2_FILE_CHUNK);
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_flight = activity.begin();
             let app = app.clone();
             let files = if req.version() <= http::Version::HTTP_11 {
                 sendfile.clone()
             } else {
-                Some(h2_files.clone())
+                // HTTP/2 copies body chunks into its frames: placeholders must not reach it,
+                // and file chunks stay small (see `H2_FILE_CHUNK`). Allocates nothing.
+                Some(Sendfile::copy_only(H2_FILE_CHUNK))
             };
             let conn = ConnInfo {
                 peer,
@@ -383,22 +387,49 @@ async fn serve_io<I>(
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
     tokio::pin!(conn);
+    let watchdog_waker = Waker::from(activity.clone());
     let mut closing = false;
     let result = loop {
         let limit = if closing { CLOSE_LINGER } else { idle_timeout };
-        tokio::select! {
-            result = conn.as_mut() => break result,
-            () = activity.idle_for(limit) => {
-                if closing {
-                    tracing::debug!(%peer, "connection dropped: did not close when told");
-                    return;
+        let (watch_stop, stop, activity_ref) = (!closing, &mut stop, &*activity);
+        let alarm = async move {
+            tokio::select! {
+                biased;
+                () = stopped(stop), if watch_stop => Alarm::Stop,
+                () = activity_ref.idle_for(limit) => Alarm::Idle,
+            }
+        };
+        let mut alarm = std::pin::pin!(alarm);
+        // The connection on every wake-up of the task; the watchdog first at once (it may be
+        // new), then only when its timer or the shutdown signal woke it.
+        // Err: the connection ended, with its result; Ok: the watchdog's alarm.
+        let mut first = true;
+        let fired = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Err(result));
+            }
+            if activity.watchdog_due(cx.waker()) | std::mem::take(&mut first) {
+                let mut watchdog_cx = Context::from_waker(&watchdog_waker);
+                if let Poll::Ready(alarm) = alarm.as_mut().poll(&mut watchdog_cx) {
+                    return Poll::Ready(Ok(alarm));
                 }
+            }
+            Poll::Pending
+        })
+        .await;
+        match fired {
+            Err(result) => break result,
+            Ok(Alarm::Idle) if closing => {
+                tracing::debug!(%peer, "connection dropped: did not close when told");
+                return;
+            }
+            Ok(Alarm::Idle) => {
                 tracing::debug!(%peer, "closing a connection with no request for the header timeout");
                 conn.as_mut().graceful_shutdown();
                 activity.touch();
                 closing = true;
             }
-            () = stopped(&mut stop), if !closing => {
+            Ok(Alarm::Stop) => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -407,6 +438,14 @@ async fn serve_io<I>(
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// What woke a connection's watchdog.
+enum Alarm {
+    /// No request in flight for the limit.
+    Idle,
+    /// The server shuts down.
+    Stop,
 }
 
 /// Resolves once the server shuts down; never without a `stop` channel.
