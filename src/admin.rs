@@ -51,6 +51,9 @@ pub fn prune(dir: &Path, to: u64) -> anyhow::Result<String> {
     let before = store.index.total();
     let evicted = store.index.evict_bytes(before.saturating_sub(to));
     store.delete_files(&evicted);
+    if !evicted.is_empty() {
+        store.mark_pruned()?;
+    }
     Ok(format!(
         "pruned {} files: {} -> {}\n",
         evicted.len(),

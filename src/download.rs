@@ -102,6 +102,41 @@ impl Download {
     }
 }
 
+/// A download in progress, as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InFlight {
+    pub digest: String,
+    /// Bytes written to the cache so far.
+    pub written: u64,
+    /// The blob's size, once the upstream has answered.
+    pub size: Option<u64>,
+}
+
+impl Download {
+    fn in_flight(&self, digest: &Digest) -> InFlight {
+        let (written, size) = match &*self.start.borrow() {
+            Start::Streaming(handle) => {
+                let size = handle.size();
+                let written = match handle.clone().into_parts().1 {
+                    Some(rx) => match &*rx.borrow() {
+                        crate::store::handle::Progress::Writing { written } => *written,
+                        crate::store::handle::Progress::Complete => size,
+                        crate::store::handle::Progress::Failed(_) => 0,
+                    },
+                    None => size,
+                };
+                (written, Some(size))
+            }
+            _ => (0, None),
+        };
+        InFlight {
+            digest: digest.to_string(),
+            written,
+            size,
+        }
+    }
+}
+
 /// The in-flight download table and what a download needs.
 pub struct Downloads {
     flights: Flights<Digest, Download>,
@@ -169,6 +204,18 @@ impl Downloads {
 
     pub fn in_flight(&self) -> usize {
         self.flights.len()
+    }
+
+    /// The downloads in progress, with how far each has got.
+    pub fn progress(&self) -> Vec<InFlight> {
+        let mut all: Vec<InFlight> = self
+            .flights
+            .snapshot()
+            .iter()
+            .map(|(digest, d)| d.in_flight(digest))
+            .collect();
+        all.sort_by(|a, b| a.digest.cmp(&b.digest));
+        all
     }
 }
 

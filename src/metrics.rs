@@ -184,6 +184,17 @@ pub struct BudgetSample {
     pub updated: std::time::SystemTime,
 }
 
+/// Counters since start, sampled for the status page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Cache answers, and those that cost the upstream no download.
+    pub lookups: u64,
+    pub hits: u64,
+    /// Body bytes sent to clients from the cache and from upstreams.
+    pub bytes_cache: u64,
+    pub bytes_upstream: u64,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
@@ -477,6 +488,21 @@ impl Metrics {
         self.cache_answers.fetch_add(1, Ordering::Relaxed);
         if !outcome.downloaded() {
             self.served_without_upstream.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Running totals for the status page's history.
+    pub fn totals(&self) -> Totals {
+        let served = |source| {
+            self.served_bytes
+                .get_or_create(&SourceLabels { source })
+                .get()
+        };
+        Totals {
+            lookups: self.cache_answers.load(Ordering::Relaxed),
+            hits: self.served_without_upstream.load(Ordering::Relaxed),
+            bytes_cache: served(Source::Cache),
+            bytes_upstream: served(Source::Upstream),
         }
     }
 

@@ -44,6 +44,8 @@ pub enum Route {
     Readyz,
     Metrics,
     Status,
+    /// The status page: `/` and `/_pullthrough/ui`.
+    Ui,
     /// A well-formed request the mirror never serves: pushes, deletes, uploads.
     Unsupported,
     /// A name, tag or digest that fails the grammar.
@@ -119,6 +121,7 @@ async fn answer<B>(
         Route::Readyz => Ok(ops::readyz(mirror).await),
         Route::Metrics => Ok(ops::metrics(mirror, req.headers())),
         Route::Status => Ok(ops::status(mirror)),
+        Route::Ui => Ok(ops::ui()),
         Route::Unsupported => Err(ApiError::unsupported()),
         Route::Invalid(e) => Err(e.clone().into()),
         Route::NotFound => Err(ApiError::not_found()),
@@ -133,6 +136,7 @@ pub fn parse(method: &Method, path: &str) -> Route {
         "/readyz" => Some(Route::Readyz),
         "/metrics" => Some(Route::Metrics),
         "/_pullthrough/status" => Some(Route::Status),
+        "/" | "/_pullthrough/ui" => Some(Route::Ui),
         _ => None,
     };
     if let Some(route) = operational {
@@ -218,7 +222,10 @@ mod tests {
         assert_eq!(parse(&Method::GET, "/readyz"), Route::Readyz);
         assert_eq!(parse(&Method::GET, "/metrics"), Route::Metrics);
         assert_eq!(parse(&Method::GET, "/_pullthrough/status"), Route::Status);
-        assert_eq!(parse(&Method::GET, "/"), Route::NotFound);
+        assert_eq!(parse(&Method::GET, "/"), Route::Ui);
+        assert_eq!(parse(&Method::GET, "/_pullthrough/ui"), Route::Ui);
+        assert_eq!(parse(&Method::POST, "/"), Route::Unsupported);
+        assert_eq!(parse(&Method::GET, "/index.html"), Route::NotFound);
         assert_eq!(parse(&Method::GET, "/v2x/foo"), Route::NotFound);
     }
 

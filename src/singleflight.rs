@@ -77,6 +77,14 @@ impl<K: Hash + Eq + Clone, S> Flights<K, S> {
         lock(&self.table).get(key).cloned()
     }
 
+    /// Every flight in progress, for the status page.
+    pub fn snapshot(&self) -> Vec<(K, Arc<S>)> {
+        lock(&self.table)
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
+    }
+
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         lock(&self.table).len()

@@ -393,3 +393,150 @@ async fn metrics_pass_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `pullthrough cache prune` beside a running mirror: the mirror's size and entry gauges
+/// follow within its housekeeping interval (30 s; 50 ms here), and what was pruned is fetched
+/// again.
+#[tokio::test]
+async fn a_running_mirror_notices_a_prune_of_its_directory() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/alpine", "3.20", &[20_000, 30_000]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::test_config(&up.url, dir.path());
+    let m = TestMirror::launch(config, dir, |s| {
+        s.housekeeping_interval(std::time::Duration::from_millis(50))
+    })
+    .await;
+    m.get("/v2/library/alpine/manifests/3.20")
+        .header("accept", OCI_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    for l in &layers {
+        let path = format!("/v2/library/alpine/blobs/{l}");
+        m.get(&path).send().await.unwrap().bytes().await.unwrap();
+        common::wait_committed(&m, &path).await;
+    }
+    let t = m.metrics().await;
+    assert!(metric(&t, "pullthrough_cache_size_bytes") > 50_000.0);
+    assert!(metric(&t, "pullthrough_cache_entries") >= 3.0);
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args(["cache", "prune", "--to", "0", "--storage-dir"])
+        .arg(m.storage())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    common::eventually("the gauges follow the prune", SETTLE, || async {
+        let t = m.metrics().await;
+        metric(&t, "pullthrough_cache_size_bytes") == 0.0
+            && metric(&t, "pullthrough_cache_entries") == 0.0
+    })
+    .await;
+    let path = format!("/v2/library/alpine/blobs/{}", layers[0]);
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(common::x_cache(&r), "MISS");
+    assert_eq!(r.bytes().await.unwrap().len(), 20_000);
+}
+
+/// The status page is served at `/` and `/_pullthrough/ui`, self-contained, under the same
+/// access control; the status JSON it polls carries the downloads in flight with their
+/// progress, the last hour's samples, the busiest repositories, upstream errors with their
+/// cause, the budget's refill time and the cache size against its bound.
+#[tokio::test]
+async fn status_page_and_the_json_it_polls_show_downloads_history_repositories_and_errors() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/alpine", "3.20", &[200_000]);
+    up.behave(|b| b.hold_blob_after = Some(70_000));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(&up.url, dir.path());
+    config.storage.max_size = Some(bytesize::ByteSize::mib(64));
+    let m = TestMirror::launch(config, dir, |s| {
+        s.sample_interval(std::time::Duration::from_millis(50))
+    })
+    .await;
+    for path in ["/", "/_pullthrough/ui"] {
+        let r = m.get(path).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let html = r.text().await.unwrap();
+        assert!(html.contains("/_pullthrough/status"));
+        assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+    }
+    m.get("/v2/library/alpine/manifests/3.20")
+        .header("accept", OCI_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    // A blob held by the upstream at 70 000 of 200 000 bytes.
+    let blob = format!("/v2/library/alpine/blobs/{}", layers[0]);
+    let pull = tokio::spawn(m.get(&blob).send());
+    let status = || async {
+        m.get("/_pullthrough/status")
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let download = common::wait_for("the held download", SETTLE, || async {
+        let s = status().await;
+        let d = s["downloads"].get(0)?.clone();
+        (d["written"] == 70_000).then_some(d)
+    })
+    .await;
+    assert_eq!(download["digest"], layers[0].as_str());
+    assert_eq!(download["size"], 200_000);
+    up.state.release.notify_one();
+    pull.await.unwrap().unwrap().bytes().await.unwrap();
+    common::wait_committed(&m, &blob).await;
+
+    // An upstream failure, with its cause.
+    up.behave(|b| b.manifest_fault = Some(common::upstream::Fault::Status(503)));
+    m.get("/v2/library/busybox/manifests/1")
+        .header("accept", OCI_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    let s = common::wait_for("a sample with the blob's bytes", SETTLE, || async {
+        let s = status().await;
+        let samples = s["history"]["samples"].as_array()?;
+        let sum = |k: &str| samples.iter().map(|x| x[k].as_u64().unwrap()).sum::<u64>();
+        (sum("bytes_upstream") >= 200_000 && sum("lookups") >= 2).then_some(s)
+    })
+    .await;
+    assert!(s["downloads"].as_array().unwrap().is_empty());
+    let top = &s["top_repositories"]["by_requests"][0];
+    assert_eq!(top["repository"], "library/alpine");
+    assert!(top["requests"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        s["top_repositories"]["by_bytes"][0]["repository"],
+        "library/alpine"
+    );
+    let e = &s["recent_errors"][0];
+    assert_eq!(e["upstream"], "docker.io");
+    assert!(e["error"].as_str().unwrap().contains("503"), "{e}");
+    assert_eq!(s["cache"]["max_bytes"], 64 * 1024 * 1024);
+    assert!(s["cache"]["bytes"].as_u64().unwrap() >= 200_000);
+    assert_eq!(s["totals"]["bytes_upstream"], 200_000);
+    assert!(s["upstreams"][0].get("refills_in_secs").is_some());
+}
+
+#[tokio::test]
+async fn status_page_follows_the_access_control() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start_with(&up, |c| c.server.tokens = vec![secret("s3cret")]).await;
+    assert_eq!(m.get("/").send().await.unwrap().status(), 401);
+    let r = m.get("/").bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

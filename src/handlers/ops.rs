@@ -54,6 +54,25 @@ pub fn metrics(mirror: &Mirror, headers: &http::HeaderMap) -> Response<Body> {
     resp
 }
 
+/// `GET /` and `/_pullthrough/ui`: the status page, one self-contained file that polls
+/// `/_pullthrough/status`.
+pub fn ui() -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from_static(
+        include_str!("status.html").as_bytes(),
+    )));
+    let h = resp.headers_mut();
+    content_type(h, "text/html; charset=utf-8");
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:",
+        ),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
 /// `GET /_pullthrough/status`: the pull budget and health of each upstream.
 pub fn status(mirror: &Mirror) -> Response<Body> {
     let mut resp = Response::new(body::full(Bytes::from(mirror.status().to_string())));

@@ -7,6 +7,7 @@
 mod blobs;
 mod error;
 mod manifests;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct Mirror {
     /// Tags the upstream recently answered 404 for, with when it did.
     missing_tags: moka::sync::Cache<manifests::TagKey, (upstream::Error, std::time::SystemTime)>,
     manifest_flights: Coalesce<(String, RepoName, Digest), manifests::FetchResult>,
+    history: stats::History,
+    repositories: stats::Repositories,
 }
 
 impl Mirror {
@@ -87,6 +90,8 @@ impl Mirror {
                 .time_to_live(config.cache.negative_ttl)
                 .build(),
             manifest_flights: Coalesce::default(),
+            history: stats::History::default(),
+            repositories: stats::Repositories::default(),
             clock,
             config,
         })
@@ -162,14 +167,39 @@ impl Mirror {
         self.metrics.encode(format)
     }
 
-    /// `/_pullthrough/status`: the pull budget and health of each upstream.
+    /// Takes the status page's sample of the last interval (see [`stats::SAMPLE_EVERY`]).
+    pub fn sample(&self) {
+        self.history.sample(self.clock.now(), self.metrics.totals());
+    }
+
+    /// Counts a request for `repository` that sent `bytes` of body, for the status page.
+    pub fn record_request(&self, repository: &str, bytes: u64) {
+        self.repositories.record(repository, bytes);
+    }
+
+    /// `/_pullthrough/status`: each upstream's pull budget, health and latest failures; the
+    /// downloads in flight; the last hour's samples; the busiest repositories; the cache size.
     pub fn status(&self) -> serde_json::Value {
-        let upstreams: Vec<_> = self
-            .upstreams
-            .values()
+        let now = self.clock.now();
+        let rfc3339 = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let mut errors = Vec::new();
+        let mut names: Vec<&String> = self.upstreams.keys().collect();
+        names.sort();
+        let upstreams: Vec<_> = names
+            .into_iter()
+            .map(|name| &self.upstreams[name])
             .map(|u| {
+                for (at, error) in u.recent_errors() {
+                    errors.push((at, u.name.clone(), error));
+                }
                 let budget = u.budget.latest();
+                // The window is counted from the reading: by then the budget is whole again.
+                let refills_in = budget.as_ref().map(|b| {
+                    let refill = b.updated + std::time::Duration::from_secs(b.window_secs);
+                    refill.duration_since(now).map_or(0, |d| d.as_secs())
+                });
                 serde_json::json!({
+                    "refills_in_secs": refills_in,
                     "name": u.name,
                     "state": u.health.state(),
                     "limit": budget.as_ref().map(|b| b.limit),
@@ -181,11 +211,56 @@ impl Mirror {
                 })
             })
             .collect();
+        errors.sort_by_key(|e| std::cmp::Reverse(e.0));
+        errors.truncate(20);
+        let recent_errors: Vec<_> = errors
+            .into_iter()
+            .map(|(at, upstream, error)| {
+                serde_json::json!({"time": rfc3339(at), "upstream": upstream, "error": error})
+            })
+            .collect();
+        let (by_requests, by_bytes) = self.repositories.top(10);
+        let cache = self.store.index.stats();
+        let totals = self.metrics.totals();
         serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "now": rfc3339(now),
             "upstreams": upstreams,
             "cache_hit_ratio": self.metrics.hit_ratio(),
             "inflight_downloads": self.downloads.in_flight(),
+            "downloads": self.downloads.progress(),
+            "cache": {
+                "bytes": cache.bytes,
+                "entries": cache.entries,
+                "max_bytes": self.store.index.max(),
+            },
+            "totals": {
+                "lookups": totals.lookups,
+                "hits": totals.hits,
+                "bytes_cache": totals.bytes_cache,
+                "bytes_upstream": totals.bytes_upstream,
+            },
+            "history": {
+                "interval_secs": stats::SAMPLE_EVERY.as_secs(),
+                "samples": self.history.samples(),
+            },
+            "top_repositories": {"by_requests": by_requests, "by_bytes": by_bytes},
+            "recent_errors": recent_errors,
         })
+    }
+
+    /// Notices a `cache prune` run beside this process: what it deleted leaves the index (and
+    /// the size gauges).
+    pub async fn notice_prune(&self) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.notice_prune()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(gone)) => {
+                tracing::info!(files = gone, "noticed a prune of the storage directory")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot rescan the storage directory"),
+            Err(e) => tracing::warn!(error = %e, "cannot rescan the storage directory"),
+        }
     }
 
     /// Saves the cache index (sizes and access order) if it changed, off the async workers.

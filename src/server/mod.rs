@@ -113,6 +113,8 @@ pub struct Server {
     config: Config,
     clock: Clock,
     metrics_listener: Option<TcpListener>,
+    housekeeping: Duration,
+    sample_every: Duration,
 }
 
 impl Server {
@@ -121,7 +123,22 @@ impl Server {
             config,
             clock: Clock::system(),
             metrics_listener: None,
+            housekeeping: INDEX_SAVE_INTERVAL,
+            sample_every: crate::mirror::stats::SAMPLE_EVERY,
         }
+    }
+
+    /// How often the status page's history is sampled (10 s; shorter in tests).
+    pub fn sample_interval(mut self, every: Duration) -> Server {
+        self.sample_every = every;
+        self
+    }
+
+    /// How often the index is saved and a `cache prune` beside the server is looked for
+    /// (30 s; shorter in tests).
+    pub fn housekeeping_interval(mut self, every: Duration) -> Server {
+        self.housekeeping = every;
+        self
     }
 
     /// The clock for TTLs and back-offs (a manual one in tests).
@@ -155,6 +172,8 @@ async fn run(
         config,
         clock,
         metrics_listener,
+        housekeeping,
+        sample_every,
     } = server;
     match crate::platform::raise_open_files_limit() {
         Ok((from, to)) if from != to => tracing::info!(from, to, "raised the open files limit"),
@@ -203,7 +222,14 @@ async fn run(
         }
         _ => None,
     };
-    let mut background = vec![tokio::spawn(save_index_periodically(mirror.clone()))];
+    let mut background = vec![tokio::spawn(housekeeping_periodically(
+        mirror.clone(),
+        housekeeping,
+    ))];
+    background.push(tokio::spawn(sample_periodically(
+        mirror.clone(),
+        sample_every,
+    )));
     if let Some(tls) = &tls {
         background.push(tokio::spawn(reload_tls_on_sighup(tls.clone())));
     }
@@ -474,15 +500,26 @@ async fn reload_tls_on_sighup(tls: Arc<Tls>) {
     }
 }
 
-/// How often the access order is saved: a restart loses at most this much LRU history.
+/// How often the access order is saved (a restart loses at most this much LRU history) and a
+/// `cache prune` run beside the server is looked for.
 const INDEX_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn save_index_periodically(mirror: Arc<Mirror>) {
-    let mut tick = tokio::time::interval(INDEX_SAVE_INTERVAL);
+async fn housekeeping_periodically(mirror: Arc<Mirror>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
+        mirror.notice_prune().await;
         mirror.save_index().await;
+    }
+}
+
+async fn sample_periodically(mirror: Arc<Mirror>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        mirror.sample();
     }
 }
 
@@ -529,7 +566,7 @@ async fn admit(
         .check_credentials(req.headers())
         .await
         .map_err(refused(Refusal::Credentials))?;
-    if matches!(route, Route::Metrics | Route::Status) {
+    if matches!(route, Route::Metrics | Route::Status | Route::Ui) {
         return Ok(());
     }
     let Some(limit) = &app.client_limit else {
@@ -645,6 +682,7 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let metrics = app.metrics.clone();
+    let mirror = app.mirror.clone();
     resp.map(move |b| {
         body::observe(b, move |bytes, ended| {
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);
@@ -672,6 +710,9 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
                 upstream: waited,
                 user_agent: &user_agent,
             });
+            if let Some(repo) = route.repository() {
+                mirror.record_request(repo.as_str(), bytes);
+            }
             drop(in_flight);
         })
     })

@@ -5,6 +5,7 @@
 //! manifests/sha256/ab/abcdef…  "<media type>\n" + the manifest's exact bytes
 //! tags/<registry>/<repo>/_tags/<tag>   JSON tag record (digest, media type, fetch time)
 //! index.snapshot               sizes and last-access times, least recently used first
+//! pruned                       changed by each `cache prune`, for a running mirror to notice
 //! tmp/                         downloads in progress; emptied at start-up
 //! ```
 //!
@@ -21,7 +22,7 @@ pub mod manifests;
 pub mod tags;
 pub mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,8 @@ use crate::oci::Digest;
 use index::{Entry, Index, Key, Kind};
 
 const SNAPSHOT: &str = "index.snapshot";
+/// Rewritten by `cache prune` (with the time), read by the server: see [`Store::notice_prune`].
+const PRUNE_MARKER: &str = "pruned";
 
 /// How the store is opened: by the server (owns the directory: cleans temp files, evicts) or
 /// by an operator command next to a possibly running server (touches nothing on open).
@@ -62,6 +65,8 @@ pub struct Store {
     disk: DiskState,
     evictions: std::sync::atomic::AtomicU64,
     tmp: PathBuf,
+    /// The prune marker's content when last looked at.
+    prune_seen: Mutex<Option<String>>,
     pub index: Arc<Index>,
     pub blobs: blobs::Blobs,
     pub manifests: manifests::Manifests,
@@ -94,6 +99,7 @@ impl Store {
             ),
             tags: tags::Tags::new(root.join("tags"), tmp.clone()),
             tmp,
+            prune_seen: Mutex::new(std::fs::read_to_string(root.join(PRUNE_MARKER)).ok()),
             index,
         };
         let evicted = store.index.load(scan(root)?);
@@ -128,6 +134,45 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Tells a running server that files were deleted under it (by `cache prune`). Blocking.
+    pub fn mark_pruned(&self) -> io::Result<()> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        std::fs::write(self.root.join(PRUNE_MARKER), format!("{stamp}\n"))
+    }
+
+    /// If a `cache prune` ran since the last look (its marker changed), drops from the index
+    /// the files that are gone, so the size and entry counts are right again; returns how
+    /// many. Reads directories, stats no file, and only after a prune. Blocking.
+    pub fn notice_prune(&self) -> io::Result<usize> {
+        let stamp = std::fs::read_to_string(self.root.join(PRUNE_MARKER)).ok();
+        {
+            let mut seen = crate::sync::lock(&self.prune_seen);
+            if *seen == stamp {
+                return Ok(0);
+            }
+            *seen = stamp;
+        }
+        // The index first: a file committed after this is not in it, so it cannot be
+        // mistaken for a pruned one by the scan below.
+        let indexed = self.index.snapshot();
+        let on_disk: HashSet<Key> = scan(&self.root)?.into_iter().map(|e| e.key).collect();
+        let mut gone = 0;
+        for entry in indexed {
+            if on_disk.contains(&entry.key) {
+                continue;
+            }
+            match entry.key.kind {
+                Kind::Manifest => self.manifests.forget(&entry.key.digest),
+                Kind::Blob => self.blobs.forget(&entry.key.digest),
+            }
+            self.index.remove(&entry.key);
+            gone += 1;
+        }
+        Ok(gone)
     }
 
     /// Writes the index (sizes and access order) if it changed since the last save, so a

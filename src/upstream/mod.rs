@@ -270,7 +270,12 @@ pub struct Upstream {
     clock: Clock,
     /// When an outage was last logged at warn.
     last_outage_log: Mutex<Option<SystemTime>>,
+    /// The latest failures (not 404s), newest last, for the status page.
+    recent_errors: Mutex<std::collections::VecDeque<(SystemTime, String)>>,
 }
+
+/// How many failures an upstream remembers for the status page.
+const RECENT_ERRORS: usize = 20;
 
 /// The least time between two warnings about failures of one upstream.
 const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -303,6 +308,7 @@ impl Upstream {
             health: health::Health::new(config.failure_threshold, config.backoff, clock.clone()),
             clock,
             last_outage_log: Mutex::new(None),
+            recent_errors: Mutex::new(std::collections::VecDeque::new()),
             pull_cap,
             counted_pulls: AtomicU64::new(0),
             base,
@@ -316,6 +322,14 @@ impl Upstream {
 
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// The latest failures with their causes, oldest first.
+    pub fn recent_errors(&self) -> Vec<(SystemTime, String)> {
+        crate::sync::lock(&self.recent_errors)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> url::Url {
@@ -351,6 +365,13 @@ impl Upstream {
         if let Err(e) = &result {
             if outage {
                 self.warn_outage(e);
+            }
+            if !matches!(e, Error::NotFound { .. }) {
+                let mut recent = crate::sync::lock(&self.recent_errors);
+                if recent.len() == RECENT_ERRORS {
+                    recent.pop_front();
+                }
+                recent.push_back((self.clock.now(), e.to_string()));
             }
         }
         self.health.record(admission, outage);
