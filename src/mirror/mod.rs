@@ -1,12 +1,13 @@
 //! The pull layer: for a manifest or a blob, *what* to answer (a hit, a revalidated or stale
 //! tag, a coalesced or fresh download, a passthrough), below HTTP. Handlers call the few pull
-//! methods of [`Mirror`]; this layer calls the services (store, downloads, verifications, the
+//! methods of [`Mirror`] (`target`, `manifest`, `blob`, `tags`, `referrers`, `catalog`); this layer calls the services (store, downloads, verifications, the
 //! upstream clients), never the other way round. Every answer is a named value
 //! ([`ManifestAnswer`], [`BlobAnswer`]), and every failure an [`Error`] with its cause.
 
 mod blobs;
 mod error;
 mod manifests;
+mod referrers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +56,9 @@ pub struct Mirror {
     /// Tags the upstream recently answered 404 for, with when it did.
     missing_tags: moka::sync::Cache<manifests::TagKey, (upstream::Error, std::time::SystemTime)>,
     manifest_flights: Coalesce<(String, RepoName, Digest), manifests::FetchResult>,
+    referrer_flights: Coalesce<referrers::ReferrersKey, referrers::ReferrersResult>,
+    /// Referrers lists by (registry, repository, subject), with when they were fetched.
+    referrers: referrers::ReferrersCache,
 }
 
 impl Mirror {
@@ -87,6 +91,8 @@ impl Mirror {
                 .time_to_live(config.cache.negative_ttl)
                 .build(),
             manifest_flights: Coalesce::default(),
+            referrer_flights: Coalesce::default(),
+            referrers: referrers::cache(),
             clock,
             config,
         })
