@@ -12,7 +12,7 @@ use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
 use crate::handlers::error::ApiError;
-use crate::handlers::{blobs, manifests, ops, tags};
+use crate::handlers::{blobs, manifests, ops, referrers, tags};
 use crate::mirror::Mirror;
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
@@ -33,6 +33,11 @@ pub enum Route {
     },
     TagsList {
         name: RepoName,
+    },
+    /// `GET /v2/<name>/referrers/<digest>` (OCI 1.1).
+    Referrers {
+        name: RepoName,
+        digest: Digest,
     },
     /// A manifest reference that fails the tag grammar (and is not a digest): a manifest that
     /// cannot exist, answered `404 MANIFEST_UNKNOWN` without asking the upstream.
@@ -61,6 +66,7 @@ impl Route {
             Route::Manifest { .. } | Route::NoSuchManifest { .. } => "manifest",
             Route::Blob { .. } => "blob",
             Route::TagsList { .. } => "tags",
+            Route::Referrers { .. } => "referrers",
             _ => "other",
         }
     }
@@ -70,7 +76,8 @@ impl Route {
             Route::Manifest { name, .. }
             | Route::NoSuchManifest { name, .. }
             | Route::Blob { name, .. }
-            | Route::TagsList { name } => Some(name),
+            | Route::TagsList { name }
+            | Route::Referrers { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -115,6 +122,9 @@ async fn answer<B>(
         }
         Route::TagsList { name } => {
             tags::list(mirror, name, query, req.method() == Method::HEAD).await
+        }
+        Route::Referrers { name, digest } => {
+            referrers::list(mirror, name, digest, query, req.method() == Method::HEAD).await
         }
         Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
         Route::Healthz => Ok(ops::healthz()),
@@ -164,6 +174,19 @@ pub fn parse(method: &Method, path: &str) -> Route {
             Ok(name) => Route::TagsList { name },
             Err(e) => Route::Invalid(e),
         };
+    }
+    // The digest has no `/`, so a `/referrers/` followed by one is part of a longer path.
+    if let Some(i) = rest.rfind("/referrers/") {
+        let (name, digest) = (&rest[..i], &rest[i + "/referrers/".len()..]);
+        if !digest.contains('/') {
+            if !read {
+                return Route::Unsupported;
+            }
+            return match (name.parse(), digest.parse()) {
+                (Ok(name), Ok(digest)) => Route::Referrers { name, digest },
+                (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
+            };
+        }
     }
     if let Some(i) = rest.rfind("/manifests/") {
         let (name, reference) = (&rest[..i], &rest[i + "/manifests/".len()..]);
@@ -298,11 +321,33 @@ mod tests {
     }
 
     #[test]
-    fn unknown_v2_paths_are_not_found() {
-        assert_eq!(
-            parse(&Method::GET, &format!("/v2/a/referrers/{}", d())),
-            Route::NotFound
+    fn referrers_are_routed() {
+        let r = parse(&Method::GET, &format!("/v2/a/b/referrers/{}", d()));
+        assert!(
+            matches!(&r, Route::Referrers { name, digest } if name.as_str() == "a/b" && digest.to_string() == d()),
+            "{r:?}"
         );
-        assert_eq!(parse(&Method::GET, "/v2/_catalog"), Route::NotFound);
+        assert!(matches!(
+            parse(&Method::GET, "/v2/a/referrers/latest"),
+            Route::Invalid(ParseError::Digest(_))
+        ));
+        assert!(matches!(
+            parse(&Method::GET, "/v2/UPPER/referrers/latest"),
+            Route::Invalid(ParseError::Name(_))
+        ));
+        assert_eq!(
+            parse(&Method::PUT, &format!("/v2/a/referrers/{}", d())),
+            Route::Unsupported
+        );
+        // A repository named `…/referrers/…` still has manifests.
+        assert!(matches!(
+            parse(&Method::GET, "/v2/a/referrers/b/manifests/latest"),
+            Route::Manifest { name, .. } if name.as_str() == "a/referrers/b"
+        ));
+    }
+
+    #[test]
+    fn unknown_v2_paths_are_not_found() {
+        assert_eq!(parse(&Method::GET, "/v2/a/nothing"), Route::NotFound);
     }
 }

@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::upstream::{DOCKER_MANIFEST, OCI_INDEX};
-use common::{x_cache, FakeUpstream, TestMirror};
+use common::upstream::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use common::{x_cache, FakeUpstream, TestMirror, PAST_TTL, TTL};
 
 const OCI_ONLY: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
@@ -317,4 +317,141 @@ async fn tags_list_is_paged_by_the_mirror_when_the_upstream_ignores_n_and_last()
         tags(r.json().await.unwrap()),
         serde_json::json!(["e", "d", "c", "b", "a"])
     );
+}
+
+const SBOM: &str = "application/spdx+json";
+const SIGNATURE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
+
+/// The `manifests` of an image index answer, with its checks: 200, an OCI index.
+async fn referrers(r: reqwest::Response) -> Vec<serde_json::Value> {
+    assert_eq!(r.status(), 200, "{}", r.url());
+    assert_eq!(r.headers()["content-type"], OCI_INDEX);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["schemaVersion"], 2);
+    assert_eq!(v["mediaType"], OCI_INDEX);
+    v["manifests"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn referrers_are_fetched_once_cached_filtered_and_served_stale_on_outage() {
+    let up = FakeUpstream::start().await;
+    let (subject, _) = up.add_image("library/app", "v1", &[10]);
+    let sbom = up.add_referrer("library/app", &subject, SBOM);
+    let sig = up.add_referrer("library/app", &subject, SIGNATURE);
+    up.behave(|b| b.filter_referrers = true);
+    let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = TTL).await;
+    let path = format!("/v2/library/app/referrers/{subject}");
+
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(x_cache(&r), "MISS");
+    assert!(!r.headers().contains_key("oci-filters-applied"));
+    let list = referrers(r).await;
+    let digests: Vec<_> = list.iter().map(|d| d["digest"].clone()).collect();
+    assert_eq!(digests, [sbom.as_str(), sig.as_str()]);
+    assert_eq!(up.referrers_gets(), 1);
+    assert_eq!(up.manifest_gets(), 0, "referrers spend no counted pull");
+
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(referrers(r).await.len(), 2);
+    let r = m
+        .get(&path)
+        .query(&[("artifactType", SBOM)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
+    let list = referrers(r).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["digest"], sbom.as_str());
+    assert_eq!(list[0]["artifactType"], SBOM);
+    assert_eq!(
+        up.referrers_gets(),
+        1,
+        "one upstream list serves every filter"
+    );
+
+    // The referrer itself pulls through like any manifest.
+    let r = m
+        .get(&format!("/v2/library/app/manifests/{sbom}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["subject"]["digest"], subject.as_str());
+    assert_eq!(v["artifactType"], SBOM);
+
+    // Past the TTL the list is asked for again; with the upstream down, served stale.
+    let late = up.add_referrer("library/app", &subject, SBOM);
+    m.advance(PAST_TTL);
+    up.behave(|b| b.manifest_fault = Some(common::upstream::Fault::Status(503)));
+    let r = m.get(&path).send().await.unwrap();
+    assert_eq!(x_cache(&r), "STALE");
+    assert_eq!(referrers(r).await.len(), 2);
+    up.behave(|b| b.manifest_fault = None);
+    m.advance(PAST_TTL);
+    let r = m.get(&path).send().await.unwrap();
+    let list = referrers(r).await;
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[2]["digest"], late.as_str());
+}
+
+#[tokio::test]
+async fn referrers_without_the_api_fall_back_to_the_tag_schema() {
+    let up = FakeUpstream::start().await;
+    up.behave(|b| b.no_referrers_api = true);
+    let (subject, _) = up.add_image("library/app", "v1", &[10]);
+    let (bare, _) = up.add_image("library/app", "v2", &[10]);
+    let sig = up.add_referrer("library/app", &subject, SIGNATURE);
+    // The referrers tag schema: an index of the referrers tagged `sha256-<hex>`.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": sig, "size": 1, "artifactType": SIGNATURE}],
+    });
+    let tag = subject.replace(':', "-");
+    up.add_manifest(
+        "library/app",
+        Some(&tag),
+        OCI_INDEX,
+        index.to_string().into_bytes(),
+    );
+    let m = TestMirror::start(&up).await;
+
+    let r = m
+        .get(&format!(
+            "/v2/library/app/referrers/{subject}?artifactType={SBOM}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
+    assert!(referrers(r).await.is_empty());
+    let r = m
+        .get(&format!("/v2/library/app/referrers/{subject}"))
+        .send()
+        .await
+        .unwrap();
+    let list = referrers(r).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["digest"], sig.as_str());
+    assert_eq!(up.manifest_gets(), 1, "the tag's index, fetched once");
+
+    // No API and no tag: an empty index, without a counted pull.
+    let r = m
+        .get(&format!("/v2/library/app/referrers/{bare}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(referrers(r).await.is_empty());
+    assert_eq!(up.manifest_gets(), 1);
+    // Bad digests are 400, as for blobs.
+    let r = m
+        .get("/v2/library/app/referrers/latest")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(first_error(r).await["code"], "DIGEST_INVALID");
 }

@@ -8,6 +8,7 @@ pub mod body;
 pub mod error;
 pub mod manifests;
 pub mod ops;
+pub mod referrers;
 pub mod tags;
 
 use http::header::{self, HeaderName, HeaderValue};

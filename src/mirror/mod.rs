@@ -1,6 +1,6 @@
 //! The pull layer: for a manifest or a blob, *what* to answer (a hit, a revalidated or stale
 //! tag, a coalesced or fresh download, a passthrough), below HTTP. Handlers call the few pull
-//! methods of [`Mirror`]; this layer calls the services (store, downloads, verifications, the
+//! methods of [`Mirror`] (`target`, `manifest`, `blob`, `tags`, `referrers`, `catalog`); this layer calls the services (store, downloads, verifications, the
 //! upstream clients), never the other way round. Every answer is a named value
 //! ([`ManifestAnswer`], [`BlobAnswer`]), and every failure an [`Error`] with its cause.
 
@@ -8,6 +8,7 @@ mod blobs;
 mod error;
 mod manifests;
 pub mod stats;
+mod referrers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +59,9 @@ pub struct Mirror {
     manifest_flights: Coalesce<(String, RepoName, Digest), manifests::FetchResult>,
     history: stats::History,
     repositories: stats::Repositories,
+    referrer_flights: Coalesce<referrers::ReferrersKey, referrers::ReferrersResult>,
+    /// Referrers lists by (registry, repository, subject), with when they were fetched.
+    referrers: referrers::ReferrersCache,
 }
 
 impl Mirror {
@@ -92,6 +96,8 @@ impl Mirror {
             manifest_flights: Coalesce::default(),
             history: stats::History::default(),
             repositories: stats::Repositories::default(),
+            referrer_flights: Coalesce::default(),
+            referrers: referrers::cache(),
             clock,
             config,
         })

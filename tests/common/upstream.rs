@@ -39,6 +39,7 @@ pub struct Counters {
     pub token: AtomicU64,
     pub tags: AtomicU64,
     pub unauthorized: AtomicU64,
+    pub referrers: AtomicU64,
 }
 
 /// A failure to inject.
@@ -82,6 +83,10 @@ pub struct Behaviour {
     /// Answer tags/list with every tag, in insertion-independent but unsorted order, ignoring
     /// `n` and `last` (as some registries do).
     pub ignore_tag_paging: bool,
+    /// No referrers API: `GET referrers/<digest>` is 404 (an OCI 1.0 registry).
+    pub no_referrers_api: bool,
+    /// Apply `artifactType` to referrers answers (and say so in `OCI-Filters-Applied`).
+    pub filter_referrers: bool,
 }
 
 #[derive(Clone)]
@@ -96,6 +101,8 @@ pub struct Content {
     pub tags: HashMap<(String, String), String>,
     pub manifests: HashMap<String, StoredManifest>,
     pub blobs: HashMap<String, Bytes>,
+    /// subject digest → descriptors of the manifests that refer to it
+    pub referrers: HashMap<String, Vec<serde_json::Value>>,
 }
 
 /// A request as the fake saw it.
@@ -196,7 +203,12 @@ impl FakeUpstream {
     /// Every registry/CDN request except tokens.
     pub fn total(&self) -> u64 {
         let c = &self.state.counters;
-        n(&c.manifest_get) + n(&c.manifest_head) + n(&c.blob_get) + n(&c.blob_head) + n(&c.tags)
+        n(&c.manifest_get)
+            + n(&c.manifest_head)
+            + n(&c.blob_get)
+            + n(&c.blob_head)
+            + n(&c.tags)
+            + n(&c.referrers)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -267,6 +279,38 @@ impl FakeUpstream {
         );
         let digest = self.add_manifest(repo, Some(tag), OCI_MANIFEST, manifest.into_bytes());
         (digest, layers)
+    }
+
+    /// An artifact manifest with `subject` and `artifactType`, stored untagged and listed as a
+    /// referrer of `subject` (an `oras attach` upstream). Returns its digest.
+    pub fn add_referrer(&self, repo: &str, subject: &str, artifact_type: &str) -> String {
+        let subject_size = self.state.content.lock().unwrap().manifests[subject]
+            .bytes
+            .len();
+        let blob = self.add_blob(format!("{artifact_type} of {subject}").into_bytes());
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{artifact_type}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2}},"layers":[{{"mediaType":"application/octet-stream","digest":"{blob}","size":1}}],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{subject}","size":{subject_size}}}}}"#
+        );
+        let size = manifest.len();
+        let digest = self.add_manifest(repo, None, OCI_MANIFEST, manifest.into_bytes());
+        self.state
+            .content
+            .lock()
+            .unwrap()
+            .referrers
+            .entry(subject.to_owned())
+            .or_default()
+            .push(serde_json::json!({
+                "mediaType": OCI_MANIFEST,
+                "digest": digest,
+                "size": size,
+                "artifactType": artifact_type,
+            }));
+        digest
+    }
+
+    pub fn referrers_gets(&self) -> u64 {
+        n(&self.state.counters.referrers)
     }
 
     /// Points `repo:tag` at another digest (a push upstream).
@@ -471,6 +515,16 @@ fn parse_path(path: &str) -> Option<(String, &'static str, String)> {
 async fn registry(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let head = req.method() == Method::HEAD;
+    if let Some((repo, subject)) = path
+        .strip_prefix("/v2/")
+        .and_then(|rest| rest.rsplit_once("/referrers/"))
+    {
+        state.counters.referrers.fetch_add(1, Ordering::SeqCst);
+        if state.behaviour.lock().unwrap().require_token && !authorized(state, req.headers()) {
+            return challenge(state, repo);
+        }
+        return referrers(state, subject, req.uri().query());
+    }
     let Some((repo, kind, reference)) = parse_path(&path) else {
         return oci_error(404, "NOT_FOUND", "no route");
     };
@@ -548,6 +602,43 @@ fn manifest(
             format!("{remaining};w=21600").parse().unwrap(),
         );
         h.insert("docker-ratelimit-source", "127.0.0.1".parse().unwrap());
+    }
+    r
+}
+
+fn referrers(state: &State, subject: &str, query: Option<&str>) -> Response<Body> {
+    let (no_api, filter) = {
+        let b = state.behaviour.lock().unwrap();
+        if let Some(f) = &b.manifest_fault {
+            return fault_response(f);
+        }
+        (b.no_referrers_api, b.filter_referrers)
+    };
+    if no_api {
+        return oci_error(404, "NOT_FOUND", "no route");
+    }
+    let mut list = state
+        .content
+        .lock()
+        .unwrap()
+        .referrers
+        .get(subject)
+        .cloned()
+        .unwrap_or_default();
+    let artifact_type = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "artifactType")
+        .map(|(_, v)| v.into_owned());
+    let filtered = filter && artifact_type.is_some();
+    if let (true, Some(t)) = (filtered, &artifact_type) {
+        list.retain(|d| d["artifactType"] == t.as_str());
+    }
+    let body = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
+    let mut r = full(200, body.to_string());
+    r.headers_mut()
+        .insert("content-type", OCI_INDEX.parse().unwrap());
+    if filtered {
+        r.headers_mut()
+            .insert("oci-filters-applied", "artifactType".parse().unwrap());
     }
     r
 }
