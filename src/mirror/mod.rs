@@ -7,8 +7,8 @@
 mod blobs;
 mod error;
 mod manifests;
-pub mod stats;
 mod referrers;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::Arc;
