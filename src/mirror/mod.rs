@@ -101,22 +101,41 @@ impl Mirror {
     /// The upstream for containerd's `ns` (or the default registry), and the repository name
     /// as that upstream knows it (`alpine` is `library/alpine` on Docker Hub).
     pub fn target(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
-        let registry = match ns {
-            None | Some("") => self.config.server.default_registry.as_str(),
-            Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
-            Some(ns) => ns,
-        };
-        let upstream = self
-            .upstreams
-            .get(registry)
-            .ok_or_else(|| Error::NotMirrored(registry.to_owned()))?
-            .clone();
+        let upstream = self.upstream(ns)?;
+        let registry = upstream.name.as_str();
         let repo = if Config::is_docker_hub(registry) {
             name.with_library_prefix()
         } else {
             name.clone()
         };
         Ok(Target { upstream, repo })
+    }
+
+    /// The upstream for containerd's `ns`, or the default registry.
+    fn upstream(&self, ns: Option<&str>) -> Result<Arc<Upstream>, Error> {
+        let registry = match ns {
+            None | Some("") => self.config.server.default_registry.as_str(),
+            Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
+            Some(ns) => ns,
+        };
+        Ok(self
+            .upstreams
+            .get(registry)
+            .ok_or_else(|| Error::NotMirrored(registry.to_owned()))?
+            .clone())
+    }
+
+    /// `_catalog`: the repositories of one upstream (`ns`, or the default registry) that this
+    /// mirror holds, i.e. has a tag record for, sorted, named as that upstream names them
+    /// (`library/alpine`). Never asks the upstream: a pull-through mirror's catalog is what it
+    /// has pulled, and Docker Hub has no catalog to ask.
+    pub async fn catalog(&self, ns: Option<&str>) -> Result<Vec<RepoName>, Error> {
+        let upstream = self.upstream(ns)?;
+        self.store
+            .tags
+            .repositories(&upstream.name)
+            .await
+            .map_err(Error::storage("listing tag records"))
     }
 
     /// One page of the repository's tags, passed through from the upstream.
