@@ -12,7 +12,7 @@ use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
 use crate::handlers::error::ApiError;
-use crate::handlers::{blobs, manifests, ops, referrers, tags};
+use crate::handlers::{blobs, catalog, manifests, ops, referrers, tags};
 use crate::mirror::Mirror;
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
@@ -34,6 +34,8 @@ pub enum Route {
     TagsList {
         name: RepoName,
     },
+    /// `GET /v2/_catalog`: the repositories the mirror holds.
+    Catalog,
     /// `GET /v2/<name>/referrers/<digest>` (OCI 1.1).
     Referrers {
         name: RepoName,
@@ -67,6 +69,7 @@ impl Route {
             Route::Blob { .. } => "blob",
             Route::TagsList { .. } => "tags",
             Route::Referrers { .. } => "referrers",
+            Route::Catalog => "catalog",
             _ => "other",
         }
     }
@@ -123,6 +126,7 @@ async fn answer<B>(
         Route::TagsList { name } => {
             tags::list(mirror, name, query, req.method() == Method::HEAD).await
         }
+        Route::Catalog => catalog::list(mirror, query, req.method() == Method::HEAD).await,
         Route::Referrers { name, digest } => {
             referrers::list(mirror, name, digest, query, req.method() == Method::HEAD).await
         }
@@ -162,6 +166,14 @@ pub fn parse(method: &Method, path: &str) -> Route {
     if rest.is_empty() {
         return if read {
             Route::Base
+        } else {
+            Route::Unsupported
+        };
+    }
+    // `_catalog` cannot be a repository name (a component never starts with `_`).
+    if rest == "_catalog" {
+        return if read {
+            Route::Catalog
         } else {
             Route::Unsupported
         };
@@ -344,6 +356,14 @@ mod tests {
             parse(&Method::GET, "/v2/a/referrers/b/manifests/latest"),
             Route::Manifest { name, .. } if name.as_str() == "a/referrers/b"
         ));
+    }
+
+    #[test]
+    fn catalog_is_routed() {
+        assert_eq!(parse(&Method::GET, "/v2/_catalog"), Route::Catalog);
+        assert_eq!(parse(&Method::HEAD, "/v2/_catalog"), Route::Catalog);
+        assert_eq!(parse(&Method::POST, "/v2/_catalog"), Route::Unsupported);
+        assert_eq!(parse(&Method::GET, "/v2/_catalog/x"), Route::NotFound);
     }
 
     #[test]

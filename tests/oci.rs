@@ -455,3 +455,57 @@ async fn referrers_without_the_api_fall_back_to_the_tag_schema() {
     assert_eq!(r.status(), 400);
     assert_eq!(first_error(r).await["code"], "DIGEST_INVALID");
 }
+
+#[tokio::test]
+async fn catalog_lists_the_repositories_the_mirror_holds_paged() {
+    let up = FakeUpstream::start().await;
+    for repo in ["library/b", "library/a", "me/tools/c", "library/unpulled"] {
+        up.add_image(repo, "v1", &[1]);
+    }
+    let m = TestMirror::start(&up).await;
+    let repos = |v: serde_json::Value| v["repositories"].clone();
+    let r = m.get("/v2/_catalog").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(repos(r.json().await.unwrap()), serde_json::json!([]));
+    for repo in ["library/b", "library/a", "me/tools/c"] {
+        let r = m
+            .get(&format!("/v2/{repo}/manifests/v1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let total = up.total();
+    let r = m.get("/v2/_catalog").send().await.unwrap();
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+    assert_eq!(
+        repos(r.json().await.unwrap()),
+        serde_json::json!(["library/a", "library/b", "me/tools/c"])
+    );
+    let r = m.get("/v2/_catalog?n=2").send().await.unwrap();
+    assert_eq!(
+        r.headers()["link"],
+        "</v2/_catalog?n=2&last=library%2Fb>; rel=\"next\""
+    );
+    assert_eq!(
+        repos(r.json().await.unwrap()),
+        serde_json::json!(["library/a", "library/b"])
+    );
+    let r = m
+        .get("/v2/_catalog?n=2&last=library%2Fb")
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("link"));
+    assert_eq!(
+        repos(r.json().await.unwrap()),
+        serde_json::json!(["me/tools/c"])
+    );
+    assert_eq!(up.total(), total, "the catalog never asks the upstream");
+    let r = m.get("/v2/_catalog?ns=ghcr.io").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(first_error(r).await["code"], "NAME_UNKNOWN");
+}

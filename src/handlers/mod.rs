@@ -5,6 +5,7 @@
 
 pub mod blobs;
 pub mod body;
+pub mod catalog;
 pub mod error;
 pub mod manifests;
 pub mod ops;

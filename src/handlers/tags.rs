@@ -66,7 +66,7 @@ pub async fn list(
 }
 
 /// `n` (when a number) and `last` from the client's query.
-fn paging_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
+pub(super) fn paging_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
     let mut n = None;
     let mut last = None;
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -91,6 +91,18 @@ fn paginate(body: &[u8], n: Option<usize>, last: Option<&str>) -> Option<(Bytes,
     };
     names.sort();
     names.dedup();
+    let next = page(&mut names, n, last);
+    *tags = serde_json::json!(names);
+    Some((Bytes::from(serde_json::to_vec(&v).ok()?), next))
+}
+
+/// Cuts sorted `names` to the page `n`/`last` ask for: the names after `last`, at most `n` of
+/// them. Returns the page's last name when more follow it (the next page's `last`).
+pub(super) fn page(
+    names: &mut Vec<String>,
+    n: Option<usize>,
+    last: Option<&str>,
+) -> Option<String> {
     if let Some(last) = last {
         names.retain(|t| t.as_str() > last);
     }
@@ -98,13 +110,11 @@ fn paginate(body: &[u8], n: Option<usize>, last: Option<&str>) -> Option<(Bytes,
     if let Some(n) = n {
         names.truncate(n);
     }
-    let next = if more && !names.is_empty() {
+    if more {
         names.last().cloned()
     } else {
         None
-    };
-    *tags = serde_json::json!(names);
-    Some((Bytes::from(serde_json::to_vec(&v).ok()?), next))
+    }
 }
 
 /// `</v2/<name>/tags/list?n=…&last=…>; rel="next"`, keeping the client's `ns`.

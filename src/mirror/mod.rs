@@ -136,6 +136,23 @@ impl Mirror {
             .map(|u| u.name.as_str())
     }
 
+    /// `_catalog`: the repositories of one upstream (`ns`, or the default registry) that this
+    /// mirror holds, i.e. has a tag record for, sorted, named as that upstream names them
+    /// (`library/alpine`). Never asks the upstream: a pull-through mirror's catalog is what it
+    /// has pulled, and Docker Hub has no catalog to ask.
+    pub async fn catalog(&self, ns: Option<&str>) -> Result<Vec<RepoName>, Error> {
+        let registry = self.registry_for(ns);
+        let upstream = self
+            .upstreams
+            .get(registry)
+            .ok_or_else(|| Error::NotMirrored(registry.to_owned()))?;
+        self.store
+            .tags
+            .repositories(&upstream.name)
+            .await
+            .map_err(Error::storage("listing tag records"))
+    }
+
     /// One page of the repository's tags, passed through from the upstream.
     pub async fn tags(
         &self,

@@ -91,6 +91,43 @@ impl Tags {
         }
     }
 
+    /// The repositories of `registry` that hold at least one tag record, sorted: what
+    /// `_catalog` lists. Only directories whose names are valid repository names count.
+    pub async fn repositories(&self, registry: &str) -> io::Result<Vec<RepoName>> {
+        let root = self.dir.join(registry);
+        blocking(move || {
+            let mut found = Vec::new();
+            let mut pending = vec![root.clone()];
+            while let Some(dir) = pending.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for entry in entries {
+                    let entry = entry?;
+                    if !entry.file_type()?.is_dir() {
+                        continue;
+                    }
+                    let path = entry.path();
+                    if entry.file_name() == "_tags" {
+                        let name = dir
+                            .strip_prefix(&root)
+                            .ok()
+                            .and_then(|rel| rel.to_str())
+                            .and_then(|rel| rel.parse::<RepoName>().ok());
+                        found.extend(name);
+                    } else {
+                        pending.push(path);
+                    }
+                }
+            }
+            found.sort();
+            Ok(found)
+        })
+        .await
+    }
+
     pub async fn put(&self, key: &TagKey, record: TagRecord) -> io::Result<()> {
         let on_disk = OnDisk {
             digest: record.digest.to_string(),

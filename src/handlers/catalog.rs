@@ -1,0 +1,56 @@
+//! `GET /v2/_catalog`: the repositories this mirror holds for one upstream (`ns`, or the
+//! default registry), paged with `n`/`last` and a `Link` to the next page.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::Response;
+
+use super::body::{self, Body};
+use super::namespace;
+use super::tags::{page, paging_params};
+use crate::handlers::error::{ApiError, Object};
+use crate::mirror::Mirror;
+
+pub async fn list(
+    mirror: &Arc<Mirror>,
+    query: Option<&str>,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let ns = namespace(query);
+    let repos = mirror
+        .catalog(ns.as_deref())
+        .await
+        .map_err(|e| ApiError::from_mirror(e, Object::Tags))?;
+    let mut names: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
+    let (n, last) = paging_params(query);
+    let next = page(&mut names, n, last.as_deref());
+    let json =
+        serde_json::to_vec(&serde_json::json!({ "repositories": names })).unwrap_or_default();
+    let len = json.len();
+    let mut resp = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(Bytes::from(json))
+    });
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(last) = next {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(ns) = &ns {
+            q.append_pair("ns", ns);
+        }
+        q.append_pair("n", &n.unwrap_or(0).to_string());
+        q.append_pair("last", &last);
+        let link = format!("</v2/_catalog?{}>; rel=\"next\"", q.finish());
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            h.insert(header::LINK, v);
+        }
+    }
+    Ok(resp)
+}
