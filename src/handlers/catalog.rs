@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::Response;
 
-use super::body::{self, Body};
+use super::body::Body;
 use super::namespace;
 use super::tags::{page, paging_params};
 use crate::handlers::error::{ApiError, Object};
@@ -28,18 +27,8 @@ pub async fn list(
     let next = page(&mut names, n, last.as_deref());
     let json =
         serde_json::to_vec(&serde_json::json!({ "repositories": names })).unwrap_or_default();
-    let len = json.len();
-    let mut resp = Response::new(if head {
-        body::empty()
-    } else {
-        body::full(Bytes::from(json))
-    });
+    let mut resp = super::json(json, head);
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(last) = next {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         if let Some(ns) = &ns {

@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::handlers::body::{self, Body};
+use crate::handlers::body::Body;
 use crate::oci::ParseError;
 use crate::upstream;
 
@@ -129,19 +128,9 @@ impl ApiError {
             }],
         })
         .unwrap_or_default();
-        let len = json.len();
-        let mut resp = Response::new(if head {
-            body::empty()
-        } else {
-            body::full(Bytes::from(json))
-        });
+        let mut resp = super::json(json, head);
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         // Errors too: clients check it on a 401 from `/v2/` (and the spec's suite on all).
         h.insert(super::API_VERSION, HeaderValue::from_static("registry/2.0"));
         if let Some(v) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {

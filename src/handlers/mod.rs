@@ -78,3 +78,17 @@ pub fn namespace(query: Option<&str>) -> Option<String> {
 fn content_type(h: &mut http::HeaderMap, value: &'static str) {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
 }
+
+/// A JSON response with its length; the body is left out for a HEAD.
+fn json(bytes: Vec<u8>, head: bool) -> Response<Body> {
+    let len = bytes.len();
+    let mut resp = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(bytes::Bytes::from(bytes))
+    });
+    let h = resp.headers_mut();
+    content_type(h, "application/json");
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}

@@ -11,10 +11,8 @@ use crate::mirror::Mirror;
 
 /// `GET /v2/`.
 pub fn base() -> Response<Body> {
-    let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
+    let mut resp = super::json(b"{}".to_vec(), false);
     let h = resp.headers_mut();
-    content_type(h, "application/json");
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(2));
     h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     resp
 }
@@ -75,7 +73,5 @@ pub fn ui() -> Response<Body> {
 
 /// `GET /_pullthrough/status`: the pull budget and health of each upstream.
 pub fn status(mirror: &Mirror) -> Response<Body> {
-    let mut resp = Response::new(body::full(Bytes::from(mirror.status().to_string())));
-    content_type(resp.headers_mut(), "application/json");
-    resp
+    super::json(mirror.status().to_string().into_bytes(), false)
 }

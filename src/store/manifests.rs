@@ -98,10 +98,9 @@ impl Manifests {
         Ok(Some(m))
     }
 
-    /// Keeps a manifest in memory only (the disk cannot take it now); always `Ok`.
-    pub(super) fn keep_unwritten(&self, m: Arc<Manifest>) -> io::Result<()> {
+    /// Keeps a manifest in memory only (the disk cannot take it now).
+    pub(super) fn keep_unwritten(&self, m: Arc<Manifest>) {
         self.unwritten.insert(m.digest.clone(), m);
-        Ok(())
     }
 
     pub(super) fn forget(&self, digest: &Digest) {
@@ -120,7 +119,7 @@ impl Manifests {
         raw.extend_from_slice(&m.bytes);
         let size = raw.len() as u64;
         if let Err(e) = blocking(move || write_atomic(&tmp, &path, &raw)).await {
-            self.unwritten.insert(m.digest.clone(), m);
+            self.keep_unwritten(m);
             return Err(e);
         }
         self.unwritten.invalidate(&m.digest);

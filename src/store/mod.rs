@@ -274,7 +274,8 @@ impl Store {
     pub async fn put_manifest(self: &Arc<Self>, m: Arc<manifests::Manifest>) -> io::Result<()> {
         if self.disk.is_full() {
             self.disk.warn("a recent write failed for lack of space");
-            return self.manifests.keep_unwritten(m);
+            self.manifests.keep_unwritten(m);
+            return Ok(());
         }
         let evicted = match self.manifests.put(m).await {
             Ok(evicted) => evicted,
