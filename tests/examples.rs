@@ -52,3 +52,40 @@ fn kubernetes_configmap_holds_a_valid_config() {
         "storage.max_size {max} must stay below the volume's 50Gi"
     );
 }
+
+#[test]
+fn several_registries_config_is_valid() {
+    let text = std::fs::read_to_string("examples/registries.toml").unwrap();
+    let config = Config::from_toml(&text).unwrap();
+    config.validate().unwrap();
+    for registry in [
+        "docker.io",
+        "ghcr.io",
+        "quay.io",
+        "registry.k8s.io",
+        "registry.example.com",
+    ] {
+        assert!(config.upstreams.contains_key(registry), "{registry}");
+    }
+}
+
+/// Every registry the mirror config names has a containerd hosts.toml and a registries.conf
+/// prefix mirror, so the client files and the mirror config cannot drift apart.
+#[test]
+fn client_files_cover_every_configured_registry() {
+    let text = std::fs::read_to_string("examples/registries.toml").unwrap();
+    let config = Config::from_toml(&text).unwrap();
+    let conf = std::fs::read_to_string("examples/registries.conf").unwrap();
+    for registry in config.upstreams.keys() {
+        let hosts = format!("examples/containerd/certs.d/{registry}/hosts.toml");
+        let hosts = std::fs::read_to_string(&hosts).unwrap_or_else(|e| panic!("{hosts}: {e}"));
+        assert!(hosts.contains("[host.\"http://mirror.example:5000\"]"), "{registry}");
+        assert!(conf.contains(&format!("prefix = \"{registry}\"")), "{registry}");
+        if registry != "docker.io" {
+            assert!(
+                conf.contains(&format!("location = \"mirror.example:5000/{registry}\"")),
+                "{registry}"
+            );
+        }
+    }
+}

@@ -10,12 +10,13 @@
 CLOSED=127.0.0.1:9
 PULL_TIMEOUT=${PULL_TIMEOUT:-300}
 
-# render TEMPLATE: a config file from this folder with the mirror (and for the suite the
-# closed Hub fallback) filled in. The templates are the files the README shows.
+# render FILE: a client config file from examples/ (the files the README shows), with the
+# mirror's address in place of mirror.example:5000 and a closed port in place of every
+# registry's own address, so a pull can only succeed through the mirror.
 render() {
-  sed -e "s|MIRROR|$MIRROR|g" \
-      -e "s|^server = \"https://registry-1.docker.io\"|server = \"http://$CLOSED\"|" \
-      -e "s|^location = \"docker.io\"|location = \"$CLOSED\"|" "$HERE/$1"
+  sed -e "s|^server = \"[^\"]*\"|server = \"http://$CLOSED\"|" \
+      -e "/^location = \"mirror\.example:5000/!s|^location = \"[^\"]*\"|location = \"$CLOSED\"|" \
+      -e "s|mirror\.example:5000|$MIRROR|g" "$ROOT/examples/$1"
 }
 
 # Each client's command line with its private state, as an array so `timeout` can run it.
@@ -47,8 +48,12 @@ EOF
 start_containerd() {
   local d=$T/containerd
   CTR=(ctr --address "$d/containerd.sock" --namespace suite)
-  mkdir -p "$d/certs.d/docker.io"
-  render hosts.toml >"$d/certs.d/docker.io/hosts.toml"
+  local hosts registry
+  for hosts in "$ROOT"/examples/containerd/certs.d/*/hosts.toml; do
+    registry=$(basename "$(dirname "$hosts")")
+    mkdir -p "$d/certs.d/$registry"
+    render "containerd/certs.d/$registry/hosts.toml" >"$d/certs.d/$registry/hosts.toml"
+  done
   run_containerd containerd "$d"
 }
 

@@ -67,16 +67,20 @@ make_signing_key() {
     -keyout "$T/keys/key.pem" -out "$T/keys/cert.pem" 2>/dev/null
 }
 
-start_tokenserver() { # PORT
-  spawn token python3 "$HERE/tokenserver.py" --port "$1" --key "$T/keys/key.pem" --cert "$T/keys/cert.pem" \
-    --issuer pullthrough-test --user "$UP_USER:$UP_TOKEN" --ttl 60 --log "$T/logs/token-requests.jsonl"
-  wait_http token "http://127.0.0.1:$1/token"
+# start_tokenserver PORT [NAME [tokenserver.py options]]: requests logged to logs/NAME-requests.jsonl.
+start_tokenserver() {
+  local port=$1 name=${2:-token}; shift; [ $# -eq 0 ] || shift
+  spawn "$name" python3 "$HERE/tokenserver.py" --port "$port" --key "$T/keys/key.pem" --cert "$T/keys/cert.pem" \
+    --issuer pullthrough-test --user "$UP_USER:$UP_TOKEN" --ttl 60 --log "$T/logs/$name-requests.jsonl" "$@"
+  wait_http "$name" "http://127.0.0.1:$port/token"
 }
 
-# start_registry NAME PORT [TOKEN_PORT]: CNCF distribution; Bearer token auth when
-# TOKEN_PORT is given. Its access log (one line per request) lands in logs/NAME.log.
+# start_registry NAME PORT [TOKEN_PORT | htpasswd=FILE]: CNCF distribution; Bearer token auth
+# when TOKEN_PORT is given, Basic auth against a bcrypt htpasswd FILE with htpasswd=FILE. Its
+# access log (one line per request) lands in logs/NAME.log.
 start_registry() {
-  local name=$1 port=$2 token_port=${3:-} dir=$T/$1
+  local name=$1 port=$2 token_port=${3:-} dir=$T/$1 htpasswd=
+  case $token_port in htpasswd=*) htpasswd=${token_port#htpasswd=} token_port= ;; esac
   mkdir -p "$dir/data"
   cat >"$dir/config.yml" <<EOF
 version: 0.1
@@ -95,6 +99,11 @@ auth:
     issuer: pullthrough-test
     rootcertbundle: $T/keys/cert.pem
 EOF
+  elif [ -n "$htpasswd" ]; then
+    cat >>"$dir/config.yml" <<EOF
+auth:
+  htpasswd: {realm: $name, path: $htpasswd}
+EOF
   fi
   spawn "$name" docker-registry serve "$dir/config.yml"
   wait_http "$name" "http://127.0.0.1:$port/v2/"
@@ -110,10 +119,21 @@ start_front() {
 }
 
 # start_mirror NAME UPSTREAM_URL [USER]: a fresh pullthrough (empty cache) on MIRROR_PORT,
-# the one port every client is configured with. The user name goes in the config file and
-# the token in the environment, the way mirror.toml recommends.
+# the one port every client is configured with, mirroring docker.io from UPSTREAM_URL. The
+# user name goes in the config file and the token in the environment, the way mirror.toml
+# recommends.
 start_mirror() {
-  local name=$1 url=$2 user=${3:-} dir=$T/$1
+  local name=$1 url=$2 user=${3:-}
+  mirror_config "$name" >/dev/null
+  { echo '[upstreams."docker.io"]'; echo "url = \"$url\""
+    [ -z "$user" ] || echo "username = \"$user\""; } >>"$T/$name/mirror.toml"
+  if [ -n "$user" ]; then launch_mirror "$name" "PULLTHROUGH_UPSTREAM_PASSWORD=$UP_TOKEN"; else launch_mirror "$name"; fi
+}
+
+# mirror_config NAME: a fresh directory for mirror NAME with the [server], [storage], [cache]
+# and [log] sections of its mirror.toml (append the [upstreams]); prints the file's path.
+mirror_config() {
+  local dir=$T/$1
   rm -rf "$dir"; mkdir -p "$dir"
   cat >"$dir/mirror.toml" <<EOF
 [server]
@@ -124,15 +144,15 @@ dir = "$dir/data"
 tag_ttl = "1s"
 [log]
 format = "json"
-[upstreams."docker.io"]
-url = "$url"
 EOF
-  [ -z "$user" ] || printf 'username = "%s"\n' "$user" >>"$dir/mirror.toml"
-  if [ -n "$user" ]; then
-    PULLTHROUGH_UPSTREAM_PASSWORD=$UP_TOKEN spawn "$name" "$PT_BIN" --config "$dir/mirror.toml"
-  else
-    spawn "$name" "$PT_BIN" --config "$dir/mirror.toml"
-  fi
+  echo "$dir/mirror.toml"
+}
+
+# launch_mirror NAME [VAR=VALUE ...]: runs the mirror configured by mirror_config NAME, with
+# those variables in its environment.
+launch_mirror() {
+  local name=$1; shift
+  spawn "$name" env "$@" "$PT_BIN" --config "$T/$name/mirror.toml"
   MIRROR_NAME=$name
   wait_http "$name" "http://$MIRROR/v2/"
 }

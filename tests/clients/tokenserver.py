@@ -2,7 +2,7 @@
 """A Docker registry token server for the client suite (stdlib + the `openssl` command).
 
     tokenserver.py --port P --key key.pem --cert cert.pem --issuer I --user NAME:TOKEN
-                   [--ttl 60] [--log requests.jsonl]
+                   [--ttl 60] [--log requests.jsonl] [--anonymous-pull]
 
 `GET /token?service=S&scope=repository:NAME:pull[,push]` with `Authorization: Basic
 base64(NAME:TOKEN)` answers `{"token", "access_token", "expires_in", "issued_at"}` the way
@@ -10,7 +10,8 @@ auth.docker.io does. The token is an RS256 JWT whose header carries the signing
 certificate as `x5c`; distribution 2.8 (`auth.token`) accepts it because that certificate
 is its `rootcertbundle`. The configured user gets pull and push on every repository;
 anonymous callers get a token with no access (so the registry refuses them, like a private
-Hub repository); a wrong secret is a 401. Each request is logged as one JSON line.
+Hub repository), or with pull access under --anonymous-pull (like ghcr.io or quay.io for a
+public image); a wrong secret is a 401. Each request is logged as one JSON line.
 """
 import argparse
 import base64
@@ -45,13 +46,15 @@ class Signer:
         return signing_input + "." + b64url(signature)
 
 
-def granted(scopes, authenticated):
-    """The JWT `access` list: everything asked for when authenticated, nothing otherwise."""
+def granted(scopes, authenticated, anonymous_pull):
+    """The JWT `access` list: everything asked for when authenticated, pull (or nothing)
+    otherwise."""
     access = []
     for scope in scopes:
         kind, _, rest = scope.partition(":")
         name, _, actions = rest.rpartition(":")
-        allowed = [a for a in actions.split(",") if a in ("pull", "push")] if authenticated else []
+        allowed = ("pull", "push") if authenticated else ("pull",) if anonymous_pull else ()
+        allowed = [a for a in actions.split(",") if a in allowed]
         if kind == "repository" and name and allowed:
             access.append({"type": kind, "name": name, "actions": allowed})
     return access
@@ -78,7 +81,7 @@ class TokenHandler(http.server.BaseHTTPRequestHandler):
         now = int(time.time())
         claims = {"iss": cfg.issuer, "sub": user or "", "aud": query.get("service", [""])[0],
                   "iat": now, "nbf": now - 5, "exp": now + cfg.ttl, "jti": b64url(os.urandom(9)),
-                  "access": granted(query.get("scope", []), authenticated)}
+                  "access": granted(query.get("scope", []), authenticated, cfg.anonymous_pull)}
         token = self.server.signer.sign(claims)
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         self.reply(200, {"token": token, "access_token": token, "expires_in": cfg.ttl, "issued_at": issued})
@@ -108,6 +111,7 @@ def main():
     ap.add_argument("--user", required=True, help="NAME:TOKEN")
     ap.add_argument("--ttl", type=int, default=60, help="token lifetime in seconds")
     ap.add_argument("--log", help="JSON lines file (default stderr)")
+    ap.add_argument("--anonymous-pull", action="store_true", help="grant pull to anonymous callers")
     cfg = ap.parse_args()
     cfg.user = tuple(cfg.user.split(":", 1))
 

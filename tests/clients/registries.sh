@@ -1,0 +1,196 @@
+# shellcheck shell=bash
+# Sourced by run.sh: phase registries, three registries behind one mirror.
+#
+#   docker.io             the token-authenticated registry of phase auth (Bearer, our user)
+#   ghcr.io               a registry whose own token server grants anonymous pulls, as
+#                         ghcr.io does for public images
+#   registry.example.com  a private registry with htpasswd Basic auth only
+#
+# Each client reaches all three the way examples/ shows: containerd through certs.d hosts.toml
+# files (?ns=), podman and skopeo through registries.conf prefix mirrors (/v2/ghcr.io/...),
+# dockerd through registry-mirrors for Docker Hub and mirror:PORT/ghcr.io/... references for
+# the others. Every pull must give the upstream's digest, and a second pull with fresh client
+# state must cost zero upstream blob GETs at all three registries.
+# Needs: T, HERE, MIRROR, UP_USER, UP_TOKEN, AUTH_PORT, the clients set up.
+
+GHCR=ghcr.io
+PRIVATE=registry.example.com
+PRIV_USER=ci-reader
+PRIV_PASS=pw-$(head -c 9 /dev/urandom | od -An -tx1 | tr -d ' \n')
+declare -A REGISTRY_LOG=([docker.io]=auth-registry [$GHCR]=ghcr-registry [$PRIVATE]=private-registry)
+REFS=("docker.io/library/multi-docker:v1" "$GHCR/org/app:v1" "$PRIVATE/team/tool:v1")
+
+start_registries() {
+  read -r GHCR_TOKEN_PORT GHCR_PORT PRIV_PORT < <(python3 "$HERE/util.py" ports 3)
+  start_tokenserver "$GHCR_TOKEN_PORT" ghcr-token --anonymous-pull
+  start_registry ghcr-registry "$GHCR_PORT" "$GHCR_TOKEN_PORT"
+  htpasswd -Bbn "$PRIV_USER" "$PRIV_PASS" >"$T/keys/htpasswd"
+  start_registry private-registry "$PRIV_PORT" "htpasswd=$T/keys/htpasswd"
+  local creds=(--dest-creds "$UP_USER:$UP_TOKEN") args=(copy -q --all --dest-tls-verify=false)
+  "${SKOPEO[@]}" "${args[@]}" "${creds[@]}" "oci:$T/oci:multi-oci" "docker://127.0.0.1:$GHCR_PORT/org/app:v1"
+  "${SKOPEO[@]}" "${args[@]}" --format v2s2 --dest-creds "$PRIV_USER:$PRIV_PASS" \
+    "oci:$T/oci:hello" "docker://127.0.0.1:$PRIV_PORT/team/tool:v1"
+  DIGEST[docker.io/library/multi-docker:v1]=${DIGEST[auth/multi-docker:v1]}
+  DIGEST[$GHCR/org/app:v1]=$(raw_digest "127.0.0.1:$GHCR_PORT/org/app:v1")
+  DIGEST[$PRIVATE/team/tool:v1]=$(raw_digest "127.0.0.1:$PRIV_PORT/team/tool:v1" --creds "$PRIV_USER:$PRIV_PASS")
+  GHCR_TOKEN_MARK=$(wc -l <"$T/logs/ghcr-token-requests.jsonl")
+  log "pushed $GHCR/org/app:v1 ${DIGEST[$GHCR/org/app:v1]}, $PRIVATE/team/tool:v1 ${DIGEST[$PRIVATE/team/tool:v1]}"
+}
+
+# raw_digest HOST/REPO:TAG [skopeo args]: sha256 of the exact manifest bytes served.
+raw_digest() {
+  local ref=$1; shift
+  echo "sha256:$("${SKOPEO[@]}" inspect --raw --tls-verify=false "$@" "docker://$ref" | sha256sum | cut -d' ' -f1)"
+}
+
+# The mirror of this phase: one [upstreams] entry per registry, credentials of the private
+# one in a file only the mirror reads.
+start_registries_mirror() {
+  local file
+  file=$(mirror_config mirror-registries)
+  cat >>"$file" <<EOF
+[upstreams."docker.io"]
+url = "http://127.0.0.1:$AUTH_PORT"
+username = "$UP_USER"
+[upstreams."$GHCR"]
+url = "http://127.0.0.1:$GHCR_PORT"
+aliases = ["ghcr"]
+[upstreams."$PRIVATE"]
+url = "http://127.0.0.1:$PRIV_PORT"
+username = "$PRIV_USER"
+password = "$PRIV_PASS"
+EOF
+  chmod 600 "$file"
+  launch_mirror mirror-registries "PULLTHROUGH_UPSTREAM_PASSWORD=$UP_TOKEN"
+}
+
+# --- each client, by full reference --------------------------------------------------------
+# rpull_CLIENT REF prints the manifest digest the client ended up with; rreset_CLIENT REF
+# forgets the image and its blobs.
+
+rpull_containerd() {
+  timeout "$PULL_TIMEOUT" "${CTR[@]}" images pull --hosts-dir "$T/containerd/certs.d" "$1" \
+    >>"$T/logs/ctr-pull.log" 2>&1 || { tail -3 "$T/logs/ctr-pull.log" >&2; return 1; }
+  "${CTR[@]}" images ls | awk -v ref="$1" '$1 == ref { print $3 }'
+}
+rreset_containerd() {
+  "${CTR[@]}" images rm --sync "$1" >/dev/null 2>&1 || true
+  [ -z "$("${CTR[@]}" content ls -q)" ] || { log "containerd still holds blobs after reset"; return 1; }
+}
+
+rpull_podman() {
+  timeout "$PULL_TIMEOUT" "${PODMAN[@]}" pull -q "$1" >>"$T/logs/podman-pull.log" 2>&1 \
+    || { tail -3 "$T/logs/podman-pull.log" >&2; return 1; }
+  "${PODMAN[@]}" image inspect --format '{{.Digest}}' "$1"
+}
+rreset_podman() {
+  "${PODMAN[@]}" rmi -f "$1" >/dev/null 2>&1 || true
+  [ -z "$("${PODMAN[@]}" images -q)" ] || { log "podman still holds images after reset"; return 1; }
+}
+
+# skopeo with the same registries.conf as podman: it follows the prefix mirrors too.
+rpull_skopeo() {
+  local out=$T/skopeo/reg-${1//[:\/]/-}
+  rm -rf "$out"
+  timeout "$PULL_TIMEOUT" skopeo --registries-conf "$T/podman/registries.conf" --policy "$T/skopeo/policy.json" \
+    copy -q --all "docker://$1" "dir:$out" >>"$T/logs/skopeo-pull.log" 2>&1 \
+    || { tail -3 "$T/logs/skopeo-pull.log" >&2; return 1; }
+  echo "sha256:$(sha256sum <"$out/manifest.json" | cut -d' ' -f1)"
+}
+rreset_skopeo() { rm -rf "$T/skopeo/reg-${1//[:\/]/-}"; }
+
+# dockerd mirrors Docker Hub only; other registries are named through the mirror's path.
+docker_ref() {
+  case $1 in
+    docker.io/*) echo "${1#docker.io/}" ;;
+    *) echo "$MIRROR/$1" ;;
+  esac
+}
+rpull_docker() { pull_docker "$(docker_ref "$1")"; }
+rreset_docker() { reset_docker "$(docker_ref "$1")"; }
+
+# --- the phase ---------------------------------------------------------------------------
+registry_of() { echo "${1%%/*}"; }
+
+phase_registries() {
+  log "== phase registries: docker.io, $GHCR and $PRIVATE behind one mirror"
+  start_registries
+  start_registries_mirror
+  local client ref
+  for client in "${CLIENTS[@]}"; do
+    for ref in "${REFS[@]}"; do check_registry_pull "$client" "$ref"; done
+  done
+  check_alias
+  check_private_credentials_stay_private
+  stop_mirror
+}
+
+check_registry_pull() {
+  local client=$1 ref=$2 want=${DIGEST[$2]} reg log0 gets detail
+  reg=$(registry_of "$ref")
+  "rreset_$client" "$ref" || true
+  GOT= ERR=
+  if ! GOT=$("rpull_$client" "$ref" 2>"$T/err"); then
+    ERR=$(grep -v '^\s*$' "$T/err" | tail -1 | cut -c1-160)
+    record "$client" "$ref" "pull: digest" FAIL "pull failed: $ERR"
+    record "$client" "$ref" "re-pull: 0 upstream blob GETs" SKIP "first pull failed"
+    return
+  fi
+  if [ "$GOT" = "$want" ]; then
+    record "$client" "$ref" "pull: digest" PASS "$(short "$GOT")"
+  else
+    record "$client" "$ref" "pull: digest" FAIL "got ${GOT:-nothing}, upstream has $want"
+  fi
+  "rreset_$client" "$ref" || true
+  log0=$(all_registry_blob_gets)
+  if ! GOT=$("rpull_$client" "$ref" 2>"$T/err"); then
+    record "$client" "$ref" "re-pull: 0 upstream blob GETs" FAIL "second pull failed: $(tail -1 "$T/err" | cut -c1-160)"
+    return
+  fi
+  sleep 0.5   # the registry writes its access log line when a response completes
+  gets=$(( $(all_registry_blob_gets) - log0 ))
+  detail="upstream blob GETs +$gets at the three registries"
+  if [ "$GOT" = "$want" ] && [ "$gets" -eq 0 ]; then
+    record "$client" "$ref" "re-pull: 0 upstream blob GETs" PASS "$detail"
+  else
+    record "$client" "$ref" "re-pull: 0 upstream blob GETs" FAIL "$detail, digest ${GOT:-none}"
+  fi
+  "rreset_$client" "$ref" || true
+}
+
+all_registry_blob_gets() {
+  local sum=0 name
+  for name in "${REGISTRY_LOG[@]}"; do sum=$((sum + $(upstream_blob_gets "$name"))); done
+  echo "$sum"
+}
+
+# The alias: skopeo straight at mirror/ghcr/org/app, the same digest as through ghcr.io.
+check_alias() {
+  local out=$T/skopeo/alias got
+  rm -rf "$out"
+  if timeout "$PULL_TIMEOUT" "${SKOPEO[@]}" copy -q --all --src-tls-verify=false \
+      "docker://$MIRROR/ghcr/org/app:v1" "dir:$out" >>"$T/logs/skopeo-pull.log" 2>&1; then
+    got="sha256:$(sha256sum <"$out/manifest.json" | cut -d' ' -f1)"
+    if [ "$got" = "${DIGEST[$GHCR/org/app:v1]}" ]; then
+      record skopeo "ghcr/org/app:v1" "alias pull: digest" PASS "$(short "$got")"
+    else
+      record skopeo "ghcr/org/app:v1" "alias pull: digest" FAIL "got $got"
+    fi
+  else
+    record skopeo "ghcr/org/app:v1" "alias pull: digest" FAIL "$(tail -1 "$T/logs/skopeo-pull.log" | cut -c1-160)"
+  fi
+  rm -rf "$out"
+}
+
+# The ghcr.io token server saw no credentials from the mirror (its images are public), and
+# the Docker Hub one saw only our Hub user: no upstream got another's secret.
+check_private_credentials_stay_private() {
+  local ghcr_auth hub_other
+  ghcr_auth=$(tail -n +"$((GHCR_TOKEN_MARK + 1))" "$T/logs/ghcr-token-requests.jsonl" | grep -c '"user": "' || true)
+  hub_other=$(grep -c "\"user\": \"$PRIV_USER\"" "$T/logs/token-requests.jsonl" || true)
+  if [ "$ghcr_auth" -eq 0 ] && [ "$hub_other" -eq 0 ]; then
+    record mirror - "credentials stay with their upstream" PASS "ghcr.io token requests all anonymous"
+  else
+    record mirror - "credentials stay with their upstream" FAIL "ghcr.io saw $ghcr_auth authenticated, Hub saw $PRIV_USER $hub_other times"
+  fi
+}
