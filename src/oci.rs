@@ -26,10 +26,13 @@ const MAX_TAG_LEN: usize = 128;
 
 /// A content digest. Only `sha256` digests are cacheable; other algorithms are accepted by the
 /// grammar and passed through to the upstream uncached.
+///
+/// Kept as the one string clients and upstreams exchange (`sha256:<hex>`), with where the colon
+/// is, so printing it into a header or a log costs a copy, not a format.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
-    algorithm: String,
-    hex: String,
+    text: String,
+    colon: usize,
 }
 
 impl Digest {
@@ -54,22 +57,27 @@ impl Digest {
 
     pub fn from_sha256(raw: [u8; 32]) -> Digest {
         Digest {
-            algorithm: "sha256".into(),
-            hex: hex::encode(raw),
+            text: format!("sha256:{}", hex::encode(raw)),
+            colon: "sha256".len(),
         }
     }
 
+    /// `algorithm:encoded`, as written on the wire.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
     pub fn algorithm(&self) -> &str {
-        &self.algorithm
+        &self.text[..self.colon]
     }
 
     /// The encoded part after the colon: for sha256, 64 lowercase hex characters.
     pub fn hex(&self) -> &str {
-        &self.hex
+        &self.text[self.colon + 1..]
     }
 
     pub fn is_sha256(&self) -> bool {
-        self.algorithm == "sha256"
+        self.algorithm() == "sha256"
     }
 }
 
@@ -79,6 +87,20 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ParseError::Digest(truncate(s));
         let (algorithm, encoded) = s.split_once(':').ok_or_else(bad)?;
+        // Nearly every digest: skip the general grammar below, whose checks sha256 implies.
+        if algorithm == "sha256" {
+            if encoded.len() != 64
+                || !encoded
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return Err(bad());
+            }
+            return Ok(Digest {
+                text: s.to_owned(),
+                colon: algorithm.len(),
+            });
+        }
         // algorithm: [a-z0-9]+ (separated by [+._-]); encoded: [a-zA-Z0-9=_-]+
         let alg_ok = !algorithm.is_empty()
             && algorithm.len() <= 32
@@ -95,24 +117,16 @@ impl FromStr for Digest {
         if !alg_ok || !enc_ok {
             return Err(bad());
         }
-        if algorithm == "sha256"
-            && (encoded.len() != 64
-                || !encoded
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        {
-            return Err(bad());
-        }
         Ok(Digest {
-            algorithm: algorithm.to_owned(),
-            hex: encoded.to_owned(),
+            text: s.to_owned(),
+            colon: algorithm.len(),
         })
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm, self.hex)
+        f.write_str(&self.text)
     }
 }
 

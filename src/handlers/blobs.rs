@@ -113,7 +113,7 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
     content_type(h, "application/octet-stream");
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     content_headers(h, digest, true);

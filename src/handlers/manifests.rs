@@ -66,7 +66,7 @@ fn response(m: ManifestAnswer, by_digest: bool) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&m.media_type) {
         h.insert(header::CONTENT_TYPE, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&m.digest.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(m.digest.as_str()) {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));

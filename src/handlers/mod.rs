@@ -28,7 +28,11 @@ const IMMUTABLE: &str = "max-age=31536000, immutable";
 
 /// `ETag` (the quoted digest) and, for content addressed by digest, `Cache-Control`.
 fn content_headers(h: &mut http::HeaderMap, digest: &Digest, by_digest: bool) {
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+    let mut etag = String::with_capacity(digest.as_str().len() + 2);
+    etag.push('"');
+    etag.push_str(digest.as_str());
+    etag.push('"');
+    if let Ok(v) = HeaderValue::try_from(etag) {
         h.insert(header::ETAG, v);
     }
     if by_digest {
@@ -38,7 +42,7 @@ fn content_headers(h: &mut http::HeaderMap, digest: &Digest, by_digest: bool) {
 
 /// Whether `If-None-Match` names `digest` (quoted or not, weak or strong, or `*`).
 fn none_match(headers: &http::HeaderMap, digest: &Digest) -> bool {
-    let want = digest.to_string();
+    let want = digest.as_str();
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -53,7 +57,7 @@ fn not_modified(digest: &Digest, by_digest: bool) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
     content_headers(resp.headers_mut(), digest, by_digest);
-    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
         resp.headers_mut().insert(DOCKER_CONTENT_DIGEST, v);
     }
     resp

@@ -406,7 +406,9 @@ async fn serve_io<I>(
                 files,
                 in_flight,
             };
-            async move { Ok::<_, Infallible>(handle(app, req, conn).await) }
+            // Boxed: hyper spawns one task per HTTP/2 stream holding this future, and moving
+            // the whole request state machine into it costs several kilobytes of copying.
+            Box::pin(async move { Ok::<_, Infallible>(handle(app, req, conn).await) })
         })
     };
     let conn = builder
@@ -671,7 +673,10 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
         waited = Duration::ZERO;
     }
     let cache = cache_status.map_or("-", |s| s.as_str());
-    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+    if let Ok(mut v) = http::HeaderValue::from_str(&request_id) {
+        // Never indexed by HTTP/2's HPACK: a value unique to each response would only push the
+        // connection's repeated headers (digest, ETag, type) out of its compression table.
+        v.set_sensitive(true);
         resp.headers_mut().insert(request_id::HEADER, v);
     }
     // hyper stops polling a body once Content-Length bytes are out, so "complete" is judged
