@@ -10,7 +10,7 @@
 # then --requests are counted. Instruction counts do not depend on what else the machine runs,
 # unlike the throughput rows of bench/hotpath.sh, so this can compare two builds on a busy
 # machine: PULLTHROUGH_BIN=old bench/profile.sh, then with the new binary. The totals include
-# the 16 TLS handshakes (about 16k instructions per request at 20000 requests).
+# the 16 TLS handshakes, whose share shrinks as --requests grows.
 # Env: PULLTHROUGH_BIN (skip cargo build), BENCH_KEEP=1 (keep the callgrind output).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"

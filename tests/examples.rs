@@ -79,8 +79,14 @@ fn client_files_cover_every_configured_registry() {
     for registry in config.upstreams.keys() {
         let hosts = format!("examples/containerd/certs.d/{registry}/hosts.toml");
         let hosts = std::fs::read_to_string(&hosts).unwrap_or_else(|e| panic!("{hosts}: {e}"));
-        assert!(hosts.contains("[host.\"http://mirror.example:5000\"]"), "{registry}");
-        assert!(conf.contains(&format!("prefix = \"{registry}\"")), "{registry}");
+        assert!(
+            hosts.contains("[host.\"http://mirror.example:5000\"]"),
+            "{registry}"
+        );
+        assert!(
+            conf.contains(&format!("prefix = \"{registry}\"")),
+            "{registry}"
+        );
         if registry != "docker.io" {
             assert!(
                 conf.contains(&format!("location = \"mirror.example:5000/{registry}\"")),
