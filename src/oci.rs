@@ -297,6 +297,9 @@ pub mod media {
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    /// Docker's retired schema 1, which the mirror passes through but does not store.
+    pub const DOCKER_SCHEMA1_SIGNED: &str =
+        "application/vnd.docker.distribution.manifest.v1+prettyjws";
 
     /// The four modern manifest types, as one `Accept` value for upstream requests.
     pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \

@@ -81,7 +81,7 @@ async fn an_accept_that_excludes_the_stored_type_is_refused_locally_and_spends_n
     let m = TestMirror::start(&up).await;
     let path = "/v2/library/app/manifests/v1";
 
-    // Cold: one GET with the mirror's own Accept, whatever the client's.
+    // Cold: a HEAD with the mirror's own Accept says the type; no pull is spent on a refusal.
     let r = send(m.get(path), Some(OCI_ONLY)).await;
     assert_eq!(r.status(), 404);
     let e = first_error(r).await;
@@ -91,8 +91,9 @@ async fn an_accept_that_excludes_the_stored_type_is_refused_locally_and_spends_n
         "{e}"
     );
     assert_eq!(e["detail"]["mediaType"], DOCKER_MANIFEST);
-    assert_eq!(up.manifest_gets(), 1);
-    let sent = up.seen().into_iter().find(|s| s.method == "GET").unwrap();
+    assert_eq!(up.manifest_gets(), 0, "a refusal spends no pull");
+    assert_eq!(up.manifest_heads(), 1);
+    let sent = up.seen().into_iter().find(|s| s.method == "HEAD").unwrap();
     assert!(
         sent.headers["accept"]
             .to_str()
@@ -109,22 +110,58 @@ async fn an_accept_that_excludes_the_stored_type_is_refused_locally_and_spends_n
             404,
             "HEAD agrees"
         );
-        let by_digest = format!("/v2/library/app/manifests/{digest}");
+    }
+    assert_eq!(up.total(), total, "the tag record decides refusals");
+
+    // A client that takes the stored type: one GET, then every answer from the cache.
+    let r = send(m.get(path), Some(DOCKER_MANIFEST)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    assert_eq!(up.manifest_gets(), 1);
+    let total = up.total();
+    let by_digest = format!("/v2/library/app/manifests/{digest}");
+    for _ in 0..5 {
+        assert_eq!(send(m.get(path), Some(OCI_ONLY)).await.status(), 404);
         assert_eq!(send(m.get(&by_digest), Some(OCI_ONLY)).await.status(), 404);
         assert_eq!(send(m.head(&by_digest), Some(OCI_ONLY)).await.status(), 404);
     }
+    let r = send(m.get(path), Some(DOCKER_MANIFEST)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "HIT");
     assert_eq!(
         up.total(),
         total,
         "refusals are decided without the upstream"
     );
+}
 
-    // A client that takes the stored type gets it from the cache.
-    let r = send(m.get(path), Some(DOCKER_MANIFEST)).await;
+/// A tag whose manifest is Docker's schema 1, which the mirror does not store: a client that
+/// does not take schema 1 is refused after a HEAD, without the GET that would be thrown away.
+#[tokio::test]
+async fn a_cold_schema1_tag_for_a_client_that_excludes_it_spends_no_pull() {
+    const SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    let up = FakeUpstream::start().await;
+    up.add_manifest(
+        "library/old",
+        Some("v1"),
+        SCHEMA1,
+        &br#"{"schemaVersion":1,"name":"library/old","tag":"v1","fsLayers":[],"history":[]}"#[..],
+    );
+    up.behave(|b| b.ignore_accept = true);
+    let m = TestMirror::start(&up).await;
+    let path = "/v2/library/old/manifests/v1";
+    for accept in [OCI_ONLY, DOCKER_MANIFEST] {
+        let r = send(m.get(path), Some(accept)).await;
+        assert_eq!(r.status(), 404, "{accept}");
+        let e = first_error(r).await;
+        assert_eq!(e["detail"]["mediaType"], SCHEMA1, "{e}");
+    }
+    assert_eq!(up.manifest_gets(), 0, "no pull spent on a refused answer");
+    // A client that takes schema 1 gets it, passed through.
+    let r = send(m.get(path), Some(SCHEMA1)).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(x_cache(&r), "HIT");
-    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
-    assert_eq!(up.total(), total);
+    assert_eq!(r.headers()["content-type"], SCHEMA1);
+    assert_eq!(up.manifest_gets(), 1);
 }
 
 #[tokio::test]

@@ -25,6 +25,20 @@ fn negotiate(accept: &Accept, media_type: &str) -> Result<(), Error> {
     }
 }
 
+/// Whether `accept` takes every manifest type an upstream may answer a tag with: the four the
+/// mirror asks for, and schema 1, which an upstream may still hold.
+fn takes_every_type(accept: &Accept) -> bool {
+    [
+        media::DOCKER_MANIFEST,
+        media::DOCKER_LIST,
+        media::OCI_MANIFEST,
+        media::OCI_INDEX,
+        media::DOCKER_SCHEMA1_SIGNED,
+    ]
+    .iter()
+    .all(|t| accept.allows(t))
+}
+
 /// What a manifest request is answered with.
 #[derive(Debug, Clone)]
 pub struct ManifestAnswer {
@@ -106,7 +120,11 @@ impl Mirror {
         head: bool,
         accept: &Accept,
     ) -> Result<ManifestAnswer, Error> {
-        let (record, tag_status) = match self.resolve_tag(target, tag, !head).await? {
+        // A client that might refuse what the upstream has learns the tag's type from a HEAD
+        // (not a counted pull; free when the tag is cached) before any GET: a refusal must
+        // not cost a pull, and a schema 1 manifest would not even be stored.
+        let want_body = !head && takes_every_type(accept);
+        let (record, tag_status) = match self.resolve_tag(target, tag, want_body).await? {
             Resolved::Record(record, status) => (record, status),
             Resolved::Uncacheable(m) => {
                 negotiate(accept, &m.media_type)?;

@@ -87,6 +87,9 @@ pub struct Behaviour {
     pub no_referrers_api: bool,
     /// Apply `artifactType` to referrers answers (and say so in `OCI-Filters-Applied`).
     pub filter_referrers: bool,
+    /// Answer a manifest whatever the `Accept` lists, as a registry that holds only one form
+    /// of it (a schema 1 manifest) may.
+    pub ignore_accept: bool,
 }
 
 #[derive(Clone)]
@@ -578,7 +581,10 @@ fn manifest(
                 .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
         })
         .collect();
-    if !accept.is_empty() && !accept.iter().any(|a| a == &m.media_type || a == "*/*") {
+    if !b.ignore_accept
+        && !accept.is_empty()
+        && !accept.iter().any(|a| a == &m.media_type || a == "*/*")
+    {
         return oci_error(404, "MANIFEST_UNKNOWN", "manifest not acceptable");
     }
     let mut r = full(200, if head { Bytes::new() } else { m.bytes.clone() });
