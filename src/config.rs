@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::oci::RepoName;
+use crate::policy::{RepoGlobs, TagPatterns};
+
 /// Docker Hub's registry name as clients spell it in `?ns=`.
 pub const DOCKER_HUB: &str = "docker.io";
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -391,6 +394,28 @@ pub struct UpstreamConfig {
     /// At or below this many remaining pulls, cached tags are served stale rather than
     /// spending a GET, unless a HEAD shows the tag changed. Default 10.
     pub budget_reserve: u64,
+    /// Other names for this registry as the first segment of a repository path, besides its
+    /// own name: `aliases = ["ghcr"]` makes `/v2/ghcr/org/app/…` mean `/v2/ghcr.io/org/app/…`.
+    /// Single path segments, unique across upstreams. Default: none.
+    pub aliases: Vec<String>,
+
+    // Policy: which repositories are mirrored from this upstream, and how long its tags are
+    // trusted.
+    /// How long a cached tag (or referrers list) of this upstream is answered without asking
+    /// it. Default: `cache.tag_ttl`.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub tag_ttl: Option<Duration>,
+    /// Regexes, anchored as written (`["^v?[0-9]+\\.[0-9]+\\.[0-9]+$"]`): a cached tag that
+    /// matches one is never revalidated. Default: none.
+    pub immutable_tags: TagPatterns,
+    /// Globs over repository names as this upstream knows them (`["library/*", "myorg/*"]`;
+    /// `*` crosses `/`): only these are mirrored, others are refused `403 DENIED`.
+    /// Default: every repository.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_repositories: Option<RepoGlobs>,
+    /// Globs of repositories refused `403 DENIED`, whatever `allow_repositories` says.
+    /// Default: none.
+    pub deny_repositories: RepoGlobs,
 }
 
 impl Default for UpstreamConfig {
@@ -410,6 +435,11 @@ impl Default for UpstreamConfig {
             max_pulls_window: Duration::from_secs(6 * 3600),
             budget_warn_ratio: 0.2,
             budget_reserve: 10,
+            aliases: Vec::new(),
+            tag_ttl: None,
+            immutable_tags: TagPatterns::default(),
+            allow_repositories: None,
+            deny_repositories: RepoGlobs::default(),
         }
     }
 }
@@ -586,6 +616,7 @@ impl Config {
                 }
             }
         }
+        self.validate_routing()?;
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err(bad(
                 "server.tls_cert",
@@ -622,6 +653,53 @@ impl Config {
         }
         if self.storage.dir.as_os_str().is_empty() {
             return Err(bad("storage.dir", "", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Every registry name and alias picks one upstream: a path's first segment is looked up
+    /// among them, as is containerd's `ns`.
+    fn validate_routing(&self) -> Result<(), ConfigError> {
+        let bad = |key: String, value: &str, reason: String| ConfigError::Value {
+            key,
+            value: value.to_owned(),
+            reason,
+        };
+        // Path segments are lowercase: `GHCR.io` and `ghcr.io` would be one registry.
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        for name in self.upstreams.keys() {
+            if let Some(other) = owners.insert(name.to_ascii_lowercase(), name) {
+                return Err(bad(
+                    "upstreams".to_owned(),
+                    name,
+                    format!("the same registry as upstreams.\"{other}\""),
+                ));
+            }
+        }
+        for (name, up) in &self.upstreams {
+            let key = format!("upstreams.\"{name}\".aliases");
+            for alias in &up.aliases {
+                if alias.contains('/') || alias.parse::<RepoName>().is_err() {
+                    return Err(bad(
+                        key,
+                        alias,
+                        "must be one path segment: lowercase letters and digits, with `.`, `_` \
+                         or `-` between them"
+                            .to_owned(),
+                    ));
+                }
+                if alias == "library" {
+                    return Err(bad(
+                        key,
+                        alias,
+                        "would hide Docker Hub's official images (/v2/library/...)".to_owned(),
+                    ));
+                }
+                if let Some(owner) = owners.insert(alias.clone(), name) {
+                    let reason = format!("already names upstreams.\"{owner}\"");
+                    return Err(bad(key, alias, reason));
+                }
+            }
         }
         Ok(())
     }

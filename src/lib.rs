@@ -24,6 +24,7 @@ pub mod logging;
 mod metrics;
 mod mirror;
 pub mod oci;
+pub mod policy;
 mod outcome;
 mod platform;
 pub mod routes;
