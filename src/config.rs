@@ -801,6 +801,70 @@ mod tests {
         let _ = Config::load(None, no_env, &Overrides::default()).unwrap();
     }
 
+    fn two_upstreams(extra: &str) -> Result<Config, String> {
+        let text = format!(
+            "[upstreams.\"docker.io\"]\n[upstreams.\"ghcr.io\"]\nurl = \"https://ghcr.io\"\n{extra}"
+        );
+        let c = Config::from_toml(&text)?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn policy_fields_parse_once_and_print_back() {
+        let c = two_upstreams(
+            "aliases = [\"ghcr\"]\ntag_ttl = \"1h\"\nimmutable_tags = ['^v?[0-9]+\\.[0-9]+\\.[0-9]+$']\n\
+             allow_repositories = [\"myorg/*\"]\ndeny_repositories = [\"myorg/secret\"]\n",
+        )
+        .unwrap();
+        let up = &c.upstreams["ghcr.io"];
+        assert_eq!(up.aliases, ["ghcr"]);
+        assert_eq!(up.tag_ttl, Some(Duration::from_secs(3600)));
+        assert!(up.immutable_tags.matches("v1.2.3"));
+        assert!(up.allow_repositories.is_some());
+        assert_eq!(c.upstreams[DOCKER_HUB].tag_ttl, None);
+        let back = Config::from_toml(&c.to_redacted_toml().unwrap()).unwrap();
+        let b = &back.upstreams["ghcr.io"];
+        assert_eq!(b.immutable_tags, up.immutable_tags);
+        assert_eq!(b.allow_repositories, up.allow_repositories);
+        assert_eq!(b.deny_repositories, up.deny_repositories);
+        assert_eq!(b.tag_ttl, up.tag_ttl);
+        assert_eq!(back.upstreams[DOCKER_HUB].allow_repositories, None);
+    }
+
+    #[test]
+    fn a_bad_pattern_is_a_config_error_naming_the_field() {
+        let e = two_upstreams("immutable_tags = [\"v([\"]\n").unwrap_err();
+        assert!(e.contains("immutable_tags") && e.contains("v(["), "{e}");
+        let e = two_upstreams("deny_repositories = [\n  \"ok/*\",\n  \"a/[\",\n]\n").unwrap_err();
+        assert!(e.contains("deny_repositories") && e.contains("a/["), "{e}");
+    }
+
+    #[test]
+    fn aliases_are_single_segments_unique_across_upstreams() {
+        for (extra, key, why) in [
+            ("aliases = [\"gh/cr\"]", "ghcr.io\".aliases", "one path segment"),
+            ("aliases = [\"GHCR\"]", "ghcr.io\".aliases", "one path segment"),
+            ("aliases = [\"docker.io\"]", "ghcr.io\".aliases", "upstreams.\"docker.io\""),
+            ("aliases = [\"ghcr.io\"]", "ghcr.io\".aliases", "upstreams.\"ghcr.io\""),
+            ("aliases = [\"library\"]", "ghcr.io\".aliases", "official images"),
+            (
+                "aliases = [\"gh\"]\n[upstreams.\"quay.io\"]\nurl = \"https://quay.io\"\naliases = [\"gh\"]",
+                "quay.io\".aliases",
+                "upstreams.\"ghcr.io\"",
+            ),
+            (
+                "[upstreams.\"GHCR.io\"]\nurl = \"https://ghcr.io\"",
+                "upstreams",
+                "the same registry",
+            ),
+        ] {
+            let e = two_upstreams(extra).unwrap_err();
+            assert!(e.contains(key) && e.contains(why), "{extra}: {e}");
+        }
+        two_upstreams("aliases = [\"ghcr\", \"gh\"]").unwrap();
+    }
+
     #[test]
     fn bad_size_in_toml_shows_the_accepted_forms() {
         let err = Config::from_toml("[storage]\nmax_size = \"lots\"\n").unwrap_err();
