@@ -866,6 +866,29 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_second_upstream_in_mirror_toml_is_valid() {
+        let text = include_str!("../mirror.toml");
+        let start = text.find("# [upstreams.\"ghcr.io\"]").unwrap();
+        let block: String = text[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with("[upstreams.")
+                    || l.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::from_toml(&format!("{text}\n{block}")).unwrap();
+        c.validate().unwrap();
+        let ghcr = &c.upstreams["ghcr.io"];
+        assert_eq!(ghcr.aliases, ["ghcr"]);
+        assert!(ghcr.immutable_tags.matches("v1.2.3"));
+        assert!(ghcr.allow_repositories.is_some());
+    }
+
+    #[test]
     fn bad_size_in_toml_shows_the_accepted_forms() {
         let err = Config::from_toml("[storage]\nmax_size = \"lots\"\n").unwrap_err();
         assert!(

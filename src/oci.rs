@@ -410,7 +410,11 @@ mod tests {
         let n: RepoName = "ghcr.io/org/app".parse().unwrap();
         let (first, rest) = n.split_first().unwrap();
         assert_eq!((first, rest.as_str()), ("ghcr.io", "org/app"));
-        assert!("alpine".parse::<RepoName>().unwrap().split_first().is_none());
+        assert!("alpine"
+            .parse::<RepoName>()
+            .unwrap()
+            .split_first()
+            .is_none());
     }
 
     #[test]

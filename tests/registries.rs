@@ -47,7 +47,8 @@ impl Registries {
         let (ghcr, quay) = (self.ghcr.url.clone(), self.quay.url.clone());
         TestMirror::start_in(&self.hub, dir, |c| {
             c.cache.tag_ttl = TTL;
-            c.upstreams.insert("ghcr.io".into(), upstream(&ghcr, &["ghcr"]));
+            c.upstreams
+                .insert("ghcr.io".into(), upstream(&ghcr, &["ghcr"]));
             c.upstreams.insert("quay.io".into(), upstream(&quay, &[]));
             tweak(c);
         })
@@ -132,7 +133,10 @@ async fn alias_routes_to_its_registry() {
     let (manifest, _) = r.ghcr.add_image("org/app", "1.0", &[10]);
     let m = r.mirror(|_| {}).await;
 
-    assert_eq!(digest_of(&m, "/v2/ghcr/org/app/manifests/1.0").await, manifest);
+    assert_eq!(
+        digest_of(&m, "/v2/ghcr/org/app/manifests/1.0").await,
+        manifest
+    );
     assert_eq!(r.totals(), [0, 1, 0]);
     // One cache, whichever way in: the prefix and containerd's `ns` find the same tag.
     for path in [
@@ -155,7 +159,10 @@ async fn alias_routes_to_its_registry() {
         .await
         .unwrap();
     let top = status["top_repositories"]["by_requests"].to_string();
-    assert!(top.contains("\"org/app\"") && !top.contains("ghcr/"), "{top}");
+    assert!(
+        top.contains("\"org/app\"") && !top.contains("ghcr/"),
+        "{top}"
+    );
 }
 
 #[tokio::test]
@@ -168,9 +175,15 @@ async fn unprefixed_path_stays_docker_hub() {
     let m = r.mirror(|_| {}).await;
 
     assert_eq!(digest_of(&m, "/v2/alpine/manifests/3").await, alpine);
-    assert_eq!(digest_of(&m, "/v2/library/alpine/manifests/3").await, alpine);
+    assert_eq!(
+        digest_of(&m, "/v2/library/alpine/manifests/3").await,
+        alpine
+    );
     assert_eq!(digest_of(&m, "/v2/myorg/app/manifests/1").await, app);
-    assert_eq!(digest_of(&m, "/v2/docker.io/myorg/app/manifests/1").await, app);
+    assert_eq!(
+        digest_of(&m, "/v2/docker.io/myorg/app/manifests/1").await,
+        app
+    );
     assert_eq!(r.totals(), [2, 0, 0]);
 }
 
@@ -199,9 +212,15 @@ async fn unknown_registry_prefix_is_refused_without_upstream_requests() {
     let m = r.mirror(|_| {}).await;
     let d = sha256(b"x");
     for (path, registry) in [
-        ("/v2/gcr.io/distroless/static/manifests/latest".to_owned(), "gcr.io"),
+        (
+            "/v2/gcr.io/distroless/static/manifests/latest".to_owned(),
+            "gcr.io",
+        ),
         (format!("/v2/localhost/team/app/blobs/{d}"), "localhost"),
-        ("/v2/registry.k8s.io/pause/tags/list".to_owned(), "registry.k8s.io"),
+        (
+            "/v2/registry.k8s.io/pause/tags/list".to_owned(),
+            "registry.k8s.io",
+        ),
         (format!("/v2/my.registry/app/referrers/{d}"), "my.registry"),
     ] {
         let resp = m.get(&path).send().await.unwrap();
@@ -228,7 +247,10 @@ async fn library_rule_applies_to_docker_hub_only() {
     assert_eq!(seen(&r.ghcr, "GET", "/v2/alpine/manifests/3"), 1);
     assert_eq!(digest_of(&m, "/v2/docker.io/alpine/manifests/3").await, hub);
     assert_eq!(seen(&r.hub, "GET", "/v2/library/alpine/manifests/3"), 1);
-    assert_eq!(digest_of(&m, "/v2/alpine/manifests/3?ns=quay.io").await, quay);
+    assert_eq!(
+        digest_of(&m, "/v2/alpine/manifests/3?ns=quay.io").await,
+        quay
+    );
     assert_eq!(seen(&r.quay, "GET", "/v2/alpine/manifests/3"), 1);
 }
 
@@ -274,7 +296,10 @@ async fn denied_repository_costs_zero_upstream_requests() {
         f64::from(refused)
     );
     // What the lists admit is mirrored.
-    assert_eq!(digest_of(&m, "/v2/quay.io/myorg/app/manifests/1").await, allowed);
+    assert_eq!(
+        digest_of(&m, "/v2/quay.io/myorg/app/manifests/1").await,
+        allowed
+    );
     assert_eq!(r.totals(), [0, 0, 1]);
 }
 
@@ -283,18 +308,30 @@ async fn cached_content_is_not_served_for_a_denied_repository() {
     let r = Registries::start().await;
     let (manifest, layers) = r.ghcr.add_image("org/app", "1.0", &[100]);
     let m = r.mirror(|_| {}).await;
-    assert_eq!(digest_of(&m, "/v2/ghcr.io/org/app/manifests/1.0").await, manifest);
+    assert_eq!(
+        digest_of(&m, "/v2/ghcr.io/org/app/manifests/1.0").await,
+        manifest
+    );
     let blob = format!("/v2/ghcr.io/org/app/blobs/{}", layers[0]);
     assert_eq!(m.get(&blob).send().await.unwrap().status(), 200);
     wait_committed(&m, &blob).await;
-    let catalog = m.get("/v2/_catalog").send().await.unwrap().text().await.unwrap();
+    let catalog = m
+        .get("/v2/_catalog")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(catalog.contains("ghcr.io/org/app"), "{catalog}");
     let asked = r.totals();
 
     // The operator denies the repository; the cache still holds it.
     let dir = m.stop().await;
     let m = r
-        .mirror_in(dir, |c| up(c, "ghcr.io").deny_repositories = globs(&["org/*"]))
+        .mirror_in(dir, |c| {
+            up(c, "ghcr.io").deny_repositories = globs(&["org/*"])
+        })
         .await;
     for path in [
         "/v2/ghcr.io/org/app/manifests/1.0".to_owned(),
@@ -307,7 +344,14 @@ async fn cached_content_is_not_served_for_a_denied_repository() {
         assert_eq!(error_code(resp).await, "DENIED", "{path}");
     }
     assert_eq!(r.totals(), asked);
-    let catalog = m.get("/v2/_catalog").send().await.unwrap().text().await.unwrap();
+    let catalog = m
+        .get("/v2/_catalog")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(!catalog.contains("org/app"), "{catalog}");
     // The same blob under an admitted name is still a hit.
     let other = m
@@ -326,17 +370,31 @@ async fn immutable_tag_is_never_revalidated() {
     let m = r
         .mirror(|c| up(c, "ghcr.io").immutable_tags = TagPatterns::new(&[SEMVER]).unwrap())
         .await;
-    assert_eq!(digest_of(&m, "/v2/ghcr/org/app/manifests/v1.2.3").await, release);
-    assert_eq!(digest_of(&m, "/v2/ghcr/org/app/manifests/latest").await, latest);
+    assert_eq!(
+        digest_of(&m, "/v2/ghcr/org/app/manifests/v1.2.3").await,
+        release
+    );
+    assert_eq!(
+        digest_of(&m, "/v2/ghcr/org/app/manifests/latest").await,
+        latest
+    );
     // Even a moved release tag is not looked at again.
     r.ghcr.retag("org/app", "v1.2.3", &latest);
 
     for _ in 0..3 {
         m.advance(PAST_TTL);
-        let resp = m.get("/v2/ghcr/org/app/manifests/v1.2.3").send().await.unwrap();
+        let resp = m
+            .get("/v2/ghcr/org/app/manifests/v1.2.3")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(x_cache(&resp), "HIT");
         assert_eq!(resp.headers()["docker-content-digest"], release.as_str());
-        let resp = m.head("/v2/ghcr/org/app/manifests/latest").send().await.unwrap();
+        let resp = m
+            .head("/v2/ghcr/org/app/manifests/latest")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
     }
     assert_eq!(seen(&r.ghcr, "HEAD", "/v2/org/app/manifests/v1.2.3"), 0);
@@ -359,14 +417,22 @@ async fn per_upstream_tag_ttl_applies() {
     m.advance(PAST_TTL);
     let hub = m.head("/v2/alpine/manifests/3").send().await.unwrap();
     assert_eq!(x_cache(&hub), "REVALIDATED");
-    let quay = m.head("/v2/quay.io/org/tool/manifests/1").send().await.unwrap();
+    let quay = m
+        .head("/v2/quay.io/org/tool/manifests/1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(x_cache(&quay), "HIT");
     assert_eq!(r.hub.manifest_heads(), 1);
     assert_eq!(r.quay.manifest_heads(), 0);
 
     // Past quay.io's own TTL.
     m.advance(Duration::from_secs(600));
-    let quay = m.head("/v2/quay.io/org/tool/manifests/1").send().await.unwrap();
+    let quay = m
+        .head("/v2/quay.io/org/tool/manifests/1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(x_cache(&quay), "REVALIDATED");
     assert_eq!(r.quay.manifest_heads(), 1);
 }
@@ -380,7 +446,14 @@ async fn same_digest_through_two_registries_is_stored_once() {
     let m = r.mirror(|_| {}).await;
 
     let hub_path = format!("/v2/library/base/blobs/{d}");
-    let got = m.get(&hub_path).send().await.unwrap().bytes().await.unwrap();
+    let got = m
+        .get(&hub_path)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&got[..], &bytes[..]);
     wait_committed(&m, &hub_path).await;
     for path in [
@@ -423,8 +496,14 @@ async fn catalog_and_tag_links_name_paths_a_client_can_follow() {
     digest_of(&m, "/v2/alpine/manifests/3").await;
     digest_of(&m, "/v2/ghcr/org/app/manifests/a").await;
 
-    let catalog: serde_json::Value =
-        m.get("/v2/_catalog").send().await.unwrap().json().await.unwrap();
+    let catalog: serde_json::Value = m
+        .get("/v2/_catalog")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(
         catalog["repositories"],
         serde_json::json!(["ghcr.io/org/app", "library/alpine"])
@@ -440,11 +519,24 @@ async fn catalog_and_tag_links_name_paths_a_client_can_follow() {
     assert_eq!(catalog["repositories"], serde_json::json!(["org/app"]));
 
     // ghcr.io pages and links to `/v2/org/app/…`: the mirror's link keeps the prefix.
-    let resp = m.get("/v2/ghcr.io/org/app/tags/list?n=2").send().await.unwrap();
+    let resp = m
+        .get("/v2/ghcr.io/org/app/tags/list?n=2")
+        .send()
+        .await
+        .unwrap();
     let link = resp.headers()["link"].to_str().unwrap().to_owned();
-    assert_eq!(link, "</v2/ghcr.io/org/app/tags/list?n=2&last=b>; rel=\"next\"");
+    assert_eq!(
+        link,
+        "</v2/ghcr.io/org/app/tags/list?n=2&last=b>; rel=\"next\""
+    );
     let next = link.trim_start_matches('<').split('>').next().unwrap();
     let page: serde_json::Value = m.get(next).send().await.unwrap().json().await.unwrap();
     assert_eq!(page["tags"], serde_json::json!(["c"]));
-    assert_eq!(r.hub.counters().tags.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        r.hub
+            .counters()
+            .tags
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }

@@ -166,7 +166,10 @@ mod tests {
     #[test]
     fn the_library_rule_is_docker_hub_only() {
         assert_eq!(resolve(None, "ghcr.io/alpine"), ok("ghcr.io", "alpine"));
-        assert_eq!(resolve(None, "docker.io/alpine"), ok("docker.io", "library/alpine"));
+        assert_eq!(
+            resolve(None, "docker.io/alpine"),
+            ok("docker.io", "library/alpine")
+        );
         assert_eq!(resolve(Some("quay.io"), "alpine"), ok("quay.io", "alpine"));
     }
 
@@ -184,12 +187,18 @@ mod tests {
             resolve(Some("docker.io"), "ghcr.io/org/app"),
             ok("docker.io", "ghcr.io/org/app")
         );
-        assert_eq!(resolve(Some("ghcr.io"), "org/app"), ok("ghcr.io", "org/app"));
+        assert_eq!(
+            resolve(Some("ghcr.io"), "org/app"),
+            ok("ghcr.io", "org/app")
+        );
         assert_eq!(
             resolve(Some("registry-1.docker.io"), "alpine"),
             ok("docker.io", "library/alpine")
         );
-        assert_eq!(resolve(Some(""), "alpine"), ok("docker.io", "library/alpine"));
+        assert_eq!(
+            resolve(Some(""), "alpine"),
+            ok("docker.io", "library/alpine")
+        );
         assert!(resolve(Some("gcr.io"), "x/y").is_err());
     }
 
@@ -200,9 +209,18 @@ mod tests {
             r.path_name(registry, &repo.parse().unwrap())
                 .map(|n| n.to_string())
         };
-        assert_eq!(name("docker.io", "library/alpine").as_deref(), Some("library/alpine"));
-        assert_eq!(name("ghcr.io", "org/app").as_deref(), Some("ghcr.io/org/app"));
+        assert_eq!(
+            name("docker.io", "library/alpine").as_deref(),
+            Some("library/alpine")
+        );
+        assert_eq!(
+            name("ghcr.io", "org/app").as_deref(),
+            Some("ghcr.io/org/app")
+        );
         // A Docker Hub namespace an alias hides is reached through the registry's name.
-        assert_eq!(name("docker.io", "ghcr/tool").as_deref(), Some("docker.io/ghcr/tool"));
+        assert_eq!(
+            name("docker.io", "ghcr/tool").as_deref(),
+            Some("docker.io/ghcr/tool")
+        );
     }
 }
