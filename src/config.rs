@@ -211,7 +211,8 @@ impl Default for Config {
 pub struct ServerConfig {
     /// Address to listen on. Default `0.0.0.0:5000`.
     pub listen: SocketAddr,
-    /// Registry served to requests without `?ns=` (dockerd, podman). Default `docker.io`.
+    /// Registry served to requests with neither `?ns=` nor a registry prefix or alias in the
+    /// path (dockerd's `registry-mirrors`). Default `docker.io`.
     pub default_registry: String,
     /// Connections with no request in flight for this long are closed: idle ones, those with
     /// a half-sent request header, HTTP/2 connections that have not completed their preface or
