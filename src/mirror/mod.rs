@@ -121,7 +121,7 @@ impl Mirror {
     }
 
     /// The upstream a request for `name` (with containerd's `ns`, if sent) goes to, and the
-    /// repository name as that upstream knows it (see [`routing`]): for the access log, which
+    /// repository name as that upstream knows it (see `routing.rs`): for the access log, which
     /// names what was asked for even when the policy refuses it.
     pub fn resolve(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
         let (registry, repo) = self.routing.resolve(ns, name)?;
