@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::oci::RepoName;
+use crate::policy::{RepoGlobs, TagPatterns};
+
 /// Docker Hub's registry name as clients spell it in `?ns=`.
 pub const DOCKER_HUB: &str = "docker.io";
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -208,7 +211,8 @@ impl Default for Config {
 pub struct ServerConfig {
     /// Address to listen on. Default `0.0.0.0:5000`.
     pub listen: SocketAddr,
-    /// Registry served to requests without `?ns=` (dockerd, podman). Default `docker.io`.
+    /// Registry served to requests with neither `?ns=` nor a registry prefix or alias in the
+    /// path (dockerd's `registry-mirrors`). Default `docker.io`.
     pub default_registry: String,
     /// Connections with no request in flight for this long are closed: idle ones, those with
     /// a half-sent request header, HTTP/2 connections that have not completed their preface or
@@ -391,6 +395,28 @@ pub struct UpstreamConfig {
     /// At or below this many remaining pulls, cached tags are served stale rather than
     /// spending a GET, unless a HEAD shows the tag changed. Default 10.
     pub budget_reserve: u64,
+    /// Other names for this registry as the first segment of a repository path, besides its
+    /// own name: `aliases = ["ghcr"]` makes `/v2/ghcr/org/app/…` mean `/v2/ghcr.io/org/app/…`.
+    /// Single path segments, unique across upstreams. Default: none.
+    pub aliases: Vec<String>,
+
+    // Policy: which repositories are mirrored from this upstream, and how long its tags are
+    // trusted.
+    /// How long a cached tag (or referrers list) of this upstream is answered without asking
+    /// it. Default: `cache.tag_ttl`.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub tag_ttl: Option<Duration>,
+    /// Regexes, anchored as written (`["^v?[0-9]+\\.[0-9]+\\.[0-9]+$"]`): a cached tag that
+    /// matches one is never revalidated. Default: none.
+    pub immutable_tags: TagPatterns,
+    /// Globs over repository names as this upstream knows them (`["library/*", "myorg/*"]`;
+    /// `*` crosses `/`): only these are mirrored, others are refused `403 DENIED`.
+    /// Default: every repository.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_repositories: Option<RepoGlobs>,
+    /// Globs of repositories refused `403 DENIED`, whatever `allow_repositories` says.
+    /// Default: none.
+    pub deny_repositories: RepoGlobs,
 }
 
 impl Default for UpstreamConfig {
@@ -410,6 +436,11 @@ impl Default for UpstreamConfig {
             max_pulls_window: Duration::from_secs(6 * 3600),
             budget_warn_ratio: 0.2,
             budget_reserve: 10,
+            aliases: Vec::new(),
+            tag_ttl: None,
+            immutable_tags: TagPatterns::default(),
+            allow_repositories: None,
+            deny_repositories: RepoGlobs::default(),
         }
     }
 }
@@ -586,6 +617,7 @@ impl Config {
                 }
             }
         }
+        self.validate_routing()?;
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err(bad(
                 "server.tls_cert",
@@ -622,6 +654,53 @@ impl Config {
         }
         if self.storage.dir.as_os_str().is_empty() {
             return Err(bad("storage.dir", "", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Every registry name and alias picks one upstream: a path's first segment is looked up
+    /// among them, as is containerd's `ns`.
+    fn validate_routing(&self) -> Result<(), ConfigError> {
+        let bad = |key: String, value: &str, reason: String| ConfigError::Value {
+            key,
+            value: value.to_owned(),
+            reason,
+        };
+        // Path segments are lowercase: `GHCR.io` and `ghcr.io` would be one registry.
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        for name in self.upstreams.keys() {
+            if let Some(other) = owners.insert(name.to_ascii_lowercase(), name) {
+                return Err(bad(
+                    "upstreams".to_owned(),
+                    name,
+                    format!("the same registry as upstreams.\"{other}\""),
+                ));
+            }
+        }
+        for (name, up) in &self.upstreams {
+            let key = format!("upstreams.\"{name}\".aliases");
+            for alias in &up.aliases {
+                if alias.contains('/') || alias.parse::<RepoName>().is_err() {
+                    return Err(bad(
+                        key,
+                        alias,
+                        "must be one path segment: lowercase letters and digits, with `.`, `_` \
+                         or `-` between them"
+                            .to_owned(),
+                    ));
+                }
+                if alias == "library" {
+                    return Err(bad(
+                        key,
+                        alias,
+                        "would hide Docker Hub's official images (/v2/library/...)".to_owned(),
+                    ));
+                }
+                if let Some(owner) = owners.insert(alias.clone(), name) {
+                    let reason = format!("already names upstreams.\"{owner}\"");
+                    return Err(bad(key, alias, reason));
+                }
+            }
         }
         Ok(())
     }
@@ -721,6 +800,93 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
         assert_eq!(c.storage.dir, PathBuf::from("./data"));
         let _ = Config::load(None, no_env, &Overrides::default()).unwrap();
+    }
+
+    fn two_upstreams(extra: &str) -> Result<Config, String> {
+        let text = format!(
+            "[upstreams.\"docker.io\"]\n[upstreams.\"ghcr.io\"]\nurl = \"https://ghcr.io\"\n{extra}"
+        );
+        let c = Config::from_toml(&text)?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn policy_fields_parse_once_and_print_back() {
+        let c = two_upstreams(
+            "aliases = [\"ghcr\"]\ntag_ttl = \"1h\"\nimmutable_tags = ['^v?[0-9]+\\.[0-9]+\\.[0-9]+$']\n\
+             allow_repositories = [\"myorg/*\"]\ndeny_repositories = [\"myorg/secret\"]\n",
+        )
+        .unwrap();
+        let up = &c.upstreams["ghcr.io"];
+        assert_eq!(up.aliases, ["ghcr"]);
+        assert_eq!(up.tag_ttl, Some(Duration::from_secs(3600)));
+        assert!(up.immutable_tags.matches("v1.2.3"));
+        assert!(up.allow_repositories.is_some());
+        assert_eq!(c.upstreams[DOCKER_HUB].tag_ttl, None);
+        let back = Config::from_toml(&c.to_redacted_toml().unwrap()).unwrap();
+        let b = &back.upstreams["ghcr.io"];
+        assert_eq!(b.immutable_tags, up.immutable_tags);
+        assert_eq!(b.allow_repositories, up.allow_repositories);
+        assert_eq!(b.deny_repositories, up.deny_repositories);
+        assert_eq!(b.tag_ttl, up.tag_ttl);
+        assert_eq!(back.upstreams[DOCKER_HUB].allow_repositories, None);
+    }
+
+    #[test]
+    fn a_bad_pattern_is_a_config_error_naming_the_field() {
+        let e = two_upstreams("immutable_tags = [\"v([\"]\n").unwrap_err();
+        assert!(e.contains("immutable_tags") && e.contains("v(["), "{e}");
+        let e = two_upstreams("deny_repositories = [\n  \"ok/*\",\n  \"a/[\",\n]\n").unwrap_err();
+        assert!(e.contains("deny_repositories") && e.contains("a/["), "{e}");
+    }
+
+    #[test]
+    fn aliases_are_single_segments_unique_across_upstreams() {
+        for (extra, key, why) in [
+            ("aliases = [\"gh/cr\"]", "ghcr.io\".aliases", "one path segment"),
+            ("aliases = [\"GHCR\"]", "ghcr.io\".aliases", "one path segment"),
+            ("aliases = [\"docker.io\"]", "ghcr.io\".aliases", "upstreams.\"docker.io\""),
+            ("aliases = [\"ghcr.io\"]", "ghcr.io\".aliases", "upstreams.\"ghcr.io\""),
+            ("aliases = [\"library\"]", "ghcr.io\".aliases", "official images"),
+            (
+                "aliases = [\"gh\"]\n[upstreams.\"quay.io\"]\nurl = \"https://quay.io\"\naliases = [\"gh\"]",
+                "quay.io\".aliases",
+                "upstreams.\"ghcr.io\"",
+            ),
+            (
+                "[upstreams.\"GHCR.io\"]\nurl = \"https://ghcr.io\"",
+                "upstreams",
+                "the same registry",
+            ),
+        ] {
+            let e = two_upstreams(extra).unwrap_err();
+            assert!(e.contains(key) && e.contains(why), "{extra}: {e}");
+        }
+        two_upstreams("aliases = [\"ghcr\", \"gh\"]").unwrap();
+    }
+
+    #[test]
+    fn the_commented_second_upstream_in_mirror_toml_is_valid() {
+        let text = include_str!("../mirror.toml");
+        let start = text.find("# [upstreams.\"ghcr.io\"]").unwrap();
+        let block: String = text[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with("[upstreams.")
+                    || l.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::from_toml(&format!("{text}\n{block}")).unwrap();
+        c.validate().unwrap();
+        let ghcr = &c.upstreams["ghcr.io"];
+        assert_eq!(ghcr.aliases, ["ghcr"]);
+        assert!(ghcr.immutable_tags.matches("v1.2.3"));
+        assert!(ghcr.allow_repositories.is_some());
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod mirror;
 pub mod oci;
 mod outcome;
 mod platform;
+pub mod policy;
 pub mod routes;
 mod sendfile;
 mod server;

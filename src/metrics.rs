@@ -205,6 +205,7 @@ pub struct Metrics {
     upstream_requests: Family<UpstreamRequestLabels, Counter>,
     upstream_duration: Family<UpstreamKindLabels, Histogram>,
     client_refusals: Family<ReasonLabels, Counter>,
+    policy_refusals: Family<UpstreamLabels, Counter>,
     build_info: Family<VersionLabels, Gauge>,
     process_open_fds: Gauge,
     process_max_fds: Gauge,
@@ -255,6 +256,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 12))
             }),
             client_refusals: Family::default(),
+            policy_refusals: Family::default(),
             build_info: Family::default(),
             process_open_fds: Gauge::default(),
             process_max_fds: Gauge::default(),
@@ -335,6 +337,11 @@ impl Metrics {
                 "client_refusals",
                 "Requests refused before a handler: address (server.allow), credentials, rate_limit (server.client_requests)",
                 m.client_refusals.clone(),
+            );
+            r.register(
+                "policy_refusals",
+                "Requests refused 403 DENIED by an upstream's allow_repositories / deny_repositories, by upstream",
+                m.policy_refusals.clone(),
             );
             r.register(
                 "upstream_request_duration_seconds",
@@ -473,6 +480,15 @@ impl Metrics {
         self.client_refusals
             .get_or_create(&ReasonLabels {
                 reason: why.label(),
+            })
+            .inc();
+    }
+
+    /// A request for a repository the upstream's policy does not mirror.
+    pub fn policy_refusal(&self, upstream: &str) {
+        self.policy_refusals
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
             })
             .inc();
     }

@@ -145,6 +145,14 @@ impl RepoName {
         &self.0
     }
 
+    /// The first component and the rest, for a name of more than one component
+    /// (`ghcr.io/org/app` → `ghcr.io`, `org/app`).
+    pub fn split_first(&self) -> Option<(&str, RepoName)> {
+        let (first, rest) = self.0.split_once('/')?;
+        // The rest of a valid name is one: whole components, and shorter.
+        Some((first, RepoName(rest.to_owned())))
+    }
+
     /// Docker Hub's implicit namespace: `alpine` is `library/alpine`.
     pub fn with_library_prefix(&self) -> RepoName {
         if self.0.contains('/') {
@@ -412,6 +420,18 @@ mod tests {
         }
         assert!("a".repeat(256).parse::<RepoName>().is_err());
         assert!("a".repeat(255).parse::<RepoName>().is_ok());
+    }
+
+    #[test]
+    fn split_first_takes_off_one_component() {
+        let n: RepoName = "ghcr.io/org/app".parse().unwrap();
+        let (first, rest) = n.split_first().unwrap();
+        assert_eq!((first, rest.as_str()), ("ghcr.io", "org/app"));
+        assert!("alpine"
+            .parse::<RepoName>()
+            .unwrap()
+            .split_first()
+            .is_none());
     }
 
     #[test]

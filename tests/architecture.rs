@@ -20,8 +20,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "foundations",
         &[
-            "config", "oci", "outcome", "metrics", "logging", "clock", "sync", "platform",
-            "sendfile",
+            "config", "oci", "policy", "outcome", "metrics", "logging", "clock", "sync",
+            "platform", "sendfile",
         ],
     ),
 ];

@@ -117,7 +117,8 @@ async fn access_line_names_registry_repository_reference_user_agent_upstream_tim
     assert_eq!(request_id(&r), "ci-job-42.step:3");
     let f = d.access_line("ci-job-42.step:3").await;
     assert_eq!(f["registry"], "docker.io");
-    assert_eq!(f["repository"], "alpine");
+    // As the upstream knows it.
+    assert_eq!(f["repository"], "library/alpine");
     assert_eq!(f["reference"], "3.20");
     assert_eq!(f["user_agent"], "containerd/2.0.0 \"test\"");
     assert_eq!(f["cache"], "MISS");
@@ -154,6 +155,39 @@ async fn access_line_names_registry_repository_reference_user_agent_upstream_tim
     assert_eq!(f["registry"], "-");
     assert_eq!(f["repository"], "-");
     assert_eq!(f["reference"], "-");
+    d.child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn access_line_names_the_registry_a_prefix_or_alias_resolved_to() {
+    let hub = FakeUpstream::start().await;
+    let ghcr = FakeUpstream::start().await;
+    let (manifest, _) = ghcr.add_image("org/app", "1.0", &[10]);
+    // TOML takes tables in any order: ghcr.io's entry rides after the [server] keys.
+    let extra = format!(
+        "[upstreams.\"ghcr.io\"]\nurl = \"{}\"\naliases = [\"ghcr\"]\n",
+        ghcr.url
+    );
+    let mut d = LoggingDaemon::start(&hub, &extra).await;
+    let client = reqwest::Client::new();
+    for (path, registry, repository) in [
+        ("/v2/ghcr/org/app/manifests/1.0", "ghcr.io", "org/app"),
+        ("/v2/ghcr.io/org/app/manifests/1.0", "ghcr.io", "org/app"),
+        ("/v2/gcr.io/org/app/manifests/1.0", "-", "gcr.io/org/app"),
+    ] {
+        let r = client.get(format!("{}{path}", d.url)).send().await.unwrap();
+        let f = d.access_line(&request_id(&r)).await;
+        assert_eq!(f["registry"], registry, "{path}");
+        assert_eq!(f["repository"], repository, "{path}");
+        assert_eq!(f["reference"], "1.0", "{path}");
+    }
+    let r = client
+        .get(format!("{}/v2/ghcr/org/app/manifests/{manifest}", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hub.total(), 0);
     d.child.kill().await.unwrap();
 }
 

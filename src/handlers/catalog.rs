@@ -1,5 +1,6 @@
-//! `GET /v2/_catalog`: the repositories this mirror holds for one upstream (`ns`, or the
-//! default registry), paged with `n`/`last` and a `Link` to the next page.
+//! `GET /v2/_catalog`: the repositories this mirror holds (for the registry `ns` names, or
+//! for all of them under the names clients pull them by), paged with `n`/`last` and a `Link`
+//! to the next page.
 
 use std::sync::Arc;
 

@@ -191,6 +191,14 @@ impl ApiError {
                 StatusCode::NOT_FOUND,
                 Code::NameUnknown,
                 format!("registry {registry} is not mirrored"),
+            )
+            .with_detail(serde_json::json!({
+                "registry": registry.chars().take(256).collect::<String>(),
+            })),
+            M::Refused { registry, repo } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                Code::Denied,
+                format!("repository {repo} of {registry} is not mirrored here (refused by the mirror's policy)"),
             ),
             M::UnsupportedDigest => {
                 let (code, what) = match object {

@@ -59,7 +59,9 @@ pub async fn list(
             .unwrap_or(HeaderValue::from_static("application/json")),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if let Some(Ok(v)) = page.link.map(|l| HeaderValue::from_str(&relative_link(&l))) {
+    let ns = namespace(query);
+    let link = page.link.map(|l| client_link(&l, name, ns.as_deref()));
+    if let Some(Ok(v)) = link.map(|l| HeaderValue::from_str(&l)) {
         h.insert(header::LINK, v);
     }
     Ok(out)
@@ -128,9 +130,11 @@ fn next_link(name: &RepoName, query: Option<&str>, n: usize, last: &str) -> Stri
     format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish())
 }
 
-/// `<https://upstream/v2/x/tags/list?n=1&last=a>; rel="next"` → `</v2/x/tags/list?…>; rel="next"`,
-/// so the client's next page comes through the mirror too.
-fn relative_link(link: &str) -> String {
+/// The upstream's `Link` to its next page, pointed at the mirror and at the name the client
+/// asked by, keeping its `ns`: `<https://ghcr.io/v2/org/app/tags/list?n=1&last=a>` asked for as
+/// `ghcr.io/org/app` becomes `</v2/ghcr.io/org/app/tags/list?n=1&last=a>`, so the next page
+/// comes through the mirror, from the same upstream.
+fn client_link(link: &str, name: &RepoName, ns: Option<&str>) -> String {
     let Some((target, rest)) = link
         .trim()
         .strip_prefix('<')
@@ -138,14 +142,14 @@ fn relative_link(link: &str) -> String {
     else {
         return link.to_owned();
     };
-    let target = match url::Url::parse(target) {
-        Ok(u) => match u.query() {
-            Some(q) => format!("{}?{q}", u.path()),
-            None => u.path().to_owned(),
-        },
-        Err(_) => target.to_owned(),
-    };
-    format!("<{target}>{rest}")
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(ns) = ns {
+        q.append_pair("ns", ns);
+    }
+    q.extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != "ns"));
+    format!("</v2/{name}/tags/list?{}>{rest}", q.finish())
 }
 
 #[cfg(test)]
@@ -171,14 +175,31 @@ mod tests {
     }
 
     #[test]
-    fn links_become_relative() {
+    fn upstream_links_point_at_the_mirror_under_the_name_asked_by() {
+        let name = |s: &str| s.parse::<RepoName>().unwrap();
         assert_eq!(
-            relative_link("<https://r.example/v2/a/tags/list?n=2&last=b>; rel=\"next\""),
+            client_link(
+                "<https://r.example/v2/a/tags/list?n=2&last=b>; rel=\"next\"",
+                &name("a"),
+                None
+            ),
             "</v2/a/tags/list?n=2&last=b>; rel=\"next\""
         );
         assert_eq!(
-            relative_link("</v2/a/tags/list?n=2>; rel=\"next\""),
-            "</v2/a/tags/list?n=2>; rel=\"next\""
+            client_link(
+                "</v2/org/app/tags/list?n=2&last=b>; rel=\"next\"",
+                &name("ghcr.io/org/app"),
+                None
+            ),
+            "</v2/ghcr.io/org/app/tags/list?n=2&last=b>; rel=\"next\""
+        );
+        assert_eq!(
+            client_link(
+                "</v2/library/alpine/tags/list?n=2&last=b>; rel=\"next\"",
+                &name("alpine"),
+                Some("docker.io")
+            ),
+            "</v2/alpine/tags/list?ns=docker.io&n=2&last=b>; rel=\"next\""
         );
     }
 }

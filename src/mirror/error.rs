@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::download;
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoName};
 use crate::outcome::ObjectKind;
 use crate::upstream;
 
@@ -32,6 +32,10 @@ pub enum Error {
     /// No upstream is configured for the registry asked for.
     #[error("registry {0} is not mirrored")]
     NotMirrored(String),
+    /// The upstream's policy (`allow_repositories` / `deny_repositories`) does not mirror
+    /// the repository.
+    #[error("repository {repo} of {registry} is refused by the mirror's policy")]
+    Refused { registry: String, repo: RepoName },
     /// Only sha256 content is cached and verified.
     #[error("only sha256 content is mirrored")]
     UnsupportedDigest,

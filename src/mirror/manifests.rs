@@ -228,9 +228,9 @@ impl Mirror {
         }
     }
 
-    /// What `tag` points to: from the cache within the TTL, else revalidated with an upstream
-    /// HEAD (one per tag however many clients ask), else the cached value when the upstream
-    /// is failing. A tag never seen is fetched with one GET when the caller wants the manifest
+    /// What `tag` points to: from the cache within the upstream's tag TTL (for ever for a tag
+    /// its policy names immutable), else revalidated with an upstream HEAD (one per tag
+    /// however many clients ask), else the cached value when the upstream is failing. A tag never seen is fetched with one GET when the caller wants the manifest
     /// anyway (`want_body`), and with a HEAD otherwise.
     async fn resolve_tag(
         self: &Arc<Self>,
@@ -249,8 +249,10 @@ impl Mirror {
             .get(&key)
             .await
             .map_err(Error::storage("reading a tag record"))?;
+        let (immutable, ttl) = (target.policy.is_immutable(tag), target.policy.tag_ttl());
+        let fresh = move |age: std::time::Duration| immutable || age < ttl;
         if let Some(record) = &cached {
-            if self.clock.since(record.fetched_at) < self.config.cache.tag_ttl {
+            if fresh(self.clock.since(record.fetched_at)) {
                 return Ok(Resolved::Record(record.clone(), CacheStatus::Hit));
             }
         }
@@ -267,7 +269,7 @@ impl Mirror {
         let flight = self.tag_flights.run(&key, || async move {
             // A flight that ended between our read and this one may have stored the tag.
             let cached = match this.store.tags.get(&flight_key).await {
-                Ok(Some(r)) if this.clock.since(r.fetched_at) < this.config.cache.tag_ttl => {
+                Ok(Some(r)) if fresh(this.clock.since(r.fetched_at)) => {
                     return Ok(Resolved::Record(r, CacheStatus::Hit))
                 }
                 Ok(fresher) => fresher.or(cached),

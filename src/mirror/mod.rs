@@ -8,6 +8,7 @@ mod blobs;
 mod error;
 mod manifests;
 mod referrers;
+mod routing;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -18,19 +19,22 @@ pub use error::Error;
 pub use manifests::ManifestAnswer;
 
 use crate::clock::Clock;
-use crate::config::{Config, DOCKER_HUB};
+use crate::config::Config;
 use crate::download::Downloads;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
+use crate::policy::Policy;
 use crate::singleflight::Coalesce;
 use crate::store::{Limits, Mode, Store};
 use crate::upstream::{self, Upstream};
 use crate::verify::Verifications;
 
-/// Which upstream a request goes to, and the repository name as that upstream knows it.
+/// Which upstream a request goes to, with its policy, and the repository name as that
+/// upstream knows it.
 #[derive(Clone)]
 pub struct Target {
     upstream: Arc<Upstream>,
+    policy: Arc<Policy>,
     repo: RepoName,
 }
 
@@ -53,6 +57,9 @@ pub struct Mirror {
     downloads: Downloads,
     verifications: Verifications,
     upstreams: HashMap<String, Arc<Upstream>>,
+    /// Each upstream's policy, by the same names as `upstreams`.
+    policies: HashMap<String, Arc<Policy>>,
+    routing: routing::Routing,
     tag_flights: Coalesce<manifests::TagKey, manifests::TagResult>,
     /// Tags the upstream recently answered 404 for, with when it did.
     missing_tags: moka::sync::Cache<manifests::TagKey, (upstream::Error, std::time::SystemTime)>,
@@ -77,9 +84,17 @@ impl Mirror {
             })?,
         );
         let mut upstreams = HashMap::new();
+        let mut policies = HashMap::new();
         for (name, cfg) in &config.upstreams {
             let up = Upstream::new(name, cfg, metrics.clone(), clock.clone())?;
             upstreams.insert(name.clone(), Arc::new(up));
+            let policy = Policy::new(
+                cfg.tag_ttl.unwrap_or(config.cache.tag_ttl),
+                cfg.immutable_tags.clone(),
+                cfg.allow_repositories.clone(),
+                cfg.deny_repositories.clone(),
+            );
+            policies.insert(name.clone(), Arc::new(policy));
         }
         Ok(Mirror {
             downloads: Downloads::new(store.clone(), metrics.clone()),
@@ -87,6 +102,8 @@ impl Mirror {
             store,
             metrics,
             upstreams,
+            policies,
+            routing: routing::Routing::new(&config),
             tag_flights: Coalesce::default(),
             // The clock decides expiry (see `manifests`); moka's own TTL only bounds memory.
             missing_tags: moka::sync::Cache::builder()
@@ -103,54 +120,75 @@ impl Mirror {
         })
     }
 
-    /// The upstream for containerd's `ns` (or the default registry), and the repository name
-    /// as that upstream knows it (`alpine` is `library/alpine` on Docker Hub).
-    pub fn target(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
-        let registry = self.registry_for(ns);
-        let upstream = self
-            .upstreams
-            .get(registry)
-            .ok_or_else(|| Error::NotMirrored(registry.to_owned()))?
-            .clone();
-        let repo = if Config::is_docker_hub(registry) {
-            name.with_library_prefix()
-        } else {
-            name.clone()
+    /// The upstream a request for `name` (with containerd's `ns`, if sent) goes to, and the
+    /// repository name as that upstream knows it (see `routing.rs`): for the access log, which
+    /// names what was asked for even when the policy refuses it.
+    pub fn resolve(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
+        let (registry, repo) = self.routing.resolve(ns, name)?;
+        let (Some(upstream), Some(policy)) =
+            (self.upstreams.get(registry), self.policies.get(registry))
+        else {
+            return Err(Error::NotMirrored(registry.to_owned()));
         };
-        Ok(Target { upstream, repo })
+        Ok(Target {
+            upstream: upstream.clone(),
+            policy: policy.clone(),
+            repo,
+        })
     }
 
-    /// The registry containerd's `ns` names (or the default registry); configured or not.
-    pub fn registry_for<'a>(&'a self, ns: Option<&'a str>) -> &'a str {
-        match ns {
-            None | Some("") => self.config.server.default_registry.as_str(),
-            Some("registry-1.docker.io" | "index.docker.io") => DOCKER_HUB,
-            Some(ns) => ns,
+    /// [`Mirror::resolve`], refused with [`Error::Refused`] when the upstream's policy does not
+    /// mirror the repository: before the cache is looked at or the upstream asked.
+    pub fn target(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
+        let target = self.resolve(ns, name)?;
+        if !target.policy.admits(&target.repo) {
+            self.metrics.policy_refusal(target.registry());
+            return Err(Error::Refused {
+                registry: target.registry().to_owned(),
+                repo: target.repo,
+            });
         }
+        Ok(target)
     }
 
-    /// The configured upstream `ns` goes to, for the access log; `None` if not mirrored.
-    pub fn upstream_name(&self, ns: Option<&str>) -> Option<&str> {
-        self.upstreams
-            .get(self.registry_for(ns))
-            .map(|u| u.name.as_str())
-    }
-
-    /// `_catalog`: the repositories of one upstream (`ns`, or the default registry) that this
-    /// mirror holds, i.e. has a tag record for, sorted, named as that upstream names them
-    /// (`library/alpine`). Never asks the upstream: a pull-through mirror's catalog is what it
+    /// `_catalog`: the repositories this mirror holds (has a tag record for) and its policy
+    /// admits, sorted. Never asks an upstream: a pull-through mirror's catalog is what it
     /// has pulled, and Docker Hub has no catalog to ask.
+    ///
+    /// With `ns`, those of that registry, named as it names them (`library/alpine`), as
+    /// containerd asks for them. Without, those of every registry, named by the path a client
+    /// without `ns` pulls them by: `library/alpine` for the default registry,
+    /// `ghcr.io/org/app` for the others.
     pub async fn catalog(&self, ns: Option<&str>) -> Result<Vec<RepoName>, Error> {
-        let registry = self.registry_for(ns);
-        let upstream = self
-            .upstreams
-            .get(registry)
-            .ok_or_else(|| Error::NotMirrored(registry.to_owned()))?;
-        self.store
+        if ns.is_some_and(|ns| !ns.is_empty()) {
+            let registry = self.routing.registry_for(ns)?;
+            return self.held(registry).await;
+        }
+        let mut names = Vec::new();
+        for registry in self.upstreams.keys() {
+            let held = self.held(registry).await?;
+            names.extend(
+                held.iter()
+                    .filter_map(|repo| self.routing.path_name(registry, repo)),
+            );
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// The repositories of `registry` with a tag record that its policy admits.
+    async fn held(&self, registry: &str) -> Result<Vec<RepoName>, Error> {
+        let mut repos = self
+            .store
             .tags
-            .repositories(&upstream.name)
+            .repositories(registry)
             .await
-            .map_err(Error::storage("listing tag records"))
+            .map_err(Error::storage("listing tag records"))?;
+        if let Some(policy) = self.policies.get(registry) {
+            repos.retain(|r| policy.admits(r));
+        }
+        Ok(repos)
     }
 
     /// One page of the repository's tags, passed through from the upstream.

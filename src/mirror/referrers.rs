@@ -2,8 +2,8 @@
 //!
 //! Decisions:
 //! - One list per (registry, repository, subject digest), fetched from the upstream
-//!   *unfiltered* and kept in memory for `cache.tag_ttl` (a referrers list grows as artifacts
-//!   are attached, like a tag moves). The mirror filters by `artifactType` itself, so one
+//!   *unfiltered* and kept in memory for the upstream's tag TTL (a referrers list grows as
+//!   artifacts are attached, like a tag moves). The mirror filters by `artifactType` itself, so one
 //!   upstream request serves every filter, and every filtered answer says
 //!   `OCI-Filters-Applied: artifactType`.
 //! - Concurrent askers share one upstream fetch (single-flight); when the upstream fails (an
@@ -64,7 +64,7 @@ impl Mirror {
         };
         let cached = self.referrers.get(&key);
         let (list, status) = match &cached {
-            Some((list, at)) if self.clock.since(*at) < self.config.cache.tag_ttl => {
+            Some((list, at)) if self.clock.since(*at) < target.policy.tag_ttl() => {
                 (list.clone(), CacheStatus::Hit)
             }
             _ => {

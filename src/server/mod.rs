@@ -631,18 +631,22 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
                 .collect()
         })
         .unwrap_or_default();
-    let (registry, reference) = match &route {
-        Route::Manifest { reference, .. } => (true, reference.to_string()),
-        Route::Blob { digest, .. } => (true, digest.to_string()),
-        Route::TagsList { .. } => (true, String::new()),
-        _ => (false, String::new()),
+    let reference = match &route {
+        Route::Manifest { reference, .. } => reference.to_string(),
+        Route::Blob { digest, .. } | Route::Referrers { digest, .. } => digest.to_string(),
+        _ => String::new(),
     };
-    let registry = registry
-        .then(|| {
-            let ns = crate::handlers::namespace(req.uri().query());
-            app.mirror.upstream_name(ns.as_deref()).map(str::to_owned)
-        })
-        .flatten();
+    // The log names the registry a request went to and the repository as that registry
+    // knows it (`/v2/ghcr/org/app` is ghcr.io's `org/app`); with no registry resolved, `-`
+    // and the name as asked for.
+    let target = route.repository().and_then(|name| {
+        let ns = crate::handlers::namespace(req.uri().query());
+        app.mirror.resolve(ns.as_deref(), name).ok()
+    });
+    let registry = target.as_ref().map(|t| t.registry().to_owned());
+    let repository = target
+        .map(|t| t.repo().clone())
+        .or_else(|| route.repository().cloned());
     let mut waited = Duration::ZERO;
     let dispatched = match admit(&app, &route, role, &req, client).await {
         Err(e) => Ok(Err(e)),
@@ -700,7 +704,7 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
                 request_id: &request_id,
                 method: method.as_str(),
                 registry: registry.as_deref().unwrap_or("-"),
-                repository: route.repository().map_or("-", RepoName::as_str),
+                repository: repository.as_ref().map_or("-", RepoName::as_str),
                 reference: if reference.is_empty() {
                     "-"
                 } else {
@@ -715,7 +719,7 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, conn: ConnInfo) -> Re
                 upstream: waited,
                 user_agent: &user_agent,
             });
-            if let Some(repo) = route.repository() {
+            if let Some(repo) = &repository {
                 mirror.record_request(repo.as_str(), bytes);
             }
             drop(in_flight);
