@@ -351,8 +351,31 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Base URL of the registry API (`http://` is allowed). Default Docker Hub.
+    /// Base URL of the registry API (`http://` is allowed). Set this or `urls`, not both.
+    /// Default (neither set): Docker Hub.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Several base URLs of one registry's content, tried in order per request when one
+    /// refuses (429) or is down (unreachable, timeout, 5xx, backing off); a 404 is an answer
+    /// and is not asked elsewhere. Each URL has its own health, tokens and pull budget; the
+    /// credentials go to the first URL only. Default: empty (use `url`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// A Docker credential helper: `"ecr-login"` runs `docker-credential-ecr-login get` from
+    /// `PATH`; a value containing `/` is the helper program's path. Its answer is used as the
+    /// username and password (or identity token). Not with `username`/`password`. Default:
+    /// none.
+    pub credential_helper: Option<String>,
+    /// How long a credential helper's answer is used before the helper is run again.
+    /// Default 15 minutes.
+    #[serde(with = "humantime_serde")]
+    pub credential_lifetime: Duration,
+    /// Upstream requests in flight at once, a blob body being streamed included: for
+    /// registries that throttle connections. 0 (default) = unlimited.
+    pub max_concurrent_requests: u32,
+    /// Upstream requests sent per second; more wait their turn (they never fail for it).
+    /// 0 (default) = unlimited.
+    pub max_requests_per_second: u32,
     /// Username for token (or Basic) auth; anonymous when absent.
     pub username: Option<String>,
     /// Password or access token; env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default upstream.
@@ -396,7 +419,12 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            url: DOCKER_HUB_URL.to_owned(),
+            url: String::new(),
+            urls: Vec::new(),
+            credential_helper: None,
+            credential_lifetime: Duration::from_secs(15 * 60),
+            max_concurrent_requests: 0,
+            max_requests_per_second: 0,
             username: None,
             password: None,
             connect_timeout: Duration::from_secs(10),
@@ -411,6 +439,73 @@ impl Default for UpstreamConfig {
             budget_warn_ratio: 0.2,
             budget_reserve: 10,
         }
+    }
+}
+
+impl UpstreamConfig {
+    /// The base URLs in the order they are tried: `urls`, or `url`, or Docker Hub.
+    pub fn base_urls(&self) -> Vec<&str> {
+        if !self.urls.is_empty() {
+            self.urls.iter().map(String::as_str).collect()
+        } else if !self.url.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            vec![DOCKER_HUB_URL]
+        }
+    }
+
+    fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let bad = |field: &str, value: &str, reason: &str| ConfigError::Value {
+            key: key(field),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if !self.url.is_empty() && !self.urls.is_empty() {
+            return Err(bad("urls", "", "set url or urls, not both"));
+        }
+        let field = if self.urls.is_empty() { "url" } else { "urls" };
+        for (i, u) in self.base_urls().into_iter().enumerate() {
+            if self.base_urls()[..i].contains(&u) {
+                return Err(bad(field, u, "listed twice"));
+            }
+            let url = url::Url::parse(u).map_err(|e| bad(field, u, &e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(bad(field, u, "must be an http:// or https:// URL"));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(bad(
+                    field,
+                    "[REDACTED]",
+                    "put credentials in username/password, not in the URL",
+                ));
+            }
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(bad("username", "", "a password needs a username"));
+        }
+        if let Some(helper) = &self.credential_helper {
+            if self.username.is_some() || self.password.is_some() {
+                return Err(bad(
+                    "credential_helper",
+                    helper,
+                    "set credential_helper or username/password, not both",
+                ));
+            }
+            // A bare name becomes part of a program name looked up on PATH.
+            let name_ok = helper.contains('/')
+                || (!helper.is_empty()
+                    && helper
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')));
+            if !name_ok {
+                return Err(bad(
+                    "credential_helper",
+                    helper,
+                    "must be a helper name such as ecr-login, or a path containing /",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -508,7 +603,9 @@ impl Config {
             self.storage.max_size = Some(max);
         }
         if let Some(url) = &cli.upstream {
-            self.default_upstream_mut().url = url.clone();
+            let up = self.default_upstream_mut();
+            up.url = url.clone();
+            up.urls.clear();
         }
         if let Some(ttl) = cli.tag_ttl {
             self.cache.tag_ttl = ttl;
@@ -554,25 +651,7 @@ impl Config {
                     "must be between 0 and 1",
                 ));
             }
-            let url =
-                url::Url::parse(&up.url).map_err(|e| bad(&key("url"), &up.url, &e.to_string()))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(bad(
-                    &key("url"),
-                    &up.url,
-                    "must be an http:// or https:// URL",
-                ));
-            }
-            if !url.username().is_empty() || url.password().is_some() {
-                return Err(bad(
-                    &key("url"),
-                    "[REDACTED]",
-                    "put credentials in username/password, not in the URL",
-                ));
-            }
-            if up.password.is_some() && up.username.is_none() {
-                return Err(bad(&key("username"), "", "a password needs a username"));
-            }
+            up.validate(&key)?;
             for (field, d) in [
                 ("backoff", up.backoff),
                 ("max_pulls_window", up.max_pulls_window),
@@ -580,6 +659,7 @@ impl Config {
                 ("first_byte_timeout", up.first_byte_timeout),
                 ("head_timeout", up.head_timeout),
                 ("idle_timeout", up.idle_timeout),
+                ("credential_lifetime", up.credential_lifetime),
             ] {
                 if d.is_zero() {
                     return Err(bad(&key(field), "0s", "must be greater than zero"));
@@ -661,7 +741,7 @@ mod tests {
     fn defaults_mirror_docker_hub() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
-        assert_eq!(c.upstreams[DOCKER_HUB].url, DOCKER_HUB_URL);
+        assert_eq!(c.upstreams[DOCKER_HUB].base_urls(), [DOCKER_HUB_URL]);
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
         c.validate().unwrap();
     }
@@ -770,7 +850,7 @@ mod tests {
         assert_eq!(back.storage.max_size, c.storage.max_size);
         assert_eq!(back.cache.tag_ttl, c.cache.tag_ttl);
         assert_eq!(back.server.allow, c.server.allow);
-        assert_eq!(back.upstreams[DOCKER_HUB].url, DOCKER_HUB_URL);
+        assert_eq!(back.upstreams[DOCKER_HUB].base_urls(), [DOCKER_HUB_URL]);
         assert_eq!(back.upstreams[DOCKER_HUB].username.as_deref(), Some("me"));
         back.validate().unwrap();
     }
