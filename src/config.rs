@@ -831,6 +831,84 @@ mod tests {
         assert_eq!(format_size(bytesize::ByteSize(1500)), "1500B");
     }
 
+    fn upstream_error(toml: &str) -> String {
+        let c = Config::from_toml(&format!("[upstreams.\"docker.io\"]\n{toml}")).unwrap();
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn upstream_fields_for_auth_fallback_and_caps_parse_with_their_defaults() {
+        let c = Config::from_toml("").unwrap();
+        let up = &c.upstreams[DOCKER_HUB];
+        assert_eq!(up.credential_lifetime, Duration::from_secs(15 * 60));
+        assert_eq!(
+            (up.max_concurrent_requests, up.max_requests_per_second),
+            (0, 0)
+        );
+        assert!(up.credential_helper.is_none() && up.urls.is_empty());
+        let c = Config::from_toml(
+            "[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\", \"https://mirror.gcr.io\"]\n\
+             credential_helper = \"ecr-login\"\ncredential_lifetime = \"1h\"\n\
+             max_concurrent_requests = 8\nmax_requests_per_second = 20\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let up = &c.upstreams[DOCKER_HUB];
+        assert_eq!(
+            up.base_urls(),
+            ["https://registry-1.docker.io", "https://mirror.gcr.io"]
+        );
+        assert_eq!(up.credential_lifetime, Duration::from_secs(3600));
+        assert_eq!(
+            (up.max_concurrent_requests, up.max_requests_per_second),
+            (8, 20)
+        );
+        let back = Config::from_toml(&c.to_redacted_toml().unwrap()).unwrap();
+        back.validate().unwrap();
+        assert_eq!(back.upstreams[DOCKER_HUB].base_urls(), up.base_urls());
+    }
+
+    #[test]
+    fn url_and_urls_are_exclusive_and_every_url_is_checked() {
+        let e = upstream_error("url = \"https://a.example\"\nurls = [\"https://b.example\"]\n");
+        assert!(
+            e.contains("upstreams.\"docker.io\".urls") && e.contains("not both"),
+            "{e}"
+        );
+        let e = upstream_error("urls = [\"https://a.example\", \"ftp://b.example\"]\n");
+        assert!(e.contains(".urls") && e.contains("ftp://b.example"), "{e}");
+        let e = upstream_error("urls = [\"https://a.example\", \"https://a.example\"]\n");
+        assert!(e.contains("listed twice"), "{e}");
+        let e = upstream_error("urls = [\"https://me:pw@a.example\"]\n");
+        assert!(!e.contains("pw@") && e.contains("username/password"), "{e}");
+    }
+
+    #[test]
+    fn credential_helper_excludes_username_and_password_and_is_a_name_or_a_path() {
+        let e = upstream_error("credential_helper = \"ecr-login\"\nusername = \"me\"\n");
+        assert!(
+            e.contains("credential_helper") && e.contains("not both"),
+            "{e}"
+        );
+        let e = upstream_error("credential_helper = \"ecr login; rm\"\n");
+        assert!(e.contains("helper name"), "{e}");
+        let e = upstream_error("credential_helper = \"\"\n");
+        assert!(e.contains("helper name"), "{e}");
+        let e = upstream_error("credential_helper = \"gcr\"\ncredential_lifetime = \"0s\"\n");
+        assert!(e.contains("credential_lifetime"), "{e}");
+        for ok in [
+            "ecr-login",
+            "/usr/local/bin/docker-credential-gcr",
+            "./helper",
+        ] {
+            let c = Config::from_toml(&format!(
+                "[upstreams.\"docker.io\"]\ncredential_helper = \"{ok}\"\n"
+            ))
+            .unwrap();
+            c.validate().unwrap();
+        }
+    }
+
     #[test]
     fn printed_config_reads_back_the_same_and_hides_secrets() {
         let mut c = Config::default();
