@@ -207,7 +207,7 @@ async fn credential_helper_answer_is_cached_for_its_lifetime() {
     let host = up.url.trim_start_matches("http://").to_owned();
     assert_eq!(
         calls(tmp.path()),
-        [host.clone()],
+        std::slice::from_ref(&host),
         "run once, with the registry host on stdin"
     );
     m.advance(Duration::from_secs(16 * 60));
