@@ -120,3 +120,38 @@ async fn requests_over_the_rate_wait_instead_of_failing() {
     );
     assert_eq!(up.blob_gets(), 8);
 }
+
+#[tokio::test]
+async fn a_cap_of_one_still_resumes_a_cut_blob_and_sizes_a_chunked_one() {
+    let up = FakeUpstream::start().await;
+    let cut = up.add_blob(common::upstream::pseudo_random(300_000, 11));
+    let chunked = up.add_blob(common::upstream::pseudo_random(100_000, 12));
+    up.behave(|b| b.cut_blob = Some((100_000, 1)));
+    let m = TestMirror::start_with(&up, |c| {
+        c.upstreams
+            .get_mut(DOCKER_HUB)
+            .unwrap()
+            .max_concurrent_requests = 1;
+    })
+    .await;
+    let get = |digest: String| {
+        let r = m.get(&format!("/v2/library/app/blobs/{digest}")).send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap().len()
+        }
+    };
+    // The resume and the HEAD are asked while the first request's permit would be held.
+    let len = tokio::time::timeout(common::SETTLE, get(cut)).await;
+    assert_eq!(len.expect("the resume waited on its own permit"), 300_000);
+    up.behave(|b| b.chunked_blobs = true);
+    let len = tokio::time::timeout(common::SETTLE, get(chunked)).await;
+    assert_eq!(len.expect("the HEAD waited on the GET's permit"), 100_000);
+    assert_eq!(
+        up.blob_heads(),
+        1,
+        "the chunked blob's size came from a HEAD"
+    );
+    assert_eq!(up.blob_gets(), 3, "GET, resume, GET");
+}

@@ -190,16 +190,17 @@ fn error_message(body: &[u8]) -> Option<String> {
 /// A blob body from the upstream, starting at the offset asked for whatever the upstream did
 /// with the `Range` (a 200 that ignored it has its leading bytes skipped here).
 pub struct BlobBody {
-    /// The whole blob's length, when the upstream said it.
-    pub size: Option<u64>,
+    /// The whole blob's length.
+    pub size: u64,
     stream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     /// Leading bytes still to drop (a 200 answer to a Range request).
     skip: u64,
     idle_timeout: Duration,
     upstream: String,
-    /// The `max_concurrent_requests` permit, held while the body streams: a registry that
-    /// throttles counts the connection, not the request headers.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// The `max_concurrent_requests` permit, held while the body streams (a registry that
+    /// throttles counts the connection, not the request headers) and given back when the
+    /// body ends or fails, so that a resume does not wait on the request it replaces.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl BlobBody {
@@ -231,17 +232,18 @@ impl BlobBody {
     }
 
     async fn poll_next(&mut self) -> Result<Option<Bytes>, Error> {
-        let next = tokio::time::timeout(self.idle_timeout, self.stream.next())
-            .await
-            .map_err(|_| Error::Timeout {
+        let next = tokio::time::timeout(self.idle_timeout, self.stream.next()).await;
+        let result = match next {
+            Err(_) => Err(Error::Timeout {
                 upstream: self.upstream.clone(),
                 what: "the next body chunk",
-            })?;
-        match next {
-            None => Ok(None),
-            Some(Ok(b)) => Ok(Some(b)),
-            Some(Err(e)) => Err(Error::from_reqwest(&self.upstream, &e)),
-        }
+            }),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(b))) => return Ok(Some(b)),
+            Ok(Some(Err(e))) => Err(Error::from_reqwest(&self.upstream, &e)),
+        };
+        self.permit = None;
+        result
     }
 }
 
@@ -485,9 +487,16 @@ impl Upstream {
             .collect()
     }
 
-    /// Sends a request to the first URL that answers it, in the configured order: a URL
-    /// backing off is skipped, and one that refuses (429) or fails passes the request on.
-    /// Error statuses become [`Error`]s.
+    /// A `max_concurrent_requests` permit; `None` without a cap. (The semaphore is never
+    /// closed, so acquiring cannot fail.)
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        match &self.concurrency {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
+    /// [`Upstream::send_with`] under a permit of its own.
     async fn send(
         &self,
         kind: &'static str,
@@ -497,11 +506,25 @@ impl Upstream {
         query: Option<&str>,
         headers: HeaderMap,
     ) -> Result<Sent, Error> {
-        // A closed semaphore cannot happen (it is never closed); it would mean no cap.
-        let permit = match &self.concurrency {
-            Some(s) => s.clone().acquire_owned().await.ok(),
-            None => None,
-        };
+        let permit = self.permit().await;
+        self.send_with(permit, kind, method, repo, tail, query, headers)
+            .await
+    }
+
+    /// Sends a request to the first URL that answers it, in the configured order: a URL
+    /// backing off is skipped, and one that refuses (429) or fails passes the request on.
+    /// Error statuses become [`Error`]s. The answer keeps `permit`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_with(
+        &self,
+        permit: Option<OwnedSemaphorePermit>,
+        kind: &'static str,
+        method: Method,
+        repo: &RepoName,
+        tail: &str,
+        query: Option<&str>,
+        headers: HeaderMap,
+    ) -> Result<Sent, Error> {
         let count = self.endpoints.len();
         let mut skipped = None;
         for (i, endpoint) in self.endpoints.iter().enumerate() {
@@ -861,15 +884,9 @@ impl Upstream {
                 headers.insert(header::RANGE, v);
             }
         }
+        let path = format!("blobs/{digest}");
         let sent = self
-            .send(
-                "blob_get",
-                Method::GET,
-                repo,
-                &format!("blobs/{digest}"),
-                None,
-                headers,
-            )
+            .send("blob_get", Method::GET, repo, &path, None, headers)
             .await?;
         let resp = sent.resp;
         let protocol = |detail: String| Error::Protocol {
@@ -894,13 +911,34 @@ impl Upstream {
             200 => (header_length(resp.headers()), offset),
             s => return Err(protocol(format!("blob GET answered status {s}"))),
         };
+        let (size, permit) = match size {
+            Some(size) => (size, sent.permit),
+            // A chunked answer (some registries send one): the size from a HEAD, which costs
+            // no pull, under the same permit so that a cap of one never waits on itself.
+            None => {
+                let head = self
+                    .send_with(
+                        sent.permit,
+                        "blob_head",
+                        Method::HEAD,
+                        repo,
+                        &path,
+                        None,
+                        HeaderMap::new(),
+                    )
+                    .await?;
+                let size = header_length(head.resp.headers())
+                    .ok_or_else(|| protocol("blob HEAD without Content-Length".into()))?;
+                (size, head.permit)
+            }
+        };
         Ok(BlobBody {
             size,
             stream: resp.bytes_stream().boxed(),
             skip,
             idle_timeout: self.config.idle_timeout,
             upstream: self.name.clone(),
-            _permit: sent.permit,
+            permit,
         })
     }
 
