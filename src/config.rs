@@ -198,7 +198,13 @@ impl Default for Config {
             cache: CacheConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
-            upstreams: BTreeMap::from([(DOCKER_HUB.to_owned(), UpstreamConfig::default())]),
+            upstreams: BTreeMap::from([(
+                DOCKER_HUB.to_owned(),
+                UpstreamConfig {
+                    url: DOCKER_HUB_URL.to_owned(),
+                    ..UpstreamConfig::default()
+                },
+            )]),
         }
     }
 }
@@ -550,7 +556,7 @@ impl Config {
     /// Parses a config file. The error names the line and column and says what is wrong,
     /// but never quotes the file: the offending line may hold a password.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let message = e.message().trim_end();
             match e.span() {
                 Some(span) => {
@@ -572,7 +578,14 @@ impl Config {
                 }
                 None => message.to_owned(),
             }
-        })
+        })?;
+        // Spelled out, so that a printed config shows where an upstream without either goes.
+        for up in config.upstreams.values_mut() {
+            if up.url.is_empty() && up.urls.is_empty() {
+                up.url = DOCKER_HUB_URL.to_owned();
+            }
+        }
+        Ok(config)
     }
 
     fn default_upstream_mut(&mut self) -> &mut UpstreamConfig {

@@ -221,10 +221,11 @@ impl Auth {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Token, Error> {
-        let mut url = url::Url::parse(realm).map_err(|_| Error::Protocol {
+        let realm = url::Url::parse(realm).map_err(|_| Error::Protocol {
             upstream: self.upstream.clone(),
             detail: "token realm is not a URL".into(),
         })?;
+        let mut url = realm.clone();
         {
             let mut q = url.query_pairs_mut();
             if let Some(service) = service {
@@ -261,9 +262,8 @@ impl Auth {
                 if !scope.is_empty() {
                     form.append_pair("scope", scope);
                 }
-                url.set_query(None);
                 self.http
-                    .post(url)
+                    .post(realm)
                     .header(
                         http::header::CONTENT_TYPE,
                         "application/x-www-form-urlencoded",
