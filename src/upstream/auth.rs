@@ -165,8 +165,9 @@ impl Auth {
             Some(Credential::Password { username, password }) => {
                 Ok(Some(Self::basic(&username, &password)))
             }
-            Some(Credential::IdentityToken(_)) => Err(Error::Unauthorized {
-                message: "the credential helper answered an identity token, which a Basic-auth registry does not take".into(),
+            Some(Credential::IdentityToken(_)) => Err(Error::Credentials {
+                upstream: self.upstream.clone(),
+                detail: "the helper answered an identity token, which a Basic-only registry does not take".into(),
             }),
         }
     }

@@ -307,6 +307,18 @@ pub struct UrlStatus {
     pub served_last: bool,
 }
 
+/// What one upstream request asks, whichever of the upstream's URLs it goes to.
+struct Call<'a> {
+    /// The request kind, as the metrics label it.
+    kind: &'static str,
+    method: Method,
+    repo: &'a RepoName,
+    /// The path after `/v2/<repo>/`.
+    tail: &'a str,
+    query: Option<&'a str>,
+    headers: HeaderMap,
+}
+
 /// An upstream's answer, with the request-cap permit it holds until dropped.
 struct Sent {
     resp: reqwest::Response,
@@ -399,6 +411,7 @@ impl Upstream {
                 base,
                 auth: auth::Auth::new(name.to_owned(), http.clone(), credentials, metrics.clone()),
                 health: health::Health::new(
+                    url,
                     config.failure_threshold,
                     config.backoff,
                     clock.clone(),
@@ -497,33 +510,18 @@ impl Upstream {
     }
 
     /// [`Upstream::send_with`] under a permit of its own.
-    async fn send(
-        &self,
-        kind: &'static str,
-        method: Method,
-        repo: &RepoName,
-        tail: &str,
-        query: Option<&str>,
-        headers: HeaderMap,
-    ) -> Result<Sent, Error> {
+    async fn send(&self, call: Call<'_>) -> Result<Sent, Error> {
         let permit = self.permit().await;
-        self.send_with(permit, kind, method, repo, tail, query, headers)
-            .await
+        self.send_with(permit, call).await
     }
 
     /// Sends a request to the first URL that answers it, in the configured order: a URL
     /// backing off is skipped, and one that refuses (429) or fails passes the request on.
     /// Error statuses become [`Error`]s. The answer keeps `permit`.
-    #[allow(clippy::too_many_arguments)]
     async fn send_with(
         &self,
         permit: Option<OwnedSemaphorePermit>,
-        kind: &'static str,
-        method: Method,
-        repo: &RepoName,
-        tail: &str,
-        query: Option<&str>,
-        headers: HeaderMap,
+        call: Call<'_>,
     ) -> Result<Sent, Error> {
         let count = self.endpoints.len();
         let mut skipped = None;
@@ -535,11 +533,9 @@ impl Upstream {
                 });
                 continue;
             }
-            let mut url = endpoint.url(repo, tail);
-            url.set_query(query);
-            let result = self
-                .send_admitted(endpoint, kind, method.clone(), repo, url, headers.clone())
-                .await;
+            let mut url = endpoint.url(call.repo, call.tail);
+            url.set_query(call.query);
+            let result = self.send_admitted(endpoint, &call, url).await;
             let outage = matches!(&result, Err(e) if e.is_outage());
             if let Err(e) = &result {
                 if outage {
@@ -599,18 +595,16 @@ impl Upstream {
     async fn send_admitted(
         &self,
         endpoint: &Endpoint,
-        kind: &'static str,
-        method: Method,
-        repo: &RepoName,
+        call: &Call<'_>,
         url: url::Url,
-        headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
+        let (kind, method, repo) = (call.kind, &call.method, call.repo);
         let mut answered_challenge = false;
         loop {
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
-                .headers(headers.clone());
+                .headers(call.headers.clone());
             if let Some(authorization) = endpoint.auth.authorization(Some(repo)).await? {
                 let mut value =
                     HeaderValue::from_str(authorization.expose()).map_err(|_| Error::Protocol {
@@ -723,14 +717,14 @@ impl Upstream {
             ("manifest_get", Method::GET)
         };
         let result = self
-            .send(
+            .send(Call {
                 kind,
                 method,
                 repo,
-                &format!("manifests/{reference}"),
-                None,
+                tail: &format!("manifests/{reference}"),
+                query: None,
                 headers,
-            )
+            })
             .await;
         let sent = match result {
             Ok(sent) => sent,
@@ -886,7 +880,14 @@ impl Upstream {
         }
         let path = format!("blobs/{digest}");
         let sent = self
-            .send("blob_get", Method::GET, repo, &path, None, headers)
+            .send(Call {
+                kind: "blob_get",
+                method: Method::GET,
+                repo,
+                tail: &path,
+                query: None,
+                headers,
+            })
             .await?;
         let resp = sent.resp;
         let protocol = |detail: String| Error::Protocol {
@@ -919,12 +920,14 @@ impl Upstream {
                 let head = self
                     .send_with(
                         sent.permit,
-                        "blob_head",
-                        Method::HEAD,
-                        repo,
-                        &path,
-                        None,
-                        HeaderMap::new(),
+                        Call {
+                            kind: "blob_head",
+                            method: Method::HEAD,
+                            repo,
+                            tail: &path,
+                            query: None,
+                            headers: HeaderMap::new(),
+                        },
                     )
                     .await?;
                 let size = header_length(head.resp.headers())
@@ -945,14 +948,14 @@ impl Upstream {
     /// `HEAD` of a blob: its size, without downloading it.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
         let resp = self
-            .send(
-                "blob_head",
-                Method::HEAD,
+            .send(Call {
+                kind: "blob_head",
+                method: Method::HEAD,
                 repo,
-                &format!("blobs/{digest}"),
-                None,
-                HeaderMap::new(),
-            )
+                tail: &format!("blobs/{digest}"),
+                query: None,
+                headers: HeaderMap::new(),
+            })
             .await?
             .resp;
         header_length(resp.headers()).ok_or_else(|| Error::Protocol {
@@ -975,14 +978,14 @@ impl Upstream {
             HeaderValue::from_static(crate::oci::media::OCI_INDEX),
         );
         let sent = self
-            .send(
-                "referrers",
-                Method::GET,
+            .send(Call {
+                kind: "referrers",
+                method: Method::GET,
                 repo,
-                &format!("referrers/{subject}"),
-                None,
+                tail: &format!("referrers/{subject}"),
+                query: None,
                 headers,
-            )
+            })
             .await?;
         let body = self.read_limited(sent.resp, MAX_MANIFEST_BYTES).await?;
         let protocol = |detail: &str| Error::Protocol {
@@ -1002,14 +1005,14 @@ impl Upstream {
     /// `GET tags/list`, passed through with the client's query (`n`, `last`).
     pub async fn tags(&self, repo: &RepoName, query: Option<&str>) -> Result<TagsPage, Error> {
         let sent = self
-            .send(
-                "tags",
-                Method::GET,
+            .send(Call {
+                kind: "tags",
+                method: Method::GET,
                 repo,
-                "tags/list",
+                tail: "tags/list",
                 query,
-                HeaderMap::new(),
-            )
+                headers: HeaderMap::new(),
+            })
             .await?;
         let resp = sent.resp;
         let link = resp
