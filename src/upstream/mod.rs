@@ -1,6 +1,12 @@
 //! The upstream registry client: authenticated requests with timeouts, redirects followed
 //! without credentials, and upstream answers classified into [`Error`] so that a 404 stays a
 //! 404 and a 429 stays a 429.
+//!
+//! An upstream has one or more URLs (`urls`), tried in order per request: one that refuses
+//! (429) or is down passes the request to the next, a 404 is an answer. Each URL keeps its own
+//! auth (realm, tokens), health and pull budget. All of an upstream's requests share its caps:
+//! `max_concurrent_requests` (a permit held until the response body ends) and
+//! `max_requests_per_second` (waited for, never failed).
 
 pub mod auth;
 pub mod credentials;
@@ -303,7 +309,7 @@ pub struct UrlStatus {
     pub state: health::State,
     /// The pull budget this URL last reported.
     pub budget: Option<ratelimit::Budget>,
-    /// Whether this URL answered the latest request that was answered.
+    /// Whether this URL gave the latest successful answer.
     pub served_last: bool,
 }
 
