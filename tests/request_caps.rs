@@ -113,7 +113,12 @@ async fn requests_over_the_rate_wait_instead_of_failing() {
         .collect();
     arrivals.sort();
     assert_eq!(arrivals.len(), 8);
-    // A burst of 4, then one every 250 ms: the eighth cannot be sent before 1 s.
+    // A burst of 4, then one every 250 ms: the fifth cannot be sent before 250 ms, nor the
+    // eighth before 1 s.
+    assert!(
+        arrivals[4] >= Duration::from_millis(240),
+        "more than the burst of 4 went at once: {arrivals:?}"
+    );
     assert!(
         arrivals[7] >= Duration::from_millis(950),
         "sent too fast: {arrivals:?}"
