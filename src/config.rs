@@ -201,7 +201,13 @@ impl Default for Config {
             cache: CacheConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
-            upstreams: BTreeMap::from([(DOCKER_HUB.to_owned(), UpstreamConfig::default())]),
+            upstreams: BTreeMap::from([(
+                DOCKER_HUB.to_owned(),
+                UpstreamConfig {
+                    url: DOCKER_HUB_URL.to_owned(),
+                    ..UpstreamConfig::default()
+                },
+            )]),
         }
     }
 }
@@ -355,8 +361,31 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Base URL of the registry API (`http://` is allowed). Default Docker Hub.
+    /// Base URL of the registry API (`http://` is allowed). Set this or `urls`, not both.
+    /// Default (neither set): Docker Hub.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Several base URLs of one registry's content, tried in order per request when one
+    /// refuses (429) or is down (unreachable, timeout, 5xx, backing off); a 404 is an answer
+    /// and is not asked elsewhere. Each URL has its own health, tokens and pull budget; the
+    /// credentials go to the first URL only. Default: empty (use `url`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// A Docker credential helper: `"ecr-login"` runs `docker-credential-ecr-login get` from
+    /// `PATH`; a value containing `/` is the helper program's path. Its answer is used as the
+    /// username and password (or identity token). Not with `username`/`password`. Default:
+    /// none.
+    pub credential_helper: Option<String>,
+    /// How long a credential helper's answer is used before the helper is run again.
+    /// Default 15 minutes.
+    #[serde(with = "humantime_serde")]
+    pub credential_lifetime: Duration,
+    /// Upstream requests in flight at once, a blob body being streamed included: for
+    /// registries that throttle connections. 0 (default) = unlimited.
+    pub max_concurrent_requests: u32,
+    /// Upstream requests sent per second; more wait their turn (they never fail for it).
+    /// 0 (default) = unlimited.
+    pub max_requests_per_second: u32,
     /// Username for token (or Basic) auth; anonymous when absent.
     pub username: Option<String>,
     /// Password or access token; env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default upstream.
@@ -422,7 +451,12 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            url: DOCKER_HUB_URL.to_owned(),
+            url: String::new(),
+            urls: Vec::new(),
+            credential_helper: None,
+            credential_lifetime: Duration::from_secs(15 * 60),
+            max_concurrent_requests: 0,
+            max_requests_per_second: 0,
             username: None,
             password: None,
             connect_timeout: Duration::from_secs(10),
@@ -442,6 +476,73 @@ impl Default for UpstreamConfig {
             allow_repositories: None,
             deny_repositories: RepoGlobs::default(),
         }
+    }
+}
+
+impl UpstreamConfig {
+    /// The base URLs in the order they are tried: `urls`, or `url`, or Docker Hub.
+    pub fn base_urls(&self) -> Vec<&str> {
+        if !self.urls.is_empty() {
+            self.urls.iter().map(String::as_str).collect()
+        } else if !self.url.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            vec![DOCKER_HUB_URL]
+        }
+    }
+
+    fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let bad = |field: &str, value: &str, reason: &str| ConfigError::Value {
+            key: key(field),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if !self.url.is_empty() && !self.urls.is_empty() {
+            return Err(bad("urls", "", "set url or urls, not both"));
+        }
+        let field = if self.urls.is_empty() { "url" } else { "urls" };
+        for (i, u) in self.base_urls().into_iter().enumerate() {
+            if self.base_urls()[..i].contains(&u) {
+                return Err(bad(field, u, "listed twice"));
+            }
+            let url = url::Url::parse(u).map_err(|e| bad(field, u, &e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(bad(field, u, "must be an http:// or https:// URL"));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(bad(
+                    field,
+                    "[REDACTED]",
+                    "put credentials in username/password, not in the URL",
+                ));
+            }
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(bad("username", "", "a password needs a username"));
+        }
+        if let Some(helper) = &self.credential_helper {
+            if self.username.is_some() || self.password.is_some() {
+                return Err(bad(
+                    "credential_helper",
+                    helper,
+                    "set credential_helper or username/password, not both",
+                ));
+            }
+            // A bare name becomes part of a program name looked up on PATH.
+            let name_ok = helper.contains('/')
+                || (!helper.is_empty()
+                    && helper
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')));
+            if !name_ok {
+                return Err(bad(
+                    "credential_helper",
+                    helper,
+                    "must be a helper name such as ecr-login, or a path containing /",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -486,7 +587,7 @@ impl Config {
     /// Parses a config file. The error names the line and column and says what is wrong,
     /// but never quotes the file: the offending line may hold a password.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let message = e.message().trim_end();
             match e.span() {
                 Some(span) => {
@@ -508,7 +609,14 @@ impl Config {
                 }
                 None => message.to_owned(),
             }
-        })
+        })?;
+        // Spelled out, so that a printed config shows where an upstream without either goes.
+        for up in config.upstreams.values_mut() {
+            if up.url.is_empty() && up.urls.is_empty() {
+                up.url = DOCKER_HUB_URL.to_owned();
+            }
+        }
+        Ok(config)
     }
 
     fn default_upstream_mut(&mut self) -> &mut UpstreamConfig {
@@ -539,7 +647,9 @@ impl Config {
             self.storage.max_size = Some(max);
         }
         if let Some(url) = &cli.upstream {
-            self.default_upstream_mut().url = url.clone();
+            let up = self.default_upstream_mut();
+            up.url = url.clone();
+            up.urls.clear();
         }
         if let Some(ttl) = cli.tag_ttl {
             self.cache.tag_ttl = ttl;
@@ -585,25 +695,7 @@ impl Config {
                     "must be between 0 and 1",
                 ));
             }
-            let url =
-                url::Url::parse(&up.url).map_err(|e| bad(&key("url"), &up.url, &e.to_string()))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(bad(
-                    &key("url"),
-                    &up.url,
-                    "must be an http:// or https:// URL",
-                ));
-            }
-            if !url.username().is_empty() || url.password().is_some() {
-                return Err(bad(
-                    &key("url"),
-                    "[REDACTED]",
-                    "put credentials in username/password, not in the URL",
-                ));
-            }
-            if up.password.is_some() && up.username.is_none() {
-                return Err(bad(&key("username"), "", "a password needs a username"));
-            }
+            up.validate(&key)?;
             for (field, d) in [
                 ("backoff", up.backoff),
                 ("max_pulls_window", up.max_pulls_window),
@@ -611,6 +703,7 @@ impl Config {
                 ("first_byte_timeout", up.first_byte_timeout),
                 ("head_timeout", up.head_timeout),
                 ("idle_timeout", up.idle_timeout),
+                ("credential_lifetime", up.credential_lifetime),
             ] {
                 if d.is_zero() {
                     return Err(bad(&key(field), "0s", "must be greater than zero"));
@@ -740,7 +833,7 @@ mod tests {
     fn defaults_mirror_docker_hub() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
-        assert_eq!(c.upstreams[DOCKER_HUB].url, DOCKER_HUB_URL);
+        assert_eq!(c.upstreams[DOCKER_HUB].base_urls(), [DOCKER_HUB_URL]);
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
         c.validate().unwrap();
     }
@@ -917,6 +1010,84 @@ mod tests {
         assert_eq!(format_size(bytesize::ByteSize(1500)), "1500B");
     }
 
+    fn upstream_error(toml: &str) -> String {
+        let c = Config::from_toml(&format!("[upstreams.\"docker.io\"]\n{toml}")).unwrap();
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn upstream_fields_for_auth_fallback_and_caps_parse_with_their_defaults() {
+        let c = Config::from_toml("").unwrap();
+        let up = &c.upstreams[DOCKER_HUB];
+        assert_eq!(up.credential_lifetime, Duration::from_secs(15 * 60));
+        assert_eq!(
+            (up.max_concurrent_requests, up.max_requests_per_second),
+            (0, 0)
+        );
+        assert!(up.credential_helper.is_none() && up.urls.is_empty());
+        let c = Config::from_toml(
+            "[upstreams.\"docker.io\"]\nurls = [\"https://registry-1.docker.io\", \"https://mirror.gcr.io\"]\n\
+             credential_helper = \"ecr-login\"\ncredential_lifetime = \"1h\"\n\
+             max_concurrent_requests = 8\nmax_requests_per_second = 20\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let up = &c.upstreams[DOCKER_HUB];
+        assert_eq!(
+            up.base_urls(),
+            ["https://registry-1.docker.io", "https://mirror.gcr.io"]
+        );
+        assert_eq!(up.credential_lifetime, Duration::from_secs(3600));
+        assert_eq!(
+            (up.max_concurrent_requests, up.max_requests_per_second),
+            (8, 20)
+        );
+        let back = Config::from_toml(&c.to_redacted_toml().unwrap()).unwrap();
+        back.validate().unwrap();
+        assert_eq!(back.upstreams[DOCKER_HUB].base_urls(), up.base_urls());
+    }
+
+    #[test]
+    fn url_and_urls_are_exclusive_and_every_url_is_checked() {
+        let e = upstream_error("url = \"https://a.example\"\nurls = [\"https://b.example\"]\n");
+        assert!(
+            e.contains("upstreams.\"docker.io\".urls") && e.contains("not both"),
+            "{e}"
+        );
+        let e = upstream_error("urls = [\"https://a.example\", \"ftp://b.example\"]\n");
+        assert!(e.contains(".urls") && e.contains("ftp://b.example"), "{e}");
+        let e = upstream_error("urls = [\"https://a.example\", \"https://a.example\"]\n");
+        assert!(e.contains("listed twice"), "{e}");
+        let e = upstream_error("urls = [\"https://me:pw@a.example\"]\n");
+        assert!(!e.contains("pw@") && e.contains("username/password"), "{e}");
+    }
+
+    #[test]
+    fn credential_helper_excludes_username_and_password_and_is_a_name_or_a_path() {
+        let e = upstream_error("credential_helper = \"ecr-login\"\nusername = \"me\"\n");
+        assert!(
+            e.contains("credential_helper") && e.contains("not both"),
+            "{e}"
+        );
+        let e = upstream_error("credential_helper = \"ecr login; rm\"\n");
+        assert!(e.contains("helper name"), "{e}");
+        let e = upstream_error("credential_helper = \"\"\n");
+        assert!(e.contains("helper name"), "{e}");
+        let e = upstream_error("credential_helper = \"gcr\"\ncredential_lifetime = \"0s\"\n");
+        assert!(e.contains("credential_lifetime"), "{e}");
+        for ok in [
+            "ecr-login",
+            "/usr/local/bin/docker-credential-gcr",
+            "./helper",
+        ] {
+            let c = Config::from_toml(&format!(
+                "[upstreams.\"docker.io\"]\ncredential_helper = \"{ok}\"\n"
+            ))
+            .unwrap();
+            c.validate().unwrap();
+        }
+    }
+
     #[test]
     fn printed_config_reads_back_the_same_and_hides_secrets() {
         let mut c = Config::default();
@@ -936,7 +1107,7 @@ mod tests {
         assert_eq!(back.storage.max_size, c.storage.max_size);
         assert_eq!(back.cache.tag_ttl, c.cache.tag_ttl);
         assert_eq!(back.server.allow, c.server.allow);
-        assert_eq!(back.upstreams[DOCKER_HUB].url, DOCKER_HUB_URL);
+        assert_eq!(back.upstreams[DOCKER_HUB].base_urls(), [DOCKER_HUB_URL]);
         assert_eq!(back.upstreams[DOCKER_HUB].username.as_deref(), Some("me"));
         back.validate().unwrap();
     }

@@ -325,15 +325,7 @@ impl Job {
             }
         };
         self.metrics.miss_first_byte(asked.elapsed());
-        let size = match body.size {
-            Some(size) => size,
-            // A chunked answer (some registries send one): the size from a HEAD, which costs
-            // no pull, so that clients still get a Content-Length.
-            None => match self.upstream.blob_size(&self.repo, &self.digest).await {
-                Ok(size) => size,
-                Err(e) => return Outcome::Protocol(e),
-            },
-        };
+        let size = body.size;
         if !self.make_room(size).await {
             self.metrics.no_space();
             self.download.start.send_replace(Start::NoSpace);
@@ -374,11 +366,11 @@ impl Job {
                     .blob(&self.repo, &self.digest, writer.written())
                     .await
                 {
-                    Ok(b) if b.size.is_none_or(|s| s == size) => break b,
+                    Ok(b) if b.size == size => break b,
                     Ok(b) => {
                         return Outcome::Protocol(upstream::Error::Protocol {
                             upstream: self.upstream.name.clone(),
-                            detail: format!("resume answered size {:?}, expected {size}", b.size),
+                            detail: format!("resume answered size {}, expected {size}", b.size),
                         })
                     }
                     Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),

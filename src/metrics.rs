@@ -72,6 +72,13 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+/// An upstream and one of its configured URLs: bounded by the configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamUrlLabels {
+    upstream: String,
+    url: String,
+}
+
 /// `0` stands for "no response" (refused, timed out, cut).
 fn status_class(status: u16) -> &'static str {
     match status {
@@ -225,6 +232,7 @@ pub struct Metrics {
     budget_window: Family<UpstreamLabels, Gauge>,
     budget_updated: Family<UpstreamLabels, Gauge>,
     upstream_up: Family<UpstreamLabels, Gauge>,
+    upstream_fallbacks: Family<UpstreamUrlLabels, Counter>,
     pub inflight_downloads: Gauge,
     pub inflight_waiters: Gauge,
     miss_ttfb: Histogram,
@@ -276,6 +284,7 @@ impl Metrics {
             budget_window: Family::default(),
             budget_updated: Family::default(),
             upstream_up: Family::default(),
+            upstream_fallbacks: Family::default(),
             inflight_downloads: Gauge::default(),
             inflight_waiters: Gauge::default(),
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -434,6 +443,11 @@ impl Metrics {
                 m.upstream_up.clone(),
             );
             r.register(
+                "upstream_fallbacks",
+                "Upstream requests answered by a fallback URL, by upstream and URL",
+                m.upstream_fallbacks.clone(),
+            );
+            r.register(
                 "inflight_downloads",
                 "Blob downloads in progress",
                 m.inflight_downloads.clone(),
@@ -584,6 +598,17 @@ impl Metrics {
 
     pub fn no_space(&self) {
         self.no_space.inc();
+    }
+
+    /// A request answered by a fallback `url` after the upstream's URLs before it refused,
+    /// failed or were backing off.
+    pub fn upstream_fallback(&self, upstream: &str, url: &str) {
+        self.upstream_fallbacks
+            .get_or_create(&UpstreamUrlLabels {
+                upstream: upstream.to_owned(),
+                url: url.to_owned(),
+            })
+            .inc();
     }
 
     pub fn upstream_up(&self, upstream: &str, up: bool) {

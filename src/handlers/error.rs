@@ -273,6 +273,13 @@ impl ApiError {
                 Code::Unavailable,
                 format!("upstream {upstream} sent an invalid response"),
             ),
+            // The mirror's own credentials failed: not the client's to fix, so no 401 (which
+            // makes clients retry with their own credentials).
+            U::Credentials { upstream, .. } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unauthorized,
+                format!("upstream {upstream}: {}", e.client_reason()),
+            ),
             U::Unexpected { upstream, status } => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 Code::Unknown,

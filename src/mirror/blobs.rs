@@ -164,10 +164,7 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<BlobAnswer, Error> {
         let body = target.upstream.blob(&target.repo, digest, 0).await?;
-        let size = match body.size {
-            Some(size) => size,
-            None => target.upstream.blob_size(&target.repo, digest).await?,
-        };
+        let size = body.size;
         let metrics = self.metrics.clone();
         let upstream = target.upstream.name.clone();
         let chunks = stream::try_unfold(body, |mut body| async move {

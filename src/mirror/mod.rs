@@ -222,7 +222,7 @@ impl Mirror {
             self.store.evictions(),
         );
         for up in self.upstreams.values() {
-            let is_up = up.health.state() == upstream::health::State::Up;
+            let is_up = up.state() == upstream::health::State::Up;
             self.metrics.upstream_up(&up.name, is_up);
         }
         self.metrics.encode(format)
@@ -253,7 +253,7 @@ impl Mirror {
                 for (at, error) in u.recent_errors() {
                     errors.push((at, u.name.clone(), error));
                 }
-                let budget = u.budget.latest();
+                let budget = u.budget();
                 // The window is counted from the reading: by then the budget is whole again.
                 let refills_in = budget.as_ref().map(|b| {
                     let refill = b.updated + std::time::Duration::from_secs(b.window_secs);
@@ -262,13 +262,14 @@ impl Mirror {
                 serde_json::json!({
                     "refills_in_secs": refills_in,
                     "name": u.name,
-                    "state": u.health.state(),
+                    "state": u.state(),
                     "limit": budget.as_ref().map(|b| b.limit),
                     "remaining": budget.as_ref().map(|b| b.remaining),
                     "window_secs": budget.as_ref().map(|b| b.window_secs),
                     "source": budget.as_ref().and_then(|b| b.source.clone()),
                     "updated": budget.as_ref().map(|b| humantime::format_rfc3339_seconds(b.updated).to_string()),
                     "counted_pulls": u.counted_pulls(),
+                    "urls": u.urls(),
                 })
             })
             .collect();

@@ -1,8 +1,10 @@
 //! Upstream authentication: `WWW-Authenticate` challenges, Bearer tokens and Basic auth.
 //!
-//! The first request to an upstream goes out anonymously; its 401 challenge tells us the token
-//! realm and service, which are remembered so later repositories get a token before their first
-//! request. Tokens are cached per repository scope until shortly before they expire.
+//! The first request to an upstream URL goes out anonymously; its 401 challenge tells us the
+//! token realm and service (or that the registry wants Basic on every request), which are
+//! remembered so later repositories get a token before their first request. Tokens are cached
+//! per repository scope until shortly before they expire. One `Auth` serves one upstream URL:
+//! realms differ between URLs, and so do their tokens.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use base64::Engine;
 use moka::future::Cache;
 use serde::Deserialize;
 
+use super::credentials::{Credential, Credentials};
 use super::Error;
 use crate::config::Secret;
 use crate::metrics::Metrics;
@@ -113,7 +116,7 @@ struct TokenResponse {
 pub struct Auth {
     upstream: String,
     http: reqwest::Client,
-    credentials: Option<(String, Secret)>,
+    credentials: Credentials,
     /// The last challenge seen; a plain lock because it is only ever read or replaced.
     challenge: RwLock<Option<Challenge>>,
     tokens: Cache<String, Token>,
@@ -124,7 +127,7 @@ impl Auth {
     pub fn new(
         upstream: String,
         http: reqwest::Client,
-        credentials: Option<(String, Secret)>,
+        credentials: Credentials,
         metrics: Arc<Metrics>,
     ) -> Auth {
         Auth {
@@ -147,14 +150,26 @@ impl Auth {
         }
     }
 
-    fn basic(&self) -> Option<String> {
-        self.credentials.as_ref().map(|(user, pass)| {
-            let raw = format!("{user}:{}", pass.expose());
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(raw)
-            )
-        })
+    fn basic(username: &str, password: &Secret) -> Secret {
+        let raw = format!("{username}:{}", password.expose());
+        Secret::new(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        ))
+    }
+
+    /// The `Authorization` of a Basic-only registry: the credentials on every request.
+    async fn basic_authorization(&self) -> Result<Option<Secret>, Error> {
+        match self.credentials.get().await? {
+            None => Ok(None),
+            Some(Credential::Password { username, password }) => {
+                Ok(Some(Self::basic(&username, &password)))
+            }
+            Some(Credential::IdentityToken(_)) => Err(Error::Credentials {
+                upstream: self.upstream.clone(),
+                detail: "the helper answered an identity token, which a Basic-only registry does not take".into(),
+            }),
+        }
     }
 
     /// The `Authorization` value for a request on `repo`, if the upstream is known to want one.
@@ -162,7 +177,7 @@ impl Auth {
         let challenge = self.challenge.read().ok().and_then(|c| c.clone());
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => Ok(self.basic().map(Secret::new)),
+            Some(Challenge::Basic) => self.basic_authorization().await,
             Some(Challenge::Bearer { realm, service }) => {
                 let scope = Self::scope(repo);
                 let token = self
@@ -191,7 +206,7 @@ impl Auth {
         let Some(challenge) = www_authenticate.and_then(parse_challenge) else {
             return false;
         };
-        if challenge == Challenge::Basic && self.credentials.is_none() {
+        if challenge == Challenge::Basic && self.credentials.is_anonymous() {
             return false;
         }
         if let Ok(mut c) = self.challenge.write() {
@@ -207,10 +222,11 @@ impl Auth {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Token, Error> {
-        let mut url = url::Url::parse(realm).map_err(|_| Error::Protocol {
+        let realm = url::Url::parse(realm).map_err(|_| Error::Protocol {
             upstream: self.upstream.clone(),
             detail: "token realm is not a URL".into(),
         })?;
+        let mut url = realm.clone();
         {
             let mut q = url.query_pairs_mut();
             if let Some(service) = service {
@@ -220,10 +236,42 @@ impl Auth {
                 q.append_pair("scope", scope);
             }
         }
-        let mut req = self.http.get(url);
-        if let Some(basic) = self.basic() {
-            req = req.header(http::header::AUTHORIZATION, basic);
-        }
+        let req = match self.credentials.get().await? {
+            None => self.http.get(url),
+            Some(Credential::Password { username, password }) => {
+                let mut value =
+                    http::HeaderValue::from_str(Self::basic(&username, &password).expose())
+                        .map_err(|_| Error::Protocol {
+                            upstream: self.upstream.clone(),
+                            detail: "credentials are not a valid header value".into(),
+                        })?;
+                value.set_sensitive(true);
+                self.http
+                    .get(url)
+                    .header(http::header::AUTHORIZATION, value)
+            }
+            Some(Credential::IdentityToken(refresh)) => {
+                // What docker does with an identity token: the OAuth2 refresh-token grant,
+                // POSTed to the realm, whose answer carries an `access_token`.
+                let mut form = url::form_urlencoded::Serializer::new(String::new());
+                form.append_pair("grant_type", "refresh_token")
+                    .append_pair("refresh_token", refresh.expose())
+                    .append_pair("client_id", "pullthrough");
+                if let Some(service) = service {
+                    form.append_pair("service", service);
+                }
+                if !scope.is_empty() {
+                    form.append_pair("scope", scope);
+                }
+                self.http
+                    .post(realm)
+                    .header(
+                        http::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(form.finish())
+            }
+        };
         let asked = std::time::Instant::now();
         let resp = match req.send().await {
             Ok(resp) => resp,

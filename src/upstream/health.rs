@@ -25,6 +25,8 @@ struct Inner {
 
 #[derive(Debug)]
 pub struct Health {
+    /// The upstream URL, for the log.
+    url: String,
     threshold: u32,
     base_backoff: Duration,
     max_backoff: Duration,
@@ -41,8 +43,9 @@ pub enum Admission {
 }
 
 impl Health {
-    pub fn new(threshold: u32, backoff: Duration, clock: Clock) -> Health {
+    pub fn new(url: &str, threshold: u32, backoff: Duration, clock: Clock) -> Health {
         Health {
+            url: url.to_owned(),
             threshold: threshold.max(1),
             base_backoff: backoff,
             max_backoff: backoff * 16,
@@ -80,7 +83,7 @@ impl Health {
         }
         if !outage {
             if s.down_until.is_some() {
-                tracing::info!("upstream is answering again");
+                tracing::info!(url = %self.url, "upstream is answering again");
             }
             s.failures = 0;
             s.down_until = None;
@@ -93,6 +96,7 @@ impl Health {
             s.down_until = Some(self.clock.now() + s.backoff);
         } else if s.failures >= self.threshold && s.down_until.is_none() {
             tracing::warn!(
+                url = %self.url,
                 failures = s.failures,
                 backoff_secs = s.backoff.as_secs_f64(),
                 "upstream failing repeatedly; backing off"
@@ -117,7 +121,7 @@ mod tests {
     #[test]
     fn backs_off_after_threshold_then_probes_once() {
         let clock = Clock::manual();
-        let h = Health::new(2, Duration::from_millis(20), clock.clone());
+        let h = Health::new("http://a", 2, Duration::from_millis(20), clock.clone());
         h.record(h.admit(), true);
         assert_eq!(h.admit(), Admission::Go);
         h.record(Admission::Go, true);
@@ -134,7 +138,7 @@ mod tests {
     #[test]
     fn failed_probe_doubles_the_backoff() {
         let clock = Clock::manual();
-        let h = Health::new(1, Duration::from_secs(10), clock.clone());
+        let h = Health::new("http://a", 1, Duration::from_secs(10), clock.clone());
         h.record(Admission::Go, true);
         clock.advance(Duration::from_secs(15));
         assert_eq!(h.admit(), Admission::Probe);

@@ -1,13 +1,20 @@
 //! The upstream registry client: authenticated requests with timeouts, redirects followed
 //! without credentials, and upstream answers classified into [`Error`] so that a 404 stays a
 //! 404 and a 429 stays a 429.
+//!
+//! An upstream has one or more URLs (`urls`), tried in order per request: one that refuses
+//! (429) or is down passes the request to the next, a 404 is an answer. Each URL keeps its own
+//! auth (realm, tokens), health and pull budget. All of an upstream's requests share its caps:
+//! `max_concurrent_requests` (a permit held until the response body ends) and
+//! `max_requests_per_second` (waited for, never failed).
 
 pub mod auth;
+pub mod credentials;
 pub mod health;
 pub mod ratelimit;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +23,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
@@ -59,6 +67,10 @@ pub enum Error {
     Protocol { upstream: String, detail: String },
     #[error("upstream {upstream} answered unexpected status {status}")]
     Unexpected { upstream: String, status: u16 },
+    /// The credential helper failed: the mirror's own configuration or environment, not the
+    /// client's. The detail names the helper and how it failed, never its output.
+    #[error("credential helper for upstream {upstream} failed: {detail}")]
+    Credentials { upstream: String, detail: String },
 }
 
 /// Why an upstream could not be reached: what an operator needs first, and a short, safe
@@ -140,6 +152,7 @@ impl Error {
             Error::Unreachable { why, .. } => why.to_string(),
             Error::Timeout { what, .. } => format!("timed out waiting for {what}"),
             Error::BackingOff { .. } => "backing off after repeated failures".into(),
+            Error::Credentials { .. } => "the mirror could not get its credentials".into(),
             other => other.to_string(),
         }
     }
@@ -183,13 +196,17 @@ fn error_message(body: &[u8]) -> Option<String> {
 /// A blob body from the upstream, starting at the offset asked for whatever the upstream did
 /// with the `Range` (a 200 that ignored it has its leading bytes skipped here).
 pub struct BlobBody {
-    /// The whole blob's length, when the upstream said it.
-    pub size: Option<u64>,
+    /// The whole blob's length.
+    pub size: u64,
     stream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     /// Leading bytes still to drop (a 200 answer to a Range request).
     skip: u64,
     idle_timeout: Duration,
     upstream: String,
+    /// The `max_concurrent_requests` permit, held while the body streams (a registry that
+    /// throttles counts the connection, not the request headers) and given back when the
+    /// body ends or fails, so that a resume does not wait on the request it replaces.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl BlobBody {
@@ -221,17 +238,18 @@ impl BlobBody {
     }
 
     async fn poll_next(&mut self) -> Result<Option<Bytes>, Error> {
-        let next = tokio::time::timeout(self.idle_timeout, self.stream.next())
-            .await
-            .map_err(|_| Error::Timeout {
+        let next = tokio::time::timeout(self.idle_timeout, self.stream.next()).await;
+        let result = match next {
+            Err(_) => Err(Error::Timeout {
                 upstream: self.upstream.clone(),
                 what: "the next body chunk",
-            })?;
-        match next {
-            None => Ok(None),
-            Some(Ok(b)) => Ok(Some(b)),
-            Some(Err(e)) => Err(Error::from_reqwest(&self.upstream, &e)),
-        }
+            }),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(b))) => return Ok(Some(b)),
+            Ok(Some(Err(e))) => Err(Error::from_reqwest(&self.upstream, &e)),
+        };
+        self.permit = None;
+        result
     }
 }
 
@@ -261,17 +279,74 @@ pub struct ManifestResponse {
     pub body: Option<Bytes>,
 }
 
+/// One base URL of an upstream, with what is particular to it: its token realm and tokens,
+/// its health and back-off, and its pull budget (mirror.gcr.io does not share Docker Hub's).
+struct Endpoint {
+    /// As configured: shown on the status page and used as the fallback metric's label.
+    url: String,
+    base: url::Url,
+    auth: auth::Auth,
+    health: health::Health,
+    budget: ratelimit::BudgetState,
+}
+
+impl Endpoint {
+    fn url(&self, repo: &RepoName, tail: &str) -> url::Url {
+        let mut url = self.base.clone();
+        let path = format!(
+            "{}/v2/{repo}/{tail}",
+            self.base.path().trim_end_matches('/')
+        );
+        url.set_path(&path);
+        url
+    }
+}
+
+/// One configured URL of an upstream as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UrlStatus {
+    pub url: String,
+    pub state: health::State,
+    /// The pull budget this URL last reported.
+    pub budget: Option<ratelimit::Budget>,
+    /// Whether this URL gave the latest successful answer.
+    pub served_last: bool,
+}
+
+/// What one upstream request asks, whichever of the upstream's URLs it goes to.
+struct Call<'a> {
+    /// The request kind, as the metrics label it.
+    kind: &'static str,
+    method: Method,
+    repo: &'a RepoName,
+    /// The path after `/v2/<repo>/`.
+    tail: &'a str,
+    query: Option<&'a str>,
+    headers: HeaderMap,
+}
+
+/// An upstream's answer, with the request-cap permit it holds until dropped.
+struct Sent {
+    resp: reqwest::Response,
+    endpoint: usize,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
 pub struct Upstream {
     /// The registry name clients use (`docker.io`).
     pub name: String,
-    base: url::Url,
+    /// In the order they are tried; never empty.
+    endpoints: Vec<Endpoint>,
+    /// Which endpoint answered last; `usize::MAX` before any did.
+    served_last: AtomicUsize,
     http: reqwest::Client,
-    auth: auth::Auth,
     config: UpstreamConfig,
-    pub budget: ratelimit::BudgetState,
-    pub health: health::Health,
     /// The configured cap on counted pulls, if any.
     pull_cap: Option<DefaultDirectRateLimiter>,
+    /// `max_concurrent_requests`, over all of the upstream's URLs.
+    concurrency: Option<Arc<Semaphore>>,
+    /// `max_requests_per_second`, over all of the upstream's URLs.
+    request_rate: Option<DefaultDirectRateLimiter>,
     counted_pulls: AtomicU64,
     metrics: Arc<Metrics>,
     clock: Clock,
@@ -287,6 +362,12 @@ const RECENT_ERRORS: usize = 20;
 /// The least time between two warnings about failures of one upstream.
 const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Whether a failure of one URL sends the request on to the next: a refusal (429) or an
+/// outage. A 404, 401 or 403 is the registry's answer and is not asked elsewhere.
+fn falls_back(e: &Error) -> bool {
+    e.is_outage() || matches!(e, Error::TooManyRequests { .. })
+}
+
 impl Upstream {
     pub fn new(
         name: &str,
@@ -294,7 +375,6 @@ impl Upstream {
         metrics: Arc<Metrics>,
         clock: Clock,
     ) -> anyhow::Result<Upstream> {
-        let base = url::Url::parse(config.url.trim_end_matches('/'))?;
         // Redirects are followed by reqwest, which drops Authorization when the host changes:
         // the registry's token must never reach the CDN.
         let http = reqwest::Client::builder()
@@ -302,27 +382,73 @@ impl Upstream {
             .redirect(reqwest::redirect::Policy::limited(5))
             .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let credentials = match (&config.username, &config.password) {
-            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-            _ => None,
-        };
+        let mut endpoints = Vec::new();
+        for (i, url) in config.base_urls().into_iter().enumerate() {
+            let base = url::Url::parse(url.trim_end_matches('/'))?;
+            // A fallback URL is often another operator's registry (mirror.gcr.io for Docker
+            // Hub): the credentials are the first URL's, and never sent to the others.
+            let credentials = if i > 0 {
+                credentials::Credentials::Anonymous
+            } else if let Some(helper) = &config.credential_helper {
+                let host = match base.port() {
+                    Some(port) => format!("{}:{port}", base.host_str().unwrap_or_default()),
+                    None => base.host_str().unwrap_or_default().to_owned(),
+                };
+                credentials::Credentials::Helper(credentials::Helper::new(
+                    name,
+                    helper,
+                    host,
+                    config.credential_lifetime,
+                    clock.clone(),
+                ))
+            } else {
+                match (&config.username, &config.password) {
+                    (Some(u), Some(p)) => {
+                        credentials::Credentials::Static(credentials::Credential::Password {
+                            username: u.clone(),
+                            password: p.clone(),
+                        })
+                    }
+                    _ => credentials::Credentials::Anonymous,
+                }
+            };
+            endpoints.push(Endpoint {
+                url: url.to_owned(),
+                base,
+                auth: auth::Auth::new(name.to_owned(), http.clone(), credentials, metrics.clone()),
+                health: health::Health::new(
+                    url,
+                    config.failure_threshold,
+                    config.backoff,
+                    clock.clone(),
+                ),
+                budget: ratelimit::BudgetState::default(),
+            });
+        }
+        anyhow::ensure!(!endpoints.is_empty(), "upstream {name} has no URL");
         let pull_cap = NonZeroU32::new(config.max_pulls).and_then(|n| {
             let quota = Quota::with_period(config.max_pulls_window / n.get())?.allow_burst(n);
             Some(governor::RateLimiter::direct(quota))
         });
+        let concurrency = usize::try_from(config.max_concurrent_requests)
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| Arc::new(Semaphore::new(n)));
+        let request_rate = NonZeroU32::new(config.max_requests_per_second)
+            .map(|n| governor::RateLimiter::direct(Quota::per_second(n)));
         Ok(Upstream {
             name: name.to_owned(),
-            health: health::Health::new(config.failure_threshold, config.backoff, clock.clone()),
+            endpoints,
+            served_last: AtomicUsize::new(usize::MAX),
             clock,
             last_outage_log: Mutex::new(None),
             recent_errors: Mutex::new(std::collections::VecDeque::new()),
             pull_cap,
+            concurrency,
+            request_rate,
             counted_pulls: AtomicU64::new(0),
-            base,
-            auth: auth::Auth::new(name.to_owned(), http.clone(), credentials, metrics.clone()),
             http,
             config: config.clone(),
-            budget: ratelimit::BudgetState::default(),
             metrics,
         })
     }
@@ -339,80 +465,153 @@ impl Upstream {
             .collect()
     }
 
-    fn url(&self, repo: &RepoName, tail: &str) -> url::Url {
-        let mut url = self.base.clone();
-        let path = format!(
-            "{}/v2/{repo}/{tail}",
-            self.base.path().trim_end_matches('/')
-        );
-        url.set_path(&path);
-        url
+    /// Up while any of its URLs is; backing off when all are.
+    pub fn state(&self) -> health::State {
+        if self
+            .endpoints
+            .iter()
+            .any(|e| e.health.state() == health::State::Up)
+        {
+            health::State::Up
+        } else {
+            health::State::BackingOff
+        }
     }
 
-    /// Sends a request, answering one auth challenge; error statuses become [`Error`]s.
-    async fn send(
+    /// The URL the next request goes to first: the first one not backing off.
+    fn next_endpoint(&self) -> &Endpoint {
+        self.endpoints
+            .iter()
+            .find(|e| e.health.state() == health::State::Up)
+            .unwrap_or(&self.endpoints[0])
+    }
+
+    /// The pull budget of the URL the next request goes to.
+    pub fn budget(&self) -> Option<ratelimit::Budget> {
+        self.next_endpoint().budget.latest()
+    }
+
+    /// Each configured URL in order, with its health and budget, and which one served last.
+    pub fn urls(&self) -> Vec<UrlStatus> {
+        let last = self.served_last.load(Ordering::Relaxed);
+        self.endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| UrlStatus {
+                url: e.url.clone(),
+                state: e.health.state(),
+                budget: e.budget.latest(),
+                served_last: i == last,
+            })
+            .collect()
+    }
+
+    /// A `max_concurrent_requests` permit; `None` without a cap. (The semaphore is never
+    /// closed, so acquiring cannot fail.)
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        match &self.concurrency {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
+    /// [`Upstream::send_with`] under a permit of its own.
+    async fn send(&self, call: Call<'_>) -> Result<Sent, Error> {
+        let permit = self.permit().await;
+        self.send_with(permit, call).await
+    }
+
+    /// Sends a request to the first URL that answers it, in the configured order: a URL
+    /// backing off is skipped, and one that refuses (429) or fails passes the request on.
+    /// Error statuses become [`Error`]s. The answer keeps `permit`.
+    async fn send_with(
         &self,
-        kind: &'static str,
-        method: Method,
-        repo: &RepoName,
-        tail: &str,
-        query: Option<&str>,
-        headers: HeaderMap,
-    ) -> Result<reqwest::Response, Error> {
-        let mut url = self.url(repo, tail);
-        url.set_query(query);
-        let admission = self.health.admit();
-        if admission == health::Admission::Refuse {
-            return Err(Error::BackingOff {
-                upstream: self.name.clone(),
-            });
-        }
-        let result = self.send_admitted(kind, method, repo, url, headers).await;
-        let outage = matches!(&result, Err(e) if e.is_outage());
-        if let Err(e) = &result {
-            if outage {
-                self.warn_outage(e);
+        permit: Option<OwnedSemaphorePermit>,
+        call: Call<'_>,
+    ) -> Result<Sent, Error> {
+        let count = self.endpoints.len();
+        let mut skipped = None;
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let admission = endpoint.health.admit();
+            if admission == health::Admission::Refuse {
+                skipped.get_or_insert(Error::BackingOff {
+                    upstream: self.name.clone(),
+                });
+                continue;
             }
-            if !matches!(e, Error::NotFound { .. }) {
-                let mut recent = crate::sync::lock(&self.recent_errors);
-                if recent.len() == RECENT_ERRORS {
-                    recent.pop_front();
+            let mut url = endpoint.url(call.repo, call.tail);
+            url.set_query(call.query);
+            let result = self.send_admitted(endpoint, &call, url).await;
+            let outage = matches!(&result, Err(e) if e.is_outage());
+            if let Err(e) = &result {
+                if outage {
+                    self.warn_outage(&endpoint.url, e);
                 }
-                recent.push_back((self.clock.now(), e.to_string()));
+                if !matches!(e, Error::NotFound { .. }) {
+                    let mut recent = crate::sync::lock(&self.recent_errors);
+                    if recent.len() == RECENT_ERRORS {
+                        recent.pop_front();
+                    }
+                    let error = if count > 1 {
+                        format!("{}: {e}", endpoint.url)
+                    } else {
+                        e.to_string()
+                    };
+                    recent.push_back((self.clock.now(), error));
+                }
+            }
+            endpoint.health.record(admission, outage);
+            match result {
+                Ok(resp) => {
+                    if i > 0 {
+                        self.metrics.upstream_fallback(&self.name, &endpoint.url);
+                    }
+                    self.served_last.store(i, Ordering::Relaxed);
+                    return Ok(Sent {
+                        resp,
+                        endpoint: i,
+                        permit,
+                    });
+                }
+                Err(e) if falls_back(&e) && i + 1 < count => {
+                    tracing::debug!(upstream = %self.name, url = %endpoint.url, error = %e, "trying the next upstream URL");
+                    skipped = Some(e);
+                }
+                Err(e) => return Err(e),
             }
         }
-        self.health.record(admission, outage);
-        result
+        Err(skipped.unwrap_or(Error::BackingOff {
+            upstream: self.name.clone(),
+        }))
     }
 
     /// Logs why the upstream failed, at most once per [`OUTAGE_LOG_INTERVAL`]: an outage must
     /// not flood the log, but its cause must be in it.
-    fn warn_outage(&self, e: &Error) {
+    fn warn_outage(&self, url: &str, e: &Error) {
         let now = self.clock.now();
         let mut last = crate::sync::lock(&self.last_outage_log);
         if last.is_some_and(|t| now.duration_since(t).is_ok_and(|d| d < OUTAGE_LOG_INTERVAL)) {
-            tracing::debug!(upstream = %self.name, error = %e, "upstream request failed");
+            tracing::debug!(upstream = %self.name, %url, error = %e, "upstream request failed");
             return;
         }
         *last = Some(now);
-        tracing::warn!(upstream = %self.name, error = %e, "upstream request failed");
+        tracing::warn!(upstream = %self.name, %url, error = %e, "upstream request failed");
     }
 
     async fn send_admitted(
         &self,
-        kind: &'static str,
-        method: Method,
-        repo: &RepoName,
+        endpoint: &Endpoint,
+        call: &Call<'_>,
         url: url::Url,
-        headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
+        let (kind, method, repo) = (call.kind, &call.method, call.repo);
         let mut answered_challenge = false;
         loop {
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
-                .headers(headers.clone());
-            if let Some(authorization) = self.auth.authorization(Some(repo)).await? {
+                .headers(call.headers.clone());
+            if let Some(authorization) = endpoint.auth.authorization(Some(repo)).await? {
                 let mut value =
                     HeaderValue::from_str(authorization.expose()).map_err(|_| Error::Protocol {
                         upstream: self.name.clone(),
@@ -420,6 +619,9 @@ impl Upstream {
                     })?;
                 value.set_sensitive(true);
                 req = req.header(header::AUTHORIZATION, value);
+            }
+            if let Some(rate) = &self.request_rate {
+                rate.until_ready().await;
             }
             let deadline = if method == Method::HEAD {
                 self.config.head_timeout.min(self.config.first_byte_timeout)
@@ -451,7 +653,7 @@ impl Upstream {
                     .get(header::WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                if self
+                if endpoint
                     .auth
                     .on_unauthorized(challenge.as_deref(), Some(repo))
                     .await
@@ -521,17 +723,17 @@ impl Upstream {
             ("manifest_get", Method::GET)
         };
         let result = self
-            .send(
+            .send(Call {
                 kind,
                 method,
                 repo,
-                &format!("manifests/{reference}"),
-                None,
+                tail: &format!("manifests/{reference}"),
+                query: None,
                 headers,
-            )
+            })
             .await;
-        let resp = match result {
-            Ok(resp) => resp,
+        let sent = match result {
+            Ok(sent) => sent,
             Err(e) => {
                 if let Error::TooManyRequests {
                     message,
@@ -541,13 +743,18 @@ impl Upstream {
                     tracing::error!(upstream = %self.name, %repo, %message, "upstream pull rate limit reached (429)");
                     return Err(Error::TooManyRequests {
                         message,
-                        retry_after: retry_after.or_else(|| self.budget.time_for_one_pull()),
+                        retry_after: retry_after.or_else(|| {
+                            self.endpoints
+                                .iter()
+                                .find_map(|e| e.budget.time_for_one_pull())
+                        }),
                     });
                 }
                 return Err(e);
             }
         };
-        self.observe_budget(resp.headers());
+        let resp = sent.resp;
+        self.observe_budget(sent.endpoint, resp.headers());
         if !head {
             self.counted_pulls.fetch_add(1, Ordering::Relaxed);
             self.metrics.counted_pull(&self.name);
@@ -591,24 +798,32 @@ impl Upstream {
         })
     }
 
-    fn observe_budget(&self, headers: &HeaderMap) {
-        let Some((budget, previous)) = self.budget.observe(headers) else {
+    /// Records the budget a URL reported. The upstream's budget gauges follow its first URL,
+    /// the one whose budget is normally spent; the status page shows each URL's.
+    fn observe_budget(&self, endpoint: usize, headers: &HeaderMap) {
+        let Some(url) = self.endpoints.get(endpoint) else {
             return;
         };
-        self.metrics.budget(
-            &self.name,
-            BudgetSample {
-                limit: budget.limit,
-                remaining: budget.remaining,
-                window_secs: budget.window_secs,
-                updated: budget.updated,
-            },
-        );
+        let Some((budget, previous)) = url.budget.observe(headers) else {
+            return;
+        };
+        if endpoint == 0 {
+            self.metrics.budget(
+                &self.name,
+                BudgetSample {
+                    limit: budget.limit,
+                    remaining: budget.remaining,
+                    window_secs: budget.window_secs,
+                    updated: budget.updated,
+                },
+            );
+        }
         let threshold = (budget.limit as f64 * self.config.budget_warn_ratio) as u64;
         let was_above = previous.is_none_or(|p| p.remaining > threshold);
         if budget.remaining <= threshold && was_above {
             tracing::warn!(
                 upstream = %self.name,
+                url = %url.url,
                 remaining = budget.remaining,
                 limit = budget.limit,
                 window_secs = budget.window_secs,
@@ -620,8 +835,7 @@ impl Upstream {
 
     /// At or below the reserve: spend no GET that a stale answer can replace.
     pub fn budget_is_low(&self) -> bool {
-        self.budget
-            .latest()
+        self.budget()
             .is_some_and(|b| b.remaining <= self.config.budget_reserve)
     }
 
@@ -670,16 +884,18 @@ impl Upstream {
                 headers.insert(header::RANGE, v);
             }
         }
-        let resp = self
-            .send(
-                "blob_get",
-                Method::GET,
+        let path = format!("blobs/{digest}");
+        let sent = self
+            .send(Call {
+                kind: "blob_get",
+                method: Method::GET,
                 repo,
-                &format!("blobs/{digest}"),
-                None,
+                tail: &path,
+                query: None,
                 headers,
-            )
+            })
             .await?;
+        let resp = sent.resp;
         let protocol = |detail: String| Error::Protocol {
             upstream: self.name.clone(),
             detail,
@@ -702,27 +918,52 @@ impl Upstream {
             200 => (header_length(resp.headers()), offset),
             s => return Err(protocol(format!("blob GET answered status {s}"))),
         };
+        let (size, permit) = match size {
+            Some(size) => (size, sent.permit),
+            // A chunked answer (some registries send one): the size from a HEAD, which costs
+            // no pull, under the same permit so that a cap of one never waits on itself.
+            None => {
+                let head = self
+                    .send_with(
+                        sent.permit,
+                        Call {
+                            kind: "blob_head",
+                            method: Method::HEAD,
+                            repo,
+                            tail: &path,
+                            query: None,
+                            headers: HeaderMap::new(),
+                        },
+                    )
+                    .await?;
+                let size = header_length(head.resp.headers())
+                    .ok_or_else(|| protocol("blob HEAD without Content-Length".into()))?;
+                (size, head.permit)
+            }
+        };
         Ok(BlobBody {
             size,
             stream: resp.bytes_stream().boxed(),
             skip,
             idle_timeout: self.config.idle_timeout,
             upstream: self.name.clone(),
+            permit,
         })
     }
 
     /// `HEAD` of a blob: its size, without downloading it.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
         let resp = self
-            .send(
-                "blob_head",
-                Method::HEAD,
+            .send(Call {
+                kind: "blob_head",
+                method: Method::HEAD,
                 repo,
-                &format!("blobs/{digest}"),
-                None,
-                HeaderMap::new(),
-            )
-            .await?;
+                tail: &format!("blobs/{digest}"),
+                query: None,
+                headers: HeaderMap::new(),
+            })
+            .await?
+            .resp;
         header_length(resp.headers()).ok_or_else(|| Error::Protocol {
             upstream: self.name.clone(),
             detail: "blob HEAD without Content-Length".into(),
@@ -742,17 +983,17 @@ impl Upstream {
             header::ACCEPT,
             HeaderValue::from_static(crate::oci::media::OCI_INDEX),
         );
-        let resp = self
-            .send(
-                "referrers",
-                Method::GET,
+        let sent = self
+            .send(Call {
+                kind: "referrers",
+                method: Method::GET,
                 repo,
-                &format!("referrers/{subject}"),
-                None,
+                tail: &format!("referrers/{subject}"),
+                query: None,
                 headers,
-            )
+            })
             .await?;
-        let body = self.read_limited(resp, MAX_MANIFEST_BYTES).await?;
+        let body = self.read_limited(sent.resp, MAX_MANIFEST_BYTES).await?;
         let protocol = |detail: &str| Error::Protocol {
             upstream: self.name.clone(),
             detail: detail.to_owned(),
@@ -769,16 +1010,17 @@ impl Upstream {
 
     /// `GET tags/list`, passed through with the client's query (`n`, `last`).
     pub async fn tags(&self, repo: &RepoName, query: Option<&str>) -> Result<TagsPage, Error> {
-        let resp = self
-            .send(
-                "tags",
-                Method::GET,
+        let sent = self
+            .send(Call {
+                kind: "tags",
+                method: Method::GET,
                 repo,
-                "tags/list",
+                tail: "tags/list",
                 query,
-                HeaderMap::new(),
-            )
+                headers: HeaderMap::new(),
+            })
             .await?;
+        let resp = sent.resp;
         let link = resp
             .headers()
             .get(header::LINK)

@@ -40,6 +40,10 @@ pub struct Counters {
     pub tags: AtomicU64,
     pub unauthorized: AtomicU64,
     pub referrers: AtomicU64,
+    /// Registry requests being answered now (until their response headers are sent).
+    pub in_flight: AtomicU64,
+    /// The most registry requests ever answered at once.
+    pub max_in_flight: AtomicU64,
 }
 
 /// A failure to inject.
@@ -56,6 +60,11 @@ pub struct Behaviour {
     pub require_token: bool,
     /// Credentials the token realm demands (Basic), if any.
     pub credentials: Option<(String, String)>,
+    /// An identity token the token realm accepts in an OAuth2 refresh-token POST.
+    pub refresh_token: Option<String>,
+    /// A Basic-only registry: every registry request must carry these credentials as Basic
+    /// auth, else 401 with `WWW-Authenticate: Basic`.
+    pub basic_only: Option<(String, String)>,
     /// `expires_in` sent with tokens.
     pub token_expires_in: Option<u64>,
     /// Redirect blob GETs to the CDN.
@@ -111,6 +120,8 @@ pub struct Content {
 /// A request as the fake saw it.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    /// When the request arrived.
+    pub at: std::time::Instant,
     pub host: &'static str,
     pub method: Method,
     pub path: String,
@@ -216,6 +227,16 @@ impl FakeUpstream {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Every token the realm has issued and not revoked.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state.valid_tokens.lock().unwrap().clone()
+    }
+
+    /// The most registry requests that were being answered at once.
+    pub fn max_in_flight(&self) -> u64 {
+        n(&self.state.counters.max_in_flight)
     }
 
     /// Forgets every issued token, as if they had expired upstream.
@@ -431,6 +452,7 @@ async fn route(state: Arc<State>, host: Host, req: Request<Incoming>) -> Respons
         Host::Cdn => "cdn",
     };
     state.seen.lock().unwrap().push(Seen {
+        at: std::time::Instant::now(),
         host: host_name,
         method: req.method().clone(),
         path: req.uri().to_string(),
@@ -440,21 +462,45 @@ async fn route(state: Arc<State>, host: Host, req: Request<Incoming>) -> Respons
         std::future::pending::<()>().await;
     }
     match host {
-        Host::Token => token(&state, &req),
+        Host::Token => token(&state, req).await,
         Host::Cdn => cdn(&state, &req).await,
-        Host::Registry => registry(&state, &req).await,
+        Host::Registry => {
+            let c = &state.counters;
+            let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            c.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            let r = registry(&state, &req).await;
+            c.in_flight.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
     }
 }
 
-fn token(state: &State, req: &Request<Incoming>) -> Response<Body> {
+fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+async fn token(state: &State, req: Request<Incoming>) -> Response<Body> {
     state.counters.token.fetch_add(1, Ordering::SeqCst);
+    if req.method() == Method::POST {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let form: HashMap<String, String> =
+            url::form_urlencoded::parse(&body).into_owned().collect();
+        let want = state.behaviour.lock().unwrap().refresh_token.clone();
+        if form.get("grant_type").map(String::as_str) != Some("refresh_token")
+            || want.is_none()
+            || form.get("refresh_token") != want.as_ref()
+        {
+            return oci_error(401, "UNAUTHORIZED", "bad refresh token");
+        }
+        return issue_token(state, true);
+    }
     let b = state.behaviour.lock().unwrap();
     if let Some((user, pass)) = &b.credentials {
-        use base64::Engine;
-        let want = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-        );
+        let want = basic(user, pass);
         if req
             .headers()
             .get("authorization")
@@ -464,14 +510,38 @@ fn token(state: &State, req: &Request<Incoming>) -> Response<Body> {
             return oci_error(401, "UNAUTHORIZED", "bad credentials");
         }
     }
+    drop(b);
+    issue_token(state, false)
+}
+
+fn issue_token(state: &State, oauth: bool) -> Response<Body> {
     let serial = state.token_serial.fetch_add(1, Ordering::SeqCst);
-    let token = format!("tok-{serial}");
+    // The port makes tokens of two fakes differ, so a test can tell whose a token is.
+    let port = state.registry_addr.lock().unwrap().unwrap().port();
+    let token = format!("tok-{port}-{serial}");
     state.valid_tokens.lock().unwrap().push(token.clone());
-    let body = match b.token_expires_in {
-        Some(e) => format!(r#"{{"token":"{token}","expires_in":{e}}}"#),
+    let body = match state.behaviour.lock().unwrap().token_expires_in {
+        Some(e) if !oauth => format!(r#"{{"token":"{token}","expires_in":{e}}}"#),
+        Some(e) => format!(r#"{{"access_token":"{token}","expires_in":{e}}}"#),
         None => format!(r#"{{"access_token":"{token}"}}"#),
     };
     full(200, body)
+}
+
+/// Whether a Basic-only registry lets the request in; `None` when it is not one.
+fn basic_refusal(state: &State, headers: &HeaderMap) -> Option<Response<Body>> {
+    let (user, pass) = state.behaviour.lock().unwrap().basic_only.clone()?;
+    let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if sent == Some(basic(&user, &pass).as_str()) {
+        return None;
+    }
+    state.counters.unauthorized.fetch_add(1, Ordering::SeqCst);
+    let mut r = oci_error(401, "UNAUTHORIZED", "authentication required");
+    r.headers_mut().insert(
+        "www-authenticate",
+        r#"Basic realm="fake-registry""#.parse().unwrap(),
+    );
+    Some(r)
 }
 
 fn authorized(state: &State, headers: &HeaderMap) -> bool {
@@ -541,6 +611,9 @@ async fn registry(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body>
     };
     if state.behaviour.lock().unwrap().require_token && !authorized(state, req.headers()) {
         return challenge(state, &repo);
+    }
+    if let Some(refused) = basic_refusal(state, req.headers()) {
+        return refused;
     }
     match kind {
         "manifests" => manifest(state, &repo, &reference, head, req.headers()),
