@@ -5,6 +5,7 @@
 //! ([`ManifestAnswer`], [`BlobAnswer`]), and every failure an [`Error`] with its cause.
 
 mod blobs;
+mod budget;
 mod error;
 mod manifests;
 mod referrers;
@@ -231,6 +232,7 @@ impl Mirror {
                     "source": budget.as_ref().and_then(|b| b.source.clone()),
                     "updated": budget.as_ref().map(|b| humantime::format_rfc3339_seconds(b.updated).to_string()),
                     "counted_pulls": u.counted_pulls(),
+                    "budget_reserve": self.config.upstreams.get(&u.name).map(|c| c.budget_reserve),
                 })
             })
             .collect();
