@@ -866,7 +866,10 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.warm.images[0].to_string(), "docker.io/library/alpine:3.19");
+        assert_eq!(
+            c.warm.images[0].to_string(),
+            "docker.io/library/alpine:3.19"
+        );
         assert_eq!(c.warm.platforms[0].to_string(), "linux/amd64");
         let WarmSchedule::DailyAt(at) = c.warm.schedule() else {
             panic!("{:?}", c.warm.schedule());
@@ -891,7 +894,11 @@ mod tests {
         let e = Config::from_toml("[warm]\nplatforms = [\"amd64\"]\n").unwrap_err();
         assert!(e.contains("os/architecture"), "{e}");
         let both = Config::from_toml("[warm]\ninterval = \"1h\"\nat = \"01:00\"\n").unwrap();
-        assert!(both.validate().unwrap_err().to_string().contains("not both"));
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
         let elsewhere = Config::from_toml("[warm]\nimages = [\"quay.io/x/y\"]\n").unwrap();
         let e = elsewhere.validate().unwrap_err().to_string();
         assert!(e.contains("warm.images") && e.contains("quay.io"), "{e}");

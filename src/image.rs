@@ -92,7 +92,9 @@ impl FromStr for ImageRef {
             (None, Some(t)) => Reference::Tag(t.parse().map_err(|_| {
                 bad("a tag is up to 128 letters, digits, _ . and -, not starting with . or -")
             })?),
-            (None, None) => Reference::Tag(Tag::from_str("latest").map_err(|e| bad(&e.to_string()))?),
+            (None, None) => {
+                Reference::Tag(Tag::from_str("latest").map_err(|e| bad(&e.to_string()))?)
+            }
         };
         Ok(ImageRef {
             registry,
@@ -168,7 +170,8 @@ impl FromStr for Platform {
 
     fn from_str(s: &str) -> Result<Platform, ParseError> {
         let parts: Vec<&str> = s.trim().split('/').collect();
-        let ok = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let ok =
+            |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !(2..=3).contains(&parts.len()) || !parts.iter().all(ok) {
             return Err(ParseError::Platform(s.to_owned()));
         }
@@ -231,8 +234,14 @@ mod tests {
         assert_eq!(image("ghcr.io/org/app:1.0"), "ghcr.io/org/app:1.0");
         assert_eq!(image("localhost:5000/app"), "localhost:5000/app:latest");
         assert_eq!(image("localhost/app:v1"), "localhost/app:v1");
-        assert_eq!(image("index.docker.io/nginx"), "docker.io/library/nginx:latest");
-        assert_eq!(image("docker.io/bitnami/redis:7"), "docker.io/bitnami/redis:7");
+        assert_eq!(
+            image("index.docker.io/nginx"),
+            "docker.io/library/nginx:latest"
+        );
+        assert_eq!(
+            image("docker.io/bitnami/redis:7"),
+            "docker.io/bitnami/redis:7"
+        );
         assert_eq!(image("user/app:v2"), "docker.io/user/app:v2");
         assert_eq!(
             image(&format!("app:1@sha256:{hex}")),
@@ -254,7 +263,10 @@ mod tests {
             ("ghcr.io/", "repository"),
         ] {
             let e = input.parse::<ImageRef>().unwrap_err().to_string();
-            assert!(e.contains(&format!("{input:?}")) && e.contains(says), "{input}: {e}");
+            assert!(
+                e.contains(&format!("{input:?}")) && e.contains(says),
+                "{input}: {e}"
+            );
         }
     }
 
@@ -268,7 +280,10 @@ mod tests {
         assert!(arm64.matches("linux", "arm64", Some("v8")));
         let armv7: Platform = "linux/arm/v7".parse().unwrap();
         assert!(!armv7.matches("linux", "arm", Some("v6")));
-        assert!("linux/arm".parse::<Platform>().unwrap().matches("linux", "arm", Some("v6")));
+        assert!("linux/arm"
+            .parse::<Platform>()
+            .unwrap()
+            .matches("linux", "arm", Some("v6")));
         assert_eq!(armv7.to_string(), "linux/arm/v7");
         assert!("linux".parse::<Platform>().is_err());
         assert!("linux/amd64/v1/x".parse::<Platform>().is_err());

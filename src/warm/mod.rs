@@ -261,10 +261,7 @@ async fn warm_image(
     match parse(&top)? {
         Parsed::Image(b) => blobs.extend(b),
         Parsed::Index(children) => {
-            let chosen: Vec<&Child> = children
-                .iter()
-                .filter(|c| c.wanted(platforms))
-                .collect();
+            let chosen: Vec<&Child> = children.iter().filter(|c| c.wanted(platforms)).collect();
             if chosen.is_empty() && !platforms.is_empty() {
                 let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
                 return Err(Error::NoPlatform {
@@ -472,7 +469,10 @@ mod tests {
             panic!("not an index");
         };
         let amd64: Platform = "linux/amd64".parse().unwrap();
-        let wanted: Vec<_> = children.iter().filter(|c| c.wanted(&[amd64.clone()])).collect();
+        let wanted: Vec<_> = children
+            .iter()
+            .filter(|c| c.wanted(std::slice::from_ref(&amd64)))
+            .collect();
         assert_eq!(wanted.len(), 1);
         assert_eq!(wanted[0].digest.to_string(), a);
         assert_eq!(children.iter().filter(|c| c.wanted(&[])).count(), 2);

@@ -111,9 +111,6 @@ mod tests {
         let now = clock::from_unix_secs(1_000_000);
         let schedule = WarmSchedule::Every(Duration::from_secs(3600));
         assert_eq!(first_run(schedule, now), now);
-        assert_eq!(
-            next_run(schedule, now),
-            now + Duration::from_secs(3600)
-        );
+        assert_eq!(next_run(schedule, now), now + Duration::from_secs(3600));
     }
 }
