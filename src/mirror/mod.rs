@@ -7,6 +7,7 @@
 mod blobs;
 mod budget;
 mod error;
+mod links;
 mod manifests;
 mod referrers;
 pub mod stats;

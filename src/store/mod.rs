@@ -8,6 +8,7 @@
 //! pruned                       changed by each `cache prune`, for a running mirror to notice
 //! tmp/                         downloads in progress; emptied at start-up
 //! lock                         locked by the one process serving the directory
+//! links                        which (registry, repository) each digest was fetched for
 //! ```
 //!
 //! Paths are only ever built from parsed `Digest`, `RepoName` and `Tag` values and from
@@ -19,6 +20,7 @@
 pub mod blobs;
 pub mod handle;
 pub mod index;
+pub mod links;
 pub mod manifests;
 pub mod tags;
 pub mod writer;
@@ -76,6 +78,7 @@ pub struct Store {
     pub blobs: blobs::Blobs,
     pub manifests: manifests::Manifests,
     pub tags: tags::Tags,
+    pub links: links::Links,
 }
 
 impl Store {
@@ -111,6 +114,7 @@ impl Store {
                 index.clone(),
             ),
             tags: tags::Tags::new(root.join("tags"), tmp.clone()),
+            links: links::Links::open(root, mode == Mode::Serve)?,
             tmp,
             prune_seen: Mutex::new(std::fs::read_to_string(root.join(PRUNE_MARKER)).ok()),
             _lock: lock,

@@ -87,6 +87,9 @@ pub struct Behaviour {
     pub no_referrers_api: bool,
     /// Apply `artifactType` to referrers answers (and say so in `OCI-Filters-Applied`).
     pub filter_referrers: bool,
+    /// Repositories this upstream does not serve (private, deleted, deny-listed): manifest and
+    /// blob requests under them answer 404, whatever the content store holds.
+    pub missing_repos: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -538,6 +541,20 @@ async fn registry(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body>
     };
     if state.behaviour.lock().unwrap().require_token && !authorized(state, req.headers()) {
         return challenge(state, &repo);
+    }
+    if state
+        .behaviour
+        .lock()
+        .unwrap()
+        .missing_repos
+        .contains(&repo)
+    {
+        let code = match kind {
+            "blobs" => "BLOB_UNKNOWN",
+            "manifests" => "MANIFEST_UNKNOWN",
+            _ => "NAME_UNKNOWN",
+        };
+        return oci_error(404, code, "repository name not known to registry");
     }
     match kind {
         "manifests" => manifest(state, &repo, &reference, head, req.headers()),
