@@ -14,6 +14,11 @@ use common::{eventually, x_cache, FakeUpstream, TestMirror, PAST_TTL, SETTLE, TT
 
 /// Runs the binary with `args`, without the caller's PULLTHROUGH_* variables.
 async fn pullthrough(args: &[&str]) -> Output {
+    pullthrough_with(args, &[]).await
+}
+
+/// The same, with `env` set.
+async fn pullthrough_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
     command.args(args);
     for (k, _) in std::env::vars() {
@@ -21,6 +26,7 @@ async fn pullthrough(args: &[&str]) -> Output {
             command.env_remove(k);
         }
     }
+    command.envs(env.iter().copied());
     // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
     command.output().await.unwrap()
 }
@@ -392,4 +398,24 @@ async fn scheduled_warm_refreshes_on_its_interval() {
         .await
         .unwrap();
     assert_eq!(x_cache(&r), "HIT");
+}
+
+#[tokio::test]
+async fn warm_through_a_mirror_with_tokens_sends_the_token_from_the_environment() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/alpine", "3.19", &[1000]);
+    let m = TestMirror::start_with(&up, |c| c.server.tokens = vec![common::secret("t0k3n")]).await;
+    let args = ["warm", "alpine:3.19", "--mirror", &m.url];
+
+    let out = pullthrough(&args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("401"), "{stdout}");
+    assert_eq!(up.total(), 0);
+
+    let out = pullthrough_with(&args, &[("PULLTHROUGH_MIRROR_TOKEN", "t0k3n")]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("t0k3n") && !String::from_utf8_lossy(&out.stderr).contains("t0k3n"));
+    assert_eq!(up.blob_gets(), 2);
 }
