@@ -52,7 +52,6 @@ fn start(global: &GlobalArgs, args: &WarmArgs) -> anyhow::Result<ExitCode> {
         None => {
             let dir = config.storage.dir.clone();
             let local = Local::open(config)
-                .map_err(|e| anyhow::anyhow!("{e:#}"))
                 .map_err(|e| e.context(format!("cannot warm {} directly", dir.display())))?;
             runtime.block_on(async {
                 let summary = warm::warm(&local, &images, &platforms, &display).await;

@@ -28,20 +28,25 @@ pub struct Links {
 
 impl Links {
     /// Loads the links of the storage directory `root` (none when there is no file yet: a
-    /// cache from before links existed, whose content is confirmed once per repository).
-    /// With `repair`, ends a cut last line, so the next link starts on a line of its own.
-    /// Blocking.
-    pub fn open(root: &Path, repair: bool) -> io::Result<Links> {
+    /// cache from before links existed, whose content is confirmed once per repository), and
+    /// ends a cut last line, so the next link starts on a line of its own. Without `load` (an
+    /// operator command inspecting the directory) nothing is read or written. Blocking.
+    pub fn open(root: &Path, load: bool) -> io::Result<Links> {
         let path = root.join(FILE);
         let mut table = Table::new();
-        match std::fs::read_to_string(&path) {
+        let text = if load {
+            std::fs::read_to_string(&path)
+        } else {
+            Ok(String::new())
+        };
+        match text {
             Ok(text) => {
                 for line in text.lines() {
                     if let Some((registry, repo, digest)) = parse(line) {
                         insert(&mut table, registry, repo, digest);
                     }
                 }
-                if repair && !text.is_empty() && !text.ends_with('\n') {
+                if !text.is_empty() && !text.ends_with('\n') {
                     append(&path, b"\n")?;
                 }
             }
@@ -55,23 +60,20 @@ impl Links {
     }
 
     pub fn contains(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
-        crate::sync::lock(&self.table)
-            .get(registry)
-            .and_then(|repos| repos.get(repo))
-            .is_some_and(|digests| digests.contains(digest))
+        contains(&crate::sync::lock(&self.table), registry, repo, digest)
     }
 
     /// Links `digest` to the repository, in memory at once and on disk off the async workers.
     /// A link that cannot be written is kept in memory (and made again after a restart).
     pub async fn add(&self, registry: &str, repo: &RepoName, digest: &Digest) {
-        let new = insert(
-            &mut crate::sync::lock(&self.table),
-            registry,
-            repo.clone(),
-            digest.clone(),
-        );
-        if !new {
-            return;
+        {
+            let mut table = crate::sync::lock(&self.table);
+            // Most calls find the link made (a tag's manifest is linked on every request):
+            // look before allocating the key.
+            if contains(&table, registry, repo, digest) {
+                return;
+            }
+            insert(&mut table, registry, repo.clone(), digest.clone());
         }
         let line = format!("{registry} {repo} {digest}\n");
         let path = self.path.clone();
@@ -93,13 +95,20 @@ fn append(path: &Path, line: &[u8]) -> io::Result<()> {
         .write_all(line)
 }
 
-fn insert(table: &mut Table, registry: &str, repo: RepoName, digest: Digest) -> bool {
-    if !table.contains_key(registry) {
-        table.insert(registry.to_owned(), HashMap::new());
-    }
+fn contains(table: &Table, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
     table
-        .get_mut(registry)
-        .is_some_and(|repos| repos.entry(repo).or_default().insert(digest))
+        .get(registry)
+        .and_then(|repos| repos.get(repo))
+        .is_some_and(|digests| digests.contains(digest))
+}
+
+fn insert(table: &mut Table, registry: &str, repo: RepoName, digest: Digest) {
+    table
+        .entry(registry.to_owned())
+        .or_default()
+        .entry(repo)
+        .or_default()
+        .insert(digest);
 }
 
 fn parse(line: &str) -> Option<(&str, RepoName, Digest)> {
@@ -122,6 +131,10 @@ mod tests {
         let digest = Digest::sha256_of(b"layer");
         let links = Links::open(dir.path(), true).unwrap();
         assert!(!links.contains("docker.io", &repo, &digest));
+        links.add("docker.io", &repo, &digest).await;
+        assert!(!Links::open(dir.path(), false)
+            .unwrap()
+            .contains("docker.io", &repo, &digest));
         links.add("docker.io", &repo, &digest).await;
         links.add("docker.io", &repo, &digest).await;
         assert!(links.contains("docker.io", &repo, &digest));
