@@ -57,7 +57,8 @@ impl Mirror {
                 | upstream::Error::Unauthorized { .. }
                 | upstream::Error::Denied { .. },
             ) => {
-                tracing::info!(
+                // The access line records the 404; this says why.
+                tracing::debug!(
                     upstream = %target.registry(), repo = %target.repo, %digest, kind = kind.as_str(),
                     "cached content refused: the upstream does not serve it for this repository"
                 );
