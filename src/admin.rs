@@ -1,11 +1,13 @@
 //! Operator commands. On a storage directory: `cache stats`, `cache prune`, `verify`. They open
 //! the store without cleaning or evicting anything, so they are safe next to a running mirror:
 //! a file they delete is, to the mirror, a miss it fetches again. Besides: `config check`,
-//! `completions`, `man` and `healthcheck`. [`run`] dispatches a parsed [`Command`].
+//! `completions`, `man`, `healthcheck` and `warm` (which pulls through a running mirror, or
+//! serves the storage directory itself: see `admin/warm.rs`). [`run`] dispatches a parsed [`Command`].
 
 mod config_check;
 mod healthcheck;
 mod progress;
+mod warm;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -263,6 +265,7 @@ pub fn run(global: &GlobalArgs, command: &Command) -> ExitCode {
         Command::Cache(CacheCommand::Prune { to }) => with_storage_dir(global, |dir| {
             finish(prune(dir, to.as_u64()).map(|r| print!("{r}")))
         }),
+        Command::Warm(args) => warm::run(global, args),
         Command::Verify { repair, json } => {
             with_storage_dir(global, |dir| verify_command(dir, *repair, *json))
         }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{parse_size, Config, ConfigError, LogFormat, Overrides};
+use crate::config::{parse_size, Config, ConfigError, LogFormat, Overrides, Secret};
+use crate::image::{ImageRef, Platform};
 
 /// A pull-through caching mirror for Docker Hub and other OCI registries.
 #[derive(Debug, Parser)]
@@ -107,6 +108,17 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout: `pullthrough man | man -l -`.
     Man,
+    /// Pull every manifest and blob of images through the cache, so they are hot before
+    /// clients ask.
+    ///
+    /// With --mirror, through a running mirror's API; without, directly into the configured
+    /// storage directory (refused while a mirror serves it: use --mirror then). Cached content
+    /// costs nothing upstream, a tag past its TTL is checked with a HEAD (not a counted pull),
+    /// and the run stops when an upstream's pull budget is at its reserve (budget_reserve).
+    /// Without IMAGE or --file, warms the config's [warm] images. Progress on stderr, the
+    /// summary on stdout. Exit status 1 when something was not warmed, 2 when it could not
+    /// start.
+    Warm(WarmArgs),
     /// Exit 0 when the mirror's health endpoint answers 200 (for container health checks).
     ///
     /// A plain HTTP/1.1 GET, so that an image needs no curl.
@@ -122,6 +134,35 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WarmArgs {
+    /// Images as you would pull them: alpine:3.19, ghcr.io/org/app:1.0,
+    /// library/alpine@sha256:…
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<ImageRef>,
+    /// Also the images in this file, one per line (blank lines and # comments ignored).
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A running mirror to pull through, e.g. http://127.0.0.1:5000.
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<url::Url>,
+    /// Bearer token for a --mirror that asks for one (server.tokens).
+    #[arg(long, value_name = "TOKEN", env = "PULLTHROUGH_MIRROR_TOKEN", hide_env_values = true,
+        value_parser = parse_secret)]
+    pub mirror_token: Option<Secret>,
+    /// Only these platforms of multi-platform images, comma-separated
+    /// (linux/amd64,linux/arm64/v8). Default: [warm] platforms, else every platform.
+    #[arg(long, value_name = "PLATFORMS", value_delimiter = ',')]
+    pub platform: Vec<Platform>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,6 +347,36 @@ mod tests {
     }
 
     #[test]
+    fn warm_takes_images_a_file_a_mirror_and_platforms() {
+        let cli = parse(&[
+            "warm",
+            "alpine:3.19",
+            "ghcr.io/org/app:1.0",
+            "--mirror",
+            "http://127.0.0.1:5000",
+            "--platform",
+            "linux/amd64,linux/arm64/v8",
+            "-f",
+            "images.txt",
+        ])
+        .unwrap();
+        let Some(Command::Warm(args)) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.images.len(), 2);
+        assert_eq!(args.images[1].registry(), "ghcr.io");
+        assert_eq!(args.platform.len(), 2);
+        assert_eq!(args.file, Some(PathBuf::from("images.txt")));
+        assert_eq!(args.mirror.unwrap().as_str(), "http://127.0.0.1:5000/");
+        let err = parse(&["warm", "Alpine"]).unwrap_err().to_string();
+        assert!(err.contains("invalid image reference \"Alpine\""), "{err}");
+        let err = parse(&["warm", "--platform", "amd64", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("os/architecture"), "{err}");
+    }
+
+    #[test]
     fn healthcheck_defaults_to_the_local_healthz() {
         let cli = parse(&["healthcheck"]).unwrap();
         match cli.command {
@@ -347,6 +418,7 @@ mod tests {
             "COMMAND: CACHE PRUNE",
             "COMMAND: CONFIG CHECK",
             "COMMAND: HEALTHCHECK",
+            "COMMAND: WARM",
             "storage\\-dir",
             "repair",
         ] {

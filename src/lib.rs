@@ -20,6 +20,7 @@ pub mod clock;
 pub mod config;
 mod download;
 mod handlers;
+pub mod image;
 pub mod logging;
 mod metrics;
 mod mirror;
@@ -35,6 +36,7 @@ pub mod store;
 mod sync;
 mod upstream;
 mod verify;
+mod warm;
 
 pub use clock::Clock;
 pub use config::Config;

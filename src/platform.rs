@@ -6,7 +6,8 @@
 //!   `sendfile` on an async worker never waits for the disk;
 //! - `sendfile(2)` and `sendmsg(2)` with `MSG_MORE` for zero-copy bodies;
 //! - "no space left on device" recognised by its errno;
-//! - the open-files limit.
+//! - the open-files limit;
+//! - the storage directory's lock (`fcntl` record locks).
 
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -65,6 +66,38 @@ pub fn read_into_at(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> 
 /// Writes all of `buf` at `offset`, without moving the descriptor's cursor. Blocking.
 pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)
+}
+
+/// Takes an exclusive lock on the whole of `file`, without waiting: `Ok(None)` when taken,
+/// `Ok(Some(pid))` when another process holds it. A POSIX record lock (`F_SETLK`), not
+/// `flock`: it belongs to the process, so opening the same storage twice in one process (a
+/// restart in tests) does not conflict, and the kernel drops it when the process ends,
+/// however it ends. Blocking.
+pub fn try_lock(file: &File) -> io::Result<Option<i32>> {
+    // SAFETY: `flock` is a plain C struct for which all zeroes is a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start = l_len = 0: the whole file, however long.
+    // SAFETY: the descriptor is open for as long as `file` is borrowed, and `lock` is a valid
+    // `flock` that fcntl only reads.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } == 0 {
+        return Ok(None);
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) {
+        return Err(e);
+    }
+    // SAFETY: as above; F_GETLK writes the conflicting lock (with its holder) into `lock`.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The holder may have let go in between: say so as "held by an unknown process".
+    Ok(Some(if lock.l_type == libc::F_UNLCK as libc::c_short {
+        0
+    } else {
+        lock.l_pid
+    }))
 }
 
 /// Whether a failed write failed because the file system is full.

@@ -12,7 +12,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("server", &["server"]),
     ("routes", &["routes"]),
     ("handlers", &["handlers"]),
-    ("pull", &["mirror"]),
+    ("pull", &["mirror", "warm"]),
     (
         "services",
         &["download", "verify", "store", "upstream", "singleflight"],
@@ -20,7 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "foundations",
         &[
-            "config", "oci", "policy", "outcome", "metrics", "logging", "clock", "sync",
+            "config", "image", "oci", "policy", "outcome", "metrics", "logging", "clock", "sync",
             "platform", "sendfile",
         ],
     ),

@@ -217,6 +217,17 @@ impl ApiError {
                 format!("manifest unknown: available only as {available}, which the request's Accept does not allow"),
             )
             .with_detail(serde_json::json!({ "mediaType": available })),
+            M::NotInRepository { kind } => {
+                let (code, what) = match kind {
+                    crate::outcome::ObjectKind::Manifest => (Code::ManifestUnknown, "manifest"),
+                    crate::outcome::ObjectKind::Blob => (Code::BlobUnknown, "blob"),
+                };
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    code,
+                    format!("{what} unknown to this repository"),
+                )
+            }
             M::Abandoned(why) => {
                 tracing::error!(why, "a shared upstream request was abandoned");
                 ApiError::internal()

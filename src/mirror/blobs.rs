@@ -95,6 +95,7 @@ impl Mirror {
                 .await
                 .map_err(Error::storage("opening a cached blob"))?
             {
+                self.confirm_link(target, digest, ObjectKind::Blob).await?;
                 return Ok(BlobAnswer::Hit(self.verified(digest, handle)));
             }
             if head {
@@ -103,11 +104,16 @@ impl Mirror {
             let (download, joined) =
                 self.downloads
                     .join(target.upstream.clone(), &target.repo, digest);
+            if joined {
+                // The download may be for another repository.
+                self.confirm_link(target, digest, ObjectKind::Blob).await?;
+            }
             match download.started().await {
                 Start::Streaming(handle) => {
                     let status = if joined {
                         CacheStatus::Coalesced
                     } else {
+                        self.link(target, digest).await;
                         CacheStatus::Miss
                     };
                     let waiter = Waiter::new(self.metrics.clone());
@@ -148,12 +154,14 @@ impl Mirror {
     async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(d) = self.downloads.get(digest) {
             if let Start::Streaming(handle) = d.started().await {
+                self.confirm_link(target, digest, ObjectKind::Blob).await?;
                 return Ok(BlobAnswer::Size {
                     size: handle.size(),
                 });
             }
         }
         let size = target.upstream.blob_size(&target.repo, digest).await?;
+        self.link(target, digest).await;
         Ok(BlobAnswer::Size { size })
     }
 

@@ -42,6 +42,10 @@ pub enum Error {
     /// The manifest exists, but only as `available`, which the client's `Accept` excludes.
     #[error("the manifest is available only as {available}")]
     NotAcceptable { available: String },
+    /// The content is cached, but the upstream does not serve it for the repository asked
+    /// for (404, or access refused): it is not there, for that repository.
+    #[error("the {} is not in this repository upstream", .kind.as_str())]
+    NotInRepository { kind: ObjectKind },
     /// The work a request waited on ended without an answer (its task panicked).
     #[error("a shared fetch was abandoned: {0}")]
     Abandoned(&'static str),

@@ -131,6 +131,8 @@ impl Mirror {
                 return Ok(ManifestAnswer::of(&m, head, CacheStatus::Passthrough));
             }
         };
+        // The tag record came from the upstream for this repository: so did its digest.
+        self.link(target, &record.digest).await;
         negotiate(accept, &record.media_type)?;
         if head {
             return Ok(ManifestAnswer {
@@ -168,13 +170,29 @@ impl Mirror {
                 .await
                 .map_err(Error::storage("reading a stored manifest"))?;
             let answer = match stored {
-                Some(m) => ManifestAnswer::of(&m, true, CacheStatus::Hit),
-                None => self.head_manifest(target, digest).await?,
+                Some(m) => {
+                    self.confirm_link(target, digest, ObjectKind::Manifest)
+                        .await?;
+                    ManifestAnswer::of(&m, true, CacheStatus::Hit)
+                }
+                None => {
+                    let answer = self.head_manifest(target, digest).await?;
+                    self.link(target, digest).await;
+                    answer
+                }
             };
             negotiate(accept, &answer.media_type)?;
             return Ok(answer);
         }
         let (fetched, status) = self.fetch_manifest(target, digest).await?;
+        // A hit is bytes another repository may have fetched; anything else came from the
+        // upstream for this one (manifest fetches are coalesced per repository).
+        if status == CacheStatus::Hit {
+            self.confirm_link(target, digest, ObjectKind::Manifest)
+                .await?;
+        } else {
+            self.link(target, digest).await;
+        }
         let (m, status) = match fetched {
             Fetched::Stored(m) => (m, status),
             Fetched::Uncacheable(m) => (m, CacheStatus::Passthrough),
@@ -364,13 +382,9 @@ impl Mirror {
         Ok(Resolved::Record(fresh, status))
     }
 
-    /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed.
-    async fn manifest_bytes(
-        &self,
-        up: &Upstream,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Fetched, Error> {
+    /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed: a
+    /// `Hit` from the store, else a `Miss` fetched from the upstream for `repo`.
+    async fn manifest_bytes(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> FetchResult {
         if let Some(m) = self
             .store
             .manifests
@@ -378,13 +392,16 @@ impl Mirror {
             .await
             .map_err(Error::storage("reading a stored manifest"))?
         {
-            return Ok(Fetched::Stored(m));
+            return Ok((Fetched::Stored(m), CacheStatus::Hit));
         }
         let reference = Reference::Digest(digest.clone());
         let m = up
             .manifest(repo, &reference, false, media::ACCEPT_ALL)
             .await?;
-        self.verify_and_store(m, Some(digest)).await
+        Ok((
+            self.verify_and_store(m, Some(digest)).await?,
+            CacheStatus::Miss,
+        ))
     }
 
     async fn save_tag(&self, key: &TagKey, record: &TagRecord) {
@@ -451,8 +468,7 @@ impl Mirror {
         let (result, coalesced) = self
             .manifest_flights
             .run(&key, || async move {
-                let fetched = this.manifest_bytes(&up, &repo, &digest).await?;
-                Ok((fetched, CacheStatus::Miss))
+                this.manifest_bytes(&up, &repo, &digest).await
             })
             .await?;
         result.map(|(m, s)| (m, s.joined(coalesced)))

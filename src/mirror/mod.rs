@@ -5,7 +5,9 @@
 //! ([`ManifestAnswer`], [`BlobAnswer`]), and every failure an [`Error`] with its cause.
 
 mod blobs;
+mod budget;
 mod error;
+mod links;
 mod manifests;
 mod referrers;
 mod routing;
@@ -270,6 +272,7 @@ impl Mirror {
                     "updated": budget.as_ref().map(|b| humantime::format_rfc3339_seconds(b.updated).to_string()),
                     "counted_pulls": u.counted_pulls(),
                     "urls": u.urls(),
+                    "budget_reserve": self.config.upstreams.get(&u.name).map(|c| c.budget_reserve),
                 })
             })
             .collect();

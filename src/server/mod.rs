@@ -194,6 +194,7 @@ async fn run(
     let client_limit = ClientLimit::from_config(&config.server);
     let trusted_proxies = TrustedProxies::new(config.server.trusted_proxies.clone());
     let mirror_metrics = metrics.clone();
+    let (warm, warm_clock) = (config.warm.clone(), clock.clone());
     let mirror = Arc::new(
         tokio::task::spawn_blocking(move || Mirror::new(config, mirror_metrics, clock)).await??,
     );
@@ -232,6 +233,13 @@ async fn run(
     )));
     if let Some(tls) = &tls {
         background.push(tokio::spawn(reload_tls_on_sighup(tls.clone())));
+    }
+    if !warm.images.is_empty() {
+        background.push(tokio::spawn(crate::warm::schedule::run(
+            mirror.clone(),
+            warm,
+            warm_clock,
+        )));
     }
 
     let mut builder = auto::Builder::new(TokioExecutor::new());

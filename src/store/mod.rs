@@ -7,6 +7,8 @@
 //! index.snapshot               sizes and last-access times, least recently used first
 //! pruned                       changed by each `cache prune`, for a running mirror to notice
 //! tmp/                         downloads in progress; emptied at start-up
+//! lock                         locked by the one process serving the directory
+//! links                        which (registry, repository) each digest was fetched for
 //! ```
 //!
 //! Paths are only ever built from parsed `Digest`, `RepoName` and `Tag` values and from
@@ -18,6 +20,7 @@
 pub mod blobs;
 pub mod handle;
 pub mod index;
+pub mod links;
 pub mod manifests;
 pub mod tags;
 pub mod writer;
@@ -36,6 +39,8 @@ use index::{Entry, Index, Key, Kind};
 const SNAPSHOT: &str = "index.snapshot";
 /// Rewritten by `cache prune` (with the time), read by the server: see [`Store::notice_prune`].
 const PRUNE_MARKER: &str = "pruned";
+/// Locked by the process that serves the directory (see [`Store::open`]).
+const LOCK: &str = "lock";
 
 /// How the store is opened: by the server (owns the directory: cleans temp files, evicts) or
 /// by an operator command next to a possibly running server (touches nothing on open).
@@ -67,19 +72,30 @@ pub struct Store {
     tmp: PathBuf,
     /// The prune marker's content when last looked at.
     prune_seen: Mutex<Option<String>>,
+    /// The lock a serving store holds on the directory for as long as it is open.
+    _lock: Option<std::fs::File>,
     pub index: Arc<Index>,
     pub blobs: blobs::Blobs,
     pub manifests: manifests::Manifests,
     pub tags: tags::Tags,
+    pub links: links::Links,
 }
 
 impl Store {
     /// Opens (creating if needed) the storage directory and rebuilds the index from the files
     /// on disk, in the access order saved by the last run. Blocking: call before serving or
     /// from `spawn_blocking`.
+    ///
+    /// Serving takes the directory's lock: two processes serving one directory would delete
+    /// each other's downloads in progress (temp files are cleaned at start), keep two size
+    /// bounds and overwrite each other's index, so the second is refused (`ResourceBusy`).
+    /// Inspecting takes no lock (see `admin`).
     pub fn open(root: &Path, limits: Limits, mode: Mode) -> io::Result<Store> {
         let tmp = root.join("tmp");
+        let mut lock = None;
         if mode == Mode::Serve {
+            std::fs::create_dir_all(root)?;
+            lock = Some(lock_dir(root)?);
             for dir in ["blobs/sha256", "manifests/sha256", "tags"] {
                 std::fs::create_dir_all(root.join(dir))?;
             }
@@ -98,8 +114,10 @@ impl Store {
                 index.clone(),
             ),
             tags: tags::Tags::new(root.join("tags"), tmp.clone()),
+            links: links::Links::open(root, mode == Mode::Serve)?,
             tmp,
             prune_seen: Mutex::new(std::fs::read_to_string(root.join(PRUNE_MARKER)).ok()),
+            _lock: lock,
             index,
         };
         let evicted = store.index.load(scan(root)?);
@@ -343,6 +361,25 @@ impl DiskState {
                 "storage is full: content is served to clients without being cached"
             );
         }
+    }
+}
+
+/// Takes the lock of a directory to serve, or says which process holds it.
+fn lock_dir(root: &Path) -> io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(LOCK))?;
+    match crate::platform::try_lock(&file)? {
+        None => Ok(file),
+        Some(pid) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "in use by another pullthrough process (pid {pid}); while a mirror runs, go \
+                 through its HTTP API (`pullthrough warm --mirror URL`)"
+            ),
+        )),
     }
 }
 

@@ -99,6 +99,9 @@ pub struct Behaviour {
     /// Answer a manifest whatever the `Accept` lists, as a registry that holds only one form
     /// of it (a schema 1 manifest) may.
     pub ignore_accept: bool,
+    /// Repositories this upstream does not serve (private, deleted, deny-listed): manifest and
+    /// blob requests under them answer 404, whatever the content store holds.
+    pub missing_repos: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -614,6 +617,20 @@ async fn registry(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body>
     }
     if let Some(refused) = basic_refusal(state, req.headers()) {
         return refused;
+    }
+    if state
+        .behaviour
+        .lock()
+        .unwrap()
+        .missing_repos
+        .contains(&repo)
+    {
+        let code = match kind {
+            "blobs" => "BLOB_UNKNOWN",
+            "manifests" => "MANIFEST_UNKNOWN",
+            _ => "NAME_UNKNOWN",
+        };
+        return oci_error(404, code, "repository name not known to registry");
     }
     match kind {
         "manifests" => manifest(state, &repo, &reference, head, req.headers()),

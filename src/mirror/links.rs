@@ -1,0 +1,70 @@
+//! Content bound to repositories: cached bytes are answered under a repository only once the
+//! upstream has served or confirmed that digest for it (see `store::links`). An unlinked
+//! digest costs one upstream `HEAD` under the asking repository (not a counted pull on Docker
+//! Hub); a `404` or a refusal there is the answer, and no cached byte goes out.
+
+use super::{Error, Mirror, Target};
+use crate::oci::{media, Digest, Reference};
+use crate::outcome::ObjectKind;
+use crate::upstream;
+
+impl Mirror {
+    /// Records that the upstream served `digest` for `target`'s repository.
+    pub(super) async fn link(&self, target: &Target, digest: &Digest) {
+        self.store
+            .links
+            .add(target.registry(), &target.repo, digest)
+            .await;
+    }
+
+    /// Makes sure `digest` may be answered under `target`'s repository: linked already, or
+    /// confirmed now with an upstream `HEAD` and linked.
+    pub(super) async fn confirm_link(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        kind: ObjectKind,
+    ) -> Result<(), Error> {
+        if self
+            .store
+            .links
+            .contains(target.registry(), &target.repo, digest)
+        {
+            return Ok(());
+        }
+        let confirmed = match kind {
+            ObjectKind::Blob => target
+                .upstream
+                .blob_size(&target.repo, digest)
+                .await
+                .map(drop),
+            ObjectKind::Manifest => {
+                let reference = Reference::Digest(digest.clone());
+                target
+                    .upstream
+                    .manifest(&target.repo, &reference, true, media::ACCEPT_ALL)
+                    .await
+                    .map(drop)
+            }
+        };
+        match confirmed {
+            Ok(()) => {
+                self.link(target, digest).await;
+                Ok(())
+            }
+            Err(
+                upstream::Error::NotFound { .. }
+                | upstream::Error::Unauthorized { .. }
+                | upstream::Error::Denied { .. },
+            ) => {
+                // The access line records the 404; this says why.
+                tracing::debug!(
+                    upstream = %target.registry(), repo = %target.repo, %digest, kind = kind.as_str(),
+                    "cached content refused: the upstream does not serve it for this repository"
+                );
+                Err(Error::NotInRepository { kind })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

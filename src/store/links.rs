@@ -1,0 +1,161 @@
+//! Which repositories each cached digest belongs to. Content is stored once, by digest; a link
+//! records that the upstream served (or confirmed) that digest for one (registry,
+//! repository), so that the mirror never answers a repository with content the upstream would
+//! refuse it.
+//!
+//! All links are held in memory (a lookup is a hash probe, no disk read) and persisted in
+//! `links`, one line per link appended as it is made: `<registry> <repository> <digest>`. A
+//! crash can cut only the last line, which is skipped on load; a lost link costs one upstream
+//! `HEAD` to make again, never a wrong answer. Links of evicted content are kept: the upstream
+//! confirmed them, and they are small.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::oci::{Digest, RepoName};
+
+const FILE: &str = "links";
+
+/// registry → repository → digests.
+type Table = HashMap<String, HashMap<RepoName, HashSet<Digest>>>;
+
+pub struct Links {
+    path: PathBuf,
+    table: Mutex<Table>,
+}
+
+impl Links {
+    /// Loads the links of the storage directory `root` (none when there is no file yet: a
+    /// cache from before links existed, whose content is confirmed once per repository), and
+    /// ends a cut last line, so the next link starts on a line of its own. Without `load` (an
+    /// operator command inspecting the directory) nothing is read or written. Blocking.
+    pub fn open(root: &Path, load: bool) -> io::Result<Links> {
+        let path = root.join(FILE);
+        let mut table = Table::new();
+        let text = if load {
+            std::fs::read_to_string(&path)
+        } else {
+            Ok(String::new())
+        };
+        match text {
+            Ok(text) => {
+                for line in text.lines() {
+                    if let Some((registry, repo, digest)) = parse(line) {
+                        insert(&mut table, registry, repo, digest);
+                    }
+                }
+                if !text.is_empty() && !text.ends_with('\n') {
+                    append(&path, b"\n")?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Links {
+            path,
+            table: Mutex::new(table),
+        })
+    }
+
+    pub fn contains(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
+        contains(&crate::sync::lock(&self.table), registry, repo, digest)
+    }
+
+    /// Links `digest` to the repository, in memory at once and on disk off the async workers.
+    /// A link that cannot be written is kept in memory (and made again after a restart).
+    pub async fn add(&self, registry: &str, repo: &RepoName, digest: &Digest) {
+        {
+            let mut table = crate::sync::lock(&self.table);
+            // Most calls find the link made (a tag's manifest is linked on every request):
+            // look before allocating the key.
+            if contains(&table, registry, repo, digest) {
+                return;
+            }
+            insert(&mut table, registry, repo.clone(), digest.clone());
+        }
+        let line = format!("{registry} {repo} {digest}\n");
+        let path = self.path.clone();
+        let written = tokio::task::spawn_blocking(move || append(&path, line.as_bytes())).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist a repository link"),
+            Err(e) => tracing::warn!(error = %e, "cannot persist a repository link"),
+        }
+    }
+}
+
+/// One write per line with `O_APPEND`: concurrent appends never interleave within a line.
+fn append(path: &Path, line: &[u8]) -> io::Result<()> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(line)
+}
+
+fn contains(table: &Table, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
+    table
+        .get(registry)
+        .and_then(|repos| repos.get(repo))
+        .is_some_and(|digests| digests.contains(digest))
+}
+
+fn insert(table: &mut Table, registry: &str, repo: RepoName, digest: Digest) {
+    table
+        .entry(registry.to_owned())
+        .or_default()
+        .entry(repo)
+        .or_default()
+        .insert(digest);
+}
+
+fn parse(line: &str) -> Option<(&str, RepoName, Digest)> {
+    let mut parts = line.split(' ');
+    let registry = parts.next().filter(|r| !r.is_empty())?;
+    let repo = parts.next()?.parse().ok()?;
+    let digest = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((registry, repo, digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn links_are_kept_across_opens_and_a_cut_last_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo: RepoName = "library/alpine".parse().unwrap();
+        let other: RepoName = "library/beta".parse().unwrap();
+        let digest = Digest::sha256_of(b"layer");
+        let links = Links::open(dir.path(), true).unwrap();
+        assert!(!links.contains("docker.io", &repo, &digest));
+        links.add("docker.io", &repo, &digest).await;
+        assert!(!Links::open(dir.path(), false)
+            .unwrap()
+            .contains("docker.io", &repo, &digest));
+        links.add("docker.io", &repo, &digest).await;
+        links.add("docker.io", &repo, &digest).await;
+        assert!(links.contains("docker.io", &repo, &digest));
+        assert!(!links.contains("docker.io", &other, &digest));
+        assert!(!links.contains("ghcr.io", &repo, &digest));
+
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(FILE))
+            .unwrap();
+        file.write_all(b"docker.io library/beta sha256:ab").unwrap();
+        let again = Links::open(dir.path(), true).unwrap();
+        assert!(again.contains("docker.io", &repo, &digest));
+        assert!(!again.contains("docker.io", &other, &digest));
+        again.add("docker.io", &other, &digest).await;
+        let third = Links::open(dir.path(), true).unwrap();
+        assert!(
+            third.contains("docker.io", &other, &digest),
+            "the cut line was ended"
+        );
+        let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert_eq!(text.matches("library/alpine").count(), 1, "{text}");
+    }
+}
