@@ -163,12 +163,7 @@ impl Mirror {
     ) -> Result<ManifestAnswer, Error> {
         if head {
             // From the store, or from an upstream HEAD without spending a pull.
-            let stored = self
-                .store
-                .manifests
-                .get(digest)
-                .await
-                .map_err(Error::storage("reading a stored manifest"))?;
+            let stored = self.stored_manifest(digest).await?;
             let answer = match stored {
                 Some(m) => {
                     self.confirm_link(target, digest, ObjectKind::Manifest)
@@ -382,16 +377,18 @@ impl Mirror {
         Ok(Resolved::Record(fresh, status))
     }
 
-    /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed: a
-    /// `Hit` from the store, else a `Miss` fetched from the upstream for `repo`.
-    async fn manifest_bytes(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> FetchResult {
-        if let Some(m) = self
-            .store
+    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
+        self.store
             .manifests
             .get(digest)
             .await
-            .map_err(Error::storage("reading a stored manifest"))?
-        {
+            .map_err(Error::storage("reading a stored manifest"))
+    }
+
+    /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed: a
+    /// `Hit` from the store, else a `Miss` fetched from the upstream for `repo`.
+    async fn manifest_bytes(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> FetchResult {
+        if let Some(m) = self.stored_manifest(digest).await? {
             return Ok((Fetched::Stored(m), CacheStatus::Hit));
         }
         let reference = Reference::Digest(digest.clone());
@@ -448,13 +445,7 @@ impl Mirror {
     /// The manifest with `digest`: from the store, else fetched once (for all concurrent
     /// askers), verified and stored.
     async fn fetch_manifest(self: &Arc<Self>, target: &Target, digest: &Digest) -> FetchResult {
-        if let Some(m) = self
-            .store
-            .manifests
-            .get(digest)
-            .await
-            .map_err(Error::storage("reading a stored manifest"))?
-        {
+        if let Some(m) = self.stored_manifest(digest).await? {
             return Ok((Fetched::Stored(m), CacheStatus::Hit));
         }
         let key = (

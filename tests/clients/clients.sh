@@ -5,9 +5,13 @@
 #
 # Per client: pull_CLIENT IMAGE prints the manifest digest the client ended up with for
 # docker.io/library/IMAGE; reset_CLIENT IMAGE forgets the image and its blobs, so the next
-# pull downloads everything again.
+# pull downloads everything again. containerd and podman also take a full reference
+# (ghcr.io/org/app:v1) for IMAGE.
 
 CLOSED=127.0.0.1:9
+
+# full_ref IMAGE: docker.io/library/IMAGE for a bare name, a full reference as it is.
+full_ref() { case $1 in */*) echo "$1" ;; *) echo "docker.io/library/$1" ;; esac; }
 PULL_TIMEOUT=${PULL_TIMEOUT:-300}
 
 # render FILE: a client config file from examples/ (the files the README shows), with the
@@ -58,7 +62,8 @@ start_containerd() {
 }
 
 pull_containerd() {
-  local ref=docker.io/library/$1
+  local ref
+  ref=$(full_ref "$1")
   timeout "$PULL_TIMEOUT" "${CTR[@]}" images pull --hosts-dir "$T/containerd/certs.d" "$ref" \
     >>"$T/logs/ctr-pull.log" 2>&1 || { tail -3 "$T/logs/ctr-pull.log" >&2; return 1; }
   "${CTR[@]}" images ls | awk -v ref="$ref" '$1 == ref { print $3 }'
@@ -66,7 +71,7 @@ pull_containerd() {
 
 # --sync waits for containerd's garbage collector, so the blobs are gone when it returns.
 reset_containerd() {
-  "${CTR[@]}" images rm --sync "docker.io/library/$1" >/dev/null 2>&1 || true
+  "${CTR[@]}" images rm --sync "$(full_ref "$1")" >/dev/null 2>&1 || true
   [ -z "$("${CTR[@]}" content ls -q)" ] || { log "containerd still holds blobs after reset"; return 1; }
 }
 
@@ -119,14 +124,15 @@ setup_podman() {
 }
 
 pull_podman() {
-  local ref=docker.io/library/$1
+  local ref
+  ref=$(full_ref "$1")
   timeout "$PULL_TIMEOUT" "${PODMAN[@]}" pull -q "$ref" >>"$T/logs/podman-pull.log" 2>&1 \
     || { tail -3 "$T/logs/podman-pull.log" >&2; return 1; }
   "${PODMAN[@]}" image inspect --format '{{.Digest}}' "$ref"
 }
 
 reset_podman() {
-  "${PODMAN[@]}" rmi -f "docker.io/library/$1" >/dev/null 2>&1 || true
+  "${PODMAN[@]}" rmi -f "$(full_ref "$1")" >/dev/null 2>&1 || true
   [ -z "$("${PODMAN[@]}" images -q)" ] || { log "podman still holds images after reset"; return 1; }
 }
 

@@ -65,31 +65,11 @@ EOF
 }
 
 # --- each client, by full reference --------------------------------------------------------
-# rpull_CLIENT REF prints the manifest digest the client ended up with; rreset_CLIENT REF
-# forgets the image and its blobs.
-
-rpull_containerd() {
-  timeout "$PULL_TIMEOUT" "${CTR[@]}" images pull --hosts-dir "$T/containerd/certs.d" "$1" \
-    >>"$T/logs/ctr-pull.log" 2>&1 || { tail -3 "$T/logs/ctr-pull.log" >&2; return 1; }
-  "${CTR[@]}" images ls | awk -v ref="$1" '$1 == ref { print $3 }'
-}
-rreset_containerd() {
-  "${CTR[@]}" images rm --sync "$1" >/dev/null 2>&1 || true
-  [ -z "$("${CTR[@]}" content ls -q)" ] || { log "containerd still holds blobs after reset"; return 1; }
-}
-
-rpull_podman() {
-  timeout "$PULL_TIMEOUT" "${PODMAN[@]}" pull -q "$1" >>"$T/logs/podman-pull.log" 2>&1 \
-    || { tail -3 "$T/logs/podman-pull.log" >&2; return 1; }
-  "${PODMAN[@]}" image inspect --format '{{.Digest}}' "$1"
-}
-rreset_podman() {
-  "${PODMAN[@]}" rmi -f "$1" >/dev/null 2>&1 || true
-  [ -z "$("${PODMAN[@]}" images -q)" ] || { log "podman still holds images after reset"; return 1; }
-}
+# pull_ref CLIENT REF prints the manifest digest the client ended up with; reset_ref CLIENT REF
+# forgets the image and its blobs. containerd and podman take the reference as it is.
 
 # skopeo with the same registries.conf as podman: it follows the prefix mirrors too.
-rpull_skopeo() {
+pull_skopeo_conf() {
   local out=$T/skopeo/reg-${1//[:\/]/-}
   rm -rf "$out"
   timeout "$PULL_TIMEOUT" skopeo --registries-conf "$T/podman/registries.conf" --policy "$T/skopeo/policy.json" \
@@ -97,7 +77,6 @@ rpull_skopeo() {
     || { tail -3 "$T/logs/skopeo-pull.log" >&2; return 1; }
   echo "sha256:$(sha256sum <"$out/manifest.json" | cut -d' ' -f1)"
 }
-rreset_skopeo() { rm -rf "$T/skopeo/reg-${1//[:\/]/-}"; }
 
 # dockerd mirrors Docker Hub only; other registries are named through the mirror's path.
 docker_ref() {
@@ -106,8 +85,22 @@ docker_ref() {
     *) echo "$MIRROR/$1" ;;
   esac
 }
-rpull_docker() { pull_docker "$(docker_ref "$1")"; }
-rreset_docker() { reset_docker "$(docker_ref "$1")"; }
+
+pull_ref() {
+  case $1 in
+    skopeo) pull_skopeo_conf "$2" ;;
+    docker) pull_docker "$(docker_ref "$2")" ;;
+    *) "pull_$1" "$2" ;;
+  esac
+}
+
+reset_ref() {
+  case $1 in
+    skopeo) rm -rf "$T/skopeo/reg-${2//[:\/]/-}" ;;
+    docker) reset_docker "$(docker_ref "$2")" ;;
+    *) "reset_$1" "$2" ;;
+  esac
+}
 
 # --- the phase ---------------------------------------------------------------------------
 registry_of() { echo "${1%%/*}"; }
@@ -128,9 +121,9 @@ phase_registries() {
 check_registry_pull() {
   local client=$1 ref=$2 want=${DIGEST[$2]} reg log0 gets detail
   reg=$(registry_of "$ref")
-  "rreset_$client" "$ref" || true
+  reset_ref "$client" "$ref" || true
   GOT= ERR=
-  if ! GOT=$("rpull_$client" "$ref" 2>"$T/err"); then
+  if ! GOT=$(pull_ref "$client" "$ref" 2>"$T/err"); then
     ERR=$(grep -v '^\s*$' "$T/err" | tail -1 | cut -c1-160)
     record "$client" "$ref" "pull: digest" FAIL "pull failed: $ERR"
     record "$client" "$ref" "re-pull: 0 upstream blob GETs" SKIP "first pull failed"
@@ -141,9 +134,9 @@ check_registry_pull() {
   else
     record "$client" "$ref" "pull: digest" FAIL "got ${GOT:-nothing}, upstream has $want"
   fi
-  "rreset_$client" "$ref" || true
+  reset_ref "$client" "$ref" || true
   log0=$(all_registry_blob_gets)
-  if ! GOT=$("rpull_$client" "$ref" 2>"$T/err"); then
+  if ! GOT=$(pull_ref "$client" "$ref" 2>"$T/err"); then
     record "$client" "$ref" "re-pull: 0 upstream blob GETs" FAIL "second pull failed: $(tail -1 "$T/err" | cut -c1-160)"
     return
   fi
@@ -155,7 +148,7 @@ check_registry_pull() {
   else
     record "$client" "$ref" "re-pull: 0 upstream blob GETs" FAIL "$detail, digest ${GOT:-none}"
   fi
-  "rreset_$client" "$ref" || true
+  reset_ref "$client" "$ref" || true
 }
 
 all_registry_blob_gets() {
