@@ -14,19 +14,7 @@ use pullthrough::config::Config;
 
 const MIB: usize = 1024 * 1024;
 
-/// Runs the binary with `args` and `env`, without the caller's PULLTHROUGH_* variables.
-async fn pullthrough(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
-    command.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PULLTHROUGH_") {
-            command.env_remove(k);
-        }
-    }
-    command.envs(env.iter().copied());
-    // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
-    command.output().await.unwrap()
-}
+use common::run_binary as pullthrough;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -12,24 +12,12 @@ use std::time::Duration;
 use common::upstream::{OCI_INDEX, OCI_MANIFEST};
 use common::{eventually, x_cache, FakeUpstream, TestMirror, PAST_TTL, SETTLE, TTL};
 
-/// Runs the binary with `args`, without the caller's PULLTHROUGH_* variables.
+/// Runs the binary with `args` to its end, without the caller's PULLTHROUGH_* variables.
 async fn pullthrough(args: &[&str]) -> Output {
     pullthrough_with(args, &[]).await
 }
 
-/// The same, with `env` set.
-async fn pullthrough_with(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
-    command.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PULLTHROUGH_") {
-            command.env_remove(k);
-        }
-    }
-    command.envs(env.iter().copied());
-    // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
-    command.output().await.unwrap()
-}
+use common::run_binary as pullthrough_with;
 
 /// `pullthrough warm --json --mirror <m> ARGS…`: exit code and the parsed summary.
 async fn warm_through(m: &TestMirror, args: &[&str]) -> (i32, serde_json::Value, String) {

@@ -19,14 +19,9 @@ impl Mirror {
             .upstreams
             .get(registry)
             .ok_or_else(|| Error::NotMirrored(registry.to_owned()))?;
-        let reserve = self
-            .config
-            .upstreams
-            .get(registry)
-            .map_or(0, |c| c.budget_reserve);
         Ok(upstream.budget().map(|b| PullBudget {
             remaining: b.remaining,
-            reserve,
+            reserve: upstream.config().budget_reserve,
         }))
     }
 }

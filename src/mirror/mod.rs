@@ -272,7 +272,7 @@ impl Mirror {
                     "updated": budget.as_ref().map(|b| humantime::format_rfc3339_seconds(b.updated).to_string()),
                     "counted_pulls": u.counted_pulls(),
                     "urls": u.urls(),
-                    "budget_reserve": self.config.upstreams.get(&u.name).map(|c| c.budget_reserve),
+                    "budget_reserve": u.config().budget_reserve,
                 })
             })
             .collect();

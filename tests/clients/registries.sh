@@ -103,8 +103,6 @@ reset_ref() {
 }
 
 # --- the phase ---------------------------------------------------------------------------
-registry_of() { echo "${1%%/*}"; }
-
 phase_registries() {
   log "== phase registries: docker.io, $GHCR and $PRIVATE behind one mirror"
   start_registries
@@ -119,21 +117,9 @@ phase_registries() {
 }
 
 check_registry_pull() {
-  local client=$1 ref=$2 want=${DIGEST[$2]} reg log0 gets detail
-  reg=$(registry_of "$ref")
+  local client=$1 ref=$2 want=${DIGEST[$2]} log0 gets detail
   reset_ref "$client" "$ref" || true
-  GOT= ERR=
-  if ! GOT=$(pull_ref "$client" "$ref" 2>"$T/err"); then
-    ERR=$(grep -v '^\s*$' "$T/err" | tail -1 | cut -c1-160)
-    record "$client" "$ref" "pull: digest" FAIL "pull failed: $ERR"
-    record "$client" "$ref" "re-pull: 0 upstream blob GETs" SKIP "first pull failed"
-    return
-  fi
-  if [ "$GOT" = "$want" ]; then
-    record "$client" "$ref" "pull: digest" PASS "$(short "$GOT")"
-  else
-    record "$client" "$ref" "pull: digest" FAIL "got ${GOT:-nothing}, upstream has $want"
-  fi
+  first_pull "$client" "$ref" "$want" pull_ref "$client" "$ref" || return 0
   reset_ref "$client" "$ref" || true
   log0=$(all_registry_blob_gets)
   if ! GOT=$(pull_ref "$client" "$ref" 2>"$T/err"); then

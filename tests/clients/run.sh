@@ -201,19 +201,29 @@ check_upstream_is_private() {
   fi
 }
 
-check_cold_then_warm() {
-  local client=$1 image=$2 want=${DIGEST[auth/$2]} reg0 gets0 hits0 reg gets hits
-  reset_"$client" "$image" || true
-  if ! try_pull "$client" "$image"; then
+# first_pull CLIENT IMAGE WANT CMD...: runs CMD (a pull that prints the digest) and records the
+# "pull: digest" check; when the pull fails, records the re-pull check as skipped and returns 1.
+first_pull() {
+  local client=$1 image=$2 want=$3 started=$SECONDS; shift 3
+  GOT= ERR=
+  if ! GOT=$("$@" 2>"$T/err"); then
+    ERR=$(grep -v '^\s*$' "$T/err" | tail -1 | cut -c1-160)
     record "$client" "$image" "pull: digest" FAIL "pull failed: $ERR"
     record "$client" "$image" "re-pull: 0 upstream blob GETs" SKIP "first pull failed"
-    return
+    return 1
   fi
+  TOOK=$((SECONDS - started))
   if [ "$GOT" = "$want" ]; then
     record "$client" "$image" "pull: digest" PASS "$(short "$GOT") ${TOOK}s"
   else
     record "$client" "$image" "pull: digest" FAIL "got ${GOT:-nothing}, upstream has $want"
   fi
+}
+
+check_cold_then_warm() {
+  local client=$1 image=$2 want=${DIGEST[auth/$2]} reg0 gets0 hits0 reg gets hits
+  reset_"$client" "$image" || true
+  first_pull "$client" "$image" "$want" "pull_$client" "$image" || return 0
   reset_"$client" "$image" || true
 
   reg0=$(upstream_blob_gets auth-registry)

@@ -301,3 +301,18 @@ where
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Daemon { child, addr }
 }
+
+/// Runs the binary with `args` and `env` to its end, without the caller's PULLTHROUGH_*
+/// variables.
+pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+    command.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PULLTHROUGH_") {
+            command.env_remove(k);
+        }
+    }
+    command.envs(env.iter().copied());
+    // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
+    command.output().await.unwrap()
+}
