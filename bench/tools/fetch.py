@@ -6,6 +6,8 @@
 Opens N connections, releases all requests at once (a barrier), reads every body in 1 MiB
 reads and hashes it, and prints one JSON object: per-client results and a summary
 (ok, wall time of the slowest client, time to first body byte median/max, aggregate rate).
+Each client also reports the Unix time of its first body byte (first_byte_at), to compare
+with another process's clock on the same machine.
 Threads release the GIL in recv_into() and sha256 updates, and --procs spreads them over
 several processes, so the client keeps up with several GiB/s on two cores.
 A client still reading at --deadline seconds gives up and is reported as "deadline".
@@ -19,7 +21,8 @@ BUF = 1 << 20
 
 def one(url, headers, deadline, barrier, t_release, ttfb_only=False):
     u = urllib.parse.urlsplit(url)
-    res = {"status": None, "bytes": 0, "sha256": None, "ttfb": None, "wall": None, "error": None}
+    res = {"status": None, "bytes": 0, "sha256": None, "ttfb": None, "first_byte_at": None, "wall": None,
+           "error": None}
     try:
         sock = socket.create_connection((u.hostname, u.port or 80), timeout=10)
     except OSError as e:
@@ -53,14 +56,14 @@ def one(url, headers, deadline, barrier, t_release, ttfb_only=False):
         res["x_cache"] = hdrs.get("x-cache")
         got = len(rest)
         if rest:
-            res["ttfb"] = time.monotonic() - t0
+            res["ttfb"], res["first_byte_at"] = time.monotonic() - t0, time.time()
             h.update(rest)
         while (length is None or got < length) and not (ttfb_only and res["ttfb"] is not None):
             n = recv(sock, mv, end_by)
             if n == 0:
                 break
             if res["ttfb"] is None:
-                res["ttfb"] = time.monotonic() - t0
+                res["ttfb"], res["first_byte_at"] = time.monotonic() - t0, time.time()
             h.update(mv[:n])
             got += n
         res["bytes"] = got

@@ -5,9 +5,11 @@
              [--rate 64MiB]
 
 Every request is forwarded unchanged and logged as one JSON line (method, path, Range,
-status, body bytes sent, whether it was cut), so the suite can count exactly which
-upstream requests the mirror made. With --cut-after N, the first GET of each blob path
-gets its full headers (Content-Length included) but only N body bytes before the
+status, body bytes sent, the Unix time of the first body byte, whether it was cut, whether
+the client hung up), so the suite can count exactly which upstream requests the mirror
+made and how many bytes each cost. GET /_front/active (answered here, not forwarded) lists
+the transfers in progress: path, Range, body bytes sent so far, time of the first body
+byte. With --cut-after N, the first GET of each blob path gets its full headers (Content-Length included) but only N body bytes before the
 connection is closed: an upstream or CDN dropping a transfer half-way. Later GETs of the
 same path (the mirror's Range resume) go through whole. --rate caps each response body at
 that many bytes per second, to make a download last long enough for concurrent clients to
@@ -41,6 +43,9 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def forward(self):
+        if self.path == "/_front/active":
+            return self.active()
+        self.progress = None
         started = time.time()
         body = self.read_request_body()
         upstream = self.server.upstream
@@ -58,18 +63,45 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
         except OSError as e:
             self.send_error(502, f"front: upstream unreachable: {e}")
             return self.record(started, 502, 0, False)
+        self.progress = {"path": self.path, "range": self.headers.get("Range"), "bytes": 0, "first_byte": None}
+        with self.server.lock:
+            self.server.transfers[id(self.progress)] = self.progress
+        aborted = False
         try:
-            sent, cut = self.relay(resp)
+            cut = self.relay(resp)
+        except OSError:  # the client (a killed mirror) hung up
+            cut, aborted = False, True
+            self.close_connection = True
         finally:
             conn.close()
-        self.record(started, resp.status, sent, cut)
+            with self.server.lock:
+                self.server.transfers.pop(id(self.progress), None)
+        self.record(started, resp.status, self.progress["bytes"], cut, aborted)
+
+    def active(self):
+        with self.server.lock:
+            body = json.dumps(list(self.server.transfers.values())).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def read_request_body(self):
         length = self.headers.get("Content-Length")
         return self.rfile.read(int(length)) if length else None
 
+    def write(self, data):
+        """Writes body bytes on, noting the time of the first (before it leaves) and the count."""
+        if self.progress["first_byte"] is None and data:
+            self.progress["first_byte"] = round(time.time(), 4)
+        self.wfile.write(data)
+        with self.server.lock:
+            self.progress["bytes"] += len(data)
+
     def relay(self, resp):
-        """Sends the upstream response on; returns (body bytes sent, whether it was cut)."""
+        """Sends the upstream response on (body bytes counted in self.progress); returns
+        whether it was cut."""
         self.send_response_only(resp.status, resp.reason)
         for name, value in resp.getheaders():
             if name.lower() not in HOP_BY_HOP:
@@ -78,23 +110,23 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
             data = resp.read()  # only small error bodies come without a length
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
-            return len(data), False
+            self.write(data)
+            return False
         self.end_headers()
         if self.command == "HEAD":
-            return 0, False
+            return False
         limit = self.cut_limit(resp.status)
         sent, started = 0, time.monotonic()
         while chunk := resp.read(CHUNK):
             self.throttle(sent, started)
             if limit is not None and sent + len(chunk) > limit:
-                self.wfile.write(chunk[: limit - sent])
+                self.write(chunk[: limit - sent])
                 self.wfile.flush()
                 self.close_connection = True  # the client sees a short body, then EOF
-                return limit, True
-            self.wfile.write(chunk)
+                return True
+            self.write(chunk)
             sent += len(chunk)
-        return sent, False
+        return False
 
     def throttle(self, sent, started):
         rate = self.server.rate
@@ -115,10 +147,11 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
             srv.already_cut.add(path)
         return srv.cut_after
 
-    def record(self, started, status, sent, cut):
+    def record(self, started, status, sent, cut, aborted=False):
         rec = {"t": round(started, 3), "ms": round((time.time() - started) * 1000, 1),
                "method": self.command, "path": self.path, "range": self.headers.get("Range"),
-               "status": status, "bytes": sent, "cut": cut}
+               "status": status, "bytes": sent, "cut": cut, "aborted": aborted,
+               "first_byte": self.progress["first_byte"] if self.progress else None}
         with self.server.lock:
             self.server.logfile.write(json.dumps(rec) + "\n")
             self.server.logfile.flush()
@@ -138,7 +171,7 @@ def main():
     server.daemon_threads = True
     server.upstream = urllib.parse.urlsplit(args.upstream)
     server.cut_after, server.rate = args.cut_after, args.rate
-    server.lock, server.already_cut = threading.Lock(), set()
+    server.lock, server.already_cut, server.transfers = threading.Lock(), set(), {}
     server.logfile = open(args.log, "a")
     server.serve_forever()
 

@@ -3,8 +3,10 @@
 
     util.py ports N                    N distinct free 127.0.0.1 TCP ports
     util.py metric URL NAME [K=V ...]  sum of the samples of NAME (with those labels) at URL
-    util.py front LOG WHAT             from a front.py log: blob-gets, distinct-blobs,
-                                       max-gets-per-blob, cuts, range-gets
+    util.py front LOG WHAT             from a front.py log: requests, blob-gets, distinct-blobs,
+                                       max-gets-per-blob, cuts, range-gets, blob-bytes (body
+                                       bytes of blob GETs), first-body-byte (Unix time, the
+                                       earliest), per-blob (JSON: digest -> bodies, bytes)
     util.py registry-blob-gets LOG     blob GETs in a docker-registry access log
     util.py table RESULTS              the pass/fail tables; exit 1 if anything failed
 """
@@ -63,12 +65,22 @@ def front_stats(log_path):
     records = [json.loads(line) for line in open(log_path) if line.strip()]
     blob_gets = [r for r in records if r["method"] == "GET" and "/blobs/sha256:" in r["path"]]
     per_blob = Counter(r["path"].split("?")[0] for r in blob_gets)
+    bodies = defaultdict(lambda: {"bodies": 0, "bytes": 0})
+    for r in blob_gets:
+        b = bodies[r["path"].split("?")[0].rsplit("/", 1)[-1]]
+        b["bodies"] += 1 if r["bytes"] else 0
+        b["bytes"] += r["bytes"]
+    first = [r["first_byte"] for r in blob_gets if r.get("first_byte")]
     return {
+        "requests": len(records),
         "blob-gets": len(blob_gets),
         "distinct-blobs": len(per_blob),
         "max-gets-per-blob": max(per_blob.values(), default=0),
         "cuts": sum(1 for r in records if r["cut"]),
         "range-gets": sum(1 for r in blob_gets if r["range"]),
+        "blob-bytes": sum(r["bytes"] for r in blob_gets),
+        "first-body-byte": min(first, default=0),
+        "per-blob": json.dumps(bodies, sort_keys=True),
     }
 
 

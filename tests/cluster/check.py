@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""The cluster suite's checks (stdlib only). Checks append rows to the suite's results.tsv
+(CLIENT, IMAGE, CHECK, PASS|FAIL, DETAIL: the table of tests/clients/util.py).
+
+    check.py largest-blob LAYOUT DIGEST       "digest size" of the image's largest blob
+    check.py progress URL                     body bytes of the front's biggest transfer now
+    check.py progress-at-least URL N          exit 0 once a transfer has sent N body bytes
+    check.py front-idle URL                   exit 0 when the front has no transfer running
+    check.py front-paths LOG SKIP             the requests logged after the first SKIP lines
+    check.py fanout RESULTS LOG BLOB LEADER FETCH...
+    check.py takeover RESULTS LOG BLOB LEADER FETCH...
+    check.py clients-ok RESULTS IMAGE CHECK FETCH...
+    check.py one-body RESULTS LOG SKIP BLOB IMAGE CHECK
+    check.py one-body-per-blob RESULTS LOG IMAGE
+
+LOG is a front.py request log, BLOB "digest size", LEADER the replica (1-based) that fetched
+from the upstream ("" if none could be told), FETCH one bench/tools/fetch.py result per
+replica, in replica order.
+"""
+import json
+import os
+import sys
+import urllib.request
+
+FOLLOWER_TTFB = 0.050   # seconds after the upstream's own first byte
+MAX_UPSTREAM = 2.0      # x the blob's size, when the lease holder dies
+
+
+def blobs_of(layout, digest):
+    """(digest, size) of every config and layer the manifest or index `digest` names."""
+    path = os.path.join(layout, "blobs", *digest.split(":"))
+    doc = json.load(open(path))
+    if "manifests" in doc:
+        return [b for m in doc["manifests"] for b in blobs_of(layout, m["digest"])]
+    return [(d["digest"], d["size"]) for d in [doc["config"]] + doc["layers"]]
+
+
+def active(url):
+    with urllib.request.urlopen(url + "/_front/active", timeout=5) as resp:
+        return [t for t in json.load(resp) if "/blobs/" in t["path"]]
+
+
+def records(log, skip=0):
+    with open(log) as f:
+        lines = [line for line in f if line.strip()]
+    return [json.loads(line) for line in lines[skip:]]
+
+
+def bodies(recs, digest):
+    """The GETs of `digest` that sent body bytes."""
+    return [r for r in recs if r["method"] == "GET" and r["path"].split("?")[0].endswith("/blobs/" + digest)
+            and r["bytes"] > 0]
+
+
+def fetches(paths):
+    """Per replica (1-based): its clients' results, or None when the file is missing/empty."""
+    out = {}
+    for i, p in enumerate(paths, 1):
+        try:
+            out[i] = json.load(open(p))["clients"]
+        except (OSError, ValueError, KeyError):
+            out[i] = None
+    return out
+
+
+class Results:
+    def __init__(self, path):
+        self.path = path
+
+    def add(self, client, image, check, ok, detail):
+        verdict = "PASS" if ok else "FAIL"
+        with open(self.path, "a") as f:
+            f.write("\t".join([client, image, check, verdict, detail]) + "\n")
+        print(f"{verdict}  {client} {image}: {check} ({detail})", file=sys.stderr)
+
+
+def verified(clients):
+    """(ok, total, the distinct errors) of one replica's clients."""
+    if clients is None:
+        return 0, 0, ["no result"]
+    errors = sorted({c["error"] for c in clients if c["error"]})
+    return sum(1 for c in clients if not c["error"]), len(clients), errors
+
+
+def upstream_line(recs, digest, size):
+    got = bodies(recs, digest)
+    sent = sum(r["bytes"] for r in got)
+    ranges = [r["range"] for r in got if r["range"]]
+    text = f"{len(got)} upstream bodies, {sent / size:.2f} x the blob"
+    if ranges:
+        text += f", Range: {', '.join(ranges)}"
+    return got, sent, text
+
+
+def fanout(results, log, blob, leader, paths):
+    digest, size = blob.split()[0], int(blob.split()[1])
+    r = Results(results)
+    recs = records(log)
+    got, sent, line = upstream_line(recs, digest, size)
+    r.add("cluster", digest[7:19], "upstream sent one body", len(got) == 1 and sent == size, line)
+    per = fetches(paths)
+    ok = sum(verified(c)[0] for c in per.values())
+    total = sum(verified(c)[1] for c in per.values())
+    errors = sorted({e for c in per.values() for e in verified(c)[2]})
+    r.add("cluster", digest[7:19], "every body verifies (sha256)", total > 0 and ok == total,
+          f"{ok}/{total} verified" + (f"; errors: {'; '.join(errors)}" if errors else ""))
+    first = min((x["first_byte"] for x in got if x.get("first_byte")), default=None)
+    if not leader or first is None:
+        r.add("cluster", digest[7:19], "followers' first byte within 50 ms of the upstream's", False,
+              "no single lease holder" if not leader else "the upstream sent no body")
+        return
+    lags = [(c["first_byte_at"] - first, i) for i, cs in per.items() if i != int(leader) and cs
+            for c in cs if c.get("first_byte_at")]
+    missing = sum(1 for i, cs in per.items() if i != int(leader) for c in (cs or []) if not c.get("first_byte_at"))
+    worst = max(lags, default=(None, None))
+    ok = bool(lags) and missing == 0 and worst[0] <= FOLLOWER_TTFB
+    lead_lags = [c["first_byte_at"] - first for c in (per.get(int(leader)) or []) if c.get("first_byte_at")]
+    detail = (f"leader r{leader}; {len(lags)} follower clients, worst +{worst[0] * 1000:.1f} ms (r{worst[1]})"
+              if lags else f"leader r{leader}; no follower client got a byte")
+    if missing:
+        detail += f", {missing} without any byte"
+    if lead_lags:
+        detail += f"; leader's own clients worst +{max(lead_lags) * 1000:.1f} ms"
+    r.add("cluster", digest[7:19], "followers' first byte within 50 ms of the upstream's", ok, detail)
+
+
+def takeover(results, log, blob, leader, paths):
+    digest, size = blob.split()[0], int(blob.split()[1])
+    r = Results(results)
+    recs = records(log)
+    got, sent, line = upstream_line(recs, digest, size)
+    aborted = sum(1 for x in got if x.get("aborted"))
+    r.add("cluster", digest[7:19], "upstream sent at most 2 x the blob", 0 < sent <= MAX_UPSTREAM * size,
+          f"{line}; {aborted} cut off by the kill")
+    per = fetches(paths)
+    survivors = {i: c for i, c in per.items() if i != int(leader)}
+    ok = sum(verified(c)[0] for c in survivors.values())
+    total = sum(verified(c)[1] for c in survivors.values())
+    errors = sorted({e for c in survivors.values() for e in verified(c)[2]})
+    r.add("cluster", digest[7:19], "other replicas' clients get the whole blob", total > 0 and ok == total,
+          f"{ok}/{total} verified on " + ", ".join(f"r{i}" for i in survivors)
+          + (f"; errors: {'; '.join(errors)}" if errors else ""))
+    killed = verified(per.get(int(leader)))
+    print(f"note: the killed replica r{leader}'s clients: {killed[0]}/{killed[1]} complete", file=sys.stderr)
+
+
+def clients_ok(results, image, check, paths):
+    r = Results(results)
+    per = fetches(paths)
+    ok = sum(verified(c)[0] for c in per.values())
+    total = sum(verified(c)[1] for c in per.values())
+    errors = sorted({e for c in per.values() for e in verified(c)[2]})
+    r.add("cluster", image, check, total > 0 and ok == total,
+          f"{ok}/{total} bodies verified" + (f"; errors: {'; '.join(errors)}" if errors else ""))
+
+
+def one_body(results, log, skip, blob, image, check):
+    digest, size = blob.split()[0], int(blob.split()[1])
+    got, sent, line = upstream_line(records(log, int(skip)), digest, size)
+    Results(results).add("cluster", image, check, len(got) == 1 and sent == size, line)
+
+
+def one_body_per_blob(results, log, image):
+    per = {}
+    for rec in records(log):
+        if rec["method"] == "GET" and "/blobs/sha256:" in rec["path"] and rec["bytes"] > 0:
+            d = rec["path"].split("?")[0].rsplit("/", 1)[-1]
+            per[d] = per.get(d, 0) + 1
+    worst = max(per.values(), default=0)
+    Results(results).add("cluster", image, "one upstream body per blob", bool(per) and worst == 1,
+                         f"{len(per)} blobs, {sum(per.values())} bodies, at most {worst} per blob")
+
+
+def front_paths(log, skip):
+    recs = records(log, int(skip))
+    shown = [f"{r['method']} {r['path'].split('?')[0][-40:]} {r['status']}" for r in recs[:4]]
+    return "; ".join(shown) + (f"; +{len(recs) - 4} more" if len(recs) > 4 else "") if recs else "none"
+
+
+def main(argv):
+    cmd, args = argv[1], argv[2:]
+    if cmd == "largest-blob":
+        digest, size = max(blobs_of(*args), key=lambda b: b[1])
+        print(digest, size)
+    elif cmd == "progress":
+        print(max((t["bytes"] for t in active(args[0])), default=0))
+    elif cmd == "progress-at-least":
+        return 0 if any(t["bytes"] >= int(args[1]) for t in active(args[0])) else 1
+    elif cmd == "front-idle":
+        return 0 if not active(args[0]) else 1
+    elif cmd == "front-paths":
+        print(front_paths(*args))
+    elif cmd in ("fanout", "takeover"):
+        (fanout if cmd == "fanout" else takeover)(args[0], args[1], args[2], args[3], args[4:])
+    elif cmd == "clients-ok":
+        clients_ok(args[0], args[1], args[2], args[3:])
+    elif cmd == "one-body":
+        one_body(*args)
+    elif cmd == "one-body-per-blob":
+        one_body_per_blob(*args)
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
