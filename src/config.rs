@@ -189,6 +189,9 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub warm: WarmConfig,
+    /// Replicas sharing one cache (with `[storage.shared]`). Default: none, a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// Upstream registries keyed by the registry name clients use (`docker.io`, `ghcr.io`).
     /// Default: `docker.io` → `https://registry-1.docker.io`, anonymous.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -203,6 +206,7 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             warm: WarmConfig::default(),
+            cluster: None,
             upstreams: BTreeMap::from([(
                 DOCKER_HUB.to_owned(),
                 UpstreamConfig {
@@ -296,6 +300,10 @@ pub struct StorageConfig {
     /// Default: `max_size`.
     #[serde(with = "size", skip_serializing_if = "Option::is_none")]
     pub low_watermark: Option<bytesize::ByteSize>,
+    /// A tier shared by every replica, in an S3-compatible object store, looked up after the
+    /// local disk and before the upstream. Default: none (local disk only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedStorageConfig>,
 }
 
 impl Default for StorageConfig {
@@ -304,11 +312,73 @@ impl Default for StorageConfig {
             dir: PathBuf::from("./data"),
             max_size: None,
             low_watermark: None,
+            shared: None,
         }
     }
 }
 
-impl StorageConfig {}
+/// `[storage.shared]`: the object store all replicas share.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStorageConfig {
+    /// The S3 API endpoint (Garage, MinIO, Ceph RGW, AWS S3), e.g. `http://garage:3900`.
+    /// Requests are path-style. Required.
+    pub endpoint: String,
+    /// The bucket, which must exist. Required.
+    pub bucket: String,
+    /// The store's region (Garage's `s3_region`). Default `us-east-1`.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Bound on the bytes in the shared tier; least recently used content, across the
+    /// cluster, is deleted beyond it. Default: unbounded.
+    #[serde(with = "size", default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<bytesize::ByteSize>,
+    /// Answer a blob found in the shared tier (and not on local disk) with a `307` to a
+    /// presigned URL of the object store, so the bytes flow from it directly. For fleets whose
+    /// clients reach the object store. Default false.
+    #[serde(default)]
+    pub redirect: bool,
+    /// How long a presigned redirect URL stays valid. Default 10 minutes.
+    #[serde(with = "humantime_serde", default = "default_redirect_ttl")]
+    pub redirect_ttl: Duration,
+    /// Env `PULLTHROUGH_S3_ACCESS_KEY_ID`.
+    #[serde(skip)]
+    pub access_key_id: Option<Secret>,
+    /// Env `PULLTHROUGH_S3_SECRET_ACCESS_KEY`.
+    #[serde(skip)]
+    pub secret_access_key: Option<Secret>,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+fn default_redirect_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `[cluster]`: replicas that coordinate through Redis, so that the fleet fetches each blob
+/// once, revalidates each tag once per TTL and spends one pull budget.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The Redis URL, e.g. `redis://redis:6379/0` (a password in it is never printed).
+    /// Required.
+    pub redis: Secret,
+    /// The URL the other replicas reach this one at, e.g. `http://10.0.0.5:5000`. Required.
+    pub advertise: String,
+    /// How long a replica's claim on a download (its lease) outlives the replica: the time a
+    /// takeover waits after a crash. Renewed every third of it. Default 5 s.
+    #[serde(with = "humantime_serde", default = "default_lease_ttl")]
+    pub lease_ttl: Duration,
+    /// Env `PULLTHROUGH_CLUSTER_SECRET`: authenticates replica-to-replica requests. Required.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(5)
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -718,6 +788,13 @@ impl Config {
         if let Some(pass) = env("PULLTHROUGH_UPSTREAM_PASSWORD") {
             self.default_upstream_mut().password = Some(Secret(pass));
         }
+        if let Some(shared) = &mut self.storage.shared {
+            shared.access_key_id = env("PULLTHROUGH_S3_ACCESS_KEY_ID").map(Secret);
+            shared.secret_access_key = env("PULLTHROUGH_S3_SECRET_ACCESS_KEY").map(Secret);
+        }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.secret = env("PULLTHROUGH_CLUSTER_SECRET").map(Secret);
+        }
     }
 
     pub fn apply_overrides(&mut self, cli: &Overrides) {
@@ -845,12 +922,88 @@ impl Config {
             }
             _ => {}
         }
+        self.validate_cluster()?;
         for image in &self.warm.images {
             if !self.upstreams.contains_key(image.registry()) {
                 return Err(bad(
                     "warm.images",
                     &image.to_string(),
                     "its registry is not a key of [upstreams]",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: &str, reason: &str| ConfigError::Value {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let http_url = |key: &str, value: &str| {
+            let ok = url::Url::parse(value)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if ok {
+                Ok(())
+            } else {
+                Err(bad(key, value, "must be an http:// or https:// URL"))
+            }
+        };
+        if let Some(shared) = &self.storage.shared {
+            http_url("storage.shared.endpoint", &shared.endpoint)?;
+            if shared.bucket.is_empty() {
+                return Err(bad("storage.shared.bucket", "", "must not be empty"));
+            }
+            if shared.max_size.is_some_and(|m| m.as_u64() == 0) {
+                return Err(bad(
+                    "storage.shared.max_size",
+                    "0",
+                    "must be greater than zero",
+                ));
+            }
+            if shared.redirect_ttl.is_zero() {
+                return Err(bad(
+                    "storage.shared.redirect_ttl",
+                    "0s",
+                    "must be greater than zero",
+                ));
+            }
+            if shared.access_key_id.is_none() || shared.secret_access_key.is_none() {
+                return Err(bad(
+                    "storage.shared",
+                    "",
+                    "needs PULLTHROUGH_S3_ACCESS_KEY_ID and PULLTHROUGH_S3_SECRET_ACCESS_KEY",
+                ));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            let redis = url::Url::parse(cluster.redis.expose())
+                .is_ok_and(|u| matches!(u.scheme(), "redis" | "rediss"));
+            if !redis {
+                return Err(bad(
+                    "cluster.redis",
+                    "[REDACTED]",
+                    "must be a redis:// or rediss:// URL",
+                ));
+            }
+            http_url("cluster.advertise", &cluster.advertise)?;
+            if cluster.lease_ttl < Duration::from_secs(1) {
+                return Err(bad(
+                    "cluster.lease_ttl",
+                    &humantime::format_duration(cluster.lease_ttl).to_string(),
+                    "must be at least 1s",
+                ));
+            }
+            if cluster
+                .secret
+                .as_ref()
+                .is_none_or(|s| s.expose().len() < 16)
+            {
+                return Err(bad(
+                    "cluster",
+                    "",
+                    "needs PULLTHROUGH_CLUSTER_SECRET, at least 16 characters",
                 ));
             }
         }

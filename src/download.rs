@@ -5,22 +5,34 @@
 //! without cancelling it. The bytes go to a temp file; clients read that file behind the
 //! writer, woken by a watch channel on each write. Every way a download can end is an
 //! [`Outcome`], logged by name.
+//!
+//! With replicas, the bytes come from the first tier that has them ([`Feed`]): the shared
+//! object store, else the replica holding the cluster-wide lease on the digest (streamed from
+//! its peer endpoint while it downloads), else the upstream, once this replica holds the lease.
+//! A feed that breaks is replaced by the next one from the same offset: a lease holder that
+//! dies is taken over when its lease expires. The lease holder tees the bytes into a multipart
+//! upload to the shared tier, completed only once the blob is verified and the lease is
+//! still held.
 
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{self, BoxStream, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
+use crate::cluster::{Claimed, Cluster, LeaseGuard};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
+use crate::outcome::Tier;
+use crate::shared::{self, SharedTier, Upload};
 use crate::singleflight::{Flights, Joined};
 use crate::store::handle::BlobHandle;
 use crate::store::writer::{BlobWriter, Finished};
 use crate::store::Store;
-use crate::upstream::{self, BlobBody, Upstream};
+use crate::upstream::{self, Upstream};
 
 /// Ready chunks are gathered up to this size before one write, so a fast upstream does not
 /// cost a write per network packet, while a slow one is written as soon as anything arrives.
@@ -31,8 +43,9 @@ const WRITE_BATCH: usize = 1024 * 1024;
 pub enum Start {
     /// Waiting for the upstream's response headers.
     Pending,
-    /// The body is arriving: read it through this handle, which follows the writer.
-    Streaming(BlobHandle),
+    /// The body is arriving (first from `tier`): read it through this handle, which follows
+    /// the writer.
+    Streaming(BlobHandle, Tier),
     /// The blob was committed by someone else before this download began: read the store.
     AlreadyCached,
     /// The disk cannot take the blob: each client streams from the upstream, uncached.
@@ -52,6 +65,9 @@ pub enum Failure {
     Storage(Arc<io::Error>),
     #[error("the download task panicked")]
     Panicked,
+    /// Another tier (a peer, the shared store) broke off, too often.
+    #[error("the download was cut: {0}")]
+    Cut(String),
 }
 
 /// How a download ended. Each is logged; none is left implicit.
@@ -68,7 +84,7 @@ enum Outcome {
     /// The upstream answered with an error before the body.
     Refused(upstream::Error),
     /// The body was cut more often than `resume_attempts` allows.
-    ResumesExhausted { written: u64, last: upstream::Error },
+    ResumesExhausted { written: u64, last: Cut },
     /// The bytes did not hash to the digest, or had the wrong length.
     DigestMismatch { actual: String },
     /// The upstream's answer cannot be used (no length, wrong range).
@@ -115,7 +131,7 @@ pub struct InFlight {
 impl Download {
     fn in_flight(&self, digest: &Digest) -> InFlight {
         let (written, size) = match &*self.start.borrow() {
-            Start::Streaming(handle) => {
+            Start::Streaming(handle, _) => {
                 let size = handle.size();
                 let written = match handle.clone().into_parts().1 {
                     Some(rx) => match &*rx.borrow() {
@@ -141,14 +157,23 @@ impl Download {
 pub struct Downloads {
     flights: Flights<Digest, Download>,
     store: Arc<Store>,
+    shared: Option<Arc<SharedTier>>,
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
 }
 
 impl Downloads {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Downloads {
+    pub fn new(
+        store: Arc<Store>,
+        shared: Option<Arc<SharedTier>>,
+        cluster: Option<Arc<Cluster>>,
+        metrics: Arc<Metrics>,
+    ) -> Downloads {
         Downloads {
             flights: Flights::default(),
             store,
+            shared,
+            cluster,
             metrics,
         }
     }
@@ -170,6 +195,8 @@ impl Downloads {
                     repo: repo.clone(),
                     digest: digest.clone(),
                     store: self.store.clone(),
+                    shared: self.shared.clone(),
+                    cluster: self.cluster.clone(),
                     metrics: self.metrics.clone(),
                 };
                 let metrics = self.metrics.clone();
@@ -226,7 +253,10 @@ fn finish_waiters(d: &Download, outcome: Outcome, digest: &Digest) -> Outcome {
         | Outcome::TooLargeToKeep { .. }
         | Outcome::NoSpace { .. } => return outcome,
         Outcome::Refused(e) | Outcome::Protocol(e) => Failure::Upstream(e.clone()),
-        Outcome::ResumesExhausted { last, .. } => Failure::Upstream(last.clone()),
+        Outcome::ResumesExhausted { last, .. } => match last {
+            Cut::Upstream(e) => Failure::Upstream(e.clone()),
+            Cut::Tier(why) => Failure::Cut(why.clone()),
+        },
         Outcome::DigestMismatch { actual } => Failure::DigestMismatch {
             expected: digest.clone(),
             actual: actual.clone(),
@@ -291,7 +321,71 @@ struct Job {
     repo: RepoName,
     digest: Digest,
     store: Arc<Store>,
+    shared: Option<Arc<SharedTier>>,
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
+}
+
+/// A blob's bytes from one tier, from some offset on.
+struct Feed {
+    tier: Tier,
+    /// The whole blob's length, as this tier knows it.
+    size: u64,
+    chunks: BoxStream<'static, Result<Bytes, Cut>>,
+}
+
+impl Feed {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, Cut> {
+        self.chunks.next().await.transpose()
+    }
+
+    /// A chunk that has already arrived, without waiting: `Ok(None)` for none yet, and
+    /// `Ok(Some(None))` at the end.
+    fn ready_chunk(&mut self) -> Result<Option<Option<Bytes>>, Cut> {
+        match self.chunks.next().now_or_never() {
+            None => Ok(None),
+            Some(None) => Ok(Some(None)),
+            Some(Some(r)) => r.map(|c| Some(Some(c))),
+        }
+    }
+}
+
+/// Why a feed stopped before the blob's end.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Cut {
+    #[error(transparent)]
+    Upstream(upstream::Error),
+    /// A peer or the shared store.
+    #[error("{0}")]
+    Tier(String),
+}
+
+/// What a download keeps across feeds.
+#[derive(Default)]
+struct Sources {
+    lease: Option<LeaseGuard>,
+    /// A peer served some of the bytes: a lease taken after that is a takeover.
+    followed_peer: bool,
+    /// Whether this replica held the lease (or had no coordinator) from the first byte: only
+    /// then did it see every byte go by for the shared tier.
+    teeing: bool,
+    peer_failures: u32,
+    /// The shared store broke off once: not asked again during this download.
+    skip_shared: bool,
+    /// Coordination gave no usable peer: fetch from the upstream without a lease.
+    alone: bool,
+}
+
+/// Attempts at a peer before fetching without it: with a pause of a fifth of the lease TTL
+/// between them, twice the TTL, by which a dead holder's lease has expired.
+const PEER_ATTEMPTS: u32 = 10;
+
+/// The answer to opening the next feed.
+enum Opened {
+    Feed(Feed),
+    /// Worth trying again shortly.
+    Retry(Cut),
+    Fatal(Outcome),
 }
 
 impl Job {
@@ -304,28 +398,33 @@ impl Job {
             Ok(None) => {}
             Err(e) => return Outcome::Storage(e),
         }
+        let mut sources = Sources::default();
         let asked = Instant::now();
         let mut attempts = 0u32;
-        let mut body = loop {
-            match self.upstream.blob(&self.repo, &self.digest, 0).await {
-                Ok(b) => break b,
-                Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),
-                // A failure before the headers is retried like a cut body: the connection or
-                // the upstream may be back at once.
-                Err(e)
-                    if e.is_outage()
-                        && !matches!(e, upstream::Error::BackingOff { .. })
-                        && attempts < self.upstream.config().resume_attempts =>
-                {
-                    attempts += 1;
-                    tracing::info!(upstream = %self.upstream.name, digest = %self.digest, attempt = attempts, error = %e, "retrying blob download");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempts))).await;
+        let mut feed = loop {
+            match self.open(0, &mut sources).await {
+                Opened::Feed(f) => break f,
+                Opened::Fatal(outcome) => return outcome,
+                Opened::Retry(cut) => {
+                    if let Cut::Upstream(_) = cut {
+                        if attempts >= self.upstream.config().resume_attempts {
+                            return Outcome::ResumesExhausted {
+                                written: 0,
+                                last: cut,
+                            };
+                        }
+                        attempts += 1;
+                    }
+                    tracing::info!(upstream = %self.upstream.name, digest = %self.digest, attempt = attempts, error = %cut, "retrying blob download");
+                    self.pause(&cut, attempts).await;
                 }
-                Err(e) => return Outcome::Refused(e),
             }
         };
-        self.metrics.miss_first_byte(asked.elapsed());
-        let size = body.size;
+        if feed.tier == Tier::Upstream {
+            self.metrics.miss_first_byte(asked.elapsed());
+        }
+        sources.teeing = sources.lease.is_some() || sources.alone || self.cluster.is_none();
+        let size = feed.size;
         if !self.make_room(size).await {
             self.metrics.no_space();
             self.download.start.send_replace(Start::NoSpace);
@@ -337,55 +436,244 @@ impl Job {
         };
         self.download
             .start
-            .send_replace(Start::Streaming(writer.reader(size)));
+            .send_replace(Start::Streaming(writer.reader(size), feed.tier));
+        let mut upload = match (&self.shared, feed.tier) {
+            (Some(tier), t) if t != Tier::Shared && sources.teeing => {
+                Some(tier.upload(&self.digest))
+            }
+            _ => None,
+        };
 
         let mut resumes = 0u32;
         loop {
-            let mut cut = match self.copy_body(&mut body, &mut writer, size).await {
+            let mut cut = match self
+                .copy_body(&mut feed, &mut writer, upload.as_mut(), size)
+                .await
+            {
                 Ok(()) if writer.written() == size => break,
-                Ok(()) => upstream::Error::Protocol {
+                Ok(()) => Cut::Upstream(upstream::Error::Protocol {
                     upstream: self.upstream.name.clone(),
                     detail: format!("body ended at {} of {size} bytes", writer.written()),
-                },
-                Err(CopyError::Upstream(e)) => e,
+                }),
+                Err(CopyError::Cut(e)) => e,
                 Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
                 Err(CopyError::Storage(e)) => return self.storage_failed(e),
             };
-            body = loop {
-                if resumes >= self.upstream.config().resume_attempts {
-                    return Outcome::ResumesExhausted {
-                        written: writer.written(),
-                        last: cut,
-                    };
+            if feed.tier == Tier::Shared {
+                sources.skip_shared = true;
+            }
+            feed = loop {
+                if matches!(cut, Cut::Upstream(_)) {
+                    if resumes >= self.upstream.config().resume_attempts {
+                        return Outcome::ResumesExhausted {
+                            written: writer.written(),
+                            last: cut,
+                        };
+                    }
+                    resumes += 1;
+                    self.metrics.resume();
                 }
-                resumes += 1;
-                self.metrics.resume();
                 tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = resumes, error = %cut, "resuming cut blob download");
-                match self
-                    .upstream
-                    .blob(&self.repo, &self.digest, writer.written())
-                    .await
-                {
-                    Ok(b) if b.size == size => break b,
-                    Ok(b) => {
+                match self.open(writer.written(), &mut sources).await {
+                    Opened::Feed(f) if f.size == size => break f,
+                    Opened::Feed(f) => {
                         return Outcome::Protocol(upstream::Error::Protocol {
                             upstream: self.upstream.name.clone(),
-                            detail: format!("resume answered size {}, expected {size}", b.size),
+                            detail: format!(
+                                "resume from the {} answered size {}, expected {size}",
+                                f.tier.label(),
+                                f.size
+                            ),
                         })
                     }
-                    Err(e @ upstream::Error::Protocol { .. }) => return Outcome::Protocol(e),
-                    Err(e) => {
+                    Opened::Fatal(outcome) => return outcome,
+                    Opened::Retry(e) => {
+                        self.pause(&e, resumes).await;
                         cut = e;
-                        tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
                     }
                 }
             };
         }
-        match writer.finish(&self.digest, size).await {
+        let finished = writer.finish(&self.digest, size).await;
+        let kept = matches!(
+            finished,
+            Ok(Finished::Published) | Ok(Finished::TooLargeToKeep)
+        );
+        if kept {
+            self.publish(upload, sources).await;
+        } else if feed.tier == Tier::Shared || sources.skip_shared {
+            self.forget_shared().await;
+        }
+        match finished {
             Ok(Finished::Published) => Outcome::Committed { size, resumes },
             Ok(Finished::TooLargeToKeep) => Outcome::TooLargeToKeep { size },
             Ok(Finished::Mismatch { actual }) => self.mismatch(actual.to_string()),
             Err(e) => self.storage_failed(e),
+        }
+    }
+
+    /// The next feed from `offset`: the shared tier, else the lease holder's peer endpoint,
+    /// else the upstream (taking the lease first, when there is a coordinator).
+    async fn open(&self, offset: u64, sources: &mut Sources) -> Opened {
+        if let (Some(tier), false) = (&self.shared, sources.skip_shared) {
+            match tier.blob(&self.digest, offset).await {
+                Ok(Some(b)) => {
+                    return Opened::Feed(Feed {
+                        tier: Tier::Shared,
+                        size: b.size,
+                        chunks: b
+                            .chunks
+                            .map(|c| c.map_err(|e| Cut::Tier(e.to_string())))
+                            .boxed(),
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.metrics.shared_error();
+                    tracing::warn!(digest = %self.digest, error = %e, "shared tier unavailable; fetching elsewhere");
+                    sources.skip_shared = true;
+                }
+            }
+        }
+        if let (Some(cluster), None, false) = (&self.cluster, &sources.lease, sources.alone) {
+            match cluster.claim_download(&self.digest).await {
+                Claimed::Acquired(lease) => {
+                    if sources.followed_peer {
+                        self.metrics.lease_taken_over();
+                        tracing::info!(digest = %self.digest, offset, "took over a download whose lease holder stopped");
+                    }
+                    sources.lease = Some(lease);
+                }
+                Claimed::Held { peer } => {
+                    sources.followed_peer = true;
+                    match cluster.peers().blob(&peer, &self.digest, offset).await {
+                        Ok(b) => {
+                            sources.peer_failures = 0;
+                            let chunks = b
+                                .chunks
+                                .map(move |c| c.map_err(|e| Cut::Tier(format!("peer: {e}"))))
+                                .boxed();
+                            return Opened::Feed(Feed {
+                                tier: Tier::Peer,
+                                size: b.size,
+                                chunks,
+                            });
+                        }
+                        Err(e) => {
+                            sources.peer_failures += 1;
+                            if sources.peer_failures >= PEER_ATTEMPTS {
+                                tracing::warn!(digest = %self.digest, %peer, error = %e, "the lease holder cannot be streamed from; fetching from the upstream alone");
+                                sources.alone = true;
+                            }
+                            return Opened::Retry(Cut::Tier(format!("peer {peer}: {e}")));
+                        }
+                    }
+                }
+                Claimed::Alone => sources.alone = true,
+            }
+        }
+        match self.upstream.blob(&self.repo, &self.digest, offset).await {
+            Ok(body) => {
+                let size = body.size;
+                let chunks = stream::try_unfold(body, |mut body| async move {
+                    let chunk = body.next_chunk().await.map_err(Cut::Upstream)?;
+                    Ok(chunk.map(|c| (c, body)))
+                })
+                .boxed();
+                Opened::Feed(Feed {
+                    tier: Tier::Upstream,
+                    size,
+                    chunks,
+                })
+            }
+            Err(e @ upstream::Error::Protocol { .. }) => Opened::Fatal(Outcome::Protocol(e)),
+            // A failure before the headers is retried like a cut body: the connection or the
+            // upstream may be back at once.
+            Err(e) if e.is_outage() && !matches!(e, upstream::Error::BackingOff { .. }) => {
+                Opened::Retry(Cut::Upstream(e))
+            }
+            Err(e) => Opened::Fatal(Outcome::Refused(e)),
+        }
+    }
+
+    async fn pause(&self, cut: &Cut, attempt: u32) {
+        let wait = match (cut, &self.cluster) {
+            (Cut::Tier(_), Some(cluster)) => cluster.lease_ttl() / 5,
+            _ => Duration::from_millis(100 * u64::from(attempt.max(1))),
+        };
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Publishes the verified blob to the shared tier: the tee'd upload is completed if the
+    /// lease is still ours; a download taken over midway uploads the committed file instead,
+    /// still under its lease.
+    async fn publish(&self, upload: Option<Upload>, sources: Sources) {
+        let Some(tier) = &self.shared else { return };
+        let fenced = match &sources.lease {
+            Some(lease) => lease.confirm().await,
+            None => true,
+        };
+        if !fenced {
+            tracing::warn!(digest = %self.digest, "lease lost before publication; not published to the shared tier");
+            return;
+        }
+        if let Some(upload) = upload {
+            match upload.complete().await {
+                Ok(()) => tracing::debug!(digest = %self.digest, "published to the shared tier"),
+                Err(e) => {
+                    self.metrics.shared_error();
+                    tracing::warn!(digest = %self.digest, error = %e, "cannot publish to the shared tier");
+                }
+            }
+            return;
+        }
+        if sources.lease.is_none() {
+            return;
+        }
+        let handle = match self.store.blobs.open(&self.digest).await {
+            Ok(Some(h)) => h,
+            _ => return,
+        };
+        let (tier, digest, metrics) = (tier.clone(), self.digest.clone(), self.metrics.clone());
+        let lease = sources.lease;
+        tokio::spawn(async move {
+            let mut upload = tier.upload(&digest);
+            let (reader, _) = handle.clone().into_parts();
+            let mut offset = 0u64;
+            while offset < handle.size() {
+                let len = (handle.size() - offset).min(WRITE_BATCH as u64) as usize;
+                match reader.read_at(offset, len).await {
+                    Ok(chunk) => {
+                        offset += chunk.len() as u64;
+                        upload.write(chunk).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "cannot read the blob back for the shared tier");
+                        return;
+                    }
+                }
+            }
+            let still_ours = match &lease {
+                Some(l) => l.confirm().await,
+                None => true,
+            };
+            if still_ours {
+                if let Err(e) = upload.complete().await {
+                    metrics.shared_error();
+                    tracing::warn!(%digest, error = %e, "cannot publish to the shared tier");
+                }
+            }
+            drop(lease);
+        });
+    }
+
+    /// A blob read from the shared tier did not verify: it must not be served again.
+    async fn forget_shared(&self) {
+        if let Some(tier) = &self.shared {
+            tracing::error!(digest = %self.digest, "shared-tier object does not match its digest; deleted");
+            if let Err(e) = tier.delete(shared::Kind::Blob, &self.digest).await {
+                tracing::warn!(digest = %self.digest, error = %e, "cannot delete a corrupt shared-tier object");
+            }
         }
     }
 
@@ -405,22 +693,24 @@ impl Job {
         Outcome::DigestMismatch { actual }
     }
 
-    /// Copies the body into the writer until it ends or fails; ready chunks are batched.
+    /// Copies the feed into the writer (and the shared-tier upload) until it ends or fails;
+    /// ready chunks are batched.
     async fn copy_body(
         &self,
-        body: &mut BlobBody,
+        feed: &mut Feed,
         writer: &mut BlobWriter,
+        mut upload: Option<&mut Upload>,
         size: u64,
     ) -> Result<(), CopyError> {
         loop {
-            let first = body.next_chunk().await.map_err(CopyError::Upstream)?;
+            let first = feed.next_chunk().await.map_err(CopyError::Cut)?;
             let Some(first) = first else { return Ok(()) };
             let mut batch = BytesMut::from(&first[..]);
             let mut ended = false;
             let mut failed = None;
             // Take whatever else is already buffered, without waiting.
             while batch.len() < WRITE_BATCH {
-                match body.ready_chunk() {
+                match feed.ready_chunk() {
                     Ok(Some(Some(b))) => batch.extend_from_slice(&b),
                     Ok(Some(None)) => {
                         ended = true;
@@ -434,9 +724,13 @@ impl Job {
                 }
             }
             // What arrived before a cut is kept: the resume starts after it.
-            self.write(writer, batch.freeze(), size).await?;
+            let batch = batch.freeze();
+            self.write(writer, batch.clone(), size, feed.tier).await?;
+            if let Some(upload) = upload.as_deref_mut() {
+                upload.write(batch).await;
+            }
             if let Some(e) = failed {
-                return Err(CopyError::Upstream(e));
+                return Err(CopyError::Cut(e));
             }
             if ended {
                 return Ok(());
@@ -449,18 +743,21 @@ impl Job {
         writer: &mut BlobWriter,
         chunk: Bytes,
         size: u64,
+        tier: Tier,
     ) -> Result<(), CopyError> {
         let len = chunk.len() as u64;
         if writer.written() + len > size {
             return Err(CopyError::TooLong);
         }
-        self.metrics.upstream_bytes(&self.upstream.name, len);
+        if tier == Tier::Upstream {
+            self.metrics.upstream_bytes(&self.upstream.name, len);
+        }
         writer.write(chunk).await.map_err(CopyError::Storage)
     }
 }
 
 enum CopyError {
-    Upstream(upstream::Error),
+    Cut(Cut),
     TooLong,
     Storage(io::Error),
 }

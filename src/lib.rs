@@ -3,8 +3,8 @@
 //! Layers call one way, top to bottom (see ARCHITECTURE.md; `tests/architecture.rs` keeps it
 //! so): `server` (connections, TLS, admission) → `routes` (parse, dispatch) → `handlers`
 //! (HTTP: headers, ranges, bodies; `handlers::error` maps failures to responses) → `mirror` (the pull
-//! layer: what to answer) → services (`store`, `download`, `verify`, `upstream`,
-//! `singleflight`) → foundations (`config`, `oci`, `outcome`, `metrics`, `logging`, `clock`,
+//! layer: what to answer) → services (`store`, `shared`, `download`, `verify`,
+//! `upstream`, `cluster`, `singleflight`) → foundations (`config`, `oci`, `outcome`, `metrics`, `logging`, `clock`,
 //! `sync`, `platform`, `sendfile`).
 //!
 //! An embedder needs [`serve`] (or [`Server`]) and [`Config`]; the operator commands are in
@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 mod download;
 mod handlers;
@@ -31,6 +32,7 @@ pub mod policy;
 pub mod routes;
 mod sendfile;
 mod server;
+pub mod shared;
 mod singleflight;
 pub mod store;
 mod sync;

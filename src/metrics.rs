@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::outcome::{CacheStatus, ObjectKind, Source};
+use crate::outcome::{CacheStatus, ObjectKind, Source, Tier};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -53,6 +53,11 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    source: Tier,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -236,6 +241,14 @@ pub struct Metrics {
     pub inflight_downloads: Gauge,
     pub inflight_waiters: Gauge,
     miss_ttfb: Histogram,
+    blob_source: Family<TierLabels, Counter>,
+    pub leases_held: Gauge,
+    leases_taken_over: Counter,
+    coordinator_up: Gauge,
+    coordinator_errors: Counter,
+    pub cluster_members: Gauge,
+    shared_evictions: Counter,
+    shared_errors: Counter,
     /// Answers that cost the upstream no download (all but miss and passthrough) and all
     /// cache answers, for the status page's hit ratio.
     served_without_upstream: AtomicU64,
@@ -288,6 +301,14 @@ impl Metrics {
             inflight_downloads: Gauge::default(),
             inflight_waiters: Gauge::default(),
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            blob_source: Family::default(),
+            leases_held: Gauge::default(),
+            leases_taken_over: Counter::default(),
+            coordinator_up: Gauge::default(),
+            coordinator_errors: Counter::default(),
+            cluster_members: Gauge::default(),
+            shared_evictions: Counter::default(),
+            shared_errors: Counter::default(),
             served_without_upstream: AtomicU64::new(0),
             cache_answers: AtomicU64::new(0),
         };
@@ -462,6 +483,46 @@ impl Metrics {
                 "Time to the upstream's response headers on blob misses",
                 m.miss_ttfb.clone(),
             );
+            r.register(
+                "blob_source",
+                "Blob answers by the tier the bytes came from: local disk, the shared object store, another replica (peer) or the upstream",
+                m.blob_source.clone(),
+            );
+            r.register(
+                "cluster_leases_held",
+                "Downloads this replica holds the cluster-wide lease for",
+                m.leases_held.clone(),
+            );
+            r.register(
+                "cluster_leases_taken_over",
+                "Downloads this replica took over after their lease holder stopped renewing",
+                m.leases_taken_over.clone(),
+            );
+            r.register(
+                "cluster_coordinator_up",
+                "1 while Redis answers, 0 while each replica coordinates alone",
+                m.coordinator_up.clone(),
+            );
+            r.register(
+                "cluster_coordinator_errors",
+                "Redis requests that failed or timed out",
+                m.coordinator_errors.clone(),
+            );
+            r.register(
+                "cluster_members",
+                "Replicas with a recent heartbeat in Redis, this one included",
+                m.cluster_members.clone(),
+            );
+            r.register(
+                "shared_evictions",
+                "Objects deleted from the shared tier to stay within storage.shared.max_size",
+                m.shared_evictions.clone(),
+            );
+            r.register(
+                "shared_errors",
+                "Shared-tier (object store) requests that failed",
+                m.shared_errors.clone(),
+            );
         }
         m
     }
@@ -629,6 +690,31 @@ impl Metrics {
         if evictions > seen {
             self.evictions.inc_by(evictions - seen);
         }
+    }
+
+    pub fn blob_source(&self, tier: Tier) {
+        self.blob_source
+            .get_or_create(&TierLabels { source: tier })
+            .inc();
+    }
+
+    pub fn lease_taken_over(&self) {
+        self.leases_taken_over.inc();
+    }
+
+    pub fn coordinator(&self, up: bool) {
+        self.coordinator_up.set(i64::from(up));
+        if !up {
+            self.coordinator_errors.inc();
+        }
+    }
+
+    pub fn shared_eviction(&self, objects: u64) {
+        self.shared_evictions.inc_by(objects);
+    }
+
+    pub fn shared_error(&self) {
+        self.shared_errors.inc();
     }
 
     pub fn digest_mismatch(&self) {

@@ -114,6 +114,37 @@ impl Source {
     }
 }
 
+/// Where a blob's bytes came from for a request: the `source` label of
+/// `pullthrough_blob_source_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// This replica's disk.
+    Local,
+    /// The object store all replicas share.
+    Shared,
+    /// Another replica's download in progress, streamed from it.
+    Peer,
+    /// The upstream registry.
+    Upstream,
+}
+
+impl Tier {
+    pub fn label(self) -> &'static str {
+        match self {
+            Tier::Local => "local",
+            Tier::Shared => "shared",
+            Tier::Peer => "peer",
+            Tier::Upstream => "upstream",
+        }
+    }
+}
+
+impl EncodeLabelValue for Tier {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.label(), encoder)
+    }
+}
+
 impl EncodeLabelValue for Source {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         EncodeLabelValue::encode(&self.label(), encoder)

@@ -47,6 +47,11 @@ pub enum Route {
         name: RepoName,
         reference: String,
     },
+    /// `GET /_pullthrough/peer/blobs/<digest>`: another replica streaming a blob this one
+    /// holds or is downloading (authenticated by the cluster secret).
+    PeerBlob {
+        digest: Digest,
+    },
     Healthz,
     Readyz,
     Metrics,
@@ -70,6 +75,7 @@ impl Route {
             Route::TagsList { .. } => "tags",
             Route::Referrers { .. } => "referrers",
             Route::Catalog => "catalog",
+            Route::PeerBlob { .. } => "peer",
             _ => "other",
         }
     }
@@ -96,7 +102,7 @@ pub async fn dispatch<B>(
     let mut resp = answer(mirror, route, req).await?;
     if !matches!(
         route,
-        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status
+        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::PeerBlob { .. }
     ) {
         resp.headers_mut().insert(
             HeaderName::from_static("docker-distribution-api-version"),
@@ -131,6 +137,10 @@ async fn answer<B>(
             referrers::list(mirror, name, digest, query, req.method() == Method::HEAD).await
         }
         Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
+        Route::PeerBlob { digest } => {
+            let sendfile = req.extensions().get::<Sendfile>().cloned();
+            blobs::peer(mirror, digest, req.headers(), sendfile).await
+        }
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(ops::readyz(mirror).await),
         Route::Metrics => Ok(ops::metrics(mirror, req.headers())),
@@ -155,6 +165,15 @@ pub fn parse(method: &Method, path: &str) -> Route {
     };
     if let Some(route) = operational {
         return if read { route } else { Route::Unsupported };
+    }
+    if let Some(digest) = path.strip_prefix("/_pullthrough/peer/blobs/") {
+        if method != Method::GET {
+            return Route::Unsupported;
+        }
+        return match digest.parse() {
+            Ok(digest) => Route::PeerBlob { digest },
+            Err(e) => Route::Invalid(e),
+        };
     }
     let rest = match path {
         "/v2" => "",
@@ -257,6 +276,21 @@ mod tests {
         assert_eq!(parse(&Method::GET, "/readyz"), Route::Readyz);
         assert_eq!(parse(&Method::GET, "/metrics"), Route::Metrics);
         assert_eq!(parse(&Method::GET, "/_pullthrough/status"), Route::Status);
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            parse(&Method::GET, &format!("/_pullthrough/peer/blobs/{d}")),
+            Route::PeerBlob {
+                digest: d.parse().unwrap()
+            }
+        );
+        assert_eq!(
+            parse(&Method::PUT, &format!("/_pullthrough/peer/blobs/{d}")),
+            Route::Unsupported
+        );
+        assert!(matches!(
+            parse(&Method::GET, "/_pullthrough/peer/blobs/sha256:xyz"),
+            Route::Invalid(_)
+        ));
         assert_eq!(parse(&Method::GET, "/"), Route::Ui);
         assert_eq!(parse(&Method::GET, "/_pullthrough/ui"), Route::Ui);
         assert_eq!(parse(&Method::POST, "/"), Route::Unsupported);

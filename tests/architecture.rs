@@ -15,7 +15,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("pull", &["mirror", "warm"]),
     (
         "services",
-        &["download", "verify", "store", "upstream", "singleflight"],
+        &[
+            "download",
+            "verify",
+            "store",
+            "shared",
+            "upstream",
+            "cluster",
+            "singleflight",
+        ],
     ),
     (
         "foundations",

@@ -56,6 +56,17 @@ pub async fn get(
             blob_headers(resp.headers_mut(), digest, size);
             resp
         }
+        BlobAnswer::Redirect { location } => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            if let Ok(v) = HeaderValue::from_str(location.as_str()) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+                resp.headers_mut().insert(DOCKER_CONTENT_DIGEST, v);
+            }
+            resp
+        }
         BlobAnswer::Hit(handle) => {
             let size = handle.size();
             ranged(digest, size, range, head, |start, end| {
@@ -72,6 +83,29 @@ pub async fn get(
         }
     };
     Ok(with_cache_status(resp, status))
+}
+
+/// `GET /_pullthrough/peer/blobs/<digest>`: a blob for another replica, from this one's disk
+/// or its download in progress, with `Range` (a replica taking over resumes where it is).
+pub async fn peer(
+    mirror: &Arc<Mirror>,
+    digest: &Digest,
+    headers: &HeaderMap,
+    sendfile: Option<Sendfile>,
+) -> Result<Response<Body>, ApiError> {
+    let secret = headers
+        .get(crate::cluster::peer::SECRET_HEADER)
+        .map(HeaderValue::as_bytes);
+    let handle = mirror
+        .peer_blob(secret, digest)
+        .await
+        .map_err(|e| ApiError::from_mirror(e, Object::Blob))?;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let metrics = mirror.metrics().clone();
+    Ok(ranged(digest, handle.size(), range, false, |start, end| {
+        let b = body::blob_range(handle, start, end, sendfile);
+        body::count_served(b, metrics, Source::Cache)
+    }))
 }
 
 /// A response for the range the client asked of a `size`-byte blob: 200, 206 or 416, with the

@@ -228,6 +228,16 @@ impl ApiError {
                     format!("{what} unknown to this repository"),
                 )
             }
+            M::PeerUnauthorized => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthorized,
+                "replica-to-replica requests need the cluster secret",
+            ),
+            M::PeerMissing => ApiError::new(
+                StatusCode::NOT_FOUND,
+                Code::BlobUnknown,
+                "this replica neither holds nor downloads the blob",
+            ),
             M::Abandoned(why) => {
                 tracing::error!(why, "a shared upstream request was abandoned");
                 ApiError::internal()

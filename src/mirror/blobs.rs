@@ -13,7 +13,7 @@ use super::{Error, Mirror, Target};
 use crate::download::Start;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
-use crate::outcome::{CacheStatus, ObjectKind};
+use crate::outcome::{CacheStatus, ObjectKind, Tier};
 use crate::store::handle::BlobHandle;
 
 /// What a blob request is answered with.
@@ -34,6 +34,9 @@ pub enum BlobAnswer {
     },
     /// A HEAD of a blob that is not cached: its size only.
     Size { size: u64 },
+    /// In the shared tier, answered with a redirect to the object store
+    /// (`storage.shared.redirect`): a presigned URL of the object, nothing else.
+    Redirect { location: url::Url },
 }
 
 impl BlobAnswer {
@@ -43,6 +46,7 @@ impl BlobAnswer {
             BlobAnswer::Fetching { status, .. } => *status,
             BlobAnswer::Passthrough { .. } => CacheStatus::Passthrough,
             BlobAnswer::Size { .. } => CacheStatus::Miss,
+            BlobAnswer::Redirect { .. } => CacheStatus::Hit,
         }
     }
 }
@@ -96,10 +100,16 @@ impl Mirror {
                 .map_err(Error::storage("opening a cached blob"))?
             {
                 self.confirm_link(target, digest, ObjectKind::Blob).await?;
+                self.metrics.blob_source(Tier::Local);
                 return Ok(BlobAnswer::Hit(self.verified(digest, handle)));
             }
             if head {
                 return self.blob_size(target, digest).await;
+            }
+            if let Some(location) = self.shared_redirect(digest).await {
+                self.confirm_link(target, digest, ObjectKind::Blob).await?;
+                self.metrics.blob_source(Tier::Shared);
+                return Ok(BlobAnswer::Redirect { location });
             }
             let (download, joined) =
                 self.downloads
@@ -109,7 +119,8 @@ impl Mirror {
                 self.confirm_link(target, digest, ObjectKind::Blob).await?;
             }
             match download.started().await {
-                Start::Streaming(handle) => {
+                Start::Streaming(handle, tier) => {
+                    self.metrics.blob_source(tier);
                     let status = if joined {
                         CacheStatus::Coalesced
                     } else {
@@ -153,16 +164,85 @@ impl Mirror {
     /// HEAD.
     async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(d) = self.downloads.get(digest) {
-            if let Start::Streaming(handle) = d.started().await {
+            if let Start::Streaming(handle, _) = d.started().await {
                 self.confirm_link(target, digest, ObjectKind::Blob).await?;
                 return Ok(BlobAnswer::Size {
                     size: handle.size(),
                 });
             }
         }
+        if let Some(size) = self.shared_size(digest).await {
+            self.confirm_link(target, digest, ObjectKind::Blob).await?;
+            return Ok(BlobAnswer::Size { size });
+        }
         let size = target.upstream.blob_size(&target.repo, digest).await?;
         self.link(target, digest).await;
         Ok(BlobAnswer::Size { size })
+    }
+
+    /// The size of a blob in the shared tier; `None` when it is not there or the tier cannot
+    /// be asked (the upstream can still answer).
+    async fn shared_size(&self, digest: &Digest) -> Option<u64> {
+        let tier = self.shared.as_ref()?;
+        match tier.blob_size(digest).await {
+            Ok(size) => size,
+            Err(e) => {
+                self.metrics.shared_error();
+                tracing::warn!(%digest, error = %e, "cannot ask the shared tier");
+                None
+            }
+        }
+    }
+
+    /// With `storage.shared.redirect`, a presigned URL for a blob the shared tier holds.
+    async fn shared_redirect(&self, digest: &Digest) -> Option<url::Url> {
+        let cfg = self.config.storage.shared.as_ref().filter(|c| c.redirect)?;
+        let tier = self.shared.as_ref()?;
+        self.shared_size(digest).await?;
+        match tier.presigned(digest, cfg.redirect_ttl).await {
+            Ok(url) => url,
+            Err(e) => {
+                self.metrics.shared_error();
+                tracing::warn!(%digest, error = %e, "cannot presign a shared-tier URL");
+                None
+            }
+        }
+    }
+
+    /// A blob for another replica (the peer endpoint): from this replica's disk, or from its
+    /// download in progress, read behind the writer. Only for callers with the cluster secret.
+    pub async fn peer_blob(
+        self: &Arc<Self>,
+        presented_secret: Option<&[u8]>,
+        digest: &Digest,
+    ) -> Result<BlobHandle, Error> {
+        let cluster = self.cluster.as_ref().ok_or(Error::PeerUnauthorized)?;
+        if !presented_secret.is_some_and(|s| cluster.authenticates(s)) {
+            return Err(Error::PeerUnauthorized);
+        }
+        if !digest.is_sha256() {
+            return Err(Error::UnsupportedDigest);
+        }
+        for _ in 0..2 {
+            let stored = self
+                .store
+                .blobs
+                .open(digest)
+                .await
+                .map_err(Error::storage("opening a cached blob"))?;
+            if let Some(handle) = stored {
+                return Ok(self.verified(digest, handle));
+            }
+            let Some(download) = self.downloads.get(digest) else {
+                return Err(Error::PeerMissing);
+            };
+            match download.started().await {
+                Start::Streaming(handle, _) => return Ok(handle),
+                Start::AlreadyCached => continue,
+                _ => return Err(Error::PeerMissing),
+            }
+        }
+        Err(Error::PeerMissing)
     }
 
     /// Streams a blob straight from the upstream without caching it, still verifying it.

@@ -46,6 +46,13 @@ pub enum Error {
     /// for (404, or access refused): it is not there, for that repository.
     #[error("the {} is not in this repository upstream", .kind.as_str())]
     NotInRepository { kind: ObjectKind },
+    /// A replica-to-replica request without the cluster secret (or to a replica without a
+    /// cluster).
+    #[error("a peer request without the cluster secret")]
+    PeerUnauthorized,
+    /// A peer asked for a blob this replica neither holds nor is downloading.
+    #[error("this replica does not have the blob")]
+    PeerMissing,
     /// The work a request waited on ended without an answer (its task panicked).
     #[error("a shared fetch was abandoned: {0}")]
     Abandoned(&'static str),
@@ -80,6 +87,7 @@ impl From<download::Failure> for Error {
                 source,
             },
             download::Failure::Panicked => Error::Abandoned("the download task panicked"),
+            download::Failure::Cut(_) => Error::Abandoned("the download was cut too often"),
         }
     }
 }

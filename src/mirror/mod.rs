@@ -21,11 +21,14 @@ pub use error::Error;
 pub use manifests::ManifestAnswer;
 
 use crate::clock::Clock;
+use crate::cluster::coordinator::Coordinator;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::download::Downloads;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::policy::Policy;
+use crate::shared::SharedTier;
 use crate::singleflight::Coalesce;
 use crate::store::{Limits, Mode, Store};
 use crate::upstream::{self, Upstream};
@@ -51,10 +54,22 @@ impl Target {
     }
 }
 
+/// Services a test or an embedder provides instead of the ones the config names: an
+/// in-process coordinator in place of Redis, an in-memory object store in place of S3.
+#[derive(Default, Clone)]
+pub struct Services {
+    pub coordinator: Option<Arc<dyn Coordinator>>,
+    pub shared_store: Option<Arc<dyn object_store::ObjectStore>>,
+}
+
 pub struct Mirror {
     config: Config,
     clock: Clock,
     store: Arc<Store>,
+    /// The object store replicas share (`[storage.shared]`).
+    shared: Option<Arc<SharedTier>>,
+    /// Coordination with the other replicas (`[cluster]`).
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
     downloads: Downloads,
     verifications: Verifications,
@@ -75,7 +90,12 @@ pub struct Mirror {
 
 impl Mirror {
     /// Builds the mirror: opens the store (blocking) and the upstream clients.
-    pub fn new(config: Config, metrics: Arc<Metrics>, clock: Clock) -> anyhow::Result<Mirror> {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+        services: Services,
+    ) -> anyhow::Result<Mirror> {
         let limits = Limits::from_config(&config.storage);
         let store = Arc::new(
             Store::open(&config.storage.dir, limits, Mode::Serve).map_err(|e| {
@@ -85,6 +105,18 @@ impl Mirror {
                 )
             })?,
         );
+        let shared = match (&config.storage.shared, services.shared_store) {
+            (Some(_), Some(store)) => Some(Arc::new(SharedTier::over(store))),
+            (Some(cfg), None) => Some(Arc::new(SharedTier::s3(cfg).map_err(|e| {
+                anyhow::anyhow!("cannot set up storage.shared ({}): {e}", cfg.endpoint)
+            })?)),
+            (None, _) => None,
+        };
+        let cluster = match (&config.cluster, services.coordinator) {
+            (Some(cfg), Some(c)) => Some(Arc::new(Cluster::new(c, cfg, metrics.clone()))),
+            (Some(cfg), None) => Some(Arc::new(Cluster::connect(cfg, metrics.clone())?)),
+            (None, _) => None,
+        };
         let mut upstreams = HashMap::new();
         let mut policies = HashMap::new();
         for (name, cfg) in &config.upstreams {
@@ -99,7 +131,14 @@ impl Mirror {
             policies.insert(name.clone(), Arc::new(policy));
         }
         Ok(Mirror {
-            downloads: Downloads::new(store.clone(), metrics.clone()),
+            downloads: Downloads::new(
+                store.clone(),
+                shared.clone(),
+                cluster.clone(),
+                metrics.clone(),
+            ),
+            shared,
+            cluster,
             verifications: Verifications::new(store.clone(), metrics.clone()),
             store,
             metrics,

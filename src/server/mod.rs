@@ -115,6 +115,7 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     housekeeping: Duration,
     sample_every: Duration,
+    services: crate::mirror::Services,
 }
 
 impl Server {
@@ -125,7 +126,20 @@ impl Server {
             metrics_listener: None,
             housekeeping: INDEX_SAVE_INTERVAL,
             sample_every: crate::mirror::stats::SAMPLE_EVERY,
+            services: crate::mirror::Services::default(),
         }
+    }
+
+    /// A coordinator in place of the Redis of `[cluster]` (an in-process one in tests).
+    pub fn coordinator(mut self, c: Arc<dyn crate::cluster::coordinator::Coordinator>) -> Server {
+        self.services.coordinator = Some(c);
+        self
+    }
+
+    /// An object store in place of the S3 of `[storage.shared]` (an in-memory one in tests).
+    pub fn shared_store(mut self, store: Arc<dyn object_store::ObjectStore>) -> Server {
+        self.services.shared_store = Some(store);
+        self
     }
 
     /// How often the status page's history is sampled (10 s; shorter in tests).
@@ -174,6 +188,7 @@ async fn run(
         metrics_listener,
         housekeeping,
         sample_every,
+        services,
     } = server;
     match crate::platform::raise_open_files_limit() {
         Ok((from, to)) if from != to => tracing::info!(from, to, "raised the open files limit"),
@@ -196,7 +211,8 @@ async fn run(
     let mirror_metrics = metrics.clone();
     let (warm, warm_clock) = (config.warm.clone(), clock.clone());
     let mirror = Arc::new(
-        tokio::task::spawn_blocking(move || Mirror::new(config, mirror_metrics, clock)).await??,
+        tokio::task::spawn_blocking(move || Mirror::new(config, mirror_metrics, clock, services))
+            .await??,
     );
     let metrics_listener = match (metrics_listener, metrics_listen) {
         (Some(l), _) => Some(l),
@@ -550,7 +566,8 @@ fn warn_about_exposure(config: &Config, access: &Access) {
 }
 
 /// Access control, then the per-client limit. Health checks are always answered, so that
-/// orchestrators need no credentials.
+/// orchestrators need no credentials; replica-to-replica requests are authenticated by the
+/// cluster secret instead (in the pull layer), since replicas are not clients.
 async fn admit(
     app: &App,
     route: &Route,
@@ -558,7 +575,11 @@ async fn admit(
     req: &Request<Incoming>,
     client: IpAddr,
 ) -> Result<(), ApiError> {
-    if matches!(route, Route::Healthz | Route::Readyz) || role == Role::Metrics {
+    if matches!(
+        route,
+        Route::Healthz | Route::Readyz | Route::PeerBlob { .. }
+    ) || role == Role::Metrics
+    {
         return Ok(());
     }
     use crate::metrics::Refusal;

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use governor::{DefaultDirectRateLimiter, Quota};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -225,15 +225,6 @@ impl BlobBody {
             if !chunk.is_empty() {
                 return Ok(Some(chunk));
             }
-        }
-    }
-
-    /// A chunk that has already arrived, without waiting: `Ok(None)` for none yet, `Err` on a
-    /// failure, and `Ok(Some(None))` at the end.
-    pub fn ready_chunk(&mut self) -> Result<Option<Option<Bytes>>, Error> {
-        match self.next_chunk().now_or_never() {
-            None => Ok(None),
-            Some(r) => r.map(Some),
         }
     }
 

@@ -27,7 +27,12 @@ impl Local {
     /// A pull layer of its own on the configured storage directory, as `serve` builds it.
     /// Blocking.
     pub fn open(config: Config) -> anyhow::Result<Local> {
-        let mirror = Mirror::new(config, Arc::new(Metrics::new()), Clock::system())?;
+        let mirror = Mirror::new(
+            config,
+            Arc::new(Metrics::new()),
+            Clock::system(),
+            crate::mirror::Services::default(),
+        )?;
         Ok(Local::new(Arc::new(mirror)))
     }
 
@@ -85,6 +90,8 @@ impl Source for Local {
                 return Err("the cache has no room for it: not kept".into())
             }
             BlobAnswer::Size { .. } => return Err("answered with its size only".into()),
+            // In the shared tier, which every replica reads.
+            BlobAnswer::Redirect { .. } => return Ok(true),
         };
         // The download runs in its own task; follow its progress to the verdict.
         let size = handle.size();

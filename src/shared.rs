@@ -1,0 +1,363 @@
+//! The shared tier: blobs and manifests in an S3-compatible object store that every replica
+//! reads, under the same content-addressed names as the local disk (`blobs/sha256/<hex>`,
+//! `manifests/sha256/<hex>`). Only verified content is written here: a blob's multipart
+//! upload is completed (and so becomes visible) only after its sha256 matched, and an
+//! abandoned upload leaves nothing. Readers verify again as they stream (see `download`), so
+//! an object that does not match its name is deleted, never served.
+//!
+//! `object_store` does the S3 work; its in-memory store stands in for it in tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, FuturesUnordered, StreamExt};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::SharedStorageConfig;
+use crate::oci::Digest;
+
+/// Parts of a multipart upload: the smallest S3 allows, so an upload buffers little.
+const PART: usize = 5 * 1024 * 1024;
+/// Parts sent at once per upload.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// A shared-store request that failed. Names the object, never a credential.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("shared store: {0}")]
+pub struct Error(String);
+
+impl Error {
+    fn of(e: object_store::Error) -> Error {
+        Error(e.to_string())
+    }
+}
+
+/// A stored object's kind, which picks its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+/// The object name of `digest` of `kind`.
+pub fn object_name(kind: Kind, digest: &Digest) -> String {
+    let dir = match kind {
+        Kind::Blob => "blobs",
+        Kind::Manifest => "manifests",
+    };
+    format!("{dir}/{}/{}", digest.algorithm(), digest.hex())
+}
+
+/// A blob read from the shared tier, from an offset on.
+pub struct SharedBlob {
+    /// The whole object's length.
+    pub size: u64,
+    pub chunks: BoxStream<'static, Result<Bytes, Error>>,
+}
+
+pub struct SharedTier {
+    store: Arc<dyn ObjectStore>,
+    signer: Option<Arc<dyn Signer>>,
+}
+
+impl SharedTier {
+    /// The S3 store of `[storage.shared]`, path-style, with short connect timeouts and few
+    /// retries: an unreachable store must cost a request little, since the upstream can still
+    /// answer it.
+    pub fn s3(cfg: &SharedStorageConfig) -> Result<SharedTier, Error> {
+        let key = cfg.access_key_id.as_ref().map(|s| s.expose()).unwrap_or("");
+        let secret = cfg
+            .secret_access_key
+            .as_ref()
+            .map(|s| s.expose())
+            .unwrap_or("");
+        let options = object_store::ClientOptions::new()
+            .with_allow_http(cfg.endpoint.starts_with("http://"))
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout_disabled();
+        let retry = object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&cfg.endpoint)
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_access_key_id(key)
+            .with_secret_access_key(secret)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(options)
+            .with_retry(retry)
+            .build()
+            .map_err(Error::of)?;
+        let s3 = Arc::new(s3);
+        Ok(SharedTier {
+            store: s3.clone(),
+            signer: Some(s3),
+        })
+    }
+
+    /// A tier over any object store (the in-memory one in tests); no presigned URLs.
+    pub fn over(store: Arc<dyn ObjectStore>) -> SharedTier {
+        SharedTier {
+            store,
+            signer: None,
+        }
+    }
+
+    /// The blob `digest` from `offset` on, or `None` when the tier does not hold it.
+    pub async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<SharedBlob>, Error> {
+        let path = Path::from(object_name(Kind::Blob, digest));
+        let options = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            ..GetOptions::default()
+        };
+        match self.store.get_opts(&path, options).await {
+            Ok(got) => {
+                let size = got.meta.size;
+                let chunks = got.into_stream().map(|c| c.map_err(Error::of)).boxed();
+                Ok(Some(SharedBlob { size, chunks }))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::of(e)),
+        }
+    }
+
+    /// The size of the blob `digest`, or `None` when the tier does not hold it.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, Error> {
+        let path = Path::from(object_name(Kind::Blob, digest));
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::of(e)),
+        }
+    }
+
+    /// A small object whole (a manifest, in the local store's format).
+    pub async fn read(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, Error> {
+        let path = Path::from(object_name(kind, digest));
+        match self.store.get(&path).await {
+            Ok(got) => got.bytes().await.map(Some).map_err(Error::of),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::of(e)),
+        }
+    }
+
+    /// Writes a small object whole; the caller has verified it.
+    pub async fn write(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), Error> {
+        let path = Path::from(object_name(kind, digest));
+        self.store
+            .put(&path, PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
+            .map_err(Error::of)
+    }
+
+    pub async fn delete(&self, kind: Kind, digest: &Digest) -> Result<(), Error> {
+        let path = Path::from(object_name(kind, digest));
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::of(e)),
+        }
+    }
+
+    /// Deletes the object named `name` (as [`object_name`] makes them), for eviction.
+    pub async fn delete_named(&self, name: &str) -> Result<(), Error> {
+        match self.store.delete(&Path::from(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::of(e)),
+        }
+    }
+
+    /// A presigned GET URL of the blob, valid for `ttl`, or `None` for a store that cannot
+    /// sign. It carries a signature of the object store's key, never an upstream token.
+    pub async fn presigned(
+        &self,
+        digest: &Digest,
+        ttl: Duration,
+    ) -> Result<Option<url::Url>, Error> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let path = Path::from(object_name(Kind::Blob, digest));
+        signer
+            .signed_url(http::Method::GET, &path, ttl)
+            .await
+            .map(Some)
+            .map_err(Error::of)
+    }
+
+    /// Starts a multipart upload of the blob `digest`, fed chunk by chunk as it downloads and
+    /// completed by [`Upload::complete`] once verified; dropped, it is aborted.
+    pub fn upload(&self, digest: &Digest) -> Upload {
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        let path = Path::from(object_name(Kind::Blob, digest));
+        tokio::spawn(run_upload(store, path, rx));
+        Upload {
+            tx: Some(tx),
+            failed: false,
+        }
+    }
+}
+
+enum Msg {
+    Chunk(Bytes),
+    Complete(oneshot::Sender<Result<(), Error>>),
+}
+
+/// The blob upload in progress: bytes go to a task that sends them as parts.
+pub struct Upload {
+    tx: Option<mpsc::Sender<Msg>>,
+    failed: bool,
+}
+
+impl Upload {
+    /// Passes `chunk` on; waits when the store is slower than the download (a few parts'
+    /// worth of memory at most). After a failure the upload is given up and this does nothing.
+    pub async fn write(&mut self, chunk: Bytes) {
+        if self.failed {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            if tx.send(Msg::Chunk(chunk)).await.is_err() {
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Makes the object visible: call only once every byte is verified.
+    pub async fn complete(mut self) -> Result<(), Error> {
+        let Some(tx) = self.tx.take().filter(|_| !self.failed) else {
+            return Err(Error("the upload failed earlier".into()));
+        };
+        let (reply, answer) = oneshot::channel();
+        if tx.send(Msg::Complete(reply)).await.is_err() {
+            return Err(Error("the upload failed earlier".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Error("the upload task ended".into())))
+    }
+}
+
+async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Receiver<Msg>) {
+    let mut upload = match store.put_multipart(&path).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(object = %path, error = %e, "cannot start a shared-tier upload");
+            return;
+        }
+    };
+    let mut part: Vec<Bytes> = Vec::new();
+    let mut part_len = 0usize;
+    let mut sent = 0usize;
+    let mut in_flight = FuturesUnordered::new();
+    let failed = loop {
+        match rx.recv().await {
+            Some(Msg::Chunk(chunk)) => {
+                part_len += chunk.len();
+                part.push(chunk);
+                if part_len < PART {
+                    continue;
+                }
+                in_flight.push(upload.put_part(std::mem::take(&mut part).into_iter().collect()));
+                sent += 1;
+                part_len = 0;
+                if in_flight.len() >= PARTS_IN_FLIGHT {
+                    if let Some(Err(e)) = in_flight.next().await {
+                        break Some(e.to_string());
+                    }
+                }
+            }
+            Some(Msg::Complete(reply)) => {
+                // S3 needs at least one part, even for an empty blob.
+                if part_len > 0 || sent == 0 {
+                    in_flight
+                        .push(upload.put_part(std::mem::take(&mut part).into_iter().collect()));
+                }
+                let mut result = Ok(());
+                while let Some(r) = in_flight.next().await {
+                    if let Err(e) = r {
+                        result = Err(Error::of(e));
+                    }
+                }
+                let result = match result {
+                    Ok(()) => upload.complete().await.map(|_| ()).map_err(Error::of),
+                    Err(e) => Err(e),
+                };
+                if result.is_err() {
+                    let _ = upload.abort().await;
+                }
+                let _ = reply.send(result);
+                return;
+            }
+            // The download was not verified, failed, or lost its lease: nothing is published.
+            None => break None,
+        }
+    };
+    drop(in_flight);
+    if let Some(e) = failed {
+        tracing::warn!(object = %path, error = %e, "shared-tier upload failed; the blob stays local");
+    }
+    if let Err(e) = upload.abort().await {
+        tracing::debug!(object = %path, error = %e, "cannot abort a shared-tier upload");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn tier() -> SharedTier {
+        SharedTier::over(Arc::new(InMemory::new()))
+    }
+
+    async fn read_all(tier: &SharedTier, d: &Digest, offset: u64) -> Option<Vec<u8>> {
+        let blob = tier.blob(d, offset).await.unwrap()?;
+        let parts: Vec<Bytes> = blob.chunks.map(|c| c.unwrap()).collect().await;
+        Some(parts.concat())
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_invisible_until_completed() {
+        let t = tier();
+        let body = vec![7u8; PART * 2 + 100];
+        let d = Digest::sha256_of(&body);
+        let mut up = t.upload(&d);
+        for c in body.chunks(1 << 20) {
+            up.write(Bytes::copy_from_slice(c)).await;
+        }
+        assert_eq!(t.blob_size(&d).await.unwrap(), None);
+        up.complete().await.unwrap();
+        assert_eq!(read_all(&t, &d, 0).await.unwrap(), body);
+        assert_eq!(read_all(&t, &d, 10).await.unwrap(), body[10..]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_upload_leaves_nothing() {
+        let t = tier();
+        let d = Digest::sha256_of(b"x");
+        let mut up = t.upload(&d);
+        up.write(Bytes::from_static(b"x")).await;
+        drop(up);
+        tokio::task::yield_now().await;
+        assert_eq!(t.blob_size(&d).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_small_blob_is_one_part() {
+        let t = tier();
+        let d = Digest::sha256_of(b"small");
+        let mut up = t.upload(&d);
+        up.write(Bytes::from_static(b"small")).await;
+        up.complete().await.unwrap();
+        assert_eq!(read_all(&t, &d, 0).await.unwrap(), b"small");
+    }
+}
