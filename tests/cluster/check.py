@@ -7,8 +7,8 @@
     check.py progress-at-least URL N          exit 0 once a transfer has sent N body bytes
     check.py front-idle URL                   exit 0 when the front has no transfer running
     check.py front-paths LOG SKIP             the requests logged after the first SKIP lines
-    check.py fanout RESULTS LOG BLOB LEADER FETCH...
-    check.py takeover RESULTS LOG BLOB LEADER FETCH...
+    check.py fanout RESULTS IMAGE LOG BLOB LEADER FETCH...
+    check.py takeover RESULTS IMAGE LOG BLOB LEADER FETCH...
     check.py clients-ok RESULTS IMAGE CHECK FETCH...
     check.py one-body RESULTS LOG SKIP BLOB IMAGE CHECK
     check.py one-body-per-blob RESULTS LOG IMAGE
@@ -92,21 +92,21 @@ def upstream_line(recs, digest, size):
     return got, sent, text
 
 
-def fanout(results, log, blob, leader, paths):
+def fanout(results, image, log, blob, leader, paths):
     digest, size = blob.split()[0], int(blob.split()[1])
     r = Results(results)
     recs = records(log)
     got, sent, line = upstream_line(recs, digest, size)
-    r.add("cluster", digest[7:19], "upstream sent one body", len(got) == 1 and sent == size, line)
+    r.add("cluster", image, "upstream sent one body", len(got) == 1 and sent == size, line)
     per = fetches(paths)
     ok = sum(verified(c)[0] for c in per.values())
     total = sum(verified(c)[1] for c in per.values())
     errors = sorted({e for c in per.values() for e in verified(c)[2]})
-    r.add("cluster", digest[7:19], "every body verifies (sha256)", total > 0 and ok == total,
+    r.add("cluster", image, "every body verifies (sha256)", total > 0 and ok == total,
           f"{ok}/{total} verified" + (f"; errors: {'; '.join(errors)}" if errors else ""))
     first = min((x["first_byte"] for x in got if x.get("first_byte")), default=None)
     if not leader or first is None:
-        r.add("cluster", digest[7:19], "followers' first byte within 50 ms of the upstream's", False,
+        r.add("cluster", image, "followers' first byte within 50 ms of the upstream's", False,
               "no single lease holder" if not leader else "the upstream sent no body")
         return
     lags = [(c["first_byte_at"] - first, i) for i, cs in per.items() if i != int(leader) and cs
@@ -121,23 +121,23 @@ def fanout(results, log, blob, leader, paths):
         detail += f", {missing} without any byte"
     if lead_lags:
         detail += f"; leader's own clients worst +{max(lead_lags) * 1000:.1f} ms"
-    r.add("cluster", digest[7:19], "followers' first byte within 50 ms of the upstream's", ok, detail)
+    r.add("cluster", image, "followers' first byte within 50 ms of the upstream's", ok, detail)
 
 
-def takeover(results, log, blob, leader, paths):
+def takeover(results, image, log, blob, leader, paths):
     digest, size = blob.split()[0], int(blob.split()[1])
     r = Results(results)
     recs = records(log)
     got, sent, line = upstream_line(recs, digest, size)
     aborted = sum(1 for x in got if x.get("aborted"))
-    r.add("cluster", digest[7:19], "upstream sent at most 2 x the blob", 0 < sent <= MAX_UPSTREAM * size,
+    r.add("cluster", image, "upstream sent at most 2 x the blob", 0 < sent <= MAX_UPSTREAM * size,
           f"{line}; {aborted} cut off by the kill")
     per = fetches(paths)
     survivors = {i: c for i, c in per.items() if i != int(leader)}
     ok = sum(verified(c)[0] for c in survivors.values())
     total = sum(verified(c)[1] for c in survivors.values())
     errors = sorted({e for c in survivors.values() for e in verified(c)[2]})
-    r.add("cluster", digest[7:19], "other replicas' clients get the whole blob", total > 0 and ok == total,
+    r.add("cluster", image, "other replicas' clients get the whole blob", total > 0 and ok == total,
           f"{ok}/{total} verified on " + ", ".join(f"r{i}" for i in survivors)
           + (f"; errors: {'; '.join(errors)}" if errors else ""))
     killed = verified(per.get(int(leader)))
@@ -191,7 +191,7 @@ def main(argv):
     elif cmd == "front-paths":
         print(front_paths(*args))
     elif cmd in ("fanout", "takeover"):
-        (fanout if cmd == "fanout" else takeover)(args[0], args[1], args[2], args[3], args[4:])
+        (fanout if cmd == "fanout" else takeover)(*args[:5], args[5:])
     elif cmd == "clients-ok":
         clients_ok(args[0], args[1], args[2], args[3:])
     elif cmd == "one-body":

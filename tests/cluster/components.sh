@@ -14,7 +14,8 @@ EXAMPLE=$ROOT/examples/cluster
 CLUSTER_BUCKET=pullthrough
 
 # garage_is_pinned BIN: whether BIN is Garage at the pinned version.
-garage_is_pinned() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -Eq "(^| )v?$GARAGE_VERSION( |$)"; }
+# `garage --version` prints "garage cargo:2.5.0 [features: ...]" (older builds "garage v2.5.0").
+garage_is_pinned() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -Eq "(^|[ :v])${GARAGE_VERSION//./\\.}( |$)"; }
 
 # find_garage: sets GARAGE_BIN to a pinned Garage on PATH or under GARAGE_ROOT; 1 if none.
 find_garage() {

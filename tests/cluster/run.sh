@@ -199,7 +199,7 @@ phase_fanout() {
   fetch_everywhere "$BIG" "$FANOUT_CLIENTS" fanout
   wait_fetches
   sleep 0.5   # the front writes its log line when a body ends
-  check fanout "$T/results.tsv" "$FRONT_LOG" "${LAYER[$BIG]}" "$(leader)" "$T"/fanout-r{1,2,3}.json
+  check fanout "$T/results.tsv" "$BIG" "$FRONT_LOG" "${LAYER[$BIG]}" "$(leader)" "$T"/fanout-r{1,2,3}.json
   stop_cluster
 }
 
@@ -225,7 +225,7 @@ phase_takeover() {
   unset "PID[$victim]"
   wait_fetches
   sleep 0.5
-  check takeover "$T/results.tsv" "$FRONT_LOG" "${LAYER[$BIG]}" "$lead" "$T"/takeover-r{1,2,3}.json
+  check takeover "$T/results.tsv" "$BIG" "$FRONT_LOG" "${LAYER[$BIG]}" "$lead" "$T"/takeover-r{1,2,3}.json
   stop_cluster
 }
 
