@@ -4,14 +4,20 @@
 
     check.py largest-blob LAYOUT DIGEST       "digest size" of the image's largest blob
     check.py progress URL                     body bytes of the front's biggest transfer now
-    check.py progress-at-least URL N          exit 0 once a transfer has sent N body bytes
+    check.py wait-progress URL N SECONDS      returns (printing its bytes) once a transfer has
+                                              sent N body bytes; exit 1 after SECONDS
+    check.py kill-leader-at FRONT N SECONDS PID=URL...
+                                              once the upstream sends, finds the one replica
+                                              (its pid and URL) that asked it for a blob, and
+                                              kills it (SIGKILL) as soon as N body bytes are
+                                              sent; prints "INDEX BYTES" (1-based)
     check.py front-idle URL                   exit 0 when the front has no transfer running
     check.py front-paths LOG SKIP             the requests logged after the first SKIP lines
     check.py fanout RESULTS IMAGE LOG BLOB LEADER FETCH...
     check.py takeover RESULTS IMAGE LOG BLOB LEADER FETCH...
     check.py clients-ok RESULTS IMAGE CHECK FETCH...
     check.py one-body RESULTS LOG SKIP BLOB IMAGE CHECK
-    check.py one-body-per-blob RESULTS LOG IMAGE
+    check.py one-body-per-blob RESULTS LOG IMAGE [NOTE]
 
 LOG is a front.py request log, BLOB "digest size", LEADER the replica (1-based) that fetched
 from the upstream ("" if none could be told), FETCH one bench/tools/fetch.py result per
@@ -19,7 +25,9 @@ replica, in replica order.
 """
 import json
 import os
+import signal
 import sys
+import time
 import urllib.request
 
 FOLLOWER_TTFB = 0.050   # seconds after the upstream's own first byte
@@ -38,6 +46,37 @@ def blobs_of(layout, digest):
 def active(url):
     with urllib.request.urlopen(url + "/_front/active", timeout=5) as resp:
         return [t for t in json.load(resp) if "/blobs/" in t["path"]]
+
+
+def blob_gets(url):
+    """The replica's upstream blob GETs so far, from its /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("pullthrough_upstream_requests_total{") and 'kind="blob_get"' in line)
+
+
+def kill_leader_at(front, n, seconds, replicas):
+    """One process, polling every 20 ms, so the kill lands close to the mark even on a busy
+    machine (a process start per poll would not)."""
+    end = time.monotonic() + float(seconds)
+    pids = [(int(r.split("=", 1)[0]), r.split("=", 1)[1]) for r in replicas]
+    leader = None
+    while time.monotonic() < end:
+        sent = max((t["bytes"] for t in active(front)), default=0)
+        if leader is None and sent > 0:
+            asked = [i for i, (_, url) in enumerate(pids, 1) if blob_gets(url) > 0]
+            if len(asked) != 1:
+                print(f"replicas that asked the upstream: {asked}", file=sys.stderr)
+                return 1
+            leader = asked[0]
+        if leader is not None and sent >= int(n):
+            os.kill(pids[leader - 1][0], signal.SIGKILL)
+            print(leader, sent)
+            return 0
+        time.sleep(0.02)
+    print("the upstream did not get there in time", file=sys.stderr)
+    return 1
 
 
 def records(log, skip=0):
@@ -160,7 +199,7 @@ def one_body(results, log, skip, blob, image, check):
     Results(results).add("cluster", image, check, len(got) == 1 and sent == size, line)
 
 
-def one_body_per_blob(results, log, image):
+def one_body_per_blob(results, log, image, note=""):
     per = {}
     for rec in records(log):
         if rec["method"] == "GET" and "/blobs/sha256:" in rec["path"] and rec["bytes"] > 0:
@@ -168,7 +207,8 @@ def one_body_per_blob(results, log, image):
             per[d] = per.get(d, 0) + 1
     worst = max(per.values(), default=0)
     Results(results).add("cluster", image, "one upstream body per blob", bool(per) and worst == 1,
-                         f"{len(per)} blobs, {sum(per.values())} bodies, at most {worst} per blob")
+                         f"{len(per)} blobs, {sum(per.values())} bodies, at most {worst} per blob"
+                         + (f"; {note}" if note else ""))
 
 
 def front_paths(log, skip):
@@ -184,8 +224,17 @@ def main(argv):
         print(digest, size)
     elif cmd == "progress":
         print(max((t["bytes"] for t in active(args[0])), default=0))
-    elif cmd == "progress-at-least":
-        return 0 if any(t["bytes"] >= int(args[1]) for t in active(args[0])) else 1
+    elif cmd == "wait-progress":
+        end = time.monotonic() + float(args[2])
+        while time.monotonic() < end:
+            done = [t["bytes"] for t in active(args[0]) if t["bytes"] >= int(args[1])]
+            if done:
+                print(max(done))
+                return 0
+            time.sleep(0.02)
+        return 1
+    elif cmd == "kill-leader-at":
+        return kill_leader_at(args[0], args[1], args[2], args[3:])
     elif cmd == "front-idle":
         return 0 if not active(args[0]) else 1
     elif cmd == "front-paths":

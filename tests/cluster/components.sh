@@ -43,11 +43,13 @@ install_cluster_components() {
   find_garage || { log "garage $GARAGE_VERSION not found after the install"; return 1; }
 }
 
-# wait_until SECONDS CMD...: until CMD succeeds (every 0.1 s); 1 when time runs out.
+# wait_until SECONDS CMD...: until CMD succeeds (tried every 0.1 s); 1 when time runs out.
 wait_until() {
-  local tries=$(( $1 * 10 )); shift
-  for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  return 1
+  local end=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$end" ] || return 1
+    sleep 0.1
+  done
 }
 
 # start_garage NAME DIR S3_PORT RPC_PORT: a fresh single Garage node from

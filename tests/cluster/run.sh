@@ -207,20 +207,17 @@ phase_fanout() {
 phase_takeover() {
   log "== phase takeover: the lease holder is killed at 40 % of the blob"
   start_cluster takeover
-  local size lead= victim
+  local size lead= victim at=
   size=${LAYER[$BIG]#* }
   fetch_everywhere "$BIG" "$FANOUT_CLIENTS" takeover
-  if ! wait_until 120 check progress-at-least "http://127.0.0.1:$FRONT_PORT" $((size * 4 / 10)); then
-    record cluster "$BIG" "upstream reached 40 %" FAIL "no upstream transfer reached 40 % in 120 s"
-  fi
-  lead=$(leader)
-  if [ -z "$lead" ]; then
-    record cluster "$BIG" "lease holder found" FAIL "no single replica fetched from the upstream"
+  local pids=() i
+  for i in 1 2 3; do pids+=("${PID[${REPLICAS[$((i - 1))]}]}=$(replica_url "$i")"); done
+  if ! read -r lead at < <(check kill-leader-at "http://127.0.0.1:$FRONT_PORT" $((size * 4 / 10)) 120 "${pids[@]}"); then
+    record cluster "$BIG" "lease holder killed at 40 %" FAIL "no single lease holder, or the upstream never reached 40 %"
     wait_fetches; stop_cluster; return
   fi
   victim=${REPLICAS[$((lead - 1))]}
-  log "killing $victim (pid ${PID[$victim]}) at $(check progress "http://127.0.0.1:$FRONT_PORT") upstream bytes"
-  kill -9 "${PID[$victim]}"
+  record cluster "$BIG" "lease holder killed at 40 %" PASS "r$lead (kill -9) at $((at * 100 / size)) % of the upstream body"
   wait "${PID[$victim]}" 2>/dev/null || true
   unset "PID[$victim]"
   wait_fetches
@@ -275,11 +272,11 @@ phase_fourth() {
 phase_redis() {
   log "== phase redis: redis-server stopped mid-download, then restarted"
   start_cluster redis
-  local a=${REDIS_IMAGES[0]} b=${REDIS_IMAGES[1]} c=${REDIS_IMAGES[2]} size i up
+  local a=${REDIS_IMAGES[0]} b=${REDIS_IMAGES[1]} c=${REDIS_IMAGES[2]} size i up at
   size=${LAYER[$a]#* }
   fetch_everywhere "$a" 2 redis-a
-  wait_until 60 check progress-at-least "http://127.0.0.1:$FRONT_PORT" $((size / 4)) || true
-  log "stopping redis-server at $(check progress "http://127.0.0.1:$FRONT_PORT") upstream bytes"
+  at=$(check wait-progress "http://127.0.0.1:$FRONT_PORT" $((size / 4)) 60 || true)
+  log "stopping redis-server once the upstream had sent $at of $size bytes"
   stop "$PHASE-redis"
   wait_fetches
   check clients-ok "$T/results.tsv" "$a" "pull while Redis stops" "$T"/redis-a-r{1,2,3}.json
@@ -309,6 +306,17 @@ phase_redis() {
   check clients-ok "$T/results.tsv" "$c" "cold pull after Redis is back" "$T"/redis-c-r{1,2,3}.json
   check one-body "$T/results.tsv" "$FRONT_LOG" "$mark" "${LAYER[$c]}" "$c" "after Redis is back: 1 upstream body"
   stop_cluster
+}
+
+# blob_sources: per replica, its responses' pullthrough_blob_source_total by tier.
+blob_sources() {
+  local i t out=()
+  for i in $(seq ${#REPLICAS[@]}); do
+    local line="r$i"
+    for t in local shared peer upstream; do line+=" $t $(replica_metric "$i" pullthrough_blob_source_total "source=$t")"; done
+    out+=("$line")
+  done
+  local IFS=';'; echo "${out[*]}"
 }
 
 all_coordinators_up() {
@@ -343,7 +351,7 @@ phase_clients() {
     fi
   done
   sleep 0.5
-  check one-body-per-blob "$T/results.tsv" "$FRONT_LOG" "$SMALL"
+  check one-body-per-blob "$T/results.tsv" "$FRONT_LOG" "$SMALL" "blob sources: $(blob_sources)"
   stop dockerd; stop docker-containerd; stop containerd
   stop_cluster
 }
