@@ -365,7 +365,8 @@ pub struct ClusterConfig {
     /// The Redis URL, e.g. `redis://redis:6379/0` (a password in it is never printed).
     /// Required.
     pub redis: Secret,
-    /// The URL the other replicas reach this one at, e.g. `http://10.0.0.5:5000`. Required.
+    /// The URL the other replicas reach this one at, e.g. `http://10.0.0.5:5000`. Required;
+    /// env `PULLTHROUGH_CLUSTER_ADVERTISE` replaces it, so replicas can share one file.
     pub advertise: String,
     /// How long a replica's claim on a download (its lease) outlives the replica: the time a
     /// takeover waits after a crash. Renewed every third of it. Default 5 s.
@@ -794,6 +795,9 @@ impl Config {
         }
         if let Some(cluster) = &mut self.cluster {
             cluster.secret = env("PULLTHROUGH_CLUSTER_SECRET").map(Secret);
+            if let Some(advertise) = env("PULLTHROUGH_CLUSTER_ADVERTISE") {
+                cluster.advertise = advertise;
+            }
         }
     }
 

@@ -95,3 +95,54 @@ fn client_files_cover_every_configured_registry() {
         }
     }
 }
+
+/// The environment of one replica of examples/cluster/compose.yaml.
+fn cluster_env(advertise: &str) -> impl Fn(&str) -> Option<String> + '_ {
+    move |key| match key {
+        "PULLTHROUGH_S3_ACCESS_KEY_ID" => Some("GK0123456789abcdef01234567".to_owned()),
+        "PULLTHROUGH_S3_SECRET_ACCESS_KEY" => Some("0".repeat(64)),
+        "PULLTHROUGH_CLUSTER_SECRET" => Some("a-cluster-secret-of-some-length".to_owned()),
+        "PULLTHROUGH_CLUSTER_ADVERTISE" => Some(advertise.to_owned()),
+        _ => None,
+    }
+}
+
+/// The replica config every replica of the cluster example (and tests/cluster/run.sh) reads
+/// is valid with the environment compose.yaml gives each replica, names the region Garage's
+/// garage.toml serves, and each replica advertises the name nginx.conf balances over.
+#[test]
+fn cluster_example_config_is_valid_for_each_replica() {
+    let text = std::fs::read_to_string("examples/cluster/pullthrough.toml").unwrap();
+    let compose = std::fs::read_to_string("examples/cluster/compose.yaml").unwrap();
+    let nginx = std::fs::read_to_string("examples/cluster/nginx.conf").unwrap();
+    let garage: toml::Table =
+        toml::from_str(&std::fs::read_to_string("examples/cluster/garage.toml").unwrap()).unwrap();
+    for replica in 1..=3 {
+        let advertise = format!("http://pullthrough-{replica}:5000");
+        assert!(
+            compose.contains(&format!("PULLTHROUGH_CLUSTER_ADVERTISE: {advertise}\n")),
+            "compose.yaml does not give replica {replica} its address"
+        );
+        assert!(
+            nginx.contains(&format!("server pullthrough-{replica}:5000 ")),
+            "nginx.conf does not balance over replica {replica}"
+        );
+        let mut config = Config::from_toml(&text).unwrap();
+        config.apply_env(cluster_env(&advertise));
+        config.validate().unwrap();
+        assert_eq!(config.cluster.unwrap().advertise, advertise);
+        let shared = config.storage.shared.unwrap();
+        assert_eq!(
+            Some(shared.region.as_str()),
+            garage["s3_api"]["s3_region"].as_str()
+        );
+        assert_eq!(shared.bucket, "pullthrough");
+    }
+}
+
+#[test]
+fn cluster_example_config_needs_the_secrets_from_the_environment() {
+    let text = std::fs::read_to_string("examples/cluster/pullthrough.toml").unwrap();
+    let config = Config::from_toml(&text).unwrap();
+    assert!(config.validate().is_err());
+}
