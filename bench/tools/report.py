@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Prints the result tables of bench/singleflight.sh, hotpath.sh and soak.sh (stdlib only).
+"""Prints the result tables of bench/singleflight.sh, hotpath.sh, soak.sh and cluster.sh
+(stdlib only).
 
     report.py singleflight RESULTS_DIR
     report.py hotpath RESULTS_DIR
     report.py soak RESULTS_DIR
+    report.py cluster RESULTS_DIR
 
 Reads the JSON files the scripts leave in RESULTS_DIR and prints a plain-text table with the
 ratios against the references measured in the same run, then how each target fared.
@@ -432,10 +434,95 @@ def soak(res):
               f"{verdict(rss_ok and int(r[10]) <= 8)} (RSS {r[6]} MiB, fds {r[10]})")
 
 
+# ---------------------------------------------------------------- cluster
+
+def front_bodies(path):
+    """(bodies, body bytes, earliest first-byte time) of the blob GETs in a front.py log."""
+    recs = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    got = [r for r in recs if r["method"] == "GET" and "/blobs/" in r["path"] and r["bytes"] > 0]
+    first = [r["first_byte"] for r in got if r.get("first_byte")]
+    return len(got), sum(r["bytes"] for r in got), min(first) if first else None
+
+
+def leader_of(res, n, replicas):
+    """The replica (1-based) that asked the upstream for the blob, from its /metrics."""
+    asked = []
+    for i in range(1, replicas + 1):
+        text = open(f"{res}/cluster-{n}-r{i}.metrics.txt").read() if os.path.exists(
+            f"{res}/cluster-{n}-r{i}.metrics.txt") else ""
+        if sum(float(v) for v in re.findall(r'^pullthrough_upstream_requests_total\{[^}]*kind="blob_get"[^}]*\} (\S+)$',
+                                            text, re.M)) > 0:
+            asked.append(i)
+    return asked[0] if len(asked) == 1 else None
+
+
+def cluster(res):
+    run = load(f"{res}/run.json")
+    size, replicas = run["size"], run["replicas"]
+    print(f"\ncluster: {size / MiB:.0f} MiB blob, cold, upstream capped at {run['rate'] / MiB:.0f} MiB/s per body; "
+          f"{replicas} replicas on one Garage node and one Redis against a single node; {os.cpu_count()} CPUs")
+    other_load(res)
+    ms = lambda v: f"{v * 1000:+.1f}" if v is not None else "-"
+    header = ["system", "N", "ok", "upstream bodies", "up. bytes / blob", "slowest client s", "vs single node",
+              "TTFB med ms", "followers' 1st byte - upstream's, med / max ms"]
+    rows, ratios, byte_ratios, lags_all = [], {}, {}, []
+    for n in map(int, run["clients"].split()):
+        single = load(f"{res}/single-{n}.fetch.json")
+        base = single["summary"]["wall_max"] if single else None
+        if single:
+            s = single["summary"]
+            bodies, sent, _ = front_bodies(f"{res}/single-{n}-front.jsonl")
+            rows.append(["single node", n, f"{s['ok']}/{s['clients']}", bodies, f"{sent / size:.2f}",
+                         f"{s['wall_max']:.2f}", "1.00", f"{s['ttfb_median'] * 1000:.1f}" if s["ttfb_median"] else "-", "-"])
+        parts = [load(f"{res}/cluster-{n}-r{i}.fetch.json") for i in range(1, replicas + 1)]
+        if not all(parts):
+            continue
+        clients = [c for p in parts for c in p["clients"]]
+        ok = sum(1 for c in clients if not c["error"])
+        wall = max(c["wall"] for c in clients)
+        ttfbs = sorted(c["ttfb"] for c in clients if c["ttfb"] is not None)
+        bodies, sent, first = front_bodies(f"{res}/cluster-{n}-front.jsonl")
+        lead = leader_of(res, n, replicas)
+        lags = sorted(c["first_byte_at"] - first for i, p in enumerate(parts, 1) if i != lead
+                      for c in p["clients"] if c.get("first_byte_at") and first) if lead else []
+        lags_all += lags
+        ratio = wall / base if base else None
+        ratios[n], byte_ratios[n] = ratio, sent / size
+        rows.append([f"{replicas} replicas", n, f"{ok}/{len(clients)}", bodies, f"{sent / size:.2f}", f"{wall:.2f}",
+                     f"{ratio:.2f}" if ratio else "-", f"{statistics.median(ttfbs) * 1000:.1f}" if ttfbs else "-",
+                     f"{ms(statistics.median(lags))} / {ms(max(lags))}" if lags else "no single leader"])
+    print()
+    print(table(header, rows, left=1))
+    local, shared = load(f"{res}/hit-local.fetch.json"), load(f"{res}/hit-shared.fetch.json")
+    if local and shared:
+        lr, sr = local["summary"]["rate"], shared["summary"]["rate"]
+        print(f"\nhits, {local['summary']['clients']} clients: local tier {lr / 1e6:,.0f} MB/s "
+              f"({local['summary']['ok']} ok), shared tier (an empty replica) {sr / 1e6:,.0f} MB/s "
+              f"({shared['summary']['ok']} ok); shared / local = {sr / lr:.2f}")
+    rss = []
+    for n in map(int, run["clients"].split()):
+        rss += (load(f"{res}/cluster-{n}.rss.json") or {}).get("rss_kib", [])
+    single_rss = [(load(f"{res}/single-{n}.rss.json") or {}).get("rss_kib", 0) for n in map(int, run["clients"].split())]
+    if rss:
+        print(f"peak RSS per replica: max {max(rss) / 1024:.1f} MiB (single node: max {max(single_rss) / 1024:.1f} MiB)")
+    print("targets:")
+    if byte_ratios:
+        print(f"  upstream bytes = 1.00 x blob at every N: {verdict(all(abs(b - 1) < 1e-9 for b in byte_ratios.values()))} ("
+              + ", ".join(f"N={n}: {b:.2f}" for n, b in byte_ratios.items()) + ")")
+    if ratios and all(ratios.values()):
+        print(f"  slowest client <= 1.15 x the single node's: {verdict(all(r <= 1.15 for r in ratios.values()))} ("
+              + ", ".join(f"N={n}: {r:.2f}" for n, r in ratios.items()) + ")")
+    if lags_all:
+        print(f"  followers' first byte within 50 ms of the upstream's: {verdict(max(lags_all) <= 0.050)} "
+              f"(worst {max(lags_all) * 1000:+.1f} ms)")
+    if rss:
+        print(f"  peak RSS per replica < 64 MiB: {verdict(max(rss) < 64 * 1024)} ({max(rss) / 1024:.1f} MiB)")
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath", "soak"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath", "soak", "cluster"):
         sys.exit(__doc__)
-    {"singleflight": singleflight, "hotpath": hotpath, "soak": soak}[sys.argv[1]](sys.argv[2])
+    {"singleflight": singleflight, "hotpath": hotpath, "soak": soak, "cluster": cluster}[sys.argv[1]](sys.argv[2])
 
 
 if __name__ == "__main__":
