@@ -95,8 +95,19 @@ impl TestMirror {
         dir: tempfile::TempDir,
         server: impl FnOnce(Server) -> Server,
     ) -> TestMirror {
-        config.validate().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::launch_on(listener, config, dir, server).await
+    }
+
+    /// [`TestMirror::launch`] on a listener bound already (a replica that advertises its
+    /// address in its config).
+    pub async fn launch_on(
+        listener: tokio::net::TcpListener,
+        config: Config,
+        dir: tempfile::TempDir,
+        server: impl FnOnce(Server) -> Server,
+    ) -> TestMirror {
+        config.validate().unwrap();
         let addr = listener.local_addr().unwrap();
         let clock = Clock::manual();
         let (tx, rx) = oneshot::channel::<()>();
@@ -167,6 +178,74 @@ impl Drop for TestMirror {
             let _ = tx.send(());
         }
     }
+}
+
+/// Replicas in one process sharing one in-process coordinator (in place of Redis) and one
+/// in-memory object store (in place of S3).
+pub struct Fleet {
+    pub coordinator: std::sync::Arc<pullthrough::cluster::memory::MemoryCoordinator>,
+    pub store: std::sync::Arc<object_store::memory::InMemory>,
+}
+
+pub const CLUSTER_SECRET: &str = "fleet-secret-0123456789";
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        Fleet {
+            coordinator: Default::default(),
+            store: std::sync::Arc::new(object_store::memory::InMemory::new()),
+        }
+    }
+
+    /// A replica with its own disk in front of `upstream`, advertising its own address.
+    pub async fn replica(
+        &self,
+        upstream: &FakeUpstream,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestMirror {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(&upstream.url, dir.path());
+        join_cluster(
+            &mut config,
+            &format!("http://{}", listener.local_addr().unwrap()),
+        );
+        tweak(&mut config);
+        let (coordinator, store) = (self.coordinator.clone(), self.store.clone());
+        TestMirror::launch_on(listener, config, dir, |s| {
+            s.coordinator(coordinator).shared_store(store)
+        })
+        .await
+    }
+}
+
+/// Sets `[storage.shared]` and `[cluster]` in `config` for a replica reachable at
+/// `advertise`; the endpoints are placeholders where a test injects its own services.
+pub fn join_cluster(config: &mut Config, advertise: &str) {
+    config.storage.shared = Some(
+        toml::from_str(
+            r#"
+            endpoint = "http://127.0.0.1:9"
+            bucket = "pullthrough"
+            region = "garage"
+            "#,
+        )
+        .unwrap(),
+    );
+    if let Some(shared) = &mut config.storage.shared {
+        shared.access_key_id = Some(Secret::new("GK-test"));
+        shared.secret_access_key = Some(Secret::new("test-secret"));
+    }
+    let mut cluster: pullthrough::config::ClusterConfig = toml::from_str(&format!(
+        r#"
+        redis = "redis://127.0.0.1:9/0"
+        advertise = "{advertise}"
+        lease_ttl = "1s"
+        "#
+    ))
+    .unwrap();
+    cluster.secret = Some(Secret::new(CLUSTER_SECRET));
+    config.cluster = Some(cluster);
 }
 
 pub fn secret(s: &str) -> Secret {
