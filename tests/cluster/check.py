@@ -18,6 +18,9 @@
     check.py clients-ok RESULTS IMAGE CHECK FETCH...
     check.py one-body RESULTS LOG SKIP BLOB IMAGE CHECK
     check.py one-body-per-blob RESULTS LOG IMAGE [NOTE]
+    check.py members RESULTS N SECONDS URL... every replica's status JSON ("cluster": members)
+                                              and pullthrough_cluster_members say N, within
+                                              SECONDS (heartbeats)
 
 LOG is a front.py request log, BLOB "digest size", LEADER the replica (1-based) that fetched
 from the upstream ("" if none could be told), FETCH one bench/tools/fetch.py result per
@@ -211,6 +214,36 @@ def one_body_per_blob(results, log, image, note=""):
                          + (f"; {note}" if note else ""))
 
 
+def members_of(url):
+    """(members in the status JSON, the members gauge) of one replica; None where absent."""
+    try:
+        with urllib.request.urlopen(url + "/_pullthrough/status", timeout=5) as resp:
+            listed = (json.load(resp).get("cluster") or {}).get("members")
+    except (OSError, ValueError):
+        listed = None
+    if isinstance(listed, list):
+        listed = len(listed)
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            gauge = [float(line.split()[-1]) for line in resp.read().decode().splitlines()
+                     if line.startswith("pullthrough_cluster_members ")]
+    except OSError:
+        gauge = []
+    return listed, int(gauge[0]) if gauge else None
+
+
+def members(results, n, seconds, urls):
+    end = time.monotonic() + float(seconds)
+    while True:
+        seen = [members_of(u) for u in urls]
+        ok = all(s == (int(n), int(n)) for s in seen)
+        if ok or time.monotonic() >= end:
+            break
+        time.sleep(0.5)
+    detail = ", ".join(f"r{i}: status {s[0]}, gauge {s[1]}" for i, s in enumerate(seen, 1))
+    Results(results).add("cluster", "-", f"{n} members in status and metrics", ok, detail)
+
+
 def front_paths(log, skip):
     recs = records(log, int(skip))
     shown = [f"{r['method']} {r['path'].split('?')[0][-40:]} {r['status']}" for r in recs[:4]]
@@ -245,6 +278,8 @@ def main(argv):
         clients_ok(args[0], args[1], args[2], args[3:])
     elif cmd == "one-body":
         one_body(*args)
+    elif cmd == "members":
+        members(args[0], args[1], args[2], args[3:])
     elif cmd == "one-body-per-blob":
         one_body_per_blob(*args)
     else:
