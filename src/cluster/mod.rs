@@ -122,8 +122,8 @@ impl Cluster {
         what: &str,
         request: impl std::future::Future<Output = CoordResult<T>>,
     ) -> Option<T> {
-        let recently_failed = crate::sync::lock(&self.failed_at)
-            .is_some_and(|at| at.elapsed() < self.retry_after());
+        let recently_failed =
+            crate::sync::lock(&self.failed_at).is_some_and(|at| at.elapsed() < self.retry_after());
         if recently_failed {
             return None;
         }
