@@ -24,6 +24,9 @@ use crate::oci::Digest;
 const PART: usize = 5 * 1024 * 1024;
 /// Parts sent at once per upload.
 const PARTS_IN_FLIGHT: usize = 2;
+/// After a failed request, reads skip the store for this long (answering "not here", so the
+/// upstream answers): an unreachable store must not cost every request its timeouts.
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(10);
 
 /// A shared-store request that failed. Names the object, never a credential.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -62,6 +65,8 @@ pub struct SharedBlob {
 pub struct SharedTier {
     store: Arc<dyn ObjectStore>,
     signer: Option<Arc<dyn Signer>>,
+    /// When a request last failed, while the store is failing.
+    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl SharedTier {
@@ -77,11 +82,11 @@ impl SharedTier {
             .unwrap_or("");
         let options = object_store::ClientOptions::new()
             .with_allow_http(cfg.endpoint.starts_with("http://"))
-            .with_connect_timeout(Duration::from_secs(2))
+            .with_connect_timeout(Duration::from_secs(1))
             .with_timeout_disabled();
         let retry = object_store::RetryConfig {
-            max_retries: 2,
-            retry_timeout: Duration::from_secs(5),
+            max_retries: 1,
+            retry_timeout: Duration::from_secs(3),
             ..Default::default()
         };
         let s3 = object_store::aws::AmazonS3Builder::new()
@@ -99,6 +104,7 @@ impl SharedTier {
         Ok(SharedTier {
             store: s3.clone(),
             signer: Some(s3),
+            failed_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -107,17 +113,37 @@ impl SharedTier {
         SharedTier {
             store,
             signer: None,
+            failed_at: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether the store failed within [`SKIP_AFTER_FAILURE`]: reads answer "not here" then.
+    fn skipping(&self) -> bool {
+        crate::sync::lock(&self.failed_at).is_some_and(|at| at.elapsed() < SKIP_AFTER_FAILURE)
+    }
+
+    /// Notes the outcome of a request (a `NotFound` is an answer, not a failure).
+    fn note<T>(&self, r: Result<T, object_store::Error>) -> Result<T, object_store::Error> {
+        match &r {
+            Err(object_store::Error::NotFound { .. }) | Ok(_) => {
+                *crate::sync::lock(&self.failed_at) = None;
+            }
+            Err(_) => *crate::sync::lock(&self.failed_at) = Some(tokio::time::Instant::now()),
+        }
+        r
     }
 
     /// The blob `digest` from `offset` on, or `None` when the tier does not hold it.
     pub async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<SharedBlob>, Error> {
+        if self.skipping() {
+            return Ok(None);
+        }
         let path = Path::from(object_name(Kind::Blob, digest));
         let options = GetOptions {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
             ..GetOptions::default()
         };
-        match self.store.get_opts(&path, options).await {
+        match self.note(self.store.get_opts(&path, options).await) {
             Ok(got) => {
                 let size = got.meta.size;
                 let chunks = got.into_stream().map(|c| c.map_err(Error::of)).boxed();
@@ -130,8 +156,11 @@ impl SharedTier {
 
     /// The size of the blob `digest`, or `None` when the tier does not hold it.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, Error> {
+        if self.skipping() {
+            return Ok(None);
+        }
         let path = Path::from(object_name(Kind::Blob, digest));
-        match self.store.head(&path).await {
+        match self.note(self.store.head(&path).await) {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::of(e)),
@@ -140,8 +169,11 @@ impl SharedTier {
 
     /// A small object whole (a manifest, in the local store's format).
     pub async fn read(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, Error> {
+        if self.skipping() {
+            return Ok(None);
+        }
         let path = Path::from(object_name(kind, digest));
-        match self.store.get(&path).await {
+        match self.note(self.store.get(&path).await) {
             Ok(got) => got.bytes().await.map(Some).map_err(Error::of),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::of(e)),

@@ -23,6 +23,7 @@ use crate::oci::Digest;
 
 /// Coordinator requests that take longer are given up: a replica must not stall on Redis.
 const DEADLINE: Duration = Duration::from_secs(1);
+
 /// How often a replica announces itself; members silent for three periods are gone.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 const PREFIX: &str = "pullthrough:";
@@ -44,6 +45,8 @@ pub struct Cluster {
     lease_ttl: Duration,
     /// Whether the last coordinator request succeeded (a failure is warned once per outage).
     reachable: AtomicBool,
+    /// When the last request failed, while the coordinator is unreachable.
+    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     metrics: Arc<Metrics>,
     peers: peer::Peers,
 }
@@ -63,6 +66,7 @@ impl Cluster {
             secret,
             lease_ttl: config.lease_ttl,
             reachable: AtomicBool::new(true),
+            failed_at: std::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -99,6 +103,13 @@ impl Cluster {
         self.lease_ttl
     }
 
+    /// After a failed request, the coordinator is not asked again for this long (requests in
+    /// between act alone at once), so an outage costs a request nothing after the first:
+    /// half a lease, since a lease cannot be taken over sooner anyway.
+    fn retry_after(&self) -> Duration {
+        self.lease_ttl / 2
+    }
+
     /// Whether the coordinator answered the last request.
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
@@ -111,12 +122,18 @@ impl Cluster {
         what: &str,
         request: impl std::future::Future<Output = CoordResult<T>>,
     ) -> Option<T> {
+        let recently_failed =
+            crate::sync::lock(&self.failed_at).is_some_and(|at| at.elapsed() < self.retry_after());
+        if recently_failed {
+            return None;
+        }
         let result = match tokio::time::timeout(DEADLINE, request).await {
             Ok(r) => r,
             Err(_) => Err(coordinator::CoordError("timed out".into())),
         };
         match result {
             Ok(v) => {
+                *crate::sync::lock(&self.failed_at) = None;
                 if !self.reachable.swap(true, Ordering::Relaxed) {
                     tracing::info!("the cluster coordinator answers again; coordination resumes");
                     self.metrics.coordinator(true);
@@ -124,6 +141,7 @@ impl Cluster {
                 Some(v)
             }
             Err(e) => {
+                *crate::sync::lock(&self.failed_at) = Some(tokio::time::Instant::now());
                 if self.reachable.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, request = what, "the cluster coordinator is unreachable; each replica serves alone until it is back");
                 }

@@ -252,6 +252,7 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<BlobAnswer, Error> {
         let body = target.upstream.blob(&target.repo, digest, 0).await?;
+        self.metrics.blob_source(Tier::Upstream);
         let size = body.size;
         let metrics = self.metrics.clone();
         let upstream = target.upstream.name.clone();
