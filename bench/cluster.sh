@@ -63,10 +63,10 @@ start_front() { # NAME PORT: the counting, capped front of the upstream; its log
   wait_http "http://127.0.0.1:$2/v2/"
 }
 
-# fetch URL N OUT: N clients at once, every body verified.
+# fetch URL N OUT [AT]: N clients at once (at Unix time AT if given), every body verified.
 fetch() {
   run_child python3 "$TOOLS/fetch.py" "$1$BLOB_PATH" -n "$2" --sha256 "${DIGEST#sha256:}" --size "$BYTES" \
-    --deadline "$DEADLINE" >"$3" || true
+    --deadline "$DEADLINE" ${4:+--at "$4"} >"$3" || true
 }
 
 single_row() { # N
@@ -95,8 +95,11 @@ cluster_row() { # N [hits]
     start_replica "r$i" "$RUN/cluster-$n/r$i" "${ports[-1]}" "http://127.0.0.1:$fport"
   done
   log "cluster: $n cold clients over $REPLICAS replicas"
+  # One release time for the clients of every replica (one fetch.py each), 2 s from now.
+  local at
+  at=$(python3 -c 'import time; print(time.time() + 2)')
   for i in $(seq "$REPLICAS"); do
-    fetch "http://127.0.0.1:${ports[$((i - 1))]}" $((n / REPLICAS)) "$RES/cluster-$n-r$i.fetch.json" &
+    fetch "http://127.0.0.1:${ports[$((i - 1))]}" $((n / REPLICAS)) "$RES/cluster-$n-r$i.fetch.json" "$at" &
     pids+=($!)
   done
   for i in "${pids[@]}"; do wait "$i" || true; done

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Concurrent HTTP/1.1 GET client for the benchmarks (stdlib only).
 
-    fetch.py URL -n 32 [--sha256 HEX] [--size BYTES] [--deadline 60] [--procs 2]
+    fetch.py URL -n 32 [--sha256 HEX] [--size BYTES] [--deadline 60] [--procs 2] [--at UNIX_TIME]
 
 Opens N connections, releases all requests at once (a barrier), reads every body in 1 MiB
 reads and hashes it, and prints one JSON object: per-client results and a summary
 (ok, wall time of the slowest client, time to first body byte median/max, aggregate rate).
 Each client also reports the Unix time of its first body byte (first_byte_at), to compare
-with another process's clock on the same machine.
+with another process's clock on the same machine; --at releases the requests at that Unix
+time rather than as soon as all connections are open, so that several fetch.py processes
+send theirs together.
 Threads release the GIL in recv_into() and sha256 updates, and --procs spreads them over
 several processes, so the client keeps up with several GiB/s on two cores.
 A client still reading at --deadline seconds gives up and is reported as "deadline".
@@ -19,7 +21,7 @@ import urllib.parse
 BUF = 1 << 20
 
 
-def one(url, headers, deadline, barrier, t_release, ttfb_only=False):
+def one(url, headers, deadline, barrier, t_release, ttfb_only=False, at=None):
     u = urllib.parse.urlsplit(url)
     res = {"status": None, "bytes": 0, "sha256": None, "ttfb": None, "first_byte_at": None, "wall": None,
            "error": None}
@@ -33,6 +35,8 @@ def one(url, headers, deadline, barrier, t_release, ttfb_only=False):
     req = f"GET {path} HTTP/1.1\r\nHost: {u.netloc}\r\nUser-Agent: bench-fetch\r\n"
     req += "".join(f"{k}: {v}\r\n" for k, v in headers) + "Connection: close\r\n\r\n"
     barrier.wait()
+    if at:
+        time.sleep(max(0.0, at - time.time()))
     t0 = time.monotonic()
     t_release.value = t_release.value or time.time()
     end_by = t0 + deadline
@@ -90,10 +94,10 @@ def recv(sock, mv, end_by):
             continue
 
 
-def worker(url, headers, deadline, count, barrier, t_release, out, ttfb_only):
+def worker(url, headers, deadline, count, barrier, t_release, out, ttfb_only, at):
     results = [None] * count
     def run(i):
-        results[i] = one(url, headers, deadline, barrier, t_release, ttfb_only)
+        results[i] = one(url, headers, deadline, barrier, t_release, ttfb_only, at)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
@@ -135,6 +139,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=120)
     ap.add_argument("--procs", type=int, default=2, help="processes to spread the clients over")
     ap.add_argument("--ttfb-only", action="store_true", help="hang up after the first body bytes")
+    ap.add_argument("--at", type=float, help="Unix time to send the requests at")
     ap.add_argument("-H", "--header", action="append", default=[], help="K: V")
     a = ap.parse_args()
     headers = [tuple(x.strip() for x in h.split(":", 1)) for h in a.header]
@@ -142,7 +147,7 @@ def main():
     counts = [a.n // procs + (i < a.n % procs) for i in range(procs)]
     ctx = mp.get_context("fork")
     barrier, t_release, out = ctx.Barrier(a.n), ctx.Value("d", 0.0), ctx.Queue()
-    ps = [ctx.Process(target=worker, args=(a.url, headers, a.deadline, c, barrier, t_release, out, a.ttfb_only))
+    ps = [ctx.Process(target=worker, args=(a.url, headers, a.deadline, c, barrier, t_release, out, a.ttfb_only, a.at))
           for c in counts]
     for p in ps:
         p.start()

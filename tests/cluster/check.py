@@ -159,6 +159,10 @@ def fanout(results, image, log, blob, leader, paths):
     lead_lags = [c["first_byte_at"] - first for c in (per.get(int(leader)) or []) if c.get("first_byte_at")]
     detail = (f"leader r{leader}; {len(lags)} follower clients, worst +{worst[0] * 1000:.1f} ms (r{worst[1]})"
               if lags else f"leader r{leader}; no follower client got a byte")
+    released = [json.load(open(p))["summary"].get("started_at") for p in paths if os.path.exists(p)]
+    released = [t for t in released if t]
+    if released:
+        detail += f"; clients released within {(max(released) - min(released)) * 1000:.1f} ms"
     if missing:
         detail += f", {missing} without any byte"
     if lead_lags:

@@ -158,22 +158,24 @@ stop_cluster() {
 replica_url() { echo "http://127.0.0.1:${RPORTS[$(($1 - 1))]}"; }
 replica_metric() { util metric "$(replica_url "$1")/metrics" "${@:2}"; }
 
-# fetch_blob IMAGE REPLICA N OUT: N clients at once GET the image's largest blob from replica
-# REPLICA, each body hashed (bench/tools/fetch.py); the JSON result goes to OUT.
+# fetch_blob IMAGE REPLICA N OUT AT: N clients GET the image's largest blob from replica
+# REPLICA at Unix time AT, each body hashed (bench/tools/fetch.py); the JSON result goes to OUT.
 fetch_blob() {
-  local image=$1 r=$2 n=$3 out=$4 digest size
+  local image=$1 r=$2 n=$3 out=$4 at=$5 digest size
   read -r digest size <<<"${LAYER[$image]}"
   python3 "$ROOT/bench/tools/fetch.py" "$(replica_url "$r")/v2/library/${image%%:*}/blobs/$digest" -n "$n" \
-    --sha256 "${digest#sha256:}" --size "$size" --deadline 240 >"$out" 2>>"$T/logs/fetch.log" || true
+    --sha256 "${digest#sha256:}" --size "$size" --deadline 240 --at "$at" >"$out" 2>>"$T/logs/fetch.log" || true
 }
 
-# fetch_everywhere IMAGE N TAG: fetch_blob on every running replica at once, N clients each,
-# in the background (stopped on exit like every other process); results in $T/TAG-rI.json.
+# fetch_everywhere IMAGE N TAG: fetch_blob on every running replica, N clients each, all
+# released at the same moment (2 s from now, time for every fetch.py to start and connect), in
+# the background (stopped on exit like every other process); results in $T/TAG-rI.json.
 fetch_everywhere() {
-  local image=$1 n=$2 tag=$3 i
+  local image=$1 n=$2 tag=$3 i at
+  at=$(python3 -c 'import time; print(time.time() + 2)')
   FETCHES=()
   for i in $(seq ${#REPLICAS[@]}); do
-    fetch_blob "$image" "$i" "$n" "$T/$tag-r$i.json" &
+    fetch_blob "$image" "$i" "$n" "$T/$tag-r$i.json" "$at" &
     PID[fetch-$tag-r$i]=$!
     FETCHES+=("fetch-$tag-r$i")
   done
