@@ -18,7 +18,8 @@
 #   fourth    a fourth replica with an empty disk serves an image pulled earlier through the
 #             others (skopeo) with zero upstream requests.
 #   redis     redis-server stopped mid-download: pulls keep succeeding, and new ones too;
-#             restarted: coordination resumes (the next cold blob is fetched once).
+#             restarted: coordinator_up is 1 again within 20 s, and coordination resumes (the
+#             next cold blob, and the one after, are fetched once each).
 #   clients   dockerd through replica 1, containerd through replica 2 and skopeo through
 #             replica 3 pull one cold multi-arch image at once: one upstream body per blob,
 #             the upstream's digests.
@@ -37,7 +38,7 @@ RATE=${RATE:-32MiB}
 FANOUT_CLIENTS=8     # per replica
 BIG=big:v1           # one 256 MiB layer
 SMALL=multi-oci:v1   # two platforms, two small layers each
-REDIS_IMAGES=(redis-a:v1 redis-b:v1 redis-c:v1)
+REDIS_IMAGES=(redis-a:v1 redis-b:v1 redis-c:v1 redis-d:v1)
 
 # shellcheck source=tests/clients/services.sh
 . "$HERE/services.sh"
@@ -282,7 +283,7 @@ phase_fourth() {
 phase_redis() {
   log "== phase redis: redis-server stopped mid-download, then restarted"
   start_cluster redis
-  local a=${REDIS_IMAGES[0]} b=${REDIS_IMAGES[1]} c=${REDIS_IMAGES[2]} size i up at
+  local a=${REDIS_IMAGES[0]} b=${REDIS_IMAGES[1]} c=${REDIS_IMAGES[2]} d=${REDIS_IMAGES[3]} size i up at
   size=${LAYER[$a]#* }
   fetch_everywhere "$a" 2 redis-a
   at=$(check wait-progress "http://127.0.0.1:$FRONT_PORT" $((size / 4)) 60 || true)
@@ -316,6 +317,13 @@ phase_redis() {
   sleep 0.5
   check clients-ok "$T/results.tsv" "$c" "cold pull after Redis is back" "$T"/redis-c-r{1,2,3}.json
   check one-body "$T/results.tsv" "$FRONT_LOG" "$mark" "${LAYER[$c]}" "$c" "after Redis is back: 1 upstream body"
+  # A second one tells a first request that finds the reconnection apart from no coordination.
+  mark=$(util front "$FRONT_LOG" requests)
+  fetch_everywhere "$d" 2 redis-d
+  wait_fetches
+  sleep 0.5
+  check clients-ok "$T/results.tsv" "$d" "second cold pull after Redis is back" "$T"/redis-d-r{1,2,3}.json
+  check one-body "$T/results.tsv" "$FRONT_LOG" "$mark" "${LAYER[$d]}" "$d" "second blob after Redis is back: 1 upstream body"
   stop_cluster
 }
 
