@@ -7,6 +7,7 @@
 mod blobs;
 mod budget;
 mod error;
+mod fleet;
 mod links;
 mod manifests;
 mod referrers;
@@ -120,7 +121,7 @@ impl Mirror {
         let mut upstreams = HashMap::new();
         let mut policies = HashMap::new();
         for (name, cfg) in &config.upstreams {
-            let up = Upstream::new(name, cfg, metrics.clone(), clock.clone())?;
+            let up = Upstream::new(name, cfg, metrics.clone(), clock.clone(), cluster.clone())?;
             upstreams.insert(name.clone(), Arc::new(up));
             let policy = Policy::new(
                 cfg.tag_ttl.unwrap_or(config.cache.tag_ttl),

@@ -95,10 +95,21 @@ impl TestMirror {
         dir: tempfile::TempDir,
         server: impl FnOnce(Server) -> Server,
     ) -> TestMirror {
-        config.validate().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::launch_on(listener, Clock::manual(), config, dir, server).await
+    }
+
+    /// [`TestMirror::launch`] on a listener bound already (so that a config can name its
+    /// address, as `cluster.advertise` does) and with `clock`, which several mirrors may share.
+    pub async fn launch_on(
+        listener: tokio::net::TcpListener,
+        clock: Clock,
+        config: Config,
+        dir: tempfile::TempDir,
+        server: impl FnOnce(Server) -> Server,
+    ) -> TestMirror {
+        config.validate().unwrap();
         let addr = listener.local_addr().unwrap();
-        let clock = Clock::manual();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server(Server::new(config).clock(clock.clone())).serve(
             listener,
