@@ -127,8 +127,15 @@ async fn a_tag_revalidated_by_one_replica_is_fresh_for_the_others() {
     let before = fleet.upstream.total();
 
     let cache = pull(&b, "/v2/library/alpine/manifests/3", &digest).await;
-    assert_eq!(cache, "HIT", "the tag record and the manifest came from the fleet");
-    assert_eq!(fleet.upstream.total(), before, "b asked the upstream nothing");
+    assert_eq!(
+        cache, "HIT",
+        "the tag record and the manifest came from the fleet"
+    );
+    assert_eq!(
+        fleet.upstream.total(),
+        before,
+        "b asked the upstream nothing"
+    );
 
     fleet.advance(PAST_TTL);
     let cache = pull(&a, "/v2/library/alpine/manifests/3", &digest).await;
@@ -136,7 +143,11 @@ async fn a_tag_revalidated_by_one_replica_is_fresh_for_the_others() {
     assert_eq!(fleet.upstream.manifest_heads(), 1);
     let cache = pull(&b, "/v2/library/alpine/manifests/3", &digest).await;
     assert_eq!(cache, "HIT", "a's revalidation is fresh for b");
-    let r = b.head("/v2/library/alpine/manifests/3").send().await.unwrap();
+    let r = b
+        .head("/v2/library/alpine/manifests/3")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         fleet.upstream.manifest_heads(),
@@ -176,9 +187,10 @@ async fn a_fourth_replica_serves_a_pulled_image_with_zero_upstream_requests() {
     let index = format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{image}","size":1,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
     );
-    let index_digest = fleet
-        .upstream
-        .add_manifest(repo, Some("1.0"), OCI_INDEX, index.into_bytes());
+    let index_digest =
+        fleet
+            .upstream
+            .add_manifest(repo, Some("1.0"), OCI_INDEX, index.into_bytes());
     let (a, b, c) = (
         fleet.replica().await,
         fleet.replica().await,
@@ -237,12 +249,26 @@ async fn a_damaged_shared_manifest_is_deleted_and_fetched_from_the_upstream() {
     let path = Path::from(format!("manifests/sha256/{hex}"));
     fleet
         .store
-        .put(&path, b"application/vnd.oci.image.manifest.v1+json\n{}".to_vec().into())
+        .put(
+            &path,
+            b"application/vnd.oci.image.manifest.v1+json\n{}"
+                .to_vec()
+                .into(),
+        )
         .await
         .unwrap();
     let a = fleet.replica().await;
-    pull(&a, &format!("/v2/library/alpine/manifests/{digest}"), &digest).await;
-    assert_eq!(fleet.upstream.manifest_gets(), 1, "fetched from the upstream");
+    pull(
+        &a,
+        &format!("/v2/library/alpine/manifests/{digest}"),
+        &digest,
+    )
+    .await;
+    assert_eq!(
+        fleet.upstream.manifest_gets(),
+        1,
+        "fetched from the upstream"
+    );
     // The upstream's verified bytes replace the damaged object.
     common::eventually("the shared manifest is whole", common::SETTLE, || async {
         match fleet.store.get(&path).await {
@@ -332,10 +358,19 @@ async fn the_latest_budget_reading_is_the_fleets() {
     let (a, b) = (fleet.replica().await, fleet.replica().await);
     pull(&a, "/v2/library/app/manifests/1", &digest).await;
     assert_eq!(remaining(&a).await, Some(9));
-    assert_eq!(remaining(&b).await, None, "b has asked the upstream nothing yet");
+    assert_eq!(
+        remaining(&b).await,
+        None,
+        "b has asked the upstream nothing yet"
+    );
 
     // A blob answer carries no budget: b's reading is the one a shared.
-    pull(&b, &format!("/v2/library/app/blobs/{}", layers[0]), &layers[0]).await;
+    pull(
+        &b,
+        &format!("/v2/library/app/blobs/{}", layers[0]),
+        &layers[0],
+    )
+    .await;
     assert_eq!(fleet.upstream.blob_gets(), 1);
     assert_eq!(remaining(&b).await, Some(9));
 }
@@ -384,7 +419,12 @@ async fn replicas_keep_serving_while_the_coordinator_is_down() {
     fleet.coordinator.set_down(true);
     for m in [&a, &b] {
         pull(m, "/v2/library/app/manifests/1", &one).await;
-        pull(m, &format!("/v2/library/app/blobs/{}", layers[0]), &layers[0]).await;
+        pull(
+            m,
+            &format!("/v2/library/app/blobs/{}", layers[0]),
+            &layers[0],
+        )
+        .await;
     }
     let r = get(&a, "/v2/library/app/manifests/missing").await;
     assert_eq!(r.status(), 404);
@@ -399,9 +439,6 @@ async fn replicas_keep_serving_while_the_coordinator_is_down() {
     pull(&a, "/v2/library/app/manifests/2", &two).await;
     fleet.wait_shared("manifests", &two).await;
     let before = fleet.upstream.total();
-    assert_eq!(
-        pull(&b, "/v2/library/app/manifests/2", &two).await,
-        "HIT"
-    );
+    assert_eq!(pull(&b, "/v2/library/app/manifests/2", &two).await, "HIT");
     assert_eq!(fleet.upstream.total(), before);
 }

@@ -35,7 +35,10 @@ async fn contract(c: &dyn Coordinator, ns: &str, wait: Wait) {
     );
     assert!(c.renew(&first, 2 * T).await.unwrap(), "the holder renews");
     wait(3 * T).await;
-    assert!(!c.renew(&first, 2 * T).await.unwrap(), "an expired lease is lost");
+    assert!(
+        !c.renew(&first, 2 * T).await.unwrap(),
+        "an expired lease is lost"
+    );
     let Claim::Acquired(second) = c.claim(&lease, "b", 5 * T).await.unwrap() else {
         panic!("an expired lease can be taken");
     };
@@ -51,7 +54,10 @@ async fn contract(c: &dyn Coordinator, ns: &str, wait: Wait) {
     assert!(c.renew(&second, 5 * T).await.unwrap());
     c.release(&second).await.unwrap();
     assert!(
-        matches!(c.claim(&lease, "c", 5 * T).await.unwrap(), Claim::Acquired(_)),
+        matches!(
+            c.claim(&lease, "c", 5 * T).await.unwrap(),
+            Claim::Acquired(_)
+        ),
         "a released lease is free"
     );
 
@@ -93,8 +99,14 @@ async fn contract(c: &dyn Coordinator, ns: &str, wait: Wait) {
         names(c.zrange(&set, 0.0, 10.0, 10).await.unwrap()),
         ["a", "b", "c"]
     );
-    assert_eq!(names(c.zrange(&set, 1.5, 3.0, 10).await.unwrap()), ["b", "c"]);
-    assert_eq!(names(c.zrange(&set, 0.0, 10.0, 2).await.unwrap()), ["a", "b"]);
+    assert_eq!(
+        names(c.zrange(&set, 1.5, 3.0, 10).await.unwrap()),
+        ["b", "c"]
+    );
+    assert_eq!(
+        names(c.zrange(&set, 0.0, 10.0, 2).await.unwrap()),
+        ["a", "b"]
+    );
     c.zadd(&set, vec![("a".into(), 4.0)]).await.unwrap();
     assert_eq!(
         c.zrange(&set, f64::NEG_INFINITY, f64::INFINITY, 10)
@@ -106,7 +118,11 @@ async fn contract(c: &dyn Coordinator, ns: &str, wait: Wait) {
         .await
         .unwrap();
     assert_eq!(
-        names(c.zrange(&set, f64::NEG_INFINITY, f64::INFINITY, 10).await.unwrap()),
+        names(
+            c.zrange(&set, f64::NEG_INFINITY, f64::INFINITY, 10)
+                .await
+                .unwrap()
+        ),
         ["c", "a"]
     );
 }
@@ -177,7 +193,10 @@ async fn the_redis_coordinator_keeps_the_contract() {
         return;
     };
     let c = RedisCoordinator::new(&server.url).unwrap();
-    contract(&c, "pullthrough:contract", |d| Box::pin(tokio::time::sleep(d))).await;
+    contract(&c, "pullthrough:contract", |d| {
+        Box::pin(tokio::time::sleep(d))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -210,5 +229,9 @@ async fn the_redis_coordinator_fails_while_redis_is_down_and_reconnects_by_itsel
         }
     })
     .await;
-    assert_eq!(recovered.ok(), Some(None), "the coordinator reconnects by itself");
+    assert_eq!(
+        recovered.ok(),
+        Some(None),
+        "the coordinator reconnects by itself"
+    );
 }

@@ -105,7 +105,12 @@ impl Mirror {
     }
 
     /// Whether another replica's upstream served or confirmed `digest` for the repository.
-    pub(super) async fn fleet_link(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
+    pub(super) async fn fleet_link(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> bool {
         let Some(cluster) = &self.cluster else {
             return false;
         };

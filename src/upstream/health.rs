@@ -179,7 +179,11 @@ mod tests {
         assert_eq!(h.admit(), Admission::Refuse);
         h.learn(clock.now() + Duration::from_secs(5));
         clock.advance(Duration::from_secs(20));
-        assert_eq!(h.admit(), Admission::Refuse, "a shorter one does not shorten it");
+        assert_eq!(
+            h.admit(),
+            Admission::Refuse,
+            "a shorter one does not shorten it"
+        );
         clock.advance(Duration::from_secs(11));
         assert_eq!(h.admit(), Admission::Probe);
         assert_eq!(h.record(Admission::Probe, false), Some(Change::Recovered));

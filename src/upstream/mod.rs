@@ -6,7 +6,8 @@
 //! (429) or is down passes the request to the next, a 404 is an answer. Each URL keeps its own
 //! auth (realm, tokens), health and pull budget. All of an upstream's requests share its caps:
 //! `max_concurrent_requests` (a permit held until the response body ends) and
-//! `max_requests_per_second` (waited for, never failed).
+//! `max_requests_per_second` (waited for, never failed). With `[cluster]`, back-offs, budget
+//! readings and `max_pulls` are the fleet's (see `fleet`).
 
 pub mod auth;
 pub mod credentials;
