@@ -133,11 +133,14 @@ mod tests {
         let digest = Digest::sha256_of(b"layer");
         let links = Links::open(dir.path(), true).unwrap();
         assert!(!links.contains("docker.io", &repo, &digest));
-        links.add("docker.io", &repo, &digest).await;
+        assert!(links.add("docker.io", &repo, &digest).await, "a new link");
         assert!(!Links::open(dir.path(), false)
             .unwrap()
             .contains("docker.io", &repo, &digest));
-        links.add("docker.io", &repo, &digest).await;
+        assert!(
+            !links.add("docker.io", &repo, &digest).await,
+            "made already"
+        );
         links.add("docker.io", &repo, &digest).await;
         assert!(links.contains("docker.io", &repo, &digest));
         assert!(!links.contains("docker.io", &other, &digest));
