@@ -1,99 +1,21 @@
-//! Replicas that behave as one mirror for everything but blob bytes: several servers in one
-//! process share one in-memory coordinator (for Redis) and one in-memory object store (for
-//! S3), each with its own storage dir, in front of one fake upstream that counts what the
-//! fleet asks. They share one manual clock, so TTLs end for all of them at once.
+//! Replicas that behave as one mirror for everything but blob bytes (see `common::fleet`:
+//! servers in one process sharing an in-memory coordinator and object store, one fake upstream
+//! and one clock).
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::fleet::Fleet;
 use common::upstream::{sha256, Fault};
-use common::{error_code, secret, test_config, x_cache, FakeUpstream, TestMirror, PAST_TTL, TTL};
-use object_store::memory::InMemory;
+use common::{error_code, x_cache, TestMirror, PAST_TTL, TTL};
 use object_store::path::Path;
 use object_store::ObjectStore;
-use pullthrough::cluster::memory::MemoryCoordinator;
-use pullthrough::config::{ClusterConfig, Config, SharedStorageConfig, DOCKER_HUB};
-use pullthrough::Clock;
+use pullthrough::config::{Config, DOCKER_HUB};
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-
-/// One fleet: what its replicas share, and the upstream they all pull from.
-struct Fleet {
-    upstream: FakeUpstream,
-    coordinator: Arc<MemoryCoordinator>,
-    store: Arc<InMemory>,
-    clock: Clock,
-}
-
-impl Fleet {
-    async fn new() -> Fleet {
-        Fleet {
-            upstream: FakeUpstream::start().await,
-            coordinator: Arc::new(MemoryCoordinator::default()),
-            store: Arc::new(InMemory::new()),
-            clock: Clock::manual(),
-        }
-    }
-
-    async fn replica(&self) -> TestMirror {
-        self.replica_with(|_| {}).await
-    }
-
-    /// A replica with its own empty storage dir, advertising its real address.
-    async fn replica_with(&self, tweak: impl FnOnce(&mut Config)) -> TestMirror {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = test_config(&self.upstream.url, dir.path());
-        config.cache.tag_ttl = TTL;
-        config.cache.negative_ttl = TTL;
-        config.storage.shared = Some(SharedStorageConfig {
-            // Not contacted: the in-memory store stands in for it.
-            endpoint: "http://127.0.0.1:9".into(),
-            bucket: "pullthrough".into(),
-            region: "garage".into(),
-            max_size: None,
-            redirect: false,
-            redirect_ttl: Duration::from_secs(600),
-            access_key_id: Some(secret("test-access-key")),
-            secret_access_key: Some(secret("test-secret-key")),
-        });
-        config.cluster = Some(ClusterConfig {
-            // Not contacted: the in-memory coordinator stands in for it.
-            redis: secret("redis://127.0.0.1:9/0"),
-            advertise: format!("http://{addr}"),
-            lease_ttl: Duration::from_secs(5),
-            secret: Some(secret("a-cluster-secret-for-tests")),
-        });
-        tweak(&mut config);
-        let (coordinator, store) = (self.coordinator.clone(), self.store.clone());
-        TestMirror::launch_on(listener, self.clock.clone(), config, dir, |server| {
-            server.coordinator(coordinator).shared_store(store)
-        })
-        .await
-    }
-
-    fn advance(&self, by: Duration) {
-        self.clock.advance(by);
-    }
-
-    /// Waits until the shared tier holds `digest` (a blob or a manifest, written in the
-    /// background after the answer).
-    async fn wait_shared(&self, kind: &str, digest: &str) {
-        let hex = digest.trim_start_matches("sha256:");
-        let path = Path::from(format!("{kind}/sha256/{hex}"));
-        common::eventually(
-            &format!("{kind} {digest} in the shared tier"),
-            common::SETTLE,
-            || async { self.store.head(&path).await.is_ok() },
-        )
-        .await;
-    }
-}
 
 async fn get(m: &TestMirror, path: &str) -> reqwest::Response {
     m.get(path).send().await.unwrap()

@@ -1,8 +1,8 @@
 //! The coordinator contract, checked on both implementations with the same assertions: the
 //! in-process one (tokio's paused clock moves its expiries) and `RedisCoordinator` against a
 //! real `redis-server` started here on a free loopback port (Redis's own clock expires keys,
-//! so that run waits out short TTLs). Without `redis-server` installed, the Redis run is
-//! skipped with a notice.
+//! so that run waits out short TTLs); then two replicas sharing a tag through that Redis.
+//! Without `redis-server` installed, the Redis runs are skipped with a notice.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
 
@@ -10,6 +10,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+mod common;
+
+use common::fleet::Fleet;
+use common::upstream::sha256;
 use pullthrough::cluster::coordinator::{Claim, Coordinator};
 use pullthrough::cluster::memory::MemoryCoordinator;
 use pullthrough::cluster::redis::RedisCoordinator;
@@ -233,5 +237,34 @@ async fn the_redis_coordinator_fails_while_redis_is_down_and_reconnects_by_itsel
         recovered.ok(),
         Some(None),
         "the coordinator reconnects by itself"
+    );
+}
+
+#[tokio::test]
+async fn replicas_share_a_tag_through_a_real_redis() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::with_redis(&server.url).await;
+    let (digest, _) = fleet.upstream.add_image("library/alpine", "3", &[100]);
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    let path = "/v2/library/alpine/manifests/3";
+    let body = a.get(path).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256(&body), digest);
+    fleet.wait_shared("manifests", &digest).await;
+    let before = fleet.upstream.total();
+
+    let r = b.get(path).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    assert_eq!(
+        fleet.upstream.total(),
+        before,
+        "b's tag record came through Redis"
+    );
+    assert_eq!(
+        fleet.coordinator.requests(),
+        0,
+        "the in-memory one was not used"
     );
 }
