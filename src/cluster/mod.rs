@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use coordinator::{Claim, CoordResult, Coordinator, Lease};
 
+use crate::clock::Clock;
 use crate::config::{ClusterConfig, Secret};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -46,7 +47,8 @@ pub struct Cluster {
     /// Whether the last coordinator request succeeded (a failure is warned once per outage).
     reachable: AtomicBool,
     /// When the last request failed, while the coordinator is unreachable.
-    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    failed_at: std::sync::Mutex<Option<std::time::SystemTime>>,
+    clock: Clock,
     metrics: Arc<Metrics>,
     peers: peer::Peers,
 }
@@ -56,6 +58,7 @@ impl Cluster {
         coordinator: Arc<dyn Coordinator>,
         config: &ClusterConfig,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Cluster {
         metrics.coordinator(true);
         let secret = config.secret.clone().unwrap_or_else(|| Secret::new(""));
@@ -67,15 +70,20 @@ impl Cluster {
             lease_ttl: config.lease_ttl,
             reachable: AtomicBool::new(true),
             failed_at: std::sync::Mutex::new(None),
+            clock,
             metrics,
         }
     }
 
     /// The cluster of `config`, coordinated by its Redis server. Connects lazily: a replica
     /// starts, and serves alone, while Redis is down.
-    pub fn connect(config: &ClusterConfig, metrics: Arc<Metrics>) -> anyhow::Result<Cluster> {
+    pub fn connect(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> anyhow::Result<Cluster> {
         let redis = redis::RedisCoordinator::new(config.redis.expose())?;
-        Ok(Cluster::new(Arc::new(redis), config, metrics))
+        Ok(Cluster::new(Arc::new(redis), config, metrics, clock))
     }
 
     /// This replica's URL, as the others reach it.
@@ -122,8 +130,12 @@ impl Cluster {
         what: &str,
         request: impl std::future::Future<Output = CoordResult<T>>,
     ) -> Option<T> {
-        let recently_failed =
-            crate::sync::lock(&self.failed_at).is_some_and(|at| at.elapsed() < self.retry_after());
+        let recently_failed = crate::sync::lock(&self.failed_at).is_some_and(|at| {
+            self.clock
+                .now()
+                .duration_since(at)
+                .is_ok_and(|d| d < self.retry_after())
+        });
         if recently_failed {
             return None;
         }
@@ -141,7 +153,7 @@ impl Cluster {
                 Some(v)
             }
             Err(e) => {
-                *crate::sync::lock(&self.failed_at) = Some(tokio::time::Instant::now());
+                *crate::sync::lock(&self.failed_at) = Some(self.clock.now());
                 if self.reachable.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, request = what, "the cluster coordinator is unreachable; each replica serves alone until it is back");
                 }

@@ -7,6 +7,7 @@
 mod blobs;
 mod budget;
 mod error;
+mod fleet;
 mod links;
 mod manifests;
 mod referrers;
@@ -113,14 +114,23 @@ impl Mirror {
             (None, _) => None,
         };
         let cluster = match (&config.cluster, services.coordinator) {
-            (Some(cfg), Some(c)) => Some(Arc::new(Cluster::new(c, cfg, metrics.clone()))),
-            (Some(cfg), None) => Some(Arc::new(Cluster::connect(cfg, metrics.clone())?)),
+            (Some(cfg), Some(c)) => Some(Arc::new(Cluster::new(
+                c,
+                cfg,
+                metrics.clone(),
+                clock.clone(),
+            ))),
+            (Some(cfg), None) => Some(Arc::new(Cluster::connect(
+                cfg,
+                metrics.clone(),
+                clock.clone(),
+            )?)),
             (None, _) => None,
         };
         let mut upstreams = HashMap::new();
         let mut policies = HashMap::new();
         for (name, cfg) in &config.upstreams {
-            let up = Upstream::new(name, cfg, metrics.clone(), clock.clone())?;
+            let up = Upstream::new(name, cfg, metrics.clone(), clock.clone(), cluster.clone())?;
             upstreams.insert(name.clone(), Arc::new(up));
             let policy = Policy::new(
                 cfg.tag_ttl.unwrap_or(config.cache.tag_ttl),
