@@ -962,6 +962,13 @@ impl Config {
                     "must be greater than zero",
                 ));
             }
+            if shared.max_size.is_some() && self.cluster.is_none() {
+                return Err(bad(
+                    "storage.shared.max_size",
+                    &shared.max_size.map(|m| m.to_string()).unwrap_or_default(),
+                    "needs [cluster]: the shared tier's access times are kept in its Redis",
+                ));
+            }
             if shared.redirect_ttl.is_zero() {
                 return Err(bad(
                     "storage.shared.redirect_ttl",
