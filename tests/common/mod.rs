@@ -95,10 +95,21 @@ impl TestMirror {
         dir: tempfile::TempDir,
         server: impl FnOnce(Server) -> Server,
     ) -> TestMirror {
-        config.validate().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::launch_on(listener, config, dir, Clock::manual(), server).await
+    }
+
+    /// [`TestMirror::launch`] on an already bound `listener` (a cluster replica advertises
+    /// its address) with `clock` (replicas of one cluster share one).
+    pub async fn launch_on(
+        listener: tokio::net::TcpListener,
+        config: Config,
+        dir: tempfile::TempDir,
+        clock: Clock,
+        server: impl FnOnce(Server) -> Server,
+    ) -> TestMirror {
+        config.validate().unwrap();
         let addr = listener.local_addr().unwrap();
-        let clock = Clock::manual();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server(Server::new(config).clock(clock.clone())).serve(
             listener,
@@ -315,4 +326,36 @@ pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Ou
     command.envs(env.iter().copied());
     // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
     command.output().await.unwrap()
+}
+
+/// A replica of a cluster in this process, in front of `upstream`: its `[cluster]` advertises
+/// its own address and goes through `coordinator`, its `[storage.shared]` is `store`, and it
+/// runs on `clock` (one for the whole cluster, so heartbeats compare).
+pub async fn cluster_replica(
+    upstream: &FakeUpstream,
+    coordinator: std::sync::Arc<pullthrough::cluster::memory::MemoryCoordinator>,
+    store: std::sync::Arc<dyn object_store::ObjectStore>,
+    clock: &Clock,
+    tweak: impl FnOnce(&mut Config),
+) -> TestMirror {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&upstream.url, dir.path());
+    let mut shared: pullthrough::config::SharedStorageConfig =
+        toml::from_str("endpoint = \"http://127.0.0.1:9\"\nbucket = \"pullthrough\"").unwrap();
+    shared.access_key_id = Some(secret("test-key"));
+    shared.secret_access_key = Some(secret("test-secret"));
+    config.storage.shared = Some(shared);
+    let mut cluster: pullthrough::config::ClusterConfig = toml::from_str(&format!(
+        "redis = \"redis://127.0.0.1:9/0\"\nadvertise = \"http://{addr}\""
+    ))
+    .unwrap();
+    cluster.secret = Some(secret("a cluster secret of the tests"));
+    config.cluster = Some(cluster);
+    tweak(&mut config);
+    TestMirror::launch_on(listener, config, dir, clock.clone(), |server| {
+        server.coordinator(coordinator).shared_store(store)
+    })
+    .await
 }

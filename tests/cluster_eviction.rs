@@ -1,0 +1,148 @@
+//! Replicas of one cluster in one process, sharing an in-memory coordinator and object store:
+//! membership by heartbeat and the cluster as `/_pullthrough/status` shows it. (The shared
+//! tier's eviction is unit-tested in `src/cluster/eviction.rs`.)
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{cluster_replica, eventually, metric, FakeUpstream, TestMirror, SETTLE};
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+use pullthrough::cluster::coordinator::Coordinator;
+use pullthrough::cluster::memory::MemoryCoordinator;
+use pullthrough::cluster::HEARTBEAT;
+use pullthrough::Clock;
+
+async fn status(m: &TestMirror) -> serde_json::Value {
+    m.get("/_pullthrough/status")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn members(m: &TestMirror) -> Vec<String> {
+    let s = status(m).await;
+    s["cluster"]["members"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect()
+}
+
+struct Shared {
+    coordinator: Arc<MemoryCoordinator>,
+    store: Arc<dyn ObjectStore>,
+    clock: Clock,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            coordinator: Arc::new(MemoryCoordinator::default()),
+            store: Arc::new(InMemory::new()),
+            clock: Clock::manual(),
+        }
+    }
+
+    async fn replica(
+        &self,
+        upstream: &FakeUpstream,
+        tweak: impl FnOnce(&mut pullthrough::Config),
+    ) -> TestMirror {
+        cluster_replica(
+            upstream,
+            self.coordinator.clone(),
+            self.store.clone(),
+            &self.clock,
+            tweak,
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn members_are_listed_while_they_heartbeat_and_dropped_after() {
+    let upstream = FakeUpstream::start().await;
+    let cluster = Shared::new();
+    let a = cluster.replica(&upstream, |_| {}).await;
+    let b = cluster.replica(&upstream, |_| {}).await;
+    let mut both = vec![a.url.clone(), b.url.clone()];
+    both.sort();
+    // a announced itself before b started: it learns of b at its next heartbeat.
+    cluster.clock.advance(HEARTBEAT);
+    eventually("each replica lists both", SETTLE, || async {
+        members(&a).await == both && members(&b).await == both
+    })
+    .await;
+    assert_eq!(
+        metric(&a.metrics().await, "pullthrough_cluster_members"),
+        2.0
+    );
+
+    b.stop().await;
+    cluster
+        .clock
+        .advance(3 * HEARTBEAT + Duration::from_secs(1));
+    eventually("a stopped replica is dropped", SETTLE, || async {
+        members(&a).await == vec![a.url.clone()]
+    })
+    .await;
+    assert_eq!(
+        metric(&a.metrics().await, "pullthrough_cluster_members"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_status_shows_the_cluster() {
+    let upstream = FakeUpstream::start().await;
+    let cluster = Shared::new();
+    // What the fleet published so far, as the coordinator counts it.
+    cluster
+        .coordinator
+        .add("pullthrough:shared:bytes", 1234, None)
+        .await
+        .unwrap();
+    let a = cluster
+        .replica(&upstream, |c| {
+            c.storage.shared.as_mut().unwrap().max_size = Some(bytesize::ByteSize::mib(2));
+        })
+        .await;
+    eventually("the status shows the replica", SETTLE, || async {
+        members(&a).await == vec![a.url.clone()]
+    })
+    .await;
+    let s = status(&a).await;
+    let c = &s["cluster"];
+    assert_eq!(c["self"], a.url.as_str());
+    assert_eq!(c["coordinator"], "up");
+    assert_eq!(c["leases_held"], 0);
+    assert_eq!(c["leases_taken_over"], 0);
+    assert_eq!(c["shared"]["max_bytes"], 2 * 1024 * 1024);
+    assert_eq!(c["shared"]["bytes"], 1234);
+    assert_eq!(c["shared"]["evictions"], 0);
+
+    cluster.coordinator.set_down(true);
+    cluster.clock.advance(HEARTBEAT);
+    eventually("the status shows the coordinator down", SETTLE, || async {
+        status(&a).await["cluster"]["coordinator"] == "down"
+    })
+    .await;
+    cluster.coordinator.set_down(false);
+    cluster.clock.advance(HEARTBEAT);
+    eventually(
+        "the status shows the coordinator up again",
+        SETTLE,
+        || async { status(&a).await["cluster"]["coordinator"] == "up" },
+    )
+    .await;
+
+    let single = TestMirror::start(&upstream).await;
+    assert!(status(&single).await.get("cluster").is_none());
+}
