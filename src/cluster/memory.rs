@@ -13,9 +13,12 @@ use tokio::time::Instant;
 use super::coordinator::{Claim, CoordError, CoordResult, Coordinator, Lease};
 use crate::sync::lock;
 
+/// Values by key, with when they expire.
+type Values = HashMap<String, (Vec<u8>, Option<Instant>)>;
+
 #[derive(Default)]
 pub struct MemoryCoordinator {
-    values: Mutex<HashMap<String, (Vec<u8>, Option<Instant>)>>,
+    values: Mutex<Values>,
     sets: Mutex<HashMap<String, BTreeMap<String, f64>>>,
     down: AtomicBool,
     tokens: AtomicU64,
