@@ -41,6 +41,10 @@ const READ_TTL: Duration = Duration::from_secs(15);
 const MARK_TTL: Duration = Duration::from_secs(60);
 /// Candidates read from the access set per request.
 const PAGE: usize = 100;
+/// How often the fleet recounts the shared tier's total from the access set.
+const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
+/// Members read per request by a recount.
+const RECOUNT_PAGE: usize = 1000;
 /// Distinct objects the batch holds while the coordinator cannot take it; more are dropped
 /// (their next access records them again).
 const MAX_PENDING: usize = 100_000;
@@ -289,17 +293,20 @@ impl Eviction {
 
     /// One pass: reads the shared tier's size and, past the bound, takes the evictor lease and
     /// deletes the least recently used objects nobody reads or downloads, down to the bound.
+    /// Once per [`RECONCILE_EVERY`] for the fleet, the pass first recounts the total from the
+    /// access set (see [`Eviction::recount`]).
     pub async fn evict(&self) -> Pass {
-        let Some(bytes) = self.counter(BYTES).await else {
+        let Some(mut bytes) = self.counter(BYTES).await else {
             return Pass::Unavailable;
         };
         self.bytes.store(bytes, Ordering::Relaxed);
         if let Some(n) = self.counter(EVICTIONS).await {
             self.evictions.store(n, Ordering::Relaxed);
         }
-        let Some(max) = self.max.filter(|&max| bytes > max) else {
+        let recount = self.recount_due().await;
+        if !recount && self.max.is_none_or(|max| bytes <= max) {
             return Pass::Within { bytes };
-        };
+        }
         let c = &self.cluster;
         let key = format!("{PREFIX}lease:evictor");
         let lease = match c
@@ -313,7 +320,16 @@ impl Eviction {
             Some(Claim::Held { holder }) => return Pass::Busy { holder },
             None => return Pass::Unavailable,
         };
-        let pass = self.evict_down_to(bytes, max, &lease).await;
+        if recount {
+            if let Some(total) = self.recount().await {
+                bytes = total;
+                self.bytes.store(bytes, Ordering::Relaxed);
+            }
+        }
+        let pass = match self.max.filter(|&max| bytes > max) {
+            Some(max) => self.evict_down_to(bytes, max, &lease).await,
+            None => Pass::Within { bytes },
+        };
         c.ask("release", c.coordinator.release(&lease)).await;
         if let Pass::Evicted {
             objects,
@@ -335,12 +351,51 @@ impl Eviction {
                     objects,
                     bytes = freed,
                     remaining,
-                    max,
+                    max = self.max,
                     "evicted least recently used objects from the shared tier"
                 );
             }
         }
         pass
+    }
+
+    /// Whether the fleet's recount is due, and this replica's to do: a claim that nobody
+    /// releases, so it is won once per [`RECONCILE_EVERY`].
+    async fn recount_due(&self) -> bool {
+        let c = &self.cluster;
+        let key = format!("{PREFIX}shared:recounted");
+        matches!(
+            c.ask(
+                "claim",
+                c.coordinator.claim(&key, c.advertise(), RECONCILE_EVERY)
+            )
+            .await,
+            Some(Claim::Acquired(_))
+        )
+    }
+
+    /// Sets the total to the sum of the access set's sizes, and returns it; `None` when the
+    /// coordinator failed midway. The counter drifts when a publication is counted twice, or
+    /// lost with Redis's data (objects then come back into the access set as they are read).
+    async fn recount(&self) -> Option<u64> {
+        let mut walk = Walk::default();
+        let mut total = 0u64;
+        loop {
+            let page = walk.next(&self.cluster, RECOUNT_PAGE).await?;
+            if page.is_empty() {
+                break;
+            }
+            total += page
+                .iter()
+                .filter_map(|(m, _)| Object::parse(m))
+                .map(|(_, size)| size)
+                .sum::<u64>();
+        }
+        if !walk.exhausted {
+            return None;
+        }
+        self.cluster.set_json(BYTES, &total, None).await;
+        Some(total)
     }
 
     /// Deletes from the least recently used on while the lease holds, until `bytes` minus
@@ -350,24 +405,15 @@ impl Eviction {
         let (mut objects, mut freed) = (0u64, 0u64);
         // Members looked at and kept (read, downloading, or not deletable now), with sizes.
         let mut kept: HashMap<String, u64> = HashMap::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut from = f64::NEG_INFINITY;
-        let mut exhausted = false;
+        let mut walk = Walk::default();
         'pages: while bytes.saturating_sub(freed) > max {
-            let Some(page) = c.zrange(ACCESS, from, f64::INFINITY, PAGE).await else {
+            let Some(page) = walk.next(c, PAGE).await else {
                 break;
             };
-            let fresh: Vec<(String, f64)> = page
-                .into_iter()
-                .filter(|(m, _)| !seen.contains(m))
-                .collect();
-            if fresh.is_empty() {
-                exhausted = true;
+            if page.is_empty() {
                 break;
             }
-            for (member, score) in fresh {
-                from = score;
-                seen.insert(member.clone());
+            for (member, _) in page {
                 let Some((object, size)) = Object::parse(&member) else {
                     c.zrem(ACCESS, vec![member]).await;
                     continue;
@@ -399,7 +445,7 @@ impl Eviction {
             }
         }
         let mut remaining = bytes.saturating_sub(freed);
-        if exhausted {
+        if walk.exhausted {
             // Every tracked object was looked at: what is kept is the whole tier, so the
             // counter is set right (an object published twice counted twice).
             let total: u64 = kept.values().sum();
@@ -471,6 +517,44 @@ impl Eviction {
         }
         let lease = format!("{PREFIX}lease:blob:{}", object.digest);
         !matches!(c.ask("get", c.coordinator.get(&lease)).await, Some(None))
+    }
+}
+
+/// A walk through the access set from the least recently used on, a page at a time. Members
+/// looked at and kept stay in the set, so each page starts at the last score seen and leaves
+/// out the members of that score already seen.
+#[derive(Default)]
+struct Walk {
+    from: Option<f64>,
+    seen_at_from: HashSet<String>,
+    /// Every member was seen (a short page ended the walk).
+    exhausted: bool,
+}
+
+impl Walk {
+    /// The next members, none at the end; `None` when the coordinator failed.
+    async fn next(&mut self, c: &Cluster, limit: usize) -> Option<Vec<(String, f64)>> {
+        let from = self.from.unwrap_or(f64::NEG_INFINITY);
+        let page = c.zrange(ACCESS, from, f64::INFINITY, limit).await?;
+        let full = page.len() >= limit;
+        let mut fresh = Vec::with_capacity(page.len());
+        for (member, score) in page {
+            if Some(score) == self.from && self.seen_at_from.contains(&member) {
+                continue;
+            }
+            if Some(score) != self.from {
+                self.from = Some(score);
+                self.seen_at_from.clear();
+            }
+            self.seen_at_from.insert(member.clone());
+            fresh.push((member, score));
+        }
+        // A full page of members already seen: more than a page share one score, and the walk
+        // cannot get past them (it ends without claiming to have seen everything).
+        if fresh.is_empty() {
+            self.exhausted = !full;
+        }
+        Some(fresh)
     }
 }
 
@@ -765,6 +849,7 @@ mod tests {
         let a = fleet.replica("http://a", 1000);
         let digest = fleet.publish(&a, 1, 1000).await;
         a.flush().await;
+        assert_eq!(a.evict().await, Pass::Within { bytes: 1000 });
         // Published twice (e.g. while the coordinator was down): counted twice.
         a.published(Kind::Blob, &digest, 1000);
         a.flush().await;
@@ -779,6 +864,76 @@ mod tests {
         );
         assert_eq!(fleet.bytes().await.as_deref(), Some(&b"1000"[..]));
         assert_eq!(a.evict().await, Pass::Within { bytes: 1000 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_total_is_recounted_from_the_access_set_once_an_hour_for_the_fleet() {
+        let fleet = Fleet::new();
+        let (a, b) = (
+            fleet.replica("http://a", 1500),
+            fleet.replica("http://b", 1500),
+        );
+        let old = fleet.publish(&a, 1, 1000).await;
+        let new = fleet.publish(&b, 2, 1000).await;
+        a.flush().await;
+        b.flush().await;
+        // Redis lost the counter (a restart without persistence), not the access set.
+        fleet
+            .coordinator
+            .delete("pullthrough:shared:bytes")
+            .await
+            .unwrap();
+        assert_eq!(
+            a.evict().await,
+            Pass::Evicted {
+                objects: 1,
+                bytes: 1000,
+                remaining: 1000
+            }
+        );
+        assert!(!fleet.holds(&old).await);
+        assert!(fleet.holds(&new).await);
+
+        fleet
+            .coordinator
+            .delete("pullthrough:shared:bytes")
+            .await
+            .unwrap();
+        assert_eq!(
+            b.evict().await,
+            Pass::Within { bytes: 0 },
+            "not due again yet"
+        );
+        tokio::time::advance(RECONCILE_EVERY).await;
+        assert_eq!(b.evict().await, Pass::Within { bytes: 1000 });
+        assert_eq!(fleet.bytes().await.as_deref(), Some(&b"1000"[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_pages_past_the_objects_it_keeps() {
+        let fleet = Fleet::new();
+        let a = fleet.replica("http://a", 1150);
+        let mut digests = Vec::new();
+        for i in 0..120u8 {
+            digests.push(fleet.publish(&a, i, 10).await);
+        }
+        a.flush().await;
+        let mut guards = Vec::new();
+        for d in &digests[..PAGE + 10] {
+            guards.push(a.read(Kind::Blob, d).await);
+        }
+        assert_eq!(
+            a.evict().await,
+            Pass::Evicted {
+                objects: 5,
+                bytes: 50,
+                remaining: 1150
+            }
+        );
+        for (i, d) in digests.iter().enumerate() {
+            let evicted = (PAGE + 10..PAGE + 15).contains(&i);
+            assert_eq!(fleet.holds(d).await, !evicted, "object {i}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
