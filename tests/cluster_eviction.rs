@@ -13,6 +13,8 @@ use object_store::ObjectStore;
 use pullthrough::cluster::coordinator::Coordinator;
 use pullthrough::cluster::memory::MemoryCoordinator;
 use pullthrough::cluster::HEARTBEAT;
+use pullthrough::oci::Digest;
+use pullthrough::shared::{object_name, Kind};
 use pullthrough::Clock;
 
 async fn status(m: &TestMirror) -> serde_json::Value {
@@ -103,7 +105,16 @@ async fn members_are_listed_while_they_heartbeat_and_dropped_after() {
 async fn the_status_shows_the_cluster() {
     let upstream = FakeUpstream::start().await;
     let cluster = Shared::new();
-    // What the fleet published so far, as the coordinator counts it.
+    // What the fleet published so far, as the coordinator counts it and in its access set.
+    let object = object_name(Kind::Blob, &Digest::sha256_of(b"published"));
+    cluster
+        .coordinator
+        .zadd(
+            "pullthrough:shared:access",
+            vec![(format!("{object} 1234"), 1.0)],
+        )
+        .await
+        .unwrap();
     cluster
         .coordinator
         .add("pullthrough:shared:bytes", 1234, None)
@@ -114,9 +125,14 @@ async fn the_status_shows_the_cluster() {
             c.storage.shared.as_mut().unwrap().max_size = Some(bytesize::ByteSize::mib(2));
         })
         .await;
-    eventually("the status shows the replica", SETTLE, || async {
-        members(&a).await == vec![a.url.clone()]
-    })
+    eventually(
+        "the status shows the replica and the shared tier",
+        SETTLE,
+        || async {
+            let s = status(&a).await;
+            members(&a).await == vec![a.url.clone()] && s["cluster"]["shared"]["bytes"] == 1234
+        },
+    )
     .await;
     let s = status(&a).await;
     let c = &s["cluster"];

@@ -14,6 +14,10 @@
 //!
 //! One replica evicts at a time, holding the `lease:evictor` lease. An object with a live
 //! reader or a download lease (`lease:blob:<digest>`) is skipped.
+//!
+//! The counter can drift from the access set (a publication counted twice, a counter lost
+//! with Redis's data): a pass that has looked at every member sets it right, and once an hour
+//! one replica recounts it from the access set.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -229,11 +233,7 @@ impl Eviction {
     pub async fn read(&self, kind: Kind, digest: &Digest) -> Reading {
         let name = object_name(kind, digest);
         let set = readers_key(&name);
-        let id = format!(
-            "{} {}",
-            self.cluster.advertise(),
-            self.readers.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = self.reader_id();
         let expires = self.expiry(READ_TTL);
         // Unregistered while the coordinator is down: no evictor can check readers then.
         self.cluster.zadd(&set, vec![(id.clone(), expires)]).await;
@@ -254,14 +254,17 @@ impl Eviction {
     /// it, so do not send the client there.
     pub async fn lend(&self, kind: Kind, digest: &Digest, ttl: Duration) -> bool {
         let name = object_name(kind, digest);
-        let id = format!(
-            "{} {}",
-            self.cluster.advertise(),
-            self.readers.fetch_add(1, Ordering::Relaxed)
-        );
         let set = readers_key(&name);
-        self.cluster.zadd(&set, vec![(id, self.expiry(ttl))]).await;
+        self.cluster
+            .zadd(&set, vec![(self.reader_id(), self.expiry(ttl))])
+            .await;
         !self.is_marked(&name).await
+    }
+
+    /// A reader's id, unique in the cluster: this replica's URL and a sequence number.
+    fn reader_id(&self) -> String {
+        let n = self.readers.fetch_add(1, Ordering::Relaxed);
+        format!("{} {n}", self.cluster.advertise())
     }
 
     fn now_ms(&self) -> f64 {
