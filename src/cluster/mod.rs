@@ -7,6 +7,8 @@
 //! failures, and picks coordination up again by itself when Redis answers.
 
 pub mod coordinator;
+pub mod eviction;
+pub mod members;
 pub mod memory;
 pub mod peer;
 pub mod redis;
@@ -237,10 +239,10 @@ impl Cluster {
         self.ask("zrem", self.coordinator.zrem(&set, members)).await
     }
 
-    /// Announces this replica (its score is when the announcement expires) and returns the
-    /// members whose announcement has not.
-    pub async fn heartbeat(&self) -> Option<Vec<String>> {
-        let now = crate::clock::unix_millis(std::time::SystemTime::now()) as f64;
+    /// Announces this replica at `now` (its score is when the announcement expires) and
+    /// returns the members whose announcement has not.
+    pub async fn heartbeat(&self, now: std::time::SystemTime) -> Option<Vec<String>> {
+        let now = crate::clock::unix_millis(now) as f64;
         let expires = now + (3 * HEARTBEAT).as_millis() as f64;
         self.zadd("members", vec![(self.advertise.clone(), expires)])
             .await?;
