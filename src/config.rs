@@ -330,7 +330,8 @@ pub struct SharedStorageConfig {
     #[serde(default = "default_region")]
     pub region: String,
     /// Bound on the bytes in the shared tier; least recently used content, across the
-    /// cluster, is deleted beyond it. Default: unbounded.
+    /// cluster, is deleted beyond it. Needs `[cluster]`, whose Redis keeps the access times.
+    /// Default: unbounded.
     #[serde(with = "size", default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<bytesize::ByteSize>,
     /// Answer a blob found in the shared tier (and not on local disk) with a `307` to a
@@ -966,6 +967,13 @@ impl Config {
                     "must be greater than zero",
                 ));
             }
+            if shared.max_size.is_some() && self.cluster.is_none() {
+                return Err(bad(
+                    "storage.shared.max_size",
+                    &shared.max_size.map(|m| m.to_string()).unwrap_or_default(),
+                    "needs [cluster]: the shared tier's access times are kept in its Redis",
+                ));
+            }
             if shared.redirect_ttl.is_zero() {
                 return Err(bad(
                     "storage.shared.redirect_ttl",
@@ -1271,6 +1279,27 @@ mod tests {
         assert!(parse_size("-1GiB").is_err());
         assert_eq!(format_size(bytesize::ByteSize::gib(50)), "50GiB");
         assert_eq!(format_size(bytesize::ByteSize(1500)), "1500B");
+    }
+
+    #[test]
+    fn a_shared_tier_bound_needs_a_cluster() {
+        let shared = "[storage.shared]\nendpoint = \"http://garage:3900\"\nbucket = \"b\"\nmax_size = \"2TiB\"\n";
+        let mut c = Config::from_toml(shared).unwrap();
+        let s = c.storage.shared.as_mut().unwrap();
+        s.access_key_id = Some(Secret::new("k"));
+        s.secret_access_key = Some(Secret::new("s"));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("storage.shared.max_size") && err.contains("[cluster]"),
+            "{err}"
+        );
+        let mut cluster: ClusterConfig = toml::from_str(
+            "redis = \"redis://redis:6379/0\"\nadvertise = \"http://10.0.0.5:5000\"",
+        )
+        .unwrap();
+        cluster.secret = Some(Secret::new("sixteen characters"));
+        c.cluster = Some(cluster);
+        c.validate().unwrap();
     }
 
     fn upstream_error(toml: &str) -> String {

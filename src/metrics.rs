@@ -702,6 +702,11 @@ impl Metrics {
         self.leases_taken_over.inc();
     }
 
+    /// Downloads taken over since start, for the status page.
+    pub fn leases_taken_over(&self) -> u64 {
+        self.leases_taken_over.get()
+    }
+
     pub fn coordinator(&self, up: bool) {
         self.coordinator_up.set(i64::from(up));
         if !up {

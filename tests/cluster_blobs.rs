@@ -12,8 +12,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::fleet::Fleet;
 use common::upstream::pseudo_random;
-use common::{eventually, metric_sum, x_cache, FakeUpstream, Fleet, TestMirror, SETTLE};
+use common::{eventually, metric_sum, x_cache, FakeUpstream, TestMirror, SETTLE};
 use object_store::path::Path;
 use object_store::ObjectStore;
 use pullthrough::cluster::coordinator::{Claim, Coordinator};
@@ -52,15 +53,15 @@ async fn sum_over(replicas: &[&TestMirror], family: &str, label: &str) -> f64 {
 
 #[tokio::test]
 async fn concurrent_misses_on_three_replicas_fetch_upstream_once() {
-    let up = FakeUpstream::start().await;
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
     let body = pseudo_random(4 * MIB, 1);
     let digest = up.add_blob(body.clone());
     up.behave(|b| b.hold_blob_after = Some(MIB as u64));
-    let fleet = Fleet::new();
     let replicas = [
-        Arc::new(fleet.replica(&up, |_| {}).await),
-        Arc::new(fleet.replica(&up, |_| {}).await),
-        Arc::new(fleet.replica(&up, |_| {}).await),
+        Arc::new(fleet.replica().await),
+        Arc::new(fleet.replica().await),
+        Arc::new(fleet.replica().await),
     ];
     let mut clients = Vec::new();
     for r in &replicas {
@@ -98,11 +99,11 @@ async fn all_waiting(replicas: &[&TestMirror]) -> f64 {
 
 #[tokio::test]
 async fn a_replica_with_an_empty_disk_is_served_from_the_shared_tier() {
-    let up = FakeUpstream::start().await;
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
     let body = pseudo_random(6 * MIB + 7, 2);
     let digest = up.add_blob(body.clone());
-    let fleet = Fleet::new();
-    let first = fleet.replica(&up, |_| {}).await;
+    let first = fleet.replica().await;
     assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
     let store = fleet.store.clone();
     eventually(
@@ -112,7 +113,7 @@ async fn a_replica_with_an_empty_disk_is_served_from_the_shared_tier() {
     )
     .await;
 
-    let fresh = fleet.replica(&up, |_| {}).await;
+    let fresh = fleet.replica().await;
     let resp = fresh.head(&blob_path(&digest)).send().await.unwrap();
     assert_eq!(
         resp.headers()["content-length"],
@@ -161,10 +162,10 @@ async fn dying_peer(body: Vec<u8>, send: usize) -> String {
 
 #[tokio::test]
 async fn a_dead_lease_holder_is_taken_over_from_where_the_follower_got_to() {
-    let up = FakeUpstream::start().await;
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
     let body = pseudo_random(5 * MIB, 3);
     let digest = up.add_blob(body.clone());
-    let fleet = Fleet::new();
     let cut_at = body.len() * 2 / 5;
     let holder = dying_peer(body.clone(), cut_at).await;
     let key = format!("pullthrough:lease:blob:{digest}");
@@ -175,7 +176,7 @@ async fn a_dead_lease_holder_is_taken_over_from_where_the_follower_got_to() {
         .unwrap();
     assert!(matches!(claim, Claim::Acquired(_)));
 
-    let follower = fleet.replica(&up, |_| {}).await;
+    let follower = fleet.replica().await;
     assert_eq!(
         get_bytes(&follower, &blob_path(&digest)).await.unwrap(),
         body
@@ -200,10 +201,10 @@ async fn a_dead_lease_holder_is_taken_over_from_where_the_follower_got_to() {
 
 #[tokio::test]
 async fn a_shared_object_that_does_not_match_its_digest_is_deleted_and_never_served() {
-    let up = FakeUpstream::start().await;
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
     let body = pseudo_random(2 * MIB, 4);
     let digest = up.add_blob(body.clone());
-    let fleet = Fleet::new();
     let mut corrupt = body.clone();
     corrupt[MIB] ^= 0xff;
     fleet
@@ -212,7 +213,7 @@ async fn a_shared_object_that_does_not_match_its_digest_is_deleted_and_never_ser
         .await
         .unwrap();
 
-    let replica = fleet.replica(&up, |_| {}).await;
+    let replica = fleet.replica().await;
     let first = get_bytes(&replica, &blob_path(&digest)).await;
     assert!(
         first.is_err(),
@@ -232,10 +233,10 @@ async fn a_shared_object_that_does_not_match_its_digest_is_deleted_and_never_ser
 
 #[tokio::test]
 async fn replicas_download_alone_while_the_coordinator_is_down_and_coordinate_again_after() {
-    let up = FakeUpstream::start().await;
-    let fleet = Fleet::new();
-    let a = Arc::new(fleet.replica(&up, |_| {}).await);
-    let b = Arc::new(fleet.replica(&up, |_| {}).await);
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
+    let a = Arc::new(fleet.replica().await);
+    let b = Arc::new(fleet.replica().await);
 
     fleet.coordinator.set_down(true);
     let body = pseudo_random(MIB, 5);
@@ -250,21 +251,8 @@ async fn replicas_download_alone_while_the_coordinator_is_down_and_coordinate_ag
     assert!(common::metric(&metrics, "pullthrough_cluster_coordinator_errors_total") >= 1.0);
 
     fleet.coordinator.set_down(false);
-    // A replica asks again half a lease after its last failure: any download then finds
-    // the coordinator back.
-    for (seed, r) in [(60, &a), (61, &b)] {
-        let mut n = 0;
-        eventually("the replica reaches the coordinator again", SETTLE, || {
-            n += 1;
-            let digest = up.add_blob(pseudo_random(1000, seed * 1000 + n));
-            let r = r.clone();
-            async move {
-                get_bytes(&r, &blob_path(&digest)).await.unwrap();
-                common::metric(&r.metrics().await, "pullthrough_cluster_coordinator_up") == 1.0
-            }
-        })
-        .await;
-    }
+    // A replica asks again half a lease after its last failure.
+    fleet.advance(Duration::from_secs(3));
     let body = pseudo_random(2 * MIB, 6);
     let digest = up.add_blob(body.clone());
     let before = up.blob_gets();
@@ -294,11 +282,11 @@ async fn replicas_download_alone_while_the_coordinator_is_down_and_coordinate_ag
 
 #[tokio::test]
 async fn peer_requests_need_the_cluster_secret() {
-    let up = FakeUpstream::start().await;
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
     let body = pseudo_random(100_000, 7);
     let digest = up.add_blob(body.clone());
-    let fleet = Fleet::new();
-    let replica = fleet.replica(&up, |_| {}).await;
+    let replica = fleet.replica().await;
     assert_eq!(
         get_bytes(&replica, &blob_path(&digest)).await.unwrap(),
         body

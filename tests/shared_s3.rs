@@ -190,7 +190,10 @@ async fn replica(
     shared.secret_access_key = Some(Secret::new(garage.secret.clone()));
     tweak(&mut config);
     let coordinator = coordinator.clone();
-    TestMirror::launch_on(listener, config, dir, |s| s.coordinator(coordinator)).await
+    TestMirror::launch_on(listener, pullthrough::Clock::manual(), config, dir, |s| {
+        s.coordinator(coordinator)
+    })
+    .await
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 //! failures, and picks coordination up again by itself when Redis answers.
 
 pub mod coordinator;
+pub mod eviction;
+pub mod members;
 pub mod memory;
 pub mod peer;
 pub mod redis;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use coordinator::{Claim, CoordResult, Coordinator, Lease};
 
+use crate::clock::Clock;
 use crate::config::{ClusterConfig, Secret};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -46,7 +49,8 @@ pub struct Cluster {
     /// Whether the last coordinator request succeeded (a failure is warned once per outage).
     reachable: AtomicBool,
     /// When the last request failed, while the coordinator is unreachable.
-    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    failed_at: std::sync::Mutex<Option<std::time::SystemTime>>,
+    clock: Clock,
     metrics: Arc<Metrics>,
     peers: peer::Peers,
 }
@@ -56,6 +60,7 @@ impl Cluster {
         coordinator: Arc<dyn Coordinator>,
         config: &ClusterConfig,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Cluster {
         metrics.coordinator(true);
         let secret = config.secret.clone().unwrap_or_else(|| Secret::new(""));
@@ -67,15 +72,20 @@ impl Cluster {
             lease_ttl: config.lease_ttl,
             reachable: AtomicBool::new(true),
             failed_at: std::sync::Mutex::new(None),
+            clock,
             metrics,
         }
     }
 
     /// The cluster of `config`, coordinated by its Redis server. Connects lazily: a replica
     /// starts, and serves alone, while Redis is down.
-    pub fn connect(config: &ClusterConfig, metrics: Arc<Metrics>) -> anyhow::Result<Cluster> {
+    pub fn connect(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> anyhow::Result<Cluster> {
         let redis = redis::RedisCoordinator::new(config.redis.expose())?;
-        Ok(Cluster::new(Arc::new(redis), config, metrics))
+        Ok(Cluster::new(Arc::new(redis), config, metrics, clock))
     }
 
     /// This replica's URL, as the others reach it.
@@ -122,8 +132,12 @@ impl Cluster {
         what: &str,
         request: impl std::future::Future<Output = CoordResult<T>>,
     ) -> Option<T> {
-        let recently_failed =
-            crate::sync::lock(&self.failed_at).is_some_and(|at| at.elapsed() < self.retry_after());
+        let recently_failed = crate::sync::lock(&self.failed_at).is_some_and(|at| {
+            self.clock
+                .now()
+                .duration_since(at)
+                .is_ok_and(|d| d < self.retry_after())
+        });
         if recently_failed {
             return None;
         }
@@ -141,7 +155,7 @@ impl Cluster {
                 Some(v)
             }
             Err(e) => {
-                *crate::sync::lock(&self.failed_at) = Some(tokio::time::Instant::now());
+                *crate::sync::lock(&self.failed_at) = Some(self.clock.now());
                 if self.reachable.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, request = what, "the cluster coordinator is unreachable; each replica serves alone until it is back");
                 }
@@ -225,10 +239,10 @@ impl Cluster {
         self.ask("zrem", self.coordinator.zrem(&set, members)).await
     }
 
-    /// Announces this replica (its score is when the announcement expires) and returns the
-    /// members whose announcement has not.
-    pub async fn heartbeat(&self) -> Option<Vec<String>> {
-        let now = crate::clock::unix_millis(std::time::SystemTime::now()) as f64;
+    /// Announces this replica at `now` (its score is when the announcement expires) and
+    /// returns the members whose announcement has not.
+    pub async fn heartbeat(&self, now: std::time::SystemTime) -> Option<Vec<String>> {
+        let now = crate::clock::unix_millis(now) as f64;
         let expires = now + (3 * HEARTBEAT).as_millis() as f64;
         self.zadd("members", vec![(self.advertise.clone(), expires)])
             .await?;

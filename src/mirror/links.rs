@@ -9,16 +9,17 @@ use crate::outcome::ObjectKind;
 use crate::upstream;
 
 impl Mirror {
-    /// Records that the upstream served `digest` for `target`'s repository.
+    /// Records that the upstream served `digest` for `target`'s repository, and shares a new
+    /// link with the other replicas.
     pub(super) async fn link(&self, target: &Target, digest: &Digest) {
-        self.store
-            .links
-            .add(target.registry(), &target.repo, digest)
-            .await;
+        let (registry, repo) = (target.registry(), &target.repo);
+        if self.store.links.add(registry, repo, digest).await {
+            self.share_link(registry, repo, digest).await;
+        }
     }
 
-    /// Makes sure `digest` may be answered under `target`'s repository: linked already, or
-    /// confirmed now with an upstream `HEAD` and linked.
+    /// Makes sure `digest` may be answered under `target`'s repository: linked already (here or
+    /// by another replica), or confirmed now with an upstream `HEAD` and linked.
     pub(super) async fn confirm_link(
         &self,
         target: &Target,
@@ -30,6 +31,16 @@ impl Mirror {
             .links
             .contains(target.registry(), &target.repo, digest)
         {
+            return Ok(());
+        }
+        if self
+            .fleet_link(target.registry(), &target.repo, digest)
+            .await
+        {
+            self.store
+                .links
+                .add(target.registry(), &target.repo, digest)
+                .await;
             return Ok(());
         }
         let confirmed = match kind {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::fleet::FleetTag;
 use super::{Error, Mirror, Target};
 use crate::oci::{media, Accept, Digest, Reference, RepoName, Tag};
 use crate::outcome::{CacheStatus, ObjectKind};
@@ -163,7 +164,10 @@ impl Mirror {
     ) -> Result<ManifestAnswer, Error> {
         if head {
             // From the store, or from an upstream HEAD without spending a pull.
-            let stored = self.stored_manifest(digest).await?;
+            let stored = match self.stored_manifest(digest).await? {
+                Some(m) => Some(m),
+                None => self.shared_manifest(digest).await,
+            };
             let answer = match stored {
                 Some(m) => {
                     self.confirm_link(target, digest, ObjectKind::Manifest)
@@ -242,9 +246,10 @@ impl Mirror {
     }
 
     /// What `tag` points to: from the cache within the upstream's tag TTL (for ever for a tag
-    /// its policy names immutable), else revalidated with an upstream HEAD (one per tag
-    /// however many clients ask), else the cached value when the upstream is failing. A tag never seen is fetched with one GET when the caller wants the manifest
-    /// anyway (`want_body`), and with a HEAD otherwise.
+    /// its policy names immutable), or from the record another replica shared within it, else
+    /// revalidated with an upstream HEAD (one per tag however many clients ask), else the
+    /// cached value when the upstream is failing. A tag never seen is fetched with one GET when
+    /// the caller wants the manifest anyway (`want_body`), and with a HEAD otherwise.
     async fn resolve_tag(
         self: &Arc<Self>,
         target: &Target,
@@ -288,6 +293,25 @@ impl Mirror {
                 Ok(fresher) => fresher.or(cached),
                 Err(_) => cached,
             };
+            // Another replica may have fetched, revalidated or missed the tag since.
+            let cached = match this.fleet_tag(&flight_key).await {
+                Some(FleetTag::Missing(e, at))
+                    if this.clock.since(at) < this.config.cache.negative_ttl =>
+                {
+                    this.missing_tags.insert(flight_key, (e.clone(), at));
+                    return Err(e.into());
+                }
+                Some(FleetTag::Record(r)) if fresh(this.clock.since(r.fetched_at)) => {
+                    this.keep_tag(&flight_key, &r).await;
+                    return Ok(Resolved::Record(r, CacheStatus::Hit));
+                }
+                Some(FleetTag::Record(r))
+                    if cached.as_ref().is_none_or(|c| c.fetched_at < r.fetched_at) =>
+                {
+                    Some(r)
+                }
+                _ => cached,
+            };
             let result = match cached {
                 None if want_body => this.fetch_tag(&up, &flight_key).await,
                 cached => {
@@ -295,9 +319,10 @@ impl Mirror {
                         .await
                 }
             };
-            if let Err(Error::Upstream(e @ upstream::Error::NotFound { .. })) = &result {
-                this.missing_tags
-                    .insert(flight_key, (e.clone(), this.clock.now()));
+            if let Err(Error::Upstream(e @ upstream::Error::NotFound { message })) = &result {
+                let now = this.clock.now();
+                this.share_missing(&flight_key, message, now).await;
+                this.missing_tags.insert(flight_key, (e.clone(), now));
             }
             result
         });
@@ -386,9 +411,13 @@ impl Mirror {
     }
 
     /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed: a
-    /// `Hit` from the store, else a `Miss` fetched from the upstream for `repo`.
+    /// `Hit` from the store or the shared tier, else a `Miss` fetched from the upstream for
+    /// `repo`.
     async fn manifest_bytes(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> FetchResult {
         if let Some(m) = self.stored_manifest(digest).await? {
+            return Ok((Fetched::Stored(m), CacheStatus::Hit));
+        }
+        if let Some(m) = self.shared_manifest(digest).await {
             return Ok((Fetched::Stored(m), CacheStatus::Hit));
         }
         let reference = Reference::Digest(digest.clone());
@@ -401,7 +430,13 @@ impl Mirror {
         ))
     }
 
+    /// Stores what a fetch or revalidation of the tag found, and shares it with the fleet.
     async fn save_tag(&self, key: &TagKey, record: &TagRecord) {
+        self.keep_tag(key, record).await;
+        self.share_tag(key, record).await;
+    }
+
+    async fn keep_tag(&self, key: &TagKey, record: &TagRecord) {
         if let Err(e) = self.store.tags.put(key, record.clone()).await {
             tracing::warn!(error = %e, "cannot persist tag record");
         }
@@ -492,6 +527,7 @@ impl Mirror {
         if let Err(e) = self.store.put_manifest(manifest.clone()).await {
             tracing::error!(digest = %manifest.digest, error = %e, "cannot store manifest; serving it uncached");
         }
+        self.share_manifest(&manifest);
         Ok(Fetched::Stored(manifest))
     }
 }

@@ -7,6 +7,7 @@
 mod blobs;
 mod budget;
 mod error;
+mod fleet;
 mod links;
 mod manifests;
 mod referrers;
@@ -22,6 +23,8 @@ pub use manifests::ManifestAnswer;
 
 use crate::clock::Clock;
 use crate::cluster::coordinator::Coordinator;
+use crate::cluster::eviction::{Eviction, Pass};
+use crate::cluster::members::Members;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::download::Downloads;
@@ -70,6 +73,10 @@ pub struct Mirror {
     shared: Option<Arc<SharedTier>>,
     /// Coordination with the other replicas (`[cluster]`).
     cluster: Option<Arc<Cluster>>,
+    /// The cluster's live members, by heartbeat (`[cluster]`).
+    members: Option<Members>,
+    /// Access times and eviction of the shared tier (`[storage.shared]` with `[cluster]`).
+    eviction: Option<Arc<Eviction>>,
     metrics: Arc<Metrics>,
     downloads: Downloads,
     verifications: Verifications,
@@ -113,14 +120,34 @@ impl Mirror {
             (None, _) => None,
         };
         let cluster = match (&config.cluster, services.coordinator) {
-            (Some(cfg), Some(c)) => Some(Arc::new(Cluster::new(c, cfg, metrics.clone()))),
-            (Some(cfg), None) => Some(Arc::new(Cluster::connect(cfg, metrics.clone())?)),
+            (Some(cfg), Some(c)) => Some(Arc::new(Cluster::new(
+                c,
+                cfg,
+                metrics.clone(),
+                clock.clone(),
+            ))),
+            (Some(cfg), None) => Some(Arc::new(Cluster::connect(
+                cfg,
+                metrics.clone(),
+                clock.clone(),
+            )?)),
             (None, _) => None,
+        };
+        let members = cluster.clone().map(|c| Members::new(c, clock.clone()));
+        let eviction = match (&shared, &cluster, &config.storage.shared) {
+            (Some(tier), Some(c), Some(cfg)) => Some(Arc::new(Eviction::new(
+                c.clone(),
+                tier.clone(),
+                cfg.max_size.map(|m| m.as_u64()),
+                clock.clone(),
+                metrics.clone(),
+            ))),
+            _ => None,
         };
         let mut upstreams = HashMap::new();
         let mut policies = HashMap::new();
         for (name, cfg) in &config.upstreams {
-            let up = Upstream::new(name, cfg, metrics.clone(), clock.clone())?;
+            let up = Upstream::new(name, cfg, metrics.clone(), clock.clone(), cluster.clone())?;
             upstreams.insert(name.clone(), Arc::new(up));
             let policy = Policy::new(
                 cfg.tag_ttl.unwrap_or(config.cache.tag_ttl),
@@ -139,6 +166,8 @@ impl Mirror {
             ),
             shared,
             cluster,
+            members,
+            eviction,
             verifications: Verifications::new(store.clone(), metrics.clone()),
             store,
             metrics,
@@ -326,7 +355,7 @@ impl Mirror {
         let (by_requests, by_bytes) = self.repositories.top(10);
         let cache = self.store.index.stats();
         let totals = self.metrics.totals();
-        serde_json::json!({
+        let mut status = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "now": rfc3339(now),
             "upstreams": upstreams,
@@ -350,7 +379,60 @@ impl Mirror {
             },
             "top_repositories": {"by_requests": by_requests, "by_bytes": by_bytes},
             "recent_errors": recent_errors,
-        })
+        });
+        if let Some(cluster) = self.cluster_status() {
+            status["cluster"] = cluster;
+        }
+        status
+    }
+
+    /// Whether this replica is part of a cluster (`[cluster]`): its periodic work runs then.
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Announces this replica to the cluster and refreshes the member list.
+    pub async fn heartbeat(&self) {
+        if let Some(members) = &self.members {
+            members.heartbeat().await;
+        }
+    }
+
+    /// Sends the shared tier's batched access times to the coordinator.
+    pub async fn flush_shared_accesses(&self) {
+        if let Some(eviction) = &self.eviction {
+            eviction.flush().await;
+        }
+    }
+
+    /// One eviction pass of the shared tier (see `cluster::eviction`).
+    pub async fn evict_shared(&self) {
+        let Some(eviction) = &self.eviction else {
+            return;
+        };
+        if let Pass::Busy { holder } = eviction.evict().await {
+            tracing::debug!(%holder, "another replica evicts the shared tier");
+        }
+    }
+
+    /// The status page's `cluster` object: members, the coordinator, leases, the shared tier.
+    fn cluster_status(&self) -> Option<serde_json::Value> {
+        let cluster = self.cluster.as_ref()?;
+        let shared = self.eviction.as_ref().map(|e| {
+            serde_json::json!({
+                "max_bytes": e.max(),
+                "bytes": e.bytes(),
+                "evictions": e.evictions(),
+            })
+        });
+        Some(serde_json::json!({
+            "self": cluster.advertise(),
+            "members": self.members.as_ref().map(Members::live).unwrap_or_default(),
+            "coordinator": if cluster.is_reachable() { "up" } else { "down" },
+            "leases_held": self.metrics.leases_held.get(),
+            "leases_taken_over": self.metrics.leases_taken_over(),
+            "shared": shared,
+        }))
     }
 
     /// Notices a `cache prune` run beside this process: what it deleted leaves the index (and

@@ -210,6 +210,7 @@ async fn run(
     let trusted_proxies = TrustedProxies::new(config.server.trusted_proxies.clone());
     let mirror_metrics = metrics.clone();
     let (warm, warm_clock) = (config.warm.clone(), clock.clone());
+    let cluster_clock = clock.clone();
     let mirror = Arc::new(
         tokio::task::spawn_blocking(move || Mirror::new(config, mirror_metrics, clock, services))
             .await??,
@@ -249,6 +250,9 @@ async fn run(
     )));
     if let Some(tls) = &tls {
         background.push(tokio::spawn(reload_tls_on_sighup(tls.clone())));
+    }
+    if mirror.is_clustered() {
+        background.extend(cluster_periodically(&mirror, &cluster_clock));
     }
     if !warm.images.is_empty() {
         background.push(tokio::spawn(crate::warm::schedule::run(
@@ -546,6 +550,57 @@ async fn sample_periodically(mirror: Arc<Mirror>, every: Duration) {
     loop {
         tick.tick().await;
         mirror.sample();
+    }
+}
+
+/// How often the clock is looked at by the cluster's periodic work, which follows the
+/// mirror's [`Clock`] (moved by tests with `advance`) rather than timers of its own.
+const CLOCK_CHECK: Duration = Duration::from_secs(1);
+
+/// The cluster's periodic work: heartbeats (on their own, so that a long eviction pass never
+/// delays them past the members' expiry), and the shared tier's access flushes and eviction
+/// passes.
+fn cluster_periodically(mirror: &Arc<Mirror>, clock: &Clock) -> Vec<tokio::task::JoinHandle<()>> {
+    let heartbeat = {
+        let (mirror, clock) = (mirror.clone(), clock.clone());
+        async move {
+            on_clock(&clock, crate::cluster::HEARTBEAT, || mirror.heartbeat()).await;
+        }
+    };
+    let flush = {
+        let (mirror, clock) = (mirror.clone(), clock.clone());
+        async move {
+            use crate::cluster::eviction::FLUSH_EVERY;
+            on_clock(&clock, FLUSH_EVERY, || mirror.flush_shared_accesses()).await;
+        }
+    };
+    let evict = {
+        let (mirror, clock) = (mirror.clone(), clock.clone());
+        async move {
+            use crate::cluster::eviction::EVICT_EVERY;
+            on_clock(&clock, EVICT_EVERY, || mirror.evict_shared()).await;
+        }
+    };
+    vec![
+        tokio::spawn(heartbeat),
+        tokio::spawn(flush),
+        tokio::spawn(evict),
+    ]
+}
+
+/// Runs `work` at once and then each time `every` has passed on `clock`, until aborted.
+async fn on_clock<F, Fut>(clock: &Clock, every: Duration, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut due = clock.now();
+    loop {
+        if clock.now() >= due {
+            work().await;
+            due = clock.now() + every;
+        }
+        tokio::time::sleep(CLOCK_CHECK.min(every)).await;
     }
 }
 

@@ -65,13 +65,14 @@ impl Links {
 
     /// Links `digest` to the repository, in memory at once and on disk off the async workers.
     /// A link that cannot be written is kept in memory (and made again after a restart).
-    pub async fn add(&self, registry: &str, repo: &RepoName, digest: &Digest) {
+    /// Returns whether the link is new.
+    pub async fn add(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
         {
             let mut table = crate::sync::lock(&self.table);
             // Most calls find the link made (a tag's manifest is linked on every request):
             // look before allocating the key.
             if contains(&table, registry, repo, digest) {
-                return;
+                return false;
             }
             insert(&mut table, registry, repo.clone(), digest.clone());
         }
@@ -83,6 +84,7 @@ impl Links {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist a repository link"),
             Err(e) => tracing::warn!(error = %e, "cannot persist a repository link"),
         }
+        true
     }
 }
 
@@ -131,11 +133,14 @@ mod tests {
         let digest = Digest::sha256_of(b"layer");
         let links = Links::open(dir.path(), true).unwrap();
         assert!(!links.contains("docker.io", &repo, &digest));
-        links.add("docker.io", &repo, &digest).await;
+        assert!(links.add("docker.io", &repo, &digest).await, "a new link");
         assert!(!Links::open(dir.path(), false)
             .unwrap()
             .contains("docker.io", &repo, &digest));
-        links.add("docker.io", &repo, &digest).await;
+        assert!(
+            !links.add("docker.io", &repo, &digest).await,
+            "made already"
+        );
         links.add("docker.io", &repo, &digest).await;
         assert!(links.contains("docker.io", &repo, &digest));
         assert!(!links.contains("docker.io", &other, &digest));

@@ -39,6 +39,31 @@ fn weigh(_: &Digest, m: &Arc<Manifest>) -> u32 {
     u32::try_from(m.bytes.len()).unwrap_or(u32::MAX)
 }
 
+/// A manifest as a file holds it (on disk, and in the shared tier): its media type, a
+/// newline, its exact bytes.
+pub fn encode(m: &Manifest) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(m.media_type.len() + 1 + m.bytes.len());
+    raw.extend_from_slice(m.media_type.as_bytes());
+    raw.push(b'\n');
+    raw.extend_from_slice(&m.bytes);
+    raw
+}
+
+/// The manifest `digest` from what [`encode`] made; `None` when it has no media type line or
+/// its bytes do not hash to `digest`.
+pub fn decode(digest: &Digest, raw: Bytes) -> Option<Manifest> {
+    let newline = raw.iter().position(|&b| b == b'\n')?;
+    let bytes = raw.slice(newline + 1..);
+    if Digest::sha256_of(&bytes) != *digest {
+        return None;
+    }
+    Some(Manifest {
+        digest: digest.clone(),
+        media_type: String::from_utf8_lossy(&raw[..newline]).into_owned(),
+        bytes,
+    })
+}
+
 impl Manifests {
     pub(super) fn new(dir: PathBuf, tmp: PathBuf, index: Arc<Index>) -> Manifests {
         Manifests {
@@ -74,26 +99,15 @@ impl Manifests {
             self.index.remove(&Key::manifest(digest));
             return Ok(None);
         };
-        let raw = Bytes::from(raw);
-        let Some(newline) = raw.iter().position(|&b| b == b'\n') else {
-            tracing::warn!(%digest, "stored manifest has no media type line; ignoring it");
-            return Ok(None);
-        };
-        let bytes = raw.slice(newline + 1..);
-        // Manifests are small: re-hashing on load means a damaged file is never served.
-        if Digest::sha256_of(&bytes) != *digest {
-            tracing::warn!(%digest, "stored manifest does not match its digest; removing it");
+        let Some(m) = decode(digest, Bytes::from(raw)) else {
+            // Manifests are small: re-hashing on load means a damaged file is never served.
+            tracing::warn!(%digest, "stored manifest is damaged or does not match its digest; removing it");
             self.index.remove(&Key::manifest(digest));
             let path = digest_path(&self.dir, digest);
             blocking(move || std::fs::remove_file(path)).await.ok();
             return Ok(None);
-        }
-        let media_type = String::from_utf8_lossy(&raw[..newline]).into_owned();
-        let m = Arc::new(Manifest {
-            digest: digest.clone(),
-            media_type,
-            bytes,
-        });
+        };
+        let m = Arc::new(m);
         self.memory.insert(digest.clone(), m.clone());
         Ok(Some(m))
     }
@@ -113,10 +127,7 @@ impl Manifests {
     pub(super) async fn put(&self, m: Arc<Manifest>) -> io::Result<Vec<Key>> {
         let path = digest_path(&self.dir, &m.digest);
         let tmp = self.tmp.clone();
-        let mut raw = Vec::with_capacity(m.media_type.len() + 1 + m.bytes.len());
-        raw.extend_from_slice(m.media_type.as_bytes());
-        raw.push(b'\n');
-        raw.extend_from_slice(&m.bytes);
+        let raw = encode(&m);
         let size = raw.len() as u64;
         if let Err(e) = blocking(move || write_atomic(&tmp, &path, &raw)).await {
             self.keep_unwritten(m);

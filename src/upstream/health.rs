@@ -34,6 +34,13 @@ pub struct Health {
     inner: Mutex<Inner>,
 }
 
+/// A change of state that the other replicas should learn (see `upstream::fleet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    BackingOff { until: SystemTime },
+    Recovered,
+}
+
 /// Whether a request may go to the upstream; a probe must report its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -75,25 +82,23 @@ impl Health {
         }
     }
 
-    /// Records a request's result: `outage` for unreachable, timeout and 5xx.
-    pub fn record(&self, admission: Admission, outage: bool) {
+    /// Records a request's result: `outage` for unreachable, timeout and 5xx. Returns the
+    /// change of state it made, if any.
+    pub fn record(&self, admission: Admission, outage: bool) -> Option<Change> {
         let mut s = self.lock();
         if admission == Admission::Probe {
             s.probing = false;
         }
         if !outage {
-            if s.down_until.is_some() {
-                tracing::info!(url = %self.url, "upstream is answering again");
-            }
             s.failures = 0;
-            s.down_until = None;
             s.backoff = self.base_backoff;
-            return;
+            s.down_until.take()?;
+            tracing::info!(url = %self.url, "upstream is answering again");
+            return Some(Change::Recovered);
         }
         s.failures += 1;
         if admission == Admission::Probe {
             s.backoff = (s.backoff * 2).min(self.max_backoff);
-            s.down_until = Some(self.clock.now() + s.backoff);
         } else if s.failures >= self.threshold && s.down_until.is_none() {
             tracing::warn!(
                 url = %self.url,
@@ -101,8 +106,25 @@ impl Health {
                 backoff_secs = s.backoff.as_secs_f64(),
                 "upstream failing repeatedly; backing off"
             );
-            s.down_until = Some(self.clock.now() + s.backoff);
+        } else {
+            return None;
         }
+        let until = self.clock.now() + s.backoff;
+        s.down_until = Some(until);
+        Some(Change::BackingOff { until })
+    }
+
+    /// Backs off until `until` because another replica does, unless this one already backs
+    /// off longer. Past `until`, one probe goes through as after a back-off of its own.
+    pub fn learn(&self, until: SystemTime) {
+        let mut s = self.lock();
+        if until <= self.clock.now() || s.down_until.is_some_and(|d| d >= until) {
+            return;
+        }
+        if s.down_until.is_none() {
+            tracing::warn!(url = %self.url, "another replica backs off this upstream URL; so does this one");
+        }
+        s.down_until = Some(until);
     }
 
     pub fn state(&self) -> State {
@@ -145,5 +167,40 @@ mod tests {
         h.record(Admission::Probe, true);
         clock.advance(Duration::from_secs(12));
         assert_eq!(h.admit(), Admission::Refuse, "back-off doubled to 20 s");
+    }
+
+    #[test]
+    fn a_learned_back_off_refuses_until_it_ends_then_probes() {
+        let clock = Clock::manual();
+        let h = Health::new("http://a", 3, Duration::from_secs(10), clock.clone());
+        h.learn(clock.now() - Duration::from_secs(1));
+        assert_eq!(h.state(), State::Up, "an expired back-off is not learned");
+        h.learn(clock.now() + Duration::from_secs(30));
+        assert_eq!(h.admit(), Admission::Refuse);
+        h.learn(clock.now() + Duration::from_secs(5));
+        clock.advance(Duration::from_secs(20));
+        assert_eq!(
+            h.admit(),
+            Admission::Refuse,
+            "a shorter one does not shorten it"
+        );
+        clock.advance(Duration::from_secs(11));
+        assert_eq!(h.admit(), Admission::Probe);
+        assert_eq!(h.record(Admission::Probe, false), Some(Change::Recovered));
+        assert_eq!(h.state(), State::Up);
+    }
+
+    #[test]
+    fn only_changes_of_state_are_reported() {
+        let clock = Clock::manual();
+        let h = Health::new("http://a", 2, Duration::from_secs(10), clock.clone());
+        assert_eq!(h.record(Admission::Go, false), None);
+        assert_eq!(h.record(Admission::Go, true), None);
+        let before = clock.now() + Duration::from_secs(10);
+        let change = h.record(Admission::Go, true);
+        assert!(
+            matches!(change, Some(Change::BackingOff { until }) if until >= before),
+            "{change:?}"
+        );
     }
 }

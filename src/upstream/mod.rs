@@ -6,10 +6,12 @@
 //! (429) or is down passes the request to the next, a 404 is an answer. Each URL keeps its own
 //! auth (realm, tokens), health and pull budget. All of an upstream's requests share its caps:
 //! `max_concurrent_requests` (a permit held until the response body ends) and
-//! `max_requests_per_second` (waited for, never failed).
+//! `max_requests_per_second` (waited for, never failed). With `[cluster]`, back-offs, budget
+//! readings and `max_pulls` are the fleet's (see `fleet`).
 
 pub mod auth;
 pub mod credentials;
+mod fleet;
 pub mod health;
 pub mod ratelimit;
 
@@ -26,8 +28,9 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::Clock;
+use crate::cluster::Cluster;
 use crate::config::UpstreamConfig;
-use crate::metrics::{BudgetSample, Metrics};
+use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference, RepoName};
 
 /// Manifests larger than this are refused: the distribution registry's own limit.
@@ -343,6 +346,10 @@ pub struct Upstream {
     clock: Clock,
     /// When an outage was last logged at warn.
     last_outage_log: Mutex<Option<SystemTime>>,
+    /// The replicas this one shares back-offs, budget readings and counted pulls with.
+    cluster: Option<Arc<Cluster>>,
+    /// When the others' state was last learned (see `fleet`).
+    synced_at: Mutex<Option<SystemTime>>,
     /// The latest failures (not 404s), newest last, for the status page.
     recent_errors: Mutex<std::collections::VecDeque<(SystemTime, String)>>,
 }
@@ -365,6 +372,7 @@ impl Upstream {
         config: &UpstreamConfig,
         metrics: Arc<Metrics>,
         clock: Clock,
+        cluster: Option<Arc<Cluster>>,
     ) -> anyhow::Result<Upstream> {
         // Redirects are followed by reqwest, which drops Authorization when the host changes:
         // the registry's token must never reach the CDN.
@@ -433,6 +441,8 @@ impl Upstream {
             served_last: AtomicUsize::new(usize::MAX),
             clock,
             last_outage_log: Mutex::new(None),
+            cluster,
+            synced_at: Mutex::new(None),
             recent_errors: Mutex::new(std::collections::VecDeque::new()),
             pull_cap,
             concurrency,
@@ -520,6 +530,7 @@ impl Upstream {
         permit: Option<OwnedSemaphorePermit>,
         call: Call<'_>,
     ) -> Result<Sent, Error> {
+        self.sync().await;
         let count = self.endpoints.len();
         let mut skipped = None;
         for (i, endpoint) in self.endpoints.iter().enumerate() {
@@ -551,7 +562,9 @@ impl Upstream {
                     recent.push_back((self.clock.now(), error));
                 }
             }
-            endpoint.health.record(admission, outage);
+            if let Some(change) = endpoint.health.record(admission, outage) {
+                self.share_health(i, change).await;
+            }
             match result {
                 Ok(resp) => {
                     if i > 0 {
@@ -710,7 +723,7 @@ impl Upstream {
         let (kind, method) = if head {
             ("manifest_head", Method::HEAD)
         } else {
-            self.spend_pull()?;
+            self.spend_pull().await?;
             ("manifest_get", Method::GET)
         };
         let result = self
@@ -745,7 +758,9 @@ impl Upstream {
             }
         };
         let resp = sent.resp;
-        self.observe_budget(sent.endpoint, resp.headers());
+        if let Some(budget) = self.observe_budget(sent.endpoint, resp.headers()) {
+            self.share_budget(sent.endpoint, &budget).await;
+        }
         if !head {
             self.counted_pulls.fetch_add(1, Ordering::Relaxed);
             self.metrics.counted_pull(&self.name);
@@ -774,8 +789,8 @@ impl Upstream {
         })
     }
 
-    /// Takes one pull from the mirror's own cap, if one is configured.
-    fn spend_pull(&self) -> Result<(), Error> {
+    /// Takes one pull from this replica's own cap, if one is configured.
+    fn spend_local_pull(&self) -> Result<(), Error> {
         let Some(cap) = &self.pull_cap else {
             return Ok(());
         };
@@ -789,25 +804,13 @@ impl Upstream {
         })
     }
 
-    /// Records the budget a URL reported. The upstream's budget gauges follow its first URL,
-    /// the one whose budget is normally spent; the status page shows each URL's.
-    fn observe_budget(&self, endpoint: usize, headers: &HeaderMap) {
-        let Some(url) = self.endpoints.get(endpoint) else {
-            return;
-        };
-        let Some((budget, previous)) = url.budget.observe(headers) else {
-            return;
-        };
+    /// Records the budget a URL reported, and returns it. The upstream's budget gauges follow
+    /// its first URL, the one whose budget is normally spent; the status page shows each URL's.
+    fn observe_budget(&self, endpoint: usize, headers: &HeaderMap) -> Option<ratelimit::Budget> {
+        let url = self.endpoints.get(endpoint)?;
+        let (budget, previous) = url.budget.observe(headers)?;
         if endpoint == 0 {
-            self.metrics.budget(
-                &self.name,
-                BudgetSample {
-                    limit: budget.limit,
-                    remaining: budget.remaining,
-                    window_secs: budget.window_secs,
-                    updated: budget.updated,
-                },
-            );
+            self.gauge_budget(&budget);
         }
         let threshold = (budget.limit as f64 * self.config.budget_warn_ratio) as u64;
         let was_above = previous.is_none_or(|p| p.remaining > threshold);
@@ -822,6 +825,7 @@ impl Upstream {
                 "upstream pull budget is running low"
             );
         }
+        Some(budget)
     }
 
     /// At or below the reserve: spend no GET that a stale answer can replace.

@@ -61,6 +61,18 @@ impl BudgetState {
         Some((budget, previous))
     }
 
+    /// Takes `budget`, read by another replica, when it is newer than the latest seen here:
+    /// replicas behind one address spend one budget, and the latest reading is the truth.
+    /// Returns whether it was newer.
+    pub fn learn(&self, budget: Budget) -> bool {
+        let mut latest = crate::sync::lock(&self.latest);
+        if latest.as_ref().is_some_and(|l| l.updated >= budget.updated) {
+            return false;
+        }
+        *latest = Some(budget);
+        true
+    }
+
     pub fn latest(&self) -> Option<Budget> {
         crate::sync::lock(&self.latest).clone()
     }
@@ -87,6 +99,23 @@ mod tests {
         let b = parse(&h).unwrap();
         assert_eq!((b.limit, b.remaining, b.window_secs), (100, 76, 21600));
         assert_eq!(b.source.as_deref(), Some("192.0.2.1"));
+    }
+
+    #[test]
+    fn only_a_newer_reading_is_learned() {
+        let state = BudgetState::default();
+        let at = |secs| crate::clock::from_unix_secs(secs);
+        let reading = |remaining, updated| Budget {
+            limit: 100,
+            remaining,
+            window_secs: 21600,
+            source: None,
+            updated,
+        };
+        assert!(state.learn(reading(50, at(1000))));
+        assert!(!state.learn(reading(90, at(999))));
+        assert!(state.learn(reading(40, at(1001))));
+        assert_eq!(state.latest().map(|b| b.remaining), Some(40));
     }
 
     #[test]

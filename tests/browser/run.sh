@@ -105,6 +105,7 @@ class Page(HTMLParser):
         super().__init__()
         self.by_id, self.downloads, self.repos, self.upstreams = {}, [], [], []
         self.polls = 0
+        self.members, self.cluster_shown = [], None
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "body":
@@ -115,6 +116,10 @@ class Page(HTMLParser):
             self.downloads.append((a["data-digest"], int(a["data-written"])))
         if "data-repository" in a:
             self.repos.append(a["data-repository"])
+        if "data-member" in a:
+            self.members.append(a["data-member"])
+        if tag == "section" and a.get("id") == "cluster":
+            self.cluster_shown = "hidden" not in a
         if "data-upstream" in a:
             self.upstreams.append((a["data-upstream"], a["data-remaining"], a["data-limit"]))
 
@@ -144,6 +149,14 @@ same("pull budget", page.upstreams[0][1:] if page.upstreams else None, ("97", "1
 top = [r["repository"] for r in s["top_repositories"]["by_requests"]]
 same("top repositories", page.repos[:len(top)], top)
 same("cache bound", s["cache"]["max_bytes"], 1 << 30)
+cluster = s.get("cluster")
+same("cluster section shown", page.cluster_shown, cluster is not None)
+same("cluster members", page.members, cluster["members"] if cluster else [])
+if cluster:
+    same("cluster coordinator", page.by_id.get("cluster-coordinator"), cluster["coordinator"])
+    same("leases held", page.by_id.get("cluster-leases"), cluster["leases_held"])
+    shared = cluster["shared"]
+    same("shared tier size", page.by_id.get("shared-size"), shared["bytes"] if shared else "")
 if problems:
     sys.exit("status page does not match /_pullthrough/status:\n  " + "\n  ".join(problems))
 print(f"status page matches /_pullthrough/status ({page.polls} polls)")

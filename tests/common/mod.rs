@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod upstream;
 
 use std::future::Future;
@@ -96,20 +97,20 @@ impl TestMirror {
         server: impl FnOnce(Server) -> Server,
     ) -> TestMirror {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Self::launch_on(listener, config, dir, server).await
+        Self::launch_on(listener, Clock::manual(), config, dir, server).await
     }
 
-    /// [`TestMirror::launch`] on a listener bound already (a replica that advertises its
-    /// address in its config).
+    /// [`TestMirror::launch`] on a listener bound already (so that a config can name its
+    /// address, as `cluster.advertise` does) and with `clock`, which several mirrors may share.
     pub async fn launch_on(
         listener: tokio::net::TcpListener,
+        clock: Clock,
         config: Config,
         dir: tempfile::TempDir,
         server: impl FnOnce(Server) -> Server,
     ) -> TestMirror {
         config.validate().unwrap();
         let addr = listener.local_addr().unwrap();
-        let clock = Clock::manual();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server(Server::new(config).clock(clock.clone())).serve(
             listener,
@@ -180,44 +181,8 @@ impl Drop for TestMirror {
     }
 }
 
-/// Replicas in one process sharing one in-process coordinator (in place of Redis) and one
-/// in-memory object store (in place of S3).
-pub struct Fleet {
-    pub coordinator: std::sync::Arc<pullthrough::cluster::memory::MemoryCoordinator>,
-    pub store: std::sync::Arc<object_store::memory::InMemory>,
-}
-
+/// The cluster secret of the replicas [`join_cluster`] configures.
 pub const CLUSTER_SECRET: &str = "fleet-secret-0123456789";
-
-impl Fleet {
-    pub fn new() -> Fleet {
-        Fleet {
-            coordinator: Default::default(),
-            store: std::sync::Arc::new(object_store::memory::InMemory::new()),
-        }
-    }
-
-    /// A replica with its own disk in front of `upstream`, advertising its own address.
-    pub async fn replica(
-        &self,
-        upstream: &FakeUpstream,
-        tweak: impl FnOnce(&mut Config),
-    ) -> TestMirror {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = test_config(&upstream.url, dir.path());
-        join_cluster(
-            &mut config,
-            &format!("http://{}", listener.local_addr().unwrap()),
-        );
-        tweak(&mut config);
-        let (coordinator, store) = (self.coordinator.clone(), self.store.clone());
-        TestMirror::launch_on(listener, config, dir, |s| {
-            s.coordinator(coordinator).shared_store(store)
-        })
-        .await
-    }
-}
 
 /// Sets `[storage.shared]` and `[cluster]` in `config` for a replica reachable at
 /// `advertise`; the endpoints are placeholders where a test injects its own services.

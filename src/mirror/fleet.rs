@@ -1,0 +1,174 @@
+//! What the pull layer shares with the other replicas, so that the fleet answers as one
+//! mirror: tag records and tags found missing (one revalidation per tag and TTL for the
+//! fleet), repository links (a digest confirmed for a repository once for the fleet), and
+//! manifests in the shared tier.
+//!
+//! Everything shared is a copy of what an upstream said, never the only one: each value is
+//! also kept locally, and without `[cluster]` or `[storage.shared]`, or while they fail, these
+//! helpers find nothing and the replica decides alone. Shared values carry the time they were
+//! learned and are judged against this replica's clock; their Redis expiry only bounds memory.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::manifests::TagKey;
+use super::Mirror;
+use crate::clock::{from_unix_millis, unix_millis};
+use crate::oci::{Digest, RepoName};
+use crate::shared::Kind;
+use crate::store::manifests::{self, Manifest};
+use crate::store::tags::TagRecord;
+use crate::upstream;
+
+/// How long Redis keeps a shared tag record: long past any tag TTL, so that a replica new to a
+/// tag revalidates it with a HEAD instead of a counted GET.
+const RECORD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long Redis keeps a shared link; a replica that finds none confirms it with a HEAD.
+const LINK_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A tag as the fleet knows it, under `tag:<registry>/<repository>:<tag>`.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum SharedTag {
+    Record {
+        digest: String,
+        media_type: String,
+        size: u64,
+        fetched_at_ms: u64,
+    },
+    /// The upstream answered 404 at `at_ms`.
+    Missing { message: String, at_ms: u64 },
+}
+
+/// What another replica learned about a tag.
+pub(super) enum FleetTag {
+    Record(TagRecord),
+    Missing(upstream::Error, SystemTime),
+}
+
+fn tag_key(key: &TagKey) -> String {
+    format!("tag:{}/{}:{}", key.registry, key.repo, key.tag)
+}
+
+fn link_key(registry: &str, repo: &RepoName, digest: &Digest) -> String {
+    format!("link:{registry}/{repo}@{digest}")
+}
+
+impl Mirror {
+    /// The latest record or 404 any replica shared for the tag.
+    pub(super) async fn fleet_tag(&self, key: &TagKey) -> Option<FleetTag> {
+        let cluster = self.cluster.as_ref()?;
+        match cluster.get_json::<SharedTag>(&tag_key(key)).await? {
+            SharedTag::Record {
+                digest,
+                media_type,
+                size,
+                fetched_at_ms,
+            } => Some(FleetTag::Record(TagRecord {
+                digest: digest.parse().ok()?,
+                media_type,
+                size,
+                fetched_at: from_unix_millis(fetched_at_ms),
+            })),
+            SharedTag::Missing { message, at_ms } => Some(FleetTag::Missing(
+                upstream::Error::NotFound { message },
+                from_unix_millis(at_ms),
+            )),
+        }
+    }
+
+    /// Shares what a fetch or revalidation of the tag found.
+    pub(super) async fn share_tag(&self, key: &TagKey, record: &TagRecord) {
+        let Some(cluster) = &self.cluster else { return };
+        let shared = SharedTag::Record {
+            digest: record.digest.to_string(),
+            media_type: record.media_type.clone(),
+            size: record.size,
+            fetched_at_ms: unix_millis(record.fetched_at),
+        };
+        cluster
+            .set_json(&tag_key(key), &shared, Some(RECORD_TTL))
+            .await;
+    }
+
+    /// Shares that the upstream answered 404 for the tag at `at`, for `negative_ttl`.
+    pub(super) async fn share_missing(&self, key: &TagKey, message: &str, at: SystemTime) {
+        let Some(cluster) = &self.cluster else { return };
+        let shared = SharedTag::Missing {
+            message: message.to_owned(),
+            at_ms: unix_millis(at),
+        };
+        let ttl = self.config.cache.negative_ttl.max(Duration::from_secs(1));
+        cluster.set_json(&tag_key(key), &shared, Some(ttl)).await;
+    }
+
+    /// Whether another replica's upstream served or confirmed `digest` for the repository.
+    pub(super) async fn fleet_link(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        cluster
+            .get_json::<bool>(&link_key(registry, repo, digest))
+            .await
+            .unwrap_or(false)
+    }
+
+    pub(super) async fn share_link(&self, registry: &str, repo: &RepoName, digest: &Digest) {
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .set_json(&link_key(registry, repo, digest), &true, Some(LINK_TTL))
+                .await;
+        }
+    }
+
+    /// The manifest `digest` from the shared tier, verified and stored locally; `None` when
+    /// the tier does not hold it or cannot be read. An object that does not match its digest is
+    /// deleted, never served.
+    pub(super) async fn shared_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        let tier = self.shared.as_ref()?;
+        let raw = match tier.read(Kind::Manifest, digest).await {
+            Ok(raw) => raw?,
+            Err(e) => {
+                self.metrics.shared_error();
+                tracing::warn!(%digest, error = %e, "cannot read a manifest from the shared tier");
+                return None;
+            }
+        };
+        let Some(m) = manifests::decode(digest, raw) else {
+            self.metrics.digest_mismatch();
+            tracing::error!(%digest, "shared-tier manifest does not match its digest; deleting it");
+            if let Err(e) = tier.delete(Kind::Manifest, digest).await {
+                tracing::warn!(%digest, error = %e, "cannot delete a damaged shared-tier manifest");
+            }
+            return None;
+        };
+        let m = Arc::new(m);
+        if let Err(e) = self.store.put_manifest(m.clone()).await {
+            tracing::error!(%digest, error = %e, "cannot store a shared-tier manifest; serving it uncached");
+        }
+        Some(m)
+    }
+
+    /// Writes a manifest verified from the upstream to the shared tier, in the background: the
+    /// answer does not wait for the object store.
+    pub(super) fn share_manifest(&self, m: &Manifest) {
+        let Some(tier) = self.shared.clone() else {
+            return;
+        };
+        let (digest, raw) = (m.digest.clone(), manifests::encode(m));
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tier.write(Kind::Manifest, &digest, raw.into()).await {
+                metrics.shared_error();
+                tracing::warn!(%digest, error = %e, "cannot write a manifest to the shared tier");
+            }
+        });
+    }
+}

@@ -1,0 +1,152 @@
+//! What replicas of one cluster share about an upstream, so that the fleet treats it as one
+//! client would: each URL's back-off (a replica that backs off a URL makes the others skip it
+//! until the back-off ends), each URL's latest pull-budget reading (replicas behind one
+//! address spend one Docker Hub budget, so `budget_reserve` is judged on the newest reading
+//! any of them got), and the pulls counted against `max_pulls` (one Redis counter per
+//! `max_pulls_window`, where governor's limiter could only count this replica's).
+//!
+//! Keys, under the cluster's prefix: `backoff:<upstream>:<url index>` (until when, in Unix
+//! milliseconds, expiring then), `budget:<upstream>:<url index>` (expiring after the budget's
+//! window) and `pulls:<upstream>` (expiring with its window). A replica learns the others'
+//! state when it sends a request, at most every [`SYNC_EVERY`]. With the coordinator
+//! unreachable, every decision here is this replica's alone, as without `[cluster]`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ratelimit::Budget;
+use super::{health, Error, Upstream};
+use crate::clock::{from_unix_millis, unix_millis};
+use crate::metrics::BudgetSample;
+
+/// The longest a replica goes on sending requests before it learns another's back-off.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// How long a reading without a window (`w=`) is kept: Docker Hub's window.
+const DEFAULT_WINDOW: Duration = Duration::from_secs(6 * 3600);
+
+#[derive(Serialize, Deserialize)]
+struct SharedBudget {
+    limit: u64,
+    remaining: u64,
+    window_secs: u64,
+    source: Option<String>,
+    updated_ms: u64,
+}
+
+impl Upstream {
+    fn backoff_key(&self, endpoint: usize) -> String {
+        format!("backoff:{}:{endpoint}", self.name)
+    }
+
+    fn budget_key(&self, endpoint: usize) -> String {
+        format!("budget:{}:{endpoint}", self.name)
+    }
+
+    /// Learns the back-offs and budget readings the other replicas shared, unless it did
+    /// within [`SYNC_EVERY`].
+    pub(super) async fn sync(&self) {
+        let Some(cluster) = &self.cluster else { return };
+        {
+            let now = self.clock.now();
+            let mut last = crate::sync::lock(&self.synced_at);
+            if last.is_some_and(|t| now.duration_since(t).is_ok_and(|d| d < SYNC_EVERY)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if let Some(until_ms) = cluster.get_json::<u64>(&self.backoff_key(i)).await {
+                endpoint.health.learn(from_unix_millis(until_ms));
+            }
+            if let Some(b) = cluster.get_json::<SharedBudget>(&self.budget_key(i)).await {
+                let budget = Budget {
+                    limit: b.limit,
+                    remaining: b.remaining,
+                    window_secs: b.window_secs,
+                    source: b.source,
+                    updated: from_unix_millis(b.updated_ms),
+                };
+                if endpoint.budget.learn(budget.clone()) && i == 0 {
+                    self.gauge_budget(&budget);
+                }
+            }
+        }
+    }
+
+    /// Tells the other replicas that URL `endpoint` began backing off or answers again.
+    pub(super) async fn share_health(&self, endpoint: usize, change: health::Change) {
+        let Some(cluster) = &self.cluster else { return };
+        let key = self.backoff_key(endpoint);
+        match change {
+            health::Change::BackingOff { until } => {
+                let ttl = until
+                    .duration_since(self.clock.now())
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(1));
+                cluster.set_json(&key, &unix_millis(until), Some(ttl)).await;
+            }
+            health::Change::Recovered => cluster.delete(&key).await,
+        }
+    }
+
+    /// Shares the budget URL `endpoint` just reported.
+    pub(super) async fn share_budget(&self, endpoint: usize, budget: &Budget) {
+        let Some(cluster) = &self.cluster else { return };
+        let shared = SharedBudget {
+            limit: budget.limit,
+            remaining: budget.remaining,
+            window_secs: budget.window_secs,
+            source: budget.source.clone(),
+            updated_ms: unix_millis(budget.updated),
+        };
+        let window = match budget.window_secs {
+            0 => DEFAULT_WINDOW,
+            secs => Duration::from_secs(secs),
+        };
+        cluster
+            .set_json(&self.budget_key(endpoint), &shared, Some(window))
+            .await;
+    }
+
+    /// Takes one pull from `max_pulls`, if configured: from the fleet's count for the current
+    /// window (a fixed window, started by its first pull) when the coordinator answers, else
+    /// from this replica's own limiter.
+    pub(super) async fn spend_pull(&self) -> Result<(), Error> {
+        let max = self.config.max_pulls;
+        if max == 0 {
+            return Ok(());
+        }
+        let window = self.config.max_pulls_window;
+        let Some(cluster) = &self.cluster else {
+            return self.spend_local_pull();
+        };
+        let key = format!("pulls:{}", self.name);
+        match cluster.add(&key, 1, Some(window)).await {
+            None => self.spend_local_pull(),
+            Some(spent) if spent <= i64::from(max) => Ok(()),
+            Some(_) => {
+                tracing::warn!(upstream = %self.name, "the fleet's pull cap (max_pulls) is reached");
+                Err(Error::TooManyRequests {
+                    message: format!("the mirror's pull cap for {} is reached", self.name),
+                    // When the window ends is Redis's to know; one pull's share of it is the
+                    // usual wait.
+                    retry_after: Some((window / max).max(Duration::from_secs(1))),
+                })
+            }
+        }
+    }
+
+    /// Sets the budget gauges to `budget` (of the upstream's first URL).
+    pub(super) fn gauge_budget(&self, budget: &Budget) {
+        self.metrics.budget(
+            &self.name,
+            BudgetSample {
+                limit: budget.limit,
+                remaining: budget.remaining,
+                window_secs: budget.window_secs,
+                updated: budget.updated,
+            },
+        );
+    }
+}
