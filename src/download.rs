@@ -23,6 +23,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
+use crate::cluster::eviction::{Eviction, Reading};
 use crate::cluster::{Claimed, Cluster, LeaseGuard};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
@@ -159,6 +160,7 @@ pub struct Downloads {
     store: Arc<Store>,
     shared: Option<Arc<SharedTier>>,
     cluster: Option<Arc<Cluster>>,
+    eviction: Option<Arc<Eviction>>,
     metrics: Arc<Metrics>,
 }
 
@@ -167,6 +169,7 @@ impl Downloads {
         store: Arc<Store>,
         shared: Option<Arc<SharedTier>>,
         cluster: Option<Arc<Cluster>>,
+        eviction: Option<Arc<Eviction>>,
         metrics: Arc<Metrics>,
     ) -> Downloads {
         Downloads {
@@ -174,6 +177,7 @@ impl Downloads {
             store,
             shared,
             cluster,
+            eviction,
             metrics,
         }
     }
@@ -197,6 +201,7 @@ impl Downloads {
                     store: self.store.clone(),
                     shared: self.shared.clone(),
                     cluster: self.cluster.clone(),
+                    eviction: self.eviction.clone(),
                     metrics: self.metrics.clone(),
                 };
                 let metrics = self.metrics.clone();
@@ -323,6 +328,7 @@ struct Job {
     store: Arc<Store>,
     shared: Option<Arc<SharedTier>>,
     cluster: Option<Arc<Cluster>>,
+    eviction: Option<Arc<Eviction>>,
     metrics: Arc<Metrics>,
 }
 
@@ -500,7 +506,7 @@ impl Job {
             Ok(Finished::Published) | Ok(Finished::TooLargeToKeep)
         );
         if kept {
-            self.publish(upload, sources).await;
+            self.publish(upload, sources, size).await;
         } else if feed.tier == Tier::Shared || sources.skip_shared {
             self.forget_shared().await;
         }
@@ -516,16 +522,39 @@ impl Job {
     /// else the upstream (taking the lease first, when there is a coordinator).
     async fn open(&self, offset: u64, sources: &mut Sources) -> Opened {
         if let (Some(tier), false) = (&self.shared, sources.skip_shared) {
-            match tier.blob(&self.digest, offset).await {
-                Ok(Some(b)) => {
+            // A reader registers first, so the object cannot be evicted under it.
+            let guard = match &self.eviction {
+                Some(eviction) => match eviction.read(shared::Kind::Blob, &self.digest).await {
+                    Reading::Protected(guard) => Some(Some(guard)),
+                    Reading::Evicting => None,
+                },
+                None => Some(None),
+            };
+            let found = match guard {
+                Some(guard) => tier
+                    .blob(&self.digest, offset)
+                    .await
+                    .map(|b| b.map(|b| (b, guard))),
+                None => Ok(None),
+            };
+            match found {
+                Ok(Some((b, guard))) => {
+                    if let Some(eviction) = &self.eviction {
+                        eviction.accessed(shared::Kind::Blob, &self.digest, b.size);
+                    }
+                    let chunks = b
+                        .chunks
+                        .map(move |c| {
+                            // Held as long as the stream is read.
+                            let _reading = &guard;
+                            c.map_err(|e| Cut::Tier(e.to_string()))
+                        })
+                        .boxed();
                     return Opened::Feed(Feed {
                         tier: Tier::Shared,
                         size: b.size,
-                        chunks: b
-                            .chunks
-                            .map(|c| c.map_err(|e| Cut::Tier(e.to_string())))
-                            .boxed(),
-                    })
+                        chunks,
+                    });
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -607,7 +636,7 @@ impl Job {
     /// Publishes the verified blob to the shared tier: the tee'd upload is completed if the
     /// lease is still ours; a download taken over midway uploads the committed file instead,
     /// still under its lease.
-    async fn publish(&self, upload: Option<Upload>, sources: Sources) {
+    async fn publish(&self, upload: Option<Upload>, sources: Sources, size: u64) {
         let Some(tier) = &self.shared else { return };
         let fenced = match &sources.lease {
             Some(lease) => lease.confirm().await,
@@ -619,7 +648,12 @@ impl Job {
         }
         if let Some(upload) = upload {
             match upload.complete().await {
-                Ok(()) => tracing::debug!(digest = %self.digest, "published to the shared tier"),
+                Ok(()) => {
+                    tracing::debug!(digest = %self.digest, "published to the shared tier");
+                    if let Some(eviction) = &self.eviction {
+                        eviction.published(shared::Kind::Blob, &self.digest, size);
+                    }
+                }
                 Err(e) => {
                     self.metrics.shared_error();
                     tracing::warn!(digest = %self.digest, error = %e, "cannot publish to the shared tier");
@@ -635,6 +669,7 @@ impl Job {
             _ => return,
         };
         let (tier, digest, metrics) = (tier.clone(), self.digest.clone(), self.metrics.clone());
+        let eviction = self.eviction.clone();
         let lease = sources.lease;
         tokio::spawn(async move {
             let mut upload = tier.upload(&digest);
@@ -658,9 +693,16 @@ impl Job {
                 None => true,
             };
             if still_ours {
-                if let Err(e) = upload.complete().await {
-                    metrics.shared_error();
-                    tracing::warn!(%digest, error = %e, "cannot publish to the shared tier");
+                match upload.complete().await {
+                    Ok(()) => {
+                        if let Some(eviction) = eviction {
+                            eviction.published(shared::Kind::Blob, &digest, size);
+                        }
+                    }
+                    Err(e) => {
+                        metrics.shared_error();
+                        tracing::warn!(%digest, error = %e, "cannot publish to the shared tier");
+                    }
                 }
             }
             drop(lease);

@@ -136,6 +136,31 @@ async fn a_replica_with_an_empty_disk_is_served_from_the_shared_tier() {
     );
     // And it filled its own disk on the way.
     common::wait_committed(&fresh, &blob_path(&digest)).await;
+
+    // Its publication and its read are in the fleet's access order, for eviction.
+    let member = format!(
+        "blobs/sha256/{} {}",
+        digest.trim_start_matches("sha256:"),
+        body.len()
+    );
+    fleet.advance(Duration::from_secs(6));
+    let coordinator = fleet.coordinator.clone();
+    eventually("the blob is in the access order", SETTLE, || async {
+        coordinator
+            .zrange(
+                "pullthrough:shared:access",
+                f64::NEG_INFINITY,
+                f64::INFINITY,
+                100,
+            )
+            .await
+            .unwrap()
+            .iter()
+            .any(|(m, _)| *m == member)
+    })
+    .await;
+    let bytes = coordinator.get("pullthrough:shared:bytes").await.unwrap();
+    assert_eq!(bytes, Some(body.len().to_string().into_bytes()));
 }
 
 /// A lease holder that streams 40 % of the blob to its follower and dies (closes the

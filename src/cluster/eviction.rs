@@ -662,6 +662,7 @@ mod tests {
                 self.coordinator.clone(),
                 &config,
                 Arc::new(Metrics::new()),
+                self.clock.clone(),
             ))
         }
 
@@ -948,6 +949,8 @@ mod tests {
         a.flush().await;
         assert_eq!(a.evict().await, Pass::Unavailable);
         fleet.coordinator.set_down(false);
+        // Asked again half a lease after the last failure.
+        fleet.clock.advance(Duration::from_secs(3));
         a.flush().await;
         assert_eq!(fleet.bytes().await.as_deref(), Some(&b"1000"[..]));
     }

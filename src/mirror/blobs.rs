@@ -14,6 +14,7 @@ use crate::download::Start;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
+use crate::shared;
 use crate::store::handle::BlobHandle;
 
 /// What a blob request is answered with.
@@ -198,7 +199,17 @@ impl Mirror {
     async fn shared_redirect(&self, digest: &Digest) -> Option<url::Url> {
         let cfg = self.config.storage.shared.as_ref().filter(|c| c.redirect)?;
         let tier = self.shared.as_ref()?;
-        self.shared_size(digest).await?;
+        let size = self.shared_size(digest).await?;
+        // The client reads the store directly: the object must outlive the URL.
+        if let Some(eviction) = &self.eviction {
+            if !eviction
+                .lend(shared::Kind::Blob, digest, cfg.redirect_ttl)
+                .await
+            {
+                return None;
+            }
+            eviction.accessed(shared::Kind::Blob, digest, size);
+        }
         match tier.presigned(digest, cfg.redirect_ttl).await {
             Ok(url) => url,
             Err(e) => {

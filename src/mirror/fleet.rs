@@ -149,6 +149,9 @@ impl Mirror {
             }
             return None;
         };
+        if let Some(eviction) = &self.eviction {
+            eviction.accessed(Kind::Manifest, digest, m.bytes.len() as u64);
+        }
         let m = Arc::new(m);
         if let Err(e) = self.store.put_manifest(m.clone()).await {
             tracing::error!(%digest, error = %e, "cannot store a shared-tier manifest; serving it uncached");
@@ -163,11 +166,19 @@ impl Mirror {
             return;
         };
         let (digest, raw) = (m.digest.clone(), manifests::encode(m));
-        let metrics = self.metrics.clone();
+        let (metrics, eviction) = (self.metrics.clone(), self.eviction.clone());
         tokio::spawn(async move {
-            if let Err(e) = tier.write(Kind::Manifest, &digest, raw.into()).await {
-                metrics.shared_error();
-                tracing::warn!(%digest, error = %e, "cannot write a manifest to the shared tier");
+            let size = raw.len() as u64;
+            match tier.write(Kind::Manifest, &digest, raw.into()).await {
+                Ok(()) => {
+                    if let Some(eviction) = eviction {
+                        eviction.published(Kind::Manifest, &digest, size);
+                    }
+                }
+                Err(e) => {
+                    metrics.shared_error();
+                    tracing::warn!(%digest, error = %e, "cannot write a manifest to the shared tier");
+                }
             }
         });
     }

@@ -162,6 +162,7 @@ impl Mirror {
                 store.clone(),
                 shared.clone(),
                 cluster.clone(),
+                eviction.clone(),
                 metrics.clone(),
             ),
             shared,
