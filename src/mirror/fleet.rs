@@ -13,12 +13,12 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::manifests::TagKey;
 use super::Mirror;
 use crate::clock::{from_unix_millis, unix_millis};
 use crate::oci::{Digest, RepoName};
 use crate::shared::Kind;
 use crate::store::manifests::{self, Manifest};
+use crate::store::tags::TagKey;
 use crate::store::tags::TagRecord;
 use crate::upstream;
 
