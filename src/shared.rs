@@ -191,11 +191,7 @@ impl SharedTier {
     }
 
     pub async fn delete(&self, kind: Kind, digest: &Digest) -> Result<(), Error> {
-        let path = Path::from(object_name(kind, digest));
-        match self.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::of(e)),
-        }
+        self.delete_named(&object_name(kind, digest)).await
     }
 
     /// Deletes the object named `name` (as [`object_name`] makes them), for eviction.

@@ -33,6 +33,21 @@ pub enum Claim {
     },
 }
 
+/// A lease's stored value: its token, a space, and what its holder claimed it with.
+pub(super) fn lease_value(token: &str, holder: &str) -> String {
+    format!("{token} {holder}")
+}
+
+/// The token of a stored lease value.
+pub(super) fn token_of(value: &str) -> &str {
+    value.split_once(' ').map_or(value, |(t, _)| t)
+}
+
+/// The holder of a stored lease value.
+pub(super) fn holder_of(value: &str) -> &str {
+    value.split_once(' ').map_or(value, |(_, h)| h)
+}
+
 pub trait Coordinator: Send + Sync + 'static {
     /// Takes `key` for `holder` for `ttl`, unless someone holds it.
     fn claim<'a>(

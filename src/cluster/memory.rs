@@ -10,7 +10,9 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::time::Instant;
 
-use super::coordinator::{Claim, CoordError, CoordResult, Coordinator, Lease};
+use super::coordinator::{
+    holder_of, lease_value, token_of, Claim, CoordError, CoordResult, Coordinator, Lease,
+};
 use crate::sync::lock;
 
 /// A value and when it expires.
@@ -78,14 +80,12 @@ impl Coordinator for MemoryCoordinator {
     ) -> BoxFuture<'a, CoordResult<Claim>> {
         ready(self.up().map(|()| {
             if let Some(v) = self.live(key) {
-                let value = String::from_utf8_lossy(&v).into_owned();
-                let holder = value.split_once(' ').map_or(value.as_str(), |(_, h)| h);
                 return Claim::Held {
-                    holder: holder.to_owned(),
+                    holder: holder_of(&String::from_utf8_lossy(&v)).to_owned(),
                 };
             }
             let token = self.tokens.fetch_add(1, Ordering::SeqCst).to_string();
-            self.put(key, format!("{token} {holder}").into_bytes(), Some(ttl));
+            self.put(key, lease_value(&token, holder).into_bytes(), Some(ttl));
             Claim::Acquired(Lease {
                 key: key.to_owned(),
                 token,
@@ -95,7 +95,7 @@ impl Coordinator for MemoryCoordinator {
 
     fn renew<'a>(&'a self, lease: &'a Lease, ttl: Duration) -> BoxFuture<'a, CoordResult<bool>> {
         ready(self.up().map(|()| match self.live(&lease.key) {
-            Some(v) if token_of(&v) == lease.token => {
+            Some(v) if holds(&v, &lease.token) => {
                 self.put(&lease.key, v, Some(ttl));
                 true
             }
@@ -107,7 +107,7 @@ impl Coordinator for MemoryCoordinator {
         ready(self.up().map(|()| {
             if self
                 .live(&lease.key)
-                .is_some_and(|v| token_of(&v) == lease.token)
+                .is_some_and(|v| holds(&v, &lease.token))
             {
                 lock(&self.values).remove(&lease.key);
             }
@@ -204,9 +204,9 @@ impl Coordinator for MemoryCoordinator {
     }
 }
 
-fn token_of(value: &[u8]) -> String {
-    let v = String::from_utf8_lossy(value);
-    v.split_once(' ').map_or(v.as_ref(), |(t, _)| t).to_owned()
+/// Whether a stored lease value holds `token`.
+fn holds(value: &[u8], token: &str) -> bool {
+    token_of(&String::from_utf8_lossy(value)) == token
 }
 
 #[cfg(test)]

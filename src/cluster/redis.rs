@@ -9,7 +9,9 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
-use super::coordinator::{Claim, CoordError, CoordResult, Coordinator, Lease};
+use super::coordinator::{
+    holder_of, lease_value, Claim, CoordError, CoordResult, Coordinator, Lease,
+};
 
 const RENEW: &str = r"
 local v = redis.call('GET', KEYS[1])
@@ -49,6 +51,25 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// `SET key value NX PX ttl`: whether the key was absent (and is now set).
+async fn set_if_absent(
+    c: &mut ConnectionManager,
+    key: &str,
+    value: &str,
+    ttl: Duration,
+) -> CoordResult<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(millis(ttl))
+        .query_async(c)
+        .await
+        .map_err(err)?;
+    Ok(set.is_some())
+}
+
 impl RedisCoordinator {
     /// A coordinator for the Redis at `url`; connects on first use and reconnects after
     /// failures, each attempt bounded so a request fails fast while Redis is down.
@@ -86,17 +107,8 @@ impl Coordinator for RedisCoordinator {
         async move {
             let mut c = self.conn();
             let token = hex::encode(rand_token());
-            let value = format!("{token} {holder}");
-            let set: Option<String> = redis::cmd("SET")
-                .arg(key)
-                .arg(&value)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(ttl))
-                .query_async(&mut c)
-                .await
-                .map_err(err)?;
-            if set.is_some() {
+            let value = lease_value(&token, holder);
+            if set_if_absent(&mut c, key, &value, ttl).await? {
                 return Ok(Claim::Acquired(Lease {
                     key: key.to_owned(),
                     token,
@@ -105,29 +117,18 @@ impl Coordinator for RedisCoordinator {
             let current: Option<String> = c.get(key).await.map_err(err)?;
             match current {
                 Some(v) => Ok(Claim::Held {
-                    holder: v.split_once(' ').map_or(v.as_str(), |(_, h)| h).to_owned(),
+                    holder: holder_of(&v).to_owned(),
                 }),
                 // Expired between the two requests: try once more.
-                None => {
-                    let set: Option<String> = redis::cmd("SET")
-                        .arg(key)
-                        .arg(&value)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(ttl))
-                        .query_async(&mut c)
-                        .await
-                        .map_err(err)?;
-                    match set {
-                        Some(_) => Ok(Claim::Acquired(Lease {
-                            key: key.to_owned(),
-                            token,
-                        })),
-                        None => Ok(Claim::Held {
-                            holder: String::new(),
-                        }),
-                    }
+                None if set_if_absent(&mut c, key, &value, ttl).await? => {
+                    Ok(Claim::Acquired(Lease {
+                        key: key.to_owned(),
+                        token,
+                    }))
                 }
+                None => Ok(Claim::Held {
+                    holder: String::new(),
+                }),
             }
         }
         .boxed()

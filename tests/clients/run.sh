@@ -56,27 +56,6 @@ ensure_packages() {
 
 build_pullthrough() { (cd "$ROOT" && cargo build --release --quiet); }
 
-make_workdir() {
-  T=$(mktemp -d /tmp/ptclients.XXXXXX)   # short: unix socket paths live under it
-  mkdir -p "$T/logs"
-  : >"$T/results.tsv"
-  trap on_exit EXIT
-  trap 'exit 130' INT TERM
-}
-
-on_exit() {
-  local status=$?
-  stop_all
-  if [ "${KEEP_TMP:-0}" = 1 ]; then
-    log "kept $T"
-  elif [ "$status" -ne 0 ]; then
-    find "$T" -mindepth 1 -maxdepth 1 ! -name logs ! -name results.tsv -exec rm -rf {} + 2>/dev/null || true
-    log "failed; logs kept in $T/logs"
-  else
-    rm -rf "$T"
-  fi
-}
-
 print_versions() {
   {
     echo "dockerd:         $(/usr/sbin/dockerd --version)"
@@ -424,7 +403,7 @@ main() {
   ensure_packages
   [ "${1:-}" != --install ] || return 0
   build_pullthrough
-  make_workdir
+  make_workdir ptclients
   print_versions
   assert_closed_port
   start_upstreams

@@ -162,3 +162,26 @@ stop_mirror() { stop "$MIRROR_NAME"; rm -rf "${T:?}/$MIRROR_NAME"; }
 
 # mirror_metric NAME [LABEL=VALUE ...]: a counter summed over the other labels.
 mirror_metric() { python3 "$HERE/util.py" metric "http://$MIRROR/metrics" "$@"; }
+
+# A work dir $T (named /tmp/<$1>.*) with logs/ and results.tsv; on exit every service is
+# stopped and the dir removed, or, after a failure, its logs kept.
+make_workdir() {
+  T=$(mktemp -d "/tmp/$1.XXXXXX")   # short: unix socket paths live under it
+  mkdir -p "$T/logs"
+  : >"$T/results.tsv"
+  trap on_exit EXIT
+  trap 'exit 130' INT TERM
+}
+
+on_exit() {
+  local status=$?
+  stop_all
+  if [ "${KEEP_TMP:-0}" = 1 ]; then
+    log "kept $T"
+  elif [ "$status" -ne 0 ]; then
+    find "$T" -mindepth 1 -maxdepth 1 ! -name logs ! -name results.tsv -exec rm -rf {} + 2>/dev/null || true
+    log "failed; logs kept in $T/logs"
+  else
+    rm -rf "$T"
+  fi
+}

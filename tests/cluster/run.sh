@@ -68,27 +68,6 @@ build_pullthrough() {
   PT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/pullthrough
 }
 
-make_workdir() {
-  T=$(mktemp -d /tmp/ptcluster.XXXXXX)   # short: unix socket paths live under it
-  mkdir -p "$T/logs"
-  : >"$T/results.tsv"
-  trap on_exit EXIT
-  trap 'exit 130' INT TERM
-}
-
-on_exit() {
-  local status=$?
-  stop_all
-  if [ "${KEEP_TMP:-0}" = 1 ]; then
-    log "kept $T"
-  elif [ "$status" -ne 0 ]; then
-    find "$T" -mindepth 1 -maxdepth 1 ! -name logs ! -name results.tsv -exec rm -rf {} + 2>/dev/null || true
-    log "failed; logs kept in $T/logs"
-  else
-    rm -rf "$T"
-  fi
-}
-
 print_versions() {
   {
     echo "garage:          $("$GARAGE_BIN" --version | head -1)"
@@ -384,7 +363,7 @@ main() {
   [ "$(id -u)" = 0 ] || { echo "run.sh needs root (private dockerd/containerd)" >&2; exit 2; }
   need_commands
   build_pullthrough
-  make_workdir
+  make_workdir ptcluster
   print_versions
   seed_upstream
   local phase
