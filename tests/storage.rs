@@ -227,7 +227,8 @@ async fn concurrent_first_reads_after_restart_share_one_verdict() {
     pull(&m, &blobs[1]).await;
     let altered = blob_file(&m.storage(), &blobs[1]);
     let dir = m.stop().await;
-    let mut bytes = std::fs::read(&altered).unwrap();
+    let original = std::fs::read(&altered).unwrap();
+    let mut bytes = original.clone();
     bytes[MIB] ^= 0x01;
     std::fs::write(&altered, bytes).unwrap();
 
@@ -248,9 +249,25 @@ async fn concurrent_first_reads_after_restart_share_one_verdict() {
         get(&blobs[1], Some("bytes=0-99")),
         get(&blobs[1], Some("bytes=2097152-")),
     );
-    assert!(whole.is_err() && early_range.is_err() && late_range.is_err());
-    eventually("the corrupt file is removed", SETTLE, || async {
-        !altered.exists()
+    // A request that arrives after the verdict is a fresh miss and gets the upstream's bytes
+    // (how many do depends on scheduling); what no answer may do is complete with the altered
+    // ones.
+    let mut refetched = false;
+    for (answer, expected) in [
+        (whole, &original[..]),
+        (early_range, &original[..100]),
+        (late_range, &original[2 * MIB..]),
+    ] {
+        if let Ok(body) = answer {
+            assert!(
+                body == expected,
+                "an altered blob was passed on as complete"
+            );
+            refetched = true;
+        }
+    }
+    eventually("the altered file is removed", SETTLE, || async {
+        std::fs::read(&altered).map_or(true, |now| now == original)
     })
     .await;
     assert!(m
@@ -258,7 +275,8 @@ async fn concurrent_first_reads_after_restart_share_one_verdict() {
         .await
         .contains("pullthrough_digest_mismatches_total 1"));
     assert_eq!(pull(&m, &blobs[0]).await, "HIT");
-    assert_eq!(pull(&m, &blobs[1]).await, "MISS");
+    let second = pull(&m, &blobs[1]).await;
+    assert!(second == "MISS" || refetched, "x-cache: {second}");
 }
 
 #[tokio::test]
