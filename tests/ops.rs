@@ -149,6 +149,66 @@ fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf,
     (c, k, pem)
 }
 
+/// Over TLS, HTTP/2 responses of many streams share records (`server::batched_writes`) and
+/// HTTP/1.1 file bodies are copied in place: every body must still be exact, whatever mix of
+/// small and large answers one connection carries at once.
+#[tokio::test]
+async fn https_bodies_are_exact_over_multiplexed_h2_and_http1() {
+    let up = FakeUpstream::start().await;
+    let (manifest, blobs) = up.add_image("library/app", "v1", &[300, 40_000, 3 * 1024 * 1024 + 11]);
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, pem) = write_cert(certs.path());
+    let m = TestMirror::start_with(&up, |c| {
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    let port: u16 = m.url.rsplit(':').next().unwrap().parse().unwrap();
+    let client = |http1: bool| {
+        let b = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+            .resolve("localhost", ([127, 0, 0, 1], port).into());
+        if http1 { b.http1_only() } else { b }.build().unwrap()
+    };
+    let base = format!("https://localhost:{port}/v2/library/app");
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    for (http1, version) in [
+        (false, http::Version::HTTP_2),
+        (true, http::Version::HTTP_11),
+    ] {
+        let client = client(http1);
+        let mut paths: Vec<(String, String)> = blobs
+            .iter()
+            .map(|b| (format!("{base}/blobs/{b}"), b.clone()))
+            .collect();
+        paths.push((format!("{base}/manifests/{manifest}"), manifest.clone()));
+        paths.push((format!("{base}/manifests/v1"), manifest.clone()));
+        // Cold first, then warm: four rounds of every path at once.
+        for _ in 0..4 {
+            let answers =
+                futures_util::future::join_all(paths.iter().cycle().take(6 * paths.len()).map(
+                    |(url, digest)| {
+                        let req = client.get(url).header("accept", accept);
+                        async move {
+                            let r = req.send().await.unwrap();
+                            assert_eq!(r.status(), 200, "{url}");
+                            (
+                                r.version(),
+                                sha256(&r.bytes().await.unwrap()),
+                                digest.clone(),
+                            )
+                        }
+                    },
+                ))
+                .await;
+            for (got_version, got, want) in answers {
+                assert_eq!(got_version, version);
+                assert_eq!(got, want);
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http() {
     let up = FakeUpstream::start().await;
