@@ -8,12 +8,6 @@ use clap::Parser;
 use pullthrough::cli::{Cli, GlobalArgs};
 use pullthrough::config::Config;
 
-/// glibc's malloc cost a tenth of the CPU of a cached HTTP/2 hit (per-stream tasks allocate and
-/// free on different worker threads, which contends on its arenas); mimalloc's thread-local
-/// free lists do not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Parses the command line: an operator command runs in `admin`, no command runs the mirror.
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -55,15 +55,16 @@ enum Role {
 
 /// HTTP/2 limits. Whatever flow-control window a client advertises, a stream holds at most
 /// `H2_SEND_BUF` bytes queued in h2 plus the chunk being handed over (`H2_FILE_CHUNK` for file
-/// bodies): 64 KiB, so at most 6.4 MiB for a connection's `H2_MAX_STREAMS` (hyper's defaults,
+/// bodies): 48 KiB, so at most 4.8 MiB for a connection's `H2_MAX_STREAMS` (hyper's defaults,
 /// 400 KiB and 200 streams with 128 KiB chunks, let one connection that never reads pin
 /// 140 MB). RFC 9113 asks for no fewer than 100 streams; containerd uses a handful.
 const H2_MAX_STREAMS: u32 = 100;
 const H2_SEND_BUF: usize = 32 * 1024;
-/// File bodies on HTTP/2 are read in chunks this size: h2 copies them into its frames anyway,
-/// so bigger ones only sit in memory longer. Measured on cached blobs, 32 KiB (with the send
-/// buffer above) cost less CPU per byte than 16 KiB, and than hyper's defaults.
-const H2_FILE_CHUNK: usize = 32 * 1024;
+/// File bodies on HTTP/2 are read in chunks this size: one DATA frame of the default maximum
+/// size with its 9-byte header, so that over TLS a frame is one full record (a 16 KiB chunk
+/// left a 9-byte record behind every frame). Measured over TLS on a cached 1 MiB blob (h2load,
+/// 64 x 8 streams): 1.08 times the requests per second of 32 KiB chunks.
+const H2_FILE_CHUNK: usize = 16384 - 9;
 /// File bodies over TLS (HTTP/1.1) are copied too, since the cipher needs the bytes: read in
 /// place when their pages are cached, in chunks of four TLS records.
 const TLS_FILE_CHUNK: usize = 64 * 1024;
