@@ -129,20 +129,31 @@ async fn answer<B>(
             let sendfile = req.extensions().get::<Sendfile>().cloned();
             blobs::get(mirror, name, digest, *head, query, req.headers(), sendfile).await
         }
+        // The rarer answers are boxed: inline, their state would make every request's future
+        // (moved into its task) kilobytes larger.
         Route::TagsList { name } => {
-            tags::list(mirror, name, query, req.method() == Method::HEAD).await
+            Box::pin(tags::list(
+                mirror,
+                name,
+                query,
+                req.method() == Method::HEAD,
+            ))
+            .await
         }
-        Route::Catalog => catalog::list(mirror, query, req.method() == Method::HEAD).await,
+        Route::Catalog => {
+            Box::pin(catalog::list(mirror, query, req.method() == Method::HEAD)).await
+        }
         Route::Referrers { name, digest } => {
-            referrers::list(mirror, name, digest, query, req.method() == Method::HEAD).await
+            let head = req.method() == Method::HEAD;
+            Box::pin(referrers::list(mirror, name, digest, query, head)).await
         }
         Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
         Route::PeerBlob { digest } => {
             let sendfile = req.extensions().get::<Sendfile>().cloned();
-            blobs::peer(mirror, digest, req.headers(), sendfile).await
+            Box::pin(blobs::peer(mirror, digest, req.headers(), sendfile)).await
         }
         Route::Healthz => Ok(ops::healthz()),
-        Route::Readyz => Ok(ops::readyz(mirror).await),
+        Route::Readyz => Ok(Box::pin(ops::readyz(mirror)).await),
         Route::Metrics => Ok(ops::metrics(mirror, req.headers())),
         Route::Status => Ok(ops::status(mirror)),
         Route::Ui => Ok(ops::ui()),

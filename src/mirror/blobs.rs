@@ -104,10 +104,12 @@ impl Mirror {
                 self.metrics.blob_source(Tier::Local);
                 return Ok(BlobAnswer::Hit(self.verified(digest, handle)));
             }
+            // Boxed, as every miss path here: inline, a miss's state would make every hit's
+            // future kilobytes larger, and each request's future is moved into its task.
             if head {
-                return self.blob_size(target, digest).await;
+                return Box::pin(self.blob_size(target, digest)).await;
             }
-            if let Some(location) = self.shared_redirect(digest).await {
+            if let Some(location) = Box::pin(self.shared_redirect(digest)).await {
                 self.confirm_link(target, digest, ObjectKind::Blob).await?;
                 self.metrics.blob_source(Tier::Shared);
                 return Ok(BlobAnswer::Redirect { location });
@@ -119,7 +121,7 @@ impl Mirror {
                 // The download may be for another repository.
                 self.confirm_link(target, digest, ObjectKind::Blob).await?;
             }
-            match download.started().await {
+            match Box::pin(download.started()).await {
                 Start::Streaming(handle, tier) => {
                     self.metrics.blob_source(tier);
                     let status = if joined {
@@ -136,7 +138,7 @@ impl Mirror {
                     });
                 }
                 Start::AlreadyCached => continue,
-                Start::NoSpace => return self.blob_passthrough(target, digest).await,
+                Start::NoSpace => return Box::pin(self.blob_passthrough(target, digest)).await,
                 Start::Failed(f) => return Err(f.into()),
                 Start::Pending => return Err(Error::Abandoned("the download never started")),
             }

@@ -14,7 +14,7 @@ impl Mirror {
     pub(super) async fn link(&self, target: &Target, digest: &Digest) {
         let (registry, repo) = (target.registry(), &target.repo);
         if self.store.links.add(registry, repo, digest).await {
-            self.share_link(registry, repo, digest).await;
+            Box::pin(self.share_link(registry, repo, digest)).await;
         }
     }
 
@@ -33,6 +33,17 @@ impl Mirror {
         {
             return Ok(());
         }
+        // Boxed: inline, the upstream confirmation's state would sit in every hit's future.
+        Box::pin(self.confirm_link_upstream(target, digest, kind)).await
+    }
+
+    /// [`Mirror::confirm_link`] for a digest not linked on this replica.
+    async fn confirm_link_upstream(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        kind: ObjectKind,
+    ) -> Result<(), Error> {
         if self
             .fleet_link(target.registry(), &target.repo, digest)
             .await

@@ -166,7 +166,7 @@ impl Mirror {
             // From the store, or from an upstream HEAD without spending a pull.
             let stored = match self.stored_manifest(digest).await? {
                 Some(m) => Some(m),
-                None => self.shared_manifest(digest).await,
+                None => Box::pin(self.shared_manifest(digest)).await,
             };
             let answer = match stored {
                 Some(m) => {
@@ -175,7 +175,7 @@ impl Mirror {
                     ManifestAnswer::of(&m, true, CacheStatus::Hit)
                 }
                 None => {
-                    let answer = self.head_manifest(target, digest).await?;
+                    let answer = Box::pin(self.head_manifest(target, digest)).await?;
                     self.link(target, digest).await;
                     answer
                 }
@@ -284,7 +284,7 @@ impl Mirror {
         let this = self.clone();
         let up = target.upstream.clone();
         let flight_key = key.clone();
-        let flight = self.tag_flights.run(&key, || async move {
+        let flight = Box::pin(self.tag_flights.run(&key, || async move {
             // A flight that ended between our read and this one may have stored the tag.
             let cached = match this.store.tags.get(&flight_key).await {
                 Ok(Some(r)) if fresh(this.clock.since(r.fetched_at)) => {
@@ -325,7 +325,7 @@ impl Mirror {
                 this.missing_tags.insert(flight_key, (e.clone(), now));
             }
             result
-        });
+        }));
         // With a cached value to fall back on, a slow upstream costs at most `stale_after`: the
         // flight runs in its own task and updates the tag when it ends.
         let (result, coalesced) = match stale {
@@ -491,12 +491,12 @@ impl Mirror {
         let this = self.clone();
         let up = target.upstream.clone();
         let (repo, digest) = (target.repo.clone(), digest.clone());
-        let (result, coalesced) = self
-            .manifest_flights
-            .run(&key, || async move {
-                this.manifest_bytes(&up, &repo, &digest).await
-            })
-            .await?;
+        // Boxed, as every miss path here: inline, a miss's state would make every hit's
+        // future kilobytes larger, and each request's future is moved into its task.
+        let (result, coalesced) = Box::pin(self.manifest_flights.run(&key, || async move {
+            this.manifest_bytes(&up, &repo, &digest).await
+        }))
+        .await?;
         result.map(|(m, s)| (m, s.joined(coalesced)))
     }
 

@@ -661,8 +661,8 @@ async fn admit(
     app.access
         .check_address(client)
         .map_err(refused(Refusal::Address))?;
-    app.access
-        .check_credentials(req.headers())
+    // Boxed: a password check's state would otherwise sit in every request's future.
+    Box::pin(app.access.check_credentials(req.headers()))
         .await
         .map_err(refused(Refusal::Credentials))?;
     if matches!(route, Route::Metrics | Route::Status | Route::Ui) {
