@@ -149,6 +149,21 @@ fn write_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf,
     (c, k, pem)
 }
 
+/// A mirror serving HTTPS with a fresh self-signed certificate written under `dir`: the mirror,
+/// the certificate and key files, and the certificate's PEM for clients.
+async fn start_tls_mirror(
+    up: &FakeUpstream,
+    dir: &std::path::Path,
+) -> (TestMirror, std::path::PathBuf, std::path::PathBuf, String) {
+    let (cert, key, pem) = write_cert(dir);
+    let m = TestMirror::start_with(up, |c| {
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    (m, cert, key, pem)
+}
+
 /// Over TLS, HTTP/2 responses of many streams share records (`server::batched_writes`) and
 /// HTTP/1.1 file bodies are copied in place: every body must still be exact, whatever mix of
 /// small and large answers one connection carries at once.
@@ -157,12 +172,7 @@ async fn https_bodies_are_exact_over_multiplexed_h2_and_http1() {
     let up = FakeUpstream::start().await;
     let (manifest, blobs) = up.add_image("library/app", "v1", &[300, 40_000, 3 * 1024 * 1024 + 11]);
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key, pem) = write_cert(certs.path());
-    let m = TestMirror::start_with(&up, |c| {
-        c.server.tls_cert = Some(cert.clone());
-        c.server.tls_key = Some(key.clone());
-    })
-    .await;
+    let (m, _, _, pem) = start_tls_mirror(&up, certs.path()).await;
     let port: u16 = m.url.rsplit(':').next().unwrap().parse().unwrap();
     let client = |http1: bool| {
         let b = reqwest::Client::builder()
@@ -214,12 +224,7 @@ async fn https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http() {
     let up = FakeUpstream::start().await;
     let (_, blobs) = up.add_image("library/app", "v1", &[70_000]);
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key, pem) = write_cert(certs.path());
-    let m = TestMirror::start_with(&up, |c| {
-        c.server.tls_cert = Some(cert.clone());
-        c.server.tls_key = Some(key.clone());
-    })
-    .await;
+    let (m, cert, key, pem) = start_tls_mirror(&up, certs.path()).await;
     let port = m.url.rsplit(':').next().unwrap().to_owned();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())

@@ -64,11 +64,9 @@ impl<I: AsyncWrite + Unpin> BatchedWrites<I> {
     }
 
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.buf.len() {
+        if !self.buf.is_empty() {
             ready!(self.poll_send(cx, &[]))?;
         }
-        self.buf.clear();
-        self.sent = 0;
         Poll::Ready(Ok(()))
     }
 
