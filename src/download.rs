@@ -98,13 +98,29 @@ enum Outcome {
 
 pub struct Download {
     start: watch::Sender<Start>,
+    /// The upstream and repository it was started for: an upstream answer to it confirms the
+    /// digest for that repository only.
+    upstream: String,
+    repo: RepoName,
 }
 
 impl Download {
-    fn new() -> Download {
+    fn new(upstream: &str, repo: &RepoName) -> Download {
         Download {
             start: watch::channel(Start::Pending).0,
+            upstream: upstream.to_owned(),
+            repo: repo.clone(),
         }
+    }
+
+    /// Whether it was started for `repo` of the upstream named `upstream`.
+    pub fn is_for(&self, upstream: &str, repo: &RepoName) -> bool {
+        self.upstream == upstream && self.repo == *repo
+    }
+
+    /// The upstream and repository it was started for.
+    pub fn origin(&self) -> (&str, &RepoName) {
+        (&self.upstream, &self.repo)
     }
 
     /// Waits for the upstream's answer.
@@ -190,7 +206,10 @@ impl Downloads {
         repo: &RepoName,
         digest: &Digest,
     ) -> (Arc<Download>, bool) {
-        match self.flights.join_or_start(digest, Download::new) {
+        match self
+            .flights
+            .join_or_start(digest, || Download::new(&upstream.name, repo))
+        {
             Joined::Follower(d) => (d, true),
             Joined::Leader(d, guard) => {
                 let job = Job {

@@ -83,6 +83,11 @@ async fn concurrent_misses_on_three_replicas_fetch_upstream_once() {
     }
     assert_eq!(up.blob_gets(), 1, "one upstream body for the fleet");
     assert_eq!(
+        up.blob_heads(),
+        0,
+        "no client's first byte waited for an upstream HEAD: the lease holder shared the link"
+    );
+    assert_eq!(
         sum_over(&all, "pullthrough_blob_source_total", "source=\"peer\"").await,
         4.0,
         "the four clients of the two other replicas streamed from the lease holder"
@@ -161,6 +166,39 @@ async fn a_replica_with_an_empty_disk_is_served_from_the_shared_tier() {
     .await;
     let bytes = coordinator.get("pullthrough:shared:bytes").await.unwrap();
     assert_eq!(bytes, Some(body.len().to_string().into_bytes()));
+}
+
+#[tokio::test]
+async fn a_shared_tier_blob_is_not_served_under_a_repository_the_upstream_refuses() {
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
+    let body = pseudo_random(MIB, 3);
+    let digest = up.add_blob(body.clone());
+    let first = fleet.replica().await;
+    assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
+    let store = fleet.store.clone();
+    eventually(
+        "the blob is published to the shared tier",
+        SETTLE,
+        || async { store.head(&object(&digest)).await.is_ok() },
+    )
+    .await;
+    up.behave(|b| b.missing_repos = vec!["private/other".into()]);
+
+    let fresh = fleet.replica().await;
+    let resp = fresh
+        .get(&format!("/v2/private/other/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("BLOB_UNKNOWN"), "{text}");
+    assert_eq!(up.blob_heads(), 1, "the repository was asked about once");
+    // Under the repository the upstream served it for, the shared link suffices.
+    assert_eq!(get_bytes(&fresh, &blob_path(&digest)).await.unwrap(), body);
+    assert_eq!(up.blob_heads(), 1);
+    assert_eq!(up.blob_gets(), 1);
 }
 
 /// A lease holder that streams 40 % of the blob to its follower and dies (closes the

@@ -38,6 +38,11 @@ async fn concurrent_misses_fetch_upstream_once() {
     }
     assert_eq!(misses, 1);
     assert_eq!(up.blob_gets(), 1, "32 clients, one upstream GET");
+    assert_eq!(
+        up.blob_heads(),
+        0,
+        "the download's answer confirms the repository for all 32: none waits for a HEAD"
+    );
     let metrics = m.metrics().await;
     assert!(
         metrics.contains("pullthrough_cache_total{kind=\"blob\",outcome=\"coalesced\",upstream=\"docker.io\"} 31"),

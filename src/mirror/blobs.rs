@@ -117,17 +117,21 @@ impl Mirror {
             let (download, joined) =
                 self.downloads
                     .join(target.upstream.clone(), &target.repo, digest);
-            if joined {
-                // The download may be for another repository.
-                self.confirm_link(target, digest, ObjectKind::Blob).await?;
-            }
             match Box::pin(download.started()).await {
                 Start::Streaming(handle, tier) => {
+                    // The upstream's answer to this download confirms the digest for the
+                    // download's own repository, for every client of it: none of them waits
+                    // for an upstream round trip of its own. Bytes from a peer or the shared
+                    // tier, or a download for another repository, confirm nothing.
+                    if tier == Tier::Upstream && download.is_for(target.registry(), &target.repo) {
+                        self.link(target, digest).await;
+                    } else {
+                        self.confirm_link(target, digest, ObjectKind::Blob).await?;
+                    }
                     self.metrics.blob_source(tier);
                     let status = if joined {
                         CacheStatus::Coalesced
                     } else {
-                        self.link(target, digest).await;
                         CacheStatus::Miss
                     };
                     let waiter = Waiter::new(self.metrics.clone());
@@ -250,7 +254,15 @@ impl Mirror {
                 return Err(Error::PeerMissing);
             };
             match download.started().await {
-                Start::Streaming(handle, _) => return Ok(handle),
+                Start::Streaming(handle, tier) => {
+                    if tier == Tier::Upstream {
+                        // Before the first byte goes out, so that the follower's clients find
+                        // the link and need not confirm it with an upstream HEAD of their own.
+                        let (registry, repo) = download.origin();
+                        self.share_link(registry, repo, digest).await;
+                    }
+                    return Ok(handle);
+                }
                 Start::AlreadyCached => continue,
                 _ => return Err(Error::PeerMissing),
             }

@@ -159,6 +159,13 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
 
+class Server(http.server.ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a cold fan-out opens more connections than
+    # that at once, and the dropped SYNs came back a second later, timing the harness instead
+    # of the mirror.
+    daemon_threads, request_queue_size = True, 128
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, required=True)
@@ -167,8 +174,7 @@ def main():
     ap.add_argument("--cut-after", type=size_arg, default=0, help="cut each blob once after this many bytes")
     ap.add_argument("--rate", type=size_arg, default=0, help="body bytes per second per response")
     args = ap.parse_args()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), FrontHandler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", args.port), FrontHandler)
     server.upstream = urllib.parse.urlsplit(args.upstream)
     server.cut_after, server.rate = args.cut_after, args.rate
     server.lock, server.already_cut, server.transfers = threading.Lock(), set(), {}

@@ -102,6 +102,12 @@ class TokenHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class Server(http.server.ThreadingHTTPServer):
+    # socketserver's default listen backlog of 5 drops SYNs (retried a second later) when
+    # several replicas and clients ask for tokens at once.
+    daemon_threads, request_queue_size = True, 128
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, required=True)
@@ -115,8 +121,7 @@ def main():
     cfg = ap.parse_args()
     cfg.user = tuple(cfg.user.split(":", 1))
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", cfg.port), TokenHandler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", cfg.port), TokenHandler)
     server.cfg, server.signer = cfg, Signer(cfg.key, cfg.cert)
     sink = open(cfg.log, "a") if cfg.log else sys.stderr
     lock = threading.Lock()

@@ -114,15 +114,12 @@ def table(results_path):
 
 
 def summary(results):
-    """One matrix cell: '5/5' passed, 'FAIL 1/5', 'KNOWN 1/1' (a known open defect, not a
-    failure), 'skip', or '-' when not applicable."""
+    """One matrix cell: '5/5' passed, 'FAIL 1/5', 'skip', or '-' when not applicable."""
     n = sum(results.values())
     if n == 0:
         return "-"
     if results["FAIL"]:
         return f"FAIL {results['FAIL']}/{n}"
-    if results["KNOWN"]:
-        return f"KNOWN {results['KNOWN']}/{n}"
     if results["PASS"]:
         return f"{results['PASS']}/{n}" + (f" +{results['SKIP']} skip" if results["SKIP"] else "")
     return "skip"

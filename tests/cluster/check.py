@@ -140,6 +140,11 @@ def fanout(results, image, log, blob, leader, paths):
     recs = records(log)
     got, sent, line = upstream_line(recs, digest, size)
     r.add("cluster", image, "upstream sent one body", len(got) == 1 and sent == size, line)
+    # The download's own answer confirms the repository for every client that joins it: a
+    # client that asked the upstream a HEAD of its own would wait for that round trip.
+    heads = [x for x in recs if x["method"] == "HEAD" and x["path"].endswith(f"/blobs/{digest}")]
+    r.add("cluster", image, "no client asked the upstream a HEAD", not heads,
+          f"{len(heads)} blob HEADs upstream")
     per = fetches(paths)
     ok = sum(verified(c)[0] for c in per.values())
     total = sum(verified(c)[1] for c in per.values())

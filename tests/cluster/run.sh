@@ -10,8 +10,8 @@
 #
 # Phases, each on a fresh Garage, Redis, front and replicas (empty disks):
 #   fanout    24 clients (8 per replica) GET one cold 256 MiB blob at once: the upstream sends
-#             one body; every body verifies; clients of the non-leader replicas get their first
-#             byte within 50 ms of the upstream's first byte.
+#             one body and answers no HEAD for it; every body verifies; clients of the
+#             non-leader replicas get their first byte within 50 ms of the upstream's first byte.
 #   takeover  the lease holder is killed (kill -9) once the upstream has sent 40 % of the blob:
 #             every client of the other replicas still gets the whole, correct blob, and the
 #             upstream sent at most 2 x the blob's size.
@@ -187,15 +187,7 @@ phase_fanout() {
   fetch_everywhere "$BIG" "$FANOUT_CLIENTS" fanout
   wait_fetches
   sleep 0.5   # the front writes its log line when a body ends
-  check fanout "$T/fanout.tsv" "$BIG" "$FRONT_LOG" "${LAYER[$BIG]}" "$(leader)" "$T"/fanout-r{1,2,3}.json
-  # Known open defect (issue 14, not resolved): in about a third of the runs one follower
-  # replica's clients get their first byte some 1.2 s late. Reported as KNOWN, which does not
-  # fail the suite; STRICT_FIRST_BYTE=1 makes it a failure again.
-  if [ "${STRICT_FIRST_BYTE:-0}" != 1 ]; then
-    awk -F'\t' -v OFS='\t' '$3 ~ /^followers. first byte/ && $4 == "FAIL" { $4 = "KNOWN" } 1' \
-      "$T/fanout.tsv" >"$T/fanout.known" && mv "$T/fanout.known" "$T/fanout.tsv"
-  fi
-  cat "$T/fanout.tsv" >>"$T/results.tsv"
+  check fanout "$T/results.tsv" "$BIG" "$FRONT_LOG" "${LAYER[$BIG]}" "$(leader)" "$T"/fanout-r{1,2,3}.json
   # Heartbeats every 5 s: within three periods every replica knows the other two.
   check members "$T/results.tsv" 3 15 "$(replica_url 1)" "$(replica_url 2)" "$(replica_url 3)"
   stop_cluster
