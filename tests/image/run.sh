@@ -126,7 +126,10 @@ main() {
 
   # The build as a user runs it: the repository as the context, the Dockerfile's defaults.
   # --network host only because this dockerd sets up no bridge.
-  log "docker build (release build of the dependencies and the mirror: several minutes)"
+  # The build needs a few GB in dockerd's data root (under $T): say what there is, so that a
+  # full disk is told apart from a broken build.
+  log "docker build (release build of the dependencies and the mirror: several minutes;" \
+    "$(df -h --output=avail "$T" | tail -n 1 | tr -d ' ') free under $T)"
   local started=$SECONDS
   DOCKER_BUILDKIT=1 "${DOCKER[@]}" build --network host -t "$IMAGE" "$ROOT" >"$T/logs/build.log" 2>&1 \
     || { tail -n 30 "$T/logs/build.log" >&2; fail "docker build"; }
