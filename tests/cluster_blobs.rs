@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::fleet::Fleet;
 use common::upstream::pseudo_random;
-use common::{eventually, metric_sum, x_cache, FakeUpstream, TestMirror, SETTLE};
+use common::{eventually, metric_sum, x_cache, FakeUpstream, TestMirror, Tmpfs, SETTLE};
 use object_store::path::Path;
 use object_store::ObjectStore;
 use pullthrough::cluster::coordinator::{Claim, Coordinator};
@@ -292,6 +292,68 @@ async fn a_shared_object_that_does_not_match_its_digest_is_deleted_and_never_ser
         body
     );
     assert_eq!(up.blob_gets(), 1);
+}
+
+#[tokio::test]
+async fn a_replica_whose_disk_cannot_take_a_blob_relays_it_from_the_shared_tier() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
+    let body = pseudo_random(24 * MIB, 5);
+    let digest = up.add_blob(body.clone());
+    let first = fleet.replica().await;
+    assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
+    let store = fleet.store.clone();
+    eventually(
+        "the blob is published to the shared tier",
+        SETTLE,
+        || async { store.head(&object(&digest)).await.is_ok() },
+    )
+    .await;
+
+    let storage = fs.path().join("data");
+    let small = fleet
+        .replica_with(|c| c.storage.dir = storage.clone())
+        .await;
+    assert_eq!(get_bytes(&small, &blob_path(&digest)).await.unwrap(), body);
+    assert_eq!(
+        up.blob_gets(),
+        1,
+        "relayed from the shared tier, not the upstream"
+    );
+    let metrics = small.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "pullthrough_blob_source_total",
+            "source=\"shared\""
+        ),
+        1.0
+    );
+
+    // A damaged object is cut before its last chunk, and deleted.
+    let mut corrupt = body.clone();
+    corrupt[MIB] ^= 0xff;
+    store.put(&object(&digest), corrupt.into()).await.unwrap();
+    assert!(
+        get_bytes(&small, &blob_path(&digest)).await.is_err(),
+        "the damaged object's bytes never complete a response"
+    );
+    eventually("the damaged object is deleted", SETTLE, || async {
+        store.head(&object(&digest)).await.is_err()
+    })
+    .await;
+    assert_eq!(
+        get_bytes(&small, &blob_path(&digest)).await.unwrap(),
+        body,
+        "then it comes from the upstream"
+    );
+    // The download's own GET tells it the size and is dropped for lack of room; the relay
+    // is the second.
+    assert_eq!(up.blob_gets(), 3);
 }
 
 #[tokio::test]

@@ -5,41 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::upstream::{sha256, Fault};
-use common::{error_code, secret, x_cache, FakeUpstream, TestMirror, PAST_TTL, SETTLE, TTL};
+use common::{error_code, secret, x_cache, FakeUpstream, TestMirror, Tmpfs, PAST_TTL, SETTLE, TTL};
 
 const MIB: usize = 1024 * 1024;
-
-/// A tmpfs of `size` mounted for the test's lifetime (needs root; `None` otherwise).
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Tmpfs(dir))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
-}
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -10,6 +10,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 
 use super::{Error, Mirror, Target};
+use crate::cluster::eviction::Reading;
 use crate::download::Start;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -270,12 +271,19 @@ impl Mirror {
         Err(Error::PeerMissing)
     }
 
-    /// Streams a blob straight from the upstream without caching it, still verifying it.
+    /// Streams a blob without caching it (the disk cannot take it), still verifying it: from
+    /// the shared tier when it holds the blob, so that a full disk on one replica does not
+    /// cost the upstream what the fleet already has, else from the upstream.
     async fn blob_passthrough(
         &self,
         target: &Target,
         digest: &Digest,
     ) -> Result<BlobAnswer, Error> {
+        if let Some((size, stream)) = self.shared_relay(digest).await {
+            self.confirm_link(target, digest, ObjectKind::Blob).await?;
+            self.metrics.blob_source(Tier::Shared);
+            return Ok(BlobAnswer::Passthrough { size, stream });
+        }
         let body = target.upstream.blob(&target.repo, digest, 0).await?;
         self.metrics.blob_source(Tier::Upstream);
         let size = body.size;
@@ -294,6 +302,53 @@ impl Mirror {
             size,
             stream: verified(chunks, digest.clone(), size).boxed(),
         })
+    }
+
+    /// The whole blob from the shared tier, verified on the way, registered as a reader so the
+    /// evictor leaves it alone; an object that does not match its digest is deleted. `None`
+    /// when the tier does not hold it, is evicting it or cannot be read.
+    async fn shared_relay(
+        &self,
+        digest: &Digest,
+    ) -> Option<(u64, BoxStream<'static, io::Result<Bytes>>)> {
+        let tier = self.shared.clone()?;
+        let guard = match &self.eviction {
+            Some(eviction) => match eviction.read(shared::Kind::Blob, digest).await {
+                Reading::Protected(guard) => Some(guard),
+                Reading::Evicting => return None,
+            },
+            None => None,
+        };
+        let blob = match tier.blob(digest, 0).await {
+            Ok(blob) => blob?,
+            Err(e) => {
+                self.metrics.shared_error();
+                tracing::warn!(%digest, error = %e, "shared tier unavailable; relaying from the upstream");
+                return None;
+            }
+        };
+        if let Some(eviction) = &self.eviction {
+            eviction.accessed(shared::Kind::Blob, digest, blob.size);
+        }
+        let chunks = blob.chunks.map(move |c| {
+            // Held as long as the stream is read.
+            let _reading = &guard;
+            c.map_err(io::Error::other)
+        });
+        let (metrics, name) = (self.metrics.clone(), digest.clone());
+        let stream = verified(chunks, digest.clone(), blob.size).inspect(move |c| {
+            if matches!(c, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
+                metrics.digest_mismatch();
+                tracing::error!(digest = %name, "shared-tier object does not match its digest; deleted");
+                let (tier, name) = (tier.clone(), name.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = tier.delete(shared::Kind::Blob, &name).await {
+                        tracing::warn!(digest = %name, error = %e, "cannot delete a corrupt shared-tier object");
+                    }
+                });
+            }
+        });
+        Some((blob.size, stream.boxed()))
     }
 }
 
@@ -323,7 +378,7 @@ fn verified(
             if st.seen != st.len {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("upstream body ended at {} of {} bytes", st.seen, st.len),
+                    format!("the body ended at {} of {} bytes", st.seen, st.len),
                 ));
             }
             return Ok(None);

@@ -360,3 +360,31 @@ pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Ou
     // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
     command.output().await.unwrap()
 }
+
+/// A tmpfs of `size` mounted for the test's lifetime (needs root; `None` otherwise).
+pub struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
