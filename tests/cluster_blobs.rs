@@ -201,6 +201,38 @@ async fn a_shared_tier_blob_is_not_served_under_a_repository_the_upstream_refuse
     assert_eq!(up.blob_gets(), 1);
 }
 
+#[tokio::test]
+async fn a_replica_that_stops_hands_its_last_accesses_to_the_fleet() {
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
+    let body = pseudo_random(MIB, 6);
+    let digest = up.add_blob(body.clone());
+    let first = fleet.replica().await;
+    assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
+    fleet.wait_shared("blobs", &digest).await;
+    let second = fleet.replica().await;
+    assert_eq!(get_bytes(&second, &blob_path(&digest)).await.unwrap(), body);
+
+    // The fleet's clock has not moved, so no periodic flush ran: only the stop sends it.
+    second.stop().await;
+    let member = format!(
+        "blobs/sha256/{} {}",
+        digest.trim_start_matches("sha256:"),
+        body.len()
+    );
+    let order = fleet
+        .coordinator
+        .zrange(
+            "pullthrough:shared:access",
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            100,
+        )
+        .await
+        .unwrap();
+    assert!(order.iter().any(|(m, _)| *m == member), "{order:?}");
+}
+
 /// A lease holder that streams 40 % of the blob to its follower and dies (closes the
 /// connection, stops answering, never renews its lease).
 async fn dying_peer(body: Vec<u8>, send: usize) -> String {

@@ -399,6 +399,9 @@ async fn run(
         task.abort();
     }
     mirror.save_index().await;
+    // The last few seconds of shared-tier accesses, which the fleet's eviction order would
+    // otherwise never see (bounded by the coordinator's request deadline).
+    mirror.flush_shared_accesses().await;
     Ok(())
 }
 
