@@ -202,6 +202,19 @@ impl SharedTier {
         }
     }
 
+    /// Every object the tier holds, as (name, size, last modified in Unix milliseconds), in
+    /// the store's listing order, pages fetched as the stream is read.
+    pub fn list(&self) -> BoxStream<'_, Result<(String, u64, u64), Error>> {
+        futures_util::stream::iter(["blobs", "manifests"].map(Path::from))
+            .flat_map(move |dir| self.store.list(Some(&dir)))
+            .map(|meta| {
+                let meta = meta.map_err(Error::of)?;
+                let modified = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                Ok((meta.location.to_string(), meta.size, modified))
+            })
+            .boxed()
+    }
+
     /// A presigned GET URL of the blob, valid for `ttl`, or `None` for a store that cannot
     /// sign. It carries a signature of the object store's key, never an upstream token.
     pub async fn presigned(

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::upstream::pseudo_random;
 use common::{eventually, metric_sum, FakeUpstream, TestMirror, SETTLE};
+use futures_util::TryStreamExt;
 use pullthrough::config::{Config, Secret};
 
 /// The Garage release the cluster suite pins.
@@ -171,6 +172,12 @@ admin_token = "test-admin-token"
 }
 
 /// A replica on the real store, with an in-process coordinator shared by `coordinator`.
+fn point_at(garage: &Garage, shared: &mut pullthrough::config::SharedStorageConfig) {
+    shared.endpoint = garage.endpoint.clone();
+    shared.access_key_id = Some(Secret::new(garage.key_id.clone()));
+    shared.secret_access_key = Some(Secret::new(garage.secret.clone()));
+}
+
 async fn replica(
     garage: &Garage,
     up: &FakeUpstream,
@@ -184,10 +191,7 @@ async fn replica(
         &mut config,
         &format!("http://{}", listener.local_addr().unwrap()),
     );
-    let shared = config.storage.shared.as_mut().unwrap();
-    shared.endpoint = garage.endpoint.clone();
-    shared.access_key_id = Some(Secret::new(garage.key_id.clone()));
-    shared.secret_access_key = Some(Secret::new(garage.secret.clone()));
+    point_at(garage, config.storage.shared.as_mut().unwrap());
     tweak(&mut config);
     let coordinator = coordinator.clone();
     TestMirror::launch_on(listener, pullthrough::Clock::manual(), config, dir, |s| {
@@ -270,4 +274,20 @@ async fn replicas_share_blobs_through_a_real_s3_store() {
     assert_eq!(redirected.status(), 200);
     assert_eq!(redirected.bytes().await.unwrap(), body);
     assert_eq!(up.blob_gets(), fetched);
+
+    // The listing the fleet's hourly recount reads (`cluster::eviction`): the blob, its size.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(&up.url, dir.path());
+    common::join_cluster(&mut config, "http://127.0.0.1:1");
+    let mut shared = config.storage.shared.unwrap();
+    point_at(&garage, &mut shared);
+    let tier = pullthrough::shared::SharedTier::s3(&shared).unwrap();
+    let listed: Vec<(String, u64, u64)> = tier.list().try_collect().await.unwrap();
+    let name = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    assert!(
+        listed
+            .iter()
+            .any(|(n, size, _)| *n == name && *size == body.len() as u64),
+        "{listed:?}"
+    );
 }

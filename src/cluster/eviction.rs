@@ -15,14 +15,18 @@
 //! One replica evicts at a time, holding the `lease:evictor` lease. An object with a live
 //! reader or a download lease (`lease:blob:<digest>`) is skipped.
 //!
-//! The counter can drift from the access set (a publication counted twice, a counter lost
-//! with Redis's data): a pass that has looked at every member sets it right, and once an hour
-//! one replica recounts it from the access set.
+//! The counter can drift from the bucket (a publication counted twice, a counter lost with
+//! Redis's data), and the access set can miss objects (published by a replica that died
+//! before its flush, or all of them after Redis lost its data): a pass that has looked at
+//! every member sets the counter right, and once an hour one replica recounts it from a
+//! listing of the bucket, putting the objects the access set lacks into it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use super::coordinator::Claim;
 use super::{Cluster, PREFIX};
@@ -45,7 +49,7 @@ const READ_TTL: Duration = Duration::from_secs(15);
 const MARK_TTL: Duration = Duration::from_secs(60);
 /// Candidates read from the access set per request.
 const PAGE: usize = 100;
-/// How often the fleet recounts the shared tier's total from the access set.
+/// How often the fleet recounts the shared tier's total from a listing of its bucket.
 const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
 /// Members read per request by a recount.
 const RECOUNT_PAGE: usize = 1000;
@@ -297,7 +301,7 @@ impl Eviction {
     /// One pass: reads the shared tier's size and, past the bound, takes the evictor lease and
     /// deletes the least recently used objects nobody reads or downloads, down to the bound.
     /// Once per [`RECONCILE_EVERY`] for the fleet, the pass first recounts the total from the
-    /// access set (see [`Eviction::recount`]).
+    /// bucket (see [`Eviction::recount`]).
     pub async fn evict(&self) -> Pass {
         let Some(mut bytes) = self.counter(BYTES).await else {
             return Pass::Unavailable;
@@ -377,25 +381,64 @@ impl Eviction {
         )
     }
 
-    /// Sets the total to the sum of the access set's sizes, and returns it; `None` when the
-    /// coordinator failed midway. The counter drifts when a publication is counted twice, or
-    /// lost with Redis's data (objects then come back into the access set as they are read).
+    /// Sets the total to what the bucket holds, and returns it; `None` when the store or the
+    /// coordinator failed midway. Objects the access set lacks are put into it, scored by
+    /// their last modification: one published by a replica that died before its flush, or
+    /// every object after Redis lost its data, would otherwise never be evicted. Members whose
+    /// object is gone are dropped. The access set is read before the bucket is listed, and a
+    /// member is only ever recorded for an object that exists, so a member missing from the
+    /// listing is gone for good (only the evictor deletes, and this replica holds its lease).
     async fn recount(&self) -> Option<u64> {
+        let mut members: HashMap<String, String> = HashMap::new();
         let mut walk = Walk::default();
-        let mut total = 0u64;
         loop {
             let page = walk.next(&self.cluster, RECOUNT_PAGE).await?;
             if page.is_empty() {
                 break;
             }
-            total += page
-                .iter()
-                .filter_map(|(m, _)| Object::parse(m))
-                .map(|(_, size)| size)
-                .sum::<u64>();
+            for (member, _) in page {
+                if let Some((object, _)) = Object::parse(&member) {
+                    members.insert(object.name(), member);
+                }
+            }
         }
         if !walk.exhausted {
             return None;
+        }
+        let mut total = 0u64;
+        let mut untracked = Vec::new();
+        let mut listing = self.tier.list();
+        while let Some(listed) = listing.next().await {
+            let (name, size, modified_ms) = match listed {
+                Ok(listed) => listed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the shared tier; recount skipped");
+                    return None;
+                }
+            };
+            let member = format!("{name} {size}");
+            if Object::parse(&member).is_none() {
+                continue;
+            }
+            total += size;
+            if members.remove(&name).is_none() {
+                untracked.push((member, modified_ms as f64));
+            }
+        }
+        for page in untracked.chunks(RECOUNT_PAGE) {
+            self.cluster.zadd(ACCESS, page.to_vec()).await;
+        }
+        let gone: Vec<String> = members.into_values().collect();
+        for page in gone.chunks(RECOUNT_PAGE) {
+            self.cluster.zrem(ACCESS, page.to_vec()).await;
+        }
+        if !untracked.is_empty() || !gone.is_empty() {
+            tracing::info!(
+                untracked = untracked.len(),
+                gone = gone.len(),
+                bytes = total,
+                "shared tier recounted from its bucket"
+            );
         }
         self.cluster.set_json(BYTES, &total, None).await;
         Some(total)
@@ -871,7 +914,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_total_is_recounted_from_the_access_set_once_an_hour_for_the_fleet() {
+    async fn the_total_is_recounted_from_the_bucket_once_an_hour_for_the_fleet() {
         let fleet = Fleet::new();
         let (a, b) = (
             fleet.replica("http://a", 1500),
@@ -910,6 +953,51 @@ mod tests {
         );
         tokio::time::advance(RECONCILE_EVERY).await;
         assert_eq!(b.evict().await, Pass::Within { bytes: 1000 });
+        assert_eq!(fleet.bytes().await.as_deref(), Some(&b"1000"[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn objects_missing_from_the_access_set_are_found_in_the_bucket_and_evicted() {
+        let fleet = Fleet::new();
+        let dead = fleet.replica("http://dead", 1500);
+        let kept = fleet.publish(&dead, 1, 1000).await;
+        let orphan = fleet.publish(&dead, 2, 1000).await;
+        // The replica died before its flush: the fleet never heard of either object. And the
+        // access set names one that is gone.
+        drop(dead);
+        let gone = "blobs/sha256/".to_owned() + &"ab".repeat(32) + " 500";
+        let access = format!("{PREFIX}{ACCESS}");
+        fleet
+            .coordinator
+            .zadd(&access, vec![(gone.clone(), 1.0)])
+            .await
+            .unwrap();
+
+        let b = fleet.replica("http://b", 1500);
+        assert_eq!(
+            b.evict().await,
+            Pass::Evicted {
+                objects: 1,
+                bytes: 1000,
+                remaining: 1000
+            },
+            "the recount found 2000 bytes in the bucket"
+        );
+        assert_ne!(
+            fleet.holds(&kept).await,
+            fleet.holds(&orphan).await,
+            "one of the two was evicted"
+        );
+        let members: Vec<String> = fleet
+            .coordinator
+            .zrange(&access, f64::NEG_INFINITY, f64::INFINITY, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        assert_eq!(members.len(), 1, "{members:?}");
+        assert!(!members.contains(&gone), "the gone member was dropped");
         assert_eq!(fleet.bytes().await.as_deref(), Some(&b"1000"[..]));
     }
 
