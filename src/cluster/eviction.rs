@@ -328,7 +328,7 @@ impl Eviction {
             None => return Pass::Unavailable,
         };
         if recount {
-            if let Some(total) = self.recount().await {
+            if let Some(total) = self.recount(&lease).await {
                 bytes = total;
                 self.bytes.store(bytes, Ordering::Relaxed);
             }
@@ -366,6 +366,19 @@ impl Eviction {
         pass
     }
 
+    /// Renews the evictor lease; `false` (warned) when it was lost and the pass must stop.
+    async fn renew(&self, lease: &super::coordinator::Lease) -> bool {
+        let c = &self.cluster;
+        let renewed = c
+            .ask("renew", c.coordinator.renew(lease, EVICTOR_LEASE))
+            .await
+            == Some(true);
+        if !renewed {
+            tracing::warn!("the shared-tier evictor lease was lost; the pass stops");
+        }
+        renewed
+    }
+
     /// Whether the fleet's recount is due, and this replica's to do: a claim that nobody
     /// releases, so it is won once per [`RECONCILE_EVERY`].
     async fn recount_due(&self) -> bool {
@@ -388,7 +401,7 @@ impl Eviction {
     /// object is gone are dropped. The access set is read before the bucket is listed, and a
     /// member is only ever recorded for an object that exists, so a member missing from the
     /// listing is gone for good (only the evictor deletes, and this replica holds its lease).
-    async fn recount(&self) -> Option<u64> {
+    async fn recount(&self, lease: &super::coordinator::Lease) -> Option<u64> {
         let mut members: HashMap<String, String> = HashMap::new();
         let mut walk = Walk::default();
         loop {
@@ -408,7 +421,13 @@ impl Eviction {
         let mut total = 0u64;
         let mut untracked = Vec::new();
         let mut listing = self.tier.list();
+        let mut listed_count = 0usize;
         while let Some(listed) = listing.next().await {
+            listed_count += 1;
+            // A big bucket takes many list pages: the evictor lease must outlast them.
+            if listed_count % RECOUNT_PAGE == 0 && !self.renew(lease).await {
+                return None;
+            }
             let (name, size, modified_ms) = match listed {
                 Ok(listed) => listed,
                 Err(e) => {
@@ -482,11 +501,7 @@ impl Eviction {
                     None => break 'pages,
                 }
             }
-            if c.ask("renew", c.coordinator.renew(lease, EVICTOR_LEASE))
-                .await
-                != Some(true)
-            {
-                tracing::warn!("the shared-tier evictor lease was lost; the pass stops");
+            if !self.renew(lease).await {
                 break;
             }
         }
