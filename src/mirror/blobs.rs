@@ -11,7 +11,7 @@ use sha2::Digest as _;
 
 use super::{Error, Mirror, Target};
 use crate::cluster::eviction::Reading;
-use crate::download::Start;
+use crate::download::{Download, Start};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
@@ -120,15 +120,7 @@ impl Mirror {
                     .join(target.upstream.clone(), &target.repo, digest);
             match Box::pin(download.started()).await {
                 Start::Streaming(handle, tier) => {
-                    // The upstream's answer to this download confirms the digest for the
-                    // download's own repository, for every client of it: none of them waits
-                    // for an upstream round trip of its own. Bytes from a peer or the shared
-                    // tier, or a download for another repository, confirm nothing.
-                    if tier == Tier::Upstream && download.is_for(target.registry(), &target.repo) {
-                        self.link(target, digest).await;
-                    } else {
-                        self.confirm_link(target, digest, ObjectKind::Blob).await?;
-                    }
+                    self.link_download(target, digest, &download, tier).await?;
                     self.metrics.blob_source(tier);
                     let status = if joined {
                         CacheStatus::Coalesced
@@ -153,6 +145,26 @@ impl Mirror {
         ))
     }
 
+    /// Binds `digest` to `target`'s repository for a client of `download`, whose bytes come
+    /// from `tier`. The upstream's answer to the download confirms the digest for the
+    /// download's own repository, for every client of it: none of them waits for an upstream
+    /// round trip of its own. Bytes from a peer or the shared tier, or a download for another
+    /// repository, confirm nothing: the link is confirmed as for a cached blob.
+    async fn link_download(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        download: &Download,
+        tier: Tier,
+    ) -> Result<(), Error> {
+        if tier == Tier::Upstream && download.is_for(target.registry(), &target.repo) {
+            self.link(target, digest).await;
+            Ok(())
+        } else {
+            self.confirm_link(target, digest, ObjectKind::Blob).await
+        }
+    }
+
     /// A blob found on disk at start-up is hashed once in the background; its readers' last
     /// chunk waits for the verdict.
     fn verified(&self, digest: &Digest, handle: BlobHandle) -> BlobHandle {
@@ -172,8 +184,8 @@ impl Mirror {
     /// HEAD.
     async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(d) = self.downloads.get(digest) {
-            if let Start::Streaming(handle, _) = d.started().await {
-                self.confirm_link(target, digest, ObjectKind::Blob).await?;
+            if let Start::Streaming(handle, tier) = d.started().await {
+                self.link_download(target, digest, &d, tier).await?;
                 return Ok(BlobAnswer::Size {
                     size: handle.size(),
                 });
