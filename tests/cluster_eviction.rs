@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::fleet::Fleet;
 use common::{eventually, metric, FakeUpstream, TestMirror, SETTLE};
+use object_store::ObjectStore;
 use pullthrough::cluster::coordinator::Coordinator;
 use pullthrough::cluster::HEARTBEAT;
 use pullthrough::oci::Digest;
@@ -67,8 +68,14 @@ async fn members_are_listed_while_they_heartbeat_and_dropped_after() {
 async fn the_status_shows_the_cluster() {
     let upstream = FakeUpstream::start().await;
     let cluster = Fleet::new().await;
-    // What the fleet published so far, as the coordinator counts it and in its access set.
+    // What the fleet published so far: in the bucket, as the coordinator counts it and in its
+    // access set (the first eviction pass recounts it from the bucket).
     let object = object_name(Kind::Blob, &Digest::sha256_of(b"published"));
+    cluster
+        .store
+        .put(&object.as_str().into(), vec![0u8; 1234].into())
+        .await
+        .unwrap();
     cluster
         .coordinator
         .zadd(
