@@ -537,51 +537,52 @@ impl Job {
         }
     }
 
+    /// The blob from `offset` from the shared tier, when it holds it. A failure marks the tier
+    /// skipped for the rest of this download.
+    async fn shared_feed(&self, offset: u64, sources: &mut Sources) -> Option<Feed> {
+        let (Some(tier), false) = (&self.shared, sources.skip_shared) else {
+            return None;
+        };
+        // A reader registers first, so the object cannot be evicted under it.
+        let guard = match &self.eviction {
+            Some(eviction) => match eviction.read(shared::Kind::Blob, &self.digest).await {
+                Reading::Protected(guard) => Some(guard),
+                Reading::Evicting => return None,
+            },
+            None => None,
+        };
+        let b = match tier.blob(&self.digest, offset).await {
+            Ok(b) => b?,
+            Err(e) => {
+                self.metrics.shared_error();
+                tracing::warn!(digest = %self.digest, error = %e, "shared tier unavailable; fetching elsewhere");
+                sources.skip_shared = true;
+                return None;
+            }
+        };
+        if let Some(eviction) = &self.eviction {
+            eviction.accessed(shared::Kind::Blob, &self.digest, b.size);
+        }
+        let chunks = b
+            .chunks
+            .map(move |c| {
+                // Held as long as the stream is read.
+                let _reading = &guard;
+                c.map_err(|e| Cut::Tier(e.to_string()))
+            })
+            .boxed();
+        Some(Feed {
+            tier: Tier::Shared,
+            size: b.size,
+            chunks,
+        })
+    }
+
     /// The next feed from `offset`: the shared tier, else the lease holder's peer endpoint,
     /// else the upstream (taking the lease first, when there is a coordinator).
     async fn open(&self, offset: u64, sources: &mut Sources) -> Opened {
-        if let (Some(tier), false) = (&self.shared, sources.skip_shared) {
-            // A reader registers first, so the object cannot be evicted under it.
-            let guard = match &self.eviction {
-                Some(eviction) => match eviction.read(shared::Kind::Blob, &self.digest).await {
-                    Reading::Protected(guard) => Some(Some(guard)),
-                    Reading::Evicting => None,
-                },
-                None => Some(None),
-            };
-            let found = match guard {
-                Some(guard) => tier
-                    .blob(&self.digest, offset)
-                    .await
-                    .map(|b| b.map(|b| (b, guard))),
-                None => Ok(None),
-            };
-            match found {
-                Ok(Some((b, guard))) => {
-                    if let Some(eviction) = &self.eviction {
-                        eviction.accessed(shared::Kind::Blob, &self.digest, b.size);
-                    }
-                    let chunks = b
-                        .chunks
-                        .map(move |c| {
-                            // Held as long as the stream is read.
-                            let _reading = &guard;
-                            c.map_err(|e| Cut::Tier(e.to_string()))
-                        })
-                        .boxed();
-                    return Opened::Feed(Feed {
-                        tier: Tier::Shared,
-                        size: b.size,
-                        chunks,
-                    });
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.metrics.shared_error();
-                    tracing::warn!(digest = %self.digest, error = %e, "shared tier unavailable; fetching elsewhere");
-                    sources.skip_shared = true;
-                }
-            }
+        if let Some(feed) = self.shared_feed(offset, sources).await {
+            return Opened::Feed(feed);
         }
         if let (Some(cluster), None, false) = (&self.cluster, &sources.lease, sources.alone) {
             match cluster.claim_download(&self.digest).await {
@@ -591,6 +592,11 @@ impl Job {
                         tracing::info!(digest = %self.digest, offset, "took over a download whose lease holder stopped");
                     }
                     sources.lease = Some(lease);
+                    // The previous holder may have published it between the look above and
+                    // the release of its lease: look again before asking the upstream.
+                    if let Some(feed) = self.shared_feed(offset, sources).await {
+                        return Opened::Feed(feed);
+                    }
                 }
                 Claimed::Held { peer } => {
                     sources.followed_peer = true;
