@@ -23,7 +23,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
-use crate::cluster::eviction::{Eviction, Reading};
+use crate::cluster::eviction::{self, Eviction};
 use crate::cluster::{Claimed, Cluster, LeaseGuard};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
@@ -543,15 +543,8 @@ impl Job {
         let (Some(tier), false) = (&self.shared, sources.skip_shared) else {
             return None;
         };
-        // A reader registers first, so the object cannot be evicted under it.
-        let guard = match &self.eviction {
-            Some(eviction) => match eviction.read(shared::Kind::Blob, &self.digest).await {
-                Reading::Protected(guard) => Some(guard),
-                Reading::Evicting => return None,
-            },
-            None => None,
-        };
-        let b = match tier.blob(&self.digest, offset).await {
+        let read = eviction::read_blob(self.eviction.as_deref(), tier, &self.digest, offset);
+        let b = match read.await {
             Ok(b) => b?,
             Err(e) => {
                 self.metrics.shared_error();
@@ -560,16 +553,9 @@ impl Job {
                 return None;
             }
         };
-        if let Some(eviction) = &self.eviction {
-            eviction.accessed(shared::Kind::Blob, &self.digest, b.size);
-        }
         let chunks = b
             .chunks
-            .map(move |c| {
-                // Held as long as the stream is read.
-                let _reading = &guard;
-                c.map_err(|e| Cut::Tier(e.to_string()))
-            })
+            .map(|c| c.map_err(|e| Cut::Tier(e.to_string())))
             .boxed();
         Some(Feed {
             tier: Tier::Shared,

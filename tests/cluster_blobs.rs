@@ -110,13 +110,7 @@ async fn a_replica_with_an_empty_disk_is_served_from_the_shared_tier() {
     let digest = up.add_blob(body.clone());
     let first = fleet.replica().await;
     assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
-    let store = fleet.store.clone();
-    eventually(
-        "the blob is published to the shared tier",
-        SETTLE,
-        || async { store.head(&object(&digest)).await.is_ok() },
-    )
-    .await;
+    fleet.wait_shared("blobs", &digest).await;
 
     let fresh = fleet.replica().await;
     let resp = fresh.head(&blob_path(&digest)).send().await.unwrap();
@@ -176,13 +170,7 @@ async fn a_shared_tier_blob_is_not_served_under_a_repository_the_upstream_refuse
     let digest = up.add_blob(body.clone());
     let first = fleet.replica().await;
     assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
-    let store = fleet.store.clone();
-    eventually(
-        "the blob is published to the shared tier",
-        SETTLE,
-        || async { store.head(&object(&digest)).await.is_ok() },
-    )
-    .await;
+    fleet.wait_shared("blobs", &digest).await;
     up.behave(|b| b.missing_repos = vec!["private/other".into()]);
 
     let fresh = fleet.replica().await;
@@ -338,13 +326,8 @@ async fn a_replica_whose_disk_cannot_take_a_blob_relays_it_from_the_shared_tier(
     let digest = up.add_blob(body.clone());
     let first = fleet.replica().await;
     assert_eq!(get_bytes(&first, &blob_path(&digest)).await.unwrap(), body);
+    fleet.wait_shared("blobs", &digest).await;
     let store = fleet.store.clone();
-    eventually(
-        "the blob is published to the shared tier",
-        SETTLE,
-        || async { store.head(&object(&digest)).await.is_ok() },
-    )
-    .await;
 
     let storage = fs.path().join("data");
     let small = fleet

@@ -33,7 +33,7 @@ use super::{Cluster, PREFIX};
 use crate::clock::{self, Clock};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
-use crate::shared::{object_name, Kind, SharedTier};
+use crate::shared::{self, object_name, Kind, SharedBlob, SharedTier};
 use crate::sync::lock;
 
 /// How often the batch of accesses and publications goes to the coordinator.
@@ -617,6 +617,43 @@ impl Walk {
         }
         Some(fresh)
     }
+}
+
+/// The blob `digest` from `offset` from the shared tier, read as a registered reader (so the
+/// evictor leaves it alone while the returned stream lives) and recorded as an access.
+/// `Ok(None)` when the tier does not hold it or is evicting it. Without eviction (no
+/// `[cluster]`) it is a plain read.
+pub async fn read_blob(
+    eviction: Option<&Eviction>,
+    tier: &SharedTier,
+    digest: &Digest,
+    offset: u64,
+) -> Result<Option<SharedBlob>, shared::Error> {
+    let guard = match eviction {
+        Some(e) => match e.read(Kind::Blob, digest).await {
+            Reading::Protected(guard) => Some(guard),
+            Reading::Evicting => return Ok(None),
+        },
+        None => None,
+    };
+    let Some(blob) = tier.blob(digest, offset).await? else {
+        return Ok(None);
+    };
+    if let Some(e) = eviction {
+        e.accessed(Kind::Blob, digest, blob.size);
+    }
+    let chunks = blob
+        .chunks
+        .map(move |c| {
+            // Held as long as the stream is read.
+            let _reading = &guard;
+            c
+        })
+        .boxed();
+    Ok(Some(SharedBlob {
+        size: blob.size,
+        chunks,
+    }))
 }
 
 fn readers_key(name: &str) -> String {

@@ -10,7 +10,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 
 use super::{Error, Mirror, Target};
-use crate::cluster::eviction::Reading;
+use crate::cluster::eviction;
 use crate::download::{Download, Start};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -324,14 +324,7 @@ impl Mirror {
         digest: &Digest,
     ) -> Option<(u64, BoxStream<'static, io::Result<Bytes>>)> {
         let tier = self.shared.clone()?;
-        let guard = match &self.eviction {
-            Some(eviction) => match eviction.read(shared::Kind::Blob, digest).await {
-                Reading::Protected(guard) => Some(guard),
-                Reading::Evicting => return None,
-            },
-            None => None,
-        };
-        let blob = match tier.blob(digest, 0).await {
+        let blob = match eviction::read_blob(self.eviction.as_deref(), &tier, digest, 0).await {
             Ok(blob) => blob?,
             Err(e) => {
                 self.metrics.shared_error();
@@ -339,14 +332,7 @@ impl Mirror {
                 return None;
             }
         };
-        if let Some(eviction) = &self.eviction {
-            eviction.accessed(shared::Kind::Blob, digest, blob.size);
-        }
-        let chunks = blob.chunks.map(move |c| {
-            // Held as long as the stream is read.
-            let _reading = &guard;
-            c.map_err(io::Error::other)
-        });
+        let chunks = blob.chunks.map(|c| c.map_err(io::Error::other));
         let (metrics, name) = (self.metrics.clone(), digest.clone());
         let stream = verified(chunks, digest.clone(), blob.size).inspect(move |c| {
             if matches!(c, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
