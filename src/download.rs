@@ -24,6 +24,7 @@ use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use crate::cluster::eviction::{self, Eviction};
+use crate::cluster::peer::{Patience, PeerError};
 use crate::cluster::{Claimed, Cluster, LeaseGuard};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
@@ -68,7 +69,21 @@ pub enum Failure {
     Panicked,
     /// Another tier (a peer, the shared store) broke off, too often.
     #[error("the download was cut: {0}")]
-    Cut(String),
+    Cut(#[source] Cut),
+    /// A tier answered a resume with another size than the blob's.
+    #[error("the {} answered size {actual} for a blob of {expected} bytes", tier.label())]
+    SizeChanged {
+        tier: Tier,
+        expected: u64,
+        actual: u64,
+    },
+    /// This client waited for the download's first byte as long as its upstream's
+    /// `first_byte_timeout` allows; the download goes on for the others.
+    #[error("timed out waiting for the download of the blob from {upstream}")]
+    WaitTimeout { upstream: String },
+    /// The download's task vanished without an outcome (aborted): a new one may start.
+    #[error("the download ended without an outcome")]
+    Dangling,
 }
 
 /// How a download ended. Each is logged; none is left implicit.
@@ -90,6 +105,12 @@ enum Outcome {
     DigestMismatch { actual: String },
     /// The upstream's answer cannot be used (no length, wrong range).
     Protocol(upstream::Error),
+    /// A resume from `tier` answered another size than the blob's.
+    SizeChanged {
+        tier: Tier,
+        expected: u64,
+        actual: u64,
+    },
     /// Writing the temp file or committing it failed.
     Storage(io::Error),
     /// The download task panicked.
@@ -97,7 +118,10 @@ enum Outcome {
 }
 
 pub struct Download {
-    start: watch::Sender<Start>,
+    /// The leader's task holds the sender: a closed channel means that task is gone.
+    start: watch::Receiver<Start>,
+    /// The most a client waits for the download's first byte.
+    wait_limit: Duration,
     /// The upstream and repository it was started for: an upstream answer to it confirms the
     /// digest for that repository only.
     upstream: String,
@@ -105,12 +129,15 @@ pub struct Download {
 }
 
 impl Download {
-    fn new(upstream: &str, repo: &RepoName) -> Download {
-        Download {
-            start: watch::channel(Start::Pending).0,
-            upstream: upstream.to_owned(),
+    fn new(upstream: &Upstream, repo: &RepoName) -> (Download, watch::Sender<Start>) {
+        let (tx, rx) = watch::channel(Start::Pending);
+        let download = Download {
+            start: rx,
+            wait_limit: upstream.config().first_byte_timeout,
+            upstream: upstream.name.clone(),
             repo: repo.clone(),
-        }
+        };
+        (download, tx)
     }
 
     /// Whether it was started for `repo` of the upstream named `upstream`.
@@ -123,15 +150,23 @@ impl Download {
         (&self.upstream, &self.repo)
     }
 
-    /// Waits for the upstream's answer.
+    /// Waits for the download's first answer, at most the upstream's `first_byte_timeout`
+    /// (as Pingora's cache lock, every way the wait ends is named: an answer,
+    /// [`Failure::WaitTimeout`], or [`Failure::Dangling`] when the leader's task is gone).
     pub async fn started(&self) -> Start {
-        let mut rx = self.start.subscribe();
-        let result = rx
-            .wait_for(|s| !matches!(s, Start::Pending))
-            .await
-            .map(|s| s.clone());
-        // The sender lives as long as `self`, so the channel cannot close while we hold it.
-        result.unwrap_or(Start::Pending)
+        let mut rx = self.start.clone();
+        let waited = tokio::time::timeout(
+            self.wait_limit,
+            rx.wait_for(|s| !matches!(s, Start::Pending)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(s)) => s.clone(),
+            Ok(Err(_)) => Start::Failed(Failure::Dangling),
+            Err(_) => Start::Failed(Failure::WaitTimeout {
+                upstream: self.upstream.clone(),
+            }),
+        }
     }
 }
 
@@ -206,14 +241,19 @@ impl Downloads {
         repo: &RepoName,
         digest: &Digest,
     ) -> (Arc<Download>, bool) {
-        match self
-            .flights
-            .join_or_start(digest, || Download::new(&upstream.name, repo))
-        {
-            Joined::Follower(d) => (d, true),
-            Joined::Leader(d, guard) => {
+        let mut sender = None;
+        let joined = self.flights.join_or_start(digest, || {
+            let (download, tx) = Download::new(&upstream, repo);
+            sender = Some(tx);
+            download
+        });
+        match (joined, sender) {
+            (Joined::Follower(d), _) => (d, true),
+            // `start` ran: the sender is there.
+            (Joined::Leader(d, guard), sender) => {
+                let start = Arc::new(sender.unwrap_or_else(|| watch::channel(Start::Pending).0));
                 let job = Job {
-                    download: d.clone(),
+                    start: start.clone(),
                     upstream,
                     repo: repo.clone(),
                     digest: digest.clone(),
@@ -226,7 +266,6 @@ impl Downloads {
                 let metrics = self.metrics.clone();
                 metrics.inflight_downloads.inc();
                 tokio::spawn(async move {
-                    let download = job.download.clone();
                     let (digest, repo, up) = (
                         job.digest.clone(),
                         job.repo.clone(),
@@ -238,7 +277,7 @@ impl Downloads {
                         .await
                         .unwrap_or(Outcome::Panicked);
                     // Make sure no waiter is left waiting, whatever happened.
-                    let outcome = finish_waiters(&download, outcome, &digest);
+                    let outcome = finish_waiters(&start, outcome, &digest);
                     drop(guard);
                     metrics.inflight_downloads.dec();
                     log_outcome(&outcome, &up, &repo, &digest, started);
@@ -270,7 +309,7 @@ impl Downloads {
     }
 }
 
-fn finish_waiters(d: &Download, outcome: Outcome, digest: &Digest) -> Outcome {
+fn finish_waiters(start: &watch::Sender<Start>, outcome: Outcome, digest: &Digest) -> Outcome {
     let failure = match &outcome {
         Outcome::Committed { .. }
         | Outcome::AlreadyCached
@@ -279,7 +318,16 @@ fn finish_waiters(d: &Download, outcome: Outcome, digest: &Digest) -> Outcome {
         Outcome::Refused(e) | Outcome::Protocol(e) => Failure::Upstream(e.clone()),
         Outcome::ResumesExhausted { last, .. } => match last {
             Cut::Upstream(e) => Failure::Upstream(e.clone()),
-            Cut::Tier(why) => Failure::Cut(why.clone()),
+            other => Failure::Cut(other.clone()),
+        },
+        Outcome::SizeChanged {
+            tier,
+            expected,
+            actual,
+        } => Failure::SizeChanged {
+            tier: *tier,
+            expected: *expected,
+            actual: *actual,
         },
         Outcome::DigestMismatch { actual } => Failure::DigestMismatch {
             expected: digest.clone(),
@@ -290,7 +338,7 @@ fn finish_waiters(d: &Download, outcome: Outcome, digest: &Digest) -> Outcome {
     };
     // Readers of the body learn it from the writer (dropped with the job); waiters for the
     // start learn it here.
-    d.start.send_if_modified(|s| {
+    start.send_if_modified(|s| {
         if matches!(s, Start::Pending) {
             *s = Start::Failed(failure);
             true
@@ -332,6 +380,13 @@ fn log_outcome(
         Outcome::Protocol(e) => {
             tracing::warn!(upstream, %repo, %digest, error = %e, "unusable upstream blob response")
         }
+        Outcome::SizeChanged {
+            tier,
+            expected,
+            actual,
+        } => {
+            tracing::warn!(upstream, %repo, %digest, tier = tier.label(), expected, actual, "a resume answered another size; not cached")
+        }
         Outcome::Storage(e) => {
             tracing::error!(upstream, %repo, %digest, error = %e, "cannot write blob to the cache")
         }
@@ -340,7 +395,7 @@ fn log_outcome(
 }
 
 struct Job {
-    download: Arc<Download>,
+    start: Arc<watch::Sender<Start>>,
     upstream: Arc<Upstream>,
     repo: RepoName,
     digest: Digest,
@@ -375,14 +430,37 @@ impl Feed {
     }
 }
 
-/// Why a feed stopped before the blob's end.
+/// Why a feed stopped before the blob's end, naming the tier that stopped.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Cut {
     #[error(transparent)]
     Upstream(upstream::Error),
-    /// A peer or the shared store.
-    #[error("{0}")]
-    Tier(String),
+    #[error(transparent)]
+    Shared(shared::Error),
+    #[error("peer {peer}: {source}")]
+    Peer {
+        peer: String,
+        #[source]
+        source: PeerError,
+    },
+    /// The tier's body ended early, without an error.
+    #[error("the {} body ended at {written} of {size} bytes", tier.label())]
+    Short { tier: Tier, written: u64, size: u64 },
+}
+
+impl Cut {
+    /// Whether the upstream broke off: only that counts against `resume_attempts` (a peer or
+    /// the shared tier is replaced by the next tier instead).
+    fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            Cut::Upstream(_)
+                | Cut::Short {
+                    tier: Tier::Upstream,
+                    ..
+                }
+        )
+    }
 }
 
 /// What a download keeps across feeds.
@@ -417,7 +495,7 @@ impl Job {
     async fn run(self) -> Outcome {
         match self.store.blobs.open(&self.digest).await {
             Ok(Some(_)) => {
-                self.download.start.send_replace(Start::AlreadyCached);
+                self.start.send_replace(Start::AlreadyCached);
                 return Outcome::AlreadyCached;
             }
             Ok(None) => {}
@@ -431,7 +509,7 @@ impl Job {
                 Opened::Feed(f) => break f,
                 Opened::Fatal(outcome) => return outcome,
                 Opened::Retry(cut) => {
-                    if let Cut::Upstream(_) = cut {
+                    if cut.is_upstream() {
                         if attempts >= self.upstream.config().resume_attempts {
                             return Outcome::ResumesExhausted {
                                 written: 0,
@@ -452,15 +530,14 @@ impl Job {
         let size = feed.size;
         if !self.make_room(size).await {
             self.metrics.no_space();
-            self.download.start.send_replace(Start::NoSpace);
+            self.start.send_replace(Start::NoSpace);
             return Outcome::NoSpace { size };
         }
         let mut writer = match self.store.blob_writer().await {
             Ok(w) => w,
             Err(e) => return self.storage_failed(e),
         };
-        self.download
-            .start
+        self.start
             .send_replace(Start::Streaming(writer.reader(size), feed.tier));
         let mut upload = match (&self.shared, feed.tier) {
             (Some(tier), t) if t != Tier::Shared && sources.teeing => {
@@ -476,10 +553,11 @@ impl Job {
                 .await
             {
                 Ok(()) if writer.written() == size => break,
-                Ok(()) => Cut::Upstream(upstream::Error::Protocol {
-                    upstream: self.upstream.name.clone(),
-                    detail: format!("body ended at {} of {size} bytes", writer.written()),
-                }),
+                Ok(()) => Cut::Short {
+                    tier: feed.tier,
+                    written: writer.written(),
+                    size,
+                },
                 Err(CopyError::Cut(e)) => e,
                 Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
                 Err(CopyError::Storage(e)) => return self.storage_failed(e),
@@ -488,7 +566,7 @@ impl Job {
                 sources.skip_shared = true;
             }
             feed = loop {
-                if matches!(cut, Cut::Upstream(_)) {
+                if cut.is_upstream() {
                     if resumes >= self.upstream.config().resume_attempts {
                         return Outcome::ResumesExhausted {
                             written: writer.written(),
@@ -502,14 +580,11 @@ impl Job {
                 match self.open(writer.written(), &mut sources).await {
                     Opened::Feed(f) if f.size == size => break f,
                     Opened::Feed(f) => {
-                        return Outcome::Protocol(upstream::Error::Protocol {
-                            upstream: self.upstream.name.clone(),
-                            detail: format!(
-                                "resume from the {} answered size {}, expected {size}",
-                                f.tier.label(),
-                                f.size
-                            ),
-                        })
+                        return Outcome::SizeChanged {
+                            tier: f.tier,
+                            expected: size,
+                            actual: f.size,
+                        }
                     }
                     Opened::Fatal(outcome) => return outcome,
                     Opened::Retry(e) => {
@@ -553,10 +628,7 @@ impl Job {
                 return None;
             }
         };
-        let chunks = b
-            .chunks
-            .map(|c| c.map_err(|e| Cut::Tier(e.to_string())))
-            .boxed();
+        let chunks = b.chunks.map(|c| c.map_err(Cut::Shared)).boxed();
         Some(Feed {
             tier: Tier::Shared,
             size: b.size,
@@ -586,12 +658,23 @@ impl Job {
                 }
                 Claimed::Held { peer } => {
                     sources.followed_peer = true;
-                    match cluster.peers().blob(&peer, &self.digest, offset).await {
+                    let patience = Patience {
+                        first_byte: self.upstream.config().first_byte_timeout,
+                        idle: self.upstream.config().idle_timeout,
+                    };
+                    let asked = cluster.peers().blob(&peer, &self.digest, offset, patience);
+                    match asked.await {
                         Ok(b) => {
                             sources.peer_failures = 0;
+                            let holder = peer.clone();
                             let chunks = b
                                 .chunks
-                                .map(move |c| c.map_err(|e| Cut::Tier(format!("peer: {e}"))))
+                                .map(move |c| {
+                                    c.map_err(|source| Cut::Peer {
+                                        peer: holder.clone(),
+                                        source,
+                                    })
+                                })
                                 .boxed();
                             return Opened::Feed(Feed {
                                 tier: Tier::Peer,
@@ -605,7 +688,7 @@ impl Job {
                                 tracing::warn!(digest = %self.digest, %peer, error = %e, "the lease holder cannot be streamed from; fetching from the upstream alone");
                                 sources.alone = true;
                             }
-                            return Opened::Retry(Cut::Tier(format!("peer {peer}: {e}")));
+                            return Opened::Retry(Cut::Peer { peer, source: e });
                         }
                     }
                 }
@@ -637,8 +720,8 @@ impl Job {
     }
 
     async fn pause(&self, cut: &Cut, attempt: u32) {
-        let wait = match (cut, &self.cluster) {
-            (Cut::Tier(_), Some(cluster)) => cluster.lease_ttl() / 5,
+        let wait = match (cut.is_upstream(), &self.cluster) {
+            (false, Some(cluster)) => cluster.lease_ttl() / 5,
             _ => Duration::from_millis(100 * u64::from(attempt.max(1))),
         };
         tokio::time::sleep(wait).await;
@@ -665,6 +748,8 @@ impl Job {
                         eviction.published(shared::Kind::Blob, &self.digest, size);
                     }
                 }
+                // Down: counted and logged once, when it went down.
+                Err(e) if e.is_down() => {}
                 Err(e) => {
                     self.metrics.shared_error();
                     tracing::warn!(digest = %self.digest, error = %e, "cannot publish to the shared tier");
@@ -710,6 +795,8 @@ impl Job {
                             eviction.published(shared::Kind::Blob, &digest, size);
                         }
                     }
+                    // Down: counted and logged once, when it went down.
+                    Err(e) if e.is_down() => {}
                     Err(e) => {
                         metrics.shared_error();
                         tracing::warn!(%digest, error = %e, "cannot publish to the shared tier");

@@ -29,6 +29,7 @@ pub mod oci;
 mod outcome;
 mod platform;
 pub mod policy;
+mod ranges;
 pub mod routes;
 mod sendfile;
 mod server;

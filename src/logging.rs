@@ -85,11 +85,7 @@ fn drain_loop<W: Write>(shared: &Shared, mut out: W) {
         let closed = {
             let mut buf = shared.lock();
             if buf.len() < FLUSH_AT && !shared.closed.load(Ordering::Acquire) {
-                buf = shared
-                    .wake
-                    .wait_timeout(buf, FLUSH_EVERY)
-                    .map(|(b, _)| b)
-                    .unwrap_or_else(|p| p.into_inner().0);
+                buf = crate::sync::wait_timeout(&shared.wake, buf, FLUSH_EVERY);
             }
             // Swap buffers so writers never wait for the output.
             std::mem::swap(&mut *buf, &mut spare);

@@ -7,6 +7,7 @@
 //!
 //! `object_store` does the S3 work; its in-memory store stands in for it in tests.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,18 +25,97 @@ use crate::oci::Digest;
 const PART: usize = 5 * 1024 * 1024;
 /// Parts sent at once per upload.
 const PARTS_IN_FLIGHT: usize = 2;
-/// After a failed request, reads skip the store for this long (answering "not here", so the
-/// upstream answers): an unreachable store must not cost every request its timeouts.
-const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// The most one request may wait for the store's answer (its headers, or a small object
+/// whole): a store that accepts and never answers costs the first request this, then is marked
+/// down (see [`REPROBE`]).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most a streamed object body may stay silent between two chunks.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most one part of an upload (or its completion) may take.
+const PART_TIMEOUT: Duration = Duration::from_secs(30);
+/// While the store is down, it is asked this often in the background whether it is back;
+/// requests meanwhile skip it at once (reads answer "not here", so the upstream answers).
+const REPROBE: Duration = Duration::from_secs(5);
 
-/// A shared-store request that failed. Names the object, never a credential.
+/// A shared-store request that failed, with its typed cause. Names the object, never a
+/// credential.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("shared store: {0}")]
-pub struct Error(String);
+pub enum Error {
+    #[error("shared store: {0}")]
+    Store(#[source] Arc<object_store::Error>),
+    #[error("shared store: no answer to {what} within {limit:?}")]
+    Timeout { what: &'static str, limit: Duration },
+    /// Marked down after a failure, until a probe gets an answer.
+    #[error("shared store: down since a request failed; skipped until it answers again")]
+    Down,
+    #[error("shared store: the upload failed earlier")]
+    UploadFailed,
+}
 
 impl Error {
     fn of(e: object_store::Error) -> Error {
-        Error(e.to_string())
+        Error::Store(Arc::new(e))
+    }
+
+    /// Whether the request was skipped because the store is marked down: its failure was
+    /// counted and logged once already.
+    pub fn is_down(&self) -> bool {
+        matches!(self, Error::Down)
+    }
+}
+
+/// `request` under `limit`: a timeout is an [`Error::Timeout`] naming `what`.
+async fn within<T>(
+    what: &'static str,
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, object_store::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(r) => r.map_err(Error::of),
+        Err(_) => Err(Error::Timeout { what, limit }),
+    }
+}
+
+/// Whether `e` is the store's answer "no such object" (not a failure).
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Store(s) if matches!(**s, object_store::Error::NotFound { .. }))
+}
+
+/// `items` ending with [`Error::Timeout`] (naming `what`) once the store stays silent for
+/// `limit`, and after its first error.
+fn with_idle_timeout<'a, T: Send + 'a>(
+    items: BoxStream<'a, Result<T, object_store::Error>>,
+    what: &'static str,
+    limit: Duration,
+) -> BoxStream<'a, Result<T, Error>> {
+    futures_util::stream::unfold(Some(items), move |items| async move {
+        let mut items = items?;
+        match tokio::time::timeout(limit, items.next()).await {
+            Ok(None) => None,
+            Ok(Some(Ok(item))) => Some((Ok(item), Some(items))),
+            Ok(Some(Err(e))) => Some((Err(Error::of(e)), None)),
+            Err(_) => Some((Err(Error::Timeout { what, limit }), None)),
+        }
+    })
+    .boxed()
+}
+
+/// Asks the store every [`REPROBE`] whether it answers (any answer, "not found" included),
+/// then marks it up again.
+async fn probe(store: Arc<dyn ObjectStore>, down: Arc<AtomicBool>) {
+    let path = Path::from("pullthrough-probe");
+    loop {
+        tokio::time::sleep(REPROBE).await;
+        match within("a probe", REQUEST_TIMEOUT, store.head(&path)).await {
+            Err(e) if !is_not_found(&e) => {
+                tracing::debug!(error = %e, "the shared tier is still down");
+            }
+            _ => {
+                down.store(false, Ordering::Relaxed);
+                tracing::info!("the shared tier answers again");
+                return;
+            }
+        }
     }
 }
 
@@ -65,14 +145,15 @@ pub struct SharedBlob {
 pub struct SharedTier {
     store: Arc<dyn ObjectStore>,
     signer: Option<Arc<dyn Signer>>,
-    /// When a request last failed, while the store is failing.
-    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Whether a request failed and no probe has had an answer since.
+    down: Arc<AtomicBool>,
 }
 
 impl SharedTier {
     /// The S3 store of `[storage.shared]`, path-style, with short connect timeouts and few
     /// retries: an unreachable store must cost a request little, since the upstream can still
-    /// answer it.
+    /// answer it. (The client's own timeout stays off: it would also cut a long body; each
+    /// request here has its deadline, and each body an idle timeout.)
     pub fn s3(cfg: &SharedStorageConfig) -> Result<SharedTier, Error> {
         let key = cfg.access_key_id.as_ref().map(|s| s.expose()).unwrap_or("");
         let secret = cfg
@@ -104,7 +185,7 @@ impl SharedTier {
         Ok(SharedTier {
             store: s3.clone(),
             signer: Some(s3),
-            failed_at: std::sync::Mutex::new(None),
+            down: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -113,81 +194,94 @@ impl SharedTier {
         SharedTier {
             store,
             signer: None,
-            failed_at: std::sync::Mutex::new(None),
+            down: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Whether the store failed within [`SKIP_AFTER_FAILURE`]: reads answer "not here" then.
-    fn skipping(&self) -> bool {
-        crate::sync::lock(&self.failed_at).is_some_and(|at| at.elapsed() < SKIP_AFTER_FAILURE)
+    /// Whether the store is marked down: reads answer "not here" and writes are skipped.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 
-    /// Notes the outcome of a request (a `NotFound` is an answer, not a failure).
-    fn note<T>(&self, r: Result<T, object_store::Error>) -> Result<T, object_store::Error> {
-        match &r {
-            Err(object_store::Error::NotFound { .. }) | Ok(_) => {
-                *crate::sync::lock(&self.failed_at) = None;
+    /// Notes the outcome of a request (a `NotFound` is an answer, not a failure): a failure
+    /// marks the store down and starts the probe that marks it up again.
+    fn note<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &r {
+            if !is_not_found(e)
+                && !matches!(e, Error::Down)
+                && !self.down.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(error = %e, "the shared tier is down; skipped until it answers again");
+                tokio::spawn(probe(self.store.clone(), self.down.clone()));
             }
-            Err(_) => *crate::sync::lock(&self.failed_at) = Some(tokio::time::Instant::now()),
         }
         r
     }
 
+    /// `request` unless the store is down, under `limit`, its outcome noted.
+    async fn ask<T>(
+        &self,
+        what: &'static str,
+        limit: Duration,
+        request: impl std::future::Future<Output = Result<T, object_store::Error>>,
+    ) -> Result<T, Error> {
+        if self.is_down() {
+            return Err(Error::Down);
+        }
+        self.note(within(what, limit, request).await)
+    }
+
+    /// `Ok(None)` for an object the store does not hold, or while it is down.
+    fn absent<T>(r: Result<T, Error>) -> Result<Option<T>, Error> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(Error::Down) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The blob `digest` from `offset` on, or `None` when the tier does not hold it.
     pub async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<SharedBlob>, Error> {
-        if self.skipping() {
-            return Ok(None);
-        }
         let path = Path::from(object_name(Kind::Blob, digest));
         let options = GetOptions {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
             ..GetOptions::default()
         };
-        match self.note(self.store.get_opts(&path, options).await) {
-            Ok(got) => {
-                let size = got.meta.size;
-                let chunks = got.into_stream().map(|c| c.map_err(Error::of)).boxed();
-                Ok(Some(SharedBlob { size, chunks }))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::of(e)),
-        }
+        let got = self.ask(
+            "a blob read",
+            REQUEST_TIMEOUT,
+            self.store.get_opts(&path, options),
+        );
+        Ok(Self::absent(got.await)?.map(|got| SharedBlob {
+            size: got.meta.size,
+            chunks: with_idle_timeout(got.into_stream(), "the next chunk of a blob", IDLE_TIMEOUT),
+        }))
     }
 
     /// The size of the blob `digest`, or `None` when the tier does not hold it.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, Error> {
-        if self.skipping() {
-            return Ok(None);
-        }
         let path = Path::from(object_name(Kind::Blob, digest));
-        match self.note(self.store.head(&path).await) {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::of(e)),
-        }
+        let meta = self.ask("a blob's size", REQUEST_TIMEOUT, self.store.head(&path));
+        Ok(Self::absent(meta.await)?.map(|meta| meta.size))
     }
 
     /// A small object whole (a manifest, in the local store's format).
     pub async fn read(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, Error> {
-        if self.skipping() {
-            return Ok(None);
-        }
         let path = Path::from(object_name(kind, digest));
-        match self.note(self.store.get(&path).await) {
-            Ok(got) => got.bytes().await.map(Some).map_err(Error::of),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::of(e)),
-        }
+        let read = self.ask("a small object read", REQUEST_TIMEOUT, async {
+            self.store.get(&path).await?.bytes().await
+        });
+        Self::absent(read.await)
     }
 
     /// Writes a small object whole; the caller has verified it.
     pub async fn write(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), Error> {
         let path = Path::from(object_name(kind, digest));
-        self.store
-            .put(&path, PutPayload::from_bytes(bytes))
+        let put = self.store.put(&path, PutPayload::from_bytes(bytes));
+        self.ask("a small object write", REQUEST_TIMEOUT, put)
             .await
             .map(|_| ())
-            .map_err(Error::of)
     }
 
     pub async fn delete(&self, kind: Kind, digest: &Digest) -> Result<(), Error> {
@@ -196,19 +290,25 @@ impl SharedTier {
 
     /// Deletes the object named `name` (as [`object_name`] makes them), for eviction.
     pub async fn delete_named(&self, name: &str) -> Result<(), Error> {
-        match self.store.delete(&Path::from(name)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::of(e)),
+        let path = Path::from(name);
+        match self
+            .ask("a delete", REQUEST_TIMEOUT, self.store.delete(&path))
+            .await
+        {
+            Err(e) if !is_not_found(&e) => Err(e),
+            _ => Ok(()),
         }
     }
 
     /// Every object the tier holds, as (name, size, last modified in Unix milliseconds), in
     /// the store's listing order, pages fetched as the stream is read.
     pub fn list(&self) -> BoxStream<'_, Result<(String, u64, u64), Error>> {
-        futures_util::stream::iter(["blobs", "manifests"].map(Path::from))
+        let pages = futures_util::stream::iter(["blobs", "manifests"].map(Path::from))
             .flat_map(move |dir| self.store.list(Some(&dir)))
+            .boxed();
+        with_idle_timeout(pages, "a listing page", REQUEST_TIMEOUT)
             .map(|meta| {
-                let meta = meta.map_err(Error::of)?;
+                let meta = meta?;
                 let modified = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
                 Ok((meta.location.to_string(), meta.size, modified))
             })
@@ -236,6 +336,13 @@ impl SharedTier {
     /// Starts a multipart upload of the blob `digest`, fed chunk by chunk as it downloads and
     /// completed by [`Upload::complete`] once verified; dropped, it is aborted.
     pub fn upload(&self, digest: &Digest) -> Upload {
+        if self.is_down() {
+            return Upload {
+                tx: None,
+                failed: true,
+                skipped: true,
+            };
+        }
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
         let path = Path::from(object_name(Kind::Blob, digest));
@@ -243,6 +350,7 @@ impl SharedTier {
         Upload {
             tx: Some(tx),
             failed: false,
+            skipped: false,
         }
     }
 }
@@ -256,39 +364,51 @@ enum Msg {
 pub struct Upload {
     tx: Option<mpsc::Sender<Msg>>,
     failed: bool,
+    /// Never started: the store was down.
+    skipped: bool,
 }
 
 impl Upload {
     /// Passes `chunk` on; waits when the store is slower than the download (a few parts'
-    /// worth of memory at most). After a failure the upload is given up and this does nothing.
+    /// worth of memory at most), but not beyond a part's timeout: the download does not wait
+    /// on a stuck store, the upload is given up instead. After a failure this does nothing.
     pub async fn write(&mut self, chunk: Bytes) {
         if self.failed {
             return;
         }
         if let Some(tx) = &self.tx {
-            if tx.send(Msg::Chunk(chunk)).await.is_err() {
+            let sent = tokio::time::timeout(PART_TIMEOUT, tx.send(Msg::Chunk(chunk))).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 self.failed = true;
+                self.tx = None;
             }
         }
     }
 
     /// Makes the object visible: call only once every byte is verified.
     pub async fn complete(mut self) -> Result<(), Error> {
+        if self.skipped {
+            return Err(Error::Down);
+        }
         let Some(tx) = self.tx.take().filter(|_| !self.failed) else {
-            return Err(Error("the upload failed earlier".into()));
+            return Err(Error::UploadFailed);
         };
         let (reply, answer) = oneshot::channel();
         if tx.send(Msg::Complete(reply)).await.is_err() {
-            return Err(Error("the upload failed earlier".into()));
+            return Err(Error::UploadFailed);
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(Error("the upload task ended".into())))
+        // The task bounds each of its requests, so it answers.
+        answer.await.unwrap_or(Err(Error::UploadFailed))
     }
 }
 
 async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Receiver<Msg>) {
-    let mut upload = match store.put_multipart(&path).await {
+    let started = within(
+        "an upload's start",
+        REQUEST_TIMEOUT,
+        store.put_multipart(&path),
+    );
+    let mut upload = match started.await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(object = %path, error = %e, "cannot start a shared-tier upload");
@@ -307,33 +427,36 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
                 if part_len < PART {
                     continue;
                 }
-                in_flight.push(upload.put_part(std::mem::take(&mut part).into_iter().collect()));
+                let put = upload.put_part(std::mem::take(&mut part).into_iter().collect());
+                in_flight.push(within("an upload's part", PART_TIMEOUT, put));
                 sent += 1;
                 part_len = 0;
                 if in_flight.len() >= PARTS_IN_FLIGHT {
                     if let Some(Err(e)) = in_flight.next().await {
-                        break Some(e.to_string());
+                        break Some(e);
                     }
                 }
             }
             Some(Msg::Complete(reply)) => {
                 // S3 needs at least one part, even for an empty blob.
                 if part_len > 0 || sent == 0 {
-                    in_flight
-                        .push(upload.put_part(std::mem::take(&mut part).into_iter().collect()));
+                    let put = upload.put_part(std::mem::take(&mut part).into_iter().collect());
+                    in_flight.push(within("an upload's part", PART_TIMEOUT, put));
                 }
                 let mut result = Ok(());
                 while let Some(r) = in_flight.next().await {
                     if let Err(e) = r {
-                        result = Err(Error::of(e));
+                        result = Err(e);
                     }
                 }
                 let result = match result {
-                    Ok(()) => upload.complete().await.map(|_| ()).map_err(Error::of),
+                    Ok(()) => within("an upload's completion", PART_TIMEOUT, upload.complete())
+                        .await
+                        .map(|_| ()),
                     Err(e) => Err(e),
                 };
                 if result.is_err() {
-                    let _ = upload.abort().await;
+                    let _ = within("an upload's abort", REQUEST_TIMEOUT, upload.abort()).await;
                 }
                 let _ = reply.send(result);
                 return;
@@ -346,7 +469,7 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
     if let Some(e) = failed {
         tracing::warn!(object = %path, error = %e, "shared-tier upload failed; the blob stays local");
     }
-    if let Err(e) = upload.abort().await {
+    if let Err(e) = within("an upload's abort", REQUEST_TIMEOUT, upload.abort()).await {
         tracing::debug!(object = %path, error = %e, "cannot abort a shared-tier upload");
     }
 }

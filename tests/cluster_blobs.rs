@@ -522,3 +522,54 @@ async fn an_unreachable_shared_store_leaves_the_upstream_and_the_local_tier_serv
         errors
     );
 }
+
+#[tokio::test]
+async fn a_shared_manifest_is_one_member_of_the_access_order_with_its_object_size() {
+    let fleet = Fleet::new().await;
+    let up = &fleet.upstream;
+    let (digest, _) = up.add_image("library/app", "v1", &[10]);
+    let first = fleet.replica().await;
+    let path = "/v2/library/app/manifests/v1";
+    assert_eq!(first.get(path).send().await.unwrap().status(), 200);
+    fleet.wait_shared("manifests", &digest).await;
+    let second = fleet.replica().await;
+    let r = second
+        .get(&format!("/v2/library/app/manifests/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.manifest_gets(),
+        1,
+        "the second replica read the shared tier"
+    );
+    // Both replicas hand their publication and read over when they stop.
+    first.stop().await;
+    second.stop().await;
+    let hex = digest.trim_start_matches("sha256:");
+    let object = Path::from(format!("manifests/sha256/{hex}"));
+    let size = fleet.store.head(&object).await.unwrap().size;
+    let order = fleet
+        .coordinator
+        .zrange(
+            "pullthrough:shared:access",
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            100,
+        )
+        .await
+        .unwrap();
+    let members: Vec<&String> = order
+        .iter()
+        .map(|(m, _)| m)
+        .filter(|m| m.starts_with(&format!("manifests/sha256/{hex} ")))
+        .collect();
+    assert_eq!(members, [&format!("manifests/sha256/{hex} {size}")]);
+    let bytes = fleet
+        .coordinator
+        .get("pullthrough:shared:bytes")
+        .await
+        .unwrap();
+    assert_eq!(bytes, Some(size.to_string().into_bytes()));
+}

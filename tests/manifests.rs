@@ -220,3 +220,63 @@ async fn tags_list_is_passed_through_with_paging() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["c"]));
 }
+
+#[tokio::test]
+async fn a_conditional_get_that_does_not_match_is_counted_once() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[1]);
+    let m = TestMirror::start(&up).await;
+    let path = "/v2/library/app/manifests/v1";
+    assert_eq!(get(&m, path, None).await.status(), 200);
+    let r = m
+        .get(path)
+        .header(
+            "if-none-match",
+            "\"sha256:0000000000000000000000000000000000000000000000000000000000000000\"",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "HIT");
+    let t = m.metrics().await;
+    let hits = common::metric(
+        &t,
+        r#"pullthrough_cache_total{kind="manifest",outcome="hit",upstream="docker.io"}"#,
+    );
+    assert_eq!(hits, 1.0, "one request, one lookup counted");
+}
+
+#[tokio::test]
+async fn an_unpaged_tags_list_is_in_lexical_order() {
+    let up = FakeUpstream::start().await;
+    for t in ["b", "a", "c"] {
+        up.add_image("library/app", t, &[1]);
+    }
+    // Sends every tag in reverse order, and no `Link`.
+    up.behave(|b| b.ignore_tag_paging = true);
+    let m = TestMirror::start(&up).await;
+    let r = get(&m, "/v2/library/app/tags/list", None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "MISS");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["a", "b", "c"]));
+}
+
+#[tokio::test]
+async fn every_registry_response_carries_x_cache_errors_included() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[1]);
+    let m = TestMirror::start(&up).await;
+    for (path, status, cache) in [
+        ("/v2/", 200, "HIT"),
+        ("/v2/_catalog", 200, "HIT"),
+        ("/v2/library/app/tags/list", 200, "MISS"),
+        ("/v2/library/nothing/manifests/v1", 404, "MISS"),
+        ("/v2/Not_A_Name/manifests/v1", 400, "HIT"),
+    ] {
+        let r = get(&m, path, None).await;
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(x_cache(&r), cache, "{path}");
+    }
+}

@@ -3,6 +3,7 @@
 //! `Range` to resume), authenticated by the cluster secret. The server side is a route like
 //! any other (see `routes` and `handlers::blobs::peer`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,9 +25,28 @@ pub enum PeerError {
     #[error("the peer answered {0}")]
     Status(u16),
     #[error("cannot reach the peer: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] Arc<reqwest::Error>),
+    /// The peer stayed silent for as long as the caller allows (`what` it waited for).
+    #[error("the peer sent no {what} within {limit:?}")]
+    Timeout { what: &'static str, limit: Duration },
     #[error("the peer's answer is unusable: {0}")]
-    Protocol(String),
+    Protocol(&'static str),
+}
+
+impl PeerError {
+    fn of(e: reqwest::Error) -> PeerError {
+        PeerError::Unreachable(Arc::new(e.without_url()))
+    }
+}
+
+/// How long a peer may keep a follower waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct Patience {
+    /// For the response headers: a peer follows its upstream, so this is the upstream's
+    /// `first_byte_timeout`.
+    pub first_byte: Duration,
+    /// Between two chunks of the body: the upstream's `idle_timeout`.
+    pub idle: Duration,
 }
 
 /// A blob streaming from a peer, from the offset asked for.
@@ -43,22 +63,23 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(secret: Secret) -> Peers {
+        // Each request has its deadlines from the caller ([`Patience`]).
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
-            // A peer follows its upstream: its first byte can take as long as the upstream's.
-            .read_timeout(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
         Peers { client, secret }
     }
 
-    /// The blob `digest` from `offset` on, as the replica at `peer` serves it.
+    /// The blob `digest` from `offset` on, as the replica at `peer` serves it, waiting for it
+    /// no longer than `patience` allows.
     pub async fn blob(
         &self,
         peer: &str,
         digest: &Digest,
         offset: u64,
+        patience: Patience,
     ) -> Result<PeerBlob, PeerError> {
         let url = format!(
             "{}/_pullthrough/peer/blobs/{digest}",
@@ -71,10 +92,13 @@ impl Peers {
         if offset > 0 {
             request = request.header(header::RANGE, format!("bytes={offset}-"));
         }
-        let resp = request
-            .send()
+        let resp = tokio::time::timeout(patience.first_byte, request.send())
             .await
-            .map_err(|e| PeerError::Unreachable(e.without_url().to_string()))?;
+            .map_err(|_| PeerError::Timeout {
+                what: "response headers",
+                limit: patience.first_byte,
+            })?
+            .map_err(PeerError::of)?;
         let headers = resp.headers();
         let size = match resp.status().as_u16() {
             200 if offset == 0 => headers
@@ -84,35 +108,31 @@ impl Peers {
             206 => headers
                 .get(header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| range_total(v, offset)),
+                .and_then(|v| crate::ranges::content_range_total(v, offset)),
             404 => return Err(PeerError::NotFound),
             s => return Err(PeerError::Status(s)),
         }
-        .ok_or_else(|| PeerError::Protocol("no usable length or range".into()))?;
-        let chunks = resp
-            .bytes_stream()
-            .map(|c| c.map_err(|e| PeerError::Unreachable(e.without_url().to_string())))
-            .boxed();
+        .ok_or(PeerError::Protocol("no usable length or range"))?;
+        let limit = patience.idle;
+        let chunks = futures_util::stream::unfold(
+            Some(resp.bytes_stream().boxed()),
+            move |body| async move {
+                let mut body = body?;
+                match tokio::time::timeout(limit, body.next()).await {
+                    Ok(None) => None,
+                    Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
+                    Ok(Some(Err(e))) => Some((Err(PeerError::of(e)), None)),
+                    Err(_) => Some((
+                        Err(PeerError::Timeout {
+                            what: "body chunk",
+                            limit,
+                        }),
+                        None,
+                    )),
+                }
+            },
+        )
+        .boxed();
         Ok(PeerBlob { size, chunks })
-    }
-}
-
-/// The total of `bytes <offset>-<end>/<total>`, when it starts at `offset`.
-fn range_total(content_range: &str, offset: u64) -> Option<u64> {
-    let (range, total) = content_range.strip_prefix("bytes ")?.split_once('/')?;
-    let (start, _) = range.split_once('-')?;
-    (start.parse::<u64>().ok()? == offset).then_some(())?;
-    total.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_content_range_gives_the_total_only_from_the_offset_asked() {
-        assert_eq!(range_total("bytes 10-99/100", 10), Some(100));
-        assert_eq!(range_total("bytes 0-99/100", 10), None);
-        assert_eq!(range_total("bytes 10-99/*", 10), None);
     }
 }

@@ -12,6 +12,7 @@ use super::namespace;
 use super::tags::{page, paging_params};
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::Mirror;
+use crate::outcome::CacheStatus;
 
 pub async fn list(
     mirror: &Arc<Mirror>,
@@ -30,6 +31,11 @@ pub async fn list(
         serde_json::to_vec(&serde_json::json!({ "repositories": names })).unwrap_or_default();
     let mut resp = super::json(json, head);
     let h = resp.headers_mut();
+    // From what the mirror holds, without asking an upstream.
+    h.insert(
+        super::X_CACHE,
+        HeaderValue::from_static(CacheStatus::Hit.x_cache()),
+    );
     if let Some(last) = next {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         if let Some(ns) = &ns {

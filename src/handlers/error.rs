@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::handlers::body::Body;
 use crate::oci::ParseError;
+use crate::outcome::CacheStatus;
 use crate::upstream;
 
 /// OCI distribution error codes, plus the distribution registry's `UNAVAILABLE`/`UNKNOWN`.
@@ -44,6 +45,9 @@ pub struct ApiError {
     /// type a manifest is available as, the reference that was asked for). Never a cause
     /// from below the pull layer (paths, upstream bodies, I/O errors).
     pub detail: Option<serde_json::Value>,
+    /// The `X-Cache` it goes out with: `MISS` when it is the upstream's answer, `HIT` when the
+    /// mirror answered alone (a bad request, its own policy, its storage).
+    pub cache: CacheStatus,
 }
 
 #[derive(Serialize)]
@@ -68,6 +72,7 @@ impl ApiError {
             retry_after: None,
             challenge: None,
             detail: None,
+            cache: CacheStatus::Hit,
         }
     }
 
@@ -133,6 +138,10 @@ impl ApiError {
         let h = resp.headers_mut();
         // Errors too: clients check it on a 401 from `/v2/` (and the spec's suite on all).
         h.insert(super::API_VERSION, HeaderValue::from_static("registry/2.0"));
+        h.insert(
+            super::X_CACHE,
+            HeaderValue::from_static(self.cache.x_cache()),
+        );
         if let Some(v) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
             h.insert(header::WWW_AUTHENTICATE, v);
         }
@@ -246,6 +255,12 @@ impl ApiError {
     }
 
     pub fn from_upstream(e: &upstream::Error, object: Object) -> ApiError {
+        let mut answer = Self::upstream_answer(e, object);
+        answer.cache = CacheStatus::Miss;
+        answer
+    }
+
+    fn upstream_answer(e: &upstream::Error, object: Object) -> ApiError {
         use upstream::Error as U;
         match e {
             U::NotFound { message } => {
@@ -274,6 +289,7 @@ impl ApiError {
                 retry_after: *retry_after,
                 challenge: None,
                 detail: None,
+                cache: CacheStatus::Miss,
             },
             // Failing like an unreachable upstream, and answered alike, so the status does not
             // change once the back-off starts.

@@ -33,22 +33,20 @@ pub async fn get(
             .filter_map(|v| v.to_str().ok()),
     );
     let by_digest = matches!(reference, Reference::Digest(_));
-    // A conditional request is decided on what a HEAD knows (a tag record, revalidated if its
-    // TTL is over): a `304` never spends a counted pull.
     if headers.contains_key(header::IF_NONE_MATCH) {
-        let known = mirror
-            .manifest(&target, reference, true, &accept)
+        let (answer, matched) = mirror
+            .conditional_manifest(&target, reference, head, &accept, |digest| {
+                none_match(headers, digest)
+            })
             .await
             .map_err(err)?;
-        if none_match(headers, &known.digest) {
+        if matched {
             return Ok(with_cache_status(
-                not_modified(&known.digest, by_digest),
-                known.status,
+                not_modified(&answer.digest, by_digest),
+                answer.status,
             ));
         }
-        if head {
-            return Ok(response(known, by_digest));
-        }
+        return Ok(response(answer, by_digest));
     }
     let answer = mirror
         .manifest(&target, reference, head, &accept)

@@ -8,12 +8,18 @@ use super::body::{self, Body};
 use super::{content_type, API_VERSION};
 use crate::metrics::Format;
 use crate::mirror::Mirror;
+use crate::outcome::CacheStatus;
 
 /// `GET /v2/`.
 pub fn base() -> Response<Body> {
     let mut resp = super::json(b"{}".to_vec(), false);
     let h = resp.headers_mut();
     h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    // Answered by the mirror alone, as the README promises every `/v2/` response says.
+    h.insert(
+        super::X_CACHE,
+        HeaderValue::from_static(CacheStatus::Hit.x_cache()),
+    );
     resp
 }
 

@@ -1,8 +1,9 @@
 //! `GET /v2/<name>/tags/list`: passed through to the upstream with the paging parameters.
 //!
-//! An upstream that ignores `n` and `last` (it sends every tag and no `Link`) is paged here:
-//! what it returned is sorted, cut after `last` and to `n`, and a `Link` to the next page
-//! (through the mirror) is added when more remain. An upstream that honoured them gives the
+//! An answer without a `Link` (an upstream's last or only page) is sorted here, as the spec
+//! asks; an upstream that ignores `n` and `last` (it sends every tag and no `Link`) is paged
+//! too: cut after `last` and to `n`, and a `Link` to the next page (through the mirror) is
+//! added when more remain. An upstream that honoured them gives the
 //! same page again, so the rule needs no guess at which kind it is.
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use super::namespace;
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::Mirror;
 use crate::oci::RepoName;
+use crate::outcome::CacheStatus;
 
 pub async fn list(
     mirror: &Arc<Mirror>,
@@ -39,7 +41,9 @@ pub async fn list(
         .await
         .map_err(err)?;
     let (n, last) = paging_params(query);
-    if (n.is_some() || last.is_some()) && page.link.is_none() {
+    // Without a `Link`, the upstream sent its last (or only) page: sorted here, as the spec
+    // asks of every answer (lexical order), whatever order the upstream kept.
+    if page.link.is_none() {
         if let Some((body, next)) = paginate(&page.body, n, last.as_deref()) {
             page.body = body;
             page.content_type = Some(HeaderValue::from_static("application/json"));
@@ -59,6 +63,11 @@ pub async fn list(
             .unwrap_or(HeaderValue::from_static("application/json")),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // Relayed from the upstream on every request.
+    h.insert(
+        super::X_CACHE,
+        HeaderValue::from_static(CacheStatus::Miss.x_cache()),
+    );
     let ns = namespace(query);
     let link = page.link.map(|l| client_link(&l, name, ns.as_deref()));
     if let Some(Ok(v)) = link.map(|l| HeaderValue::from_str(&l)) {

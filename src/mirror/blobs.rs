@@ -11,7 +11,7 @@ use sha2::Digest as _;
 
 use super::{Error, Mirror, Target};
 use crate::cluster::eviction;
-use crate::download::{Download, Start};
+use crate::download::{self, Download, Start};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
@@ -134,7 +134,9 @@ impl Mirror {
                         waiter,
                     });
                 }
-                Start::AlreadyCached => continue,
+                // Committed meanwhile, or the download's task vanished (its flight went with it,
+                // so asking again starts a new one).
+                Start::AlreadyCached | Start::Failed(download::Failure::Dangling) => continue,
                 Start::NoSpace => return Box::pin(self.blob_passthrough(target, digest)).await,
                 Start::Failed(f) => return Err(f.into()),
                 Start::Pending => return Err(Error::Abandoned("the download never started")),

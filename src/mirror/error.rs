@@ -88,6 +88,18 @@ impl From<download::Failure> for Error {
             },
             download::Failure::Panicked => Error::Abandoned("the download task panicked"),
             download::Failure::Cut(_) => Error::Abandoned("the download was cut too often"),
+            download::Failure::SizeChanged { .. } => {
+                Error::Abandoned("a resume answered another size for the blob")
+            }
+            download::Failure::WaitTimeout { upstream } => {
+                Error::Upstream(crate::upstream::Error::Timeout {
+                    upstream,
+                    what: "the blob's download to start",
+                })
+            }
+            download::Failure::Dangling => {
+                Error::Abandoned("the download ended without an outcome")
+            }
         }
     }
 }

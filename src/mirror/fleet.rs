@@ -141,6 +141,9 @@ impl Mirror {
                 return None;
             }
         };
+        // The object's own length, as its publication recorded it: one object, one member of
+        // the fleet's access order.
+        let size = raw.len() as u64;
         let Some(m) = manifests::decode(digest, raw) else {
             self.metrics.digest_mismatch();
             tracing::error!(%digest, "shared-tier manifest does not match its digest; deleting it");
@@ -150,7 +153,7 @@ impl Mirror {
             return None;
         };
         if let Some(eviction) = &self.eviction {
-            eviction.accessed(Kind::Manifest, digest, m.bytes.len() as u64);
+            eviction.accessed(Kind::Manifest, digest, size);
         }
         let m = Arc::new(m);
         if let Err(e) = self.store.put_manifest(m.clone()).await {
@@ -175,6 +178,8 @@ impl Mirror {
                         eviction.published(Kind::Manifest, &digest, size);
                     }
                 }
+                // Down: counted and logged once, when it went down.
+                Err(e) if e.is_down() => {}
                 Err(e) => {
                     metrics.shared_error();
                     tracing::warn!(%digest, error = %e, "cannot write a manifest to the shared tier");

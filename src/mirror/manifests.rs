@@ -104,14 +104,53 @@ impl Mirror {
         head: bool,
         accept: &Accept,
     ) -> Result<ManifestAnswer, Error> {
-        let answer = match reference {
-            Reference::Digest(d) if !d.is_sha256() => return Err(Error::UnsupportedDigest),
-            Reference::Digest(d) => self.manifest_by_digest(target, d, head, accept).await?,
-            Reference::Tag(tag) => self.manifest_by_tag(target, tag, head, accept).await?,
-        };
+        let answer = self
+            .lookup_manifest(target, reference, head, accept)
+            .await?;
         self.metrics
             .cache(target.registry(), ObjectKind::Manifest, answer.status);
         Ok(answer)
+    }
+
+    /// [`Mirror::manifest`] for a request with `If-None-Match`, which `matches` tests on a
+    /// digest. It is decided on what a HEAD knows (a tag record, revalidated if its TTL is
+    /// over), so a `304` never spends a counted pull; a GET that did not match then asks for
+    /// the body. Counted once, as one request. Returns whether it matched.
+    pub async fn conditional_manifest(
+        self: &Arc<Self>,
+        target: &Target,
+        reference: &Reference,
+        head: bool,
+        accept: &Accept,
+        matches: impl Fn(&Digest) -> bool,
+    ) -> Result<(ManifestAnswer, bool), Error> {
+        let known = self
+            .lookup_manifest(target, reference, true, accept)
+            .await?;
+        let matched = matches(&known.digest);
+        let answer = if matched || head {
+            known
+        } else {
+            self.lookup_manifest(target, reference, false, accept)
+                .await?
+        };
+        self.metrics
+            .cache(target.registry(), ObjectKind::Manifest, answer.status);
+        Ok((answer, matched))
+    }
+
+    async fn lookup_manifest(
+        self: &Arc<Self>,
+        target: &Target,
+        reference: &Reference,
+        head: bool,
+        accept: &Accept,
+    ) -> Result<ManifestAnswer, Error> {
+        match reference {
+            Reference::Digest(d) if !d.is_sha256() => Err(Error::UnsupportedDigest),
+            Reference::Digest(d) => self.manifest_by_digest(target, d, head, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag, head, accept).await,
+        }
     }
 
     async fn manifest_by_tag(
@@ -369,12 +408,8 @@ impl Mirror {
         };
         let (Some(digest), Some(size)) = (m.digest, m.size) else {
             // The HEAD did not say enough; a GET would, but not at the cost of the reserve.
-            if up.budget_is_low() && cached.is_some() {
-                let e = upstream::Error::TooManyRequests {
-                    message: "pull budget at its reserve".into(),
-                    retry_after: None,
-                };
-                return self.stale_or(e, key, cached);
+            if let (true, Some(record)) = (up.budget_is_low(), &cached) {
+                return Ok(self.stale(key, record.clone(), &"the pull budget is at its reserve"));
             }
             return match self.fetch_tag(up, key).await {
                 Err(Error::Upstream(e)) => self.stale_or(e, key, cached),
@@ -445,16 +480,19 @@ impl Mirror {
     fn stale_or(&self, e: upstream::Error, key: &TagKey, cached: Option<TagRecord>) -> TagResult {
         let usable = e.is_outage() || matches!(e, upstream::Error::TooManyRequests { .. });
         match cached {
-            Some(record) if usable => {
-                tracing::warn!(
-                    upstream = %key.registry, repo = %key.repo, tag = %key.tag, error = %e,
-                    age_secs = self.clock.since(record.fetched_at).as_secs(),
-                    "upstream failed; serving the cached tag stale"
-                );
-                Ok(Resolved::Record(record, CacheStatus::Stale))
-            }
+            Some(record) if usable => Ok(self.stale(key, record, &e)),
             _ => Err(e.into()),
         }
+    }
+
+    /// The cached tag, served stale because of `why`.
+    fn stale(&self, key: &TagKey, record: TagRecord, why: &dyn std::fmt::Display) -> Resolved {
+        tracing::warn!(
+            upstream = %key.registry, repo = %key.repo, tag = %key.tag, reason = %why,
+            age_secs = self.clock.since(record.fetched_at).as_secs(),
+            "serving the cached tag stale"
+        );
+        Resolved::Record(record, CacheStatus::Stale)
     }
 
     /// GETs a tag (one counted pull), storing the manifest and the tag.

@@ -105,12 +105,14 @@ impl Mirror {
     ) -> anyhow::Result<Mirror> {
         let limits = Limits::from_config(&config.storage);
         let store = Arc::new(
-            Store::open(&config.storage.dir, limits, Mode::Serve).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open storage dir {}: {e}",
-                    config.storage.dir.display()
-                )
-            })?,
+            Store::open(&config.storage.dir, limits, Mode::Serve)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open storage dir {}: {e}",
+                        config.storage.dir.display()
+                    )
+                })?
+                .with_clock(clock.clone()),
         );
         let shared = match (&config.storage.shared, services.shared_store) {
             (Some(_), Some(store)) => Some(Arc::new(SharedTier::over(store))),

@@ -54,7 +54,7 @@ impl ConnLimit {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.open)
     }
 }
 

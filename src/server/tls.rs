@@ -46,18 +46,12 @@ impl Tls {
     /// Re-reads the files; on error the old certificate stays in use. Blocking.
     pub fn reload(&self) -> anyhow::Result<()> {
         let fresh = build(&self.cert, &self.key)?;
-        if let Ok(mut current) = self.current.write() {
-            *current = fresh;
-        }
+        *crate::sync::write(&self.current) = fresh;
         Ok(())
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
-        let config = self
-            .current
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
+        let config = crate::sync::read(&self.current).clone();
         TlsAcceptor::from(config)
     }
 }

@@ -29,10 +29,11 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use tempfile::NamedTempFile;
 
+use crate::clock::Clock;
 use crate::oci::Digest;
 use index::{Entry, Index, Key, Kind};
 
@@ -90,6 +91,12 @@ impl Store {
     /// each other's downloads in progress (temp files are cleaned at start), keep two size
     /// bounds and overwrite each other's index, so the second is refused (`ResourceBusy`).
     /// Inspecting takes no lock (see `admin`).
+    /// Decides the full-disk pause on `clock` (the mirror's), not on the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> Store {
+        self.disk.clock = clock;
+        self
+    }
+
     pub fn open(root: &Path, limits: Limits, mode: Mode) -> io::Result<Store> {
         let tmp = root.join("tmp");
         let mut lock = None;
@@ -334,28 +341,30 @@ const SPACE_MARGIN: u64 = 8 * 1024 * 1024;
 /// After a write fails for lack of space, caching pauses this long before trying again.
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
 
-/// Whether the disk recently ran out of space, and when that was last logged.
+/// Whether the disk recently ran out of space, and when that was last logged, on the
+/// mirror's clock.
 #[derive(Default)]
 struct DiskState {
-    full_until: Mutex<Option<Instant>>,
-    warned: Mutex<Option<Instant>>,
+    clock: Clock,
+    full_until: Mutex<Option<SystemTime>>,
+    warned: Mutex<Option<SystemTime>>,
 }
 
 impl DiskState {
     fn is_full(&self) -> bool {
         let until = *crate::sync::lock(&self.full_until);
-        until.is_some_and(|t| Instant::now() < t)
+        until.is_some_and(|t| self.clock.now() < t)
     }
 
     fn set_full(&self) {
-        *crate::sync::lock(&self.full_until) = Some(Instant::now() + DISK_FULL_PAUSE);
+        *crate::sync::lock(&self.full_until) = Some(self.clock.now() + DISK_FULL_PAUSE);
     }
 
     /// Logs a warning at most once a minute.
     fn warn(&self, why: &str) {
         let mut warned = crate::sync::lock(&self.warned);
-        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            *warned = Some(Instant::now());
+        if warned.is_none_or(|t| self.clock.since(t) >= Duration::from_secs(60)) {
+            *warned = Some(self.clock.now());
             tracing::warn!(
                 reason = why,
                 "storage is full: content is served to clients without being cached"

@@ -121,6 +121,9 @@ pub struct Auth {
     challenge: RwLock<Option<Challenge>>,
     tokens: Cache<String, Token>,
     metrics: Arc<Metrics>,
+    /// The most a token exchange (request and answer) may take: every request of its scope
+    /// waits for it, before its own timeout starts.
+    timeout: Duration,
 }
 
 impl Auth {
@@ -129,11 +132,13 @@ impl Auth {
         http: reqwest::Client,
         credentials: Credentials,
         metrics: Arc<Metrics>,
+        timeout: Duration,
     ) -> Auth {
         Auth {
             upstream,
             http,
             credentials,
+            timeout,
             challenge: RwLock::new(None),
             tokens: Cache::builder()
                 .max_capacity(10_000)
@@ -174,7 +179,7 @@ impl Auth {
 
     /// The `Authorization` value for a request on `repo`, if the upstream is known to want one.
     pub async fn authorization(&self, repo: Option<&RepoName>) -> Result<Option<Secret>, Error> {
-        let challenge = self.challenge.read().ok().and_then(|c| c.clone());
+        let challenge = crate::sync::read(&self.challenge).clone();
         match challenge {
             None => Ok(None),
             Some(Challenge::Basic) => self.basic_authorization().await,
@@ -209,14 +214,34 @@ impl Auth {
         if challenge == Challenge::Basic && self.credentials.is_anonymous() {
             return false;
         }
-        if let Ok(mut c) = self.challenge.write() {
-            *c = Some(challenge);
-        }
+        *crate::sync::write(&self.challenge) = Some(challenge);
         self.tokens.invalidate(&Self::scope(repo)).await;
         true
     }
 
+    /// A token for `scope`, or [`Error::Timeout`] once the exchange has taken `timeout`: a
+    /// realm that accepts and never answers must not hold every request of the scope.
     async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, Error> {
+        let asked = std::time::Instant::now();
+        match tokio::time::timeout(self.timeout, self.exchange(realm, service, scope)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.metrics
+                    .upstream_request(&self.upstream, "token", 0, asked.elapsed());
+                Err(Error::Timeout {
+                    upstream: self.upstream.clone(),
+                    what: "a token from its realm",
+                })
+            }
+        }
+    }
+
+    async fn exchange(
         &self,
         realm: &str,
         service: Option<&str>,

@@ -414,7 +414,13 @@ impl Upstream {
             endpoints.push(Endpoint {
                 url: url.to_owned(),
                 base,
-                auth: auth::Auth::new(name.to_owned(), http.clone(), credentials, metrics.clone()),
+                auth: auth::Auth::new(
+                    name.to_owned(),
+                    http.clone(),
+                    credentials,
+                    metrics.clone(),
+                    config.first_byte_timeout,
+                ),
                 health: health::Health::new(
                     url,
                     config.failure_threshold,
@@ -610,12 +616,26 @@ impl Upstream {
     ) -> Result<reqwest::Response, Error> {
         let (kind, method, repo) = (call.kind, &call.method, call.repo);
         let mut answered_challenge = false;
+        // One deadline for the token and the response headers: a client waits for both.
+        let deadline = tokio::time::Instant::now()
+            + if method == Method::HEAD {
+                self.config.head_timeout.min(self.config.first_byte_timeout)
+            } else {
+                self.config.first_byte_timeout
+            };
         loop {
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
                 .headers(call.headers.clone());
-            if let Some(authorization) = endpoint.auth.authorization(Some(repo)).await? {
+            let authorization =
+                tokio::time::timeout_at(deadline, endpoint.auth.authorization(Some(repo)))
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        upstream: self.name.clone(),
+                        what: "a token from its realm",
+                    })??;
+            if let Some(authorization) = authorization {
                 let mut value =
                     HeaderValue::from_str(authorization.expose()).map_err(|_| Error::Protocol {
                         upstream: self.name.clone(),
@@ -624,16 +644,15 @@ impl Upstream {
                 value.set_sensitive(true);
                 req = req.header(header::AUTHORIZATION, value);
             }
+            let mut deadline = deadline;
             if let Some(rate) = &self.request_rate {
+                // The rate cap is waited for, never failed: its wait is not the upstream's.
+                let waiting = tokio::time::Instant::now();
                 rate.until_ready().await;
+                deadline += waiting.elapsed();
             }
-            let deadline = if method == Method::HEAD {
-                self.config.head_timeout.min(self.config.first_byte_timeout)
-            } else {
-                self.config.first_byte_timeout
-            };
             let asked = std::time::Instant::now();
-            let sent = tokio::time::timeout(deadline, req.send())
+            let sent = tokio::time::timeout_at(deadline, req.send())
                 .await
                 .map_err(|_| Error::Timeout {
                     upstream: self.name.clone(),
@@ -808,7 +827,7 @@ impl Upstream {
     /// its first URL, the one whose budget is normally spent; the status page shows each URL's.
     fn observe_budget(&self, endpoint: usize, headers: &HeaderMap) -> Option<ratelimit::Budget> {
         let url = self.endpoints.get(endpoint)?;
-        let (budget, previous) = url.budget.observe(headers)?;
+        let (budget, previous) = url.budget.observe(headers, self.clock.now())?;
         if endpoint == 0 {
             self.gauge_budget(&budget);
         }
@@ -902,7 +921,7 @@ impl Upstream {
                     .get(header::CONTENT_RANGE)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                let size = content_range_total(range, offset).ok_or_else(|| {
+                let size = crate::ranges::content_range_total(range, offset).ok_or_else(|| {
                     protocol(format!(
                         "Range bytes={offset}- answered with Content-Range {range:?}"
                     ))
@@ -1028,28 +1047,5 @@ impl Upstream {
             content_type,
             link,
         })
-    }
-}
-
-/// The total of `bytes <offset>-<last>/<total>` when it starts at `offset` and runs to the end.
-fn content_range_total(range: &str, offset: u64) -> Option<u64> {
-    let (span, total) = range.strip_prefix("bytes ")?.split_once('/')?;
-    let total: u64 = total.trim().parse().ok()?;
-    let (first, last) = span.split_once('-')?;
-    let (first, last): (u64, u64) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-    (first == offset && last.checked_add(1) == Some(total)).then_some(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_resume_must_answer_from_the_offset_to_the_end() {
-        assert_eq!(content_range_total("bytes 10-99/100", 10), Some(100));
-        assert_eq!(content_range_total("bytes 0-99/100", 10), None);
-        assert_eq!(content_range_total("bytes 10-50/100", 10), None);
-        assert_eq!(content_range_total("bytes 10-99/*", 10), None);
-        assert_eq!(content_range_total("garbage", 10), None);
     }
 }

@@ -33,7 +33,8 @@ fn parse_value(v: &str) -> Option<(u64, Option<u64>)> {
     Some((n, w))
 }
 
-pub fn parse(headers: &HeaderMap) -> Option<Budget> {
+/// The budget in `headers`, read at `now` (the mirror's clock).
+pub fn parse(headers: &HeaderMap, now: SystemTime) -> Option<Budget> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (limit, w1) = parse_value(get("ratelimit-limit")?)?;
     let (remaining, w2) = parse_value(get("ratelimit-remaining")?)?;
@@ -42,7 +43,7 @@ pub fn parse(headers: &HeaderMap) -> Option<Budget> {
         remaining,
         window_secs: w2.or(w1).unwrap_or(0),
         source: get("docker-ratelimit-source").map(str::to_owned),
-        updated: SystemTime::now(),
+        updated: now,
     })
 }
 
@@ -54,8 +55,12 @@ pub struct BudgetState {
 
 impl BudgetState {
     /// Records the budget in `headers`, if any; returns the new and the previous values.
-    pub fn observe(&self, headers: &HeaderMap) -> Option<(Budget, Option<Budget>)> {
-        let budget = parse(headers)?;
+    pub fn observe(
+        &self,
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Option<(Budget, Option<Budget>)> {
+        let budget = parse(headers, now)?;
         let mut latest = crate::sync::lock(&self.latest);
         let previous = latest.replace(budget.clone());
         Some((budget, previous))
@@ -96,7 +101,7 @@ mod tests {
         h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
         h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
         h.insert("docker-ratelimit-source", "192.0.2.1".parse().unwrap());
-        let b = parse(&h).unwrap();
+        let b = parse(&h, SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!((b.limit, b.remaining, b.window_secs), (100, 76, 21600));
         assert_eq!(b.source.as_deref(), Some("192.0.2.1"));
     }
@@ -120,10 +125,10 @@ mod tests {
 
     #[test]
     fn absent_or_garbled_headers_are_none() {
-        assert!(parse(&HeaderMap::new()).is_none());
+        assert!(parse(&HeaderMap::new(), SystemTime::UNIX_EPOCH).is_none());
         let mut h = HeaderMap::new();
         h.insert("ratelimit-limit", "lots".parse().unwrap());
         h.insert("ratelimit-remaining", "1".parse().unwrap());
-        assert!(parse(&h).is_none());
+        assert!(parse(&h, SystemTime::UNIX_EPOCH).is_none());
     }
 }

@@ -83,6 +83,8 @@ pub struct Behaviour {
     pub ratelimit: Option<(u64, u64)>,
     /// Accept, then never answer.
     pub hang: bool,
+    /// The token realm accepts, then never answers (the registry itself still does).
+    pub hang_token: bool,
     /// Accept, then close at once (a crashed upstream behind a load balancer).
     pub down: bool,
     /// Close the connection without an answer for the next N blob GETs.
@@ -461,7 +463,11 @@ async fn route(state: Arc<State>, host: Host, req: Request<Incoming>) -> Respons
         path: req.uri().to_string(),
         headers: req.headers().clone(),
     });
-    if state.behaviour.lock().unwrap().hang {
+    let hangs = {
+        let b = state.behaviour.lock().unwrap();
+        b.hang || (b.hang_token && matches!(host, Host::Token))
+    };
+    if hangs {
         std::future::pending::<()>().await;
     }
     match host {
