@@ -478,9 +478,166 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
 mod tests {
     use super::*;
     use object_store::memory::InMemory;
+    use object_store::{
+        ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions, PutOptions, PutResult,
+        UploadPart,
+    };
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::watch;
 
     fn tier() -> SharedTier {
         SharedTier::over(Arc::new(InMemory::new()))
+    }
+
+    /// The multipart uploads a [`Recording`] store saw.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    struct Uploads {
+        started: usize,
+        completed: usize,
+        aborted: usize,
+    }
+
+    /// The in-memory store, counting multipart uploads started, completed and aborted (an
+    /// upload neither completed nor aborted is one S3 keeps, and bills, forever), and failing
+    /// every part when `fail_parts` is set.
+    #[derive(Debug)]
+    struct Recording {
+        inner: InMemory,
+        uploads: Arc<watch::Sender<Uploads>>,
+        fail_parts: Arc<AtomicBool>,
+    }
+
+    impl Recording {
+        fn new() -> Arc<Recording> {
+            Arc::new(Recording {
+                inner: InMemory::new(),
+                uploads: Arc::new(watch::Sender::new(Uploads::default())),
+                fail_parts: Arc::new(AtomicBool::new(false)),
+            })
+        }
+
+        fn uploads(&self) -> Uploads {
+            *self.uploads.borrow()
+        }
+
+        /// Waits (in virtual time, so a wait that cannot end fails at once) until `done` holds
+        /// of the uploads seen.
+        async fn wait_until(&self, what: &str, done: impl FnMut(&Uploads) -> bool) {
+            let mut seen = self.uploads.subscribe();
+            let waited = tokio::time::timeout(Duration::from_secs(60), seen.wait_for(done)).await;
+            assert!(waited.is_ok(), "{what}: {:?}", self.uploads());
+        }
+    }
+
+    impl std::fmt::Display for Recording {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Recording({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Recording {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            let inner = self.inner.put_multipart_opts(location, opts).await?;
+            self.uploads.send_modify(|u| u.started += 1);
+            Ok(Box::new(RecordingUpload {
+                inner,
+                uploads: self.uploads.clone(),
+                fail_parts: self.fail_parts.clone(),
+            }))
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        async fn delete(&self, location: &Path) -> object_store::Result<()> {
+            self.inner.delete(location).await
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.inner.copy(from, to).await
+        }
+
+        async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    #[derive(Debug)]
+    struct RecordingUpload {
+        inner: Box<dyn MultipartUpload>,
+        uploads: Arc<watch::Sender<Uploads>>,
+        fail_parts: Arc<AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl MultipartUpload for RecordingUpload {
+        fn put_part(&mut self, data: PutPayload) -> UploadPart {
+            if self.fail_parts.load(Ordering::SeqCst) {
+                return Box::pin(async {
+                    Err(object_store::Error::Generic {
+                        store: "recording",
+                        source: "injected part failure".into(),
+                    })
+                });
+            }
+            self.inner.put_part(data)
+        }
+
+        async fn complete(&mut self) -> object_store::Result<PutResult> {
+            let done = self.inner.complete().await;
+            if done.is_ok() {
+                self.uploads.send_modify(|u| u.completed += 1);
+            }
+            done
+        }
+
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.uploads.send_modify(|u| u.aborted += 1);
+            self.inner.abort().await
+        }
+    }
+
+    fn recorded() -> (SharedTier, Arc<Recording>) {
+        let store = Recording::new();
+        (SharedTier::over(store.clone()), store)
+    }
+
+    /// Every object the tier lists.
+    async fn names(tier: &SharedTier) -> Vec<String> {
+        tier.list().map(|o| o.unwrap().0).collect().await
     }
 
     async fn read_all(tier: &SharedTier, d: &Digest, offset: u64) -> Option<Vec<u8>> {
@@ -491,7 +648,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upload_is_invisible_until_completed() {
-        let t = tier();
+        let (t, store) = recorded();
         let body = vec![7u8; PART * 2 + 100];
         let d = Digest::sha256_of(&body);
         let mut up = t.upload(&d);
@@ -500,19 +657,57 @@ mod tests {
         }
         assert_eq!(t.blob_size(&d).await.unwrap(), None);
         up.complete().await.unwrap();
+        assert_eq!(
+            store.uploads(),
+            Uploads {
+                started: 1,
+                completed: 1,
+                aborted: 0
+            }
+        );
         assert_eq!(read_all(&t, &d, 0).await.unwrap(), body);
         assert_eq!(read_all(&t, &d, 10).await.unwrap(), body[10..]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_dropped_upload_leaves_nothing() {
-        let t = tier();
+        let (t, store) = recorded();
         let d = Digest::sha256_of(b"x");
         let mut up = t.upload(&d);
         up.write(Bytes::from_static(b"x")).await;
         drop(up);
-        tokio::task::yield_now().await;
+        store
+            .wait_until("the dropped upload is aborted", |u| u.aborted > 0)
+            .await;
+        assert_eq!(
+            store.uploads(),
+            Uploads {
+                started: 1,
+                completed: 0,
+                aborted: 1
+            }
+        );
         assert_eq!(t.blob_size(&d).await.unwrap(), None);
+        assert_eq!(names(&t).await, Vec::<String>::new());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_part_aborts_the_upload_and_publishes_nothing() {
+        let (t, store) = recorded();
+        store.fail_parts.store(true, Ordering::SeqCst);
+        let d = Digest::sha256_of(b"x");
+        let mut up = t.upload(&d);
+        up.write(Bytes::from_static(b"x")).await;
+        assert!(up.complete().await.is_err());
+        assert_eq!(
+            store.uploads(),
+            Uploads {
+                started: 1,
+                completed: 0,
+                aborted: 1
+            }
+        );
+        assert_eq!(names(&t).await, Vec::<String>::new());
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! in-process one (tokio's paused clock moves its expiries) and `RedisCoordinator` against a
 //! real `redis-server` started here on a free loopback port (Redis's own clock expires keys,
 //! so that run waits out short TTLs); then two replicas sharing a tag through that Redis.
-//! Without `redis-server` installed, the Redis runs are skipped with a notice.
+//! Without `redis-server` installed, the Redis runs are skipped with a notice, or fail with
+//! `PULLTHROUGH_REQUIRE_TOOLS=1` (as in CI; see tests/common/tools.rs).
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
 
@@ -137,9 +138,10 @@ async fn the_memory_coordinator_keeps_the_contract() {
     contract(&c, "memory", |d| Box::pin(tokio::time::advance(d))).await;
 }
 
-/// `redis-server` on `port` of loopback, without persistence, killed when dropped.
-fn spawn_redis(port: u16) -> std::io::Result<tokio::process::Child> {
-    tokio::process::Command::new("redis-server")
+/// `redis-server` (the program at `bin`) on `port` of loopback, without persistence, killed
+/// when dropped.
+fn spawn_redis(bin: &std::path::Path, port: u16) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(bin)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(std::process::Stdio::null())
@@ -150,28 +152,25 @@ fn spawn_redis(port: u16) -> std::io::Result<tokio::process::Child> {
 
 /// A throwaway `redis-server` on loopback.
 struct RedisServer {
+    bin: std::path::PathBuf,
     port: u16,
     url: String,
     child: tokio::process::Child,
 }
 
 impl RedisServer {
-    /// `None` (with a notice) when `redis-server` is not installed.
+    /// `None` (with a notice) when `redis-server` is not installed; a panic then if tools
+    /// are required.
     async fn start() -> Option<RedisServer> {
+        let bin = common::tools::require_tool("redis-server", "apt-get install redis-server")?;
         // Redis binds the port itself: take a free one and let it go just before.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = match spawn_redis(port) {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
-                return None;
-            }
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
+        let child = spawn_redis(&bin, port)
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -184,6 +183,7 @@ impl RedisServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Some(RedisServer {
+            bin,
             port,
             url: format!("redis://127.0.0.1:{port}/0"),
             child,
@@ -220,14 +220,14 @@ async fn the_redis_coordinator_fails_while_redis_is_down_and_reconnects_by_itsel
     assert!(failed.is_ok(), "requests fail once Redis is gone");
 
     // A fresh, empty Redis on the same port (started again until the old socket is gone).
-    let mut again = spawn_redis(server.port).unwrap();
+    let mut again = spawn_redis(&server.bin, server.port).unwrap();
     let recovered = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Ok(v) = c.get("k").await {
                 return v;
             }
             if again.try_wait().unwrap().is_some() {
-                again = spawn_redis(server.port).unwrap();
+                again = spawn_redis(&server.bin, server.port).unwrap();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

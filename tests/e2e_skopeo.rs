@@ -4,17 +4,18 @@
 //! upstream blob request, by pullthrough's own metrics and by the registry's access log.
 //!
 //! Needs `docker-registry` and `skopeo` on PATH (.ci/run installs both). Without them the
-//! test passes and says on stderr what it skipped and why.
+//! test passes and says on stderr what it skipped and why; with `PULLTHROUGH_REQUIRE_TOOLS=1`
+//! (as in CI; see tests/common/tools.rs) it fails instead.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::tools::require_tool;
 use common::upstream::{pseudo_random, sha256, OCI_INDEX, OCI_MANIFEST};
 use common::{eventually, metric_sum, wait_for, TestMirror, PAST_TTL, SETTLE, TTL};
 use serde_json::json;
@@ -25,13 +26,14 @@ const TAG: &str = "v1";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+const DEBIAN_PACKAGE_OF_REGISTRY: &str = "Debian package docker-registry; .ci/run installs it";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pulls_multi_arch_through_the_mirror_then_from_cache() {
-    let Some(registry_bin) = find_or_skip("docker-registry", "docker-registry") else {
+    let Some(registry_bin) = require_tool("docker-registry", DEBIAN_PACKAGE_OF_REGISTRY) else {
         return;
     };
-    if find_or_skip("skopeo", "skopeo").is_none() {
+    if require_tool("skopeo", "Debian package skopeo; .ci/run installs it").is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -141,27 +143,6 @@ async fn upstream_blob_gets(mirror: &TestMirror) -> u64 {
         "pullthrough_upstream_requests_total",
         "kind=\"blob_get\"",
     ) as u64
-}
-
-/// The program's path, or `None` after telling stderr that the test is skipped without it.
-fn find_or_skip(program: &str, debian_package: &str) -> Option<PathBuf> {
-    let found = find_on_path(program);
-    if found.is_none() {
-        // Straight to the stderr handle: libtest swallows eprintln! from passing tests.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED e2e_skopeo: `{program}` not found on PATH (Debian package {debian_package}; \
-             .ci/run installs it)"
-        );
-    }
-    found
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 fn sha256_file(path: &Path) -> String {

@@ -140,7 +140,7 @@ async fn h2_client_that_never_reads_cannot_grow_memory() {
 /// Reads until the server closes the connection; how long that took, or `None` if it did not
 /// within `within`.
 async fn closed_within(mut s: TcpStream, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let mut buf = [0u8; 4096];
     let read_all = async {
         loop {
@@ -244,7 +244,9 @@ async fn idle_h2_client_is_sent_away_at_the_header_timeout() {
     );
 }
 
-#[tokio::test]
+// Virtual time: the reader's pauses and the server's header timeout are tokio timers, so the
+// stream provably spans the timeout, whatever the machine's speed.
+#[tokio::test(start_paused = true)]
 async fn h2_stream_in_progress_outlives_the_header_timeout() {
     let _serial = SERIAL.lock().await;
     let up = FakeUpstream::start().await;
@@ -267,8 +269,10 @@ async fn h2_stream_in_progress_outlives_the_header_timeout() {
         .unwrap();
     let mut body = response.await.unwrap().into_body();
     let mut got = Vec::new();
-    let started = Instant::now();
-    // About 2.5 s for the whole blob: longer than the header timeout, with no pause that long.
+    let started = tokio::time::Instant::now();
+    // 2.4 s of pauses in all (16 of 150 ms): longer than the header timeout, with no pause that
+    // long. Were the timeout applied to a connection with a stream in flight, it would fire in
+    // the middle and cut the body.
     while let Some(chunk) = body.data().await {
         let chunk = chunk.unwrap();
         got.extend_from_slice(&chunk);
@@ -277,7 +281,11 @@ async fn h2_stream_in_progress_outlives_the_header_timeout() {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
     }
-    assert!(started.elapsed() > Duration::from_secs(1));
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the stream spanned two header timeouts: {:?}",
+        started.elapsed()
+    );
     assert_eq!(sha256(&got), layers[0]);
     driver.abort();
 }
@@ -356,7 +364,9 @@ async fn connections_over_the_per_client_cap_are_closed_at_accept() {
     h2_driver.abort();
 }
 
-#[tokio::test]
+// Virtual time: the pause before the stop ends once the server has read what it was sent and
+// is idle, and the stop's duration counts the timers it waited for (shutdown_grace is one).
+#[tokio::test(start_paused = true)]
 async fn shutdown_is_not_held_by_a_half_sent_request_header() {
     let _serial = SERIAL.lock().await;
     let up = FakeUpstream::start().await;
@@ -373,7 +383,9 @@ async fn shutdown_is_not_held_by_a_half_sent_request_header() {
     half_h2.write_all(&bytes).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
+    // `stop` gives up after 10 s: a shutdown held by the grace shows as 10 s here; a closing
+    // connection's 1 s linger is allowed.
     m.stop().await;
     let took = started.elapsed();
     assert!(

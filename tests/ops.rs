@@ -249,17 +249,12 @@ async fn https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http() {
     drop(m);
 
     // The same with curl against the binary, configured through a file.
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!(
-            "SKIPPED curl part of https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http: \
-             curl not installed"
-        );
+    // Skipped without curl (a failure with PULLTHROUGH_REQUIRE_TOOLS=1, as in CI).
+    let Some(curl_bin) =
+        common::tools::require_tool("curl", "Debian package curl; .ci/run installs it")
+    else {
         return;
-    }
+    };
     let config = certs.path().join("mirror.toml");
     std::fs::write(
         &config,
@@ -277,7 +272,7 @@ async fn https_speaks_http2_and_http1_by_alpn_and_refuses_plain_http() {
     let port = daemon.addr.port();
     let curl = |http: &'static str| {
         // tokio's Command: a blocking wait would stall the fake upstream on this runtime.
-        tokio::process::Command::new("curl")
+        tokio::process::Command::new(&curl_bin)
             .args(["-sS", "--max-time", "20", http, "--cacert"])
             .arg(&cert)
             .args([

@@ -52,7 +52,10 @@ async fn concurrent_upstream_requests_never_exceed_the_cap() {
     );
 }
 
-#[tokio::test]
+// Virtual time: the sleep below ends only once every task of the test (mirror, fake upstream
+// and clients alike) is parked with nothing left to do, so the second request has been as far
+// as it can go; on loopback that includes reaching the upstream, were it let through.
+#[tokio::test(start_paused = true)]
 async fn a_streaming_blob_body_holds_its_permit() {
     let up = FakeUpstream::start().await;
     let first = up.add_blob(common::upstream::pseudo_random(200_000, 1));
@@ -78,7 +81,8 @@ async fn a_streaming_blob_body_holds_its_permit() {
     let path = format!("{}/v2/library/app/blobs/{second}", m.url);
     let client = m.client.clone();
     let waiting = tokio::spawn(async move { client.get(path).send().await.unwrap().status() });
-    // Nothing can be observed of a request that is correctly not sent, so give it a moment.
+    // Nothing can be observed of a request that is correctly not sent: wait until the runtime
+    // is idle (the paused clock then jumps to the sleep's end), i.e. the second is parked.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         up.blob_gets(),

@@ -1,6 +1,7 @@
 //! The shared tier on a real S3 server: Garage (a single node on loopback, started here) when
 //! it is installed — `tests/cluster/run.sh --install` installs it, as CI does — and skipped
-//! with a notice otherwise. Multipart publication after verification, a replica with an empty
+//! with a notice otherwise (a failure with `PULLTHROUGH_REQUIRE_TOOLS=1`, as in CI; see
+//! tests/common/tools.rs). Multipart publication after verification, a replica with an empty
 //! disk served from the store, and presigned redirects that carry no upstream token.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
@@ -19,10 +20,15 @@ use pullthrough::config::{Config, Secret};
 /// The Garage release the cluster suite pins.
 const GARAGE_VERSION: &str = "2.5.0";
 
+/// Garage at the pinned version, where tests/cluster/components.sh looks for it (`find_garage`:
+/// on the PATH or under `$GARAGE_ROOT`, by default ~/.local/garage-2.5.0), or at `$GARAGE_BIN`.
 fn garage_binary() -> Option<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(p) = std::env::var_os("GARAGE_BIN") {
         candidates.push(PathBuf::from(p));
+    }
+    if let Some(root) = std::env::var_os("GARAGE_ROOT") {
+        candidates.push(PathBuf::from(root).join("bin/garage"));
     }
     if let Some(home) = std::env::var_os("HOME") {
         candidates
@@ -71,8 +77,10 @@ async fn garage_cli(bin: &PathBuf, config: &PathBuf, args: &[&str]) -> Result<St
 
 async fn start_garage() -> Option<Garage> {
     let Some(bin) = garage_binary() else {
-        eprintln!("garage {GARAGE_VERSION} is not installed (tests/cluster/run.sh --install): skipping the real S3 tests");
-        return None;
+        return common::tools::missing(
+            &format!("garage {GARAGE_VERSION} is not installed"),
+            "tests/cluster/run.sh --install",
+        );
     };
     let dir = tempfile::tempdir().unwrap();
     let (s3, rpc, admin) = (free_port(), free_port(), free_port());

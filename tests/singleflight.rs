@@ -7,28 +7,47 @@ mod common;
 use std::time::Duration;
 
 use common::upstream::sha256;
-use common::{x_cache, FakeUpstream, TestMirror};
+use common::{x_cache, FakeUpstream, TestMirror, SETTLE};
 use futures_util::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_fetch_upstream_once() {
+    const CLIENTS: usize = 32;
     let up = FakeUpstream::start().await;
     let (_, layers) = up.add_image("library/app", "v1", &[4 * 1024 * 1024]);
-    up.behave(|b| b.blob_delay = Some(Duration::from_millis(300)));
+    // The upstream holds the body back after its first MiB until the test releases it, so
+    // every client asks while the one download is in progress, however slow the machine.
+    up.behave(|b| b.hold_blob_after = Some(1024 * 1024));
     let m = TestMirror::start(&up).await;
     let path = format!("/v2/library/app/blobs/{}", layers[0]);
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(32));
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let (answered, mut heads) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
-    for _ in 0..32 {
+    for _ in 0..CLIENTS {
         let req = m.get(&path);
         let barrier = barrier.clone();
+        let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let r = req.send().await.unwrap();
             let cache = x_cache(&r);
+            answered.send(()).unwrap();
             (cache, r.bytes().await.unwrap())
         }));
     }
+    for i in 0..CLIENTS {
+        tokio::time::timeout(SETTLE, heads.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{i} of {CLIENTS} clients answered while the body is held"))
+            .unwrap();
+    }
+    assert_eq!(
+        up.blob_gets(),
+        1,
+        "{CLIENTS} clients answered during one download, from one upstream GET"
+    );
+    up.behave(|b| b.hold_blob_after = None);
+    up.state.release.notify_one();
     let mut misses = 0;
     for t in tasks {
         let (cache, body) = t.await.unwrap();
@@ -37,7 +56,7 @@ async fn concurrent_misses_fetch_upstream_once() {
         misses += usize::from(cache == "MISS");
     }
     assert_eq!(misses, 1);
-    assert_eq!(up.blob_gets(), 1, "32 clients, one upstream GET");
+    assert_eq!(up.blob_gets(), 1, "{CLIENTS} clients, one upstream GET");
     assert_eq!(
         up.blob_heads(),
         0,

@@ -341,7 +341,9 @@ async fn direct_warm_is_refused_while_a_mirror_serves_the_storage_dir() {
     assert_eq!(up.total(), 0);
 }
 
-#[tokio::test]
+// Virtual time: the schedule looks at the mirror's clock on a tokio timer (every second), so
+// a virtual wait of a few seconds is a few of its looks, each run to the end before time moves.
+#[tokio::test(start_paused = true)]
 async fn scheduled_warm_refreshes_on_its_interval() {
     let up = FakeUpstream::start().await;
     up.add_image("library/alpine", "3.19", &[1000, 2000]);
@@ -361,8 +363,13 @@ async fn scheduled_warm_refreshes_on_its_interval() {
     let (new, _) = up.add_image("library/alpine", "next", &[3000]);
     up.retag("library/alpine", "3.19", &new);
     m.advance(PAST_TTL);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(up.blob_gets(), 3, "not before the interval has passed");
+    let asked = up.total();
+    // The paused clock moves only when every task is idle: by the end of this wait the
+    // schedule has looked at the clock several times, and a run it started has reached the
+    // upstream (it is on loopback, in this runtime).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(up.total(), asked, "not before the interval has passed");
+    assert_eq!(up.blob_gets(), 3);
     // The cold tag's type was learnt with a HEAD before the GET (warm does not take schema 1).
     assert_eq!(up.manifest_heads(), 1);
 

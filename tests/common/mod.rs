@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod tools;
 pub mod upstream;
 
 use std::future::Future;
