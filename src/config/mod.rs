@@ -1158,7 +1158,7 @@ mod tests {
 
     #[test]
     fn repository_mirror_toml_is_valid() {
-        let text = include_str!("../mirror.toml");
+        let text = include_str!("../../mirror.toml");
         let c = Config::from_toml(text).unwrap();
         c.validate().unwrap();
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
@@ -1232,7 +1232,7 @@ mod tests {
 
     #[test]
     fn the_commented_second_upstream_in_mirror_toml_is_valid() {
-        let text = include_str!("../mirror.toml");
+        let text = include_str!("../../mirror.toml");
         let start = text.find("# [upstreams.\"ghcr.io\"]").unwrap();
         let block: String = text[start..]
             .lines()
