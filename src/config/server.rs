@@ -1,0 +1,79 @@
+//! `[server]`: the listener, its timeouts and TLS, and who may use it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::DOCKER_HUB;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `0.0.0.0:5000`.
+    pub listen: SocketAddr,
+    /// Registry served to requests with neither `?ns=` nor a registry prefix or alias in the
+    /// path (dockerd's `registry-mirrors`). Default `docker.io`.
+    pub default_registry: String,
+    /// Connections with no request in flight for this long are closed: idle ones, those with
+    /// a half-sent request header, HTTP/2 connections that have not completed their preface or
+    /// a request. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Requests per client address allowed in `client_window`; more get 429. 0 (default) = off.
+    pub client_requests: u32,
+    /// The window of `client_requests`. Default 1 minute.
+    #[serde(with = "humantime_serde")]
+    pub client_window: Duration,
+    /// Open connections allowed from one client address, HTTP/1.1 and HTTP/2 alike; more are
+    /// closed as they are accepted. 0 = unlimited. Default 256: far more than legitimate
+    /// clients use (dockerd opens a few per pull, containerd multiplexes over one HTTP/2
+    /// connection, a NAT'd build farm of dozens of hosts stays below it), yet one address
+    /// cannot take every file descriptor or pin unbounded connection memory.
+    pub max_connections_per_client: u32,
+    /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS (HTTP/2 by ALPN).
+    /// SIGHUP reloads both files. Default: plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get 403.
+    /// Default: empty, everyone.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Load balancers and ingresses, as CIDRs (`["10.0.0.0/8"]`). From a peer in this list,
+    /// the right-most address in `X-Forwarded-For` that is not in it (or `Forwarded: for=`,
+    /// without `X-Forwarded-For`) is the client: for the access log, `allow` and
+    /// `client_requests`. From any other peer those headers are ignored. Default: empty.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// An htpasswd file with bcrypt entries (`htpasswd -B`); clients must send Basic auth.
+    pub htpasswd: Option<PathBuf>,
+    /// Static tokens accepted as the Basic auth password (any user name) or as a Bearer token.
+    pub tokens: Vec<Secret>,
+    /// Realm in the `WWW-Authenticate: Basic` challenge. Default `pullthrough`.
+    pub auth_realm: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            default_registry: DOCKER_HUB.to_owned(),
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            client_requests: 0,
+            client_window: Duration::from_secs(60),
+            max_connections_per_client: 256,
+            tls_cert: None,
+            tls_key: None,
+            allow: Vec::new(),
+            trusted_proxies: Vec::new(),
+            htpasswd: None,
+            tokens: Vec::new(),
+            auth_realm: "pullthrough".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Blob downloads: in progress and their clients, resumes, digest mismatches, a full disk, and
+//! the time to the upstream's first byte on a miss.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use super::Metrics;
+
+pub(super) struct DownloadMetrics {
+    resumes: Counter,
+    digest_mismatches: Counter,
+    no_space: Counter,
+    miss_ttfb: Histogram,
+}
+
+impl DownloadMetrics {
+    pub(super) fn new() -> DownloadMetrics {
+        DownloadMetrics {
+            resumes: Counter::default(),
+            digest_mismatches: Counter::default(),
+            no_space: Counter::default(),
+            miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        }
+    }
+}
+
+impl Metrics {
+    pub(super) fn register_downloads(&self, r: &mut Registry) {
+        r.register(
+            "upstream_resumes",
+            "Blob downloads resumed with a Range request",
+            self.downloads.resumes.clone(),
+        );
+        r.register(
+            "digest_mismatches",
+            "Upstream content rejected because it did not match its digest",
+            self.downloads.digest_mismatches.clone(),
+        );
+        r.register(
+            "storage_full",
+            "Blob downloads not cached for lack of disk space (ENOSPC or too little free)",
+            self.downloads.no_space.clone(),
+        );
+        r.register(
+            "inflight_downloads",
+            "Blob downloads in progress",
+            self.inflight_downloads.clone(),
+        );
+        r.register(
+            "inflight_waiters",
+            "Clients receiving a blob that is still downloading",
+            self.inflight_waiters.clone(),
+        );
+        r.register(
+            "miss_first_byte_seconds",
+            "Time to the upstream's response headers on blob misses",
+            self.downloads.miss_ttfb.clone(),
+        );
+    }
+
+    pub fn resume(&self) {
+        self.downloads.resumes.inc();
+    }
+
+    pub fn no_space(&self) {
+        self.downloads.no_space.inc();
+    }
+
+    pub fn digest_mismatch(&self) {
+        self.downloads.digest_mismatches.inc();
+    }
+
+    pub fn miss_first_byte(&self, elapsed: Duration) {
+        self.downloads.miss_ttfb.observe(elapsed.as_secs_f64());
+    }
+}

@@ -1,0 +1,61 @@
+//! Secrets from the configuration (passwords, tokens, keys): never printed.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A string that never prints: Debug and Display show `[REDACTED]`, and a value of the wrong
+/// type is refused without being quoted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+                Ok(Secret(v))
+            }
+        }
+        d.deserialize_str(Visitor).map_err(|_: D::Error| {
+            <D::Error as serde::de::Error>::custom("a secret must be a string (value not shown)")
+        })
+    }
+}
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// Serialized as `[REDACTED]` too, so that a printed config (`pullthrough config check`)
+/// shows that a secret is set without showing it.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[REDACTED]")
+    }
+}

@@ -1,0 +1,216 @@
+//! One request: admission (access control, the per-client limit), dispatch with panics caught,
+//! and the metrics and access line once the response body ends.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::activity::InFlight;
+use super::request_id;
+use super::{App, Role};
+use crate::handlers::body::{self, Body};
+use crate::handlers::error::ApiError;
+use crate::logging::{self, AccessLine};
+use crate::oci::RepoName;
+use crate::outcome::CacheStatus;
+use crate::routes::{self, Route};
+use crate::sendfile::Sendfile;
+
+/// Access control, then the per-client limit. Health checks are always answered, so that
+/// orchestrators need no credentials; replica-to-replica requests are authenticated by the
+/// cluster secret instead (in the pull layer), since replicas are not clients.
+async fn admit(
+    app: &App,
+    route: &Route,
+    role: Role,
+    req: &Request<Incoming>,
+    client: IpAddr,
+) -> Result<(), ApiError> {
+    if matches!(
+        route,
+        Route::Healthz | Route::Readyz | Route::PeerBlob { .. }
+    ) || role == Role::Metrics
+    {
+        return Ok(());
+    }
+    use crate::metrics::Refusal;
+    let refused = |why| {
+        let metrics = app.metrics.clone();
+        move |e| {
+            metrics.client_refused(why);
+            e
+        }
+    };
+    app.access
+        .check_address(client)
+        .map_err(refused(Refusal::Address))?;
+    // Boxed: a password check's state would otherwise sit in every request's future.
+    Box::pin(app.access.check_credentials(req.headers()))
+        .await
+        .map_err(refused(Refusal::Credentials))?;
+    if matches!(route, Route::Metrics | Route::Status | Route::Ui) {
+        return Ok(());
+    }
+    let Some(limit) = &app.client_limit else {
+        return Ok(());
+    };
+    limit.check(client).map_err(|wait| {
+        let mut e = ApiError::new(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            crate::handlers::error::Code::Toomanyrequests,
+            "too many requests from this address; slow down",
+        );
+        e.retry_after = Some(wait.max(std::time::Duration::from_secs(1)));
+        app.metrics.client_refused(Refusal::RateLimit);
+        e
+    })
+}
+
+/// What a request knows of its connection.
+pub(super) struct ConnInfo {
+    pub(super) peer: SocketAddr,
+    pub(super) role: Role,
+    /// How file bodies go out on this connection (see `sendfile`).
+    pub(super) files: Option<Sendfile>,
+    /// Held until the response body is dropped, for the connection's watchdog.
+    pub(super) in_flight: InFlight,
+}
+
+/// One request: route, dispatch (panics become 500s), then metrics and a log line when the
+/// response body ends, with the bytes actually sent.
+pub(super) async fn handle(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<Body> {
+    let ConnInfo {
+        peer,
+        role,
+        files,
+        in_flight,
+    } = conn;
+    let started = Instant::now();
+    let route = match (role, routes::parse(req.method(), req.uri().path())) {
+        (Role::Metrics, r @ (Route::Metrics | Route::Healthz)) => r,
+        (Role::Metrics, _) => Route::NotFound,
+        // /metrics lives on its own listener when one is configured.
+        (Role::Main, Route::Metrics) if app.metrics_elsewhere => Route::NotFound,
+        (Role::Main, r) => r,
+    };
+    // Only blob bodies use it; other requests are spared the allocations of an extension.
+    if let (Route::Blob { .. }, Some(files)) = (&route, files) {
+        req.extensions_mut().insert(files);
+    }
+    let method = req.method().clone();
+    let head = method == http::Method::HEAD;
+    let client = app.trusted_proxies.client(peer.ip(), req.headers());
+    let request_id = request_id::for_request(req.headers());
+    let user_agent: String = req
+        .headers()
+        .get(http::header::USER_AGENT)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(256)
+                .collect()
+        })
+        .unwrap_or_default();
+    let reference = match &route {
+        Route::Manifest { reference, .. } => reference.to_string(),
+        Route::Blob { digest, .. } | Route::Referrers { digest, .. } => digest.to_string(),
+        _ => String::new(),
+    };
+    // The log names the registry a request went to and the repository as that registry
+    // knows it (`/v2/ghcr/org/app` is ghcr.io's `org/app`); with no registry resolved, `-`
+    // and the name as asked for.
+    let target = route.repository().and_then(|name| {
+        let ns = crate::handlers::namespace(req.uri().query());
+        app.mirror.resolve(ns.as_deref(), name).ok()
+    });
+    let registry = target.as_ref().map(|t| t.registry().to_owned());
+    let repository = target
+        .map(|t| t.repo().clone())
+        .or_else(|| route.repository().cloned());
+    let mut waited = Duration::ZERO;
+    let dispatched = match admit(&app, &route, role, &req, client).await {
+        Err(e) => Ok(Err(e)),
+        Ok(()) => {
+            let asked = Instant::now();
+            let answer = std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req))
+                .catch_unwind()
+                .await;
+            // What the pull layer took to answer is time spent on the upstream, unless the
+            // answer came from the cache alone.
+            if route.repository().is_some() {
+                waited = asked.elapsed();
+            }
+            answer
+        }
+    };
+    let mut resp = match dispatched {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => e.into_response(head),
+        Err(_) => {
+            tracing::error!(%method, path = req.uri().path(), "handler panicked");
+            ApiError::internal().into_response(head)
+        }
+    };
+    let status = resp.status().as_u16();
+    let cache_status = resp.extensions().get::<CacheStatus>().copied();
+    if cache_status == Some(CacheStatus::Hit) {
+        waited = Duration::ZERO;
+    }
+    let cache = cache_status.map_or("-", |s| s.as_str());
+    if let Ok(mut v) = http::HeaderValue::from_str(&request_id) {
+        // Never indexed by HTTP/2's HPACK: a value unique to each response would only push the
+        // connection's repeated headers (digest, ETag, type) out of its compression table.
+        v.set_sensitive(true);
+        resp.headers_mut().insert(request_id::HEADER, v);
+    }
+    // hyper stops polling a body once Content-Length bytes are out, so "complete" is judged
+    // against the declared length rather than by seeing the end of the stream.
+    let declared = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let metrics = app.metrics.clone();
+    let mirror = app.mirror.clone();
+    resp.map(move |b| {
+        body::observe(b, move |bytes, ended| {
+            let complete = ended || head || declared.is_some_and(|len| bytes >= len);
+            let elapsed = started.elapsed();
+            let kind = route.kind();
+            metrics.request(kind, method.as_str(), status, cache_status, elapsed);
+            logging::access(&AccessLine {
+                peer,
+                client,
+                request_id: &request_id,
+                method: method.as_str(),
+                registry: registry.as_deref().unwrap_or("-"),
+                repository: repository.as_ref().map_or("-", RepoName::as_str),
+                reference: if reference.is_empty() {
+                    "-"
+                } else {
+                    &reference
+                },
+                kind,
+                status,
+                bytes,
+                complete,
+                cache,
+                elapsed,
+                upstream: waited,
+                user_agent: &user_agent,
+            });
+            if let Some(repo) = &repository {
+                mirror.record_request(repo.as_str(), bytes);
+            }
+            drop(in_flight);
+        })
+    })
+}
