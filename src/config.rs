@@ -183,11 +183,17 @@ mod size {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The listener: address, TLS, client access control and limits.
     pub server: ServerConfig,
+    /// The cache on local disk, its size bound, and the tier replicas share.
     pub storage: StorageConfig,
+    /// How long cached tags are trusted.
     pub cache: CacheConfig,
+    /// The log format (`PULLTHROUGH_LOG=debug` sets the level).
     pub log: LogConfig,
+    /// Where `/metrics` is served.
     pub metrics: MetricsConfig,
+    /// Images the running mirror keeps warm on a schedule. Default: none.
     pub warm: WarmConfig,
     /// Replicas sharing one cache (with `[storage.shared]`). Default: none, a single node.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,7 +240,8 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Requests per client address allowed in `client_window`; more get 429. 0 (default) = off.
+    /// Requests per client address allowed in `client_window`; more get
+    /// `429 TOOMANYREQUESTS` with `Retry-After`. 0 (default) = off.
     pub client_requests: u32,
     /// The window of `client_requests`. Default 1 minute.
     #[serde(with = "humantime_serde")]
@@ -248,19 +255,24 @@ pub struct ServerConfig {
     /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS (HTTP/2 by ALPN).
     /// SIGHUP reloads both files. Default: plain HTTP.
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `tls_cert`.
+    /// PEM private key for `tls_cert`. Default: none.
     pub tls_key: Option<PathBuf>,
-    /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get 403.
+    /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get
+    /// `403 DENIED`.
     /// Default: empty, everyone.
     pub allow: Vec<ipnet::IpNet>,
     /// Load balancers and ingresses, as CIDRs (`["10.0.0.0/8"]`). From a peer in this list,
     /// the right-most address in `X-Forwarded-For` that is not in it (or `Forwarded: for=`,
     /// without `X-Forwarded-For`) is the client: for the access log, `allow` and
-    /// `client_requests`. From any other peer those headers are ignored. Default: empty.
+    /// `client_requests`. From any other peer those headers are ignored. The proxy must set
+    /// or append to `X-Forwarded-For` (nginx, HAProxy, Traefik and ingress-nginx do);
+    /// `max_connections_per_client` still counts the proxy's connections. Default: empty.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// An htpasswd file with bcrypt entries (`htpasswd -B`); clients must send Basic auth.
+    /// Default: none.
     pub htpasswd: Option<PathBuf>,
     /// Static tokens accepted as the Basic auth password (any user name) or as a Bearer token.
+    /// Default: none.
     pub tokens: Vec<Secret>,
     /// Realm in the `WWW-Authenticate: Basic` challenge. Default `pullthrough`.
     pub auth_realm: String,
@@ -330,8 +342,8 @@ pub struct SharedStorageConfig {
     #[serde(default = "default_region")]
     pub region: String,
     /// Bound on the bytes in the shared tier; least recently used content, across the
-    /// cluster, is deleted beyond it. Needs `[cluster]`, whose Redis keeps the access times.
-    /// Default: unbounded.
+    /// cluster, is deleted beyond it, never an object being read or downloaded. Needs
+    /// `[cluster]`, whose Redis keeps the access times. Default: unbounded.
     #[serde(with = "size", default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<bytesize::ByteSize>,
     /// Answer a blob found in the shared tier (and not on local disk) with a `307` to a
@@ -342,10 +354,12 @@ pub struct SharedStorageConfig {
     /// How long a presigned redirect URL stays valid. Default 10 minutes.
     #[serde(with = "humantime_serde", default = "default_redirect_ttl")]
     pub redirect_ttl: Duration,
-    /// Env `PULLTHROUGH_S3_ACCESS_KEY_ID`.
+    /// The object store's access key ID, from env `PULLTHROUGH_S3_ACCESS_KEY_ID` only (not
+    /// a key of the file). Required with `[storage.shared]`.
     #[serde(skip)]
     pub access_key_id: Option<Secret>,
-    /// Env `PULLTHROUGH_S3_SECRET_ACCESS_KEY`.
+    /// The object store's secret key, from env `PULLTHROUGH_S3_SECRET_ACCESS_KEY` only (not
+    /// a key of the file). Required with `[storage.shared]`.
     #[serde(skip)]
     pub secret_access_key: Option<Secret>,
 }
@@ -363,8 +377,9 @@ fn default_redirect_ttl() -> Duration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The Redis URL, e.g. `redis://redis:6379/0` (a password in it is never printed).
-    /// Required.
+    /// The Redis URL (`redis://` or `rediss://`, e.g. `redis://redis:6379/0`; a password in
+    /// it is never printed) that replicas coordinate through: download leases, tag records,
+    /// the negative cache, back-offs, the pull budget, members. Required.
     pub redis: Secret,
     /// The URL the other replicas reach this one at, e.g. `http://10.0.0.5:5000`. Required;
     /// env `PULLTHROUGH_CLUSTER_ADVERTISE` replaces it, so replicas can share one file.
@@ -373,7 +388,9 @@ pub struct ClusterConfig {
     /// takeover waits after a crash. Renewed every third of it. Default 5 s.
     #[serde(with = "humantime_serde", default = "default_lease_ttl")]
     pub lease_ttl: Duration,
-    /// Env `PULLTHROUGH_CLUSTER_SECRET`: authenticates replica-to-replica requests. Required.
+    /// The cluster secret, from env `PULLTHROUGH_CLUSTER_SECRET` only (not a key of the
+    /// file), the same on every replica and at least 16 characters: it authenticates
+    /// replica-to-replica requests (`/_pullthrough/peer/blobs/…`). Required.
     #[serde(skip)]
     pub secret: Option<Secret>,
 }
@@ -420,7 +437,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// `text` (default) or `json`.
+    /// `text` (default) or `json`: one access-log line per request either way.
     pub format: LogFormat,
 }
 
@@ -445,7 +462,7 @@ pub struct WarmConfig {
     /// Default: empty, every platform in the index.
     pub platforms: Vec<Platform>,
     /// Time between two runs; the first starts with the server. Default 24 h (when `at` is
-    /// not set).
+    /// not set). Setting both `interval` and `at` is an error.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub interval: Option<Duration>,
     /// Run once a day at this time, UTC (`"05:30"`), instead of every `interval`; the first
@@ -542,9 +559,12 @@ pub struct UpstreamConfig {
     /// Upstream requests sent per second; more wait their turn (they never fail for it).
     /// 0 (default) = unlimited.
     pub max_requests_per_second: u32,
-    /// Username for token (or Basic) auth; anonymous when absent.
+    /// Username for token (or Basic) auth. Default: none, anonymous. Env
+    /// `PULLTHROUGH_UPSTREAM_USERNAME` for the default upstream.
     pub username: Option<String>,
-    /// Password or access token; env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default upstream.
+    /// Password or access token (for Docker Hub, a read-only access token rather than the
+    /// account password). Default: none. Env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default
+    /// upstream.
     pub password: Option<Secret>,
     /// TCP + TLS connect timeout. Default 10 s.
     #[serde(with = "humantime_serde")]
@@ -572,17 +592,18 @@ pub struct UpstreamConfig {
     /// The mirror's own cap on manifest GETs (counted pulls) per `max_pulls_window`.
     /// 0 (default) = no cap.
     pub max_pulls: u32,
-    /// Default 6 hours, Docker Hub's window.
+    /// The window of `max_pulls`. Default 6 hours, Docker Hub's window.
     #[serde(with = "humantime_serde")]
     pub max_pulls_window: Duration,
     /// Warn when the remaining pull budget falls to this share of the limit. Default 0.2.
     pub budget_warn_ratio: f64,
     /// At or below this many remaining pulls, cached tags are served stale rather than
-    /// spending a GET, unless a HEAD shows the tag changed. Default 10.
+    /// spending a GET, unless a HEAD shows the tag changed, and `pullthrough warm` stops.
+    /// Default 10.
     pub budget_reserve: u64,
     /// Other names for this registry as the first segment of a repository path, besides its
     /// own name: `aliases = ["ghcr"]` makes `/v2/ghcr/org/app/…` mean `/v2/ghcr.io/org/app/…`.
-    /// Single path segments, unique across upstreams. Default: none.
+    /// Single path segments, unique across upstreams, not `library`. Default: none.
     pub aliases: Vec<String>,
 
     // Policy: which repositories are mirrored from this upstream, and how long its tags are
@@ -599,8 +620,10 @@ pub struct UpstreamConfig {
     /// Default: every repository.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_repositories: Option<RepoGlobs>,
-    /// Globs of repositories refused `403 DENIED`, whatever `allow_repositories` says.
-    /// Default: none.
+    /// Globs of repositories refused `403 DENIED`, whatever `allow_repositories` says. A
+    /// refused repository is refused for manifests, blobs, tags and referrers, without an
+    /// upstream request and without serving what the cache holds; counted in
+    /// `pullthrough_policy_refusals_total`. Default: none.
     pub deny_repositories: RepoGlobs,
 }
 
