@@ -11,8 +11,9 @@ use crate::secret::Secret;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The Redis URL, e.g. `redis://redis:6379/0` (a password in it is never printed).
-    /// Required.
+    /// The Redis URL (`redis://` or `rediss://`, e.g. `redis://redis:6379/0`; a password in
+    /// it is never printed) that replicas coordinate through: download leases, tag records,
+    /// the negative cache, back-offs, the pull budget, members. Required.
     pub redis: Secret,
     /// The URL the other replicas reach this one at, e.g. `http://10.0.0.5:5000`. Required;
     /// env `PULLTHROUGH_CLUSTER_ADVERTISE` replaces it, so replicas can share one file.
@@ -21,7 +22,9 @@ pub struct ClusterConfig {
     /// takeover waits after a crash. Renewed every third of it. Default 5 s.
     #[serde(with = "humantime_serde", default = "default_lease_ttl")]
     pub lease_ttl: Duration,
-    /// Env `PULLTHROUGH_CLUSTER_SECRET`: authenticates replica-to-replica requests. Required.
+    /// The cluster secret, from env `PULLTHROUGH_CLUSTER_SECRET` only (not a key of the
+    /// file), the same on every replica and at least 16 characters: it authenticates
+    /// replica-to-replica requests (`/_pullthrough/peer/blobs/…`). Required.
     #[serde(skip)]
     pub secret: Option<Secret>,
 }

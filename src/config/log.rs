@@ -13,6 +13,6 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// `text` (default) or `json`.
+    /// `text` (default) or `json`: one access-log line per request either way.
     pub format: LogFormat,
 }

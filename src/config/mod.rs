@@ -55,11 +55,17 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The listener: address, TLS, client access control and limits.
     pub server: ServerConfig,
+    /// The cache on local disk, its size bound, and the tier replicas share.
     pub storage: StorageConfig,
+    /// How long cached tags are trusted.
     pub cache: CacheConfig,
+    /// The log format (`PULLTHROUGH_LOG=debug` sets the level).
     pub log: LogConfig,
+    /// Where `/metrics` is served.
     pub metrics: MetricsConfig,
+    /// Images the running mirror keeps warm on a schedule. Default: none.
     pub warm: WarmConfig,
     /// Replicas sharing one cache (with `[storage.shared]`). Default: none, a single node.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -25,7 +25,8 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Requests per client address allowed in `client_window`; more get 429. 0 (default) = off.
+    /// Requests per client address allowed in `client_window`; more get
+    /// `429 TOOMANYREQUESTS` with `Retry-After`. 0 (default) = off.
     pub client_requests: u32,
     /// The window of `client_requests`. Default 1 minute.
     #[serde(with = "humantime_serde")]
@@ -39,19 +40,24 @@ pub struct ServerConfig {
     /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS (HTTP/2 by ALPN).
     /// SIGHUP reloads both files. Default: plain HTTP.
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `tls_cert`.
+    /// PEM private key for `tls_cert`. Default: none.
     pub tls_key: Option<PathBuf>,
-    /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get 403.
+    /// Client addresses allowed, as CIDRs (`["10.0.0.0/8", "::1/128"]`); others get
+    /// `403 DENIED`.
     /// Default: empty, everyone.
     pub allow: Vec<ipnet::IpNet>,
     /// Load balancers and ingresses, as CIDRs (`["10.0.0.0/8"]`). From a peer in this list,
     /// the right-most address in `X-Forwarded-For` that is not in it (or `Forwarded: for=`,
     /// without `X-Forwarded-For`) is the client: for the access log, `allow` and
-    /// `client_requests`. From any other peer those headers are ignored. Default: empty.
+    /// `client_requests`. From any other peer those headers are ignored. The proxy must set
+    /// or append to `X-Forwarded-For` (nginx, HAProxy, Traefik and ingress-nginx do);
+    /// `max_connections_per_client` still counts the proxy's connections. Default: empty.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// An htpasswd file with bcrypt entries (`htpasswd -B`); clients must send Basic auth.
+    /// Default: none.
     pub htpasswd: Option<PathBuf>,
     /// Static tokens accepted as the Basic auth password (any user name) or as a Bearer token.
+    /// Default: none.
     pub tokens: Vec<Secret>,
     /// Realm in the `WWW-Authenticate: Basic` challenge. Default `pullthrough`.
     pub auth_realm: String,

@@ -57,8 +57,8 @@ pub struct SharedStorageConfig {
     #[serde(default = "default_region")]
     pub region: String,
     /// Bound on the bytes in the shared tier; least recently used content, across the
-    /// cluster, is deleted beyond it. Needs `[cluster]`, whose Redis keeps the access times.
-    /// Default: unbounded.
+    /// cluster, is deleted beyond it, never an object being read or downloaded. Needs
+    /// `[cluster]`, whose Redis keeps the access times. Default: unbounded.
     #[serde(
         with = "crate::size::optional",
         default,
@@ -73,10 +73,12 @@ pub struct SharedStorageConfig {
     /// How long a presigned redirect URL stays valid. Default 10 minutes.
     #[serde(with = "humantime_serde", default = "default_redirect_ttl")]
     pub redirect_ttl: Duration,
-    /// Env `PULLTHROUGH_S3_ACCESS_KEY_ID`.
+    /// The object store's access key ID, from env `PULLTHROUGH_S3_ACCESS_KEY_ID` only (not
+    /// a key of the file). Required with `[storage.shared]`.
     #[serde(skip)]
     pub access_key_id: Option<Secret>,
-    /// Env `PULLTHROUGH_S3_SECRET_ACCESS_KEY`.
+    /// The object store's secret key, from env `PULLTHROUGH_S3_SECRET_ACCESS_KEY` only (not
+    /// a key of the file). Required with `[storage.shared]`.
     #[serde(skip)]
     pub secret_access_key: Option<Secret>,
 }

@@ -37,9 +37,12 @@ pub struct UpstreamConfig {
     /// Upstream requests sent per second; more wait their turn (they never fail for it).
     /// 0 (default) = unlimited.
     pub max_requests_per_second: u32,
-    /// Username for token (or Basic) auth; anonymous when absent.
+    /// Username for token (or Basic) auth. Default: none, anonymous. Env
+    /// `PULLTHROUGH_UPSTREAM_USERNAME` for the default upstream.
     pub username: Option<String>,
-    /// Password or access token; env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default upstream.
+    /// Password or access token (for Docker Hub, a read-only access token rather than the
+    /// account password). Default: none. Env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default
+    /// upstream.
     pub password: Option<Secret>,
     /// TCP + TLS connect timeout. Default 10 s.
     #[serde(with = "humantime_serde")]
@@ -67,17 +70,18 @@ pub struct UpstreamConfig {
     /// The mirror's own cap on manifest GETs (counted pulls) per `max_pulls_window`.
     /// 0 (default) = no cap.
     pub max_pulls: u32,
-    /// Default 6 hours, Docker Hub's window.
+    /// The window of `max_pulls`. Default 6 hours, Docker Hub's window.
     #[serde(with = "humantime_serde")]
     pub max_pulls_window: Duration,
     /// Warn when the remaining pull budget falls to this share of the limit. Default 0.2.
     pub budget_warn_ratio: f64,
     /// At or below this many remaining pulls, cached tags are served stale rather than
-    /// spending a GET, unless a HEAD shows the tag changed. Default 10.
+    /// spending a GET, unless a HEAD shows the tag changed, and `pullthrough warm` stops.
+    /// Default 10.
     pub budget_reserve: u64,
     /// Other names for this registry as the first segment of a repository path, besides its
     /// own name: `aliases = ["ghcr"]` makes `/v2/ghcr/org/app/…` mean `/v2/ghcr.io/org/app/…`.
-    /// Single path segments, unique across upstreams. Default: none.
+    /// Single path segments, unique across upstreams, not `library`. Default: none.
     pub aliases: Vec<String>,
 
     // Policy: which repositories are mirrored from this upstream, and how long its tags are
@@ -94,8 +98,10 @@ pub struct UpstreamConfig {
     /// Default: every repository.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_repositories: Option<RepoGlobs>,
-    /// Globs of repositories refused `403 DENIED`, whatever `allow_repositories` says.
-    /// Default: none.
+    /// Globs of repositories refused `403 DENIED`, whatever `allow_repositories` says. A
+    /// refused repository is refused for manifests, blobs, tags and referrers, without an
+    /// upstream request and without serving what the cache holds; counted in
+    /// `pullthrough_policy_refusals_total`. Default: none.
     pub deny_repositories: RepoGlobs,
 }
 

@@ -19,7 +19,7 @@ pub struct WarmConfig {
     /// Default: empty, every platform in the index.
     pub platforms: Vec<Platform>,
     /// Time between two runs; the first starts with the server. Default 24 h (when `at` is
-    /// not set).
+    /// not set). Setting both `interval` and `at` is an error.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub interval: Option<Duration>,
     /// Run once a day at this time, UTC (`"05:30"`), instead of every `interval`; the first

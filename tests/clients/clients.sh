@@ -14,7 +14,7 @@ CLOSED=127.0.0.1:9
 full_ref() { case $1 in */*) echo "$1" ;; *) echo "docker.io/library/$1" ;; esac; }
 PULL_TIMEOUT=${PULL_TIMEOUT:-300}
 
-# render FILE: a client config file from examples/ (the files the README shows), with the
+# render FILE: a client config file from examples/ (the files docs/clients.md shows), with the
 # mirror's address in place of mirror.example:5000 and a closed port in place of every
 # registry's own address, so a pull can only succeed through the mirror.
 render() {
