@@ -34,7 +34,7 @@ pub mod routes;
 mod secret;
 mod sendfile;
 mod server;
-pub mod shared;
+
 mod singleflight;
 mod size;
 pub mod store;

@@ -220,3 +220,54 @@ fn imports_are_read_from_paths_groups_and_the_binary() {
         .collect();
     assert_eq!(found, want);
 }
+
+/// What a module's code says about the S3 backend: the paths that reach it directly.
+fn backend_uses(text: &str) -> Vec<&'static str> {
+    ["store::s3", "s3::S3", "object_store::"]
+        .into_iter()
+        .filter(|needle| text.contains(needle))
+        .collect()
+}
+
+/// Files under `src/` that reach the S3 backend directly although their module must go
+/// through the storage seam (`store::shared::SharedTier` over a `store::tier::Backend`).
+fn backend_leaks(src: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut leaks = Vec::new();
+    for file in files {
+        let module = module_of(src, &file);
+        if !["download", "mirror", "cluster"].contains(&module.as_str()) {
+            continue;
+        }
+        let text = code_only(&std::fs::read_to_string(&file).unwrap());
+        for used in backend_uses(&text) {
+            leaks.push(format!("{} uses `{used}`", file.display()));
+        }
+    }
+    leaks
+}
+
+#[test]
+fn download_the_pull_layer_and_the_cluster_reach_storage_only_through_the_seam() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let leaks = backend_leaks(&src);
+    assert!(
+        leaks.is_empty(),
+        "the S3 backend is reached around the storage seam:\n  {}",
+        leaks.join("\n  ")
+    );
+}
+
+#[test]
+fn the_seam_checker_sees_a_direct_use_of_the_backend() {
+    assert_eq!(
+        backend_uses("let t = crate::store::s3::S3::over(store);"),
+        ["store::s3", "s3::S3"]
+    );
+    assert_eq!(
+        backend_uses("fn f(s: Arc<dyn object_store::ObjectStore>) {}"),
+        ["object_store::"]
+    );
+    assert!(backend_uses("use crate::store::shared::SharedTier;").is_empty());
+}

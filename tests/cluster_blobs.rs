@@ -144,22 +144,27 @@ async fn a_replica_with_an_empty_disk_is_served_from_the_shared_tier() {
     );
     fleet.advance(Duration::from_secs(6));
     let coordinator = fleet.coordinator.clone();
-    eventually("the blob is in the access order", SETTLE, || async {
-        coordinator
-            .zrange(
-                "pullthrough:shared:access",
-                f64::NEG_INFINITY,
-                f64::INFINITY,
-                100,
-            )
-            .await
-            .unwrap()
-            .iter()
-            .any(|(m, _)| *m == member)
-    })
+    // One flush adds the member, then the bytes: wait for both (the member alone was seen
+    // between the two, with the total the first replica's start-up recount had set).
+    let total = Some(body.len().to_string().into_bytes());
+    eventually(
+        "the blob is in the access order and the total",
+        SETTLE,
+        || async {
+            let order = coordinator
+                .zrange(
+                    "pullthrough:shared:access",
+                    f64::NEG_INFINITY,
+                    f64::INFINITY,
+                    100,
+                )
+                .await
+                .unwrap();
+            order.iter().any(|(m, _)| *m == member)
+                && coordinator.get("pullthrough:shared:bytes").await.unwrap() == total
+        },
+    )
     .await;
-    let bytes = coordinator.get("pullthrough:shared:bytes").await.unwrap();
-    assert_eq!(bytes, Some(body.len().to_string().into_bytes()));
 }
 
 #[tokio::test]

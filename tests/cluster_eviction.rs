@@ -12,7 +12,7 @@ use object_store::ObjectStore;
 use pullthrough::cluster::coordinator::Coordinator;
 use pullthrough::cluster::HEARTBEAT;
 use pullthrough::oci::Digest;
-use pullthrough::shared::{object_name, Kind};
+use pullthrough::store::tier::{object_name, Kind};
 
 async fn status(m: &TestMirror) -> serde_json::Value {
     m.get("/_pullthrough/status")

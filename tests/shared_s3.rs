@@ -16,6 +16,7 @@ use common::upstream::pseudo_random;
 use common::{eventually, metric_sum, FakeUpstream, TestMirror, SETTLE};
 use futures_util::TryStreamExt;
 use pullthrough::config::{Config, Secret};
+use pullthrough::store::tier::Backend;
 
 /// The Garage release the cluster suite pins.
 const GARAGE_VERSION: &str = "2.5.0";
@@ -283,14 +284,14 @@ async fn replicas_share_blobs_through_a_real_s3_store() {
     assert_eq!(redirected.bytes().await.unwrap(), body);
     assert_eq!(up.blob_gets(), fetched);
 
-    // The listing the fleet's hourly recount reads (`cluster::eviction`): the blob, its size.
+    // The listing the fleet's hourly recount reads (`store::shared::recount`): the blob, its size.
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::test_config(&up.url, dir.path());
     common::join_cluster(&mut config, "http://127.0.0.1:1");
     let mut shared = config.storage.shared.unwrap();
     point_at(&garage, &mut shared);
-    let tier = pullthrough::shared::SharedTier::s3(&shared).unwrap();
-    let listed: Vec<(String, u64, u64)> = tier.list().try_collect().await.unwrap();
+    let tier = pullthrough::store::s3::S3::connect(&shared).unwrap();
+    let listed: Vec<(String, u64, u64)> = Backend::list(&tier).try_collect().await.unwrap();
     let name = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
     assert!(
         listed

@@ -7,7 +7,6 @@
 //! failures, and picks coordination up again by itself when Redis answers.
 
 pub mod coordinator;
-pub mod eviction;
 pub mod members;
 pub mod memory;
 pub mod peer;
@@ -202,6 +201,41 @@ impl Cluster {
         };
         self.ask("set", self.coordinator.set(&key, bytes, ttl))
             .await;
+    }
+
+    /// A shared value as stored: `Some(None)` when absent, `None` when the coordinator is down.
+    pub async fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        let key = format!("{PREFIX}{key}");
+        self.ask("get", self.coordinator.get(&key)).await
+    }
+
+    /// Stores a value, expiring after `ttl` when given; `None` when the coordinator is down.
+    pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> Option<()> {
+        let key = format!("{PREFIX}{key}");
+        self.ask("set", self.coordinator.set(&key, value, ttl))
+            .await
+    }
+
+    /// Claims the lease `key` for this replica for `ttl`; `None` when the coordinator is down.
+    pub async fn claim(&self, key: &str, ttl: Duration) -> Option<Claim> {
+        let key = format!("{PREFIX}{key}");
+        self.ask("claim", self.coordinator.claim(&key, &self.advertise, ttl))
+            .await
+    }
+
+    /// Renews a lease this replica holds: `false` when it was lost or cannot be renewed.
+    pub async fn renew(&self, lease: &Lease, ttl: Duration) -> bool {
+        self.ask("renew", self.coordinator.renew(lease, ttl)).await == Some(true)
+    }
+
+    pub async fn release(&self, lease: &Lease) {
+        self.ask("release", self.coordinator.release(lease)).await;
+    }
+
+    /// Whether a replica holds the download lease of `digest`; `None` when that cannot be told.
+    pub async fn is_downloading(&self, digest: &Digest) -> Option<bool> {
+        let key = format!("{PREFIX}lease:blob:{digest}");
+        Some(self.ask("get", self.coordinator.get(&key)).await?.is_some())
     }
 
     pub async fn delete(&self, key: &str) {

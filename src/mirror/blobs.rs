@@ -10,13 +10,12 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 
 use super::{Error, Mirror, Target};
-use crate::cluster::eviction;
 use crate::download::{self, Download, Start};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
-use crate::shared;
 use crate::store::handle::BlobHandle;
+use crate::store::tier::Kind;
 
 /// What a blob request is answered with.
 pub enum BlobAnswer {
@@ -205,40 +204,16 @@ impl Mirror {
     /// The size of a blob in the shared tier; `None` when it is not there or the tier cannot
     /// be asked (the upstream can still answer).
     async fn shared_size(&self, digest: &Digest) -> Option<u64> {
-        let tier = self.shared.as_ref()?;
-        match tier.blob_size(digest).await {
-            Ok(size) => size,
-            Err(e) => {
-                self.metrics.shared_error();
-                tracing::warn!(%digest, error = %e, "cannot ask the shared tier");
-                None
-            }
-        }
+        self.shared.as_ref()?.blob_size(digest).await
     }
 
     /// With `storage.shared.redirect`, a presigned URL for a blob the shared tier holds.
     async fn shared_redirect(&self, digest: &Digest) -> Option<url::Url> {
         let cfg = self.config.storage.shared.as_ref().filter(|c| c.redirect)?;
-        let tier = self.shared.as_ref()?;
-        let size = self.shared_size(digest).await?;
-        // The client reads the store directly: the object must outlive the URL.
-        if let Some(eviction) = &self.eviction {
-            if !eviction
-                .lend(shared::Kind::Blob, digest, cfg.redirect_ttl)
-                .await
-            {
-                return None;
-            }
-            eviction.accessed(shared::Kind::Blob, digest, size);
-        }
-        match tier.presigned(digest, cfg.redirect_ttl).await {
-            Ok(url) => url,
-            Err(e) => {
-                self.metrics.shared_error();
-                tracing::warn!(%digest, error = %e, "cannot presign a shared-tier URL");
-                None
-            }
-        }
+        self.shared
+            .as_ref()?
+            .redirect(digest, cfg.redirect_ttl)
+            .await
     }
 
     /// A blob for another replica (the peer endpoint): from this replica's disk, or from its
@@ -326,26 +301,13 @@ impl Mirror {
         digest: &Digest,
     ) -> Option<(u64, BoxStream<'static, io::Result<Bytes>>)> {
         let tier = self.shared.clone()?;
-        let blob = match eviction::read_blob(self.eviction.as_deref(), &tier, digest, 0).await {
-            Ok(blob) => blob?,
-            Err(e) => {
-                self.metrics.shared_error();
-                tracing::warn!(%digest, error = %e, "shared tier unavailable; relaying from the upstream");
-                return None;
-            }
-        };
+        let blob = tier.blob(digest, 0).await?;
         let chunks = blob.chunks.map(|c| c.map_err(io::Error::other));
         let (metrics, name) = (self.metrics.clone(), digest.clone());
         let stream = verified(chunks, digest.clone(), blob.size).inspect(move |c| {
             if matches!(c, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
                 metrics.digest_mismatch();
-                tracing::error!(digest = %name, "shared-tier object does not match its digest; deleted");
-                let (tier, name) = (tier.clone(), name.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = tier.delete(shared::Kind::Blob, &name).await {
-                        tracing::warn!(digest = %name, error = %e, "cannot delete a corrupt shared-tier object");
-                    }
-                });
+                tier.forget_damaged(Kind::Blob, &name);
             }
         });
         Some((blob.size, stream.boxed()))

@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::Mirror;
 use crate::clock::{from_unix_millis, unix_millis};
 use crate::oci::{Digest, RepoName};
-use crate::shared::Kind;
-use crate::store::manifests::{self, Manifest};
+use crate::store::manifests::Manifest;
 use crate::store::tags::TagKey;
 use crate::store::tags::TagRecord;
 use crate::upstream;
@@ -129,33 +128,10 @@ impl Mirror {
     }
 
     /// The manifest `digest` from the shared tier, verified and stored locally; `None` when
-    /// the tier does not hold it or cannot be read. An object that does not match its digest is
-    /// deleted, never served.
+    /// the tier does not hold it or cannot be read (one that does not match its digest is
+    /// deleted, never served).
     pub(super) async fn shared_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
-        let tier = self.shared.as_ref()?;
-        let raw = match tier.read(Kind::Manifest, digest).await {
-            Ok(raw) => raw?,
-            Err(e) => {
-                self.metrics.shared_error();
-                tracing::warn!(%digest, error = %e, "cannot read a manifest from the shared tier");
-                return None;
-            }
-        };
-        // The object's own length, as its publication recorded it: one object, one member of
-        // the fleet's access order.
-        let size = raw.len() as u64;
-        let Some(m) = manifests::decode(digest, raw) else {
-            self.metrics.digest_mismatch();
-            tracing::error!(%digest, "shared-tier manifest does not match its digest; deleting it");
-            if let Err(e) = tier.delete(Kind::Manifest, digest).await {
-                tracing::warn!(%digest, error = %e, "cannot delete a damaged shared-tier manifest");
-            }
-            return None;
-        };
-        if let Some(eviction) = &self.eviction {
-            eviction.accessed(Kind::Manifest, digest, size);
-        }
-        let m = Arc::new(m);
+        let m = Arc::new(self.shared.as_ref()?.manifest(digest).await?);
         if let Err(e) = self.store.put_manifest(m.clone()).await {
             tracing::error!(%digest, error = %e, "cannot store a shared-tier manifest; serving it uncached");
         }
@@ -165,26 +141,8 @@ impl Mirror {
     /// Writes a manifest verified from the upstream to the shared tier, in the background: the
     /// answer does not wait for the object store.
     pub(super) fn share_manifest(&self, m: &Manifest) {
-        let Some(tier) = self.shared.clone() else {
-            return;
-        };
-        let (digest, raw) = (m.digest.clone(), manifests::encode(m));
-        let (metrics, eviction) = (self.metrics.clone(), self.eviction.clone());
-        tokio::spawn(async move {
-            let size = raw.len() as u64;
-            match tier.write(Kind::Manifest, &digest, raw.into()).await {
-                Ok(()) => {
-                    if let Some(eviction) = eviction {
-                        eviction.published(Kind::Manifest, &digest, size);
-                    }
-                }
-                // Down: counted and logged once, when it went down.
-                Err(e) if e.is_down() => {}
-                Err(e) => {
-                    metrics.shared_error();
-                    tracing::warn!(%digest, error = %e, "cannot write a manifest to the shared tier");
-                }
-            }
-        });
+        if let Some(tier) = &self.shared {
+            tier.publish_manifest(m);
+        }
     }
 }

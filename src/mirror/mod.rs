@@ -23,7 +23,6 @@ pub use manifests::ManifestAnswer;
 
 use crate::clock::Clock;
 use crate::cluster::coordinator::Coordinator;
-use crate::cluster::eviction::{Eviction, Pass};
 use crate::cluster::members::Members;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -31,8 +30,8 @@ use crate::download::Downloads;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::policy::Policy;
-use crate::shared::SharedTier;
 use crate::singleflight::Coalesce;
+use crate::store::shared::{Pass, SharedTier};
 use crate::store::{Limits, Mode, Store};
 use crate::upstream::{self, Upstream};
 use crate::verify::Verifications;
@@ -62,7 +61,7 @@ impl Target {
 #[derive(Default, Clone)]
 pub struct Services {
     pub coordinator: Option<Arc<dyn Coordinator>>,
-    pub shared_store: Option<Arc<dyn object_store::ObjectStore>>,
+    pub shared_store: Option<crate::store::shared::Injected>,
 }
 
 pub struct Mirror {
@@ -75,8 +74,6 @@ pub struct Mirror {
     cluster: Option<Arc<Cluster>>,
     /// The cluster's live members, by heartbeat (`[cluster]`).
     members: Option<Members>,
-    /// Access times and eviction of the shared tier (`[storage.shared]` with `[cluster]`).
-    eviction: Option<Arc<Eviction>>,
     metrics: Arc<Metrics>,
     downloads: Downloads,
     verifications: Verifications,
@@ -114,13 +111,6 @@ impl Mirror {
                 })?
                 .with_clock(clock.clone()),
         );
-        let shared = match (&config.storage.shared, services.shared_store) {
-            (Some(_), Some(store)) => Some(Arc::new(SharedTier::over(store))),
-            (Some(cfg), None) => Some(Arc::new(SharedTier::s3(cfg).map_err(|e| {
-                anyhow::anyhow!("cannot set up storage.shared ({}): {e}", cfg.endpoint)
-            })?)),
-            (None, _) => None,
-        };
         let cluster = match (&config.cluster, services.coordinator) {
             (Some(cfg), Some(c)) => Some(Arc::new(Cluster::new(
                 c,
@@ -136,15 +126,15 @@ impl Mirror {
             (None, _) => None,
         };
         let members = cluster.clone().map(|c| Members::new(c, clock.clone()));
-        let eviction = match (&shared, &cluster, &config.storage.shared) {
-            (Some(tier), Some(c), Some(cfg)) => Some(Arc::new(Eviction::new(
-                c.clone(),
-                tier.clone(),
-                cfg.max_size.map(|m| m.as_u64()),
+        let shared = match &config.storage.shared {
+            Some(cfg) => Some(Arc::new(SharedTier::from_config(
+                cfg,
+                services.shared_store,
+                cluster.clone(),
                 clock.clone(),
                 metrics.clone(),
-            ))),
-            _ => None,
+            )?)),
+            None => None,
         };
         let mut upstreams = HashMap::new();
         let mut policies = HashMap::new();
@@ -164,13 +154,11 @@ impl Mirror {
                 store.clone(),
                 shared.clone(),
                 cluster.clone(),
-                eviction.clone(),
                 metrics.clone(),
             ),
             shared,
             cluster,
             members,
-            eviction,
             verifications: Verifications::new(store.clone(), metrics.clone()),
             store,
             metrics,
@@ -403,17 +391,17 @@ impl Mirror {
 
     /// Sends the shared tier's batched access times to the coordinator.
     pub async fn flush_shared_accesses(&self) {
-        if let Some(eviction) = &self.eviction {
-            eviction.flush().await;
+        if let Some(shared) = &self.shared {
+            shared.flush().await;
         }
     }
 
-    /// One eviction pass of the shared tier (see `cluster::eviction`).
+    /// One eviction pass of the shared tier (see `store::shared::eviction`).
     pub async fn evict_shared(&self) {
-        let Some(eviction) = &self.eviction else {
+        let Some(shared) = &self.shared else {
             return;
         };
-        if let Pass::Busy { holder } = eviction.evict().await {
+        if let Some(Pass::Busy { holder }) = shared.evict().await {
             tracing::debug!(%holder, "another replica evicts the shared tier");
         }
     }
@@ -421,11 +409,11 @@ impl Mirror {
     /// The status page's `cluster` object: members, the coordinator, leases, the shared tier.
     fn cluster_status(&self) -> Option<serde_json::Value> {
         let cluster = self.cluster.as_ref()?;
-        let shared = self.eviction.as_ref().map(|e| {
+        let shared = self.shared.as_ref().and_then(|s| s.totals()).map(|t| {
             serde_json::json!({
-                "max_bytes": e.max(),
-                "bytes": e.bytes(),
-                "evictions": e.evictions(),
+                "max_bytes": t.max,
+                "bytes": t.bytes,
+                "evictions": t.evictions,
             })
         });
         Some(serde_json::json!({

@@ -70,14 +70,14 @@ pub(super) fn cluster_periodically(
     let flush = {
         let (mirror, clock) = (mirror.clone(), clock.clone());
         async move {
-            use crate::cluster::eviction::FLUSH_EVERY;
+            use crate::store::shared::access::FLUSH_EVERY;
             on_clock(&clock, FLUSH_EVERY, || mirror.flush_shared_accesses()).await;
         }
     };
     let evict = {
         let (mirror, clock) = (mirror.clone(), clock.clone());
         async move {
-            use crate::cluster::eviction::EVICT_EVERY;
+            use crate::store::shared::eviction::EVICT_EVERY;
             on_clock(&clock, EVICT_EVERY, || mirror.evict_shared()).await;
         }
     };

@@ -22,7 +22,10 @@ pub mod handle;
 pub mod index;
 pub mod links;
 pub mod manifests;
+pub mod s3;
+pub mod shared;
 pub mod tags;
+pub mod tier;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};

@@ -1,5 +1,5 @@
-//! The shared tier: blobs and manifests in an S3-compatible object store that every replica
-//! reads, under the same content-addressed names as the local disk (`blobs/sha256/<hex>`,
+//! The S3 backend of the shared tier: blobs and manifests in an S3-compatible object store
+//! that every replica reads, under the same content-addressed names as the local disk (`blobs/sha256/<hex>`,
 //! `manifests/sha256/<hex>`). Only verified content is written here: a blob's multipart
 //! upload is completed (and so becomes visible) only after its sha256 matched, and an
 //! abandoned upload leaves nothing. Readers verify again as they stream (see `download`), so
@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, FuturesUnordered, StreamExt};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use tokio::sync::{mpsc, oneshot};
 
+use super::tier::{object_name, Backend, BlobStream, Error, Kind, PartUpload};
 use crate::config::SharedStorageConfig;
 use crate::oci::Digest;
 
@@ -37,30 +39,12 @@ const PART_TIMEOUT: Duration = Duration::from_secs(30);
 /// requests meanwhile skip it at once (reads answer "not here", so the upstream answers).
 const REPROBE: Duration = Duration::from_secs(5);
 
-/// A shared-store request that failed, with its typed cause. Names the object, never a
-/// credential.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Error {
-    #[error("shared store: {0}")]
-    Store(#[source] Arc<object_store::Error>),
-    #[error("shared store: no answer to {what} within {limit:?}")]
-    Timeout { what: &'static str, limit: Duration },
-    /// Marked down after a failure, until a probe gets an answer.
-    #[error("shared store: down since a request failed; skipped until it answers again")]
-    Down,
-    #[error("shared store: the upload failed earlier")]
-    UploadFailed,
-}
-
-impl Error {
-    fn of(e: object_store::Error) -> Error {
-        Error::Store(Arc::new(e))
-    }
-
-    /// Whether the request was skipped because the store is marked down: its failure was
-    /// counted and logged once already.
-    pub fn is_down(&self) -> bool {
-        matches!(self, Error::Down)
+/// The backend's error for an `object_store` failure: "not found" is an answer, the rest a
+/// failure with its cause.
+fn store_error(e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::NotFound { .. } => Error::NotFound,
+        e => Error::Store(Arc::new(e)),
     }
 }
 
@@ -71,14 +55,14 @@ async fn within<T>(
     request: impl std::future::Future<Output = Result<T, object_store::Error>>,
 ) -> Result<T, Error> {
     match tokio::time::timeout(limit, request).await {
-        Ok(r) => r.map_err(Error::of),
+        Ok(r) => r.map_err(store_error),
         Err(_) => Err(Error::Timeout { what, limit }),
     }
 }
 
 /// Whether `e` is the store's answer "no such object" (not a failure).
 fn is_not_found(e: &Error) -> bool {
-    matches!(e, Error::Store(s) if matches!(**s, object_store::Error::NotFound { .. }))
+    matches!(e, Error::NotFound)
 }
 
 /// `items` ending with [`Error::Timeout`] (naming `what`) once the store stays silent for
@@ -93,7 +77,7 @@ fn with_idle_timeout<'a, T: Send + 'a>(
         match tokio::time::timeout(limit, items.next()).await {
             Ok(None) => None,
             Ok(Some(Ok(item))) => Some((Ok(item), Some(items))),
-            Ok(Some(Err(e))) => Some((Err(Error::of(e)), None)),
+            Ok(Some(Err(e))) => Some((Err(store_error(e)), None)),
             Err(_) => Some((Err(Error::Timeout { what, limit }), None)),
         }
     })
@@ -119,42 +103,20 @@ async fn probe(store: Arc<dyn ObjectStore>, down: Arc<AtomicBool>) {
     }
 }
 
-/// A stored object's kind, which picks its directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Blob,
-    Manifest,
-}
-
-/// The object name of `digest` of `kind`.
-pub fn object_name(kind: Kind, digest: &Digest) -> String {
-    let dir = match kind {
-        Kind::Blob => "blobs",
-        Kind::Manifest => "manifests",
-    };
-    format!("{dir}/{}/{}", digest.algorithm(), digest.hex())
-}
-
-/// A blob read from the shared tier, from an offset on.
-pub struct SharedBlob {
-    /// The whole object's length.
-    pub size: u64,
-    pub chunks: BoxStream<'static, Result<Bytes, Error>>,
-}
-
-pub struct SharedTier {
+/// The S3 backend of the shared tier (any S3-compatible store: Garage, MinIO, AWS).
+pub struct S3 {
     store: Arc<dyn ObjectStore>,
     signer: Option<Arc<dyn Signer>>,
     /// Whether a request failed and no probe has had an answer since.
     down: Arc<AtomicBool>,
 }
 
-impl SharedTier {
+impl S3 {
     /// The S3 store of `[storage.shared]`, path-style, with short connect timeouts and few
     /// retries: an unreachable store must cost a request little, since the upstream can still
     /// answer it. (The client's own timeout stays off: it would also cut a long body; each
     /// request here has its deadline, and each body an idle timeout.)
-    pub fn s3(cfg: &SharedStorageConfig) -> Result<SharedTier, Error> {
+    pub fn connect(cfg: &SharedStorageConfig) -> Result<S3, Error> {
         let key = cfg.access_key_id.as_ref().map(|s| s.expose()).unwrap_or("");
         let secret = cfg
             .secret_access_key
@@ -180,9 +142,9 @@ impl SharedTier {
             .with_client_options(options)
             .with_retry(retry)
             .build()
-            .map_err(Error::of)?;
+            .map_err(store_error)?;
         let s3 = Arc::new(s3);
-        Ok(SharedTier {
+        Ok(S3 {
             store: s3.clone(),
             signer: Some(s3),
             down: Arc::new(AtomicBool::new(false)),
@@ -190,8 +152,8 @@ impl SharedTier {
     }
 
     /// A tier over any object store (the in-memory one in tests); no presigned URLs.
-    pub fn over(store: Arc<dyn ObjectStore>) -> SharedTier {
-        SharedTier {
+    pub fn over(store: Arc<dyn ObjectStore>) -> S3 {
+        S3 {
             store,
             signer: None,
             down: Arc::new(AtomicBool::new(false)),
@@ -242,7 +204,7 @@ impl SharedTier {
     }
 
     /// The blob `digest` from `offset` on, or `None` when the tier does not hold it.
-    pub async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<SharedBlob>, Error> {
+    async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<BlobStream>, Error> {
         let path = Path::from(object_name(Kind::Blob, digest));
         let options = GetOptions {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
@@ -253,21 +215,21 @@ impl SharedTier {
             REQUEST_TIMEOUT,
             self.store.get_opts(&path, options),
         );
-        Ok(Self::absent(got.await)?.map(|got| SharedBlob {
+        Ok(Self::absent(got.await)?.map(|got| BlobStream {
             size: got.meta.size,
             chunks: with_idle_timeout(got.into_stream(), "the next chunk of a blob", IDLE_TIMEOUT),
         }))
     }
 
     /// The size of the blob `digest`, or `None` when the tier does not hold it.
-    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, Error> {
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, Error> {
         let path = Path::from(object_name(Kind::Blob, digest));
         let meta = self.ask("a blob's size", REQUEST_TIMEOUT, self.store.head(&path));
         Ok(Self::absent(meta.await)?.map(|meta| meta.size))
     }
 
     /// A small object whole (a manifest, in the local store's format).
-    pub async fn read(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, Error> {
+    async fn read(&self, kind: Kind, digest: &Digest) -> Result<Option<Bytes>, Error> {
         let path = Path::from(object_name(kind, digest));
         let read = self.ask("a small object read", REQUEST_TIMEOUT, async {
             self.store.get(&path).await?.bytes().await
@@ -276,7 +238,7 @@ impl SharedTier {
     }
 
     /// Writes a small object whole; the caller has verified it.
-    pub async fn write(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), Error> {
+    async fn write(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> Result<(), Error> {
         let path = Path::from(object_name(kind, digest));
         let put = self.store.put(&path, PutPayload::from_bytes(bytes));
         self.ask("a small object write", REQUEST_TIMEOUT, put)
@@ -284,12 +246,8 @@ impl SharedTier {
             .map(|_| ())
     }
 
-    pub async fn delete(&self, kind: Kind, digest: &Digest) -> Result<(), Error> {
-        self.delete_named(&object_name(kind, digest)).await
-    }
-
     /// Deletes the object named `name` (as [`object_name`] makes them), for eviction.
-    pub async fn delete_named(&self, name: &str) -> Result<(), Error> {
+    async fn delete_named(&self, name: &str) -> Result<(), Error> {
         let path = Path::from(name);
         match self
             .ask("a delete", REQUEST_TIMEOUT, self.store.delete(&path))
@@ -302,7 +260,7 @@ impl SharedTier {
 
     /// Every object the tier holds, as (name, size, last modified in Unix milliseconds), in
     /// the store's listing order, pages fetched as the stream is read.
-    pub fn list(&self) -> BoxStream<'_, Result<(String, u64, u64), Error>> {
+    fn list(&self) -> BoxStream<'_, Result<(String, u64, u64), Error>> {
         let pages = futures_util::stream::iter(["blobs", "manifests"].map(Path::from))
             .flat_map(move |dir| self.store.list(Some(&dir)))
             .boxed();
@@ -317,11 +275,7 @@ impl SharedTier {
 
     /// A presigned GET URL of the blob, valid for `ttl`, or `None` for a store that cannot
     /// sign. It carries a signature of the object store's key, never an upstream token.
-    pub async fn presigned(
-        &self,
-        digest: &Digest,
-        ttl: Duration,
-    ) -> Result<Option<url::Url>, Error> {
+    async fn presigned(&self, digest: &Digest, ttl: Duration) -> Result<Option<url::Url>, Error> {
         let Some(signer) = &self.signer else {
             return Ok(None);
         };
@@ -330,12 +284,12 @@ impl SharedTier {
             .signed_url(http::Method::GET, &path, ttl)
             .await
             .map(Some)
-            .map_err(Error::of)
+            .map_err(store_error)
     }
 
     /// Starts a multipart upload of the blob `digest`, fed chunk by chunk as it downloads and
     /// completed by [`Upload::complete`] once verified; dropped, it is aborted.
-    pub fn upload(&self, digest: &Digest) -> Upload {
+    fn upload(&self, digest: &Digest) -> Upload {
         if self.is_down() {
             return Upload {
                 tx: None,
@@ -361,7 +315,7 @@ enum Msg {
 }
 
 /// The blob upload in progress: bytes go to a task that sends them as parts.
-pub struct Upload {
+struct Upload {
     tx: Option<mpsc::Sender<Msg>>,
     failed: bool,
     /// Never started: the store was down.
@@ -372,7 +326,7 @@ impl Upload {
     /// Passes `chunk` on; waits when the store is slower than the download (a few parts'
     /// worth of memory at most), but not beyond a part's timeout: the download does not wait
     /// on a stuck store, the upload is given up instead. After a failure this does nothing.
-    pub async fn write(&mut self, chunk: Bytes) {
+    async fn write(&mut self, chunk: Bytes) {
         if self.failed {
             return;
         }
@@ -386,7 +340,7 @@ impl Upload {
     }
 
     /// Makes the object visible: call only once every byte is verified.
-    pub async fn complete(mut self) -> Result<(), Error> {
+    async fn complete(mut self) -> Result<(), Error> {
         if self.skipped {
             return Err(Error::Down);
         }
@@ -474,6 +428,63 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
     }
 }
 
+impl Backend for S3 {
+    fn blob(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> BoxFuture<'_, Result<Option<BlobStream>, Error>> {
+        let digest = digest.clone();
+        Box::pin(async move { S3::blob(self, &digest, offset).await })
+    }
+
+    fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, Result<Option<u64>, Error>> {
+        let digest = digest.clone();
+        Box::pin(async move { S3::blob_size(self, &digest).await })
+    }
+
+    fn read(&self, kind: Kind, digest: &Digest) -> BoxFuture<'_, Result<Option<Bytes>, Error>> {
+        let digest = digest.clone();
+        Box::pin(async move { S3::read(self, kind, &digest).await })
+    }
+
+    fn write(&self, kind: Kind, digest: &Digest, bytes: Bytes) -> BoxFuture<'_, Result<(), Error>> {
+        let digest = digest.clone();
+        Box::pin(async move { S3::write(self, kind, &digest, bytes).await })
+    }
+
+    fn delete_named<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(S3::delete_named(self, name))
+    }
+
+    fn list(&self) -> BoxStream<'_, Result<(String, u64, u64), Error>> {
+        S3::list(self)
+    }
+
+    fn upload(&self, digest: &Digest) -> Box<dyn PartUpload> {
+        Box::new(S3::upload(self, digest))
+    }
+
+    fn presigned(
+        &self,
+        digest: &Digest,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Option<url::Url>, Error>> {
+        let digest = digest.clone();
+        Box::pin(async move { S3::presigned(self, &digest, ttl).await })
+    }
+}
+
+impl PartUpload for Upload {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, ()> {
+        Box::pin(Upload::write(self, chunk))
+    }
+
+    fn complete(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(Upload::complete(*self))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,8 +496,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::sync::watch;
 
-    fn tier() -> SharedTier {
-        SharedTier::over(Arc::new(InMemory::new()))
+    fn tier() -> S3 {
+        S3::over(Arc::new(InMemory::new()))
     }
 
     /// The multipart uploads a [`Recording`] store saw.
@@ -630,17 +641,17 @@ mod tests {
         }
     }
 
-    fn recorded() -> (SharedTier, Arc<Recording>) {
+    fn recorded() -> (S3, Arc<Recording>) {
         let store = Recording::new();
-        (SharedTier::over(store.clone()), store)
+        (S3::over(store.clone()), store)
     }
 
     /// Every object the tier lists.
-    async fn names(tier: &SharedTier) -> Vec<String> {
+    async fn names(tier: &S3) -> Vec<String> {
         tier.list().map(|o| o.unwrap().0).collect().await
     }
 
-    async fn read_all(tier: &SharedTier, d: &Digest, offset: u64) -> Option<Vec<u8>> {
+    async fn read_all(tier: &S3, d: &Digest, offset: u64) -> Option<Vec<u8>> {
         let blob = tier.blob(d, offset).await.unwrap()?;
         let parts: Vec<Bytes> = blob.chunks.map(|c| c.unwrap()).collect().await;
         Some(parts.concat())

@@ -1,105 +1,26 @@
 //! Least-recently-used eviction of the shared tier across the cluster, down to
-//! `storage.shared.max_size`.
-//!
-//! What the fleet shares, in the coordinator:
-//! - `shared:access`, a sorted set of `<object name> <size>` scored by the last access (Unix
-//!   milliseconds). Accesses are batched in memory and flushed with one `zadd` every
-//!   [`FLUSH_EVERY`]: a hot blob read a thousand times costs one write per flush.
-//! - `shared:bytes`, the total size of the objects published, and `shared:evictions`.
-//! - `readers:<object name>`, a sorted set of the readers of an object scored by when their
-//!   registration expires, renewed while they read ([`ReadGuard`]).
-//! - `evicting:<object name>`, set by the evictor before it looks for readers: a reader that
-//!   registers afterwards sees it and reads elsewhere. Either the reader registered first
-//!   (and the evictor sees it) or it sees the mark; nobody is left reading a deleted object.
-//!
-//! One replica evicts at a time, holding the `lease:evictor` lease. An object with a live
-//! reader or a download lease (`lease:blob:<digest>`) is skipped.
-//!
-//! The counter can drift from the bucket (a publication counted twice, a counter lost with
-//! Redis's data), and the access set can miss objects (published by a replica that died
-//! before its flush, or all of them after Redis lost its data): a pass that has looked at
-//! every member sets the counter right, and once an hour one replica recounts it from a
-//! listing of the bucket, putting the objects the access set lacks into it.
+//! `storage.shared.max_size`. One replica evicts at a time, holding the `lease:evictor` lease;
+//! an object with a live reader or a download lease (`lease:blob:<digest>`) is skipped. A
+//! pass that has looked at every member sets the fleet's total right.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use super::readers::readers_key;
+use super::{Ledger, Object, ACCESS, BYTES, EVICTIONS};
+use crate::cluster::coordinator::{Claim, Lease};
+use crate::cluster::Cluster;
+use crate::store::tier::Kind;
 
-use super::coordinator::Claim;
-use super::{Cluster, PREFIX};
-use crate::clock::{self, Clock};
-use crate::metrics::Metrics;
-use crate::oci::Digest;
-use crate::shared::{self, object_name, Kind, SharedBlob, SharedTier};
-use crate::sync::lock;
-
-/// How often the batch of accesses and publications goes to the coordinator.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// How often each replica looks at the shared tier's size (and evicts if it holds the lease).
 pub const EVICT_EVERY: Duration = Duration::from_secs(30);
 /// How long the evictor's lease lasts without a renewal (renewed between pages).
 const EVICTOR_LEASE: Duration = Duration::from_secs(60);
-/// How long a reader's registration lasts without a renewal: a replica that dies mid-read
-/// protects the object this long. Renewed every third of it.
-const READ_TTL: Duration = Duration::from_secs(15);
 /// How long the evictor's mark on an object lasts if the evictor dies before removing it.
 const MARK_TTL: Duration = Duration::from_secs(60);
 /// Candidates read from the access set per request.
 const PAGE: usize = 100;
-/// How often the fleet recounts the shared tier's total from a listing of its bucket.
-const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
-/// Members read per request by a recount.
-const RECOUNT_PAGE: usize = 1000;
-/// Distinct objects the batch holds while the coordinator cannot take it; more are dropped
-/// (their next access records them again).
-const MAX_PENDING: usize = 100_000;
-
-const ACCESS: &str = "shared:access";
-const BYTES: &str = "shared:bytes";
-const EVICTIONS: &str = "shared:evictions";
-
-/// An object of the shared tier as the access set names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Object {
-    kind: Kind,
-    digest: Digest,
-}
-
-impl Object {
-    fn name(&self) -> String {
-        object_name(self.kind, &self.digest)
-    }
-
-    fn member(&self, size: u64) -> String {
-        format!("{} {size}", self.name())
-    }
-
-    /// The object and size of an access-set member (`blobs/sha256/<hex> <size>`).
-    fn parse(member: &str) -> Option<(Object, u64)> {
-        let (name, size) = member.rsplit_once(' ')?;
-        let (dir, rest) = name.split_once('/')?;
-        let kind = match dir {
-            "blobs" => Kind::Blob,
-            "manifests" => Kind::Manifest,
-            _ => return None,
-        };
-        let (algorithm, hex) = rest.split_once('/')?;
-        let digest: Digest = format!("{algorithm}:{hex}").parse().ok()?;
-        Some((Object { kind, digest }, size.parse().ok()?))
-    }
-}
-
-/// An access or publication waiting for the next flush.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    size: u64,
-    at_ms: u64,
-    /// Newly published: its size goes to the total.
-    published: bool,
-}
 
 /// How an eviction pass ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,189 +40,11 @@ pub enum Pass {
     },
 }
 
-/// Whether a reader may read an object of the shared tier.
-pub enum Reading {
-    /// Registered: the object is not evicted while the guard lives.
-    Protected(ReadGuard),
-    /// The evictor is deleting it: read it from elsewhere (a peer, the upstream).
-    Evicting,
-}
-
-pub struct Eviction {
-    cluster: Arc<Cluster>,
-    tier: Arc<SharedTier>,
-    /// `storage.shared.max_size`; `None`: unbounded (accesses are still recorded, so a bound
-    /// set later has an order to go by).
-    max: Option<u64>,
-    clock: Clock,
-    metrics: Arc<Metrics>,
-    pending: Mutex<HashMap<Object, Pending>>,
-    readers: AtomicU64,
-    /// The fleet's total and evictions as last read, for the status page.
-    bytes: AtomicU64,
-    evictions: AtomicU64,
-}
-
-impl Eviction {
-    pub fn new(
-        cluster: Arc<Cluster>,
-        tier: Arc<SharedTier>,
-        max: Option<u64>,
-        clock: Clock,
-        metrics: Arc<Metrics>,
-    ) -> Eviction {
-        Eviction {
-            cluster,
-            tier,
-            max,
-            clock,
-            metrics,
-            pending: Mutex::new(HashMap::new()),
-            readers: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
-        }
-    }
-
-    /// `storage.shared.max_size`.
-    pub fn max(&self) -> Option<u64> {
-        self.max
-    }
-
-    /// The shared tier's size, as of the last pass.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Objects the fleet has evicted, as of the last pass.
-    pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
-    }
-
-    /// A new object of `size` bytes is in the shared tier (published by this replica).
-    pub fn published(&self, kind: Kind, digest: &Digest, size: u64) {
-        self.record(kind, digest, size, true);
-    }
-
-    /// The object was read from the shared tier (`size`: its whole length).
-    pub fn accessed(&self, kind: Kind, digest: &Digest, size: u64) {
-        self.record(kind, digest, size, false);
-    }
-
-    fn record(&self, kind: Kind, digest: &Digest, size: u64, published: bool) {
-        let at_ms = clock::unix_millis(self.clock.now());
-        let object = Object {
-            kind,
-            digest: digest.clone(),
-        };
-        merge(
-            &mut lock(&self.pending),
-            object,
-            Pending {
-                size,
-                at_ms,
-                published,
-            },
-        );
-    }
-
-    /// Sends the batch to the coordinator: one `zadd` of the access times, one `add` of the
-    /// bytes published. A batch the coordinator does not take waits for the next flush.
-    pub async fn flush(&self) {
-        let batch = std::mem::take(&mut *lock(&self.pending));
-        if batch.is_empty() {
-            return;
-        }
-        let members = batch
-            .iter()
-            .map(|(o, p)| (o.member(p.size), p.at_ms as f64))
-            .collect();
-        let published: u64 = batch.values().filter(|p| p.published).map(|p| p.size).sum();
-        let mut taken = self.cluster.zadd(ACCESS, members).await.is_some();
-        if taken && published > 0 {
-            taken = self
-                .cluster
-                .add(BYTES, i64::try_from(published).unwrap_or(i64::MAX), None)
-                .await
-                .is_some();
-        }
-        if !taken {
-            let mut pending = lock(&self.pending);
-            for (object, p) in batch {
-                merge(&mut pending, object, p);
-            }
-        }
-    }
-
-    /// Registers a reader of the object before it is read; hold the guard while reading.
-    pub async fn read(&self, kind: Kind, digest: &Digest) -> Reading {
-        let name = object_name(kind, digest);
-        let set = readers_key(&name);
-        let id = self.reader_id();
-        let expires = self.expiry(READ_TTL);
-        // Unregistered while the coordinator is down: no evictor can check readers then.
-        self.cluster.zadd(&set, vec![(id.clone(), expires)]).await;
-        if self.is_marked(&name).await {
-            self.cluster.zrem(&set, vec![id]).await;
-            return Reading::Evicting;
-        }
-        Reading::Protected(ReadGuard::start(
-            self.cluster.clone(),
-            self.clock.clone(),
-            set,
-            id,
-        ))
-    }
-
-    /// Protects the object for `ttl` without a guard, for a reader this replica does not see
-    /// (a client sent to a presigned URL valid that long). `false`: the evictor is deleting
-    /// it, so do not send the client there.
-    pub async fn lend(&self, kind: Kind, digest: &Digest, ttl: Duration) -> bool {
-        let name = object_name(kind, digest);
-        let set = readers_key(&name);
-        self.cluster
-            .zadd(&set, vec![(self.reader_id(), self.expiry(ttl))])
-            .await;
-        !self.is_marked(&name).await
-    }
-
-    /// A reader's id, unique in the cluster: this replica's URL and a sequence number.
-    fn reader_id(&self) -> String {
-        let n = self.readers.fetch_add(1, Ordering::Relaxed);
-        format!("{} {n}", self.cluster.advertise())
-    }
-
-    fn now_ms(&self) -> f64 {
-        clock::unix_millis(self.clock.now()) as f64
-    }
-
-    fn expiry(&self, ttl: Duration) -> f64 {
-        self.now_ms() + ttl.as_millis() as f64
-    }
-
-    async fn is_marked(&self, name: &str) -> bool {
-        let key = format!("{PREFIX}evicting:{name}");
-        let c = &self.cluster;
-        matches!(c.ask("get", c.coordinator.get(&key)).await, Some(Some(_)))
-    }
-
-    /// The fleet's counter `key`: `Some(0)` when absent, `None` when the coordinator is down.
-    async fn counter(&self, key: &str) -> Option<u64> {
-        let c = &self.cluster;
-        let value = c
-            .ask("get", c.coordinator.get(&format!("{PREFIX}{key}")))
-            .await?;
-        Some(
-            value
-                .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<i64>().ok())
-                .map_or(0, |n| u64::try_from(n).unwrap_or(0)),
-        )
-    }
-
+impl Ledger {
     /// One pass: reads the shared tier's size and, past the bound, takes the evictor lease and
     /// deletes the least recently used objects nobody reads or downloads, down to the bound.
     /// Once per [`RECONCILE_EVERY`] for the fleet, the pass first recounts the total from the
-    /// bucket (see [`Eviction::recount`]).
+    /// bucket (see [`Ledger::recount`]).
     pub async fn evict(&self) -> Pass {
         let Some(mut bytes) = self.counter(BYTES).await else {
             return Pass::Unavailable;
@@ -315,14 +58,7 @@ impl Eviction {
             return Pass::Within { bytes };
         }
         let c = &self.cluster;
-        let key = format!("{PREFIX}lease:evictor");
-        let lease = match c
-            .ask(
-                "claim",
-                c.coordinator.claim(&key, c.advertise(), EVICTOR_LEASE),
-            )
-            .await
-        {
+        let lease = match c.claim("lease:evictor", EVICTOR_LEASE).await {
             Some(Claim::Acquired(lease)) => lease,
             Some(Claim::Held { holder }) => return Pass::Busy { holder },
             None => return Pass::Unavailable,
@@ -337,7 +73,7 @@ impl Eviction {
             Some(max) => self.evict_down_to(bytes, max, &lease).await,
             None => Pass::Within { bytes },
         };
-        c.ask("release", c.coordinator.release(&lease)).await;
+        c.release(&lease).await;
         if let Pass::Evicted {
             objects,
             bytes: freed,
@@ -367,105 +103,17 @@ impl Eviction {
     }
 
     /// Renews the evictor lease; `false` (warned) when it was lost and the pass must stop.
-    async fn renew(&self, lease: &super::coordinator::Lease) -> bool {
-        let c = &self.cluster;
-        let renewed = c
-            .ask("renew", c.coordinator.renew(lease, EVICTOR_LEASE))
-            .await
-            == Some(true);
+    pub(super) async fn renew(&self, lease: &Lease) -> bool {
+        let renewed = self.cluster.renew(lease, EVICTOR_LEASE).await;
         if !renewed {
             tracing::warn!("the shared-tier evictor lease was lost; the pass stops");
         }
         renewed
     }
 
-    /// Whether the fleet's recount is due, and this replica's to do: a claim that nobody
-    /// releases, so it is won once per [`RECONCILE_EVERY`].
-    async fn recount_due(&self) -> bool {
-        let c = &self.cluster;
-        let key = format!("{PREFIX}shared:recounted");
-        matches!(
-            c.ask(
-                "claim",
-                c.coordinator.claim(&key, c.advertise(), RECONCILE_EVERY)
-            )
-            .await,
-            Some(Claim::Acquired(_))
-        )
-    }
-
-    /// Sets the total to what the bucket holds, and returns it; `None` when the store or the
-    /// coordinator failed midway. Objects the access set lacks are put into it, scored by
-    /// their last modification: one published by a replica that died before its flush, or
-    /// every object after Redis lost its data, would otherwise never be evicted. Members whose
-    /// object is gone are dropped. The access set is read before the bucket is listed, and a
-    /// member is only ever recorded for an object that exists, so a member missing from the
-    /// listing is gone for good (only the evictor deletes, and this replica holds its lease).
-    async fn recount(&self, lease: &super::coordinator::Lease) -> Option<u64> {
-        let mut members: HashMap<String, String> = HashMap::new();
-        let mut walk = Walk::default();
-        loop {
-            let page = walk.next(&self.cluster, RECOUNT_PAGE).await?;
-            if page.is_empty() {
-                break;
-            }
-            for (member, _) in page {
-                if let Some((object, _)) = Object::parse(&member) {
-                    members.insert(object.name(), member);
-                }
-            }
-        }
-        if !walk.exhausted {
-            return None;
-        }
-        let mut total = 0u64;
-        let mut untracked = Vec::new();
-        let mut listing = self.tier.list();
-        let mut listed_count = 0usize;
-        while let Some(listed) = listing.next().await {
-            listed_count += 1;
-            // A big bucket takes many list pages: the evictor lease must outlast them.
-            if listed_count % RECOUNT_PAGE == 0 && !self.renew(lease).await {
-                return None;
-            }
-            let (name, size, modified_ms) = match listed {
-                Ok(listed) => listed,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot list the shared tier; recount skipped");
-                    return None;
-                }
-            };
-            let member = format!("{name} {size}");
-            if Object::parse(&member).is_none() {
-                continue;
-            }
-            total += size;
-            if members.remove(&name).is_none() {
-                untracked.push((member, modified_ms as f64));
-            }
-        }
-        for page in untracked.chunks(RECOUNT_PAGE) {
-            self.cluster.zadd(ACCESS, page.to_vec()).await;
-        }
-        let gone: Vec<String> = members.into_values().collect();
-        for page in gone.chunks(RECOUNT_PAGE) {
-            self.cluster.zrem(ACCESS, page.to_vec()).await;
-        }
-        if !untracked.is_empty() || !gone.is_empty() {
-            tracing::info!(
-                untracked = untracked.len(),
-                gone = gone.len(),
-                bytes = total,
-                "shared tier recounted from its bucket"
-            );
-        }
-        self.cluster.set_json(BYTES, &total, None).await;
-        Some(total)
-    }
-
     /// Deletes from the least recently used on while the lease holds, until `bytes` minus
     /// what was freed is within `max` or no candidate is left.
-    async fn evict_down_to(&self, bytes: u64, max: u64, lease: &super::coordinator::Lease) -> Pass {
+    pub(super) async fn evict_down_to(&self, bytes: u64, max: u64, lease: &Lease) -> Pass {
         let c = &self.cluster;
         let (mut objects, mut freed) = (0u64, 0u64);
         // Members looked at and kept (read, downloading, or not deletable now), with sizes.
@@ -524,17 +172,11 @@ impl Eviction {
 
     /// Deletes one object unless it is read or downloaded: `Some(true)` deleted,
     /// `Some(false)` kept, `None` the store failed.
-    async fn evict_one(&self, object: &Object) -> Option<bool> {
+    pub(super) async fn evict_one(&self, object: &Object) -> Option<bool> {
         let c = &self.cluster;
         let name = object.name();
-        let mark = format!("{PREFIX}evicting:{name}");
-        if c.ask(
-            "set",
-            c.coordinator.set(&mark, b"1".to_vec(), Some(MARK_TTL)),
-        )
-        .await
-        .is_none()
-        {
+        let mark = format!("evicting:{name}");
+        if c.set(&mark, b"1".to_vec(), Some(MARK_TTL)).await.is_none() {
             return Some(false);
         }
         let deleted = if self.is_protected(object, &name).await {
@@ -558,13 +200,13 @@ impl Eviction {
                 }
             }
         }
-        c.ask("delete", c.coordinator.delete(&mark)).await;
+        c.delete(&mark).await;
         deleted
     }
 
     /// Whether the object has a live reader or a download lease; `true` when that cannot be
     /// told (the coordinator did not answer).
-    async fn is_protected(&self, object: &Object, name: &str) -> bool {
+    pub(super) async fn is_protected(&self, object: &Object, name: &str) -> bool {
         let c = &self.cluster;
         match c
             .zrange(&readers_key(name), self.now_ms(), f64::INFINITY, 1)
@@ -576,8 +218,7 @@ impl Eviction {
         if object.kind != Kind::Blob {
             return false;
         }
-        let lease = format!("{PREFIX}lease:blob:{}", object.digest);
-        !matches!(c.ask("get", c.coordinator.get(&lease)).await, Some(None))
+        !matches!(c.is_downloading(&object.digest).await, Some(false))
     }
 }
 
@@ -585,16 +226,16 @@ impl Eviction {
 /// looked at and kept stay in the set, so each page starts at the last score seen and leaves
 /// out the members of that score already seen.
 #[derive(Default)]
-struct Walk {
+pub(super) struct Walk {
     from: Option<f64>,
     seen_at_from: HashSet<String>,
     /// Every member was seen (a short page ended the walk).
-    exhausted: bool,
+    pub(super) exhausted: bool,
 }
 
 impl Walk {
     /// The next members, none at the end; `None` when the coordinator failed.
-    async fn next(&mut self, c: &Cluster, limit: usize) -> Option<Vec<(String, f64)>> {
+    pub(super) async fn next(&mut self, c: &Cluster, limit: usize) -> Option<Vec<(String, f64)>> {
         let from = self.from.unwrap_or(f64::NEG_INFINITY);
         let page = c.zrange(ACCESS, from, f64::INFINITY, limit).await?;
         let full = page.len() >= limit;
@@ -619,121 +260,30 @@ impl Walk {
     }
 }
 
-/// The blob `digest` from `offset` from the shared tier, read as a registered reader (so the
-/// evictor leaves it alone while the returned stream lives) and recorded as an access.
-/// `Ok(None)` when the tier does not hold it or is evicting it. Without eviction (no
-/// `[cluster]`) it is a plain read.
-pub async fn read_blob(
-    eviction: Option<&Eviction>,
-    tier: &SharedTier,
-    digest: &Digest,
-    offset: u64,
-) -> Result<Option<SharedBlob>, shared::Error> {
-    let guard = match eviction {
-        Some(e) => match e.read(Kind::Blob, digest).await {
-            Reading::Protected(guard) => Some(guard),
-            Reading::Evicting => return Ok(None),
-        },
-        None => None,
-    };
-    let Some(blob) = tier.blob(digest, offset).await? else {
-        return Ok(None);
-    };
-    if let Some(e) = eviction {
-        e.accessed(Kind::Blob, digest, blob.size);
-    }
-    let chunks = blob
-        .chunks
-        .map(move |c| {
-            // Held as long as the stream is read.
-            let _reading = &guard;
-            c
-        })
-        .boxed();
-    Ok(Some(SharedBlob {
-        size: blob.size,
-        chunks,
-    }))
-}
-
-fn readers_key(name: &str) -> String {
-    format!("readers:{name}")
-}
-
-/// Adds `p` to the batch: the latest access wins, a publication stays one.
-fn merge(pending: &mut HashMap<Object, Pending>, object: Object, p: Pending) {
-    if let Some(old) = pending.get_mut(&object) {
-        old.at_ms = old.at_ms.max(p.at_ms);
-        old.published |= p.published;
-        old.size = p.size;
-    } else if pending.len() < MAX_PENDING {
-        pending.insert(object, p);
-    }
-}
-
-/// A registered reader: renews its registration every third of [`READ_TTL`] until dropped,
-/// then withdraws it.
-pub struct ReadGuard {
-    cluster: Arc<Cluster>,
-    set: String,
-    id: String,
-    renewer: tokio::task::JoinHandle<()>,
-}
-
-impl ReadGuard {
-    fn start(cluster: Arc<Cluster>, clock: Clock, set: String, id: String) -> ReadGuard {
-        let renewer = tokio::spawn({
-            let (cluster, set, id) = (cluster.clone(), set.clone(), id.clone());
-            async move {
-                let mut tick = tokio::time::interval(READ_TTL / 3);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let expires =
-                        clock::unix_millis(clock.now()) as f64 + READ_TTL.as_millis() as f64;
-                    cluster.zadd(&set, vec![(id.clone(), expires)]).await;
-                }
-            }
-        });
-        ReadGuard {
-            cluster,
-            set,
-            id,
-            renewer,
-        }
-    }
-}
-
-impl Drop for ReadGuard {
-    fn drop(&mut self) {
-        self.renewer.abort();
-        let (cluster, set, id) = (
-            self.cluster.clone(),
-            std::mem::take(&mut self.set),
-            std::mem::take(&mut self.id),
-        );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                cluster.zrem(&set, vec![id]).await;
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::super::readers::{Reading, READ_TTL};
+    use super::super::recount::RECONCILE_EVERY;
+    use super::super::{Ledger, Pass};
     use super::*;
+    use crate::clock::Clock;
     use crate::cluster::coordinator::Coordinator;
     use crate::cluster::memory::MemoryCoordinator;
     use crate::cluster::Claimed;
     use crate::config::{ClusterConfig, Secret};
+    use crate::metrics::Metrics;
+    use crate::oci::Digest;
+    use crate::store::s3::S3;
+    use crate::store::tier::{object_name, Backend};
     use bytes::Bytes;
     use object_store::memory::InMemory;
 
     /// Replicas sharing one coordinator, one object store and one clock.
     struct Fleet {
         coordinator: Arc<MemoryCoordinator>,
-        tier: Arc<SharedTier>,
+        tier: Arc<S3>,
         clock: Clock,
     }
 
@@ -741,7 +291,7 @@ mod tests {
         fn new() -> Fleet {
             Fleet {
                 coordinator: Arc::new(MemoryCoordinator::default()),
-                tier: Arc::new(SharedTier::over(Arc::new(InMemory::new()))),
+                tier: Arc::new(S3::over(Arc::new(InMemory::new()))),
                 clock: Clock::manual(),
             }
         }
@@ -761,8 +311,8 @@ mod tests {
             ))
         }
 
-        fn replica(&self, advertise: &str, max: u64) -> Eviction {
-            Eviction::new(
+        fn replica(&self, advertise: &str, max: u64) -> Ledger {
+            Ledger::new(
                 self.cluster(advertise),
                 self.tier.clone(),
                 Some(max),
@@ -772,7 +322,7 @@ mod tests {
         }
 
         /// Publishes a blob of `size` bytes through `by`, a second after the previous one.
-        async fn publish(&self, by: &Eviction, seed: u8, size: usize) -> Digest {
+        async fn publish(&self, by: &Ledger, seed: u8, size: usize) -> Digest {
             let body = vec![seed; size];
             let digest = Digest::sha256_of(&body);
             self.tier
@@ -1018,7 +568,7 @@ mod tests {
         // access set names one that is gone.
         drop(dead);
         let gone = "blobs/sha256/".to_owned() + &"ab".repeat(32) + " 500";
-        let access = format!("{PREFIX}{ACCESS}");
+        let access = format!("pullthrough:{ACCESS}");
         fleet
             .coordinator
             .zadd(&access, vec![(gone.clone(), 1.0)])

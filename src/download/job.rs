@@ -1,0 +1,237 @@
+//! A download's leader: opens a feed, writes it through the local writer (verified before
+//! commit), resumes it from the same offset when it breaks, then publishes it.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use super::feed::{Cut, Feed, Opened, Sources};
+use super::{Outcome, Start, WRITE_BATCH};
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+use crate::outcome::Tier;
+use crate::store::shared::{SharedTier, Upload};
+use crate::store::writer::{BlobWriter, Finished};
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+pub(super) struct Job {
+    pub(super) start: Arc<watch::Sender<Start>>,
+    pub(super) upstream: Arc<Upstream>,
+    pub(super) repo: RepoName,
+    pub(super) digest: Digest,
+    pub(super) store: Arc<Store>,
+    pub(super) shared: Option<Arc<SharedTier>>,
+    pub(super) cluster: Option<Arc<Cluster>>,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl Job {
+    pub(super) async fn run(self) -> Outcome {
+        match self.store.blobs.open(&self.digest).await {
+            Ok(Some(_)) => {
+                self.start.send_replace(Start::AlreadyCached);
+                return Outcome::AlreadyCached;
+            }
+            Ok(None) => {}
+            Err(e) => return Outcome::Storage(e),
+        }
+        let mut sources = Sources::default();
+        let asked = Instant::now();
+        let mut attempts = 0u32;
+        let mut feed = loop {
+            match self.open(0, &mut sources).await {
+                Opened::Feed(f) => break f,
+                Opened::Fatal(outcome) => return outcome,
+                Opened::Retry(cut) => {
+                    if cut.is_upstream() {
+                        if attempts >= self.upstream.config().resume_attempts {
+                            return Outcome::ResumesExhausted {
+                                written: 0,
+                                last: cut,
+                            };
+                        }
+                        attempts += 1;
+                    }
+                    tracing::info!(upstream = %self.upstream.name, digest = %self.digest, attempt = attempts, error = %cut, "retrying blob download");
+                    self.pause(&cut, attempts).await;
+                }
+            }
+        };
+        if feed.tier == Tier::Upstream {
+            self.metrics.miss_first_byte(asked.elapsed());
+        }
+        sources.teeing = sources.lease.is_some() || sources.alone || self.cluster.is_none();
+        let size = feed.size;
+        if !self.make_room(size).await {
+            self.metrics.no_space();
+            self.start.send_replace(Start::NoSpace);
+            return Outcome::NoSpace { size };
+        }
+        let mut writer = match self.store.blob_writer().await {
+            Ok(w) => w,
+            Err(e) => return self.storage_failed(e),
+        };
+        self.start
+            .send_replace(Start::Streaming(writer.reader(size), feed.tier));
+        let mut upload = match (&self.shared, feed.tier) {
+            (Some(tier), t) if t != Tier::Shared && sources.teeing => {
+                Some(tier.upload(&self.digest))
+            }
+            _ => None,
+        };
+
+        let mut resumes = 0u32;
+        loop {
+            let mut cut = match self
+                .copy_body(&mut feed, &mut writer, upload.as_mut(), size)
+                .await
+            {
+                Ok(()) if writer.written() == size => break,
+                Ok(()) => Cut::Short {
+                    tier: feed.tier,
+                    written: writer.written(),
+                    size,
+                },
+                Err(CopyError::Cut(e)) => e,
+                Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
+                Err(CopyError::Storage(e)) => return self.storage_failed(e),
+            };
+            if feed.tier == Tier::Shared {
+                sources.skip_shared = true;
+            }
+            feed = loop {
+                if cut.is_upstream() {
+                    if resumes >= self.upstream.config().resume_attempts {
+                        return Outcome::ResumesExhausted {
+                            written: writer.written(),
+                            last: cut,
+                        };
+                    }
+                    resumes += 1;
+                    self.metrics.resume();
+                }
+                tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = resumes, error = %cut, "resuming cut blob download");
+                match self.open(writer.written(), &mut sources).await {
+                    Opened::Feed(f) if f.size == size => break f,
+                    Opened::Feed(f) => {
+                        return Outcome::SizeChanged {
+                            tier: f.tier,
+                            expected: size,
+                            actual: f.size,
+                        }
+                    }
+                    Opened::Fatal(outcome) => return outcome,
+                    Opened::Retry(e) => {
+                        self.pause(&e, resumes).await;
+                        cut = e;
+                    }
+                }
+            };
+        }
+        let finished = writer.finish(&self.digest, size).await;
+        let kept = matches!(
+            finished,
+            Ok(Finished::Published) | Ok(Finished::TooLargeToKeep)
+        );
+        if kept {
+            self.publish(upload, sources, size).await;
+        } else if feed.tier == Tier::Shared || sources.skip_shared {
+            self.forget_shared();
+        }
+        match finished {
+            Ok(Finished::Published) => Outcome::Committed { size, resumes },
+            Ok(Finished::TooLargeToKeep) => Outcome::TooLargeToKeep { size },
+            Ok(Finished::Mismatch { actual }) => self.mismatch(actual.to_string()),
+            Err(e) => self.storage_failed(e),
+        }
+    }
+
+    pub(super) async fn make_room(&self, size: u64) -> bool {
+        self.store.make_room(size).await
+    }
+
+    pub(super) fn storage_failed(&self, e: io::Error) -> Outcome {
+        if self.store.note_write_failure(&e) {
+            self.metrics.no_space();
+        }
+        Outcome::Storage(e)
+    }
+
+    pub(super) fn mismatch(&self, actual: String) -> Outcome {
+        self.metrics.digest_mismatch();
+        Outcome::DigestMismatch { actual }
+    }
+
+    /// Copies the feed into the writer (and the shared-tier upload) until it ends or fails;
+    /// ready chunks are batched.
+    async fn copy_body(
+        &self,
+        feed: &mut Feed,
+        writer: &mut BlobWriter,
+        mut upload: Option<&mut Upload>,
+        size: u64,
+    ) -> Result<(), CopyError> {
+        loop {
+            let first = feed.next_chunk().await.map_err(CopyError::Cut)?;
+            let Some(first) = first else { return Ok(()) };
+            let mut batch = BytesMut::from(&first[..]);
+            let mut ended = false;
+            let mut failed = None;
+            // Take whatever else is already buffered, without waiting.
+            while batch.len() < WRITE_BATCH {
+                match feed.ready_chunk() {
+                    Ok(Some(Some(b))) => batch.extend_from_slice(&b),
+                    Ok(Some(None)) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            // What arrived before a cut is kept: the resume starts after it.
+            let batch = batch.freeze();
+            self.write(writer, batch.clone(), size, feed.tier).await?;
+            if let Some(upload) = upload.as_deref_mut() {
+                upload.write(batch).await;
+            }
+            if let Some(e) = failed {
+                return Err(CopyError::Cut(e));
+            }
+            if ended {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        writer: &mut BlobWriter,
+        chunk: Bytes,
+        size: u64,
+        tier: Tier,
+    ) -> Result<(), CopyError> {
+        let len = chunk.len() as u64;
+        if writer.written() + len > size {
+            return Err(CopyError::TooLong);
+        }
+        if tier == Tier::Upstream {
+            self.metrics.upstream_bytes(&self.upstream.name, len);
+        }
+        writer.write(chunk).await.map_err(CopyError::Storage)
+    }
+}
+
+enum CopyError {
+    Cut(Cut),
+    TooLong,
+    Storage(io::Error),
+}

@@ -1,0 +1,249 @@
+//! Blob downloads: one upstream fetch per digest, streamed to every client that asks while it
+//! runs, resumed when the upstream cuts it, verified before it is committed.
+//!
+//! The leader's work runs in its own task, so clients may come and go (the first included)
+//! without cancelling it. The bytes go to a temp file; clients read that file behind the
+//! writer, woken by a watch channel on each write. Every way a download can end is an
+//! [`Outcome`], logged by name.
+//!
+//! With replicas, the bytes come from the first tier that has them ([`Feed`]): the shared
+//! object store, else the replica holding the cluster-wide lease on the digest (streamed from
+//! its peer endpoint while it downloads), else the upstream, once this replica holds the lease.
+//! A feed that breaks is replaced by the next one from the same offset: a lease holder that
+//! dies is taken over when its lease expires. The lease holder tees the bytes into a multipart
+//! upload to the shared tier, completed only once the blob is verified and the lease is
+//! still held.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tokio::sync::watch;
+
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+use crate::outcome::Tier;
+use crate::singleflight::{Flights, Joined};
+use crate::store::handle::BlobHandle;
+use crate::store::shared::SharedTier;
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+mod feed;
+mod job;
+mod outcome;
+mod publish;
+
+pub use feed::Cut;
+use job::Job;
+pub use outcome::Failure;
+use outcome::{finish_waiters, log_outcome, Outcome};
+
+/// Ready chunks are gathered up to this size before one write, so a fast upstream does not
+/// cost a write per network packet, while a slow one is written as soon as anything arrives.
+pub(super) const WRITE_BATCH: usize = 1024 * 1024;
+
+/// What a client waiting for a download learns once the upstream has answered.
+#[derive(Clone)]
+pub enum Start {
+    /// Waiting for the upstream's response headers.
+    Pending,
+    /// The body is arriving (first from `tier`): read it through this handle, which follows
+    /// the writer.
+    Streaming(BlobHandle, Tier),
+    /// The blob was committed by someone else before this download began: read the store.
+    AlreadyCached,
+    /// The disk cannot take the blob: each client streams from the upstream, uncached.
+    NoSpace,
+    /// The download failed before any byte could be served.
+    Failed(Failure),
+}
+
+pub struct Download {
+    /// The leader's task holds the sender: a closed channel means that task is gone.
+    start: watch::Receiver<Start>,
+    /// The most a client waits for the download's first byte.
+    wait_limit: Duration,
+    /// The upstream and repository it was started for: an upstream answer to it confirms the
+    /// digest for that repository only.
+    upstream: String,
+    repo: RepoName,
+}
+
+impl Download {
+    fn new(upstream: &Upstream, repo: &RepoName) -> (Download, watch::Sender<Start>) {
+        let (tx, rx) = watch::channel(Start::Pending);
+        let download = Download {
+            start: rx,
+            wait_limit: upstream.config().first_byte_timeout,
+            upstream: upstream.name.clone(),
+            repo: repo.clone(),
+        };
+        (download, tx)
+    }
+
+    /// Whether it was started for `repo` of the upstream named `upstream`.
+    pub fn is_for(&self, upstream: &str, repo: &RepoName) -> bool {
+        self.upstream == upstream && self.repo == *repo
+    }
+
+    /// The upstream and repository it was started for.
+    pub fn origin(&self) -> (&str, &RepoName) {
+        (&self.upstream, &self.repo)
+    }
+
+    /// Waits for the download's first answer, at most the upstream's `first_byte_timeout`
+    /// (as Pingora's cache lock, every way the wait ends is named: an answer,
+    /// [`Failure::WaitTimeout`], or [`Failure::Dangling`] when the leader's task is gone).
+    pub async fn started(&self) -> Start {
+        let mut rx = self.start.clone();
+        let waited = tokio::time::timeout(
+            self.wait_limit,
+            rx.wait_for(|s| !matches!(s, Start::Pending)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(s)) => s.clone(),
+            Ok(Err(_)) => Start::Failed(Failure::Dangling),
+            Err(_) => Start::Failed(Failure::WaitTimeout {
+                upstream: self.upstream.clone(),
+            }),
+        }
+    }
+}
+
+/// A download in progress, as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InFlight {
+    pub digest: String,
+    /// Bytes written to the cache so far.
+    pub written: u64,
+    /// The blob's size, once the upstream has answered.
+    pub size: Option<u64>,
+}
+
+impl Download {
+    fn in_flight(&self, digest: &Digest) -> InFlight {
+        let (written, size) = match &*self.start.borrow() {
+            Start::Streaming(handle, _) => {
+                let size = handle.size();
+                let written = match handle.clone().into_parts().1 {
+                    Some(rx) => match &*rx.borrow() {
+                        crate::store::handle::Progress::Writing { written } => *written,
+                        crate::store::handle::Progress::Complete => size,
+                        crate::store::handle::Progress::Failed(_) => 0,
+                    },
+                    None => size,
+                };
+                (written, Some(size))
+            }
+            _ => (0, None),
+        };
+        InFlight {
+            digest: digest.to_string(),
+            written,
+            size,
+        }
+    }
+}
+
+/// The in-flight download table and what a download needs.
+pub struct Downloads {
+    flights: Flights<Digest, Download>,
+    store: Arc<Store>,
+    shared: Option<Arc<SharedTier>>,
+    cluster: Option<Arc<Cluster>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Downloads {
+    pub fn new(
+        store: Arc<Store>,
+        shared: Option<Arc<SharedTier>>,
+        cluster: Option<Arc<Cluster>>,
+        metrics: Arc<Metrics>,
+    ) -> Downloads {
+        Downloads {
+            flights: Flights::default(),
+            store,
+            shared,
+            cluster,
+            metrics,
+        }
+    }
+
+    /// Joins the download of `digest`, starting it if none runs. Returns whether this caller
+    /// joined an existing one.
+    pub fn join(
+        &self,
+        upstream: Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> (Arc<Download>, bool) {
+        let mut sender = None;
+        let joined = self.flights.join_or_start(digest, || {
+            let (download, tx) = Download::new(&upstream, repo);
+            sender = Some(tx);
+            download
+        });
+        match (joined, sender) {
+            (Joined::Follower(d), _) => (d, true),
+            // `start` ran: the sender is there.
+            (Joined::Leader(d, guard), sender) => {
+                let start = Arc::new(sender.unwrap_or_else(|| watch::channel(Start::Pending).0));
+                let job = Job {
+                    start: start.clone(),
+                    upstream,
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    store: self.store.clone(),
+                    shared: self.shared.clone(),
+                    cluster: self.cluster.clone(),
+                    metrics: self.metrics.clone(),
+                };
+                let metrics = self.metrics.clone();
+                metrics.inflight_downloads.inc();
+                tokio::spawn(async move {
+                    let (digest, repo, up) = (
+                        job.digest.clone(),
+                        job.repo.clone(),
+                        job.upstream.name.clone(),
+                    );
+                    let started = Instant::now();
+                    let outcome = std::panic::AssertUnwindSafe(job.run())
+                        .catch_unwind()
+                        .await
+                        .unwrap_or(Outcome::Panicked);
+                    // Make sure no waiter is left waiting, whatever happened.
+                    let outcome = finish_waiters(&start, outcome, &digest);
+                    drop(guard);
+                    metrics.inflight_downloads.dec();
+                    log_outcome(&outcome, &up, &repo, &digest, started);
+                });
+                (d, false)
+            }
+        }
+    }
+
+    /// The download of `digest` in progress, if any.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Download>> {
+        self.flights.get(digest)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// The downloads in progress, with how far each has got.
+    pub fn progress(&self) -> Vec<InFlight> {
+        let mut all: Vec<InFlight> = self
+            .flights
+            .snapshot()
+            .iter()
+            .map(|(digest, d)| d.in_flight(digest))
+            .collect();
+        all.sort_by(|a, b| a.digest.cmp(&b.digest));
+        all
+    }
+}
