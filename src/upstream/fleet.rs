@@ -16,9 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::ratelimit::Budget;
-use super::{health, Error, Upstream};
+use super::{health, Upstream};
 use crate::clock::{from_unix_millis, unix_millis};
-use crate::metrics::BudgetSample;
 
 /// The longest a replica goes on sending requests before it learns another's back-off.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
@@ -109,44 +108,12 @@ impl Upstream {
             .await;
     }
 
-    /// Takes one pull from `max_pulls`, if configured: from the fleet's count for the current
-    /// window (a fixed window, started by its first pull) when the coordinator answers, else
-    /// from this replica's own limiter.
-    pub(super) async fn spend_pull(&self) -> Result<(), Error> {
-        let max = self.config.max_pulls;
-        if max == 0 {
-            return Ok(());
-        }
-        let window = self.config.max_pulls_window;
-        let Some(cluster) = &self.cluster else {
-            return self.spend_local_pull();
-        };
+    /// Counts one pull against the fleet's `max_pulls` for the current window (a fixed window,
+    /// started by its first pull, expiring with it): the fleet's count so far, or `None`
+    /// without `[cluster]` or while the coordinator does not answer.
+    pub(super) async fn count_fleet_pull(&self, window: Duration) -> Option<i64> {
+        let cluster = self.cluster.as_ref()?;
         let key = format!("pulls:{}", self.name);
-        match cluster.add(&key, 1, Some(window)).await {
-            None => self.spend_local_pull(),
-            Some(spent) if spent <= i64::from(max) => Ok(()),
-            Some(_) => {
-                tracing::warn!(upstream = %self.name, "the fleet's pull cap (max_pulls) is reached");
-                Err(Error::TooManyRequests {
-                    message: format!("the mirror's pull cap for {} is reached", self.name),
-                    // When the window ends is Redis's to know; one pull's share of it is the
-                    // usual wait.
-                    retry_after: Some((window / max).max(Duration::from_secs(1))),
-                })
-            }
-        }
-    }
-
-    /// Sets the budget gauges to `budget` (of the upstream's first URL).
-    pub(super) fn gauge_budget(&self, budget: &Budget) {
-        self.metrics.budget(
-            &self.name,
-            BudgetSample {
-                limit: budget.limit,
-                remaining: budget.remaining,
-                window_secs: budget.window_secs,
-                updated: budget.updated,
-            },
-        );
+        cluster.add(&key, 1, Some(window)).await
     }
 }
