@@ -10,7 +10,6 @@ use http::HeaderMap;
 
 use super::ratelimit::Budget;
 use super::{Error, Upstream};
-use crate::metrics::BudgetSample;
 
 impl Upstream {
     /// The pull budget of the URL the next request goes to.
@@ -96,12 +95,10 @@ impl Upstream {
     pub(super) fn gauge_budget(&self, budget: &Budget) {
         self.metrics.budget(
             &self.name,
-            BudgetSample {
-                limit: budget.limit,
-                remaining: budget.remaining,
-                window_secs: budget.window_secs,
-                updated: budget.updated,
-            },
+            budget.limit,
+            budget.remaining,
+            budget.window_secs,
+            budget.updated,
         );
     }
 }

@@ -13,9 +13,28 @@ pub struct UrlStatus {
     pub url: String,
     pub state: health::State,
     /// The pull budget this URL last reported.
+    #[serde(serialize_with = "budget_as_shown")]
     pub budget: Option<Budget>,
     /// Whether this URL gave the latest successful answer.
     pub served_last: bool,
+}
+
+/// A budget as the status page shows it: [`Budget`]'s fields, `updated` in Unix seconds
+/// (its own serde form, the cluster's, has `updated_ms`).
+fn budget_as_shown<S: serde::Serializer>(budget: &Option<Budget>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    budget
+        .as_ref()
+        .map(|b| {
+            serde_json::json!({
+                "limit": b.limit,
+                "remaining": b.remaining,
+                "window_secs": b.window_secs,
+                "source": b.source,
+                "updated": crate::clock::unix_secs(b.updated),
+            })
+        })
+        .serialize(s)
 }
 
 /// How many failures an upstream remembers for the status page.
@@ -71,5 +90,38 @@ impl Upstream {
             e.to_string()
         };
         recent.push_back((self.clock.now(), error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_urls_budget_shows_updated_in_seconds() {
+        let status = UrlStatus {
+            url: "https://registry-1.docker.io".into(),
+            state: health::State::Up,
+            budget: Some(Budget {
+                limit: 100,
+                remaining: 76,
+                window_secs: 21600,
+                source: Some("203.0.113.7".into()),
+                updated: crate::clock::from_unix_millis(1_763_899_200_500),
+            }),
+            served_last: true,
+        };
+        let v = serde_json::to_value(&status).unwrap_or_default();
+        assert_eq!(
+            v["budget"],
+            serde_json::json!({"limit": 100, "remaining": 76, "window_secs": 21600,
+                "source": "203.0.113.7", "updated": 1_763_899_200u64})
+        );
+        let none = UrlStatus {
+            budget: None,
+            ..status
+        };
+        let v = serde_json::to_value(&none).unwrap_or_default();
+        assert!(v["budget"].is_null());
     }
 }
