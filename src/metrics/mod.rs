@@ -32,7 +32,6 @@ pub use self::format::Format;
 pub use self::labels::Refusal;
 use self::process::ProcessMetrics;
 use self::requests::RequestMetrics;
-pub use self::upstream::BudgetSample;
 use self::upstream::UpstreamMetrics;
 
 pub struct Metrics {

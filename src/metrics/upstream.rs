@@ -14,15 +14,6 @@ use super::labels::{
 };
 use super::Metrics;
 
-/// A pull budget reading, as the budget gauges show it.
-#[derive(Debug, Clone, Copy)]
-pub struct BudgetSample {
-    pub limit: u64,
-    pub remaining: u64,
-    pub window_secs: u64,
-    pub updated: std::time::SystemTime,
-}
-
 pub(super) struct UpstreamMetrics {
     bytes: Family<UpstreamLabels, Counter>,
     requests: Family<UpstreamRequestLabels, Counter>,
@@ -173,8 +164,17 @@ impl Metrics {
             .set(i64::from(up));
     }
 
-    /// The pull budget an upstream last reported.
-    pub fn budget(&self, upstream: &str, b: BudgetSample) {
+    /// The pull budget an upstream last reported: `limit` pulls per `window_secs`, `remaining`
+    /// of them when read at `updated`. Plain numbers, so that this layer needs no upstream type
+    /// (the reading is `upstream::ratelimit::Budget`).
+    pub fn budget(
+        &self,
+        upstream: &str,
+        limit: u64,
+        remaining: u64,
+        window_secs: u64,
+        updated: std::time::SystemTime,
+    ) {
         let l = UpstreamLabels {
             upstream: upstream.to_owned(),
         };
@@ -182,18 +182,18 @@ impl Metrics {
         self.upstream
             .budget_limit
             .get_or_create(&l)
-            .set(clamp(b.limit));
+            .set(clamp(limit));
         self.upstream
             .budget_remaining
             .get_or_create(&l)
-            .set(clamp(b.remaining));
+            .set(clamp(remaining));
         self.upstream
             .budget_window
             .get_or_create(&l)
-            .set(clamp(b.window_secs));
+            .set(clamp(window_secs));
         self.upstream
             .budget_updated
             .get_or_create(&l)
-            .set(clamp(crate::clock::unix_secs(b.updated)));
+            .set(clamp(crate::clock::unix_secs(updated)));
     }
 }

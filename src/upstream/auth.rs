@@ -320,7 +320,7 @@ impl Auth {
                 },
                 429 => Error::TooManyRequests {
                     message: "upstream token service rate limited the mirror".into(),
-                    retry_after: super::retry_after(resp.headers()),
+                    retry_after: super::error::retry_after(resp.headers()),
                 },
                 _ => Error::Failing {
                     upstream: self.upstream.clone(),

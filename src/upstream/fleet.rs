@@ -6,33 +6,22 @@
 //! `max_pulls_window`, where governor's limiter could only count this replica's).
 //!
 //! Keys, under the cluster's prefix: `backoff:<upstream>:<url index>` (until when, in Unix
-//! milliseconds, expiring then), `budget:<upstream>:<url index>` (expiring after the budget's
-//! window) and `pulls:<upstream>` (expiring with its window). A replica learns the others'
-//! state when it sends a request, at most every [`SYNC_EVERY`]. With the coordinator
-//! unreachable, every decision here is this replica's alone, as without `[cluster]`.
+//! milliseconds, expiring then), `budget:<upstream>:<url index>` (a [`Budget`] in its serde
+//! form, expiring after the budget's window) and `pulls:<upstream>` (expiring with its
+//! window). A replica learns the others' state when it sends a request, at most every
+//! [`SYNC_EVERY`]. With the coordinator unreachable, every decision here is this replica's
+//! alone, as without `[cluster]`.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::ratelimit::Budget;
-use super::{health, Error, Upstream};
+use super::{health, Upstream};
 use crate::clock::{from_unix_millis, unix_millis};
-use crate::metrics::BudgetSample;
 
 /// The longest a replica goes on sending requests before it learns another's back-off.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// How long a reading without a window (`w=`) is kept: Docker Hub's window.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(6 * 3600);
-
-#[derive(Serialize, Deserialize)]
-struct SharedBudget {
-    limit: u64,
-    remaining: u64,
-    window_secs: u64,
-    source: Option<String>,
-    updated_ms: u64,
-}
 
 impl Upstream {
     fn backoff_key(&self, endpoint: usize) -> String {
@@ -59,14 +48,7 @@ impl Upstream {
             if let Some(until_ms) = cluster.get_json::<u64>(&self.backoff_key(i)).await {
                 endpoint.health.learn(from_unix_millis(until_ms));
             }
-            if let Some(b) = cluster.get_json::<SharedBudget>(&self.budget_key(i)).await {
-                let budget = Budget {
-                    limit: b.limit,
-                    remaining: b.remaining,
-                    window_secs: b.window_secs,
-                    source: b.source,
-                    updated: from_unix_millis(b.updated_ms),
-                };
+            if let Some(budget) = cluster.get_json::<Budget>(&self.budget_key(i)).await {
                 if endpoint.budget.learn(budget.clone()) && i == 0 {
                     self.gauge_budget(&budget);
                 }
@@ -93,60 +75,21 @@ impl Upstream {
     /// Shares the budget URL `endpoint` just reported.
     pub(super) async fn share_budget(&self, endpoint: usize, budget: &Budget) {
         let Some(cluster) = &self.cluster else { return };
-        let shared = SharedBudget {
-            limit: budget.limit,
-            remaining: budget.remaining,
-            window_secs: budget.window_secs,
-            source: budget.source.clone(),
-            updated_ms: unix_millis(budget.updated),
-        };
         let window = match budget.window_secs {
             0 => DEFAULT_WINDOW,
             secs => Duration::from_secs(secs),
         };
         cluster
-            .set_json(&self.budget_key(endpoint), &shared, Some(window))
+            .set_json(&self.budget_key(endpoint), budget, Some(window))
             .await;
     }
 
-    /// Takes one pull from `max_pulls`, if configured: from the fleet's count for the current
-    /// window (a fixed window, started by its first pull) when the coordinator answers, else
-    /// from this replica's own limiter.
-    pub(super) async fn spend_pull(&self) -> Result<(), Error> {
-        let max = self.config.max_pulls;
-        if max == 0 {
-            return Ok(());
-        }
-        let window = self.config.max_pulls_window;
-        let Some(cluster) = &self.cluster else {
-            return self.spend_local_pull();
-        };
+    /// Counts one pull against the fleet's `max_pulls` for the current window (a fixed window,
+    /// started by its first pull, expiring with it): the fleet's count so far, or `None`
+    /// without `[cluster]` or while the coordinator does not answer.
+    pub(super) async fn count_fleet_pull(&self, window: Duration) -> Option<i64> {
+        let cluster = self.cluster.as_ref()?;
         let key = format!("pulls:{}", self.name);
-        match cluster.add(&key, 1, Some(window)).await {
-            None => self.spend_local_pull(),
-            Some(spent) if spent <= i64::from(max) => Ok(()),
-            Some(_) => {
-                tracing::warn!(upstream = %self.name, "the fleet's pull cap (max_pulls) is reached");
-                Err(Error::TooManyRequests {
-                    message: format!("the mirror's pull cap for {} is reached", self.name),
-                    // When the window ends is Redis's to know; one pull's share of it is the
-                    // usual wait.
-                    retry_after: Some((window / max).max(Duration::from_secs(1))),
-                })
-            }
-        }
-    }
-
-    /// Sets the budget gauges to `budget` (of the upstream's first URL).
-    pub(super) fn gauge_budget(&self, budget: &Budget) {
-        self.metrics.budget(
-            &self.name,
-            BudgetSample {
-                limit: budget.limit,
-                remaining: budget.remaining,
-                window_secs: budget.window_secs,
-                updated: budget.updated,
-            },
-        );
+        cluster.add(&key, 1, Some(window)).await
     }
 }

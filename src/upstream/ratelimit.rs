@@ -4,21 +4,41 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use http::HeaderMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A pull budget reading: what an answer's `ratelimit-*` headers said, and when. The one type
+/// for it: kept per URL (`BudgetState`), shared with the other replicas (`fleet`), shown on the
+/// status page (`status`) and by the budget gauges (`budget`, as plain numbers: `metrics` is
+/// below this layer).
+///
+/// Its serde form is what replicas share through the cluster, `updated` in Unix milliseconds
+/// as `updated_ms`: `{"limit":100,"remaining":76,"window_secs":21600,"source":null,
+/// "updated_ms":1763899200000}`. Replicas of other versions read and write it: change it only
+/// in ways they still read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Budget {
     pub limit: u64,
     pub remaining: u64,
     /// The window in seconds (`w=` in the header).
     pub window_secs: u64,
     pub source: Option<String>,
-    #[serde(serialize_with = "as_unix_secs")]
+    #[serde(rename = "updated_ms", with = "unix_millis")]
     pub updated: SystemTime,
 }
 
-fn as_unix_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(crate::clock::unix_secs(*t))
+/// `SystemTime` as Unix milliseconds.
+mod unix_millis {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(crate::clock::unix_millis(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(crate::clock::from_unix_millis)
+    }
 }
 
 /// `100;w=21600` → (100, 21600).
@@ -121,6 +141,23 @@ mod tests {
         assert!(!state.learn(reading(90, at(999))));
         assert!(state.learn(reading(40, at(1001))));
         assert_eq!(state.latest().map(|b| b.remaining), Some(40));
+    }
+
+    /// The form replicas of earlier versions wrote to the cluster (their `SharedBudget`) and
+    /// read from it: read as it is, written the same, byte for byte.
+    #[test]
+    fn the_shared_form_is_the_one_replicas_already_exchange() {
+        let old = r#"{"limit":100,"remaining":76,"window_secs":21600,"source":"192.0.2.1","updated_ms":1763899200123}"#;
+        let b: Budget = serde_json::from_str(old).unwrap();
+        assert_eq!((b.limit, b.remaining, b.window_secs), (100, 76, 21600));
+        assert_eq!(b.source.as_deref(), Some("192.0.2.1"));
+        assert_eq!(crate::clock::unix_millis(b.updated), 1763899200123);
+        assert_eq!(serde_json::to_string(&b).unwrap(), old);
+        let anonymous =
+            r#"{"limit":100,"remaining":76,"window_secs":0,"source":null,"updated_ms":5}"#;
+        let b: Budget = serde_json::from_str(anonymous).unwrap();
+        assert_eq!(b.source, None);
+        assert_eq!(serde_json::to_string(&b).unwrap(), anonymous);
     }
 
     #[test]
