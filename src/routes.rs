@@ -177,7 +177,7 @@ pub fn parse(method: &Method, path: &str) -> Route {
     if let Some(route) = operational {
         return if read { route } else { Route::Unsupported };
     }
-    if let Some(digest) = path.strip_prefix("/_pullthrough/peer/blobs/") {
+    if let Some(digest) = path.strip_prefix(crate::peer_api::BLOBS_PATH) {
         if method != Method::GET {
             return Route::Unsupported;
         }

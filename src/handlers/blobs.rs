@@ -94,7 +94,7 @@ pub async fn peer(
     sendfile: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
     let secret = headers
-        .get(crate::cluster::peer::SECRET_HEADER)
+        .get(crate::peer_api::SECRET_HEADER)
         .map(HeaderValue::as_bytes);
     let handle = mirror
         .peer_blob(secret, digest)
