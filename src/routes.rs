@@ -92,14 +92,16 @@ impl Route {
     }
 }
 
-/// Answers `req`, which was routed to `route`. Every registry API answer carries
+/// Answers `req`, which was routed to `route`; blob bodies go out as `files` says (zero-copy
+/// or in chunks of a size, by connection: see `sendfile`). Every registry API answer carries
 /// `Docker-Distribution-Api-Version` (errors get it in [`ApiError::into_response`]).
 pub async fn dispatch<B>(
     mirror: &Arc<Mirror>,
     route: &Route,
     req: &Request<B>,
+    files: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
-    let mut resp = answer(mirror, route, req).await?;
+    let mut resp = answer(mirror, route, req, files).await?;
     if !matches!(
         route,
         Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::PeerBlob { .. }
@@ -116,6 +118,7 @@ async fn answer<B>(
     mirror: &Arc<Mirror>,
     route: &Route,
     req: &Request<B>,
+    files: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
     let query = req.uri().query();
     match route {
@@ -126,8 +129,7 @@ async fn answer<B>(
             head,
         } => manifests::get(mirror, name, reference, *head, query, req.headers()).await,
         Route::Blob { name, digest, head } => {
-            let sendfile = req.extensions().get::<Sendfile>().cloned();
-            blobs::get(mirror, name, digest, *head, query, req.headers(), sendfile).await
+            blobs::get(mirror, name, digest, *head, query, req.headers(), files).await
         }
         // The rarer answers are boxed: inline, their state would make every request's future
         // (moved into its task) kilobytes larger.
@@ -149,8 +151,7 @@ async fn answer<B>(
         }
         Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
         Route::PeerBlob { digest } => {
-            let sendfile = req.extensions().get::<Sendfile>().cloned();
-            Box::pin(blobs::peer(mirror, digest, req.headers(), sendfile)).await
+            Box::pin(blobs::peer(mirror, digest, req.headers(), files)).await
         }
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(Box::pin(ops::readyz(mirror)).await),

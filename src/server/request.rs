@@ -84,7 +84,7 @@ pub(super) struct ConnInfo {
 /// response body ends, with the bytes actually sent.
 pub(super) async fn handle(
     app: Arc<App>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<Body> {
     let ConnInfo {
@@ -101,10 +101,6 @@ pub(super) async fn handle(
         (Role::Main, Route::Metrics) if app.metrics_elsewhere => Route::NotFound,
         (Role::Main, r) => r,
     };
-    // Only blob bodies use it; other requests are spared the allocations of an extension.
-    if let (Route::Blob { .. }, Some(files)) = (&route, files) {
-        req.extensions_mut().insert(files);
-    }
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
     let client = app.trusted_proxies.client(peer.ip(), req.headers());
@@ -140,7 +136,7 @@ pub(super) async fn handle(
         Err(e) => Ok(Err(e)),
         Ok(()) => {
             let asked = Instant::now();
-            let answer = std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req))
+            let answer = std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req, files))
                 .catch_unwind()
                 .await;
             // What the pull layer took to answer is time spent on the upstream, unless the
