@@ -27,6 +27,7 @@ mod metrics;
 mod mirror;
 pub mod oci;
 mod outcome;
+mod peer_api;
 mod platform;
 pub mod policy;
 mod ranges;

@@ -11,9 +11,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
-use crate::handlers::error::ApiError;
-use crate::handlers::{blobs, catalog, manifests, ops, referrers, tags};
-use crate::mirror::Mirror;
+use crate::handlers::error::{ApiError, Object};
+use crate::handlers::{blobs, catalog, manifests, ops, referrers, tags, Query};
+use crate::mirror::{self, Mirror, Target};
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
 
@@ -92,14 +92,33 @@ impl Route {
     }
 }
 
-/// Answers `req`, which was routed to `route`. Every registry API answer carries
+/// Where a route that names a repository goes: the upstream and the repository as it knows
+/// it ([`Mirror::resolve`], by `ns`, a registry prefix or alias), or why nowhere; `None` for
+/// a route without a repository. Resolved once per request, by the server (its access line
+/// names the target even of a refused request), and handed to [`dispatch`].
+pub fn target(
+    mirror: &Mirror,
+    route: &Route,
+    query: &Query,
+) -> Option<Result<Target, mirror::Error>> {
+    route
+        .repository()
+        .map(|name| mirror.resolve(query.ns.as_deref(), name))
+}
+
+/// Answers `req`, which was routed to `route`, with its `query` (parsed once, at the edge) and
+/// its `target` (from [`target`]); blob bodies go out as `files` says (zero-copy or in chunks
+/// of a size, by connection: see `sendfile`). Every registry API answer carries
 /// `Docker-Distribution-Api-Version` (errors get it in [`ApiError::into_response`]).
 pub async fn dispatch<B>(
     mirror: &Arc<Mirror>,
     route: &Route,
     req: &Request<B>,
+    query: &Query,
+    target: Option<Result<Target, mirror::Error>>,
+    files: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
-    let mut resp = answer(mirror, route, req).await?;
+    let mut resp = answer(mirror, route, req, query, target, files).await?;
     if !matches!(
         route,
         Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::PeerBlob { .. }
@@ -116,41 +135,55 @@ async fn answer<B>(
     mirror: &Arc<Mirror>,
     route: &Route,
     req: &Request<B>,
+    query: &Query,
+    target: Option<Result<Target, mirror::Error>>,
+    files: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
-    let query = req.uri().query();
+    // The target of a route naming `name`, admitted by its upstream's policy; resolved here
+    // only when the caller passed none.
+    let admitted = |name: &RepoName, object| {
+        target
+            .unwrap_or_else(|| mirror.resolve(query.ns.as_deref(), name))
+            .and_then(|target| mirror.admit(target))
+            .map_err(|e| ApiError::from_mirror(e, object))
+    };
+    let head = req.method() == Method::HEAD;
     match route {
         Route::Base => Ok(ops::base()),
         Route::Manifest {
             name,
             reference,
             head,
-        } => manifests::get(mirror, name, reference, *head, query, req.headers()).await,
+        } => {
+            let target = admitted(name, Object::Manifest)?;
+            manifests::get(mirror, &target, reference, *head, req.headers()).await
+        }
         Route::Blob { name, digest, head } => {
-            let sendfile = req.extensions().get::<Sendfile>().cloned();
-            blobs::get(mirror, name, digest, *head, query, req.headers(), sendfile).await
+            let target = admitted(name, Object::Blob)?;
+            blobs::get(mirror, &target, digest, *head, req.headers(), files).await
         }
         // The rarer answers are boxed: inline, their state would make every request's future
         // (moved into its task) kilobytes larger.
         Route::TagsList { name } => {
-            Box::pin(tags::list(
+            let target = admitted(name, Object::Tags)?;
+            Box::pin(tags::list(mirror, &target, name, query, head)).await
+        }
+        Route::Catalog => Box::pin(catalog::list(mirror, query, head)).await,
+        Route::Referrers { name, digest } => {
+            let target = admitted(name, Object::Manifest)?;
+            let artifact_type = query.artifact_type.as_deref();
+            Box::pin(referrers::list(
                 mirror,
-                name,
-                query,
-                req.method() == Method::HEAD,
+                &target,
+                digest,
+                artifact_type,
+                head,
             ))
             .await
         }
-        Route::Catalog => {
-            Box::pin(catalog::list(mirror, query, req.method() == Method::HEAD)).await
-        }
-        Route::Referrers { name, digest } => {
-            let head = req.method() == Method::HEAD;
-            Box::pin(referrers::list(mirror, name, digest, query, head)).await
-        }
         Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
         Route::PeerBlob { digest } => {
-            let sendfile = req.extensions().get::<Sendfile>().cloned();
-            Box::pin(blobs::peer(mirror, digest, req.headers(), sendfile)).await
+            Box::pin(blobs::peer(mirror, digest, req.headers(), files)).await
         }
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(Box::pin(ops::readyz(mirror)).await),
@@ -177,7 +210,7 @@ pub fn parse(method: &Method, path: &str) -> Route {
     if let Some(route) = operational {
         return if read { route } else { Route::Unsupported };
     }
-    if let Some(digest) = path.strip_prefix("/_pullthrough/peer/blobs/") {
+    if let Some(digest) = path.strip_prefix(crate::peer_api::BLOBS_PATH) {
         if method != Method::GET {
             return Route::Unsupported;
         }

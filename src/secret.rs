@@ -38,6 +38,19 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `presented` is this secret, compared in constant time (for a given length:
+    /// only the length may show in the time taken). An empty secret matches an empty
+    /// presentation; callers to whom an empty secret means none refuse it themselves.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let secret = self.0.as_bytes();
+        presented.len() == secret.len()
+            && presented
+                .iter()
+                .zip(secret)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -57,5 +70,22 @@ impl fmt::Display for Secret {
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("[REDACTED]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn matches_only_the_same_bytes() {
+        let s = Secret::new("s3cret-token");
+        assert!(s.matches(b"s3cret-token"));
+        assert!(!s.matches(b"s3cret-tokem"));
+        assert!(!s.matches(b"s3cret-token "));
+        assert!(!s.matches(b"s3cret"));
+        assert!(!s.matches(b""));
+        assert!(Secret::new("").matches(b""));
+        assert!(!Secret::new("").matches(b"x"));
     }
 }

@@ -29,7 +29,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "foundations",
         &[
             "config", "image", "oci", "policy", "outcome", "metrics", "logging", "clock", "sync",
-            "platform", "sendfile", "ranges", "secret", "size",
+            "platform", "sendfile", "ranges", "secret", "size", "peer_api",
         ],
     ),
 ];

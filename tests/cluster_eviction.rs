@@ -2,6 +2,8 @@
 //! membership by heartbeat and the cluster as `/_pullthrough/status` shows it. (The shared
 //! tier's eviction is unit-tested in `src/cluster/eviction.rs`.)
 
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
+
 mod common;
 
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! the next request is not stuck behind the first.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
 
 mod common;
 

@@ -8,6 +8,7 @@
 //! (as in CI; see tests/common/tools.rs) it fails instead.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! Each test is a defect of the hardening issue, failing before its fix.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! holding connections: grow its memory by not reading, keep half-open connections for ever,
 //! take more than its share of connections, or hold shutdown with a half-sent request.
 
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
+
 mod common;
 
 use std::io;

@@ -1,6 +1,8 @@
 //! What an operator sees: the access line's fields, trusted proxies, the metric families, a
 //! prune noticed by the running mirror.
 
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
+
 mod common;
 
 use common::{metric, metric_sum, secret, FakeUpstream, TestMirror, SETTLE};

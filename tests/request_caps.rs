@@ -2,6 +2,7 @@
 //! (`max_concurrent_requests`) and requests per second (`max_requests_per_second`).
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
 
 mod common;
 

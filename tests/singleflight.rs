@@ -1,6 +1,7 @@
 //! One upstream fetch per blob or tag, however many clients ask at once.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed test, with its message
+#![allow(clippy::expect_used)] // a failed expect in a test is a failed test, with its message
 
 mod common;
 

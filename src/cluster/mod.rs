@@ -92,16 +92,10 @@ impl Cluster {
         &self.advertise
     }
 
-    /// Whether `presented` is the cluster secret (compared in constant time).
+    /// Whether `presented` is the cluster secret (compared in constant time); without a
+    /// secret, nothing is.
     pub fn authenticates(&self, presented: &[u8]) -> bool {
-        let secret = self.secret.expose().as_bytes();
-        !secret.is_empty()
-            && presented.len() == secret.len()
-            && presented
-                .iter()
-                .zip(secret)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        !self.secret.expose().is_empty() && self.secret.matches(presented)
     }
 
     pub fn peers(&self) -> &peer::Peers {

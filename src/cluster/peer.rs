@@ -12,9 +12,7 @@ use http::header;
 
 use crate::config::Secret;
 use crate::oci::Digest;
-
-/// The header that carries the cluster secret between replicas.
-pub const SECRET_HEADER: &str = "pullthrough-cluster-secret";
+use crate::peer_api::{BLOBS_PATH, SECRET_HEADER};
 
 /// Why a peer could not serve a blob.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,10 +79,7 @@ impl Peers {
         offset: u64,
         patience: Patience,
     ) -> Result<PeerBlob, PeerError> {
-        let url = format!(
-            "{}/_pullthrough/peer/blobs/{digest}",
-            peer.trim_end_matches('/')
-        );
+        let url = format!("{}{BLOBS_PATH}{digest}", peer.trim_end_matches('/'));
         let mut request = self
             .client
             .get(&url)

@@ -8,36 +8,32 @@ use http::{HeaderMap, Response, StatusCode};
 
 use super::body::{self, Body};
 use super::{
-    content_headers, content_type, namespace, none_match, not_modified, with_cache_status,
+    content_headers, content_type, none_match, not_modified, with_cache_status,
     DOCKER_CONTENT_DIGEST,
 };
 use crate::handlers::error::{ApiError, Object};
-use crate::mirror::{BlobAnswer, Mirror};
-use crate::oci::{Digest, RepoName};
+use crate::mirror::{BlobAnswer, Mirror, Target};
+use crate::oci::Digest;
 use crate::outcome::Source;
 use crate::sendfile::Sendfile;
 
 pub async fn get(
     mirror: &Arc<Mirror>,
-    name: &RepoName,
+    target: &Target,
     digest: &Digest,
     head: bool,
-    query: Option<&str>,
     headers: &HeaderMap,
     sendfile: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
     let err = |e| ApiError::from_mirror(e, Object::Blob);
-    let target = mirror
-        .target(namespace(query).as_deref(), name)
-        .map_err(err)?;
     // A blob is named by its digest: a client that has it needs only to learn that it still
     // exists (a HEAD's worth, from the store or an uncounted upstream HEAD).
     if none_match(headers, digest) {
-        let answer = mirror.blob(&target, digest, true).await.map_err(err)?;
+        let answer = mirror.blob(target, digest, true).await.map_err(err)?;
         let status = answer.status();
         return Ok(with_cache_status(not_modified(digest, true), status));
     }
-    let answer = mirror.blob(&target, digest, head).await.map_err(err)?;
+    let answer = mirror.blob(target, digest, head).await.map_err(err)?;
     let status = answer.status();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let metrics = mirror.metrics().clone();
@@ -94,7 +90,7 @@ pub async fn peer(
     sendfile: Option<Sendfile>,
 ) -> Result<Response<Body>, ApiError> {
     let secret = headers
-        .get(crate::cluster::peer::SECRET_HEADER)
+        .get(crate::peer_api::SECRET_HEADER)
         .map(HeaderValue::as_bytes);
     let handle = mirror
         .peer_blob(secret, digest)

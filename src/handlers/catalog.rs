@@ -8,25 +8,25 @@ use http::header::{self, HeaderValue};
 use http::Response;
 
 use super::body::Body;
-use super::namespace;
-use super::tags::{page, paging_params};
+use super::tags::page;
+use super::Query;
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::Mirror;
 use crate::outcome::CacheStatus;
 
 pub async fn list(
     mirror: &Arc<Mirror>,
-    query: Option<&str>,
+    query: &Query,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let ns = namespace(query);
+    let ns = query.ns.as_deref();
     let repos = mirror
-        .catalog(ns.as_deref())
+        .catalog(ns)
         .await
         .map_err(|e| ApiError::from_mirror(e, Object::Tags))?;
     let mut names: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
-    let (n, last) = paging_params(query);
-    let next = page(&mut names, n, last.as_deref());
+    let n = query.paging.n;
+    let next = page(&mut names, n, query.paging.last.as_deref());
     let json =
         serde_json::to_vec(&serde_json::json!({ "repositories": names })).unwrap_or_default();
     let mut resp = super::json(json, head);
@@ -38,7 +38,7 @@ pub async fn list(
     );
     if let Some(last) = next {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(ns) = &ns {
+        if let Some(ns) = ns {
             q.append_pair("ns", ns);
         }
         q.append_pair("n", &n.unwrap_or(0).to_string());

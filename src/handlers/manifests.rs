@@ -7,25 +7,19 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response};
 
 use super::body::{self, Body};
-use super::{
-    content_headers, namespace, none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST,
-};
+use super::{content_headers, none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST};
 use crate::handlers::error::{ApiError, Object};
-use crate::mirror::{ManifestAnswer, Mirror};
-use crate::oci::{Accept, Reference, RepoName};
+use crate::mirror::{ManifestAnswer, Mirror, Target};
+use crate::oci::{Accept, Reference};
 
 pub async fn get(
     mirror: &Arc<Mirror>,
-    name: &RepoName,
+    target: &Target,
     reference: &Reference,
     head: bool,
-    query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, ApiError> {
     let err = |e| ApiError::from_mirror(e, Object::Manifest);
-    let target = mirror
-        .target(namespace(query).as_deref(), name)
-        .map_err(err)?;
     let accept = Accept::parse(
         headers
             .get_all(header::ACCEPT)
@@ -35,7 +29,7 @@ pub async fn get(
     let by_digest = matches!(reference, Reference::Digest(_));
     if headers.contains_key(header::IF_NONE_MATCH) {
         let (answer, matched) = mirror
-            .conditional_manifest(&target, reference, head, &accept, |digest| {
+            .conditional_manifest(target, reference, head, &accept, |digest| {
                 none_match(headers, digest)
             })
             .await
@@ -49,7 +43,7 @@ pub async fn get(
         return Ok(response(answer, by_digest));
     }
     let answer = mirror
-        .manifest(&target, reference, head, &accept)
+        .manifest(target, reference, head, &accept)
         .await
         .map_err(err)?;
     Ok(response(answer, by_digest))

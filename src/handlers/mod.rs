@@ -9,8 +9,11 @@ pub mod catalog;
 pub mod error;
 pub mod manifests;
 pub mod ops;
+mod query;
 pub mod referrers;
 pub mod tags;
+
+pub use query::Query;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::Response;
@@ -70,13 +73,6 @@ fn with_cache_status(mut resp: Response<Body>, status: CacheStatus) -> Response<
         .insert(X_CACHE, HeaderValue::from_static(status.x_cache()));
     resp.extensions_mut().insert(status);
     resp
-}
-
-/// `ns=<registry>` from the query: containerd's way of naming the upstream registry.
-pub fn namespace(query: Option<&str>) -> Option<String> {
-    url::form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == "ns")
-        .map(|(_, v)| v.into_owned())
 }
 
 fn content_type(h: &mut http::HeaderMap, value: &'static str) {

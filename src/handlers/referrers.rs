@@ -8,32 +8,24 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::Response;
 
 use super::body::{self, Body};
-use super::{namespace, with_cache_status};
+use super::with_cache_status;
 use crate::handlers::error::{ApiError, Object};
-use crate::mirror::Mirror;
-use crate::oci::{media, Digest, RepoName};
+use crate::mirror::{Mirror, Target};
+use crate::oci::{media, Digest};
 
 const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
 pub async fn list(
     mirror: &Arc<Mirror>,
-    name: &RepoName,
+    target: &Target,
     subject: &Digest,
-    query: Option<&str>,
+    artifact_type: Option<&str>,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let err = |e| ApiError::from_mirror(e, Object::Manifest);
-    let target = mirror
-        .target(namespace(query).as_deref(), name)
-        .map_err(err)?;
-    let artifact_type = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "artifactType")
-        .map(|(_, v)| v.into_owned())
-        .filter(|v| !v.is_empty());
     let answer = mirror
-        .referrers(&target, subject, artifact_type.as_deref())
+        .referrers(target, subject, artifact_type)
         .await
-        .map_err(err)?;
+        .map_err(|e| ApiError::from_mirror(e, Object::Manifest))?;
     let len = answer.body.len();
     let mut resp = Response::new(if head {
         body::empty()

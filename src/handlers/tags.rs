@@ -13,41 +13,35 @@ use http::header::{self, HeaderValue};
 use http::Response;
 
 use super::body::{self, Body};
-use super::namespace;
+use super::Query;
 use crate::handlers::error::{ApiError, Object};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, Target};
 use crate::oci::RepoName;
 use crate::outcome::CacheStatus;
 
+/// The tags of `target`, which the client asked for as `name` (the name the `Link`s use).
 pub async fn list(
     mirror: &Arc<Mirror>,
+    target: &Target,
     name: &RepoName,
-    query: Option<&str>,
+    query: &Query,
     head: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let err = |e| ApiError::from_mirror(e, Object::Tags);
-    let target = mirror
-        .target(namespace(query).as_deref(), name)
-        .map_err(err)?;
     // Only the paging parameters go upstream; `ns` is ours.
-    let paging: String = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(
-            url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-                .filter(|(k, _)| k == "n" || k == "last"),
-        )
-        .finish();
+    let paging = query.paging.upstream_query();
     let mut page = mirror
-        .tags(&target, (!paging.is_empty()).then_some(paging.as_str()))
+        .tags(target, paging.as_deref())
         .await
-        .map_err(err)?;
-    let (n, last) = paging_params(query);
+        .map_err(|e| ApiError::from_mirror(e, Object::Tags))?;
+    let (n, last) = (query.paging.n, query.paging.last.as_deref());
+    let ns = query.ns.as_deref();
     // Without a `Link`, the upstream sent its last (or only) page: sorted here, as the spec
     // asks of every answer (lexical order), whatever order the upstream kept.
     if page.link.is_none() {
-        if let Some((body, next)) = paginate(&page.body, n, last.as_deref()) {
+        if let Some((body, next)) = paginate(&page.body, n, last) {
             page.body = body;
             page.content_type = Some(HeaderValue::from_static("application/json"));
-            page.link = next.map(|last| next_link(name, query, n.unwrap_or(0), &last));
+            page.link = next.map(|last| next_link(name, ns, n.unwrap_or(0), &last));
         }
     }
     let len = page.body.len();
@@ -68,26 +62,11 @@ pub async fn list(
         super::X_CACHE,
         HeaderValue::from_static(CacheStatus::Miss.x_cache()),
     );
-    let ns = namespace(query);
-    let link = page.link.map(|l| client_link(&l, name, ns.as_deref()));
+    let link = page.link.map(|l| client_link(&l, name, ns));
     if let Some(Ok(v)) = link.map(|l| HeaderValue::from_str(&l)) {
         h.insert(header::LINK, v);
     }
     Ok(out)
-}
-
-/// `n` (when a number) and `last` from the client's query.
-pub(super) fn paging_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
-    let mut n = None;
-    let mut last = None;
-    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        match &*k {
-            "n" => n = v.parse().ok(),
-            "last" => last = Some(v.into_owned()),
-            _ => {}
-        }
-    }
-    (n, last)
 }
 
 /// The page `n`/`last` ask for out of an upstream body `{"name":…,"tags":[…]}`, and the last
@@ -129,10 +108,10 @@ pub(super) fn page(
 }
 
 /// `</v2/<name>/tags/list?n=…&last=…>; rel="next"`, keeping the client's `ns`.
-fn next_link(name: &RepoName, query: Option<&str>, n: usize, last: &str) -> String {
+fn next_link(name: &RepoName, ns: Option<&str>, n: usize, last: &str) -> String {
     let mut q = url::form_urlencoded::Serializer::new(String::new());
-    if let Some(ns) = namespace(query) {
-        q.append_pair("ns", &ns);
+    if let Some(ns) = ns {
+        q.append_pair("ns", ns);
     }
     q.append_pair("n", &n.to_string());
     q.append_pair("last", last);

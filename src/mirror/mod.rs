@@ -198,10 +198,14 @@ impl Mirror {
         })
     }
 
-    /// [`Mirror::resolve`], refused with [`Error::Refused`] when the upstream's policy does not
-    /// mirror the repository: before the cache is looked at or the upstream asked.
+    /// [`Mirror::resolve`], then [`Mirror::admit`].
     pub fn target(&self, ns: Option<&str>, name: &RepoName) -> Result<Target, Error> {
-        let target = self.resolve(ns, name)?;
+        self.admit(self.resolve(ns, name)?)
+    }
+
+    /// A resolved `target`, refused with [`Error::Refused`] when the upstream's policy does not
+    /// mirror the repository: before the cache is looked at or the upstream asked.
+    pub fn admit(&self, target: Target) -> Result<Target, Error> {
         if !target.policy.admits(&target.repo) {
             self.metrics.policy_refusal(target.registry());
             return Err(Error::Refused {

@@ -133,7 +133,7 @@ impl Access {
             return self
                 .tokens
                 .iter()
-                .any(|t| constant_time_eq(t.expose(), rest.trim()));
+                .any(|t| t.matches(rest.trim().as_bytes()));
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return false;
@@ -146,9 +146,7 @@ impl Access {
         let Some((user, pass)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
             return false;
         };
-        self.tokens
-            .iter()
-            .any(|t| constant_time_eq(t.expose(), pass))
+        self.tokens.iter().any(|t| t.matches(pass.as_bytes()))
             || self
                 .htpasswd
                 .get(user)
@@ -194,14 +192,6 @@ impl Access {
             Err(e)
         }
     }
-}
-
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 #[cfg(test)]

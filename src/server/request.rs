@@ -14,6 +14,7 @@ use super::request_id;
 use super::{App, Role};
 use crate::handlers::body::{self, Body};
 use crate::handlers::error::ApiError;
+use crate::handlers::Query;
 use crate::logging::{self, AccessLine};
 use crate::oci::RepoName;
 use crate::outcome::CacheStatus;
@@ -84,7 +85,7 @@ pub(super) struct ConnInfo {
 /// response body ends, with the bytes actually sent.
 pub(super) async fn handle(
     app: Arc<App>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<Body> {
     let ConnInfo {
@@ -101,10 +102,6 @@ pub(super) async fn handle(
         (Role::Main, Route::Metrics) if app.metrics_elsewhere => Route::NotFound,
         (Role::Main, r) => r,
     };
-    // Only blob bodies use it; other requests are spared the allocations of an extension.
-    if let (Route::Blob { .. }, Some(files)) = (&route, files) {
-        req.extensions_mut().insert(files);
-    }
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
     let client = app.trusted_proxies.client(peer.ip(), req.headers());
@@ -124,15 +121,15 @@ pub(super) async fn handle(
         Route::Blob { digest, .. } | Route::Referrers { digest, .. } => digest.to_string(),
         _ => String::new(),
     };
+    // The query and the target are worked out once, here, and handed down with the request.
+    let query = Query::parse(req.uri().query());
+    let target = routes::target(&app.mirror, &route, &query);
     // The log names the registry a request went to and the repository as that registry
     // knows it (`/v2/ghcr/org/app` is ghcr.io's `org/app`); with no registry resolved, `-`
     // and the name as asked for.
-    let target = route.repository().and_then(|name| {
-        let ns = crate::handlers::namespace(req.uri().query());
-        app.mirror.resolve(ns.as_deref(), name).ok()
-    });
-    let registry = target.as_ref().map(|t| t.registry().to_owned());
-    let repository = target
+    let resolved = target.as_ref().and_then(|t| t.as_ref().ok());
+    let registry = resolved.map(|t| t.registry().to_owned());
+    let repository = resolved
         .map(|t| t.repo().clone())
         .or_else(|| route.repository().cloned());
     let mut waited = Duration::ZERO;
@@ -140,9 +137,16 @@ pub(super) async fn handle(
         Err(e) => Ok(Err(e)),
         Ok(()) => {
             let asked = Instant::now();
-            let answer = std::panic::AssertUnwindSafe(routes::dispatch(&app.mirror, &route, &req))
-                .catch_unwind()
-                .await;
+            let answer = std::panic::AssertUnwindSafe(routes::dispatch(
+                &app.mirror,
+                &route,
+                &req,
+                &query,
+                target,
+                files,
+            ))
+            .catch_unwind()
+            .await;
             // What the pull layer took to answer is time spent on the upstream, unless the
             // answer came from the cache alone.
             if route.repository().is_some() {
