@@ -13,7 +13,7 @@ use http::{Method, Request, Response};
 use crate::handlers::body::Body;
 use crate::handlers::error::{ApiError, Object};
 use crate::handlers::{blobs, catalog, manifests, ops, referrers, tags, Query};
-use crate::mirror::{self, Mirror, Target};
+use crate::mirror::{self, Housekeeping, Mirror, Target};
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
 
@@ -186,9 +186,9 @@ async fn answer<B>(
             Box::pin(blobs::peer(mirror, digest, req.headers(), files)).await
         }
         Route::Healthz => Ok(ops::healthz()),
-        Route::Readyz => Ok(Box::pin(ops::readyz(mirror)).await),
-        Route::Metrics => Ok(ops::metrics(mirror, req.headers())),
-        Route::Status => Ok(ops::status(mirror)),
+        Route::Readyz => Ok(Box::pin(ops::readyz(&Housekeeping::of(mirror))).await),
+        Route::Metrics => Ok(ops::metrics(&Housekeeping::of(mirror), req.headers())),
+        Route::Status => Ok(ops::status(&Housekeeping::of(mirror))),
         Route::Ui => Ok(ops::ui()),
         Route::Unsupported => Err(ApiError::unsupported()),
         Route::Invalid(e) => Err(e.clone().into()),

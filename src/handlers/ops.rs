@@ -7,7 +7,7 @@ use http::{Response, StatusCode};
 use super::body::{self, Body};
 use super::{content_type, API_VERSION};
 use crate::metrics::Format;
-use crate::mirror::Mirror;
+use crate::mirror::Housekeeping;
 use crate::outcome::CacheStatus;
 
 /// `GET /v2/`.
@@ -34,7 +34,7 @@ pub fn healthz() -> Response<Body> {
     text(StatusCode::OK, "ok\n")
 }
 
-pub async fn readyz(mirror: &Mirror) -> Response<Body> {
+pub async fn readyz(mirror: &Housekeeping) -> Response<Body> {
     match mirror.readiness().await {
         Ok(()) => text(StatusCode::OK, "ready\n"),
         Err(e) => {
@@ -46,7 +46,7 @@ pub async fn readyz(mirror: &Mirror) -> Response<Body> {
 
 /// `GET /metrics`: OpenMetrics if the scraper's `Accept` asks for it, else the Prometheus text
 /// format (what `promtool check metrics` reads).
-pub fn metrics(mirror: &Mirror, headers: &http::HeaderMap) -> Response<Body> {
+pub fn metrics(mirror: &Housekeeping, headers: &http::HeaderMap) -> Response<Body> {
     let format = Format::negotiate(
         headers
             .get_all(header::ACCEPT)
@@ -78,6 +78,6 @@ pub fn ui() -> Response<Body> {
 }
 
 /// `GET /_pullthrough/status`: the pull budget and health of each upstream.
-pub fn status(mirror: &Mirror) -> Response<Body> {
+pub fn status(mirror: &Housekeeping) -> Response<Body> {
     super::json(mirror.status().to_string().into_bytes(), false)
 }

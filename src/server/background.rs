@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::tls::Tls;
 use crate::clock::Clock;
-use crate::mirror::Mirror;
+use crate::mirror::Housekeeping;
 
 pub(super) async fn reload_tls_on_sighup(tls: Arc<Tls>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -31,22 +31,22 @@ pub(super) async fn reload_tls_on_sighup(tls: Arc<Tls>) {
 /// `cache prune` run beside the server is looked for.
 pub(super) const INDEX_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-pub(super) async fn housekeeping_periodically(mirror: Arc<Mirror>, every: Duration) {
+pub(super) async fn housekeeping_periodically(chores: Housekeeping, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        mirror.notice_prune().await;
-        mirror.save_index().await;
+        chores.notice_prune().await;
+        chores.save_index().await;
     }
 }
 
-pub(super) async fn sample_periodically(mirror: Arc<Mirror>, every: Duration) {
+pub(super) async fn sample_periodically(chores: Housekeeping, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        mirror.sample();
+        chores.sample();
     }
 }
 
@@ -54,38 +54,22 @@ pub(super) async fn sample_periodically(mirror: Arc<Mirror>, every: Duration) {
 /// mirror's [`Clock`] (moved by tests with `advance`) rather than timers of its own.
 const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
-/// The cluster's periodic work: heartbeats (on their own, so that a long eviction pass never
-/// delays them past the members' expiry), and the shared tier's access flushes and eviction
-/// passes.
+/// A replica's periodic work (none without `[cluster]`), each on its own task: a long
+/// eviction pass never delays a heartbeat past the members' expiry.
 pub(super) fn cluster_periodically(
-    mirror: &Arc<Mirror>,
+    chores: &Housekeeping,
     clock: &Clock,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let heartbeat = {
-        let (mirror, clock) = (mirror.clone(), clock.clone());
-        async move {
-            on_clock(&clock, crate::cluster::HEARTBEAT, || mirror.heartbeat()).await;
-        }
-    };
-    let flush = {
-        let (mirror, clock) = (mirror.clone(), clock.clone());
-        async move {
-            use crate::store::shared::access::FLUSH_EVERY;
-            on_clock(&clock, FLUSH_EVERY, || mirror.flush_shared_accesses()).await;
-        }
-    };
-    let evict = {
-        let (mirror, clock) = (mirror.clone(), clock.clone());
-        async move {
-            use crate::store::shared::eviction::EVICT_EVERY;
-            on_clock(&clock, EVICT_EVERY, || mirror.evict_shared()).await;
-        }
-    };
-    vec![
-        tokio::spawn(heartbeat),
-        tokio::spawn(flush),
-        tokio::spawn(evict),
-    ]
+    chores
+        .periodic()
+        .iter()
+        .map(|&work| {
+            let (chores, clock) = (chores.clone(), clock.clone());
+            tokio::spawn(async move {
+                on_clock(&clock, work.every(), || chores.run(work)).await;
+            })
+        })
+        .collect()
 }
 
 /// Runs `work` at once and then each time `every` has passed on `clock`, until aborted.

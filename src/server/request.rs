@@ -16,6 +16,7 @@ use crate::handlers::body::{self, Body};
 use crate::handlers::error::ApiError;
 use crate::handlers::Query;
 use crate::logging::{self, AccessLine};
+use crate::mirror::Housekeeping;
 use crate::oci::RepoName;
 use crate::outcome::CacheStatus;
 use crate::routes::{self, Route};
@@ -183,7 +184,7 @@ pub(super) async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let metrics = app.metrics.clone();
-    let mirror = app.mirror.clone();
+    let chores = Housekeeping::of(&app.mirror);
     resp.map(move |b| {
         body::observe(b, move |bytes, ended| {
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);
@@ -212,7 +213,7 @@ pub(super) async fn handle(
                 user_agent: &user_agent,
             });
             if let Some(repo) = &repository {
-                mirror.record_request(repo.as_str(), bytes);
+                chores.record_request(repo.as_str(), bytes);
             }
             drop(in_flight);
         })

@@ -22,7 +22,7 @@ use super::{App, Role};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
+use crate::mirror::{Housekeeping, Mirror};
 
 /// Runs the mirror on `listener` until `shutdown` completes, then lets in-flight responses
 /// finish for up to `server.shutdown_grace`.
@@ -166,20 +166,19 @@ pub(super) async fn run(
         }
         _ => None,
     };
+    let chores = Housekeeping::of(&mirror);
     let mut background = vec![tokio::spawn(housekeeping_periodically(
-        mirror.clone(),
+        chores.clone(),
         housekeeping,
     ))];
     background.push(tokio::spawn(sample_periodically(
-        mirror.clone(),
+        chores.clone(),
         sample_every,
     )));
     if let Some(tls) = &tls {
         background.push(tokio::spawn(reload_tls_on_sighup(tls.clone())));
     }
-    if mirror.is_clustered() {
-        background.extend(cluster_periodically(&mirror, &cluster_clock));
-    }
+    background.extend(cluster_periodically(&chores, &cluster_clock));
     if !warm.images.is_empty() {
         background.push(tokio::spawn(crate::warm::schedule::run(
             mirror.clone(),
@@ -251,10 +250,10 @@ pub(super) async fn run(
     for task in background {
         task.abort();
     }
-    mirror.save_index().await;
+    chores.save_index().await;
     // The last few seconds of shared-tier accesses, which the fleet's eviction order would
     // otherwise never see (bounded by the coordinator's request deadline).
-    mirror.flush_shared_accesses().await;
+    chores.flush_shared_accesses().await;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::image::ImageRef;
 use crate::metrics::Metrics;
-use crate::mirror::{BlobAnswer, Mirror};
+use crate::mirror::{BlobAnswer, Housekeeping, Mirror};
 use crate::oci::{media, Accept, Reference};
 use crate::outcome::CacheStatus;
 use crate::store::handle::Progress;
@@ -38,7 +38,7 @@ impl Local {
 
     /// Saves the cache index, so the next start keeps the access order.
     pub async fn close(&self) {
-        self.mirror.save_index().await;
+        Housekeeping::of(&self.mirror).save_index().await;
     }
 }
 
