@@ -478,9 +478,8 @@ impl Mirror {
     }
 
     fn stale_or(&self, e: upstream::Error, key: &TagKey, cached: Option<TagRecord>) -> TagResult {
-        let usable = e.is_outage() || matches!(e, upstream::Error::TooManyRequests { .. });
         match cached {
-            Some(record) if usable => Ok(self.stale(key, record, &e)),
+            Some(record) if e.allows_stale() => Ok(self.stale(key, record, &e)),
             _ => Err(e.into()),
         }
     }

@@ -82,10 +82,7 @@ impl Mirror {
                     .await?;
                 match (result, cached) {
                     (Ok((list, s)), _) => (list, s.joined(coalesced)),
-                    (Err(Error::Upstream(e)), Some((list, at)))
-                        if e.is_outage()
-                            || matches!(e, upstream::Error::TooManyRequests { .. }) =>
-                    {
+                    (Err(Error::Upstream(e)), Some((list, at))) if e.allows_stale() => {
                         tracing::warn!(
                             upstream = %key.registry, repo = %key.repo, subject = %key.subject,
                             error = %e, age_secs = self.clock.since(at).as_secs(),

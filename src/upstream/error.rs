@@ -142,6 +142,12 @@ impl Error {
                 | Error::BackingOff { .. }
         )
     }
+
+    /// Whether cached content is worth serving stale after this failure: an outage or a
+    /// refusal (429) says nothing about the content, unlike a 404, 401 or 403.
+    pub fn allows_stale(&self) -> bool {
+        self.is_outage() || matches!(self, Error::TooManyRequests { .. })
+    }
 }
 
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
