@@ -3,9 +3,11 @@
 //! Layers call one way, top to bottom (see ARCHITECTURE.md; `tests/architecture.rs` keeps it
 //! so): `server` (connections, TLS, admission) → `routes` (parse, dispatch) → `handlers`
 //! (HTTP: headers, ranges, bodies; `handlers::error` maps failures to responses) → `mirror` (the pull
-//! layer: what to answer) → services (`store`, `shared`, `download`, `verify`,
-//! `upstream`, `cluster`, `singleflight`) → foundations (`config`, `oci`, `outcome`, `metrics`, `logging`, `clock`,
-//! `sync`, `platform`, `sendfile`).
+//! layer: what to answer; `mirror::Housekeeping` for status, metrics and periodic work) →
+//! services (`download`, `store` with both tiers behind one seam, `verify`, `upstream`,
+//! `cluster`, `singleflight`) → foundations (`config`, `oci`, `outcome`, `metrics`,
+//! `logging`, `clock`, `sync`, `platform`, `sendfile`, `secret`, `size`, `ranges`,
+//! `peer_api`).
 //!
 //! An embedder needs [`serve`] (or [`Server`]) and [`Config`]; the operator commands are in
 //! [`admin`].

@@ -19,7 +19,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "download",
             "verify",
             "store",
-            "shared",
             "upstream",
             "cluster",
             "singleflight",

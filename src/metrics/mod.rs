@@ -7,7 +7,7 @@
 //! One file per domain: `requests.rs` (client requests, refusals), `cache.rs`, `upstream.rs`,
 //! `downloads.rs`, `cluster.rs` (leases, coordinator, shared tier) and `process.rs`. A metric's
 //! field, its registration and the method its caller calls live in its domain's file; the
-//! few gauges callers set directly are fields of [`Metrics`], registered there too.
+//! few gauges callers set directly are fields of [`Metrics`], declared there and registered by their domain file.
 //! `labels.rs` holds the label sets, `format.rs` the exposition formats.
 
 mod cache;
