@@ -247,3 +247,71 @@ impl Downloads {
         all
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::UpstreamConfig;
+
+    fn upstream(first_byte_timeout: Duration) -> Upstream {
+        let config = UpstreamConfig {
+            first_byte_timeout,
+            ..UpstreamConfig::default()
+        };
+        Upstream::new(
+            "docker.io",
+            &config,
+            Arc::new(Metrics::new()),
+            Clock::manual(),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn repo() -> RepoName {
+        "library/app".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_leader_vanished_is_told_dangling_at_once() {
+        let (download, start) = Download::new(&upstream(Duration::from_secs(3600)), &repo());
+        drop(start);
+        let waited = tokio::time::timeout(Duration::from_secs(5), download.started()).await;
+        assert!(matches!(waited, Ok(Start::Failed(Failure::Dangling))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_waits_for_a_stuck_leader_no_longer_than_first_byte_timeout() {
+        let (download, _start) = Download::new(&upstream(Duration::from_secs(30)), &repo());
+        let asked = tokio::time::Instant::now();
+        let started = download.started().await;
+        assert!(
+            matches!(&started, Start::Failed(Failure::WaitTimeout { upstream }) if upstream == "docker.io")
+        );
+        assert_eq!(asked.elapsed(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_tier_that_broke_off_is_named_and_only_the_upstream_counts_as_a_resume() {
+        let short = Cut::Short {
+            tier: Tier::Peer,
+            written: 10,
+            size: 20,
+        };
+        assert!(!short.is_upstream());
+        assert!(short.to_string().contains("peer"), "{short}");
+        let changed = Failure::SizeChanged {
+            tier: Tier::Shared,
+            expected: 20,
+            actual: 21,
+        };
+        assert!(!changed.to_string().contains("upstream"), "{changed}");
+        assert!(Cut::Short {
+            tier: Tier::Upstream,
+            written: 1,
+            size: 2
+        }
+        .is_upstream());
+    }
+}
