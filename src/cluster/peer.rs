@@ -109,25 +109,14 @@ impl Peers {
         }
         .ok_or(PeerError::Protocol("no usable length or range"))?;
         let limit = patience.idle;
-        let chunks = futures_util::stream::unfold(
-            Some(resp.bytes_stream().boxed()),
-            move |body| async move {
-                let mut body = body?;
-                match tokio::time::timeout(limit, body.next()).await {
-                    Ok(None) => None,
-                    Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
-                    Ok(Some(Err(e))) => Some((Err(PeerError::of(e)), None)),
-                    Err(_) => Some((
-                        Err(PeerError::Timeout {
-                            what: "body chunk",
-                            limit,
-                        }),
-                        None,
-                    )),
-                }
-            },
-        )
-        .boxed();
+        let body = resp
+            .bytes_stream()
+            .map(|c| c.map_err(PeerError::of))
+            .boxed();
+        let chunks = crate::idle::idle_timeout(body, limit, move || PeerError::Timeout {
+            what: "body chunk",
+            limit,
+        });
         Ok(PeerBlob { size, chunks })
     }
 }

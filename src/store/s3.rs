@@ -72,16 +72,8 @@ fn with_idle_timeout<'a, T: Send + 'a>(
     what: &'static str,
     limit: Duration,
 ) -> BoxStream<'a, Result<T, Error>> {
-    futures_util::stream::unfold(Some(items), move |items| async move {
-        let mut items = items?;
-        match tokio::time::timeout(limit, items.next()).await {
-            Ok(None) => None,
-            Ok(Some(Ok(item))) => Some((Ok(item), Some(items))),
-            Ok(Some(Err(e))) => Some((Err(store_error(e)), None)),
-            Err(_) => Some((Err(Error::Timeout { what, limit }), None)),
-        }
-    })
-    .boxed()
+    let items = items.map(|r| r.map_err(store_error)).boxed();
+    crate::idle::idle_timeout(items, limit, move || Error::Timeout { what, limit })
 }
 
 /// Asks the store every [`REPROBE`] whether it answers (any answer, "not found" included),
