@@ -150,7 +150,9 @@ wrk_row() {
 h2_row() {
   local sys=$1 key=$2 rep=$3 path=$4; shift 4
   local url="https://127.0.0.1:${PORTS[$sys]}$path" out=$RES/$sys-$key.$rep pids cpu0 cpu1
-  local load=(h2load -t 2 -c 64 -m 8 -T 30 "$@")
+  # h2load has no overall deadline (-T bounds a connection's idle time only): a run that
+  # stalls is stopped well after its DURATION and the row reports no result.
+  local load=(timeout "$((DURATION + 60))" h2load -t 2 -c 64 -m 8 -T 30 "$@")
   read -ra pids <<<"${SPIDS[$sys]}"
   run_child "${load[@]}" -D 1 "$url" >/dev/null 2>&1 || true
   log "$sys: $key ($rep/$REPEAT)"
@@ -158,7 +160,7 @@ h2_row() {
   run_child "${load[@]}" -D "$DURATION" "$url" >"$out.h2load.txt" 2>&1 || true
   cpu1=$(cpu_seconds "${pids[@]}")
   python3 "$TOOLS/h2load-json.py" <"$out.h2load.txt" 2>/dev/null |
-    sed "s/}\$/, \"server_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')}/" >"$out.json"
+    sed "s/}\$/, \"server_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')}/" >"$out.json" || true
   [ -s "$out.json" ] || log "warning: h2load gave no result for $sys $key (see $out.h2load.txt)"
   grep -q '"protocol": "h2"' "$out.json" 2>/dev/null || log "warning: $sys $key did not negotiate h2"
 }
