@@ -68,6 +68,21 @@ pub fn from_unix_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// Serde for a time stored as whole Unix seconds (`#[serde(with = "clock::as_unix_secs")]`).
+pub mod as_unix_secs {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(super::unix_secs(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(super::from_unix_secs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,21 +19,28 @@ pub enum ParseError {
     Tag(String),
     #[error("invalid digest: {0}")]
     Digest(String),
+    /// A well-formed digest of another algorithm than sha256, which the mirror does not mirror.
+    #[error("only sha256 digests are mirrored: {0}")]
+    UnsupportedDigest(String),
 }
 
 const MAX_NAME_LEN: usize = 255;
 const MAX_TAG_LEN: usize = 128;
 
-/// A content digest. Only `sha256` digests are cacheable; other algorithms are accepted by the
-/// grammar and passed through to the upstream uncached.
+/// A sha256 content digest: the only algorithm the mirror mirrors, so past the edge no code
+/// asks which algorithm a digest uses. A well-formed digest of another algorithm is its own
+/// parse error ([`ParseError::UnsupportedDigest`]), answered `404` as content the mirror does
+/// not hold.
 ///
-/// Kept as the one string clients and upstreams exchange (`sha256:<hex>`), with where the colon
-/// is, so printing it into a header or a log costs a copy, not a format.
+/// Kept as the one string clients and upstreams exchange (`sha256:<hex>`), so printing it into
+/// a header or a log costs a copy, not a format.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     text: String,
-    colon: usize,
 }
+
+/// The one algorithm a [`Digest`] has, as written before its colon.
+pub const ALGORITHM: &str = "sha256";
 
 impl Digest {
     /// The digest of `bytes`, as sha256.
@@ -57,8 +64,7 @@ impl Digest {
 
     pub fn from_sha256(raw: [u8; 32]) -> Digest {
         Digest {
-            text: format!("sha256:{}", hex::encode(raw)),
-            colon: "sha256".len(),
+            text: format!("{ALGORITHM}:{}", hex::encode(raw)),
         }
     }
 
@@ -67,17 +73,9 @@ impl Digest {
         &self.text
     }
 
-    pub fn algorithm(&self) -> &str {
-        &self.text[..self.colon]
-    }
-
-    /// The encoded part after the colon: for sha256, 64 lowercase hex characters.
+    /// The 64 lowercase hex characters after the colon.
     pub fn hex(&self) -> &str {
-        &self.text[self.colon + 1..]
-    }
-
-    pub fn is_sha256(&self) -> bool {
-        self.algorithm() == "sha256"
+        &self.text[ALGORITHM.len() + 1..]
     }
 }
 
@@ -87,8 +85,7 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ParseError::Digest(truncate(s));
         let (algorithm, encoded) = s.split_once(':').ok_or_else(bad)?;
-        // Nearly every digest: skip the general grammar below, whose checks sha256 implies.
-        if algorithm == "sha256" {
+        if algorithm == ALGORITHM {
             if encoded.len() != 64
                 || !encoded
                     .bytes()
@@ -96,12 +93,10 @@ impl FromStr for Digest {
             {
                 return Err(bad());
             }
-            return Ok(Digest {
-                text: s.to_owned(),
-                colon: algorithm.len(),
-            });
+            return Ok(Digest { text: s.to_owned() });
         }
-        // algorithm: [a-z0-9]+ (separated by [+._-]); encoded: [a-zA-Z0-9=_-]+
+        // Any other algorithm by the spec's grammar: algorithm [a-z0-9]+ (separated by
+        // [+._-]), encoded [a-zA-Z0-9=_-]+. Well-formed is "not mirrored", not "invalid".
         let alg_ok = !algorithm.is_empty()
             && algorithm.len() <= 32
             && algorithm.split(['+', '.', '_', '-']).all(|c| {
@@ -114,13 +109,26 @@ impl FromStr for Digest {
             && encoded
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'));
-        if !alg_ok || !enc_ok {
-            return Err(bad());
+        if alg_ok && enc_ok {
+            Err(ParseError::UnsupportedDigest(truncate(s)))
+        } else {
+            Err(bad())
         }
-        Ok(Digest {
-            text: s.to_owned(),
-            colon: algorithm.len(),
-        })
+    }
+}
+
+/// Serialized as its wire string and parsed back, so a stored digest is checked as one from a
+/// client is.
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -383,8 +391,8 @@ mod tests {
     fn digest_accepts_sha256_and_rejects_malformed() {
         let hex = "a".repeat(64);
         let d: Digest = format!("sha256:{hex}").parse().unwrap();
-        assert!(d.is_sha256());
         assert_eq!(d.hex(), hex);
+        assert_eq!(d.as_str(), format!("sha256:{hex}"));
         for bad in [
             "sha256:".to_string(),
             format!("sha256:{}", "A".repeat(64)),
@@ -395,9 +403,28 @@ mod tests {
             format!("SHA256:{hex}"),
             format!("sha256:{}\0", "a".repeat(63)),
         ] {
-            assert!(bad.parse::<Digest>().is_err(), "{bad:?} accepted");
+            assert!(
+                matches!(bad.parse::<Digest>(), Err(ParseError::Digest(_))),
+                "{bad:?} accepted"
+            );
         }
-        assert!("sha512:abcDEF".parse::<Digest>().is_ok());
+    }
+
+    #[test]
+    fn a_well_formed_digest_of_another_algorithm_is_unsupported_not_invalid() {
+        for other in ["sha512:abcDEF", "blake3+x:a=b_c-d", "sha384:0"] {
+            assert!(
+                matches!(
+                    other.parse::<Digest>(),
+                    Err(ParseError::UnsupportedDigest(_))
+                ),
+                "{other:?}"
+            );
+        }
+        assert!(matches!(
+            "sha512:a/b".parse::<Digest>(),
+            Err(ParseError::Digest(_))
+        ));
     }
 
     #[test]

@@ -47,6 +47,12 @@ pub enum Route {
         name: RepoName,
         reference: String,
     },
+    /// A blob, manifest or referrers subject named by a digest of another algorithm than
+    /// sha256: content the mirror never holds, answered `404` without asking the upstream.
+    UnsupportedDigest {
+        name: RepoName,
+        object: Object,
+    },
     /// `GET /_pullthrough/peer/blobs/<digest>`: another replica streaming a blob this one
     /// holds or is downloading (authenticated by the cluster secret).
     PeerBlob {
@@ -71,6 +77,10 @@ impl Route {
         match self {
             Route::Base => "ping",
             Route::Manifest { .. } | Route::NoSuchManifest { .. } => "manifest",
+            Route::UnsupportedDigest { object, .. } => match object {
+                Object::Blob => "blob",
+                _ => "manifest",
+            },
             Route::Blob { .. } => "blob",
             Route::TagsList { .. } => "tags",
             Route::Referrers { .. } => "referrers",
@@ -84,6 +94,7 @@ impl Route {
         match self {
             Route::Manifest { name, .. }
             | Route::NoSuchManifest { name, .. }
+            | Route::UnsupportedDigest { name, .. }
             | Route::Blob { name, .. }
             | Route::TagsList { name }
             | Route::Referrers { name, .. } => Some(name),
@@ -182,6 +193,7 @@ async fn answer<B>(
             .await
         }
         Route::NoSuchManifest { reference, .. } => Err(ApiError::manifest_unknown(reference)),
+        Route::UnsupportedDigest { object, .. } => Err(ApiError::unsupported_digest(*object)),
         Route::PeerBlob { digest } => {
             Box::pin(blobs::peer(mirror, digest, req.headers(), files)).await
         }
@@ -259,6 +271,10 @@ pub fn parse(method: &Method, path: &str) -> Route {
             }
             return match (name.parse(), digest.parse()) {
                 (Ok(name), Ok(digest)) => Route::Referrers { name, digest },
+                (Ok(name), Err(ParseError::UnsupportedDigest(_))) => Route::UnsupportedDigest {
+                    name,
+                    object: Object::Manifest,
+                },
                 (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
             };
         }
@@ -280,6 +296,10 @@ pub fn parse(method: &Method, path: &str) -> Route {
                 name,
                 reference: reference.to_owned(),
             },
+            (Ok(name), Err(ParseError::UnsupportedDigest(_))) => Route::UnsupportedDigest {
+                name,
+                object: Object::Manifest,
+            },
             (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
         };
     }
@@ -293,6 +313,10 @@ pub fn parse(method: &Method, path: &str) -> Route {
         }
         return match (name.parse(), digest.parse()) {
             (Ok(name), Ok(digest)) => Route::Blob { name, digest, head },
+            (Ok(name), Err(ParseError::UnsupportedDigest(_))) => Route::UnsupportedDigest {
+                name,
+                object: Object::Blob,
+            },
             (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
         };
     }

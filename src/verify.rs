@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::singleflight::{Flights, Joined};
-use crate::store::handle::Progress;
+use crate::store::handle::{Failed, Progress};
 use crate::store::Store;
 
 pub struct Verifications {
@@ -32,7 +32,7 @@ enum Outcome {
         actual: Digest,
     },
     /// Reading the file failed; it is left in place and tried again by the next reader.
-    Unreadable(io::Error),
+    Unreadable(Arc<io::Error>),
     Panicked,
 }
 
@@ -63,7 +63,7 @@ impl Verifications {
                 .map_or(Outcome::Panicked, |hashed| match hashed {
                     Ok(actual) if actual == expected => Outcome::Verified,
                     Ok(actual) => Outcome::Mismatch { actual },
-                    Err(e) => Outcome::Unreadable(e),
+                    Err(e) => Outcome::Unreadable(Arc::new(e)),
                 });
             match &outcome {
                 Outcome::Verified => {
@@ -86,7 +86,9 @@ impl Verifications {
             drop(guard);
             sender.send_replace(match outcome {
                 Outcome::Verified => Progress::Complete,
-                failed => Progress::Failed(format!("{failed:?}")),
+                Outcome::Mismatch { actual } => Progress::Failed(Failed::Mismatch { actual }),
+                Outcome::Unreadable(e) => Progress::Failed(Failed::Unreadable(e)),
+                Outcome::Panicked => Progress::Failed(Failed::Panicked),
             });
         });
         rx

@@ -195,19 +195,29 @@ async fn head_and_get_agree_for_a_cold_tag_whatever_the_accept() {
 }
 
 #[tokio::test]
-async fn non_sha256_manifest_digests_are_unknown_without_asking_upstream() {
+async fn non_sha256_digests_are_unknown_without_asking_upstream() {
     let up = FakeUpstream::start().await;
     let m = TestMirror::start(&up).await;
-    let r = m
-        .get(&format!(
-            "/v2/library/app/manifests/sha512:{}",
-            "a".repeat(128)
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    assert_eq!(first_error(r).await["code"], "MANIFEST_UNKNOWN");
+    let other = format!("sha512:{}", "a".repeat(128));
+    for (path, code) in [
+        (
+            format!("/v2/library/app/manifests/{other}"),
+            "MANIFEST_UNKNOWN",
+        ),
+        (format!("/v2/library/app/blobs/{other}"), "BLOB_UNKNOWN"),
+        (
+            format!("/v2/library/app/referrers/{other}"),
+            "MANIFEST_UNKNOWN",
+        ),
+    ] {
+        let r = m.get(&path).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(first_error(r).await["code"], code, "{path}");
+    }
+    // A malformed digest of any algorithm is still the client's mistake.
+    let r = m.get("/v2/library/app/blobs/sha512:").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(first_error(r).await["code"], "DIGEST_INVALID");
     assert_eq!(up.total(), 0);
 }
 

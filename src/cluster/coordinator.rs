@@ -4,15 +4,27 @@
 //! The meaning of each key (tag records, budgets, heartbeats, access times) lives with the
 //! callers in [`super::Cluster`]; this is only the storage contract.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-/// A coordinator request that failed: Redis unreachable, timed out or answering an error.
-/// The message never holds the Redis URL (which may carry a password).
+/// A coordinator request that failed, with its typed cause. The message never holds the
+/// Redis URL (which may carry a password).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct CoordError(pub String);
+pub enum CoordError {
+    /// The engine refused, dropped the connection or answered an error.
+    #[error("{engine}: {source}")]
+    Engine {
+        engine: &'static str,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The in-process coordinator, told to fail (tests).
+    #[error("connection refused (in-memory coordinator is down)")]
+    Down,
+}
 
 pub type CoordResult<T> = Result<T, CoordError>;
 

@@ -41,9 +41,7 @@ impl MemoryCoordinator {
     fn up(&self) -> CoordResult<()> {
         self.requests.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
-            Err(CoordError(
-                "connection refused (in-memory coordinator is down)".into(),
-            ))
+            Err(CoordError::Down)
         } else {
             Ok(())
         }

@@ -7,6 +7,7 @@
 //! failures, and picks coordination up again by itself when Redis answers.
 
 pub mod coordinator;
+pub mod held;
 pub mod members;
 pub mod memory;
 pub mod peer;
@@ -17,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::{Claim, CoordResult, Coordinator, Lease};
+use futures_util::future::BoxFuture;
+use held::{Held, Renewed};
 
 use crate::clock::Clock;
 use crate::config::{ClusterConfig, Secret};
@@ -136,7 +139,7 @@ impl Cluster {
         }
         let result = match tokio::time::timeout(DEADLINE, request).await {
             Ok(r) => r,
-            Err(_) => Err(coordinator::CoordError("timed out".into())),
+            Err(_) => Err(coordinator::CoordError::Timeout(DEADLINE)),
         };
         match result {
             Ok(v) => {
@@ -293,21 +296,17 @@ impl Cluster {
 pub struct LeaseGuard {
     cluster: Arc<Cluster>,
     lease: Lease,
-    lost: Arc<AtomicBool>,
-    renewer: tokio::task::JoinHandle<()>,
+    held: Held,
 }
 
 impl LeaseGuard {
     fn start(cluster: Arc<Cluster>, lease: Lease) -> LeaseGuard {
         cluster.metrics.leases_held.inc();
-        let lost = Arc::new(AtomicBool::new(false));
-        let renewer = tokio::spawn({
-            let (cluster, lease, lost) = (cluster.clone(), lease.clone(), lost.clone());
-            async move {
-                let mut tick = tokio::time::interval(cluster.lease_ttl / 3);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
+        let renew = {
+            let (cluster, lease) = (cluster.clone(), lease.clone());
+            move || -> BoxFuture<'static, Renewed> {
+                let (cluster, lease) = (cluster.clone(), lease.clone());
+                Box::pin(async move {
                     let renewed = cluster
                         .ask(
                             "renew",
@@ -316,19 +315,32 @@ impl LeaseGuard {
                         .await;
                     // An unreachable coordinator is not a lost lease: nobody can take it
                     // while Redis is down, and the fence is checked again before publishing.
-                    if renewed == Some(false) {
-                        tracing::warn!(lease = %lease.key, "download lease lost to another replica");
-                        lost.store(true, Ordering::SeqCst);
-                        return;
+                    match renewed {
+                        Some(true) => Renewed::Kept,
+                        Some(false) => {
+                            tracing::warn!(lease = %lease.key, "download lease lost to another replica");
+                            Renewed::Lost
+                        }
+                        None => Renewed::Unknown,
                     }
-                }
+                })
             }
-        });
+        };
+        let release: held::Release = {
+            let (cluster, lease) = (cluster.clone(), lease.clone());
+            Box::new(move || {
+                Box::pin(async move {
+                    cluster
+                        .ask("release", cluster.coordinator.release(&lease))
+                        .await;
+                })
+            })
+        };
+        let held = Held::start(cluster.lease_ttl / 3, renew, release);
         LeaseGuard {
             cluster,
             lease,
-            lost,
-            renewer,
+            held,
         }
     }
 
@@ -336,7 +348,7 @@ impl LeaseGuard {
     /// publication). A coordinator that cannot be asked counts as ours: the content is
     /// verified either way, and no other replica can have taken the lease without it.
     pub async fn confirm(&self) -> bool {
-        if self.lost.load(Ordering::SeqCst) {
+        if self.held.is_lost() {
             return false;
         }
         let c = &self.cluster;
@@ -348,15 +360,6 @@ impl LeaseGuard {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        self.renewer.abort();
         self.cluster.metrics.leases_held.dec();
-        let (cluster, lease) = (self.cluster.clone(), self.lease.clone());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                cluster
-                    .ask("release", cluster.coordinator.release(&lease))
-                    .await;
-            });
-        }
     }
 }

@@ -3,6 +3,7 @@
 //! renewing and releasing compare that token in a script, so a replica whose lease expired
 //! can neither extend nor delete its successor's.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
@@ -44,7 +45,10 @@ pub struct RedisCoordinator {
 }
 
 fn err(e: redis::RedisError) -> CoordError {
-    CoordError(format!("redis: {e}"))
+    CoordError::Engine {
+        engine: "redis",
+        source: Arc::new(e),
+    }
 }
 
 fn millis(d: Duration) -> u64 {

@@ -104,10 +104,10 @@ impl Job {
     /// The blob from `offset` from the shared tier, when it holds it (a tier that fails is
     /// marked down by the tier itself, and skipped).
     pub(super) async fn shared_feed(&self, offset: u64, sources: &Sources) -> Option<Feed> {
-        let (Some(tier), false) = (&self.shared, sources.skip_shared) else {
+        if sources.skip_shared {
             return None;
-        };
-        let b = tier.blob(&self.digest, offset).await?;
+        }
+        let b = self.tiers.shared_blob(&self.digest, offset).await?;
         let chunks = b.chunks.map(|c| c.map_err(Cut::Shared)).boxed();
         Some(Feed {
             tier: Tier::Shared,

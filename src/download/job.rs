@@ -14,9 +14,8 @@ use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
-use crate::store::shared::{SharedTier, Upload};
-use crate::store::writer::{BlobWriter, Finished};
-use crate::store::Store;
+use crate::store::tiers::{TierWriter, Tiers};
+use crate::store::writer::Finished;
 use crate::upstream::Upstream;
 
 pub(super) struct Job {
@@ -24,15 +23,14 @@ pub(super) struct Job {
     pub(super) upstream: Arc<Upstream>,
     pub(super) repo: RepoName,
     pub(super) digest: Digest,
-    pub(super) store: Arc<Store>,
-    pub(super) shared: Option<Arc<SharedTier>>,
+    pub(super) tiers: Arc<Tiers>,
     pub(super) cluster: Option<Arc<Cluster>>,
     pub(super) metrics: Arc<Metrics>,
 }
 
 impl Job {
     pub(super) async fn run(self) -> Outcome {
-        match self.store.blobs.open(&self.digest).await {
+        match self.tiers.local.blobs.open(&self.digest).await {
             Ok(Some(_)) => {
                 self.start.send_replace(Start::AlreadyCached);
                 return Outcome::AlreadyCached;
@@ -72,25 +70,18 @@ impl Job {
             self.start.send_replace(Start::NoSpace);
             return Outcome::NoSpace { size };
         }
-        let mut writer = match self.store.blob_writer().await {
+        // What came from the shared tier is not uploaded back to it.
+        let tee = feed.tier != Tier::Shared && sources.teeing;
+        let mut writer = match self.tiers.writer(&self.digest, tee).await {
             Ok(w) => w,
             Err(e) => return self.storage_failed(e),
         };
         self.start
             .send_replace(Start::Streaming(writer.reader(size), feed.tier));
-        let mut upload = match (&self.shared, feed.tier) {
-            (Some(tier), t) if t != Tier::Shared && sources.teeing => {
-                Some(tier.upload(&self.digest))
-            }
-            _ => None,
-        };
 
         let mut resumes = 0u32;
         loop {
-            let mut cut = match self
-                .copy_body(&mut feed, &mut writer, upload.as_mut(), size)
-                .await
-            {
+            let mut cut = match self.copy_body(&mut feed, &mut writer, size).await {
                 Ok(()) if writer.written() == size => break,
                 Ok(()) => Cut::Short {
                     tier: feed.tier,
@@ -133,7 +124,7 @@ impl Job {
                 }
             };
         }
-        let finished = writer.finish(&self.digest, size).await;
+        let (finished, upload) = writer.finish(&self.digest, size).await;
         let kept = matches!(
             finished,
             Ok(Finished::Published) | Ok(Finished::TooLargeToKeep)
@@ -152,11 +143,11 @@ impl Job {
     }
 
     pub(super) async fn make_room(&self, size: u64) -> bool {
-        self.store.make_room(size).await
+        self.tiers.local.make_room(size).await
     }
 
     pub(super) fn storage_failed(&self, e: io::Error) -> Outcome {
-        if self.store.note_write_failure(&e) {
+        if self.tiers.local.note_write_failure(&e) {
             self.metrics.no_space();
         }
         Outcome::Storage(e)
@@ -167,13 +158,12 @@ impl Job {
         Outcome::DigestMismatch { actual }
     }
 
-    /// Copies the feed into the writer (and the shared-tier upload) until it ends or fails;
-    /// ready chunks are batched.
+    /// Copies the feed into the tiers' writer until it ends or fails; ready chunks are
+    /// batched.
     async fn copy_body(
         &self,
         feed: &mut Feed,
-        writer: &mut BlobWriter,
-        mut upload: Option<&mut Upload>,
+        writer: &mut TierWriter,
         size: u64,
     ) -> Result<(), CopyError> {
         loop {
@@ -199,10 +189,7 @@ impl Job {
             }
             // What arrived before a cut is kept: the resume starts after it.
             let batch = batch.freeze();
-            self.write(writer, batch.clone(), size, feed.tier).await?;
-            if let Some(upload) = upload.as_deref_mut() {
-                upload.write(batch).await;
-            }
+            self.write(writer, batch, size, feed.tier).await?;
             if let Some(e) = failed {
                 return Err(CopyError::Cut(e));
             }
@@ -214,7 +201,7 @@ impl Job {
 
     async fn write(
         &self,
-        writer: &mut BlobWriter,
+        writer: &mut TierWriter,
         chunk: Bytes,
         size: u64,
         tier: Tier,

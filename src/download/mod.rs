@@ -26,8 +26,7 @@ use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
 use crate::singleflight::{Flights, Joined};
 use crate::store::handle::BlobHandle;
-use crate::store::shared::SharedTier;
-use crate::store::Store;
+use crate::store::tiers::Tiers;
 use crate::upstream::Upstream;
 
 mod feed;
@@ -151,23 +150,20 @@ impl Download {
 /// The in-flight download table and what a download needs.
 pub struct Downloads {
     flights: Flights<Digest, Download>,
-    store: Arc<Store>,
-    shared: Option<Arc<SharedTier>>,
+    tiers: Arc<Tiers>,
     cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
 }
 
 impl Downloads {
     pub fn new(
-        store: Arc<Store>,
-        shared: Option<Arc<SharedTier>>,
+        tiers: Arc<Tiers>,
         cluster: Option<Arc<Cluster>>,
         metrics: Arc<Metrics>,
     ) -> Downloads {
         Downloads {
             flights: Flights::default(),
-            store,
-            shared,
+            tiers,
             cluster,
             metrics,
         }
@@ -197,8 +193,7 @@ impl Downloads {
                     upstream,
                     repo: repo.clone(),
                     digest: digest.clone(),
-                    store: self.store.clone(),
-                    shared: self.shared.clone(),
+                    tiers: self.tiers.clone(),
                     cluster: self.cluster.clone(),
                     metrics: self.metrics.clone(),
                 };

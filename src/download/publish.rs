@@ -4,14 +4,16 @@
 
 use super::feed::Sources;
 use super::{Job, WRITE_BATCH};
-use crate::store::shared::Upload;
 use crate::store::tier;
+use crate::store::tiers::Upload;
 
 impl Job {
     /// lease is still ours; a download taken over midway uploads the committed file instead,
     /// still under its lease.
     pub(super) async fn publish(&self, upload: Option<Upload>, sources: Sources, size: u64) {
-        let Some(tier) = &self.shared else { return };
+        if !self.tiers.has_shared() {
+            return;
+        }
         let fenced = match &sources.lease {
             Some(lease) => lease.confirm().await,
             None => true,
@@ -27,14 +29,16 @@ impl Job {
         if sources.lease.is_none() {
             return;
         }
-        let handle = match self.store.blobs.open(&self.digest).await {
+        let handle = match self.tiers.local.blobs.open(&self.digest).await {
             Ok(Some(h)) => h,
             _ => return,
         };
-        let (tier, digest) = (tier.clone(), self.digest.clone());
+        let Some(mut upload) = self.tiers.upload(&self.digest) else {
+            return;
+        };
+        let digest = self.digest.clone();
         let lease = sources.lease;
         tokio::spawn(async move {
-            let mut upload = tier.upload(&digest);
             let (reader, _) = handle.clone().into_parts();
             let mut offset = 0u64;
             while offset < handle.size() {
@@ -63,8 +67,6 @@ impl Job {
 
     /// A blob read from the shared tier did not verify: it must not be served again.
     pub(super) fn forget_shared(&self) {
-        if let Some(tier) = &self.shared {
-            tier.forget_damaged(tier::Kind::Blob, &self.digest);
-        }
+        self.tiers.forget_damaged(tier::Kind::Blob, &self.digest);
     }
 }

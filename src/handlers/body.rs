@@ -76,9 +76,7 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
                 let p = rx.borrow_and_update().clone();
                 match p {
                     Progress::Complete => break st.end,
-                    Progress::Failed(why) => {
-                        return Err(io::Error::other(format!("download failed: {why}")))
-                    }
+                    Progress::Failed(why) => return Err(io::Error::other(why)),
                     Progress::Writing { written } if written > st.pos => break written,
                     Progress::Writing { .. } => {}
                 }
@@ -100,9 +98,7 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
                     .map(|p| p.clone());
                 match verdict {
                     Ok(Progress::Complete) => {}
-                    Ok(Progress::Failed(why)) => {
-                        return Err(io::Error::other(format!("download failed: {why}")))
-                    }
+                    Ok(Progress::Failed(why)) => return Err(io::Error::other(why)),
                     _ => return Err(io::Error::other("download abandoned")),
                 }
             }

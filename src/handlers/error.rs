@@ -96,6 +96,19 @@ impl ApiError {
         )
     }
 
+    /// A well-formed digest of another algorithm than sha256: content the mirror never holds.
+    pub fn unsupported_digest(object: Object) -> ApiError {
+        let (code, what) = match object {
+            Object::Manifest => (Code::ManifestUnknown, "manifests"),
+            _ => (Code::BlobUnknown, "blobs"),
+        };
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            code,
+            format!("only sha256 {what} are mirrored"),
+        )
+    }
+
     pub fn not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "unknown path")
     }
@@ -161,6 +174,9 @@ impl From<ParseError> for ApiError {
             ParseError::Name(_) => Code::NameInvalid,
             ParseError::Tag(_) => Code::TagInvalid,
             ParseError::Digest(_) => Code::DigestInvalid,
+            // Routes answer these 404 before they get here (`unsupported_digest`); the peer
+            // endpoint, which never serves one, says what is wrong.
+            ParseError::UnsupportedDigest(_) => Code::DigestInvalid,
         };
         ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string())
     }
@@ -168,7 +184,7 @@ impl From<ParseError> for ApiError {
 
 /// What kind of object a request was for: a 404 from the upstream means `MANIFEST_UNKNOWN`
 /// for one and `BLOB_UNKNOWN` for the other.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Object {
     Manifest,
     Blob,
@@ -209,17 +225,6 @@ impl ApiError {
                 Code::Denied,
                 format!("repository {repo} of {registry} is not mirrored here (refused by the mirror's policy)"),
             ),
-            M::UnsupportedDigest => {
-                let (code, what) = match object {
-                    Object::Manifest => (Code::ManifestUnknown, "manifests"),
-                    _ => (Code::BlobUnknown, "blobs"),
-                };
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    code,
-                    format!("only sha256 {what} are mirrored"),
-                )
-            }
             M::NotAcceptable { available } => ApiError::new(
                 StatusCode::NOT_FOUND,
                 Code::ManifestUnknown,

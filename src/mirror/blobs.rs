@@ -88,13 +88,11 @@ impl Mirror {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobAnswer, Error> {
-        if !digest.is_sha256() {
-            return Err(Error::UnsupportedDigest);
-        }
         // A download that finds the blob already committed sends us back to the store once.
         for _ in 0..2 {
             if let Some(handle) = self
-                .store
+                .tiers
+                .local
                 .blobs
                 .open(digest)
                 .await
@@ -204,16 +202,13 @@ impl Mirror {
     /// The size of a blob in the shared tier; `None` when it is not there or the tier cannot
     /// be asked (the upstream can still answer).
     async fn shared_size(&self, digest: &Digest) -> Option<u64> {
-        self.shared.as_ref()?.blob_size(digest).await
+        self.tiers.shared_blob_size(digest).await
     }
 
     /// With `storage.shared.redirect`, a presigned URL for a blob the shared tier holds.
     async fn shared_redirect(&self, digest: &Digest) -> Option<url::Url> {
         let cfg = self.config.storage.shared.as_ref().filter(|c| c.redirect)?;
-        self.shared
-            .as_ref()?
-            .redirect(digest, cfg.redirect_ttl)
-            .await
+        self.tiers.redirect(digest, cfg.redirect_ttl).await
     }
 
     /// A blob for another replica (the peer endpoint): from this replica's disk, or from its
@@ -227,12 +222,10 @@ impl Mirror {
         if !presented_secret.is_some_and(|s| cluster.authenticates(s)) {
             return Err(Error::PeerUnauthorized);
         }
-        if !digest.is_sha256() {
-            return Err(Error::UnsupportedDigest);
-        }
         for _ in 0..2 {
             let stored = self
-                .store
+                .tiers
+                .local
                 .blobs
                 .open(digest)
                 .await
@@ -300,14 +293,14 @@ impl Mirror {
         &self,
         digest: &Digest,
     ) -> Option<(u64, BoxStream<'static, io::Result<Bytes>>)> {
-        let tier = self.shared.clone()?;
-        let blob = tier.blob(digest, 0).await?;
+        let blob = self.tiers.shared_blob(digest, 0).await?;
+        let tiers = self.tiers.clone();
         let chunks = blob.chunks.map(|c| c.map_err(io::Error::other));
         let (metrics, name) = (self.metrics.clone(), digest.clone());
         let stream = verified(chunks, digest.clone(), blob.size).inspect(move |c| {
             if matches!(c, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
                 metrics.digest_mismatch();
-                tier.forget_damaged(Kind::Blob, &name);
+                tiers.forget_damaged(Kind::Blob, &name);
             }
         });
         Some((blob.size, stream.boxed()))

@@ -36,9 +36,6 @@ pub enum Error {
     /// the repository.
     #[error("repository {repo} of {registry} is refused by the mirror's policy")]
     Refused { registry: String, repo: RepoName },
-    /// Only sha256 content is cached and verified.
-    #[error("only sha256 content is mirrored")]
-    UnsupportedDigest,
     /// The manifest exists, but only as `available`, which the client's `Accept` excludes.
     #[error("the manifest is available only as {available}")]
     NotAcceptable { available: String },

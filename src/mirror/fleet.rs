@@ -27,18 +27,17 @@ const RECORD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long Redis keeps a shared link; a replica that finds none confirms it with a HEAD.
 const LINK_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// A tag as the fleet knows it, under `tag:<registry>/<repository>:<tag>`.
+/// A tag as the fleet knows it, under `tag:<registry>/<repository>:<tag>`: the record as the
+/// local disk keeps it, or a 404.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum SharedTag {
-    Record {
-        digest: String,
-        media_type: String,
-        size: u64,
-        fetched_at_ms: u64,
-    },
+    Record(TagRecord),
     /// The upstream answered 404 at `at_ms`.
-    Missing { message: String, at_ms: u64 },
+    Missing {
+        message: String,
+        at_ms: u64,
+    },
 }
 
 /// What another replica learned about a tag.
@@ -60,17 +59,7 @@ impl Mirror {
     pub(super) async fn fleet_tag(&self, key: &TagKey) -> Option<FleetTag> {
         let cluster = self.cluster.as_ref()?;
         match cluster.get_json::<SharedTag>(&tag_key(key)).await? {
-            SharedTag::Record {
-                digest,
-                media_type,
-                size,
-                fetched_at_ms,
-            } => Some(FleetTag::Record(TagRecord {
-                digest: digest.parse().ok()?,
-                media_type,
-                size,
-                fetched_at: from_unix_millis(fetched_at_ms),
-            })),
+            SharedTag::Record(record) => Some(FleetTag::Record(record)),
             SharedTag::Missing { message, at_ms } => Some(FleetTag::Missing(
                 upstream::Error::NotFound { message },
                 from_unix_millis(at_ms),
@@ -81,12 +70,7 @@ impl Mirror {
     /// Shares what a fetch or revalidation of the tag found.
     pub(super) async fn share_tag(&self, key: &TagKey, record: &TagRecord) {
         let Some(cluster) = &self.cluster else { return };
-        let shared = SharedTag::Record {
-            digest: record.digest.to_string(),
-            media_type: record.media_type.clone(),
-            size: record.size,
-            fetched_at_ms: unix_millis(record.fetched_at),
-        };
+        let shared = SharedTag::Record(record.clone());
         cluster
             .set_json(&tag_key(key), &shared, Some(RECORD_TTL))
             .await;
@@ -131,8 +115,8 @@ impl Mirror {
     /// the tier does not hold it or cannot be read (one that does not match its digest is
     /// deleted, never served).
     pub(super) async fn shared_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
-        let m = Arc::new(self.shared.as_ref()?.manifest(digest).await?);
-        if let Err(e) = self.store.put_manifest(m.clone()).await {
+        let m = Arc::new(self.tiers.shared_manifest(digest).await?);
+        if let Err(e) = self.tiers.local.put_manifest(m.clone()).await {
             tracing::error!(%digest, error = %e, "cannot store a shared-tier manifest; serving it uncached");
         }
         Some(m)
@@ -141,8 +125,6 @@ impl Mirror {
     /// Writes a manifest verified from the upstream to the shared tier, in the background: the
     /// answer does not wait for the object store.
     pub(super) fn share_manifest(&self, m: &Manifest) {
-        if let Some(tier) = &self.shared {
-            tier.publish_manifest(m);
-        }
+        self.tiers.publish_manifest(m);
     }
 }

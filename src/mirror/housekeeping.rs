@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{stats, Error, Mirror};
 use crate::cluster::members::Members;
-use crate::store::shared::Pass;
+use crate::store::tiers::Pass;
 use crate::upstream;
 
 /// The housekeeping view of a [`Mirror`].
@@ -32,8 +32,8 @@ impl Periodic {
     pub fn every(self) -> Duration {
         match self {
             Periodic::Heartbeat => crate::cluster::HEARTBEAT,
-            Periodic::FlushShared => crate::store::shared::access::FLUSH_EVERY,
-            Periodic::EvictShared => crate::store::shared::eviction::EVICT_EVERY,
+            Periodic::FlushShared => crate::store::tiers::FLUSH_EVERY,
+            Periodic::EvictShared => crate::store::tiers::EVICT_EVERY,
         }
     }
 }
@@ -70,7 +70,8 @@ impl Housekeeping {
     /// Whether the cache can take new content.
     pub async fn readiness(&self) -> Result<(), Error> {
         self.mirror
-            .store
+            .tiers
+            .local
             .is_writable()
             .await
             .map_err(Error::storage("creating a file in the storage directory"))
@@ -78,12 +79,12 @@ impl Housekeeping {
 
     /// The Prometheus exposition, with the cache and upstream gauges brought up to date.
     pub fn metrics_text(&self, format: crate::metrics::Format) -> String {
-        let stats = self.mirror.store.index.stats();
+        let stats = self.mirror.tiers.local.index.stats();
         self.mirror.metrics.cache_state(
             stats.bytes,
             stats.entries as u64,
-            self.mirror.store.index.max(),
-            self.mirror.store.evictions(),
+            self.mirror.tiers.local.index.max(),
+            self.mirror.tiers.local.evictions(),
         );
         for up in self.mirror.upstreams.values() {
             let is_up = up.state() == upstream::health::State::Up;
@@ -149,7 +150,7 @@ impl Housekeeping {
             })
             .collect();
         let (by_requests, by_bytes) = self.mirror.repositories.top(10);
-        let cache = self.mirror.store.index.stats();
+        let cache = self.mirror.tiers.local.index.stats();
         let totals = self.mirror.metrics.totals();
         let mut status = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -161,7 +162,7 @@ impl Housekeeping {
             "cache": {
                 "bytes": cache.bytes,
                 "entries": cache.entries,
-                "max_bytes": self.mirror.store.index.max(),
+                "max_bytes": self.mirror.tiers.local.index.max(),
             },
             "totals": {
                 "lookups": totals.lookups,
@@ -191,17 +192,12 @@ impl Housekeeping {
 
     /// Sends the shared tier's batched access times to the coordinator.
     pub async fn flush_shared_accesses(&self) {
-        if let Some(shared) = &self.mirror.shared {
-            shared.flush().await;
-        }
+        self.mirror.tiers.flush_shared().await;
     }
 
     /// One eviction pass of the shared tier (see `store::shared::eviction`).
     pub async fn evict_shared(&self) {
-        let Some(shared) = &self.mirror.shared else {
-            return;
-        };
-        if let Some(Pass::Busy { holder }) = shared.evict().await {
+        if let Some(Pass::Busy { holder }) = self.mirror.tiers.evict_shared().await {
             tracing::debug!(%holder, "another replica evicts the shared tier");
         }
     }
@@ -209,18 +205,13 @@ impl Housekeeping {
     /// The status page's `cluster` object: members, the coordinator, leases, the shared tier.
     fn cluster_status(&self) -> Option<serde_json::Value> {
         let cluster = self.mirror.cluster.as_ref()?;
-        let shared = self
-            .mirror
-            .shared
-            .as_ref()
-            .and_then(|s| s.totals())
-            .map(|t| {
-                serde_json::json!({
-                    "max_bytes": t.max,
-                    "bytes": t.bytes,
-                    "evictions": t.evictions,
-                })
-            });
+        let shared = self.mirror.tiers.shared_totals().map(|t| {
+            serde_json::json!({
+                "max_bytes": t.max,
+                "bytes": t.bytes,
+                "evictions": t.evictions,
+            })
+        });
         Some(serde_json::json!({
             "self": cluster.advertise(),
             "members": self.mirror.members.as_ref().map(Members::live).unwrap_or_default(),
@@ -234,7 +225,7 @@ impl Housekeeping {
     /// Notices a `cache prune` run beside this process: what it deleted leaves the index (and
     /// the size gauges).
     pub async fn notice_prune(&self) {
-        let store = self.mirror.store.clone();
+        let store = self.mirror.tiers.local.clone();
         match tokio::task::spawn_blocking(move || store.notice_prune()).await {
             Ok(Ok(0)) => {}
             Ok(Ok(gone)) => {
@@ -247,7 +238,7 @@ impl Housekeeping {
 
     /// Saves the cache index (sizes and access order) if it changed, off the async workers.
     pub async fn save_index(&self) {
-        let store = self.mirror.store.clone();
+        let store = self.mirror.tiers.local.clone();
         match tokio::task::spawn_blocking(move || store.save_index()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cache index"),

@@ -13,7 +13,7 @@ impl Mirror {
     /// link with the other replicas.
     pub(super) async fn link(&self, target: &Target, digest: &Digest) {
         let (registry, repo) = (target.registry(), &target.repo);
-        if self.store.links.add(registry, repo, digest).await {
+        if self.tiers.local.links.add(registry, repo, digest).await {
             Box::pin(self.share_link(registry, repo, digest)).await;
         }
     }
@@ -27,7 +27,8 @@ impl Mirror {
         kind: ObjectKind,
     ) -> Result<(), Error> {
         if self
-            .store
+            .tiers
+            .local
             .links
             .contains(target.registry(), &target.repo, digest)
         {
@@ -48,7 +49,8 @@ impl Mirror {
             .fleet_link(target.registry(), &target.repo, digest)
             .await
         {
-            self.store
+            self.tiers
+                .local
                 .links
                 .add(target.registry(), &target.repo, digest)
                 .await;

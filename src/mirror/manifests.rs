@@ -94,9 +94,9 @@ impl Mirror {
     /// an upstream that converts to schema 1 for it spends a counted pull on bytes the digest
     /// check then refuses.)
     ///
-    /// A digest of another algorithm than sha256 is answered [`Error::UnsupportedDigest`]
-    /// (`404 MANIFEST_UNKNOWN`) without an upstream request, as blobs are: the mirror cannot
-    /// verify such content, and relaying it would spend an uncached, counted pull per request.
+    /// A digest is sha256 by type: one of another algorithm is answered `404` at the router
+    /// without an upstream request, as for blobs (the mirror cannot verify such content, and
+    /// relaying it would spend an uncached, counted pull per request).
     pub async fn manifest(
         self: &Arc<Self>,
         target: &Target,
@@ -147,7 +147,6 @@ impl Mirror {
         accept: &Accept,
     ) -> Result<ManifestAnswer, Error> {
         match reference {
-            Reference::Digest(d) if !d.is_sha256() => Err(Error::UnsupportedDigest),
             Reference::Digest(d) => self.manifest_by_digest(target, d, head, accept).await,
             Reference::Tag(tag) => self.manifest_by_tag(target, tag, head, accept).await,
         }
@@ -301,7 +300,8 @@ impl Mirror {
             tag: tag.clone(),
         };
         let cached = self
-            .store
+            .tiers
+            .local
             .tags
             .get(&key)
             .await
@@ -325,7 +325,7 @@ impl Mirror {
         let flight_key = key.clone();
         let flight = Box::pin(self.tag_flights.run(&key, || async move {
             // A flight that ended between our read and this one may have stored the tag.
-            let cached = match this.store.tags.get(&flight_key).await {
+            let cached = match this.tiers.local.tags.get(&flight_key).await {
                 Ok(Some(r)) if fresh(this.clock.since(r.fetched_at)) => {
                     return Ok(Resolved::Record(r, CacheStatus::Hit))
                 }
@@ -438,7 +438,8 @@ impl Mirror {
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
-        self.store
+        self.tiers
+            .local
             .manifests
             .get(digest)
             .await
@@ -472,7 +473,7 @@ impl Mirror {
     }
 
     async fn keep_tag(&self, key: &TagKey, record: &TagRecord) {
-        if let Err(e) = self.store.tags.put(key, record.clone()).await {
+        if let Err(e) = self.tiers.local.tags.put(key, record.clone()).await {
             tracing::warn!(error = %e, "cannot persist tag record");
         }
     }
@@ -547,7 +548,7 @@ impl Mirror {
         let bytes = m.body.unwrap_or_default();
         let actual = Digest::sha256_of(&bytes);
         for claimed in [expected, m.digest.as_ref()].into_iter().flatten() {
-            if claimed.is_sha256() && *claimed != actual {
+            if *claimed != actual {
                 return Err(self.mismatch(claimed.clone(), &actual));
             }
         }
@@ -561,7 +562,7 @@ impl Mirror {
         }
         // A manifest that cannot be written is still served (the store keeps it in memory):
         // failing here would spend another pull on every retry.
-        if let Err(e) = self.store.put_manifest(manifest.clone()).await {
+        if let Err(e) = self.tiers.local.put_manifest(manifest.clone()).await {
             tracing::error!(digest = %manifest.digest, error = %e, "cannot store manifest; serving it uncached");
         }
         self.share_manifest(&manifest);

@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::policy::Policy;
 use crate::singleflight::Coalesce;
-use crate::store::shared::SharedTier;
+use crate::store::tiers::Tiers;
 use crate::store::{Limits, Mode, Store};
 use crate::upstream::{self, Upstream};
 use crate::verify::Verifications;
@@ -63,15 +63,14 @@ impl Target {
 #[derive(Default, Clone)]
 pub struct Services {
     pub coordinator: Option<Arc<dyn Coordinator>>,
-    pub shared_store: Option<crate::store::shared::Injected>,
+    pub shared_store: Option<crate::store::tiers::Injected>,
 }
 
 pub struct Mirror {
     config: Config,
     clock: Clock,
-    store: Arc<Store>,
-    /// The object store replicas share (`[storage.shared]`).
-    shared: Option<Arc<SharedTier>>,
+    /// The local disk, and the object store replicas share (`[storage.shared]`).
+    tiers: Arc<Tiers>,
     /// Coordination with the other replicas (`[cluster]`).
     cluster: Option<Arc<Cluster>>,
     /// The cluster's live members, by heartbeat (`[cluster]`).
@@ -128,16 +127,6 @@ impl Mirror {
             (None, _) => None,
         };
         let members = cluster.clone().map(|c| Members::new(c, clock.clone()));
-        let shared = match &config.storage.shared {
-            Some(cfg) => Some(Arc::new(SharedTier::from_config(
-                cfg,
-                services.shared_store,
-                cluster.clone(),
-                clock.clone(),
-                metrics.clone(),
-            )?)),
-            None => None,
-        };
         let mut upstreams = HashMap::new();
         let mut policies = HashMap::new();
         for (name, cfg) in &config.upstreams {
@@ -151,18 +140,21 @@ impl Mirror {
             );
             policies.insert(name.clone(), Arc::new(policy));
         }
+        let verifications = Verifications::new(store.clone(), metrics.clone());
+        let tiers = Arc::new(Tiers::from_config(
+            store,
+            config.storage.shared.as_ref(),
+            services.shared_store,
+            cluster.clone(),
+            clock.clone(),
+            metrics.clone(),
+        )?);
         Ok(Mirror {
-            downloads: Downloads::new(
-                store.clone(),
-                shared.clone(),
-                cluster.clone(),
-                metrics.clone(),
-            ),
-            shared,
+            downloads: Downloads::new(tiers.clone(), cluster.clone(), metrics.clone()),
+            tiers,
             cluster,
             members,
-            verifications: Verifications::new(store.clone(), metrics.clone()),
-            store,
+            verifications,
             metrics,
             upstreams,
             policies,
@@ -247,7 +239,8 @@ impl Mirror {
     /// The repositories of `registry` with a tag record that its policy admits.
     async fn held(&self, registry: &str) -> Result<Vec<RepoName>, Error> {
         let mut repos = self
-            .store
+            .tiers
+            .local
             .tags
             .repositories(registry)
             .await

@@ -127,7 +127,7 @@ impl Mirror {
         target: &Target,
         subject: &Digest,
     ) -> Result<Descriptors, Error> {
-        let Ok(tag) = format!("{}-{}", subject.algorithm(), subject.hex()).parse::<Tag>() else {
+        let Ok(tag) = format!("{}-{}", crate::oci::ALGORITHM, subject.hex()).parse::<Tag>() else {
             return Ok(Descriptors::default());
         };
         let any = Accept::parse(std::iter::empty());
@@ -141,9 +141,6 @@ impl Mirror {
             }
             Err(e) => return Err(e),
         };
-        if !digest.is_sha256() {
-            return Ok(Descriptors::default());
-        }
         let m = self
             .manifest(target, &Reference::Digest(digest), false, &any)
             .await?;

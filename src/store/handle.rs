@@ -11,16 +11,33 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
+use crate::oci::Digest;
+
 /// How far a blob has been written. A committed blob is `Complete`; a download in progress
 /// publishes its progress through a watch channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Progress {
     /// `written` bytes are readable; more will come, or the verdict on the whole is pending.
     Writing { written: u64 },
     /// The whole blob is readable and verified.
     Complete,
     /// The write or the verification failed; readers must cut their connection.
-    Failed(String),
+    Failed(Failed),
+}
+
+/// Why the readers of a blob are cut.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failed {
+    #[error("content hashed to {actual}")]
+    Mismatch { actual: Digest },
+    #[error("cannot store the blob: {0}")]
+    Storage(#[source] Arc<io::Error>),
+    #[error("cannot read the cached blob to verify it: {0}")]
+    Unreadable(#[source] Arc<io::Error>),
+    #[error("its verification panicked")]
+    Panicked,
+    #[error("the download was abandoned")]
+    Abandoned,
 }
 
 /// Random access to a blob's bytes: what a storage tier implements.

@@ -26,6 +26,7 @@ pub mod s3;
 pub mod shared;
 pub mod tags;
 pub mod tier;
+pub mod tiers;
 pub mod writer;
 
 use std::collections::{HashMap, HashSet};
@@ -462,7 +463,7 @@ fn scan(root: &Path) -> io::Result<Vec<Entry>> {
 /// `<dir>/sha256/ab/abcdef…` for a sha256 digest.
 fn digest_path(dir: &Path, digest: &Digest) -> PathBuf {
     let hex = digest.hex();
-    dir.join(digest.algorithm()).join(&hex[..2]).join(hex)
+    dir.join(crate::oci::ALGORITHM).join(&hex[..2]).join(hex)
 }
 
 /// Writes `bytes` to a temp file and renames it to `path`: readers see the old file or the

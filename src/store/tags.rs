@@ -19,20 +19,14 @@ pub struct TagKey {
     pub tag: Tag,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a tag pointed to, as kept on disk (JSON) and shared with the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
     pub digest: Digest,
     pub media_type: String,
     pub size: u64,
+    #[serde(with = "crate::clock::as_unix_secs")]
     pub fetched_at: SystemTime,
-}
-
-#[derive(Serialize, Deserialize)]
-struct OnDisk {
-    digest: String,
-    media_type: String,
-    size: u64,
-    fetched_at: u64,
 }
 
 pub struct Tags {
@@ -71,15 +65,7 @@ impl Tags {
         })
         .await?;
         let Some(raw) = raw else { return Ok(None) };
-        let record = serde_json::from_slice::<OnDisk>(&raw).ok().and_then(|d| {
-            Some(TagRecord {
-                digest: d.digest.parse().ok()?,
-                media_type: d.media_type,
-                size: d.size,
-                fetched_at: crate::clock::from_unix_secs(d.fetched_at),
-            })
-        });
-        match record {
+        match serde_json::from_slice::<TagRecord>(&raw).ok() {
             Some(r) => {
                 self.memory.insert(key.clone(), r.clone());
                 Ok(Some(r))
@@ -129,16 +115,37 @@ impl Tags {
     }
 
     pub async fn put(&self, key: &TagKey, record: TagRecord) -> io::Result<()> {
-        let on_disk = OnDisk {
-            digest: record.digest.to_string(),
-            media_type: record.media_type.clone(),
-            size: record.size,
-            fetched_at: crate::clock::unix_secs(record.fetched_at),
-        };
-        let raw = serde_json::to_vec(&on_disk).map_err(io::Error::other)?;
+        let raw = serde_json::to_vec(&record).map_err(io::Error::other)?;
         let path = self.path(key);
         let tmp = self.tmp.clone();
         self.memory.insert(key.clone(), record);
         blocking(move || write_atomic(&tmp, &path, &raw)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tag_record_written_by_an_earlier_version_is_read_as_it_was() {
+        let hex = "ab".repeat(32);
+        let on_disk = format!(
+            r#"{{"digest":"sha256:{hex}","media_type":"application/vnd.oci.image.index.v1+json","size":1234,"fetched_at":1700000000}}"#
+        );
+        let record: TagRecord = serde_json::from_str(&on_disk).unwrap();
+        assert_eq!(record.digest.hex(), hex);
+        assert_eq!(record.size, 1234);
+        assert_eq!(
+            record.fetched_at,
+            crate::clock::from_unix_secs(1_700_000_000)
+        );
+        assert_eq!(serde_json::to_string(&record).unwrap(), on_disk);
+    }
+
+    #[test]
+    fn a_tag_record_with_a_digest_of_another_algorithm_is_unreadable() {
+        let on_disk = r#"{"digest":"sha512:abc","media_type":"x","size":1,"fetched_at":1}"#;
+        assert!(serde_json::from_str::<TagRecord>(on_disk).is_err());
     }
 }

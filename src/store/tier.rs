@@ -27,7 +27,7 @@ pub fn object_name(kind: Kind, digest: &Digest) -> String {
         Kind::Blob => "blobs",
         Kind::Manifest => "manifests",
     };
-    format!("{dir}/{}/{}", digest.algorithm(), digest.hex())
+    format!("{dir}/{}/{}", crate::oci::ALGORITHM, digest.hex())
 }
 
 /// A blob read from a backend, from an offset on.

@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 use tokio::sync::watch;
 
-use super::handle::{BlobHandle, LocalFile, Progress};
+use super::handle::{BlobHandle, Failed, LocalFile, Progress};
 use super::Store;
 use crate::oci::Digest;
 
@@ -91,7 +91,9 @@ impl BlobWriter {
         let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
         if self.written != size || actual != *digest {
             self.progress
-                .send_replace(Progress::Failed(format!("content hashed to {actual}")));
+                .send_replace(Progress::Failed(Failed::Mismatch {
+                    actual: actual.clone(),
+                }));
             return Ok(Finished::Mismatch { actual });
         }
         if !self.store.index.fits(size) {
@@ -107,16 +109,12 @@ impl BlobWriter {
                 Ok(Finished::Published)
             }
             Err(e) => {
+                let e = Arc::new(e);
                 self.progress
-                    .send_replace(Progress::Failed(format!("cannot store the blob: {e}")));
-                Err(e)
+                    .send_replace(Progress::Failed(Failed::Storage(e.clone())));
+                Err(io::Error::new(e.kind(), e))
             }
         }
-    }
-
-    /// Gives up: readers are cut with `why`; the temp file is deleted.
-    pub fn abort(self, why: &str) {
-        self.progress.send_replace(Progress::Failed(why.to_owned()));
     }
 }
 
@@ -124,7 +122,7 @@ impl Drop for BlobWriter {
     fn drop(&mut self) {
         self.progress.send_if_modified(|p| {
             if matches!(p, Progress::Writing { .. }) {
-                *p = Progress::Failed("the download was abandoned".into());
+                *p = Progress::Failed(Failed::Abandoned);
                 true
             } else {
                 false

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use super::Ledger;
 use crate::clock::{self, Clock};
+use crate::cluster::held::{Held, Release, Renewed};
 use crate::cluster::Cluster;
 use crate::oci::Digest;
 use crate::store::tier::{object_name, Kind};
+use futures_util::future::BoxFuture;
 
 /// How long a reader's registration lasts without a renewal: a replica that dies mid-read
 /// protects the object this long. Renewed every third of it.
@@ -78,48 +80,31 @@ pub(super) fn readers_key(name: &str) -> String {
 /// A registered reader: renews its registration every third of [`READ_TTL`] until dropped,
 /// then withdraws it.
 pub struct ReadGuard {
-    cluster: Arc<Cluster>,
-    set: String,
-    id: String,
-    renewer: tokio::task::JoinHandle<()>,
+    /// Held for its drop, which withdraws the registration.
+    _held: Held,
 }
 
 impl ReadGuard {
     pub(super) fn start(cluster: Arc<Cluster>, clock: Clock, set: String, id: String) -> ReadGuard {
-        let renewer = tokio::spawn({
+        let renew = {
             let (cluster, set, id) = (cluster.clone(), set.clone(), id.clone());
-            async move {
-                let mut tick = tokio::time::interval(READ_TTL / 3);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let expires =
-                        clock::unix_millis(clock.now()) as f64 + READ_TTL.as_millis() as f64;
-                    cluster.zadd(&set, vec![(id.clone(), expires)]).await;
-                }
+            move || -> BoxFuture<'static, Renewed> {
+                let (cluster, set, id) = (cluster.clone(), set.clone(), id.clone());
+                let expires = clock::unix_millis(clock.now()) as f64 + READ_TTL.as_millis() as f64;
+                Box::pin(async move {
+                    cluster.zadd(&set, vec![(id, expires)]).await;
+                    // A registration is ours alone: nobody else can take it.
+                    Renewed::Kept
+                })
             }
+        };
+        let release: Release = Box::new(move || {
+            Box::pin(async move {
+                cluster.zrem(&set, vec![id]).await;
+            })
         });
         ReadGuard {
-            cluster,
-            set,
-            id,
-            renewer,
-        }
-    }
-}
-
-impl Drop for ReadGuard {
-    fn drop(&mut self) {
-        self.renewer.abort();
-        let (cluster, set, id) = (
-            self.cluster.clone(),
-            std::mem::take(&mut self.set),
-            std::mem::take(&mut self.id),
-        );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                cluster.zrem(&set, vec![id]).await;
-            });
+            _held: Held::start(READ_TTL / 3, renew, release),
         }
     }
 }
