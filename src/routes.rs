@@ -68,6 +68,8 @@ pub enum Route {
     Unsupported,
     /// A name, tag or digest that fails the grammar.
     Invalid(ParseError),
+    /// An HTTP/1.1 request without exactly one `Host` header (see [`host_is_valid`]).
+    BadHost,
     NotFound,
 }
 
@@ -204,8 +206,15 @@ async fn answer<B>(
         Route::Ui => Ok(ops::ui()),
         Route::Unsupported => Err(ApiError::unsupported()),
         Route::Invalid(e) => Err(e.clone().into()),
+        Route::BadHost => Err(ApiError::bad_host()),
         Route::NotFound => Err(ApiError::not_found()),
     }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`. HTTP/1.0 may omit it, and
+/// HTTP/2 names its authority in a pseudo-header instead.
+pub fn host_is_valid(version: http::Version, headers: &http::HeaderMap) -> bool {
+    version != http::Version::HTTP_11 || headers.get_all(http::header::HOST).iter().count() == 1
 }
 
 pub fn parse(method: &Method, path: &str) -> Route {

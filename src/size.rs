@@ -90,3 +90,17 @@ pub mod optional {
         }
     }
 }
+
+/// Serde for `ByteSize` fields that always have a value: as [`optional`], a size is required.
+pub mod required {
+    use serde::de::{Deserializer, Error};
+    use serde::Serializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytesize::ByteSize, D::Error> {
+        super::optional::deserialize(d)?.ok_or_else(|| D::Error::custom("a size is required"))
+    }
+
+    pub fn serialize<S: Serializer>(size: &bytesize::ByteSize, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_size(*size))
+    }
+}

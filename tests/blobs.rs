@@ -93,6 +93,37 @@ async fn ranges_are_206_on_a_miss_and_a_hit_and_416_past_the_end() {
 }
 
 #[tokio::test]
+async fn a_range_under_an_if_range_that_does_not_match_gets_the_whole_blob() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[1000]);
+    let blob = up.state.content.lock().unwrap().blobs[&layers[0]].clone();
+    let m = TestMirror::start(&up).await;
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+    let etag = format!("\"{}\"", layers[0]);
+    let get = |if_range: String| {
+        m.get(&path)
+            .header("range", "bytes=100-199")
+            .header("if-range", if_range)
+            .send()
+    };
+    // A resuming client whose partial copy is this blob gets the range.
+    let r = get(etag.clone()).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), blob.slice(100..200));
+    // Any other validator: its partial copy is of something else, so the whole blob.
+    for other in [
+        "\"sha256:0000\"".to_string(),
+        format!("W/{etag}"),
+        "Wed, 21 Oct 2015 07:28:00 GMT".to_string(),
+    ] {
+        let r = get(other.clone()).await.unwrap();
+        assert_eq!(r.status(), 200, "{other}");
+        assert!(!r.headers().contains_key("content-range"), "{other}");
+        assert_eq!(r.bytes().await.unwrap(), blob, "{other}");
+    }
+}
+
+#[tokio::test]
 async fn wrong_digest_is_never_cached_and_the_connection_is_cut() {
     let up = FakeUpstream::start().await;
     let (_, layers) = up.add_image("library/app", "v1", &[256 * 1024]);

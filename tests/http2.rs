@@ -442,3 +442,137 @@ async fn shutdown_lets_an_in_flight_h2_stream_finish() {
         .unwrap();
     driver.abort();
 }
+
+/// The process-wide bound: connections that never read fill `server.response_buffer_budget`
+/// and no more; a new stream is then reset with REFUSED_STREAM at once instead of buffered; the connections
+/// holding the most are closed while it stays spent, after which streams are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_response_buffer_is_bounded_per_process() {
+    let _serial = SERIAL.lock().await;
+    const BUDGET: u64 = 8 * 1024 * 1024;
+    const CONNECTIONS: usize = 4;
+    const STREAMS: usize = 100;
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/big", "v1", &[4 * 1024 * 1024]);
+    let m = TestMirror::start_with(&up, |c| {
+        c.server.response_buffer_budget = bytesize::ByteSize::b(BUDGET);
+    })
+    .await;
+    let path = format!("/v2/library/big/blobs/{}", layers[0]);
+    assert_eq!(cache_blob(&m, &path).await, layers[0]);
+    // The budget is a semaphore of bytes: what is charged never exceeds it, whatever the
+    // chunk sizes (no slack).
+    let buffered = |text: &str| common::metric(text, "pullthrough_response_buffer_bytes") as u64;
+    assert_eq!(buffered(&m.metrics().await), 0);
+
+    // Each connection asks for 100 x 4 MiB and reads nothing: 4.8 MiB of h2 buffers each once
+    // the kernel's are full, 19 MiB in all, over twice the budget.
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let tcp = TcpStream::connect(addr(&m)).await.unwrap();
+        let (mut send, conn) = h2::client::Builder::new()
+            .initial_window_size(HUGE_WINDOW)
+            .initial_connection_window_size(HUGE_WINDOW)
+            .handshake::<_, Bytes>(NeverReads(tcp))
+            .await
+            .unwrap();
+        let driver = tokio::spawn(conn);
+        let mut responses = Vec::new();
+        for _ in 0..STREAMS {
+            let req = http::Request::get(format!("{}{path}", m.url))
+                .body(())
+                .unwrap();
+            send = send.ready().await.unwrap();
+            let (response, _) = send.send_request(req, true).unwrap();
+            responses.push(response);
+        }
+        held.push((send, driver, responses));
+    }
+
+    // A client that reads, on a connection of its own.
+    let tcp = TcpStream::connect(addr(&m)).await.unwrap();
+    let (reader, conn) = h2::client::handshake(tcp).await.unwrap();
+    let reader_driver = tokio::spawn(conn);
+    let ask = |reader: h2::client::SendRequest<Bytes>| {
+        let url = format!("{}{path}", m.url);
+        async move {
+            let mut reader = reader.ready().await.unwrap();
+            let req = http::Request::get(url).body(()).unwrap();
+            let (response, _) = reader.send_request(req, true).unwrap();
+            let started = Instant::now();
+            let response = tokio::time::timeout(Duration::from_secs(10), response)
+                .await
+                .expect("an answer within 10 s");
+            (response, started.elapsed())
+        }
+    };
+
+    // The budget fills: a new stream is refused at once, and the connections' bytes stay
+    // within the budget all along.
+    let peak = std::cell::Cell::new(0);
+    let refused = common::wait_for("a stream refused", Duration::from_secs(20), || {
+        let (m, reader, peak) = (&m, reader.clone(), &peak);
+        async move {
+            let now = buffered(&m.metrics().await);
+            assert!(now <= BUDGET, "{now} bytes buffered, over the budget");
+            peak.set(peak.get().max(now));
+            let (answer, took) = ask(reader).await;
+            let reason = answer.err().and_then(|e| e.reason());
+            (reason == Some(h2::Reason::REFUSED_STREAM)).then_some(took)
+        }
+    })
+    .await;
+    // Refused, not queued: the reset came while the budget was spent (a stream left to wait
+    // would have answered within the probe's 10 s or not at all).
+    let took = refused;
+    // Spent, as the refusal said: all but a chunk's worth of it is held.
+    let text = m.metrics().await;
+    let peak = peak.get().max(buffered(&text));
+    assert!(
+        peak > BUDGET / 2,
+        "the connections that never read held only {peak} bytes: the test did not fill the budget"
+    );
+    let text = m.metrics().await;
+    assert!(buffered(&text) <= BUDGET);
+    assert!(
+        common::metric_sum(
+            &text,
+            "pullthrough_client_refusals_total",
+            "response_buffer"
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // While it stays spent, the connections holding the most are closed, one a second, until
+    // what is left fits: then streams are answered again, in full.
+    common::wait_for("a stream answered 200", Duration::from_secs(30), || {
+        let (m, reader) = (&m, reader.clone());
+        async move {
+            let now = buffered(&m.metrics().await);
+            assert!(now <= BUDGET, "{now} bytes buffered, over the budget");
+            let response = match ask(reader).await {
+                (Ok(response), _) if response.status() == 200 => response,
+                _ => return None,
+            };
+            let mut body = response.into_body();
+            let mut len = 0;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                len += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Some(len)
+        }
+    })
+    .await;
+    let text = m.metrics().await;
+    let shed = common::metric(&text, "pullthrough_connections_shed_total");
+    eprintln!(
+        "peak {peak} bytes buffered of {BUDGET}; refused in {took:?}; {shed} connections shed"
+    );
+    assert!(shed >= 1.0, "{text}");
+    for (_, driver, _) in held {
+        driver.abort();
+    }
+    reader_driver.abort();
+}

@@ -43,15 +43,44 @@ async fn invalid_names_and_digests_are_400_with_codes() {
 }
 
 async fn raw_get(base: &str, path: &str) -> String {
+    raw_request(
+        base,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn raw_request(base: &str, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+#[tokio::test]
+async fn an_http_1_1_request_without_one_host_is_400_and_http_1_0_needs_none() {
+    let up = FakeUpstream::start().await;
+    let m = TestMirror::start(&up).await;
+    for request in [
+        "GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /v2/ HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+    ] {
+        let raw = raw_request(&m.url, request).await;
+        assert!(raw.starts_with("HTTP/1.1 400"), "{request:?}: {raw}");
+        assert!(raw.contains("\"code\":\"UNSUPPORTED\""), "{raw}");
+        assert!(raw.contains("Host"), "the message says why: {raw}");
+    }
+    let raw = raw_request(&m.url, "GET /v2/ HTTP/1.0\r\n\r\n").await;
+    assert!(raw.starts_with("HTTP/1.0 200"), "{raw}");
+    let raw = raw_request(
+        &m.url,
+        "GET /v2/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
 }
 
 #[tokio::test]

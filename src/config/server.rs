@@ -22,6 +22,13 @@ pub struct ServerConfig {
     /// a request. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// An HTTP/1.1 response (plain or HTTPS) whose client reads nothing of it for this long
+    /// is dropped with its connection, counted in `pullthrough_write_timeouts_total` and
+    /// logged at debug. A slow client that keeps reading is
+    /// never dropped, and waiting for the upstream does not count. HTTP/2 has its keep-alive
+    /// ping and the response buffer budget instead. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// On SIGTERM/SIGINT, in-flight responses get this long to finish. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -37,6 +44,17 @@ pub struct ServerConfig {
     /// connection, a NAT'd build farm of dozens of hosts stays below it), yet one address
     /// cannot take every file descriptor or pin unbounded connection memory.
     pub max_connections_per_client: u32,
+    /// Response memory the whole process may hold toward HTTP/2 clients: body chunks produced
+    /// but not yet written to the socket, across every connection (each stream holds at most
+    /// about 48 KiB of it), plus 4 KiB per open stream for its own state. When it is spent, new
+    /// HTTP/2 streams are reset with `REFUSED_STREAM` (which clients retry) and the bodies
+    /// already streaming wait for room; if it stays spent for a second, the stalled connection
+    /// (one whose client has read nothing for a second) holding the most of it is closed, one
+    /// a second; a client that reads, however slowly, only waits. Default `64MiB`: over 1,000
+    /// streams' worth, far more than clients that read keep buffered, yet connections that
+    /// never read cannot take the memory of the machine.
+    #[serde(with = "crate::size::required")]
+    pub response_buffer_budget: bytesize::ByteSize,
     /// PEM certificate chain; with `tls_key`, the listener speaks HTTPS (HTTP/2 by ALPN).
     /// SIGHUP reloads both files. Default: plain HTTP.
     pub tls_cert: Option<PathBuf>,
@@ -69,10 +87,12 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
             default_registry: DOCKER_HUB.to_owned(),
             header_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             client_requests: 0,
             client_window: Duration::from_secs(60),
             max_connections_per_client: 256,
+            response_buffer_budget: bytesize::ByteSize::mib(64),
             tls_cert: None,
             tls_key: None,
             allow: Vec::new(),

@@ -68,6 +68,20 @@ impl Config {
                 "tls_cert and tls_key must be set together",
             ));
         }
+        if self.server.response_buffer_budget.as_u64() == 0 {
+            return Err(bad(
+                "server.response_buffer_budget",
+                "0",
+                "must be greater than zero",
+            ));
+        }
+        if self.server.write_timeout.is_zero() {
+            return Err(bad(
+                "server.write_timeout",
+                "0s",
+                "must be greater than zero",
+            ));
+        }
         if self.server.client_window.is_zero() {
             return Err(bad(
                 "server.client_window",

@@ -35,7 +35,10 @@ pub async fn get(
     }
     let answer = mirror.blob(target, digest, head).await.map_err(err)?;
     let status = answer.status();
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_holds(headers, digest));
     let metrics = mirror.metrics().clone();
     let resp = match answer {
         BlobAnswer::Size { size } => {
@@ -96,7 +99,10 @@ pub async fn peer(
         .peer_blob(secret, digest)
         .await
         .map_err(|e| ApiError::from_mirror(e, Object::Blob))?;
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_holds(headers, digest));
     let metrics = mirror.metrics().clone();
     Ok(ranged(digest, handle.size(), range, false, |start, end| {
         let b = body::blob_range(handle, start, end, sendfile);
@@ -149,6 +155,21 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
     content_headers(h, digest, true);
 }
 
+/// Whether a `Range` applies under the request's `If-Range` (RFC 9110 §13.1.5): with none, or
+/// with the blob's own (strong) entity tag. A date never matches (a blob has no
+/// `Last-Modified`), nor does any other tag: the client's partial copy is of something else,
+/// so it gets the whole blob (`200`), not a range of this one.
+fn if_range_holds(headers: &HeaderMap, digest: &Digest) -> bool {
+    let Some(v) = headers.get(header::IF_RANGE) else {
+        return true;
+    };
+    let Ok(v) = v.to_str() else { return false };
+    v.trim()
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .is_some_and(|tag| tag == digest.as_str())
+}
+
 /// The one byte range a `Range` header asks for. Malformed or multi-range headers are ignored
 /// (the whole blob is sent, as RFC 9110 allows); `Err` means unsatisfiable.
 fn requested_range(range: Option<&str>, size: u64) -> Result<Option<RangeInclusive<u64>>, ()> {
@@ -173,6 +194,26 @@ fn requested_range(range: Option<&str>, size: u64) -> Result<Option<RangeInclusi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_applies_only_under_a_matching_if_range() {
+        let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::IF_RANGE, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        assert!(if_range_holds(&HeaderMap::new(), &d));
+        assert!(if_range_holds(&with(&format!("\"{d}\"")), &d));
+        for other in [
+            format!("W/\"{d}\""),
+            "\"sha256:other\"".into(),
+            d.to_string(),
+            "Wed, 21 Oct 2015 07:28:00 GMT".into(),
+        ] {
+            assert!(!if_range_holds(&with(&other), &d), "{other}");
+        }
+    }
 
     #[test]
     fn ranges() {

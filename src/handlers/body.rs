@@ -130,6 +130,13 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
 
 type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
 
+/// Told when the server asks a response body for a chunk (the last one is written) and when
+/// the body hands one over: what the server's write timeout watches.
+pub trait WriteWatch: Send + Sync {
+    fn polled(&self);
+    fn yielded(&self);
+}
+
 /// A body that reports, when it ends or is dropped, how many bytes it sent and whether it
 /// reached its end: the hook for request logs, byte counters and waiter gauges.
 pub struct Observed {
@@ -137,6 +144,7 @@ pub struct Observed {
     bytes: u64,
     complete: bool,
     on_end: Option<OnEnd>,
+    watch: Option<Arc<dyn WriteWatch>>,
 }
 
 impl http_body::Body for Observed {
@@ -147,11 +155,17 @@ impl http_body::Body for Observed {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if let Some(w) = &self.watch {
+            w.polled();
+        }
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
+                    if let Some(w) = &self.watch {
+                        w.yielded();
+                    }
                 }
             }
             std::task::Poll::Ready(None) => self.complete = true,
@@ -181,11 +195,21 @@ impl Drop for Observed {
 }
 
 pub fn observe(inner: Body, on_end: impl FnOnce(u64, bool) + Send + 'static) -> Body {
+    observe_writes(inner, None, on_end)
+}
+
+/// [`observe`], also telling `watch` how the writing goes.
+pub fn observe_writes(
+    inner: Body,
+    watch: Option<Arc<dyn WriteWatch>>,
+    on_end: impl FnOnce(u64, bool) + Send + 'static,
+) -> Body {
     Observed {
         inner,
         bytes: 0,
         complete: false,
         on_end: Some(Box::new(on_end)),
+        watch,
     }
     .boxed_unsync()
 }

@@ -121,6 +121,16 @@ impl ApiError {
         )
     }
 
+    /// An HTTP/1.1 request without exactly one `Host` (RFC 9112 §3.2): it cannot be told which
+    /// host it is for, and two are a request-smuggling vector.
+    pub fn bad_host() -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Code::Unsupported,
+            "an HTTP/1.1 request must carry exactly one Host header",
+        )
+    }
+
     pub fn range_not_satisfiable(size: u64) -> ApiError {
         ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,

@@ -113,6 +113,8 @@ pub enum Refusal {
     Credentials,
     /// Over `server.client_requests`.
     RateLimit,
+    /// `server.response_buffer_budget` spent: an HTTP/2 stream reset with REFUSED_STREAM.
+    ResponseBuffer,
 }
 
 impl Refusal {
@@ -121,6 +123,7 @@ impl Refusal {
             Refusal::Address => "address",
             Refusal::Credentials => "credentials",
             Refusal::RateLimit => "rate_limit",
+            Refusal::ResponseBuffer => "response_buffer",
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub inflight_waiters: Gauge,
     pub leases_held: Gauge,
     pub cluster_members: Gauge,
+    /// Bytes of response data buffered toward HTTP/2 clients (`server`'s budget).
+    pub response_buffer_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             inflight_waiters: Gauge::default(),
             leases_held: Gauge::default(),
             cluster_members: Gauge::default(),
+            response_buffer_bytes: Gauge::default(),
         };
         {
             let mut root = crate::sync::lock(&m.registry);

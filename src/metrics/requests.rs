@@ -21,6 +21,8 @@ pub(super) struct RequestMetrics {
     client_refusals: Family<ReasonLabels, Counter>,
     policy_refusals: Family<UpstreamLabels, Counter>,
     connections_refused: Counter,
+    connections_shed: Counter,
+    write_timeouts: Counter,
 }
 
 impl RequestMetrics {
@@ -33,6 +35,8 @@ impl RequestMetrics {
             client_refusals: Family::default(),
             policy_refusals: Family::default(),
             connections_refused: Counter::default(),
+            connections_shed: Counter::default(),
+            write_timeouts: Counter::default(),
         }
     }
 }
@@ -52,7 +56,7 @@ impl Metrics {
         );
         r.register(
             "client_refusals",
-            "Requests refused before a handler: address (server.allow), credentials, rate_limit (server.client_requests)",
+            "Requests refused before a handler: address (server.allow), credentials, rate_limit (server.client_requests), response_buffer (server.response_buffer_budget spent)",
             self.requests.client_refusals.clone(),
         );
         r.register(
@@ -64,6 +68,21 @@ impl Metrics {
             "connections_refused",
             "Connections closed at accept: the client address had server.max_connections_per_client open",
             self.requests.connections_refused.clone(),
+        );
+        r.register(
+            "connections_shed",
+            "Connections closed because server.response_buffer_budget stayed spent: each the one holding the most of it",
+            self.requests.connections_shed.clone(),
+        );
+        r.register(
+            "write_timeouts",
+            "HTTP/1.x connections dropped because a response's client read nothing of it for server.write_timeout",
+            self.requests.write_timeouts.clone(),
+        );
+        r.register(
+            "response_buffer_bytes",
+            "Response data buffered toward HTTP/2 clients, produced but not yet written (at most server.response_buffer_budget)",
+            self.response_buffer_bytes.clone(),
         );
     }
 
@@ -114,5 +133,13 @@ impl Metrics {
 
     pub fn connection_refused(&self) {
         self.requests.connections_refused.inc();
+    }
+
+    pub fn connection_shed(&self) {
+        self.requests.connections_shed.inc();
+    }
+
+    pub fn write_timeout(&self) {
+        self.requests.write_timeouts.inc();
     }
 }

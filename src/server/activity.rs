@@ -13,6 +13,8 @@ use std::task::Wake;
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
+
+use crate::handlers::body::WriteWatch;
 use tokio::time::Instant;
 
 pub struct Activity {
@@ -25,6 +27,17 @@ pub struct Activity {
     watchdog_woken: AtomicBool,
     /// The connection's task, woken with the watchdog.
     task: AtomicWaker,
+    /// Bytes of response data this connection holds against the process's budget.
+    held: AtomicUsize,
+    /// When it last gave some back (its client read) or started holding, in nanoseconds since
+    /// `opened`: a connection that holds and has not moved since is stalled.
+    moved: AtomicU64,
+    /// The budget closes this connection (it holds the most of it).
+    shed: AtomicBool,
+    /// HTTP/1.x: the response body handed hyper a chunk that hyper has not yet written (it
+    /// asks for the next once the last is out), and how many times it was asked so far.
+    writing: AtomicBool,
+    body_polls: AtomicU64,
 }
 
 /// One request in flight; it ends when this drops.
@@ -44,7 +57,68 @@ impl Activity {
             opened: Instant::now(),
             watchdog_woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
+            held: AtomicUsize::new(0),
+            moved: AtomicU64::new(0),
+            shed: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
+            body_polls: AtomicU64::new(0),
         }
+    }
+
+    /// Response data charged to this connection (see `budget`).
+    pub fn hold(&self, n: usize) {
+        if self.held.fetch_add(n, Ordering::Relaxed) == 0 {
+            self.moved.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn release(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+        self.moved.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Whether it holds some of the budget and has given none back for `limit`: its client
+    /// does not read (a slow reader that reads at all keeps moving).
+    pub fn stalled_for(&self, limit: Duration) -> bool {
+        let moved = Duration::from_nanos(self.moved.load(Ordering::Relaxed));
+        self.held() > 0 && self.opened + moved + limit <= Instant::now()
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once a response has had a chunk waiting to be written for `limit` with no
+    /// other asked for meanwhile: its client reads nothing. Looks every quarter of `limit`
+    /// (so it fires between `limit` and 1.25 x `limit`), costing the hot path two relaxed
+    /// atomic writes per chunk and no clock.
+    pub async fn stalled_writing(&self, limit: Duration) {
+        let mut last = self.body_polls.load(Ordering::Relaxed);
+        let mut quiet = 0u32;
+        loop {
+            tokio::time::sleep(limit / 4).await;
+            let polls = self.body_polls.load(Ordering::Relaxed);
+            let stalled = self.in_flight() > 0 && self.writing.load(Ordering::Relaxed);
+            quiet = if stalled && polls == last {
+                quiet + 1
+            } else {
+                0
+            };
+            last = polls;
+            if quiet >= 4 {
+                return;
+            }
+        }
+    }
+
+    /// Tells the connection's task to drop the connection (through the watchdog).
+    pub fn shed(self: &Arc<Self>) {
+        self.shed.store(true, Ordering::Release);
+        self.wake_by_ref();
+    }
+
+    pub fn is_shed(&self) -> bool {
+        self.shed.load(Ordering::Acquire)
     }
 
     /// For the connection's task, each time it is polled: remembers its waker, and says whether
@@ -91,6 +165,20 @@ impl Activity {
 
     fn now(&self) -> u64 {
         u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// HTTP/1.x response bodies report here (see [`Activity::stalled_writing`]).
+impl WriteWatch for Activity {
+    /// hyper asks the response body for a chunk: the last one is written.
+    fn polled(&self) {
+        self.writing.store(false, Ordering::Relaxed);
+        self.body_polls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The response body handed hyper a chunk to write.
+    fn yielded(&self) {
+        self.writing.store(true, Ordering::Relaxed);
     }
 }
 

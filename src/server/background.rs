@@ -41,6 +41,23 @@ pub(super) async fn housekeeping_periodically(chores: Housekeeping, every: Durat
     }
 }
 
+/// How often the allocator's free memory is given back to the system.
+pub(super) const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Gives the allocator's free memory back to the system every `TRIM_EVERY` (see
+/// `platform::release_free_memory`): a burst of connections, or of clients that never read,
+/// would otherwise leave the process at its peak. On the blocking pool: trimming a large heap
+/// takes milliseconds.
+pub(super) async fn trim_periodically() {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let _ = tokio::task::spawn_blocking(crate::platform::release_free_memory).await;
+    }
+}
+
 pub(super) async fn sample_periodically(chores: Housekeeping, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;

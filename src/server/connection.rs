@@ -1,7 +1,6 @@
 //! One connection: hyper's HTTP/1.1 and HTTP/2 settings and limits, the TLS handshake, and the
 //! watchdog that closes a connection with no request in flight.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,28 +174,36 @@ pub(super) async fn serve_io<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let idle_timeout = app.idle_timeout;
+    let write_timeout = app.write_timeout;
+    let metrics = app.metrics.clone();
     let activity = Arc::new(Activity::new());
+    // Listed for as long as the connection is served, so that the budget can close it.
+    let _registration = app.response_budget.register(&activity);
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_flight = activity.begin();
             let app = app.clone();
-            let files = if req.version() <= http::Version::HTTP_11 {
-                sendfile.clone()
+            let (files, budget, writes) = if req.version() <= http::Version::HTTP_11 {
+                (sendfile.clone(), None, Some(activity.clone()))
             } else {
                 // HTTP/2 copies body chunks into its frames: placeholders must not reach it,
-                // and file chunks stay small (see `H2_FILE_CHUNK`). Allocates nothing.
-                Some(Sendfile::copy_only(H2_FILE_CHUNK))
+                // and file chunks stay small (see `H2_FILE_CHUNK`). Allocates nothing. What
+                // h2 holds of them counts against the process's budget (see `budget`).
+                let budget = (app.response_budget.clone(), activity.clone());
+                (Some(Sendfile::copy_only(H2_FILE_CHUNK)), Some(budget), None)
             };
             let conn = ConnInfo {
                 peer,
                 role,
                 files,
                 in_flight,
+                budget,
+                writes,
             };
             // Boxed: hyper spawns one task per HTTP/2 stream holding this future, and moving
             // the whole request state machine into it costs several kilobytes of copying.
-            Box::pin(async move { Ok::<_, Infallible>(handle(app, req, conn).await) })
+            Box::pin(handle(app, req, conn))
         })
     };
     let conn = builder
@@ -213,6 +220,7 @@ pub(super) async fn serve_io<I>(
                 biased;
                 () = stopped(stop), if watch_stop => Alarm::Stop,
                 () = activity_ref.idle_for(limit) => Alarm::Idle,
+                () = activity_ref.stalled_writing(write_timeout) => Alarm::Stalled,
             }
         };
         let mut alarm = std::pin::pin!(alarm);
@@ -225,6 +233,9 @@ pub(super) async fn serve_io<I>(
                 return Poll::Ready(Err(result));
             }
             if activity.watchdog_due(cx.waker()) | std::mem::take(&mut first) {
+                if activity.is_shed() {
+                    return Poll::Ready(Ok(Alarm::Shed));
+                }
                 let mut watchdog_cx = Context::from_waker(&watchdog_waker);
                 if let Poll::Ready(alarm) = alarm.as_mut().poll(&mut watchdog_cx) {
                     return Poll::Ready(Ok(alarm));
@@ -249,6 +260,19 @@ pub(super) async fn serve_io<I>(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
+            Ok(Alarm::Stalled) => {
+                // Its client reads nothing of what it asked for; a GOAWAY would not be read
+                // either. Dropped, with its socket buffers and open file.
+                tracing::debug!(%peer, timeout = ?write_timeout, "connection dropped: its client read nothing of the response for server.write_timeout");
+                metrics.write_timeout();
+                return;
+            }
+            Ok(Alarm::Shed) => {
+                // A client that does not read takes no GOAWAY either: dropped, with what h2
+                // buffered for it.
+                tracing::debug!(%peer, "connection dropped: it held the most of the response buffer budget");
+                return;
+            }
         }
     };
     if let Err(e) = result {
@@ -262,6 +286,10 @@ enum Alarm {
     Idle,
     /// The server shuts down.
     Stop,
+    /// The response buffer budget stayed spent and this connection holds the most of it.
+    Shed,
+    /// A response's client read nothing of it for `server.write_timeout`.
+    Stalled,
 }
 
 /// Resolves once the server shuts down; never without a `stop` channel.

@@ -13,6 +13,7 @@ mod activity;
 pub mod admission;
 mod background;
 mod batched_writes;
+mod budget;
 pub mod client_addr;
 mod connection;
 mod connlimit;
@@ -51,4 +52,8 @@ struct App {
     metrics_elsewhere: bool,
     /// `server.header_read_timeout`: also how long a connection may sit with no request.
     idle_timeout: Duration,
+    /// `server.write_timeout`: how long an HTTP/1.x response may wait for its client to read.
+    write_timeout: Duration,
+    /// `server.response_buffer_budget`: response data buffered toward HTTP/2 clients.
+    response_budget: Arc<budget::ResponseBudget>,
 }

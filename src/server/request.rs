@@ -9,7 +9,8 @@ use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::activity::InFlight;
+use super::activity::{Activity, InFlight};
+use super::budget::ResponseBudget;
 use super::request_id;
 use super::{App, Role};
 use crate::handlers::body::{self, Body};
@@ -80,20 +81,27 @@ pub(super) struct ConnInfo {
     pub(super) files: Option<Sendfile>,
     /// Held until the response body is dropped, for the connection's watchdog.
     pub(super) in_flight: InFlight,
+    /// HTTP/2: the process's response buffer budget, and the connection charged with it.
+    pub(super) budget: Option<(Arc<ResponseBudget>, Arc<Activity>)>,
+    /// HTTP/1.x: the connection whose watchdog enforces `server.write_timeout`.
+    pub(super) writes: Option<Arc<Activity>>,
 }
 
 /// One request: route, dispatch (panics become 500s), then metrics and a log line when the
-/// response body ends, with the bytes actually sent.
+/// response body ends, with the bytes actually sent. An HTTP/2 stream that comes while the
+/// response buffer budget is spent is refused: the error resets it with its reason.
 pub(super) async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
     conn: ConnInfo,
-) -> Response<Body> {
+) -> Result<Response<Body>, h2::Error> {
     let ConnInfo {
         peer,
         role,
         files,
         in_flight,
+        budget,
+        writes,
     } = conn;
     let started = Instant::now();
     let route = match (role, routes::parse(req.method(), req.uri().path())) {
@@ -102,6 +110,11 @@ pub(super) async fn handle(
         // /metrics lives on its own listener when one is configured.
         (Role::Main, Route::Metrics) if app.metrics_elsewhere => Route::NotFound,
         (Role::Main, r) => r,
+    };
+    let route = if routes::host_is_valid(req.version(), req.headers()) {
+        route
+    } else {
+        Route::BadHost
     };
     let method = req.method().clone();
     let head = method == http::Method::HEAD;
@@ -134,6 +147,22 @@ pub(super) async fn handle(
         .map(|t| t.repo().clone())
         .or_else(|| route.repository().cloned());
     let mut waited = Duration::ZERO;
+    // A new HTTP/2 stream once the response buffer budget is spent: refused at once, rather
+    // than left to wait holding its request (health checks and metrics are always answered).
+    let budget = match budget {
+        Some((b, conn)) if !matches!(route, Route::Healthz | Route::Readyz | Route::Metrics) => {
+            let Some(stream) = b.admit_stream(&conn) else {
+                // Reset with REFUSED_STREAM, which clients retry (on another connection):
+                // unlike a 503, it leaves no response queued toward a client that may not
+                // read it.
+                app.metrics
+                    .client_refused(crate::metrics::Refusal::ResponseBuffer);
+                return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+            };
+            Some((b, conn, stream))
+        }
+        _ => None,
+    };
     let dispatched = match admit(&app, &route, role, &req, client).await {
         Err(e) => Ok(Err(e)),
         Ok(()) => {
@@ -185,8 +214,9 @@ pub(super) async fn handle(
         .and_then(|v| v.parse::<u64>().ok());
     let metrics = app.metrics.clone();
     let chores = Housekeeping::of(&app.mirror);
-    resp.map(move |b| {
-        body::observe(b, move |bytes, ended| {
+    let writes = writes.map(|a| a as Arc<dyn body::WriteWatch>);
+    let resp = resp.map(move |b| {
+        body::observe_writes(b, writes, move |bytes, ended| {
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);
             let elapsed = started.elapsed();
             let kind = route.kind();
@@ -217,5 +247,11 @@ pub(super) async fn handle(
             }
             drop(in_flight);
         })
+    });
+    Ok(match budget {
+        Some((budget, conn, stream)) => {
+            resp.map(|b| http_body_util::BodyExt::boxed_unsync(budget.wrap(b, conn, stream)))
+        }
+        None => resp,
     })
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::admission::{Access, ClientLimit};
 use super::background::{
     cluster_periodically, housekeeping_periodically, reload_tls_on_sighup, sample_periodically,
-    INDEX_SAVE_INTERVAL,
+    trim_periodically, INDEX_SAVE_INTERVAL,
 };
 use super::client_addr::TrustedProxies;
 use super::connection::{http_builder, serve_io, spawn_main};
@@ -124,7 +124,12 @@ pub(super) async fn run(
     let metrics = Arc::new(Metrics::new());
     let grace = config.server.shutdown_grace;
     let header_timeout = config.server.header_read_timeout;
+    let write_timeout = config.server.write_timeout;
     let conn_limit = ConnLimit::new(config.server.max_connections_per_client);
+    let response_budget = Arc::new(super::budget::ResponseBudget::new(
+        usize::try_from(config.server.response_buffer_budget.as_u64()).unwrap_or(usize::MAX),
+        metrics.clone(),
+    ));
     let access = Arc::new(Access::from_config(&config.server)?);
     warn_about_exposure(&config, &access);
     let metrics_listen = config.metrics.listen;
@@ -158,6 +163,8 @@ pub(super) async fn run(
         trusted_proxies,
         metrics_elsewhere: metrics_listener.is_some(),
         idle_timeout: header_timeout,
+        write_timeout,
+        response_budget,
     });
     let tls = match tls_files {
         (Some(cert), Some(key)) => {
@@ -175,6 +182,7 @@ pub(super) async fn run(
         chores.clone(),
         sample_every,
     )));
+    background.push(tokio::spawn(trim_periodically()));
     if let Some(tls) = &tls {
         background.push(tokio::spawn(reload_tls_on_sighup(tls.clone())));
     }
