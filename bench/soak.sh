@@ -2,7 +2,7 @@
 # Soak benchmark: a release pullthrough under --minutes of mixed load and upstream faults, its
 # resources sampled every 10 s, every body it serves for verification checked by sha256.
 #
-#   bench/soak.sh [--minutes 30] [--cut 0.1] [--r429 0.1]
+#   bench/soak.sh [--minutes 30] [--cut 0.1] [--r429 0.1] [--no-attack]
 #
 # The upstream is a plain docker-registry behind tools/throttle.py, which injects faults into
 # GETs of blobs and manifests: with probability --r429 an answer 429 (Retry-After: 1) that is
@@ -20,6 +20,11 @@
 #     the manifest by digest, then curl --http2-prior-knowledge GETs of the blobs, checked;
 #   - every third round, 32 slow readers (tools/slowreaders.py, 64 KiB/s) of the 64 MiB blob
 #     for 15 s in the background;
+#   - once, at a third of the time and between rounds, the HTTP/2 memory attack of
+#     bench/h2flood.sh (tools/h2flood.py: 1,000 h2c connections from 4 loopback addresses, 100
+#     never-read GETs of the 64 MiB blob each, held 30 s), while an HTTP/1.1 client keeps
+#     GETting the 1 MiB blob (checked); RSS and open files are sampled every 0.5 s meanwhile
+#     (--no-attack leaves it out);
 #   - once, at half time and between rounds, the mirror is stopped (SIGTERM) and started again
 #     on the same cache.
 # Every 10 s a sampler records the mirror's RSS (VmRSS), open files (/proc/PID/fd) and threads
@@ -37,6 +42,7 @@ source "$(dirname "$0")/lib.sh"
 MINUTES=30
 CUT=0.1
 R429=0.1
+ATTACK=1
 REPO=library/bench  # where seed_upstream pushes the base image
 ACCEPT="Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
@@ -48,6 +54,7 @@ parse_args() {
       --minutes) MINUTES=$2; shift ;;
       --cut) CUT=$2; shift ;;
       --r429) R429=$2; shift ;;
+      --no-attack) ATTACK=0 ;;
       -h|--help) usage 0 ;;
       *) log "unknown argument $1"; usage 2 >&2 ;;
     esac
@@ -124,6 +131,33 @@ slow_readers() {
   event "{\"t\": $(now), \"kind\": \"slow\", \"result\": $(grep '^{' "$RUN/slow.json" || echo null)}"
 }
 
+# The HTTP/2 memory attack (see the header), with the mirror's RSS and open files sampled every
+# 0.5 s and an HTTP/1.1 client's checked GETs alongside; one "attack" event with the figures.
+attack() {
+  local path pid flood rss fds peak_rss=0 peak_fds=0 rss0 fds0 rss1 fds1
+  path="/v2/$REPO/blobs/$(seed_get blobs.big.digest)"
+  pid=$MIRROR_PID
+  rss0=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"); fds0=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  log "soak: the HTTP/2 memory attack (1,000 connections x 100 never-read streams, 30 s)"
+  python3 "$TOOLS/h2flood.py" 127.0.0.1 "$PT_PORT" "$path" --connections 1000 --addresses 4 \
+    --streams 100 --seconds 30 >"$RES/flood.json" 2>&1 &
+  flood=$!
+  PIDS+=("$flood")
+  while kill -0 "$flood" 2>/dev/null; do
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+    [ "${rss:-0}" -gt "$peak_rss" ] && peak_rss=$rss
+    [ "$fds" -gt "$peak_fds" ] && peak_fds=$fds
+    get attack_h1 "/v2/$REPO/blobs/$(seed_get blobs.small.digest)" "$(seed_get blobs.small.digest | cut -d: -f2)"
+    sleep 0.5
+  done
+  wait "$flood" || true
+  forget_pid "$flood"
+  sleep 15  # the periodic trim returns freed memory within 10 s
+  rss1=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"); fds1=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  event "{\"t\": $(now), \"kind\": \"attack\", \"pid\": $pid, \"rss_before_kib\": $rss0, \"rss_peak_kib\": $peak_rss, \"rss_after_kib\": $rss1, \"fds_before\": $fds0, \"fds_peak\": $peak_fds, \"fds_after\": $fds1, \"flood\": $(grep '^{' "$RES/flood.json" || echo null)}"
+}
+
 one_round() {
   local r=$1 size name seedf digest hex mdigest pids=()
   name=cold$r; size=$(( r % 2 ? 8 : 1 ))MiB
@@ -182,12 +216,17 @@ main() {
   get warm "/v2/$REPO/manifests/$(seed_get manifest.digest)" "$(seed_get manifest.digest | cut -d: -f2)" -H "$ACCEPT"
   cp "$SEED" "$RES/seed-0.json"
   t0=$(date +%s); end=$(( t0 + MINUTES * 60 )); half=$(( t0 + MINUTES * 30 ))
+  local third=$(( t0 + MINUTES * 20 )) attacked=$(( 1 - ATTACK ))
   warmup=$(( MINUTES * 12 < 120 ? MINUTES * 12 : 120 ))
   echo "{\"minutes\": $MINUTES, \"cut\": $CUT, \"r429\": $R429, \"warmup_s\": $warmup, \"t0\": $t0}" >"$RES/run.json"
   spawn "$RES/sampler.log" sampler
   log "soak: $MINUTES minutes of mixed load on pullthrough (pid $MIRROR_PID, port $PT_PORT)"
   while [ "$(date +%s)" -lt "$end" ]; do
     r=$(( r + 1 ))
+    if [ "$attacked" = 0 ] && [ "$(date +%s)" -ge "$third" ]; then
+      attack
+      attacked=1
+    fi
     if [ "$restarted" = 0 ] && [ "$(date +%s)" -ge "$half" ]; then
       log "soak: restarting the mirror"
       event "{\"t\": $(now), \"kind\": \"stop\", \"pid\": $MIRROR_PID}"

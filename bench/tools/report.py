@@ -341,6 +341,17 @@ def soak(res):
     print(table(["pid", "samples", "lived min", "RSS warm MiB", "RSS max", "RSS end", "RSS growth",
                  "fds warm", "fds max", "fds end", "fds growth", "threads warm", "threads end"], rows))
 
+    for a in (e for e in events if e["kind"] == "attack"):
+        flood = a.get("flood") or {}
+        print(f"\nHTTP/2 memory attack on pid {a['pid']} ({flood.get('connections', '?')} connections, "
+              f"{flood.get('streams', '?')} never-read streams, {flood.get('closed_by_server', '?')} closed by the server):")
+        print(table(["", "before", "peak under attack", "15 s after"],
+                    [["RSS MiB", f"{a['rss_before_kib'] / 1024:.1f}", f"{a['rss_peak_kib'] / 1024:.1f}",
+                      f"{a['rss_after_kib'] / 1024:.1f}"],
+                     ["open files", a["fds_before"], a["fds_peak"], a["fds_after"]]]))
+        h1 = [e for e in events if e["kind"] == "attack_h1" and "try" in e]
+        print(f"an HTTP/1.1 client meanwhile: {sum(e['verified'] for e in h1)}/{len(h1)} GETs verified")
+
     # Client GETs: every attempt, and what explains each failed one.
     stop_t = [e["t"] for e in events if e["kind"] == "stop"]
     restart_windows = [(t, min([s for s in starts.values() if s >= t] or [t + 60]) + 1) for t in stop_t]
