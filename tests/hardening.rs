@@ -59,6 +59,77 @@ async fn a_blob_that_can_never_fit_evicts_nothing() {
     assert_eq!(up.manifest_gets(), gets, "no pull spent again");
 }
 
+/// A mirror whose disk is full (a 4 MiB tmpfs, filled), with a 24 MiB blob upstream: more
+/// than the disk and than a relay's window.
+async fn full_disk(up: &FakeUpstream, fs: &Tmpfs) -> (TestMirror, Vec<u8>, String) {
+    let bytes = common::upstream::pseudo_random(24 * MIB, 24);
+    let digest = up.add_blob(bytes.clone());
+    let storage = fs.path().join("data");
+    let m = TestMirror::start_with(up, |c| c.storage.dir = storage.clone()).await;
+    let _ = std::fs::write(fs.path().join("filler"), vec![0u8; 8 * MIB]);
+    (m, bytes, digest)
+}
+
+#[tokio::test]
+async fn concurrent_clients_of_a_blob_the_full_disk_cannot_take_share_one_download() {
+    let Some(fs) = Tmpfs::mount("4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    let (m, bytes, digest) = full_disk(&up, &fs).await;
+    // The upstream holds the body after its first bytes until every client has its answer.
+    up.behave(|b| b.hold_blob_after = Some(100_000));
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let (a, b, c) = tokio::join!(
+        m.get(&path).send(),
+        m.get(&path).send(),
+        m.get(&path).send()
+    );
+    let rs = [a.unwrap(), b.unwrap(), c.unwrap()];
+    assert_eq!(up.blob_gets(), 1, "one upstream download for three clients");
+    let mut caches: Vec<String> = rs.iter().map(x_cache).collect();
+    caches.sort();
+    assert_eq!(caches, ["COALESCED", "COALESCED", "MISS"]);
+    up.state.release.notify_one();
+    // Read together, as clients do: the relay goes at the pace of the slowest.
+    let bodies = futures_util::future::join_all(rs.into_iter().map(|r| {
+        assert_eq!(r.status(), 200);
+        r.bytes()
+    }))
+    .await;
+    for body in bodies {
+        assert_eq!(body.unwrap(), bytes, "the whole blob");
+    }
+    assert_eq!(up.blob_gets(), 1);
+}
+
+#[tokio::test]
+async fn a_range_of_a_blob_the_full_disk_cannot_take_is_answered_206() {
+    let Some(fs) = Tmpfs::mount("4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    let (m, bytes, digest) = full_disk(&up, &fs).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    // Far ahead of any relay (its own ranged GET), then near its start (from the relay).
+    for (start, end) in [(20_000_000usize, 20_000_099usize), (1000, 1099)] {
+        let r = m
+            .get(&path)
+            .header("range", format!("bytes={start}-{end}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206, "bytes={start}-{end}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes {start}-{end}/{}", bytes.len()).as_str()
+        );
+        assert_eq!(r.bytes().await.unwrap(), bytes[start..=end]);
+    }
+}
+
 #[tokio::test]
 async fn a_manifest_on_a_full_disk_is_served_and_costs_one_pull() {
     let Some(fs) = Tmpfs::mount("4m") else {

@@ -1,5 +1,6 @@
 //! A download's leader: opens a feed, writes it through the local writer (verified before
-//! commit), resumes it from the same offset when it breaks, then publishes it.
+//! commit), or relays it from memory when the disk cannot take it, resumes it from the same
+//! offset when it breaks, then publishes it.
 
 use std::io;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::feed::{Cut, Feed, Opened, Sources};
+use super::relay::{Relay, RelayWriter, Unread};
 use super::{Outcome, Start, WRITE_BATCH};
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
@@ -65,19 +67,22 @@ impl Job {
         }
         sources.teeing = sources.lease.is_some() || sources.alone || self.cluster.is_none();
         let size = feed.size;
-        if !self.make_room(size).await {
+        let mut writer = if self.make_room(size).await {
+            // What came from the shared tier is not uploaded back to it.
+            let tee = feed.tier != Tier::Shared && sources.teeing;
+            let writer = match self.tiers.writer(&self.digest, tee).await {
+                Ok(w) => w,
+                Err(e) => return self.storage_failed(e),
+            };
+            self.start
+                .send_replace(Start::Streaming(writer.reader(size), feed.tier));
+            Sink::Disk(writer)
+        } else {
             self.metrics.no_space();
-            self.start.send_replace(Start::NoSpace);
-            return Outcome::NoSpace { size };
-        }
-        // What came from the shared tier is not uploaded back to it.
-        let tee = feed.tier != Tier::Shared && sources.teeing;
-        let mut writer = match self.tiers.writer(&self.digest, tee).await {
-            Ok(w) => w,
-            Err(e) => return self.storage_failed(e),
+            let (relay, writer) = Relay::new(size);
+            self.start.send_replace(Start::Relaying(relay, feed.tier));
+            Sink::Memory(writer)
         };
-        self.start
-            .send_replace(Start::Streaming(writer.reader(size), feed.tier));
 
         let mut resumes = 0u32;
         loop {
@@ -91,6 +96,12 @@ impl Job {
                 Err(CopyError::Cut(e)) => e,
                 Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
                 Err(CopyError::Storage(e)) => return self.storage_failed(e),
+                Err(CopyError::Unread) => {
+                    return Outcome::Unread {
+                        written: writer.written(),
+                        size,
+                    }
+                }
             };
             if feed.tier == Tier::Shared {
                 sources.skip_shared = true;
@@ -124,6 +135,20 @@ impl Job {
                 }
             };
         }
+        let writer = match writer {
+            Sink::Disk(w) => w,
+            Sink::Memory(relay) => {
+                return match relay.finish(&self.digest) {
+                    Ok(()) => Outcome::NoSpace { size, resumes },
+                    Err(actual) => {
+                        if feed.tier == Tier::Shared || sources.skip_shared {
+                            self.forget_shared();
+                        }
+                        self.mismatch(actual.to_string())
+                    }
+                }
+            }
+        };
         let (finished, upload) = writer.finish(&self.digest, size).await;
         let kept = matches!(
             finished,
@@ -163,7 +188,7 @@ impl Job {
     async fn copy_body(
         &self,
         feed: &mut Feed,
-        writer: &mut TierWriter,
+        writer: &mut Sink,
         size: u64,
     ) -> Result<(), CopyError> {
         loop {
@@ -201,7 +226,7 @@ impl Job {
 
     async fn write(
         &self,
-        writer: &mut TierWriter,
+        writer: &mut Sink,
         chunk: Bytes,
         size: u64,
         tier: Tier,
@@ -213,7 +238,25 @@ impl Job {
         if tier == Tier::Upstream {
             self.metrics.upstream_bytes(&self.upstream.name, len);
         }
-        writer.write(chunk).await.map_err(CopyError::Storage)
+        match writer {
+            Sink::Disk(w) => w.write(chunk).await.map_err(CopyError::Storage),
+            Sink::Memory(w) => w.write(chunk).await.map_err(|Unread| CopyError::Unread),
+        }
+    }
+}
+
+/// Where a download's bytes go: the disk, or, when it cannot take them, a relay in memory.
+enum Sink {
+    Disk(TierWriter),
+    Memory(RelayWriter),
+}
+
+impl Sink {
+    fn written(&self) -> u64 {
+        match self {
+            Sink::Disk(w) => w.written(),
+            Sink::Memory(w) => w.written(),
+        }
     }
 }
 
@@ -221,4 +264,6 @@ enum CopyError {
     Cut(Cut),
     TooLong,
     Storage(io::Error),
+    /// Relayed from memory, and nobody reads it any more.
+    Unread,
 }

@@ -3,7 +3,8 @@
 //!
 //! The leader's work runs in its own task, so clients may come and go (the first included)
 //! without cancelling it. The bytes go to a temp file; clients read that file behind the
-//! writer, woken by a watch channel on each write. Every way a download can end is an
+//! writer, woken by a watch channel on each write. When the disk cannot take the blob, they
+//! go to a bounded window in memory that the clients follow instead ([`Relay`]). Every way a download can end is an
 //! [`Outcome`], logged by name.
 //!
 //! With replicas, the bytes come from the first tier that has them ([`Feed`]): the shared
@@ -33,11 +34,13 @@ mod feed;
 mod job;
 mod outcome;
 mod publish;
+mod relay;
 
 pub use feed::Cut;
 use job::Job;
 pub use outcome::Failure;
 use outcome::{finish_waiters, log_outcome, Outcome};
+pub use relay::{Relay, Subscriber};
 
 /// Ready chunks are gathered up to this size before one write, so a fast upstream does not
 /// cost a write per network packet, while a slow one is written as soon as anything arrives.
@@ -53,8 +56,9 @@ pub enum Start {
     Streaming(BlobHandle, Tier),
     /// The blob was committed by someone else before this download began: read the store.
     AlreadyCached,
-    /// The disk cannot take the blob: each client streams from the upstream, uncached.
-    NoSpace,
+    /// The disk cannot take the blob: the body (first from `tier`) is relayed from memory,
+    /// uncached; follow it through the relay.
+    Relaying(Arc<Relay>, Tier),
     /// The download failed before any byte could be served.
     Failed(Failure),
 }
@@ -137,6 +141,7 @@ impl Download {
                 };
                 (written, Some(size))
             }
+            Start::Relaying(relay, _) => (relay.written(), Some(relay.size())),
             _ => (0, None),
         };
         InFlight {

@@ -49,8 +49,10 @@ pub(super) enum Outcome {
     Committed { size: u64, resumes: u32 },
     /// Verified and streamed, but larger than the cache bound, so not kept.
     TooLargeToKeep { size: u64 },
-    /// Not enough disk space: clients were sent to stream from the upstream directly.
-    NoSpace { size: u64 },
+    /// Not enough disk space: relayed from memory to its clients, verified, not kept.
+    NoSpace { size: u64, resumes: u32 },
+    /// Not enough disk space, and the relay stopped at `written`: nobody read it any more.
+    Unread { written: u64, size: u64 },
     /// Another download committed it first.
     AlreadyCached,
     /// The upstream answered with an error before the body.
@@ -82,7 +84,8 @@ pub(super) fn finish_waiters(
         Outcome::Committed { .. }
         | Outcome::AlreadyCached
         | Outcome::TooLargeToKeep { .. }
-        | Outcome::NoSpace { .. } => return outcome,
+        | Outcome::NoSpace { .. }
+        | Outcome::Unread { .. } => return outcome,
         Outcome::Refused(e) | Outcome::Protocol(e) => Failure::Upstream(e.clone()),
         Outcome::ResumesExhausted { last, .. } => match last {
             Cut::Upstream(e) => Failure::Upstream(e.clone()),
@@ -133,8 +136,11 @@ pub(super) fn log_outcome(
         Outcome::TooLargeToKeep { size } => {
             tracing::warn!(upstream, %repo, %digest, size, "blob is larger than storage.max_size; served but not kept")
         }
-        Outcome::NoSpace { size } => {
-            tracing::debug!(upstream, %repo, %digest, size, "no disk space; clients stream uncached")
+        Outcome::NoSpace { size, resumes } => {
+            tracing::debug!(upstream, %repo, %digest, size, resumes, "no disk space; relayed uncached")
+        }
+        Outcome::Unread { written, size } => {
+            tracing::debug!(upstream, %repo, %digest, written, size, "no disk space; relay stopped, nobody read it")
         }
         Outcome::Refused(e) => {
             tracing::info!(upstream, %repo, %digest, error = %e, "blob download refused")

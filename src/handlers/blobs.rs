@@ -46,14 +46,14 @@ pub async fn get(
             blob_headers(resp.headers_mut(), digest, size);
             resp
         }
-        BlobAnswer::Passthrough { size, stream } => {
-            let mut resp = Response::new(body::count_served(
-                body::from_stream(stream),
-                metrics,
-                Source::Upstream,
-            ));
-            blob_headers(resp.headers_mut(), digest, size);
-            resp
+        BlobAnswer::Relayed {
+            relayed, waiter, ..
+        } => {
+            let size = relayed.size();
+            ranged(digest, size, range, head, |start, end| {
+                let b = body::from_stream(relayed.stream(start, end));
+                body::with_guard(body::count_served(b, metrics, Source::Upstream), waiter)
+            })
         }
         BlobAnswer::Redirect { location } => {
             let mut resp = Response::new(body::empty());

@@ -1,5 +1,5 @@
 //! Blobs: a hit from the store, else the download of the digest (started, or joined while it
-//! runs), else, when the disk cannot take it, a verified relay from the upstream. A HEAD never
+//! runs), relayed from memory when the disk cannot take it. A HEAD never
 //! downloads: its size comes from a download in flight or an upstream HEAD.
 
 use std::io;
@@ -10,12 +10,13 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 
 use super::{Error, Mirror, Target};
-use crate::download::{self, Download, Start};
+use crate::download::{self, Download, Relay, Start, Subscriber};
 use crate::metrics::Metrics;
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoName};
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
 use crate::store::handle::BlobHandle;
-use crate::store::tier::Kind;
+use crate::store::tiers::Tiers;
+use crate::upstream::Upstream;
 
 /// What a blob request is answered with.
 pub enum BlobAnswer {
@@ -27,11 +28,12 @@ pub enum BlobAnswer {
         status: CacheStatus,
         waiter: Waiter,
     },
-    /// Relayed from the upstream without caching (the disk is full), verified on the way: a
-    /// stream error cuts the response before a wrong byte completes it.
-    Passthrough {
-        size: u64,
-        stream: BoxStream<'static, io::Result<Bytes>>,
+    /// A download this request started (`Passthrough`) or joined (`Coalesced`) that the disk
+    /// cannot take, relayed from memory as it arrives.
+    Relayed {
+        relayed: Relayed,
+        status: CacheStatus,
+        waiter: Waiter,
     },
     /// A HEAD of a blob that is not cached: its size only.
     Size { size: u64 },
@@ -45,7 +47,7 @@ impl BlobAnswer {
         match self {
             BlobAnswer::Hit(_) => CacheStatus::Hit,
             BlobAnswer::Fetching { status, .. } => *status,
-            BlobAnswer::Passthrough { .. } => CacheStatus::Passthrough,
+            BlobAnswer::Relayed { status, .. } => *status,
             BlobAnswer::Size { .. } => CacheStatus::Miss,
             BlobAnswer::Redirect { .. } => CacheStatus::Hit,
         }
@@ -134,7 +136,20 @@ impl Mirror {
                 // Committed meanwhile, or the download's task vanished (its flight went with it,
                 // so asking again starts a new one).
                 Start::AlreadyCached | Start::Failed(download::Failure::Dangling) => continue,
-                Start::NoSpace => return Box::pin(self.blob_passthrough(target, digest)).await,
+                Start::Relaying(relay, tier) => {
+                    self.link_download(target, digest, &download, tier).await?;
+                    self.metrics.blob_source(tier);
+                    let status = if joined {
+                        CacheStatus::Coalesced
+                    } else {
+                        CacheStatus::Passthrough
+                    };
+                    return Ok(BlobAnswer::Relayed {
+                        relayed: self.relayed(target, digest, relay),
+                        status,
+                        waiter: Waiter::new(self.metrics.clone()),
+                    });
+                }
                 Start::Failed(f) => return Err(f.into()),
                 Start::Pending => return Err(Error::Abandoned("the download never started")),
             }
@@ -183,11 +198,14 @@ impl Mirror {
     /// HEAD.
     async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<BlobAnswer, Error> {
         if let Some(d) = self.downloads.get(digest) {
-            if let Start::Streaming(handle, tier) = d.started().await {
+            let (size, tier) = match d.started().await {
+                Start::Streaming(handle, tier) => (Some(handle.size()), tier),
+                Start::Relaying(relay, tier) => (Some(relay.size()), tier),
+                _ => (None, Tier::Upstream),
+            };
+            if let Some(size) = size {
                 self.link_download(target, digest, &d, tier).await?;
-                return Ok(BlobAnswer::Size {
-                    size: handle.size(),
-                });
+                return Ok(BlobAnswer::Size { size });
             }
         }
         if let Some(size) = self.shared_size(digest).await {
@@ -253,24 +271,107 @@ impl Mirror {
         Err(Error::PeerMissing)
     }
 
-    /// Streams a blob without caching it (the disk cannot take it), still verifying it: from
-    /// the shared tier when it holds the blob, so that a full disk on one replica does not
-    /// cost the upstream what the fleet already has, else from the upstream.
-    async fn blob_passthrough(
-        &self,
-        target: &Target,
-        digest: &Digest,
-    ) -> Result<BlobAnswer, Error> {
-        if let Some((size, stream)) = self.shared_relay(digest).await {
-            self.confirm_link(target, digest, ObjectKind::Blob).await?;
-            self.metrics.blob_source(Tier::Shared);
-            return Ok(BlobAnswer::Passthrough { size, stream });
+    /// One client's view of a relay: its place is held from the start of the blob until its
+    /// body says which range it wants, so bytes it may ask for are not dropped meanwhile.
+    fn relayed(&self, target: &Target, digest: &Digest, relay: Arc<Relay>) -> Relayed {
+        Relayed {
+            held: relay.subscribe(0),
+            relay,
+            upstream: target.upstream.clone(),
+            repo: target.repo.clone(),
+            digest: digest.clone(),
+            tiers: self.tiers.clone(),
+            metrics: self.metrics.clone(),
         }
-        let body = target.upstream.blob(&target.repo, digest, 0).await?;
-        self.metrics.blob_source(Tier::Upstream);
-        let size = body.size;
+    }
+}
+
+/// A blob the disk cannot take, for one client: the bytes come from the download's relay
+/// while it has them, else from a stream of the client's own, from where it is (the shared
+/// tier when it holds the blob, so a full disk on one replica does not cost the upstream what
+/// the fleet already has, else the upstream, with a `Range`).
+pub struct Relayed {
+    relay: Arc<Relay>,
+    held: Option<Subscriber>,
+    upstream: Arc<Upstream>,
+    repo: RepoName,
+    digest: Digest,
+    tiers: Arc<Tiers>,
+    metrics: Arc<Metrics>,
+}
+
+impl Relayed {
+    pub fn size(&self) -> u64 {
+        self.relay.size()
+    }
+
+    /// The bytes `start..end`. A whole blob is verified on the way: a mismatch cuts the
+    /// response before its last chunk. A range cannot be checked against the digest (its
+    /// client checks the whole it puts together).
+    pub fn stream(mut self, start: u64, end: u64) -> BoxStream<'static, io::Result<Bytes>> {
+        let size = self.size();
+        // Subscribed before the held place goes, so the window cannot pass `start` between.
+        let from = match self.held.take() {
+            Some(held) if start == 0 => Some(held),
+            _ => self.relay.subscribe(start),
+        };
+        let digest = self.digest.clone();
+        let state = (self, start, from.map(Origin::Relay));
+        let chunks = stream::try_unfold(state, move |(this, mut pos, mut from)| async move {
+            while pos < end {
+                let chunk = match &mut from {
+                    Some(Origin::Relay(sub)) => sub.next(end).await,
+                    Some(Origin::Own(own)) => match own.next().await.transpose()? {
+                        Some(c) => Some(c.slice(..c.len().min((end - pos) as usize))),
+                        None => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!("the body ended at {pos} of {size} bytes"),
+                            ))
+                        }
+                    },
+                    None => None,
+                };
+                match chunk {
+                    Some(c) if !c.is_empty() => {
+                        pos += c.len() as u64;
+                        return Ok(Some((c, (this, pos, from))));
+                    }
+                    Some(_) => {}
+                    // The relay went past this client, or stopped: on its own from here.
+                    None => from = Some(Origin::Own(this.own(pos).await?)),
+                }
+            }
+            Ok(None)
+        });
+        if start == 0 && end == size {
+            verified(chunks, digest, size).boxed()
+        } else {
+            chunks.boxed()
+        }
+    }
+
+    /// The blob from `offset`, for this client alone.
+    async fn own(&self, offset: u64) -> io::Result<BoxStream<'static, io::Result<Bytes>>> {
+        if let Some(blob) = self.tiers.shared_blob(&self.digest, offset).await {
+            if blob.size == self.size() {
+                return Ok(blob.chunks.map(|c| c.map_err(io::Error::other)).boxed());
+            }
+        }
+        let body = self
+            .upstream
+            .blob(&self.repo, &self.digest, offset)
+            .await
+            .map_err(io::Error::other)?;
+        if body.size != self.size() {
+            return Err(io::Error::other(format!(
+                "the upstream answered size {} for a blob of {} bytes",
+                body.size,
+                self.size()
+            )));
+        }
         let metrics = self.metrics.clone();
-        let upstream = target.upstream.name.clone();
+        let upstream = self.upstream.name.clone();
         let chunks = stream::try_unfold(body, |mut body| async move {
             let chunk = body.next_chunk().await.map_err(io::Error::other)?;
             Ok(chunk.map(|c| (c, body)))
@@ -280,31 +381,14 @@ impl Mirror {
                 metrics.upstream_bytes(&upstream, c.len() as u64);
             }
         });
-        Ok(BlobAnswer::Passthrough {
-            size,
-            stream: verified(chunks, digest.clone(), size).boxed(),
-        })
+        Ok(chunks.boxed())
     }
+}
 
-    /// The whole blob from the shared tier, verified on the way, registered as a reader so the
-    /// evictor leaves it alone; an object that does not match its digest is deleted. `None`
-    /// when the tier does not hold it, is evicting it or cannot be read.
-    async fn shared_relay(
-        &self,
-        digest: &Digest,
-    ) -> Option<(u64, BoxStream<'static, io::Result<Bytes>>)> {
-        let blob = self.tiers.shared_blob(digest, 0).await?;
-        let tiers = self.tiers.clone();
-        let chunks = blob.chunks.map(|c| c.map_err(io::Error::other));
-        let (metrics, name) = (self.metrics.clone(), digest.clone());
-        let stream = verified(chunks, digest.clone(), blob.size).inspect(move |c| {
-            if matches!(c, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
-                metrics.digest_mismatch();
-                tiers.forget_damaged(Kind::Blob, &name);
-            }
-        });
-        Some((blob.size, stream.boxed()))
-    }
+/// Where a relayed client's bytes come from.
+enum Origin {
+    Relay(Subscriber),
+    Own(BoxStream<'static, io::Result<Bytes>>),
 }
 
 /// Hashes a stream that carries a whole blob, holding back its last chunk until the hash is

@@ -86,7 +86,7 @@ impl Source for Local {
                 return Ok(true);
             }
             BlobAnswer::Fetching { handle, .. } => handle,
-            BlobAnswer::Passthrough { .. } => {
+            BlobAnswer::Relayed { .. } => {
                 return Err("the cache has no room for it: not kept".into())
             }
             BlobAnswer::Size { .. } => return Err("answered with its size only".into()),
