@@ -5,7 +5,7 @@
 mod common;
 
 use common::upstream::{sha256, Fault};
-use common::{error_code, x_cache, FakeUpstream, TestMirror};
+use common::{error_code, metric, x_cache, FakeUpstream, TestMirror, PAST_TTL};
 
 #[tokio::test]
 async fn blob_miss_is_streamed_and_cached_then_hit() {
@@ -143,6 +143,8 @@ async fn wrong_digest_is_never_cached_and_the_connection_is_cut() {
     );
 
     up.behave(|b| b.corrupt_blobs = false);
+    // Past the back-off of a digest whose upstream content did not match it.
+    m.advance(PAST_TTL);
     let r = m.get(&path).send().await.unwrap();
     assert_eq!(x_cache(&r), "MISS", "nothing was committed");
     assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);
@@ -151,6 +153,45 @@ async fn wrong_digest_is_never_cached_and_the_connection_is_cut() {
         .metrics()
         .await
         .contains("pullthrough_digest_mismatches_total 1"));
+}
+
+/// Clients retrying a blob whose upstream content does not match its digest do not make the
+/// mirror download it again each time: within the back-off they get a 502 at once, without an
+/// upstream request; after it, the upstream is asked again.
+#[tokio::test]
+async fn retries_of_a_corrupt_blob_are_answered_502_without_refetching_it() {
+    let up = FakeUpstream::start().await;
+    let (_, layers) = up.add_image("library/app", "v1", &[256 * 1024]);
+    up.behave(|b| b.corrupt_blobs = true);
+    let m = TestMirror::start(&up).await;
+    let path = format!("/v2/library/app/blobs/{}", layers[0]);
+
+    let r = m.get(&path).send().await.unwrap();
+    assert!(r.bytes().await.is_err(), "the first client sees a cut");
+    for attempt in 2..=5 {
+        let r = m.get(&path).send().await.unwrap();
+        assert_eq!(r.status(), 502, "attempt {attempt}");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNKNOWN", "attempt {attempt}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&layers[0]) && message.contains("not fetched again for"),
+            "{message}"
+        );
+    }
+    assert_eq!(up.blob_gets(), 1, "5 requests, 1 upstream download");
+    let metrics = m.metrics().await;
+    assert_eq!(metric(&metrics, "pullthrough_digest_mismatches_total"), 1.0);
+    assert_eq!(
+        metric(&metrics, "pullthrough_digest_mismatch_refusals_total"),
+        4.0
+    );
+
+    m.advance(PAST_TTL);
+    let r = m.get(&path).send().await.unwrap();
+    assert!(r.bytes().await.is_err(), "asked again, still corrupt");
+    assert_eq!(up.blob_gets(), 2, "the back-off is over");
 }
 
 #[tokio::test]

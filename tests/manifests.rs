@@ -168,6 +168,55 @@ async fn upstream_digest_header_mismatch_is_rejected_and_not_cached() {
     assert_eq!(up.manifest_gets(), 2);
 }
 
+/// An upstream whose tag HEAD names a digest it cannot back (`sha256:000…`: a GET of it is 404,
+/// or answers bytes that do not hash to it) does not pin the tag to that digest: the last
+/// verified record is served stale, to HEAD-first clients too, and kept for when the upstream
+/// stops lying. The lie is verified with one GET, not one per request.
+#[tokio::test]
+async fn a_tag_head_naming_a_digest_the_upstream_cannot_back_keeps_the_verified_tag() {
+    use common::upstream::{sha256, StoredManifest, LIE_DIGEST};
+    for mismatch in [false, true] {
+        let up = FakeUpstream::start().await;
+        let (digest, _) = up.add_image("library/app", "v1", &[10]);
+        if mismatch {
+            // A GET of the lying digest answers the tag's real bytes under it.
+            let mut c = up.state.content.lock().unwrap();
+            let real: StoredManifest = c.manifests[&digest].clone();
+            c.manifests.insert(LIE_DIGEST.to_owned(), real);
+        }
+        let m = TestMirror::start_with(&up, |c| c.cache.tag_ttl = TTL).await;
+        let path = "/v2/library/app/manifests/v1";
+        let what = if mismatch { "mismatch" } else { "404" };
+        assert_manifest(&get(&m, path, None).await, &digest, OCI_MANIFEST, "MISS");
+        let gets = up.manifest_gets();
+
+        up.behave(|b| b.lie_on_tag_head = true);
+        m.advance(PAST_TTL);
+        // containerd and docker ask with a HEAD first, then GET what it named.
+        let r = head(&m, path, None).await;
+        assert_eq!(r.status(), 200, "{what}");
+        assert_eq!(
+            r.headers()["docker-content-digest"],
+            digest.as_str(),
+            "{what}"
+        );
+        assert_eq!(x_cache(&r), "STALE", "{what}");
+        let r = get(&m, path, None).await;
+        assert_manifest(&r, &digest, OCI_MANIFEST, "STALE");
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest, "{what}");
+        assert_eq!(
+            up.manifest_gets(),
+            gets + 1,
+            "{what}: one GET finds the lie; it is remembered for the next request"
+        );
+
+        up.behave(|b| b.lie_on_tag_head = false);
+        let r = get(&m, path, None).await;
+        assert_manifest(&r, &digest, OCI_MANIFEST, "REVALIDATED");
+        assert_manifest(&head(&m, path, None).await, &digest, OCI_MANIFEST, "HIT");
+    }
+}
+
 #[tokio::test]
 async fn upstream_not_found_rate_limit_outage_and_denial_reach_the_client_as_such() {
     use common::upstream::Fault;

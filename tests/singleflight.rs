@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::upstream::sha256;
-use common::{x_cache, FakeUpstream, TestMirror, SETTLE};
+use common::{x_cache, FakeUpstream, TestMirror, PAST_TTL, SETTLE};
 use futures_util::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -233,6 +233,8 @@ async fn wrong_digest_fails_every_waiter_and_the_next_request_refetches() {
         b.corrupt_blobs = false;
         b.blob_delay = None;
     });
+    // Past the back-off of a digest whose upstream content did not match it.
+    m.advance(PAST_TTL);
     let r = m.get(&path).send().await.unwrap();
     assert_eq!(x_cache(&r), "MISS");
     assert_eq!(sha256(&r.bytes().await.unwrap()), layers[0]);

@@ -12,7 +12,9 @@ pub struct CacheConfig {
     #[serde(with = "humantime_serde")]
     pub tag_ttl: Duration,
     /// A tag the upstream answered 404 for is answered 404 without asking again for this
-    /// long, so a typo in a CI matrix does not become a stream of counted pulls. Default 30 s.
+    /// long, so a typo in a CI matrix does not become a stream of counted pulls; likewise, a
+    /// digest a tag's `HEAD` named that the upstream could not back with its manifest is not
+    /// fetched again for the tag (its last verified record is served stale). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
     /// How long a request for a cached tag past its TTL waits for the revalidation before the

@@ -86,6 +86,16 @@ pub(super) struct Sources {
     pub(super) skip_shared: bool,
     /// Coordination gave no usable peer: fetch from the upstream without a lease.
     pub(super) alone: bool,
+    /// A tier other than the upstream served some of the bytes: a mismatch then does not
+    /// show that the upstream's object is broken.
+    pub(super) other_tiers: bool,
+}
+
+impl Sources {
+    /// Bytes are about to come from `tier`.
+    pub(super) fn note_tier(&mut self, tier: Tier) {
+        self.other_tiers |= tier != Tier::Upstream;
+    }
 }
 
 /// Attempts at a peer before fetching without it: with a pause of a fifth of the lease TTL
@@ -174,6 +184,11 @@ impl Job {
                 }
                 Claimed::Alone => sources.alone = true,
             }
+        }
+        // Its content failed verification a moment ago: not downloaded again for a while.
+        if let Some(retry_in) = self.mismatched.remaining(&self.upstream.name, &self.digest) {
+            self.metrics.mismatch_refusal();
+            return Opened::Fatal(Outcome::MismatchBackoff { retry_in });
         }
         match self.upstream.blob(&self.repo, &self.digest, offset).await {
             Ok(body) => {

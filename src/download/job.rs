@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::feed::{Cut, Feed, Opened, Sources};
 use super::relay::{Relay, RelayWriter, Unread};
-use super::{Outcome, Start, WRITE_BATCH};
+use super::{Mismatched, Outcome, Start, WRITE_BATCH};
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
@@ -28,6 +28,7 @@ pub(super) struct Job {
     pub(super) tiers: Arc<Tiers>,
     pub(super) cluster: Option<Arc<Cluster>>,
     pub(super) metrics: Arc<Metrics>,
+    pub(super) mismatched: Arc<Mismatched>,
 }
 
 impl Job {
@@ -45,7 +46,10 @@ impl Job {
         let mut attempts = 0u32;
         let mut feed = loop {
             match self.open(0, &mut sources).await {
-                Opened::Feed(f) => break f,
+                Opened::Feed(f) => {
+                    sources.note_tier(f.tier);
+                    break f;
+                }
                 Opened::Fatal(outcome) => return outcome,
                 Opened::Retry(cut) => {
                     if cut.is_upstream() {
@@ -94,7 +98,9 @@ impl Job {
                     size,
                 },
                 Err(CopyError::Cut(e)) => e,
-                Err(CopyError::TooLong) => return self.mismatch(format!("more than {size} bytes")),
+                Err(CopyError::TooLong) => {
+                    return self.mismatch(format!("more than {size} bytes"), sources.other_tiers)
+                }
                 Err(CopyError::Storage(e)) => return self.storage_failed(e),
                 Err(CopyError::Unread) => {
                     return Outcome::Unread {
@@ -119,7 +125,10 @@ impl Job {
                 }
                 tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = resumes, error = %cut, "resuming cut blob download");
                 match self.open(writer.written(), &mut sources).await {
-                    Opened::Feed(f) if f.size == size => break f,
+                    Opened::Feed(f) if f.size == size => {
+                        sources.note_tier(f.tier);
+                        break f;
+                    }
                     Opened::Feed(f) => {
                         return Outcome::SizeChanged {
                             tier: f.tier,
@@ -135,6 +144,7 @@ impl Job {
                 }
             };
         }
+        let other_tiers = sources.other_tiers;
         let writer = match writer {
             Sink::Disk(w) => w,
             Sink::Memory(relay) => {
@@ -144,7 +154,7 @@ impl Job {
                         if feed.tier == Tier::Shared || sources.skip_shared {
                             self.forget_shared();
                         }
-                        self.mismatch(actual.to_string())
+                        self.mismatch(actual.to_string(), other_tiers)
                     }
                 }
             }
@@ -162,7 +172,7 @@ impl Job {
         match finished {
             Ok(Finished::Published) => Outcome::Committed { size, resumes },
             Ok(Finished::TooLargeToKeep) => Outcome::TooLargeToKeep { size },
-            Ok(Finished::Mismatch { actual }) => self.mismatch(actual.to_string()),
+            Ok(Finished::Mismatch { actual }) => self.mismatch(actual.to_string(), other_tiers),
             Err(e) => self.storage_failed(e),
         }
     }
@@ -178,8 +188,14 @@ impl Job {
         Outcome::Storage(e)
     }
 
-    pub(super) fn mismatch(&self, actual: String) -> Outcome {
+    /// The bytes did not match the digest. When every byte came from the upstream (none from
+    /// `other_tiers`), the upstream's object is broken: it is not fetched again for a while
+    /// (see `mismatched`).
+    pub(super) fn mismatch(&self, actual: String, other_tiers: bool) -> Outcome {
         self.metrics.digest_mismatch();
+        if !other_tiers {
+            self.mismatched.note(&self.upstream.name, &self.digest);
+        }
         Outcome::DigestMismatch { actual }
     }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
@@ -32,12 +33,14 @@ use crate::upstream::Upstream;
 
 mod feed;
 mod job;
+mod mismatched;
 mod outcome;
 mod publish;
 mod relay;
 
 pub use feed::Cut;
 use job::Job;
+use mismatched::Mismatched;
 pub use outcome::Failure;
 use outcome::{finish_waiters, log_outcome, Outcome};
 pub use relay::{Relay, Subscriber};
@@ -158,6 +161,8 @@ pub struct Downloads {
     tiers: Arc<Tiers>,
     cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
+    /// Digests whose upstream content just failed verification, not fetched there again yet.
+    mismatched: Arc<Mismatched>,
 }
 
 impl Downloads {
@@ -165,12 +170,14 @@ impl Downloads {
         tiers: Arc<Tiers>,
         cluster: Option<Arc<Cluster>>,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Downloads {
         Downloads {
             flights: Flights::default(),
             tiers,
             cluster,
             metrics,
+            mismatched: Arc::new(Mismatched::new(clock)),
         }
     }
 
@@ -201,6 +208,7 @@ impl Downloads {
                     tiers: self.tiers.clone(),
                     cluster: self.cluster.clone(),
                     metrics: self.metrics.clone(),
+                    mismatched: self.mismatched.clone(),
                 };
                 let metrics = self.metrics.clone();
                 metrics.inflight_downloads.inc();

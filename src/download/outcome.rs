@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -19,6 +19,10 @@ pub enum Failure {
     Upstream(upstream::Error),
     #[error("upstream blob does not match {expected} (got {actual})")]
     DigestMismatch { expected: Digest, actual: String },
+    /// The upstream's content for the blob did not match it a moment ago: not fetched again
+    /// for `retry_in`.
+    #[error("upstream content for {digest} did not match it; not fetched again for {retry_in:?}")]
+    MismatchBackoff { digest: Digest, retry_in: Duration },
     #[error("cannot write the blob to the cache: {0}")]
     Storage(Arc<io::Error>),
     #[error("the download task panicked")]
@@ -61,6 +65,8 @@ pub(super) enum Outcome {
     ResumesExhausted { written: u64, last: Cut },
     /// The bytes did not hash to the digest, or had the wrong length.
     DigestMismatch { actual: String },
+    /// Not asked for: the upstream's content failed verification a moment ago.
+    MismatchBackoff { retry_in: Duration },
     /// The upstream's answer cannot be used (no length, wrong range).
     Protocol(upstream::Error),
     /// A resume from `tier` answered another size than the blob's.
@@ -103,6 +109,10 @@ pub(super) fn finish_waiters(
         Outcome::DigestMismatch { actual } => Failure::DigestMismatch {
             expected: digest.clone(),
             actual: actual.clone(),
+        },
+        Outcome::MismatchBackoff { retry_in } => Failure::MismatchBackoff {
+            digest: digest.clone(),
+            retry_in: *retry_in,
         },
         Outcome::Storage(e) => Failure::Storage(Arc::new(io::Error::new(e.kind(), e.to_string()))),
         Outcome::Panicked => Failure::Panicked,
@@ -150,6 +160,10 @@ pub(super) fn log_outcome(
         }
         Outcome::DigestMismatch { actual } => {
             tracing::error!(upstream, %repo, %digest, %actual, "upstream blob does not match its digest; discarded")
+        }
+        // Each client retry of a broken object is one: the mismatch itself was logged.
+        Outcome::MismatchBackoff { retry_in } => {
+            tracing::debug!(upstream, %repo, %digest, retry_in_secs = retry_in.as_secs(), "blob refused: its upstream content did not match a moment ago")
         }
         Outcome::Protocol(e) => {
             tracing::warn!(upstream, %repo, %digest, error = %e, "unusable upstream blob response")

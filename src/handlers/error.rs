@@ -214,6 +214,19 @@ impl ApiError {
                     "upstream content did not match its digest",
                 )
             }
+            // UNKNOWN, not BLOB_UNKNOWN: the blob exists upstream, and clients read
+            // BLOB_UNKNOWN as "no such blob" (a failed pull, not a retry later). No log: the
+            // mismatch was logged once, and each retry would repeat it.
+            M::MismatchBackoff { digest, retry_in } => {
+                let secs = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
+                let mut answer = ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    Code::Unknown,
+                    format!("the upstream's content for {digest} does not match its digest; not fetched again for {secs} s"),
+                );
+                answer.retry_after = Some(Duration::from_secs(secs));
+                answer
+            }
             M::Storage { what, ref source } => {
                 tracing::error!(what, error = %source, "cache storage error");
                 ApiError::new(

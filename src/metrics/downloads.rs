@@ -1,5 +1,6 @@
-//! Blob downloads: in progress and their clients, resumes, digest mismatches, a full disk, and
-//! the time to the upstream's first byte on a miss.
+//! Blob downloads: in progress and their clients, resumes, digest mismatches (and the requests
+//! refused while one is remembered), a full disk, and the time to the upstream's first byte on
+//! a miss.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use super::Metrics;
 pub(super) struct DownloadMetrics {
     resumes: Counter,
     digest_mismatches: Counter,
+    mismatch_refusals: Counter,
     no_space: Counter,
     miss_ttfb: Histogram,
 }
@@ -21,6 +23,7 @@ impl DownloadMetrics {
         DownloadMetrics {
             resumes: Counter::default(),
             digest_mismatches: Counter::default(),
+            mismatch_refusals: Counter::default(),
             no_space: Counter::default(),
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         }
@@ -38,6 +41,11 @@ impl Metrics {
             "digest_mismatches",
             "Upstream content rejected because it did not match its digest",
             self.downloads.digest_mismatches.clone(),
+        );
+        r.register(
+            "digest_mismatch_refusals",
+            "Blob requests answered 502 without an upstream request: the upstream's content for the digest did not match it within the last minute",
+            self.downloads.mismatch_refusals.clone(),
         );
         r.register(
             "storage_full",
@@ -71,6 +79,10 @@ impl Metrics {
 
     pub fn digest_mismatch(&self) {
         self.downloads.digest_mismatches.inc();
+    }
+
+    pub fn mismatch_refusal(&self) {
+        self.downloads.mismatch_refusals.inc();
     }
 
     pub fn miss_first_byte(&self, elapsed: Duration) {

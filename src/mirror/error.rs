@@ -4,6 +4,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::download;
 use crate::oci::{Digest, RepoName};
@@ -22,6 +23,10 @@ pub enum Error {
         expected: Digest,
         actual: String,
     },
+    /// The upstream's content for the blob did not match its digest a moment ago: it is not
+    /// fetched again until `retry_in` has passed.
+    #[error("upstream content for {digest} did not match it; not fetched again for {retry_in:?}")]
+    MismatchBackoff { digest: Digest, retry_in: Duration },
     /// The local cache could not be read or written.
     #[error("cache storage failed while {what}: {source}")]
     Storage {
@@ -79,6 +84,9 @@ impl From<download::Failure> for Error {
                 expected,
                 actual,
             },
+            download::Failure::MismatchBackoff { digest, retry_in } => {
+                Error::MismatchBackoff { digest, retry_in }
+            }
             download::Failure::Storage(source) => Error::Storage {
                 what: "writing a downloaded blob",
                 source,

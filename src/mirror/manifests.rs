@@ -76,10 +76,23 @@ pub(super) enum Fetched {
 #[derive(Debug, Clone)]
 pub(super) enum Resolved {
     Record(TagRecord, CacheStatus),
+    /// What the upstream's HEAD said of a tag the mirror has no record of, not stored until
+    /// the manifest it names is verified.
+    Unverified(TagRecord, CacheStatus),
     Uncacheable(Arc<Manifest>),
 }
 
 pub(super) type TagResult = Result<Resolved, Error>;
+
+/// A tag record pointing to `m`, a manifest the mirror fetched and verified.
+fn verified_record(m: &Manifest, fetched_at: std::time::SystemTime) -> TagRecord {
+    TagRecord {
+        digest: m.digest.clone(),
+        media_type: m.media_type.clone(),
+        size: m.bytes.len() as u64,
+        fetched_at,
+    }
+}
 pub(super) type FetchResult = Result<(Fetched, CacheStatus), Error>;
 
 impl Mirror {
@@ -163,8 +176,9 @@ impl Mirror {
         // (not a counted pull; free when the tag is cached) before any GET: a refusal must
         // not cost a pull, and a schema 1 manifest would not even be stored.
         let want_body = !head && takes_every_type(accept);
-        let (record, tag_status) = match self.resolve_tag(target, tag, want_body).await? {
-            Resolved::Record(record, status) => (record, status),
+        let (record, tag_status, verified) = match self.resolve_tag(target, tag, want_body).await? {
+            Resolved::Record(record, status) => (record, status, true),
+            Resolved::Unverified(record, status) => (record, status, false),
             Resolved::Uncacheable(m) => {
                 negotiate(accept, &m.media_type)?;
                 return Ok(ManifestAnswer::of(&m, head, CacheStatus::Passthrough));
@@ -182,7 +196,22 @@ impl Mirror {
                 status: tag_status,
             });
         }
-        let (fetched, fetch_status) = self.fetch_manifest(target, &record.digest).await?;
+        let fetched = self.fetch_manifest(target, &record.digest).await;
+        if !verified {
+            // The manifest the HEAD named is verified now, and the tag may point to it; or it
+            // is not, and the HEAD's answer is not given again.
+            let key = TagKey {
+                registry: target.upstream.name.clone(),
+                repo: target.repo.clone(),
+                tag: tag.clone(),
+            };
+            self.unverified_tags.invalidate(&key);
+            if let Ok((Fetched::Stored(m) | Fetched::Uncacheable(m), _)) = &fetched {
+                self.save_tag(&key, &verified_record(m, self.clock.now()))
+                    .await;
+            }
+        }
+        let (fetched, fetch_status) = fetched?;
         let (Fetched::Stored(m) | Fetched::Uncacheable(m)) = &fetched;
         // A tag's status says whether the tag was known; a fetch of its bytes makes it a miss.
         let status = match (tag_status, fetch_status) {
@@ -312,6 +341,12 @@ impl Mirror {
             if fresh(self.clock.since(record.fetched_at)) {
                 return Ok(Resolved::Record(record.clone(), CacheStatus::Hit));
             }
+        } else if !want_body {
+            if let Some(said) = self.unverified_tags.get(&key) {
+                if fresh(self.clock.since(said.fetched_at)) {
+                    return Ok(Resolved::Unverified(said, CacheStatus::Hit));
+                }
+            }
         }
         if let Some((e, at)) = self.missing_tags.get(&key) {
             if self.clock.since(at) < self.config.cache.negative_ttl {
@@ -384,13 +419,17 @@ impl Mirror {
         };
         result.map(|r| match r {
             Resolved::Record(r, s) => Resolved::Record(r, s.joined(coalesced)),
-            uncacheable => uncacheable,
+            other => other,
         })
     }
 
     /// Asks the upstream with a HEAD (not a counted pull) whether the tag still points where it
-    /// did; fetches a changed manifest right away when the caller wants the body, so that a
-    /// failing GET can still fall back to the old one.
+    /// did. A digest learned from a HEAD is trusted only once the mirror holds its manifest,
+    /// verified: a changed one is fetched by digest at once (the client would GET it next
+    /// anyway), and an upstream that cannot back it (a GET of it fails or does not match: a
+    /// lie, a broken push) leaves the tag record as it was, served stale. Only a cold tag
+    /// asked with a HEAD, with nothing to fall back on, is answered from the HEAD alone (no
+    /// pull spent): that answer is kept in memory (`unverified_tags`), not in the record.
     async fn revalidate_tag(
         &self,
         up: &Upstream,
@@ -416,25 +455,100 @@ impl Mirror {
                 other => other,
             };
         };
-        let unchanged = cached.as_ref().is_some_and(|c| c.digest == digest);
-        if !unchanged && want_body && media::is_cacheable(&m.media_type) {
-            if let Err(Error::Upstream(e)) = self.manifest_bytes(up, &key.repo, &digest).await {
-                return self.stale_or(e, key, cached);
-            }
+        if let Some(c) = cached.as_ref().filter(|c| c.digest == digest) {
+            let fresh = TagRecord {
+                fetched_at: self.clock.now(),
+                ..c.clone()
+            };
+            self.save_tag(key, &fresh).await;
+            return Ok(Resolved::Record(fresh, CacheStatus::Revalidated));
         }
-        let fresh = TagRecord {
-            digest,
-            media_type: m.media_type,
-            size,
-            fetched_at: self.clock.now(),
+        let fetched = match self.held_manifest(&digest).await? {
+            Some(m) => Fetched::Stored(m),
+            None if cached.is_none() && !want_body => {
+                let said = TagRecord {
+                    digest,
+                    media_type: m.media_type,
+                    size,
+                    fetched_at: self.clock.now(),
+                };
+                self.unverified_tags.insert(key.clone(), said.clone());
+                return Ok(Resolved::Unverified(said, CacheStatus::Miss));
+            }
+            None => {
+                // A lying upstream costs one pull per `negative_ttl`, not one per request.
+                if let (true, Some(record)) = (self.unbacked_lately(key, &digest), &cached) {
+                    let why = format!(
+                        "the upstream's HEAD names {digest}, which it did not back moments ago"
+                    );
+                    return Ok(self.stale(key, record.clone(), &why));
+                }
+                match self.back_head_digest(up, key, &digest).await {
+                    Ok(fetched) => fetched,
+                    Err(e) => return self.unbacked(key, &digest, e, cached),
+                }
+            }
         };
+        let (Fetched::Stored(manifest) | Fetched::Uncacheable(manifest)) = &fetched;
+        let fresh = verified_record(manifest, self.clock.now());
         self.save_tag(key, &fresh).await;
-        let status = if unchanged {
-            CacheStatus::Revalidated
-        } else {
-            CacheStatus::Miss
+        match fetched {
+            // Relayed as it is (not stored): fetching it again for the body would spend
+            // another pull.
+            Fetched::Uncacheable(m) if want_body => Ok(Resolved::Uncacheable(m)),
+            _ => Ok(Resolved::Record(fresh, CacheStatus::Miss)),
+        }
+    }
+
+    /// Whether the upstream could not back `digest`, named by the tag's HEAD, within
+    /// `cache.negative_ttl`.
+    fn unbacked_lately(&self, key: &TagKey, digest: &Digest) -> bool {
+        self.unbacked_tags.get(key).is_some_and(|(bad, at)| {
+            bad == *digest && self.clock.since(at) < self.config.cache.negative_ttl
+        })
+    }
+
+    /// GETs the manifest a tag HEAD named by its digest (one counted pull), verified against
+    /// it.
+    async fn back_head_digest(
+        &self,
+        up: &Upstream,
+        key: &TagKey,
+        digest: &Digest,
+    ) -> Result<Fetched, Error> {
+        let reference = Reference::Digest(digest.clone());
+        let m = up
+            .manifest(&key.repo, &reference, false, media::ACCEPT_ALL)
+            .await?;
+        self.verify_and_store(m, Some(digest)).await
+    }
+
+    /// A tag HEAD named `digest`, which the upstream did not back with its manifest (`e`): the
+    /// cached tag, stale, when there is one (an outage or a refusal says nothing about the
+    /// digest; anything else, a 404 or bytes that do not match, is remembered).
+    fn unbacked(
+        &self,
+        key: &TagKey,
+        digest: &Digest,
+        e: Error,
+        cached: Option<TagRecord>,
+    ) -> TagResult {
+        let outage = match &e {
+            Error::Upstream(u) => u.allows_stale(),
+            Error::DigestMismatch { .. } => false,
+            _ => return Err(e),
         };
-        Ok(Resolved::Record(fresh, status))
+        if !outage {
+            self.unbacked_tags
+                .insert(key.clone(), (digest.clone(), self.clock.now()));
+        }
+        match cached {
+            Some(record) => {
+                let why = format!("the upstream's HEAD named {digest}, which it did not back: {e}");
+                Ok(self.stale(key, record, &why))
+            }
+            None => Err(e),
+        }
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
@@ -446,14 +560,20 @@ impl Mirror {
             .map_err(Error::storage("reading a stored manifest"))
     }
 
+    /// The manifest `digest` names when the mirror holds it (verified): from the store or the
+    /// shared tier.
+    async fn held_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
+        if let Some(m) = self.stored_manifest(digest).await? {
+            return Ok(Some(m));
+        }
+        Ok(self.shared_manifest(digest).await)
+    }
+
     /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed: a
     /// `Hit` from the store or the shared tier, else a `Miss` fetched from the upstream for
     /// `repo`.
     async fn manifest_bytes(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> FetchResult {
-        if let Some(m) = self.stored_manifest(digest).await? {
-            return Ok((Fetched::Stored(m), CacheStatus::Hit));
-        }
-        if let Some(m) = self.shared_manifest(digest).await {
+        if let Some(m) = self.held_manifest(digest).await? {
             return Ok((Fetched::Stored(m), CacheStatus::Hit));
         }
         let reference = Reference::Digest(digest.clone());
@@ -505,12 +625,7 @@ impl Mirror {
             Fetched::Stored(m) => m,
             Fetched::Uncacheable(m) => return Ok(Resolved::Uncacheable(m)),
         };
-        let record = TagRecord {
-            digest: manifest.digest.clone(),
-            media_type: manifest.media_type.clone(),
-            size: manifest.bytes.len() as u64,
-            fetched_at: self.clock.now(),
-        };
+        let record = verified_record(&manifest, self.clock.now());
         self.save_tag(key, &record).await;
         Ok(Resolved::Record(record, CacheStatus::Miss))
     }

@@ -85,6 +85,13 @@ pub struct Mirror {
     tag_flights: Coalesce<manifests::TagKey, manifests::TagResult>,
     /// Tags the upstream recently answered 404 for, with when it did.
     missing_tags: moka::sync::Cache<manifests::TagKey, (upstream::Error, std::time::SystemTime)>,
+    /// Tags whose upstream HEAD recently named a digest the upstream could not back (a GET of
+    /// it failed or did not match), with that digest and when.
+    unbacked_tags: moka::sync::Cache<manifests::TagKey, (Digest, std::time::SystemTime)>,
+    /// What an upstream HEAD said of tags the mirror has no record of: answers HEADs and
+    /// refusals within the tag's TTL, never the tag record (which waits for the manifest to
+    /// be verified), and dropped when the manifest it names fails verification.
+    unverified_tags: moka::sync::Cache<manifests::TagKey, crate::store::tags::TagRecord>,
     manifest_flights: Coalesce<(String, RepoName, Digest), manifests::FetchResult>,
     history: stats::History,
     repositories: stats::Repositories,
@@ -150,7 +157,12 @@ impl Mirror {
             metrics.clone(),
         )?);
         Ok(Mirror {
-            downloads: Downloads::new(tiers.clone(), cluster.clone(), metrics.clone()),
+            downloads: Downloads::new(
+                tiers.clone(),
+                cluster.clone(),
+                metrics.clone(),
+                clock.clone(),
+            ),
             tiers,
             cluster,
             members,
@@ -164,6 +176,14 @@ impl Mirror {
             missing_tags: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(config.cache.negative_ttl)
+                .build(),
+            unbacked_tags: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.cache.negative_ttl)
+                .build(),
+            unverified_tags: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.cache.tag_ttl)
                 .build(),
             manifest_flights: Coalesce::default(),
             history: stats::History::default(),

@@ -104,7 +104,13 @@ pub struct Behaviour {
     /// Repositories this upstream does not serve (private, deleted, deny-listed): manifest and
     /// blob requests under them answer 404, whatever the content store holds.
     pub missing_repos: Vec<String>,
+    /// A HEAD of a tag answers `Docker-Content-Digest: sha256:000…0` (a lying upstream).
+    pub lie_on_tag_head: bool,
 }
+
+/// The digest a lying tag HEAD names (`Behaviour::lie_on_tag_head`).
+pub const LIE_DIGEST: &str =
+    "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Clone)]
 pub struct StoredManifest {
@@ -686,6 +692,11 @@ fn manifest(
     let mut r = full(200, if head { Bytes::new() } else { m.bytes.clone() });
     let h = r.headers_mut();
     h.insert("content-type", m.media_type.parse().unwrap());
+    let digest = if head && b.lie_on_tag_head && !reference.starts_with("sha256:") {
+        Some(LIE_DIGEST.to_owned())
+    } else {
+        digest
+    };
     h.insert(
         "docker-content-digest",
         digest.unwrap_or_default().parse().unwrap(),
