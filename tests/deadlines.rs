@@ -228,3 +228,109 @@ async fn a_lease_holder_that_never_answers_costs_a_client_its_first_byte_timeout
     .await;
     assert_eq!(up.blob_gets(), 1);
 }
+
+/// The registry blob GETs the fake was sent, answered or not (a hanging one is never counted
+/// by `blob_gets`).
+fn blob_gets_sent(up: &FakeUpstream) -> usize {
+    up.seen()
+        .iter()
+        .filter(|s| {
+            s.host == "registry" && s.method == http::Method::GET && s.path.contains("/blobs/")
+        })
+        .count()
+}
+
+/// Waits until no download runs: what a failed one cost the upstream is then final.
+async fn downloads_settled(m: &TestMirror) {
+    common::eventually("the download ended", SETTLE, || async {
+        common::metric(&m.metrics().await, "pullthrough_inflight_downloads") == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_fails_a_cold_blob_once_within_first_byte_timeout_naming_the_wait() {
+    let up = FakeUpstream::start().await;
+    let digest = up.add_blob(common::upstream::pseudo_random(1000, 3));
+    up.behave(|b| b.hang = true);
+    let m = TestMirror::start_with(&up, |c| {
+        let u = c.upstreams.get_mut("docker.io").unwrap();
+        u.first_byte_timeout = TIMEOUT;
+        u.head_timeout = TIMEOUT;
+    })
+    .await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    // Two clients, one after the other: each is the first to ask once the other's download
+    // gave up, and each costs one upstream GET, not a retry of a GET that already took the
+    // whole first_byte_timeout.
+    for n in 1..=2 {
+        let r = tokio::time::timeout(TIMEOUT * 3 / 2, m.get(&path).send())
+            .await
+            .expect("a hanging upstream held a cold blob beyond first_byte_timeout")
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        let text = message(r).await;
+        assert!(
+            text.contains("docker.io")
+                && text.contains("timed out waiting for")
+                && text.contains("response"),
+            "{text}"
+        );
+        assert!(!text.contains("backing off"), "the first failures: {text}");
+        downloads_settled(&m).await;
+        assert_eq!(blob_gets_sent(&up), n, "one GET per download");
+    }
+}
+
+/// A blob whose upstream sends its first 64 KiB, then stalls: every response, a resume's too,
+/// with `resume_hangs` a resume gets no answer at all.
+async fn stalled_blob(resume_hangs: bool) {
+    let up = FakeUpstream::start().await;
+    let body = common::upstream::pseudo_random(1024 * 1024, 5);
+    let digest = up.add_blob(body.clone());
+    up.behave(|b| b.hold_blob_after = Some(64 * 1024));
+    let m = TestMirror::start_with(&up, |c| {
+        let u = c.upstreams.get_mut("docker.io").unwrap();
+        u.first_byte_timeout = TIMEOUT;
+        u.idle_timeout = TIMEOUT;
+    })
+    .await;
+    let mut r = m
+        .get(&format!("/v2/library/app/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().expect("the first bytes");
+    if resume_hangs {
+        up.behave(|b| b.hang = true);
+    }
+    let mut got = first.len();
+    let read = tokio::time::timeout(SETTLE, async {
+        loop {
+            match r.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .expect("a stalled upstream held the client");
+    assert!(!read, "a blob that never came whole was cut, not completed");
+    assert!(got < body.len());
+    downloads_settled(&m).await;
+    // One stall noticed (idle_timeout), one resume within the next idle_timeout, then the cut:
+    // not one stall per `resume_attempts`.
+    assert_eq!(blob_gets_sent(&up), 2, "the first GET and one resume");
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_every_body_costs_a_client_two_idle_timeouts() {
+    stalled_blob(false).await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_then_hangs_costs_a_client_two_idle_timeouts() {
+    stalled_blob(true).await;
+}

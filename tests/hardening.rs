@@ -310,3 +310,42 @@ async fn a_blob_deleted_behind_the_mirror_is_not_served_from_an_open_descriptor(
         "fetched again, not served unlinked"
     );
 }
+
+#[tokio::test]
+async fn readiness_follows_free_space_at_once_both_ways_and_says_why() {
+    let Some(fs) = Tmpfs::mount("16m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "v1", &[1000]);
+    let storage = fs.path().join("data");
+    let m = TestMirror::start_with(&up, |c| c.storage.dir = storage.clone()).await;
+    let r = m.get("/readyz").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Full to the last byte, with no write of the mirror's failing: readiness sees it at once.
+    let filler = fs.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 16 * MIB]);
+    common::eventually("/readyz is 503 on a full disk", SETTLE, || async {
+        let r = m.get("/readyz").send().await.unwrap();
+        if r.status() != 503 {
+            return false;
+        }
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains(&storage.display().to_string()) && text.contains("0B free of 16.0MiB"),
+            "{text}"
+        );
+        true
+    })
+    .await;
+    // A write that fails for lack of space pauses caching (the manifest is served from
+    // memory); space coming back lifts the pause with the next check, not a minute later.
+    let r = m.get("/v2/library/app/manifests/v1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    std::fs::remove_file(&filler).unwrap();
+    common::eventually("/readyz is 200 once space is back", SETTLE, || async {
+        m.get("/readyz").send().await.unwrap().status() == 200
+    })
+    .await;
+}

@@ -47,7 +47,8 @@ pub struct UpstreamConfig {
     /// TCP + TLS connect timeout. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time from sending a request to the response headers. Default 30 s.
+    /// Time from sending a request to the response headers; also the most a client waits for
+    /// a cold blob's first byte, retries of a failed first request included. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub first_byte_timeout: Duration,
     /// The same for a `HEAD` (tag revalidation, blob size), which has no body to wait for and
@@ -55,7 +56,9 @@ pub struct UpstreamConfig {
     /// that is shorter. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub head_timeout: Duration,
-    /// Longest pause between two body chunks before the transfer counts as cut. Default 30 s.
+    /// Longest pause between two body chunks before the transfer counts as cut. A download's
+    /// stalls and resumes may keep its clients without a byte for two of these in all; then
+    /// it is cut, whatever `resume_attempts` is left. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// How many times a cut blob download is resumed with a Range request. Default 5.

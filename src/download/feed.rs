@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use futures_util::FutureExt;
 
-use super::{Job, Outcome};
+use super::{Job, Outcome, Start, Waiting};
 use crate::cluster::peer::{Patience, PeerError};
 use crate::cluster::{Claimed, LeaseGuard};
 use crate::outcome::Tier;
@@ -127,8 +127,15 @@ impl Job {
     }
 
     /// The next feed from `offset`: the shared tier, else the lease holder's peer endpoint,
-    /// else the upstream (taking the lease first, when there is a coordinator).
-    pub(super) async fn open(&self, offset: u64, sources: &mut Sources) -> Opened {
+    /// else the upstream (taking the lease first, when there is a coordinator), whose headers
+    /// must come `by` that instant: set to `first_byte_timeout` from now when the upstream is
+    /// first asked, if not set.
+    pub(super) async fn open(
+        &self,
+        offset: u64,
+        sources: &mut Sources,
+        by: &mut Option<tokio::time::Instant>,
+    ) -> Opened {
         if let Some(feed) = self.shared_feed(offset, sources).await {
             return Opened::Feed(feed);
         }
@@ -190,7 +197,22 @@ impl Job {
             self.metrics.mismatch_refusal();
             return Opened::Fatal(Outcome::MismatchBackoff { retry_in });
         }
-        match self.upstream.blob(&self.repo, &self.digest, offset).await {
+        // Clients still waiting for the first byte now wait for the upstream.
+        self.start.send_if_modified(|s| {
+            let tiers = matches!(s, Start::Pending(Waiting::Tiers));
+            if tiers {
+                *s = Start::Pending(Waiting::Upstream);
+            }
+            tiers
+        });
+        let by = *by.get_or_insert_with(|| {
+            tokio::time::Instant::now() + self.upstream.config().first_byte_timeout
+        });
+        match self
+            .upstream
+            .blob(&self.repo, &self.digest, offset, Some(by))
+            .await
+        {
             Ok(body) => {
                 let size = body.size;
                 let chunks = stream::try_unfold(body, |mut body| async move {
@@ -214,11 +236,11 @@ impl Job {
         }
     }
 
-    pub(super) async fn pause(&self, cut: &Cut, attempt: u32) {
-        let wait = match (cut.is_upstream(), &self.cluster) {
+    /// How long to wait before the next attempt after `cut`.
+    pub(super) fn pause(&self, cut: &Cut, attempt: u32) -> Duration {
+        match (cut.is_upstream(), &self.cluster) {
             (false, Some(cluster)) => cluster.lease_ttl() / 5,
             _ => Duration::from_millis(100 * u64::from(attempt.max(1))),
-        };
-        tokio::time::sleep(wait).await;
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
 use crate::store::tiers::{TierWriter, Tiers};
 use crate::store::writer::Finished;
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 
 pub(super) struct Job {
     pub(super) start: Arc<watch::Sender<Start>>,
@@ -44,25 +44,39 @@ impl Job {
         let mut sources = Sources::default();
         let asked = Instant::now();
         let mut attempts = 0u32;
+        // The upstream's own failure, which a back-off it caused must not hide from clients.
+        let mut failed: Option<upstream::Error> = None;
+        // One first_byte_timeout from the first upstream request, its retries included: as
+        // long as the clients wait.
+        let mut first_byte_by = None;
         let mut feed = loop {
-            match self.open(0, &mut sources).await {
+            match self.open(0, &mut sources, &mut first_byte_by).await {
                 Opened::Feed(f) => {
                     sources.note_tier(f.tier);
                     break f;
                 }
-                Opened::Fatal(outcome) => return outcome,
-                Opened::Retry(cut) => {
-                    if cut.is_upstream() {
-                        if attempts >= self.upstream.config().resume_attempts {
-                            return Outcome::ResumesExhausted {
-                                written: 0,
-                                last: cut,
-                            };
+                Opened::Fatal(outcome) => {
+                    return match (outcome, failed) {
+                        (Outcome::Refused(upstream::Error::BackingOff { .. }), Some(e)) => {
+                            Outcome::Refused(e)
                         }
+                        (outcome, _) => outcome,
+                    }
+                }
+                Opened::Retry(cut) => {
+                    let pause = self.pause(&cut, attempts + 1);
+                    if let Cut::Upstream(e) = &cut {
+                        // Retried only within the clients' wait: a timeout has used it up.
+                        let late = first_byte_by
+                            .is_some_and(|by| tokio::time::Instant::now() + pause >= by);
+                        if late || attempts >= self.upstream.config().resume_attempts {
+                            return Outcome::Refused(e.clone());
+                        }
+                        failed = Some(e.clone());
                         attempts += 1;
                     }
                     tracing::info!(upstream = %self.upstream.name, digest = %self.digest, attempt = attempts, error = %cut, "retrying blob download");
-                    self.pause(&cut, attempts).await;
+                    tokio::time::sleep(pause).await;
                 }
             }
         };
@@ -89,8 +103,14 @@ impl Job {
         };
 
         let mut resumes = 0u32;
+        // What is left of the time the upstream may keep the clients without a byte.
+        let mut quiet = stall_budget(self.upstream.config().idle_timeout);
+        let mut last_byte = tokio::time::Instant::now();
         loop {
-            let mut cut = match self.copy_body(&mut feed, &mut writer, size).await {
+            let copied = self
+                .copy_body(&mut feed, &mut writer, size, &mut last_byte)
+                .await;
+            let mut cut = match copied {
                 Ok(()) if writer.written() == size => break,
                 Ok(()) => Cut::Short {
                     tier: feed.tier,
@@ -112,6 +132,11 @@ impl Job {
             if feed.tier == Tier::Shared {
                 sources.skip_shared = true;
             }
+            if cut.is_upstream() {
+                // The upstream's silence before it broke off (a stall: its idle_timeout).
+                quiet = quiet.saturating_sub(last_byte.elapsed());
+            }
+            let by = tokio::time::Instant::now() + quiet;
             feed = loop {
                 if cut.is_upstream() {
                     if resumes >= self.upstream.config().resume_attempts {
@@ -120,11 +145,26 @@ impl Job {
                             last: cut,
                         };
                     }
+                    if tokio::time::Instant::now() >= by {
+                        return Outcome::Stalled {
+                            written: writer.written(),
+                            last: cut,
+                        };
+                    }
                     resumes += 1;
                     self.metrics.resume();
                 }
                 tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = resumes, error = %cut, "resuming cut blob download");
-                match self.open(writer.written(), &mut sources).await {
+                let opened = self
+                    .open(writer.written(), &mut sources, &mut Some(by))
+                    .await;
+                if matches!(opened, Opened::Feed(_)) {
+                    // The resume's wait for headers is spent; the body's own silence counts
+                    // from here.
+                    quiet = by.saturating_duration_since(tokio::time::Instant::now());
+                    last_byte = tokio::time::Instant::now();
+                }
+                match opened {
                     Opened::Feed(f) if f.size == size => {
                         sources.note_tier(f.tier);
                         break f;
@@ -138,7 +178,7 @@ impl Job {
                     }
                     Opened::Fatal(outcome) => return outcome,
                     Opened::Retry(e) => {
-                        self.pause(&e, resumes).await;
+                        tokio::time::sleep(self.pause(&e, resumes)).await;
                         cut = e;
                     }
                 }
@@ -199,17 +239,19 @@ impl Job {
         Outcome::DigestMismatch { actual }
     }
 
-    /// Copies the feed into the tiers' writer until it ends or fails; ready chunks are
-    /// batched.
+    /// Copies the feed into the tiers' writer until it ends or fails, noting when bytes last
+    /// arrived; ready chunks are batched.
     async fn copy_body(
         &self,
         feed: &mut Feed,
         writer: &mut Sink,
         size: u64,
+        last_byte: &mut tokio::time::Instant,
     ) -> Result<(), CopyError> {
         loop {
             let first = feed.next_chunk().await.map_err(CopyError::Cut)?;
             let Some(first) = first else { return Ok(()) };
+            *last_byte = tokio::time::Instant::now();
             let mut batch = BytesMut::from(&first[..]);
             let mut ended = false;
             let mut failed = None;
@@ -274,6 +316,15 @@ impl Sink {
             Sink::Memory(w) => w.written(),
         }
     }
+}
+
+/// How long, in all, the upstream may keep a download's clients without a byte once the body
+/// has begun: its stalls (each noticed after `idle_timeout`) and its resumes' waits for
+/// headers. Two idle timeouts: one stall noticed and one resume waited for; past that the
+/// download is cut, whatever `resume_attempts` is left, so that an upstream stalling on every
+/// response cannot keep a client for `resume_attempts` stalls (quick cuts cost nothing of it).
+fn stall_budget(idle_timeout: std::time::Duration) -> std::time::Duration {
+    idle_timeout * 2
 }
 
 enum CopyError {

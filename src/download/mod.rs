@@ -52,8 +52,8 @@ pub(super) const WRITE_BATCH: usize = 1024 * 1024;
 /// What a client waiting for a download learns once the upstream has answered.
 #[derive(Clone)]
 pub enum Start {
-    /// Waiting for the upstream's response headers.
-    Pending,
+    /// Waiting for the first byte, from where [`Waiting`] says.
+    Pending(Waiting),
     /// The body is arriving (first from `tier`): read it through this handle, which follows
     /// the writer.
     Streaming(BlobHandle, Tier),
@@ -64,6 +64,25 @@ pub enum Start {
     Relaying(Arc<Relay>, Tier),
     /// The download failed before any byte could be served.
     Failed(Failure),
+}
+
+/// What a download waits for before its first byte: what a client that gives up is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// The store, the shared tier, the coordinator or the lease holder.
+    Tiers,
+    /// The upstream's response (its token realm's included).
+    Upstream,
+}
+
+impl Waiting {
+    /// What the client waited for, as its error message says.
+    pub fn what(self) -> &'static str {
+        match self {
+            Waiting::Tiers => "the blob's download to start",
+            Waiting::Upstream => "the upstream's response to the blob's download",
+        }
+    }
 }
 
 pub struct Download {
@@ -79,7 +98,7 @@ pub struct Download {
 
 impl Download {
     fn new(upstream: &Upstream, repo: &RepoName) -> (Download, watch::Sender<Start>) {
-        let (tx, rx) = watch::channel(Start::Pending);
+        let (tx, rx) = watch::channel(Start::Pending(Waiting::Tiers));
         let download = Download {
             start: rx,
             wait_limit: upstream.config().first_byte_timeout,
@@ -101,20 +120,28 @@ impl Download {
 
     /// Waits for the download's first answer, at most the upstream's `first_byte_timeout`
     /// (as Pingora's cache lock, every way the wait ends is named: an answer,
-    /// [`Failure::WaitTimeout`], or [`Failure::Dangling`] when the leader's task is gone).
+    /// [`Failure::WaitTimeout`] with what the download was waiting for, or
+    /// [`Failure::Dangling`] when the leader's task is gone).
     pub async fn started(&self) -> Start {
         let mut rx = self.start.clone();
         let waited = tokio::time::timeout(
             self.wait_limit,
-            rx.wait_for(|s| !matches!(s, Start::Pending)),
+            rx.wait_for(|s| !matches!(s, Start::Pending(_))),
         )
         .await;
         match waited {
             Ok(Ok(s)) => s.clone(),
             Ok(Err(_)) => Start::Failed(Failure::Dangling),
-            Err(_) => Start::Failed(Failure::WaitTimeout {
-                upstream: self.upstream.clone(),
-            }),
+            Err(_) => {
+                let waiting = match &*self.start.borrow() {
+                    Start::Pending(w) => *w,
+                    _ => Waiting::Tiers,
+                };
+                Start::Failed(Failure::WaitTimeout {
+                    upstream: self.upstream.clone(),
+                    waiting,
+                })
+            }
         }
     }
 }
@@ -199,7 +226,9 @@ impl Downloads {
             (Joined::Follower(d), _) => (d, true),
             // `start` ran: the sender is there.
             (Joined::Leader(d, guard), sender) => {
-                let start = Arc::new(sender.unwrap_or_else(|| watch::channel(Start::Pending).0));
+                let start = Arc::new(
+                    sender.unwrap_or_else(|| watch::channel(Start::Pending(Waiting::Tiers)).0),
+                );
                 let job = Job {
                     start: start.clone(),
                     upstream,
@@ -295,7 +324,7 @@ mod tests {
         let asked = tokio::time::Instant::now();
         let started = download.started().await;
         assert!(
-            matches!(&started, Start::Failed(Failure::WaitTimeout { upstream }) if upstream == "docker.io")
+            matches!(&started, Start::Failed(Failure::WaitTimeout { upstream, waiting: Waiting::Tiers }) if upstream == "docker.io")
         );
         assert_eq!(asked.elapsed(), Duration::from_secs(30));
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{Cut, Start};
+use super::{Cut, Start, Waiting};
 use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
 use crate::upstream;
@@ -39,8 +39,8 @@ pub enum Failure {
     },
     /// This client waited for the download's first byte as long as its upstream's
     /// `first_byte_timeout` allows; the download goes on for the others.
-    #[error("timed out waiting for the download of the blob from {upstream}")]
-    WaitTimeout { upstream: String },
+    #[error("timed out waiting for {} from {upstream}", waiting.what())]
+    WaitTimeout { upstream: String, waiting: Waiting },
     /// The download's task vanished without an outcome (aborted): a new one may start.
     #[error("the download ended without an outcome")]
     Dangling,
@@ -59,10 +59,14 @@ pub(super) enum Outcome {
     Unread { written: u64, size: u64 },
     /// Another download committed it first.
     AlreadyCached,
-    /// The upstream answered with an error before the body.
+    /// The upstream answered with an error before the body, or did not answer within
+    /// `first_byte_timeout`.
     Refused(upstream::Error),
     /// The body was cut more often than `resume_attempts` allows.
     ResumesExhausted { written: u64, last: Cut },
+    /// The upstream's stalls and resumes went without a byte for longer than the stall budget
+    /// (see `job::stall_budget`).
+    Stalled { written: u64, last: Cut },
     /// The bytes did not hash to the digest, or had the wrong length.
     DigestMismatch { actual: String },
     /// Not asked for: the upstream's content failed verification a moment ago.
@@ -93,7 +97,7 @@ pub(super) fn finish_waiters(
         | Outcome::NoSpace { .. }
         | Outcome::Unread { .. } => return outcome,
         Outcome::Refused(e) | Outcome::Protocol(e) => Failure::Upstream(e.clone()),
-        Outcome::ResumesExhausted { last, .. } => match last {
+        Outcome::ResumesExhausted { last, .. } | Outcome::Stalled { last, .. } => match last {
             Cut::Upstream(e) => Failure::Upstream(e.clone()),
             other => Failure::Cut(other.clone()),
         },
@@ -120,7 +124,7 @@ pub(super) fn finish_waiters(
     // Readers of the body learn it from the writer (dropped with the job); waiters for the
     // start learn it here.
     start.send_if_modified(|s| {
-        if matches!(s, Start::Pending) {
+        if matches!(s, Start::Pending(_)) {
             *s = Start::Failed(failure);
             true
         } else {
@@ -157,6 +161,9 @@ pub(super) fn log_outcome(
         }
         Outcome::ResumesExhausted { written, last } => {
             tracing::warn!(upstream, %repo, %digest, written, error = %last, "blob download cut too often; not cached")
+        }
+        Outcome::Stalled { written, last } => {
+            tracing::warn!(upstream, %repo, %digest, written, error = %last, "blob download stalled too long; not cached")
         }
         Outcome::DigestMismatch { actual } => {
             tracing::error!(upstream, %repo, %digest, %actual, "upstream blob does not match its digest; discarded")

@@ -23,8 +23,8 @@ pub fn base() -> Response<Body> {
     resp
 }
 
-fn text(status: StatusCode, s: &'static str) -> Response<Body> {
-    let mut resp = Response::new(body::full(Bytes::from_static(s.as_bytes())));
+fn text(status: StatusCode, s: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(body::full(s.into()));
     *resp.status_mut() = status;
     content_type(resp.headers_mut(), "text/plain; charset=utf-8");
     resp
@@ -37,9 +37,9 @@ pub fn healthz() -> Response<Body> {
 pub async fn readyz(mirror: &Housekeeping) -> Response<Body> {
     match mirror.readiness().await {
         Ok(()) => text(StatusCode::OK, "ready\n"),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check: storage is not writable");
-            text(StatusCode::SERVICE_UNAVAILABLE, "storage not writable\n")
+        Err(why) => {
+            tracing::warn!(reason = %why, "readiness check: storage is not writable");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
         }
     }
 }

@@ -151,7 +151,7 @@ impl Mirror {
                     });
                 }
                 Start::Failed(f) => return Err(f.into()),
-                Start::Pending => return Err(Error::Abandoned("the download never started")),
+                Start::Pending(_) => return Err(Error::Abandoned("the download never started")),
             }
         }
         Err(Error::Abandoned(
@@ -360,7 +360,7 @@ impl Relayed {
         }
         let body = self
             .upstream
-            .blob(&self.repo, &self.digest, offset)
+            .blob(&self.repo, &self.digest, offset, None)
             .await
             .map_err(io::Error::other)?;
         if body.size != self.size() {

@@ -96,10 +96,10 @@ impl From<download::Failure> for Error {
             download::Failure::SizeChanged { .. } => {
                 Error::Abandoned("a resume answered another size for the blob")
             }
-            download::Failure::WaitTimeout { upstream } => {
+            download::Failure::WaitTimeout { upstream, waiting } => {
                 Error::Upstream(crate::upstream::Error::Timeout {
                     upstream,
-                    what: "the blob's download to start",
+                    what: waiting.what(),
                 })
             }
             download::Failure::Dangling => {

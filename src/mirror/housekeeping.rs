@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{stats, Error, Mirror};
+use super::{stats, Mirror};
 use crate::cluster::members::Members;
 use crate::store::tiers::Pass;
 use crate::upstream;
@@ -67,14 +67,12 @@ impl Housekeeping {
         }
     }
 
-    /// Whether the cache can take new content.
-    pub async fn readiness(&self) -> Result<(), Error> {
-        self.mirror
-            .tiers
-            .local
-            .is_writable()
-            .await
-            .map_err(Error::storage("creating a file in the storage directory"))
+    /// Whether the cache can take new content, or why not.
+    pub async fn readiness(&self) -> Result<(), crate::store::Unwritable> {
+        match self.mirror.tiers.local.unwritable().await {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     /// The Prometheus exposition, with the cache and upstream gauges brought up to date.

@@ -230,22 +230,53 @@ impl Store {
         writer::BlobWriter::new(self.clone(), temp)
     }
 
-    /// Whether the storage directory takes new content: a temp file can be created, and no
-    /// write has recently failed for lack of space.
-    pub async fn is_writable(&self) -> io::Result<()> {
-        if self.disk.is_full() {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                "a recent write found the storage file system full",
-            ));
+    /// Why the storage directory cannot take new content now, if it cannot: too little free
+    /// space (measured at most [`SPACE_READING_TTL`] ago), a write that failed for lack of
+    /// space and no measure since, or a temp file that cannot be created.
+    pub async fn unwritable(&self) -> Option<Unwritable> {
+        let dir = self.root.clone();
+        match self.space().await {
+            Ok(space) if space.is_low() => return Some(Unwritable::LowSpace { dir, space }),
+            Ok(_) => {}
+            Err(_) if self.disk.is_full() => return Some(Unwritable::Full { dir }),
+            Err(_) => {}
         }
-        self.blobs.create_temp().await.map(drop)
+        self.blobs
+            .create_temp()
+            .await
+            .err()
+            .map(|source| Unwritable::Io { dir, source })
+    }
+
+    /// Free space on the storage file system: the reading of the last [`SPACE_READING_TTL`],
+    /// else a new one (`statvfs`, off the async workers). A reading with space enough lifts
+    /// the pause a write that failed for lack of space began.
+    pub async fn space(&self) -> io::Result<Space> {
+        if let Some(space) = self.disk.recent_reading() {
+            return Ok(space);
+        }
+        let root = self.root.clone();
+        let space = blocking(move || {
+            Ok(Space {
+                free: fs4::available_space(&root)?,
+                total: fs4::total_space(&root)?,
+            })
+        })
+        .await?;
+        self.disk.record(space);
+        Ok(space)
+    }
+
+    /// Whether caching is paused for lack of space: a write failed for it, and no reading
+    /// since shows space again.
+    async fn paused(&self) -> bool {
+        self.disk.is_full() && self.space().await.ok().is_none_or(|s| s.is_low())
     }
 
     /// Whether the disk can take `size` more bytes, evicting old content to make room. Never
     /// evicts for content that could not fit even in an empty cache.
     pub async fn make_room(self: &Arc<Self>, size: u64) -> bool {
-        if self.disk.is_full() {
+        if self.paused().await {
             self.disk.warn("a recent write failed for lack of space");
             return false;
         }
@@ -301,7 +332,7 @@ impl Store {
     /// Stores a verified manifest and applies the evictions it causes. When it cannot be
     /// written it is still kept in memory, so it is served without another upstream fetch.
     pub async fn put_manifest(self: &Arc<Self>, m: Arc<manifests::Manifest>) -> io::Result<()> {
-        if self.disk.is_full() {
+        if self.paused().await {
             self.disk.warn("a recent write failed for lack of space");
             self.manifests.keep_unwritten(m);
             return Ok(());
@@ -342,15 +373,76 @@ impl Store {
 
 /// Space kept free on the storage file system beyond a download's own size.
 const SPACE_MARGIN: u64 = 8 * 1024 * 1024;
-/// After a write fails for lack of space, caching pauses this long before trying again.
+/// After a write fails for lack of space, caching pauses this long before trying again,
+/// unless a reading of the free space shows space back before.
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
+/// How long a reading of the free space is used: readiness probes and downloads ask often,
+/// and a second's lag is nothing to either.
+pub const SPACE_READING_TTL: Duration = Duration::from_secs(1);
+/// Free space below which the store is not ready, unless 1 % of the file system is less.
+const LOW_SPACE: u64 = 64 * 1024 * 1024;
 
-/// Whether the disk recently ran out of space, and when that was last logged, on the
-/// mirror's clock.
+/// Free space on the storage file system.
+#[derive(Debug, Clone, Copy)]
+pub struct Space {
+    /// Bytes this process may still write.
+    pub free: u64,
+    /// The file system's size.
+    pub total: u64,
+}
+
+impl Space {
+    /// Below this, the store takes no new content: 1 % of the file system or 64 MiB,
+    /// whichever is smaller (a small volume is not "full" at 64 MiB left, nor a large one at
+    /// 1 % left).
+    pub fn low(&self) -> u64 {
+        LOW_SPACE.min(self.total / 100)
+    }
+
+    pub fn is_low(&self) -> bool {
+        self.free < self.low()
+    }
+}
+
+/// Why the storage directory cannot take new content (see [`Store::unwritable`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Unwritable {
+    #[error(
+        "storage dir {}: {} free of {}, less than {}",
+        dir.display(),
+        fmt_bytes(space.free),
+        fmt_bytes(space.total),
+        fmt_bytes(space.low())
+    )]
+    LowSpace { dir: PathBuf, space: Space },
+    #[error("storage dir {}: a write failed for lack of space", dir.display())]
+    Full { dir: PathBuf },
+    #[error("storage dir {}: cannot create a file: {source}", dir.display())]
+    Io { dir: PathBuf, source: io::Error },
+}
+
+/// A size as an operator reads it: `0B`, `163.8KiB`, `16.0MiB`.
+fn fmt_bytes(n: u64) -> String {
+    for (unit, factor) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if n >= factor {
+            return format!("{:.1}{unit}", n as f64 / factor as f64);
+        }
+    }
+    format!("{n}B")
+}
+
+/// Whether the disk recently ran out of space, the last reading of its free space, and when
+/// that was last logged, on the mirror's clock.
 #[derive(Default)]
 struct DiskState {
     clock: Clock,
     full_until: Mutex<Option<SystemTime>>,
+    reading: Mutex<Option<(SystemTime, Space)>>,
     warned: Mutex<Option<SystemTime>>,
 }
 
@@ -362,6 +454,22 @@ impl DiskState {
 
     fn set_full(&self) {
         *crate::sync::lock(&self.full_until) = Some(self.clock.now() + DISK_FULL_PAUSE);
+        // A reading from before the failure must not lift the pause it begins.
+        *crate::sync::lock(&self.reading) = None;
+    }
+
+    fn recent_reading(&self) -> Option<Space> {
+        let reading = *crate::sync::lock(&self.reading);
+        reading
+            .filter(|(at, _)| self.clock.since(*at) < SPACE_READING_TTL)
+            .map(|(_, space)| space)
+    }
+
+    fn record(&self, space: Space) {
+        *crate::sync::lock(&self.reading) = Some((self.clock.now(), space));
+        if !space.is_low() {
+            *crate::sync::lock(&self.full_until) = None;
+        }
     }
 
     /// Logs a warning at most once a minute.

@@ -65,11 +65,13 @@ impl BlobBody {
 impl Upstream {
     /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`). A fresh
     /// request, so a fresh token and a fresh CDN redirect: also how a cut download resumes.
+    /// Its headers come `by` that instant, when given, or it fails with a timeout.
     pub async fn blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         offset: u64,
+        by: Option<tokio::time::Instant>,
     ) -> Result<BlobBody, Error> {
         let mut headers = HeaderMap::new();
         if offset > 0 {
@@ -86,6 +88,7 @@ impl Upstream {
                 tail: &path,
                 query: None,
                 headers,
+                by,
             })
             .await?;
         let resp = sent.resp;
@@ -126,6 +129,7 @@ impl Upstream {
                             tail: &path,
                             query: None,
                             headers: HeaderMap::new(),
+                            by,
                         },
                     )
                     .await?;
@@ -154,6 +158,7 @@ impl Upstream {
                 tail: &format!("blobs/{digest}"),
                 query: None,
                 headers: HeaderMap::new(),
+                by: None,
             })
             .await?
             .resp;

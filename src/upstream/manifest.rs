@@ -50,6 +50,7 @@ impl Upstream {
                 tail: &format!("manifests/{reference}"),
                 query: None,
                 headers,
+                by: None,
             })
             .await;
         let sent = match result {

@@ -35,6 +35,7 @@ impl Upstream {
                 tail: &format!("referrers/{subject}"),
                 query: None,
                 headers,
+                by: None,
             })
             .await?;
         let body = self.read_limited(sent.resp, MAX_MANIFEST_BYTES).await?;

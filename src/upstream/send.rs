@@ -24,6 +24,9 @@ pub(super) struct Call<'a> {
     pub(super) tail: &'a str,
     pub(super) query: Option<&'a str>,
     pub(super) headers: HeaderMap,
+    /// A deadline for the token and the response headers earlier than the upstream's own
+    /// (`first_byte_timeout`): a download's budget for getting its bytes going.
+    pub(super) by: Option<tokio::time::Instant>,
 }
 
 /// An upstream's answer, with the request-cap permit it holds until dropped.
@@ -155,12 +158,13 @@ impl Upstream {
         let (kind, method, repo) = (call.kind, &call.method, call.repo);
         let mut answered_challenge = false;
         // One deadline for the token and the response headers: a client waits for both.
-        let deadline = tokio::time::Instant::now()
+        let own = tokio::time::Instant::now()
             + if method == Method::HEAD {
                 self.config.head_timeout.min(self.config.first_byte_timeout)
             } else {
                 self.config.first_byte_timeout
             };
+        let deadline = call.by.map_or(own, |by| by.min(own));
         loop {
             let mut req = self
                 .http

@@ -26,6 +26,7 @@ impl Upstream {
                 tail: "tags/list",
                 query,
                 headers: HeaderMap::new(),
+                by: None,
             })
             .await?;
         let resp = sent.resp;
