@@ -38,6 +38,45 @@ fn rss() -> u64 {
     pages * page
 }
 
+/// An HTTP/2 connection whose client asks for `path` on `streams` streams, with flow-control
+/// windows as large as allowed, and never reads the answers; held until dropped.
+struct NeverReading {
+    _send: h2::client::SendRequest<Bytes>,
+    driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    _responses: Vec<h2::client::ResponseFuture>,
+}
+
+impl Drop for NeverReading {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+async fn never_reading(m: &TestMirror, path: &str, streams: usize) -> NeverReading {
+    let tcp = TcpStream::connect(addr(m)).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(HUGE_WINDOW)
+        .initial_connection_window_size(HUGE_WINDOW)
+        .handshake::<_, Bytes>(NeverReads(tcp))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut responses = Vec::new();
+    for _ in 0..streams {
+        let req = http::Request::get(format!("{}{path}", m.url))
+            .body(())
+            .unwrap();
+        send = send.ready().await.unwrap();
+        let (response, _) = send.send_request(req, true).unwrap();
+        responses.push(response);
+    }
+    NeverReading {
+        _send: send,
+        driver,
+        _responses: responses,
+    }
+}
+
 /// A connection whose client never reads what the server sends: its writes go out, its reads
 /// never complete, so everything the server sends piles up in the kernel and then in the server.
 struct NeverReads(TcpStream);
@@ -99,24 +138,7 @@ async fn h2_client_that_never_reads_cannot_grow_memory() {
 
     let mut held = Vec::new();
     for _ in 0..CONNECTIONS {
-        let tcp = TcpStream::connect(addr(&m)).await.unwrap();
-        let (mut send, conn) = h2::client::Builder::new()
-            .initial_window_size(HUGE_WINDOW)
-            .initial_connection_window_size(HUGE_WINDOW)
-            .handshake::<_, Bytes>(NeverReads(tcp))
-            .await
-            .unwrap();
-        let driver = tokio::spawn(conn);
-        let mut responses = Vec::new();
-        for _ in 0..STREAMS {
-            let req = http::Request::get(format!("{}{path}", m.url))
-                .body(())
-                .unwrap();
-            send = send.ready().await.unwrap();
-            let (response, _) = send.send_request(req, true).unwrap();
-            responses.push(response);
-        }
-        held.push((send, driver, responses));
+        held.push(never_reading(&m, &path, STREAMS).await);
     }
     let mut peak = before;
     let deadline = Instant::now() + Duration::from_secs(4);
@@ -134,9 +156,7 @@ async fn h2_client_that_never_reads_cannot_grow_memory() {
         "RSS grew by {} MiB for {CONNECTIONS} connections that never read",
         growth / (1024 * 1024)
     );
-    for (_, driver, _) in held {
-        driver.abort();
-    }
+    drop(held);
 }
 
 /// Reads until the server closes the connection; how long that took, or `None` if it did not
@@ -469,24 +489,7 @@ async fn h2_response_buffer_is_bounded_per_process() {
     // the kernel's are full, 19 MiB in all, over twice the budget.
     let mut held = Vec::new();
     for _ in 0..CONNECTIONS {
-        let tcp = TcpStream::connect(addr(&m)).await.unwrap();
-        let (mut send, conn) = h2::client::Builder::new()
-            .initial_window_size(HUGE_WINDOW)
-            .initial_connection_window_size(HUGE_WINDOW)
-            .handshake::<_, Bytes>(NeverReads(tcp))
-            .await
-            .unwrap();
-        let driver = tokio::spawn(conn);
-        let mut responses = Vec::new();
-        for _ in 0..STREAMS {
-            let req = http::Request::get(format!("{}{path}", m.url))
-                .body(())
-                .unwrap();
-            send = send.ready().await.unwrap();
-            let (response, _) = send.send_request(req, true).unwrap();
-            responses.push(response);
-        }
-        held.push((send, driver, responses));
+        held.push(never_reading(&m, &path, STREAMS).await);
     }
 
     // A client that reads, on a connection of its own.
@@ -571,8 +574,6 @@ async fn h2_response_buffer_is_bounded_per_process() {
         "peak {peak} bytes buffered of {BUDGET}; refused in {took:?}; {shed} connections shed"
     );
     assert!(shed >= 1.0, "{text}");
-    for (_, driver, _) in held {
-        driver.abort();
-    }
+    drop(held);
     reader_driver.abort();
 }

@@ -29,9 +29,10 @@ pub struct Activity {
     task: AtomicWaker,
     /// Bytes of response data this connection holds against the process's budget.
     held: AtomicUsize,
-    /// When it last gave some back (its client read) or started holding, in nanoseconds since
-    /// `opened`: a connection that holds and has not moved since is stalled.
-    moved: AtomicU64,
+    /// Set when it gives some back (its client read) or starts holding; cleared by each look
+    /// of the budget's shedding (`stalled_since_last_look`). A flag, not a time: this is
+    /// written per chunk, and a clock read there would cost every HTTP/2 response.
+    moved: AtomicBool,
     /// The budget closes this connection (it holds the most of it).
     shed: AtomicBool,
     /// HTTP/1.x: the response body handed hyper a chunk that hyper has not yet written (it
@@ -58,7 +59,7 @@ impl Activity {
             watchdog_woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
             held: AtomicUsize::new(0),
-            moved: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
             shed: AtomicBool::new(false),
             writing: AtomicBool::new(false),
             body_polls: AtomicU64::new(0),
@@ -68,20 +69,21 @@ impl Activity {
     /// Response data charged to this connection (see `budget`).
     pub fn hold(&self, n: usize) {
         if self.held.fetch_add(n, Ordering::Relaxed) == 0 {
-            self.moved.store(self.now(), Ordering::Relaxed);
+            self.moved.store(true, Ordering::Relaxed);
         }
     }
 
     pub fn release(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::Relaxed);
-        self.moved.store(self.now(), Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// Whether it holds some of the budget and has given none back for `limit`: its client
-    /// does not read (a slow reader that reads at all keeps moving).
-    pub fn stalled_for(&self, limit: Duration) -> bool {
-        let moved = Duration::from_nanos(self.moved.load(Ordering::Relaxed));
-        self.held() > 0 && self.opened + moved + limit <= Instant::now()
+    /// Whether it holds some of the budget and has given none back since the last look (the
+    /// budget looks once per `SHED_AFTER` while it is spent): its client does not read. A slow
+    /// reader that reads at all keeps moving. Each look starts the next interval.
+    pub fn stalled_since_last_look(&self) -> bool {
+        let moved = self.moved.swap(false, Ordering::Relaxed);
+        self.held() > 0 && !moved
     }
 
     pub fn held(&self) -> usize {

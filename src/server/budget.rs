@@ -135,35 +135,45 @@ impl ResponseBudget {
     /// closed, and then one every `SHED_AFTER` while it stays spent.
     fn pressure(&self) {
         let now = Instant::now();
-        let shed = {
+        let (began, shed) = {
             let mut p = crate::sync::lock(&self.pressure);
-            if p.last.is_none_or(|last| now - last > SHED_AFTER) {
+            let began = p.last.is_none_or(|last| now - last > SHED_AFTER);
+            if began {
                 p.since = Some(now);
             }
             p.last = Some(now);
-            match p.since {
+            let shed = match p.since {
                 Some(since) if now - since >= SHED_AFTER => {
                     p.since = Some(now);
                     true
                 }
                 _ => false,
-            }
+            };
+            (began, shed)
         };
-        if shed {
-            self.shed_heaviest();
+        // Each look at the connections starts the interval in which the next one finds which
+        // did not move: the first at the start of the pressure, then one per shedding.
+        if began || shed {
+            let stalled = self.look();
+            if shed {
+                self.shed_heaviest(stalled);
+            }
         }
     }
 
-    fn shed_heaviest(&self) {
-        let heaviest = {
-            let c = crate::sync::lock(&self.connections);
-            c.open
-                .values()
-                .filter_map(Weak::upgrade)
-                .filter(|a| a.stalled_for(SHED_AFTER))
-                .map(|a| (a.held(), a))
-                .max_by_key(|(held, _)| *held)
-        };
+    /// The connections that gave nothing back since the last look, with what they hold.
+    fn look(&self) -> Vec<(usize, Arc<Activity>)> {
+        let c = crate::sync::lock(&self.connections);
+        c.open
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|a| a.stalled_since_last_look())
+            .map(|a| (a.held(), a))
+            .collect()
+    }
+
+    fn shed_heaviest(&self, stalled: Vec<(usize, Arc<Activity>)>) {
+        let heaviest = stalled.into_iter().max_by_key(|(held, _)| *held);
         if let Some((held, conn)) = heaviest {
             tracing::info!(
                 held,
