@@ -49,7 +49,11 @@ impl Verifications {
     /// none runs, and returns the progress its readers follow.
     pub fn join(&self, digest: &Digest, file: Arc<File>, size: u64) -> watch::Receiver<Progress> {
         let (sender, guard) = match self.flights.join_or_start(digest, || {
-            watch::channel(Progress::Writing { written: size }).0
+            watch::channel(Progress::Writing {
+                written: size,
+                ahead: Default::default(),
+            })
+            .0
         }) {
             Joined::Follower(sender) => return sender.subscribe(),
             Joined::Leader(sender, guard) => (sender, guard),

@@ -61,8 +61,20 @@ pub struct UpstreamConfig {
     /// it is cut, whatever `resume_attempts` is left. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// How many times a cut blob download is resumed with a Range request. Default 5.
+    /// How many times a cut blob download is resumed with a Range request (each part of a
+    /// download fetched in parts, see `parallel_parts`). Default 5.
     pub resume_attempts: u32,
+    /// A blob of `parallel_threshold` or more is downloaded as this many ranged requests at
+    /// once, when the upstream answers ranges: on a long round trip one TCP stream (or a
+    /// registry's CDN) caps what one connection carries, and parts multiply it. The parts
+    /// are written at their offsets, hashed in order and verified as one blob; clients read
+    /// it as the contiguous prefix grows. Never more than `max_concurrent_requests` leaves
+    /// free (one request stays for clients). 1 = one stream. Default 4.
+    pub parallel_parts: u32,
+    /// The smallest blob downloaded in parts. Default 16 MiB: below it, the round trip that
+    /// opening the other parts costs is most of the time one stream needs.
+    #[serde(with = "crate::size::required")]
+    pub parallel_threshold: bytesize::ByteSize,
     /// Consecutive failures (unreachable, timeout, 5xx) after which the upstream is marked
     /// down and requests fail fast (stale where cached) for `backoff`. Default 3.
     pub failure_threshold: u32,
@@ -124,6 +136,8 @@ impl Default for UpstreamConfig {
             head_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             resume_attempts: 5,
+            parallel_parts: 4,
+            parallel_threshold: bytesize::ByteSize::mib(16),
             failure_threshold: 3,
             backoff: Duration::from_secs(10),
             max_pulls: 0,

@@ -45,6 +45,13 @@ impl Config {
                     "must be between 0 and 1",
                 ));
             }
+            if !(1..=16).contains(&up.parallel_parts) {
+                return Err(bad(
+                    &key("parallel_parts"),
+                    &up.parallel_parts.to_string(),
+                    "must be between 1 (one stream) and 16",
+                ));
+            }
             up.validate(&key)?;
             for (field, d) in [
                 ("backoff", up.backoff),

@@ -20,12 +20,30 @@ pub(super) struct Feed {
     pub(super) tier: Tier,
     /// The whole blob's length, as this tier knows it.
     pub(super) size: u64,
+    /// The tier serves ranges of the blob (an upstream that answered `206`).
+    pub(super) ranged: bool,
     pub(super) chunks: BoxStream<'static, Result<Bytes, Cut>>,
 }
 
 impl Feed {
     pub(super) async fn next_chunk(&mut self) -> Result<Option<Bytes>, Cut> {
         self.chunks.next().await.transpose()
+    }
+
+    /// An upstream's body.
+    pub(super) fn upstream(body: upstream::BlobBody) -> Feed {
+        let (size, ranged) = (body.size, body.ranged);
+        let chunks = stream::try_unfold(body, |mut body| async move {
+            let chunk = body.next_chunk().await.map_err(Cut::Upstream)?;
+            Ok(chunk.map(|c| (c, body)))
+        })
+        .boxed();
+        Feed {
+            tier: Tier::Upstream,
+            size,
+            ranged,
+            chunks,
+        }
     }
 
     /// A chunk that has already arrived, without waiting: `Ok(None)` for none yet, and
@@ -122,6 +140,7 @@ impl Job {
         Some(Feed {
             tier: Tier::Shared,
             size: b.size,
+            ranged: false,
             chunks,
         })
     }
@@ -176,6 +195,7 @@ impl Job {
                             return Opened::Feed(Feed {
                                 tier: Tier::Peer,
                                 size: b.size,
+                                ranged: false,
                                 chunks,
                             });
                         }
@@ -213,19 +233,7 @@ impl Job {
             .blob(&self.repo, &self.digest, offset, Some(by))
             .await
         {
-            Ok(body) => {
-                let size = body.size;
-                let chunks = stream::try_unfold(body, |mut body| async move {
-                    let chunk = body.next_chunk().await.map_err(Cut::Upstream)?;
-                    Ok(chunk.map(|c| (c, body)))
-                })
-                .boxed();
-                Opened::Feed(Feed {
-                    tier: Tier::Upstream,
-                    size,
-                    chunks,
-                })
-            }
+            Ok(body) => Opened::Feed(Feed::upstream(body)),
             Err(e @ upstream::Error::Protocol { .. }) => Opened::Fatal(Outcome::Protocol(e)),
             // A failure before the headers is retried like a cut body: the connection or the
             // upstream may be back at once.

@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::feed::{Cut, Feed, Opened, Sources};
+use super::parts;
 use super::relay::{Relay, RelayWriter, Unread};
 use super::{Mismatched, Outcome, Start, WRITE_BATCH};
 use crate::cluster::Cluster;
@@ -49,7 +50,7 @@ impl Job {
         // One first_byte_timeout from the first upstream request, its retries included: as
         // long as the clients wait.
         let mut first_byte_by = None;
-        let mut feed = loop {
+        let feed = loop {
             match self.open(0, &mut sources, &mut first_byte_by).await {
                 Opened::Feed(f) => {
                     sources.note_tier(f.tier);
@@ -85,13 +86,17 @@ impl Job {
         }
         sources.teeing = sources.lease.is_some() || sources.alone || self.cluster.is_none();
         let size = feed.size;
+        let mut parts = 1;
         let mut writer = if self.make_room(size).await {
             // What came from the shared tier is not uploaded back to it.
             let tee = feed.tier != Tier::Shared && sources.teeing;
-            let writer = match self.tiers.writer(&self.digest, tee).await {
+            let mut writer = match self.tiers.writer(&self.digest, tee).await {
                 Ok(w) => w,
                 Err(e) => return self.storage_failed(e),
             };
+            parts = self.parts_for(&feed);
+            // Readers of a range learn where the parts will start before any byte arrives.
+            writer.expect(parts::spans(size, parts).iter().skip(1).map(|p| p.0));
             self.start
                 .send_replace(Start::Streaming(writer.reader(size), feed.tier));
             Sink::Disk(writer)
@@ -103,86 +108,20 @@ impl Job {
         };
 
         let mut resumes = 0u32;
-        // What is left of the time the upstream may keep the clients without a byte.
-        let mut quiet = stall_budget(self.upstream.config().idle_timeout);
-        let mut last_byte = tokio::time::Instant::now();
-        loop {
-            let copied = self
-                .copy_body(&mut feed, &mut writer, size, &mut last_byte)
-                .await;
-            let mut cut = match copied {
-                Ok(()) if writer.written() == size => break,
-                Ok(()) => Cut::Short {
-                    tier: feed.tier,
-                    written: writer.written(),
-                    size,
-                },
-                Err(CopyError::Cut(e)) => e,
-                Err(CopyError::TooLong) => {
-                    return self.mismatch(format!("more than {size} bytes"), sources.other_tiers)
-                }
-                Err(CopyError::Storage(e)) => return self.storage_failed(e),
-                Err(CopyError::Unread) => {
-                    return Outcome::Unread {
-                        written: writer.written(),
-                        size,
-                    }
-                }
-            };
-            if feed.tier == Tier::Shared {
-                sources.skip_shared = true;
+        let mut last_tier = feed.tier;
+        if let (Sink::Disk(w), true) = (&mut writer, parts > 1) {
+            match self.fetch_parts(feed, w, parts).await {
+                Ok(r) => resumes = r,
+                Err(outcome) => return outcome,
             }
-            if cut.is_upstream() {
-                // The upstream's silence before it broke off (a stall: its idle_timeout).
-                quiet = quiet.saturating_sub(last_byte.elapsed());
+        } else {
+            match self
+                .copy_feed(feed, &mut writer, &mut sources, &mut resumes)
+                .await
+            {
+                Ok(tier) => last_tier = tier,
+                Err(outcome) => return outcome,
             }
-            let by = tokio::time::Instant::now() + quiet;
-            feed = loop {
-                if cut.is_upstream() {
-                    if resumes >= self.upstream.config().resume_attempts {
-                        return Outcome::ResumesExhausted {
-                            written: writer.written(),
-                            last: cut,
-                        };
-                    }
-                    if tokio::time::Instant::now() >= by {
-                        return Outcome::Stalled {
-                            written: writer.written(),
-                            last: cut,
-                        };
-                    }
-                    resumes += 1;
-                    self.metrics.resume();
-                }
-                tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = resumes, error = %cut, "resuming cut blob download");
-                let opened = self
-                    .open(writer.written(), &mut sources, &mut Some(by))
-                    .await;
-                if matches!(opened, Opened::Feed(_)) {
-                    // The resume's wait for headers is spent; the body's own silence counts
-                    // from here.
-                    quiet = by.saturating_duration_since(tokio::time::Instant::now());
-                    last_byte = tokio::time::Instant::now();
-                }
-                match opened {
-                    Opened::Feed(f) if f.size == size => {
-                        sources.note_tier(f.tier);
-                        break f;
-                    }
-                    Opened::Feed(f) => {
-                        return Outcome::SizeChanged {
-                            tier: f.tier,
-                            expected: size,
-                            actual: f.size,
-                        }
-                    }
-                    Opened::Fatal(outcome) => return outcome,
-                    Opened::Retry(e) => {
-                        tokio::time::sleep(self.pause(&e, resumes)).await;
-                        cut = e;
-                    }
-                }
-            };
         }
         let other_tiers = sources.other_tiers;
         let writer = match writer {
@@ -191,7 +130,7 @@ impl Job {
                 return match relay.finish(&self.digest) {
                     Ok(()) => Outcome::NoSpace { size, resumes },
                     Err(actual) => {
-                        if feed.tier == Tier::Shared || sources.skip_shared {
+                        if last_tier == Tier::Shared || sources.skip_shared {
                             self.forget_shared();
                         }
                         self.mismatch(actual.to_string(), other_tiers)
@@ -206,7 +145,7 @@ impl Job {
         );
         if kept {
             self.publish(upload, sources, size).await;
-        } else if feed.tier == Tier::Shared || sources.skip_shared {
+        } else if last_tier == Tier::Shared || sources.skip_shared {
             self.forget_shared();
         }
         match finished {
@@ -215,6 +154,100 @@ impl Job {
             Ok(Finished::Mismatch { actual }) => self.mismatch(actual.to_string(), other_tiers),
             Err(e) => self.storage_failed(e),
         }
+    }
+
+    /// Copies `feed` (and the feeds that replace it when it breaks, from the same offset)
+    /// into `writer` to the blob's end; the tier of the last feed.
+    async fn copy_feed(
+        &self,
+        mut feed: Feed,
+        writer: &mut Sink,
+        sources: &mut Sources,
+        resumes: &mut u32,
+    ) -> Result<Tier, Outcome> {
+        let size = feed.size;
+        // What is left of the time the upstream may keep the clients without a byte.
+        let mut quiet = stall_budget(self.upstream.config().idle_timeout);
+        let mut last_byte = tokio::time::Instant::now();
+        loop {
+            let copied = self
+                .copy_body(&mut feed, writer, size, &mut last_byte)
+                .await;
+            let mut cut = match copied {
+                Ok(()) if writer.written() == size => break,
+                Ok(()) => Cut::Short {
+                    tier: feed.tier,
+                    written: writer.written(),
+                    size,
+                },
+                Err(CopyError::Cut(e)) => e,
+                Err(CopyError::TooLong) => {
+                    return Err(self.mismatch(format!("more than {size} bytes"), sources.other_tiers))
+                }
+                Err(CopyError::Storage(e)) => return Err(self.storage_failed(e)),
+                Err(CopyError::Unread) => {
+                    return Err(Outcome::Unread {
+                        written: writer.written(),
+                        size,
+                    })
+                }
+            };
+            if feed.tier == Tier::Shared {
+                sources.skip_shared = true;
+            }
+            if cut.is_upstream() {
+                // The upstream's silence before it broke off (a stall: its idle_timeout).
+                quiet = quiet.saturating_sub(last_byte.elapsed());
+            }
+            let by = tokio::time::Instant::now() + quiet;
+            feed = loop {
+                if cut.is_upstream() {
+                    if *resumes >= self.upstream.config().resume_attempts {
+                        return Err(Outcome::ResumesExhausted {
+                            written: writer.written(),
+                            last: cut,
+                        });
+                    }
+                    if tokio::time::Instant::now() >= by {
+                        return Err(Outcome::Stalled {
+                            written: writer.written(),
+                            last: cut,
+                        });
+                    }
+                    *resumes += 1;
+                    self.metrics.resume();
+                }
+                tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = *resumes, error = %cut, "resuming cut blob download");
+                let opened = self
+                    .open(writer.written(), sources, &mut Some(by))
+                    .await;
+                if matches!(opened, Opened::Feed(_)) {
+                    // The resume's wait for headers is spent; the body's own silence counts
+                    // from here.
+                    quiet = by.saturating_duration_since(tokio::time::Instant::now());
+                    last_byte = tokio::time::Instant::now();
+                }
+                match opened {
+                    Opened::Feed(f) if f.size == size => {
+                        sources.note_tier(f.tier);
+                        break f;
+                    }
+                    Opened::Feed(f) => {
+                        return Err(Outcome::SizeChanged {
+                            tier: f.tier,
+                            expected: size,
+                            actual: f.size,
+                        })
+                    }
+                    Opened::Fatal(outcome) => return Err(outcome),
+                    Opened::Retry(e) => {
+                        tokio::time::sleep(self.pause(&e, *resumes)).await;
+                        cut = e;
+                    }
+                }
+            };
+        }
+        Ok(feed.tier)
     }
 
     pub(super) async fn make_room(&self, size: u64) -> bool {

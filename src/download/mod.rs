@@ -35,6 +35,7 @@ mod feed;
 mod job;
 mod mismatched;
 mod outcome;
+mod parts;
 mod publish;
 mod relay;
 
@@ -163,7 +164,7 @@ impl Download {
                 let size = handle.size();
                 let written = match handle.clone().into_parts().1 {
                     Some(rx) => match &*rx.borrow() {
-                        crate::store::handle::Progress::Writing { written } => *written,
+                        crate::store::handle::Progress::Writing { written, .. } => *written,
                         crate::store::handle::Progress::Complete => size,
                         crate::store::handle::Progress::Failed(_) => 0,
                     },

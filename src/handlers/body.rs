@@ -44,8 +44,9 @@ where
 }
 
 /// Streams `blob[start..end)`. A blob still being written (or verified) is read only as far
-/// as its writer has gone, so a reader never sees a byte before it is stored, and the last
-/// chunk waits for the writer's verdict on the whole. With `sendfile`, chunks of a local file
+/// as its writer has gone (the prefix, or a part written ahead of it), so a reader never sees
+/// a byte before it is stored, and the last chunk of the whole blob waits for the writer's
+/// verdict. With `sendfile`, chunks of a local file
 /// whose pages are in the page cache go to the socket without a copy (see
 /// [`crate::sendfile`]); the others are read through the handle (the blocking pool for files).
 /// A connection that asks for smaller copied chunks ([`Sendfile::copy_chunk`], HTTP/2) gets
@@ -57,7 +58,9 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
         end: u64,
         progress: Option<watch::Receiver<Progress>>,
         sendfile: Option<Sendfile>,
+        whole: bool,
     }
+    let whole = start == 0 && end == blob.size();
     let (reader, progress) = blob.into_parts();
     let state = State {
         reader,
@@ -65,6 +68,7 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
         end,
         progress,
         sendfile,
+        whole,
     };
     from_stream(stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
@@ -73,12 +77,15 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
         let mut limit = st.end;
         if let Some(rx) = st.progress.as_mut() {
             let available = loop {
-                let p = rx.borrow_and_update().clone();
-                match p {
-                    Progress::Complete => break st.end,
-                    Progress::Failed(why) => return Err(io::Error::other(why)),
-                    Progress::Writing { written } if written > st.pos => break written,
-                    Progress::Writing { .. } => {}
+                let readable = {
+                    let p = rx.borrow_and_update();
+                    if let Progress::Failed(why) = &*p {
+                        return Err(io::Error::other(why.clone()));
+                    }
+                    p.readable_from(st.pos)
+                };
+                if readable > st.pos {
+                    break readable;
                 }
                 if rx.changed().await.is_err() {
                     // The writer vanished without a final state: treat as failed.
@@ -88,9 +95,11 @@ pub fn blob_range(blob: BlobHandle, start: u64, end: u64, sendfile: Option<Sendf
             limit = limit.min(available);
         }
         let len = (limit - st.pos).min(sendfile::MAX_CHUNK as u64) as usize;
-        if st.pos + len as u64 >= st.end {
-            // The last chunk waits for the writer's verdict on the whole blob, so a client
-            // never completes a response whose blob turns out not to match its digest.
+        if st.whole && st.pos + len as u64 >= st.end {
+            // The last chunk of a whole blob waits for the writer's verdict, so a client never
+            // completes a blob that turns out not to match its digest. A range is served as
+            // soon as its bytes are written: a lazy-pulling client checks its chunks against
+            // the digests of its own table of contents.
             if let Some(rx) = st.progress.as_mut() {
                 let verdict = rx
                     .wait_for(|p| !matches!(p, Progress::Writing { .. }))

@@ -11,18 +11,40 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
+use super::coverage::Spans;
 use crate::oci::Digest;
 
 /// How far a blob has been written. A committed blob is `Complete`; a download in progress
 /// publishes its progress through a watch channel.
 #[derive(Debug, Clone)]
 pub enum Progress {
-    /// `written` bytes are readable; more will come, or the verdict on the whole is pending.
-    Writing { written: u64 },
+    /// The first `written` bytes are readable (and hashed), and so are the `ahead` spans of
+    /// a download fetched in parts; more will come, or the verdict on the whole is pending.
+    Writing { written: u64, ahead: Spans },
     /// The whole blob is readable and verified.
     Complete,
     /// The write or the verification failed; readers must cut their connection.
     Failed(Failed),
+}
+
+impl Progress {
+    /// Where the bytes readable from `pos` end (`pos` itself when they are not there yet).
+    pub fn readable_from(&self, pos: u64) -> u64 {
+        match self {
+            Progress::Writing { written, ahead } => ahead.readable_from(*written, pos),
+            Progress::Complete => u64::MAX,
+            Progress::Failed(_) => pos,
+        }
+    }
+
+    /// How far `pos` lies ahead of a writer that will reach it (`None`: there already, or
+    /// no writer before it).
+    pub fn behind_head(&self, pos: u64) -> Option<u64> {
+        match self {
+            Progress::Writing { written, ahead } => ahead.behind_head(*written, pos),
+            _ => None,
+        }
+    }
 }
 
 /// Why the readers of a blob are cut.

@@ -18,6 +18,7 @@
 //! reading: an unlinked file lives until closed).
 
 pub mod blobs;
+pub mod coverage;
 pub mod handle;
 pub mod index;
 pub mod links;

@@ -141,9 +141,29 @@ impl TierWriter {
     /// Appends `chunk` locally, then hands it to the upload (which gives up by itself when
     /// the shared tier fails: the local copy is what clients read).
     pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
-        self.local.write(chunk.clone()).await?;
-        if let Some(upload) = &mut self.upload {
-            upload.write(chunk).await;
+        let offset = self.local.written();
+        self.write_at(offset, chunk).await
+    }
+
+    /// Marks where parts fetched in parallel will start writing.
+    pub fn expect(&mut self, starts: impl IntoIterator<Item = u64>) {
+        self.local.expect(starts);
+    }
+
+    /// Writes `chunk` at `offset` locally; the upload gets the bytes in order, as the local
+    /// prefix (hashed) grows over them.
+    pub async fn write_at(&mut self, offset: u64, chunk: Bytes) -> io::Result<()> {
+        let in_order = offset == self.local.written();
+        self.local.write_at(offset, chunk.clone()).await?;
+        if in_order {
+            if let Some(upload) = &mut self.upload {
+                upload.write(chunk).await;
+            }
+        }
+        while let Some(caught_up) = self.local.catch_up().await? {
+            if let Some(upload) = &mut self.upload {
+                upload.write(caught_up).await;
+            }
         }
         Ok(())
     }

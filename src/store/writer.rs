@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 use tokio::sync::watch;
 
+use super::coverage::{Coverage, Spans};
 use super::handle::{BlobHandle, Failed, LocalFile, Progress};
 use super::Store;
 use crate::oci::Digest;
@@ -32,10 +33,16 @@ pub struct BlobWriter {
     store: Arc<Store>,
     temp: Option<NamedTempFile>,
     file: Arc<File>,
+    /// The contiguous prefix written and hashed.
     written: u64,
     hasher: Sha256,
+    /// What is written beyond the prefix (a download fetched in parts).
+    ahead: Coverage,
     progress: watch::Sender<Progress>,
 }
+
+/// The most read back at once to hash bytes written ahead of the prefix.
+const CATCH_UP: usize = 1024 * 1024;
 
 impl BlobWriter {
     pub(super) fn new(store: Arc<Store>, temp: NamedTempFile) -> io::Result<BlobWriter> {
@@ -46,7 +53,12 @@ impl BlobWriter {
             file,
             written: 0,
             hasher: Sha256::new(),
-            progress: watch::channel(Progress::Writing { written: 0 }).0,
+            ahead: Coverage::default(),
+            progress: watch::channel(Progress::Writing {
+                written: 0,
+                ahead: Spans::default(),
+            })
+            .0,
         })
     }
 
@@ -59,30 +71,88 @@ impl BlobWriter {
         )
     }
 
+    /// The contiguous prefix written (and hashed) so far.
     pub fn written(&self) -> u64 {
         self.written
     }
 
-    /// Appends `chunk`, hashing it; readers see it once this returns.
+    /// Marks where parts fetched in parallel will start writing, so that readers of a range
+    /// there know a writer is about to reach it.
+    pub fn expect(&mut self, starts: impl IntoIterator<Item = u64>) {
+        self.ahead.expect(starts);
+        self.publish();
+    }
+
+    /// Appends `chunk` to the prefix, hashing it; readers see it once this returns.
     pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.write_at(self.written, chunk).await
+    }
+
+    /// Writes `chunk` at `offset`: at the end of the prefix it is hashed at once; further on,
+    /// it is hashed when the prefix reaches it ([`BlobWriter::catch_up`]). Bytes already in
+    /// the prefix are never written again (its hash stands for them).
+    pub async fn write_at(&mut self, offset: u64, chunk: Bytes) -> io::Result<()> {
         if chunk.is_empty() {
             return Ok(());
         }
-        let (file, offset, len) = (self.file.clone(), self.written, chunk.len() as u64);
-        let mut hasher = std::mem::take(&mut self.hasher);
+        if offset < self.written {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a write at {offset} into the {} bytes already hashed", self.written),
+            ));
+        }
+        let (file, len) = (self.file.clone(), chunk.len() as u64);
+        let mut hasher = (offset == self.written).then(|| std::mem::take(&mut self.hasher));
         // Hashing and writing are CPU and disk work: keep them off the async workers.
-        self.hasher = tokio::task::spawn_blocking(move || {
+        let hashed = tokio::task::spawn_blocking(move || {
             crate::platform::write_all_at(&file, &chunk, offset)?;
-            hasher.update(&chunk);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
             Ok::<_, io::Error>(hasher)
         })
         .await
         .map_err(io::Error::other)??;
-        self.written += len;
+        match hashed {
+            Some(h) => {
+                self.hasher = h;
+                self.written += len;
+                self.ahead.hashed_to(self.written);
+            }
+            None => self.ahead.insert(offset, offset + len),
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Hashes the next bytes written ahead of the prefix, if the prefix has reached them,
+    /// reading them back (at most 1 MiB): the bytes, in order, or `None`.
+    pub async fn catch_up(&mut self) -> io::Result<Option<Bytes>> {
+        let Some(end) = self.ahead.ready_after(self.written) else {
+            return Ok(None);
+        };
+        let (file, offset) = (self.file.clone(), self.written);
+        let len = (end - offset).min(CATCH_UP as u64) as usize;
+        let mut hasher = std::mem::take(&mut self.hasher);
+        let (hasher, bytes) = tokio::task::spawn_blocking(move || {
+            let bytes = crate::platform::read_at(&file, offset, len)?;
+            hasher.update(&bytes);
+            Ok::<_, io::Error>((hasher, bytes))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.hasher = hasher;
+        self.written += bytes.len() as u64;
+        self.ahead.hashed_to(self.written);
+        self.publish();
+        Ok(Some(bytes))
+    }
+
+    fn publish(&self) {
         self.progress.send_replace(Progress::Writing {
             written: self.written,
+            ahead: self.ahead.snapshot(),
         });
-        Ok(())
     }
 
     /// Checks the bytes against `digest` and `size`, then publishes them (fsync, atomic

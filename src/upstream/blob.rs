@@ -10,15 +10,24 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::send::{header_length, Call};
 use super::{Error, Upstream};
 use crate::oci::{Digest, RepoName};
+use crate::ranges::Spec;
 
-/// A blob body from the upstream, starting at the offset asked for whatever the upstream did
-/// with the `Range` (a 200 that ignored it has its leading bytes skipped here).
+/// A blob body from the upstream: the bytes asked for, starting where they were asked
+/// whatever the upstream did with the `Range` (a 200 that ignored it has its leading bytes
+/// skipped here and its tail left unread).
 pub struct BlobBody {
     /// The whole blob's length.
     pub size: u64,
+    /// Where the body's first byte lies in the blob.
+    pub start: u64,
+    /// Whether the upstream answered the range itself (`206`): it serves ranges, so a
+    /// download may fetch parts in parallel.
+    pub ranged: bool,
     stream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     /// Leading bytes still to drop (a 200 answer to a Range request).
     skip: u64,
+    /// Bytes still to hand out.
+    remaining: u64,
     idle_timeout: Duration,
     upstream: String,
     /// The `max_concurrent_requests` permit, held while the body streams (a registry that
@@ -28,10 +37,15 @@ pub struct BlobBody {
 }
 
 impl BlobBody {
+    /// How many bytes the body still carries.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
     /// The next chunk; `None` at the end. Fails if the upstream goes quiet for the idle
     /// timeout or the connection breaks.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
-        loop {
+        while self.remaining > 0 {
             let Some(mut chunk) = self.poll_next().await? else {
                 return Ok(None);
             };
@@ -40,10 +54,18 @@ impl BlobBody {
                 self.skip -= n;
                 chunk = chunk.slice(n as usize..);
             }
+            if chunk.len() as u64 > self.remaining {
+                chunk = chunk.slice(..self.remaining as usize);
+            }
+            self.remaining -= chunk.len() as u64;
+            if self.remaining == 0 {
+                self.permit = None;
+            }
             if !chunk.is_empty() {
                 return Ok(Some(chunk));
             }
         }
+        Ok(None)
     }
 
     async fn poll_next(&mut self) -> Result<Option<Bytes>, Error> {
@@ -63,7 +85,8 @@ impl BlobBody {
 }
 
 impl Upstream {
-    /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`). A fresh
+    /// `GET` of a blob from `offset` on (a `Range` request when `offset > 0`, or when the
+    /// upstream's blobs may be fetched in parts: a `206` then says it serves ranges). A fresh
     /// request, so a fresh token and a fresh CDN redirect: also how a cut download resumes.
     /// Its headers come `by` that instant, when given, or it fails with a timeout.
     pub async fn blob(
@@ -73,9 +96,37 @@ impl Upstream {
         offset: u64,
         by: Option<tokio::time::Instant>,
     ) -> Result<BlobBody, Error> {
+        let spec = Spec::From {
+            first: offset,
+            last: None,
+        };
+        let ask = offset > 0 || self.config.parallel_parts > 1;
+        self.blob_bytes(repo, digest, spec, ask, by).await
+    }
+
+    /// `GET` of the bytes `spec` names (a `Range` request): a part of a download, or a
+    /// client's range fetched before the download reaches it.
+    pub async fn blob_range(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        spec: Spec,
+        by: Option<tokio::time::Instant>,
+    ) -> Result<BlobBody, Error> {
+        self.blob_bytes(repo, digest, spec, true, by).await
+    }
+
+    async fn blob_bytes(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        spec: Spec,
+        ask: bool,
+        by: Option<tokio::time::Instant>,
+    ) -> Result<BlobBody, Error> {
         let mut headers = HeaderMap::new();
-        if offset > 0 {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+        if ask {
+            if let Ok(v) = HeaderValue::from_str(&spec.header()) {
                 headers.insert(header::RANGE, v);
             }
         }
@@ -96,22 +147,28 @@ impl Upstream {
             upstream: self.name.clone(),
             detail,
         };
-        let (size, skip) = match resp.status().as_u16() {
+        let (size, span, ranged) = match resp.status().as_u16() {
             206 => {
                 let range = resp
                     .headers()
                     .get(header::CONTENT_RANGE)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                let size = crate::ranges::content_range_total(range, offset).ok_or_else(|| {
-                    protocol(format!(
-                        "Range bytes={offset}- answered with Content-Range {range:?}"
-                    ))
-                })?;
-                (Some(size), 0)
+                // The answer must be exactly what was asked of a blob of its total size.
+                let answered = crate::ranges::content_range(range)
+                    .filter(|(first, last, total)| {
+                        spec.resolve(*total) == Some((*first, last + 1))
+                    })
+                    .ok_or_else(|| {
+                        protocol(format!(
+                            "Range {} answered with Content-Range {range:?}",
+                            spec.header()
+                        ))
+                    })?;
+                (Some(answered.2), Some((answered.0, answered.1 + 1)), true)
             }
-            // No Range sent, or the upstream ignored it: the body starts at 0.
-            200 => (header_length(resp.headers()), offset),
+            // No Range sent, or the upstream ignored it: the body is the whole blob.
+            200 => (header_length(resp.headers()), None, false),
             s => return Err(protocol(format!("blob GET answered status {s}"))),
         };
         let (size, permit) = match size {
@@ -138,14 +195,40 @@ impl Upstream {
                 (size, head.permit)
             }
         };
+        let (start, end, skip) = match span {
+            Some((start, end)) => (start, end, 0),
+            None => {
+                let (start, end) = spec.resolve(size).ok_or_else(|| {
+                    protocol(format!(
+                        "Range {} lies outside the blob's {size} bytes",
+                        spec.header()
+                    ))
+                })?;
+                (start, end, start)
+            }
+        };
         Ok(BlobBody {
             size,
+            start,
+            ranged,
             stream: resp.bytes_stream().boxed(),
             skip,
+            remaining: end - start,
             idle_timeout: self.config.idle_timeout,
             upstream: self.name.clone(),
             permit,
         })
+    }
+
+    /// How many more requests the upstream's `max_concurrent_requests` lets start now while
+    /// leaving one for clients (`u32::MAX` without a cap).
+    pub fn spare_requests(&self) -> u32 {
+        match &self.concurrency {
+            Some(s) => u32::try_from(s.available_permits())
+                .unwrap_or(u32::MAX)
+                .saturating_sub(1),
+            None => u32::MAX,
+        }
     }
 
     /// `HEAD` of a blob: its size, without downloading it.

@@ -103,7 +103,7 @@ impl Source for Local {
         loop {
             let state = rx.borrow_and_update().clone();
             match state {
-                Progress::Writing { written } => {
+                Progress::Writing { written, .. } => {
                     progress(written.saturating_sub(reported));
                     reported = reported.max(written);
                 }
