@@ -119,6 +119,11 @@ impl Download {
         (&self.upstream, &self.repo)
     }
 
+    /// Whether the download's first answer is in (its size known, or its failure).
+    pub fn has_started(&self) -> bool {
+        !matches!(&*self.start.borrow(), Start::Pending(_))
+    }
+
     /// Waits for the download's first answer, at most the upstream's `first_byte_timeout`
     /// (as Pingora's cache lock, every way the wait ends is named: an answer,
     /// [`Failure::WaitTimeout`] with what the download was waiting for, or

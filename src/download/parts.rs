@@ -81,6 +81,7 @@ impl Job {
             tasks.spawn(part.run(start, first.take()));
         }
         drop(tx);
+        self.metrics.download_parts(spans.len() as u64 - 1);
         let mut done = 0;
         let mut resumes = 0;
         while done < spans.len() {

@@ -1,9 +1,11 @@
 //! `GET`/`HEAD /v2/<name>/blobs/<digest>`: the pull layer's answer as a body, with ranges.
 
-use std::ops::RangeInclusive;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use http::header::{self, HeaderValue};
+use http_body_util::BodyExt;
 use http::{HeaderMap, Response, StatusCode};
 
 use super::body::{self, Body};
@@ -14,6 +16,7 @@ use super::{
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::{BlobAnswer, Mirror, Target};
 use crate::oci::Digest;
+use crate::ranges::{self, Requested, Resolved};
 use crate::outcome::Source;
 use crate::sendfile::Sendfile;
 
@@ -33,12 +36,19 @@ pub async fn get(
         let status = answer.status();
         return Ok(with_cache_status(not_modified(digest, true), status));
     }
-    let answer = mirror.blob(target, digest, head).await.map_err(err)?;
+    let requested = if if_range_holds(headers, digest) {
+        Requested::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()))
+    } else {
+        Requested::Whole
+    };
+    if requested == Requested::TooMany {
+        return Err(ApiError::too_many_ranges());
+    }
+    let answer = mirror
+        .blob_ranges(target, digest, head, &requested)
+        .await
+        .map_err(err)?;
     let status = answer.status();
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| if_range_holds(headers, digest));
     let metrics = mirror.metrics().clone();
     let resp = match answer {
         BlobAnswer::Size { size } => {
@@ -50,9 +60,19 @@ pub async fn get(
             relayed, waiter, ..
         } => {
             let size = relayed.size();
-            ranged(digest, size, range, head, |start, end| {
+            // A relay from memory serves one range; several get the whole blob (RFC 9110
+            // lets a server ignore a Range).
+            let resolved = match ranges::resolve(&requested, size) {
+                Resolved::Ranges(r) if r.len() > 1 => Resolved::Whole,
+                r => r,
+            };
+            let mut relayed = Some((relayed, waiter));
+            respond(digest, size, resolved, head, |start, end| {
+                let Some((relayed, waiter)) = relayed.take() else {
+                    return body::empty();
+                };
                 let b = body::from_stream(relayed.stream(start, end));
-                body::with_guard(body::count_served(b, metrics, Source::Upstream), waiter)
+                body::with_guard(body::count_served(b, metrics.clone(), Source::Upstream), waiter)
             })
         }
         BlobAnswer::Redirect { location } => {
@@ -68,16 +88,31 @@ pub async fn get(
         }
         BlobAnswer::Hit(handle) => {
             let size = handle.size();
-            ranged(digest, size, range, head, |start, end| {
-                let b = body::blob_range(handle, start, end, sendfile);
-                body::count_served(b, metrics, Source::Cache)
+            let resolved = ranges::resolve(&requested, size);
+            // Zero-copy for one body; the parts of a multipart body are copied.
+            let sendfile = sendfile.filter(|_| single(&resolved));
+            respond(digest, size, resolved, head, |start, end| {
+                let b = body::blob_range(handle.clone(), start, end, sendfile.clone());
+                body::count_served(b, metrics.clone(), Source::Cache)
             })
         }
-        BlobAnswer::Fetching { handle, waiter, .. } => {
+        BlobAnswer::Fetching {
+            handle,
+            waiter,
+            mut own,
+            ..
+        } => {
             let size = handle.size();
-            ranged(digest, size, range, head, |start, end| {
-                let b = body::blob_range(handle, start, end, sendfile);
-                body::with_guard(body::count_served(b, metrics, Source::Upstream), waiter)
+            let resolved = ranges::resolve(&requested, size);
+            let sendfile = sendfile.filter(|_| single(&resolved));
+            let waiter = Arc::new(waiter);
+            respond(digest, size, resolved, head, |start, end| {
+                let b = match own.take(start, end) {
+                    Some(chunks) => body::from_stream(chunks),
+                    None => body::blob_range(handle.clone(), start, end, sendfile.clone()),
+                };
+                let b = body::count_served(b, metrics.clone(), Source::Upstream);
+                body::with_guard(b, waiter.clone())
             })
         }
     };
@@ -99,50 +134,143 @@ pub async fn peer(
         .peer_blob(secret, digest)
         .await
         .map_err(|e| ApiError::from_mirror(e, Object::Blob))?;
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| if_range_holds(headers, digest));
+    let requested = if if_range_holds(headers, digest) {
+        Requested::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()))
+    } else {
+        Requested::Whole
+    };
     let metrics = mirror.metrics().clone();
-    Ok(ranged(digest, handle.size(), range, false, |start, end| {
-        let b = body::blob_range(handle, start, end, sendfile);
-        body::count_served(b, metrics, Source::Cache)
+    let size = handle.size();
+    let resolved = match ranges::resolve(&requested, size) {
+        // A replica asks for the rest of the blob from where it is: one range.
+        Resolved::Ranges(r) if r.len() > 1 => Resolved::Whole,
+        r => r,
+    };
+    Ok(respond(digest, size, resolved, false, |start, end| {
+        let b = body::blob_range(handle.clone(), start, end, sendfile.clone());
+        body::count_served(b, metrics.clone(), Source::Cache)
     }))
 }
 
-/// A response for the range the client asked of a `size`-byte blob: 200, 206 or 416, with the
-/// body from `body(start, end)` unless this is a HEAD.
-fn ranged(
+/// Whether a response has one body (the whole blob or one range).
+fn single(resolved: &Resolved) -> bool {
+    !matches!(resolved, Resolved::Ranges(r) if r.len() > 1)
+}
+
+/// The response to `resolved` ranges of a `size`-byte blob: 200, 206 (one range, or several
+/// as `multipart/byteranges`) or 416, with each body from `body(start, end)` unless this is a
+/// HEAD.
+fn respond(
     digest: &Digest,
     size: u64,
-    range: Option<&str>,
+    resolved: Resolved,
     head: bool,
-    body: impl FnOnce(u64, u64) -> Body,
+    mut body: impl FnMut(u64, u64) -> Body,
 ) -> Response<Body> {
     let mut resp = Response::new(body::empty());
-    let (start, end) = match requested_range(range, size) {
-        Err(()) => {
+    let ranges = match resolved {
+        Resolved::Unsatisfiable => {
             let mut resp = ApiError::range_not_satisfiable(size).into_response(head);
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             return resp;
         }
-        Ok(Some(r)) => {
-            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start(), r.end()))
-            {
-                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        Resolved::Whole => {
+            blob_headers(resp.headers_mut(), digest, size);
+            if !head {
+                *resp.body_mut() = body(0, size);
             }
-            (*r.start(), *r.end() + 1)
+            return resp;
         }
-        Ok(None) => (0, size),
+        Resolved::Ranges(ranges) => ranges,
     };
-    blob_headers(resp.headers_mut(), digest, end - start);
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    if let [(start, end)] = ranges[..] {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        blob_headers(resp.headers_mut(), digest, end - start);
+        if !head {
+            *resp.body_mut() = body(start, end);
+        }
+        return resp;
+    }
+    let multipart = Multipart::new(size);
+    blob_headers(resp.headers_mut(), digest, multipart.length(&ranges));
+    if let Ok(v) = HeaderValue::from_str(&multipart.content_type()) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
     if !head {
-        *resp.body_mut() = body(start, end);
+        let parts: Vec<(Bytes, Body)> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(start, end))| (multipart.part_header(i, start, end), body(start, end)))
+            .collect();
+        *resp.body_mut() = multipart.body(parts);
     }
     resp
+}
+
+/// A `multipart/byteranges` body (RFC 9110 §14.6): each range after its own headers, between
+/// boundaries.
+struct Multipart {
+    boundary: String,
+    size: u64,
+}
+
+impl Multipart {
+    fn new(size: u64) -> Multipart {
+        // Random, so that it is as unlikely in a blob's bytes as a boundary can be.
+        let mut raw = [0u8; 16];
+        if getrandom::fill(&mut raw).is_err() {
+            raw = *b"pullthrough-byte";
+        }
+        let boundary = raw.iter().map(|b| format!("{b:02x}")).collect();
+        Multipart { boundary, size }
+    }
+
+    fn content_type(&self) -> String {
+        format!("multipart/byteranges; boundary={}", self.boundary)
+    }
+
+    /// What comes before range `i`'s bytes: the boundary (after the previous part's bytes)
+    /// and the part's headers.
+    fn part_header(&self, i: usize, start: u64, end: u64) -> Bytes {
+        let lead = if i == 0 { "" } else { "\r\n" };
+        Bytes::from(format!(
+            "{lead}--{}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {start}-{}/{}\r\n\r\n",
+            self.boundary,
+            end - 1,
+            self.size
+        ))
+    }
+
+    fn closing(&self) -> Bytes {
+        Bytes::from(format!("\r\n--{}--\r\n", self.boundary))
+    }
+
+    fn length(&self, ranges: &[(u64, u64)]) -> u64 {
+        let parts: u64 = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(s, e))| self.part_header(i, s, e).len() as u64 + (e - s))
+            .sum();
+        parts + self.closing().len() as u64
+    }
+
+    fn body(&self, parts: Vec<(Bytes, Body)>) -> Body {
+        let closing = self.closing();
+        let parts = parts.into_iter().map(|(header, body)| {
+            stream::once(async move { Ok(header) })
+                .chain(body.into_data_stream())
+                .boxed()
+        });
+        let all = stream::iter(parts)
+            .flatten()
+            .chain(stream::once(async move { Ok(closing) }));
+        body::from_stream(all)
+    }
 }
 
 fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
@@ -170,27 +298,6 @@ fn if_range_holds(headers: &HeaderMap, digest: &Digest) -> bool {
         .is_some_and(|tag| tag == digest.as_str())
 }
 
-/// The one byte range a `Range` header asks for. Malformed or multi-range headers are ignored
-/// (the whole blob is sent, as RFC 9110 allows); `Err` means unsatisfiable.
-fn requested_range(range: Option<&str>, size: u64) -> Result<Option<RangeInclusive<u64>>, ()> {
-    let Some(range) = range else { return Ok(None) };
-    // The last zero bytes: a valid header that no byte satisfies (RFC 9110 §14.1.1).
-    if range
-        .strip_prefix("bytes=")
-        .is_some_and(|spec| spec.trim() == "-0")
-    {
-        return Err(());
-    }
-    let Ok(parsed) = http_range_header::parse_range_header(range) else {
-        return Ok(None);
-    };
-    match parsed.validate(size) {
-        Ok(ranges) if ranges.len() == 1 => Ok(ranges.into_iter().next()),
-        Ok(_) => Ok(None),
-        Err(_) => Err(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,36 +323,17 @@ mod tests {
     }
 
     #[test]
-    fn ranges() {
-        assert_eq!(requested_range(None, 10), Ok(None));
-        assert_eq!(requested_range(Some("bytes=2-4"), 10), Ok(Some(2..=4)));
-        assert_eq!(requested_range(Some("bytes=5-"), 10), Ok(Some(5..=9)));
-        assert_eq!(requested_range(Some("bytes=-3"), 10), Ok(Some(7..=9)));
-        assert_eq!(requested_range(Some("bytes=10-"), 10), Err(()));
-        assert_eq!(requested_range(Some("garbage"), 10), Ok(None));
-        assert_eq!(requested_range(Some("bytes=-0"), 10), Err(()));
-    }
-
-    proptest::proptest! {
-        /// Whatever the header, an answer is whole, unsatisfiable, or a range inside the blob.
-        #[test]
-        fn any_range_header_stays_inside_the_blob(range in "\\PC{0,60}", size in 0u64..1 << 40) {
-            if let Ok(Some(r)) = requested_range(Some(&range), size) {
-                proptest::prop_assert!(r.start() <= r.end() && *r.end() < size, "{range:?} {r:?}");
-            }
+    fn a_multipart_length_is_what_its_body_carries() {
+        let m = Multipart::new(100);
+        let ranges = [(0u64, 10u64), (50, 51), (90, 100)];
+        let mut total = 0;
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            let h = m.part_header(i, s, e);
+            assert!(std::str::from_utf8(&h).unwrap().contains(&format!("bytes {s}-{}/100", e - 1)));
+            total += h.len() as u64 + (e - s);
         }
-
-        #[test]
-        fn byte_ranges_are_honoured(start in 0u64..1000, len in 1u64..1000, size in 1u64..3000) {
-            let range = format!("bytes={start}-{}", start + len - 1);
-            match requested_range(Some(&range), size) {
-                Ok(Some(r)) => {
-                    proptest::prop_assert_eq!(*r.start(), start);
-                    proptest::prop_assert_eq!(*r.end(), (start + len - 1).min(size - 1));
-                }
-                Err(()) => proptest::prop_assert!(start >= size),
-                Ok(None) => proptest::prop_assert!(false, "ignored {range}"),
-            }
-        }
+        total += m.closing().len() as u64;
+        assert_eq!(m.length(&ranges), total);
+        assert!(m.content_type().ends_with(&m.boundary));
     }
 }

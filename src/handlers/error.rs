@@ -139,6 +139,17 @@ impl ApiError {
         )
     }
 
+    pub fn too_many_ranges() -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Code::RangeInvalid,
+            format!(
+                "more than {} ranges in one request",
+                crate::ranges::MAX_RANGES
+            ),
+        )
+    }
+
     pub fn internal() -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -5,10 +5,13 @@
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::labels::TierLabels;
 use super::Metrics;
+use crate::outcome::Tier;
 
 pub(super) struct DownloadMetrics {
     resumes: Counter,
@@ -16,6 +19,11 @@ pub(super) struct DownloadMetrics {
     mismatch_refusals: Counter,
     no_space: Counter,
     miss_ttfb: Histogram,
+    /// Ranges of a blob being downloaded fetched on their own, before the download got
+    /// there, by the tier they came from (shared or upstream).
+    early_ranges: Family<TierLabels, Counter>,
+    /// Parts of downloads fetched in parallel, beyond each download's first request.
+    parallel_parts: Counter,
 }
 
 impl DownloadMetrics {
@@ -26,6 +34,8 @@ impl DownloadMetrics {
             mismatch_refusals: Counter::default(),
             no_space: Counter::default(),
             miss_ttfb: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            early_ranges: Family::default(),
+            parallel_parts: Counter::default(),
         }
     }
 }
@@ -67,6 +77,16 @@ impl Metrics {
             "Time to the upstream's response headers on blob misses",
             self.downloads.miss_ttfb.clone(),
         );
+        r.register(
+            "early_ranges",
+            "Client ranges of a blob being downloaded, fetched on their own (from the shared tier or the upstream) because the download had not reached them",
+            self.downloads.early_ranges.clone(),
+        );
+        r.register(
+            "download_parts",
+            "Ranged requests that downloads fetched in parallel with their first one",
+            self.downloads.parallel_parts.clone(),
+        );
     }
 
     pub fn resume(&self) {
@@ -83,6 +103,17 @@ impl Metrics {
 
     pub fn mismatch_refusal(&self) {
         self.downloads.mismatch_refusals.inc();
+    }
+
+    pub fn early_range(&self, source: Tier) {
+        self.downloads
+            .early_ranges
+            .get_or_create(&TierLabels { source })
+            .inc();
+    }
+
+    pub fn download_parts(&self, n: u64) {
+        self.downloads.parallel_parts.inc_by(n);
     }
 
     pub fn miss_first_byte(&self, elapsed: Duration) {

@@ -9,10 +9,12 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 
+use super::ranges::OwnRanges;
 use super::{Error, Mirror, Target};
 use crate::download::{self, Download, Relay, Start, Subscriber};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
+use crate::ranges::{self, Requested, Resolved};
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
 use crate::store::handle::BlobHandle;
 use crate::store::tiers::Tiers;
@@ -27,6 +29,9 @@ pub enum BlobAnswer {
         handle: BlobHandle,
         status: CacheStatus,
         waiter: Waiter,
+        /// The ranges asked for that are fetched on their own, the download being far from
+        /// them; the others are read from the download.
+        own: OwnRanges,
     },
     /// A download this request started (`Passthrough`) or joined (`Coalesced`) that the disk
     /// cannot take, relayed from memory as it arrives.
@@ -78,7 +83,20 @@ impl Mirror {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobAnswer, Error> {
-        let answer = self.find_blob(target, digest, head).await?;
+        self.blob_ranges(target, digest, head, &Requested::Whole)
+            .await
+    }
+
+    /// The blob `digest` of `target`'s repository, for a request that asks for `requested`
+    /// (the ranges of a blob not held yet are fetched as soon as they can be had).
+    pub async fn blob_ranges(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        head: bool,
+        requested: &Requested,
+    ) -> Result<BlobAnswer, Error> {
+        let answer = self.find_blob(target, digest, head, requested).await?;
         self.metrics
             .cache(target.registry(), ObjectKind::Blob, answer.status());
         Ok(answer)
@@ -89,7 +107,9 @@ impl Mirror {
         target: &Target,
         digest: &Digest,
         head: bool,
+        requested: &Requested,
     ) -> Result<BlobAnswer, Error> {
+        let mut early = None;
         // A download that finds the blob already committed sends us back to the store once.
         for _ in 0..2 {
             if let Some(handle) = self
@@ -114,6 +134,10 @@ impl Mirror {
                 self.metrics.blob_source(Tier::Shared);
                 return Ok(BlobAnswer::Redirect { location });
             }
+            if early.is_none() {
+                let asked = self.early_ranges(&target.upstream, &target.repo, digest, requested);
+                early = Some(Box::pin(asked).await);
+            }
             let (download, joined) =
                 self.downloads
                     .join(target.upstream.clone(), &target.repo, digest);
@@ -126,11 +150,23 @@ impl Mirror {
                     } else {
                         CacheStatus::Miss
                     };
+                    let own = match ranges::resolve(requested, handle.size()) {
+                        Resolved::Ranges(wanted) => self.own_ranges(
+                            &target.upstream,
+                            &target.repo,
+                            digest,
+                            &handle,
+                            &wanted,
+                            early.take().unwrap_or_default(),
+                        ),
+                        _ => OwnRanges::default(),
+                    };
                     let waiter = Waiter::new(self.metrics.clone());
                     return Ok(BlobAnswer::Fetching {
                         handle,
                         status,
                         waiter,
+                        own,
                     });
                 }
                 // Committed meanwhile, or the download's task vanished (its flight went with it,

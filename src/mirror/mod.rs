@@ -11,6 +11,7 @@ mod fleet;
 mod housekeeping;
 mod links;
 mod manifests;
+mod ranges;
 mod referrers;
 mod routing;
 pub mod stats;

@@ -143,6 +143,11 @@ impl BlobHandle {
         self
     }
 
+    /// Where the writer is now (`None`: every byte is there and verified).
+    pub fn progress(&self) -> Option<Progress> {
+        self.progress.as_ref().map(|rx| rx.borrow().clone())
+    }
+
     /// The reader and the progress to follow (`None`: every byte is there and verified).
     pub fn into_parts(self) -> (Arc<dyn BlobRead>, Option<watch::Receiver<Progress>>) {
         (self.reader, self.progress)

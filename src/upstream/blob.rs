@@ -18,8 +18,6 @@ use crate::ranges::Spec;
 pub struct BlobBody {
     /// The whole blob's length.
     pub size: u64,
-    /// Where the body's first byte lies in the blob.
-    pub start: u64,
     /// Whether the upstream answered the range itself (`206`): it serves ranges, so a
     /// download may fetch parts in parallel.
     pub ranged: bool,
@@ -37,11 +35,6 @@ pub struct BlobBody {
 }
 
 impl BlobBody {
-    /// How many bytes the body still carries.
-    pub fn remaining(&self) -> u64 {
-        self.remaining
-    }
-
     /// The next chunk; `None` at the end. Fails if the upstream goes quiet for the idle
     /// timeout or the connection breaks.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
@@ -209,7 +202,6 @@ impl Upstream {
         };
         Ok(BlobBody {
             size,
-            start,
             ranged,
             stream: resp.bytes_stream().boxed(),
             skip,

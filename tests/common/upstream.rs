@@ -73,8 +73,14 @@ pub struct Behaviour {
     pub corrupt_blobs: bool,
     /// Cut the next N blob bodies after this many bytes.
     pub cut_blob: Option<(u64, u32)>,
-    /// Send only this many bytes of a blob, then wait for `release` before the rest.
+    /// Send only this many bytes of a blob body that starts at its first byte, then wait for
+    /// `release` before the rest (ranges from further on are not held).
     pub hold_blob_after: Option<u64>,
+    /// Cut the first response whose range starts exactly here after 64 KiB (a part of a
+    /// download fetched in parallel).
+    pub cut_range_from: Option<u64>,
+    /// Serve a byte flipped in ranges that start after the blob's first byte.
+    pub corrupt_ranges: bool,
     /// Delay before a blob response's headers.
     pub blob_delay: Option<Duration>,
     pub manifest_fault: Option<Fault>,
@@ -867,14 +873,48 @@ async fn blob(
     }
     let total = bytes.len() as u64;
     let mut start = 0u64;
+    let mut end = total;
     let mut status = 200;
     if let Some(r) = headers.get("range").and_then(|v| v.to_str().ok()) {
-        if let Some(s) = r.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')) {
-            start = s.parse().unwrap_or(0);
+        // One range: `a-`, `a-b` or `-n`, as registries answer them.
+        if let Some((a, b)) = r.strip_prefix("bytes=").and_then(|r| r.split_once('-')) {
+            let (a, b) = (a.parse::<u64>().ok(), b.parse::<u64>().ok());
+            (start, end) = match (a, b) {
+                (Some(a), None) => (a, total),
+                (Some(a), Some(b)) => (a, (b + 1).min(total)),
+                (None, Some(n)) => (total.saturating_sub(n), total),
+                (None, None) => (0, total),
+            };
+            if start >= total {
+                let mut r = full(416, Bytes::new());
+                r.headers_mut().insert(
+                    "content-range",
+                    format!("bytes */{total}").parse().unwrap(),
+                );
+                return r;
+            }
             status = 206;
         }
     }
-    let part = bytes.slice(start as usize..);
+    let (cut_from, corrupt_ranges) = {
+        let mut b = state.behaviour.lock().unwrap();
+        let from = b.cut_range_from;
+        if from == Some(start) && start > 0 && !head {
+            b.cut_range_from = None;
+        }
+        (from, b.corrupt_ranges)
+    };
+    let cut = match cut_from {
+        Some(from) if from == start && start > 0 && !head => Some(start + 64 * 1024),
+        _ => cut,
+    };
+    if start > 0 && corrupt_ranges {
+        let mut v = bytes.to_vec();
+        v[start as usize] ^= 0xff;
+        bytes = Bytes::from(v);
+    }
+    let hold = hold.filter(|_| start == 0);
+    let part = bytes.slice(start as usize..end as usize);
     let len = part.len();
     let body: Body = if head {
         Full::new(Bytes::new())
@@ -899,7 +939,7 @@ async fn blob(
     if status == 206 {
         h.insert(
             "content-range",
-            format!("bytes {start}-{}/{total}", total - 1)
+            format!("bytes {start}-{}/{total}", end - 1)
                 .parse()
                 .unwrap(),
         );
