@@ -182,7 +182,9 @@ impl Job {
                 },
                 Err(CopyError::Cut(e)) => e,
                 Err(CopyError::TooLong) => {
-                    return Err(self.mismatch(format!("more than {size} bytes"), sources.other_tiers))
+                    return Err(
+                        self.mismatch(format!("more than {size} bytes"), sources.other_tiers)
+                    )
                 }
                 Err(CopyError::Storage(e)) => return Err(self.storage_failed(e)),
                 Err(CopyError::Unread) => {
@@ -218,9 +220,7 @@ impl Job {
                     self.metrics.resume();
                 }
                 tracing::info!(upstream = %self.upstream.name, digest = %self.digest, offset = writer.written(), attempt = *resumes, error = %cut, "resuming cut blob download");
-                let opened = self
-                    .open(writer.written(), sources, &mut Some(by))
-                    .await;
+                let opened = self.open(writer.written(), sources, &mut Some(by)).await;
                 if matches!(opened, Opened::Feed(_)) {
                     // The resume's wait for headers is spent; the body's own silence counts
                     // from here.

@@ -29,7 +29,10 @@ pub(super) fn spans(size: u64, count: u32) -> Vec<(u64, u64)> {
 
 /// What a part tells the writer.
 enum Msg {
-    Bytes { offset: u64, bytes: Bytes },
+    Bytes {
+        offset: u64,
+        bytes: Bytes,
+    },
     Done,
     Failed(Cut),
     /// The upstream now names another size: the blob is not the one being written.

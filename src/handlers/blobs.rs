@@ -5,8 +5,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::header::{self, HeaderValue};
-use http_body_util::BodyExt;
 use http::{HeaderMap, Response, StatusCode};
+use http_body_util::BodyExt;
 
 use super::body::{self, Body};
 use super::{
@@ -16,8 +16,8 @@ use super::{
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::{BlobAnswer, Mirror, Target};
 use crate::oci::Digest;
-use crate::ranges::{self, Requested, Resolved};
 use crate::outcome::Source;
+use crate::ranges::{self, Requested, Resolved};
 use crate::sendfile::Sendfile;
 
 pub async fn get(
@@ -72,7 +72,10 @@ pub async fn get(
                     return body::empty();
                 };
                 let b = body::from_stream(relayed.stream(start, end));
-                body::with_guard(body::count_served(b, metrics.clone(), Source::Upstream), waiter)
+                body::with_guard(
+                    body::count_served(b, metrics.clone(), Source::Upstream),
+                    waiter,
+                )
             })
         }
         BlobAnswer::Redirect { location } => {
@@ -329,7 +332,9 @@ mod tests {
         let mut total = 0;
         for (i, &(s, e)) in ranges.iter().enumerate() {
             let h = m.part_header(i, s, e);
-            assert!(std::str::from_utf8(&h).unwrap().contains(&format!("bytes {s}-{}/100", e - 1)));
+            assert!(std::str::from_utf8(&h)
+                .unwrap()
+                .contains(&format!("bytes {s}-{}/100", e - 1)));
             total += h.len() as u64 + (e - s);
         }
         total += m.closing().len() as u64;

@@ -91,8 +91,7 @@ impl Mirror {
             return Vec::new();
         };
         let small = |s: &Spec| {
-            s.most().is_some_and(|n| n <= EARLY_MOST)
-                && !matches!(s, Spec::From { first: 0, .. })
+            s.most().is_some_and(|n| n <= EARLY_MOST) && !matches!(s, Spec::From { first: 0, .. })
         };
         if specs.is_empty() || !specs.iter().all(small) {
             return Vec::new();

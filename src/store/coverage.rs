@@ -113,8 +113,16 @@ mod tests {
         assert_eq!(s.readable_from(50, 200), 200, "a part that has not begun");
         c.insert(150, 200);
         c.insert(200, 230);
-        assert_eq!(c.snapshot().readable_from(50, 120), 230, "parts that meet are one run");
-        assert_eq!(c.snapshot().readable_from(100, 10), 230, "the prefix runs into a span");
+        assert_eq!(
+            c.snapshot().readable_from(50, 120),
+            230,
+            "parts that meet are one run"
+        );
+        assert_eq!(
+            c.snapshot().readable_from(100, 10),
+            230,
+            "the prefix runs into a span"
+        );
     }
 
     #[test]
@@ -123,7 +131,11 @@ mod tests {
         c.expect([1000]);
         let s = c.snapshot();
         assert_eq!(s.behind_head(10, 15), Some(5));
-        assert_eq!(s.behind_head(10, 1000), Some(0), "a part is about to write it");
+        assert_eq!(
+            s.behind_head(10, 1000),
+            Some(0),
+            "a part is about to write it"
+        );
         assert_eq!(s.behind_head(10, 1500), Some(500));
         assert_eq!(s.behind_head(10, 5), None, "already there");
     }

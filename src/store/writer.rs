@@ -98,7 +98,10 @@ impl BlobWriter {
         if offset < self.written {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("a write at {offset} into the {} bytes already hashed", self.written),
+                format!(
+                    "a write at {offset} into the {} bytes already hashed",
+                    self.written
+                ),
             ));
         }
         let (file, len) = (self.file.clone(), chunk.len() as u64);

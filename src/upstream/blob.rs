@@ -149,9 +149,7 @@ impl Upstream {
                     .unwrap_or("");
                 // The answer must be exactly what was asked of a blob of its total size.
                 let answered = crate::ranges::content_range(range)
-                    .filter(|(first, last, total)| {
-                        spec.resolve(*total) == Some((*first, last + 1))
-                    })
+                    .filter(|(first, last, total)| spec.resolve(*total) == Some((*first, last + 1)))
                     .ok_or_else(|| {
                         protocol(format!(
                             "Range {} answered with Content-Range {range:?}",

@@ -73,9 +73,11 @@ pub struct Behaviour {
     pub corrupt_blobs: bool,
     /// Cut the next N blob bodies after this many bytes.
     pub cut_blob: Option<(u64, u32)>,
-    /// Send only this many bytes of a blob body that starts at its first byte, then wait for
-    /// `release` before the rest (ranges from further on are not held).
+    /// Send only this many bytes of a blob body, then wait for `release` before the rest.
     pub hold_blob_after: Option<u64>,
+    /// The same for a body that starts at the blob's first byte only (ranges from further on,
+    /// such as the other parts of a download in parts, are not held).
+    pub hold_first_bytes_after: Option<u64>,
     /// Cut the first response whose range starts exactly here after 64 KiB (a part of a
     /// download fetched in parallel).
     pub cut_range_from: Option<u64>,
@@ -887,10 +889,8 @@ async fn blob(
             };
             if start >= total {
                 let mut r = full(416, Bytes::new());
-                r.headers_mut().insert(
-                    "content-range",
-                    format!("bytes */{total}").parse().unwrap(),
-                );
+                r.headers_mut()
+                    .insert("content-range", format!("bytes */{total}").parse().unwrap());
                 return r;
             }
             status = 206;
@@ -913,7 +913,8 @@ async fn blob(
         v[start as usize] ^= 0xff;
         bytes = Bytes::from(v);
     }
-    let hold = hold.filter(|_| start == 0);
+    let hold_first = state.behaviour.lock().unwrap().hold_first_bytes_after;
+    let hold = hold.or(hold_first.filter(|_| start == 0));
     let part = bytes.slice(start as usize..end as usize);
     let len = part.len();
     let body: Body = if head {
