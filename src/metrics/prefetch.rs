@@ -27,7 +27,8 @@ pub struct PrefetchTotals {
 
 pub(super) struct PrefetchMetrics {
     outcomes: Family<PrefetchLabels, Counter>,
-    /// The series of `outcomes`, in the order of [`Prefetched::ALL`], resolved once.
+    /// The series of `outcomes`, in the order of [`Prefetched::ALL`], resolved once: counted
+    /// without hashing labels.
     by_outcome: [Counter; 6],
     queued: Gauge,
     running: Gauge,
@@ -47,10 +48,14 @@ impl PrefetchMetrics {
     }
 
     fn counter(&self, outcome: Prefetched) -> &Counter {
-        let i = Prefetched::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(0);
+        let i = match outcome {
+            Prefetched::Started => 0,
+            Prefetched::Held => 1,
+            Prefetched::InFlight => 2,
+            Prefetched::NoSpace => 3,
+            Prefetched::Failed => 4,
+            Prefetched::Skipped => 5,
+        };
         &self.by_outcome[i]
     }
 }
@@ -108,5 +113,32 @@ impl Metrics {
             queued: self.prefetch.queued.get(),
             running: self.prefetch.running.get(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Format;
+
+    #[test]
+    fn each_outcome_counts_in_its_own_series() {
+        let m = Metrics::new();
+        for (n, outcome) in Prefetched::ALL.into_iter().enumerate() {
+            for _ in 0..=n {
+                m.prefetched(outcome);
+            }
+        }
+        let text = m.encode(Format::Text);
+        for (n, outcome) in Prefetched::ALL.into_iter().enumerate() {
+            let series = format!(
+                "pullthrough_prefetch_total{{outcome=\"{}\"}} {}\n",
+                outcome.label(),
+                n + 1
+            );
+            assert!(text.contains(&series), "{series} in\n{text}");
+        }
+        let totals = m.prefetch_totals();
+        assert_eq!((totals.started, totals.skipped), (1, 6));
     }
 }
