@@ -1,10 +1,14 @@
 //! Image references and platforms as users write them (`alpine:3.19`, `ghcr.io/org/app:1.0`,
-//! `linux/arm64/v8`), parsed once: by the command line and the config, for `warm`.
+//! `linux/arm64/v8`), parsed once: by the command line and the config, for `warm`; and what an
+//! image's manifests list ([`Listing`]: an index's platforms, an image's config and layers),
+//! for `warm` and the pull layer's prefetch.
 
 use std::fmt;
 use std::str::FromStr;
 
-use crate::oci::{Reference, RepoName, Tag};
+use serde::Deserialize;
+
+use crate::oci::{media, Digest, Reference, RepoName, Tag};
 
 /// Docker Hub's registry name as clients spell it in `?ns=`; images without a registry are
 /// there.
@@ -214,6 +218,121 @@ impl fmt::Debug for Platform {
     }
 }
 
+/// What a manifest lists: an index's entries (one per platform, attestations too), or an image
+/// manifest's config and layers (an OCI image manifest or a Docker schema 2 one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listing {
+    Index(Vec<Entry>),
+    Image(Vec<Blob>),
+}
+
+/// An entry of an index: a manifest, and the platform it is for when it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub digest: Digest,
+    platform: Option<(String, String, Option<String>)>,
+}
+
+impl Entry {
+    /// Whether it is for one of `platforms`, or for any when none is named (an entry without a
+    /// platform, such as an attestation, is for none).
+    pub fn is_for(&self, platforms: &[Platform]) -> bool {
+        if platforms.is_empty() {
+            return true;
+        }
+        let Some((os, arch, variant)) = &self.platform else {
+            return false;
+        };
+        platforms
+            .iter()
+            .any(|p| p.matches(os, arch, variant.as_deref()))
+    }
+}
+
+/// A config or layer blob of an image manifest, with the size the manifest gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Why a manifest's JSON lists nothing usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidListing(String);
+
+#[derive(Deserialize)]
+struct ListingJson {
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
+    manifests: Option<Vec<DescriptorJson>>,
+    config: Option<DescriptorJson>,
+    #[serde(default)]
+    layers: Vec<DescriptorJson>,
+}
+
+#[derive(Deserialize)]
+struct DescriptorJson {
+    digest: String,
+    size: u64,
+    platform: Option<PlatformJson>,
+}
+
+#[derive(Deserialize)]
+struct PlatformJson {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+impl Listing {
+    /// Parses a manifest's bytes; `media_type` is the one it was served with, used when the
+    /// JSON does not say its own.
+    pub fn parse(media_type: &str, bytes: &[u8]) -> Result<Listing, InvalidListing> {
+        let invalid = |detail: String| InvalidListing(detail);
+        let json: ListingJson =
+            serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        let digest = |d: &DescriptorJson| {
+            d.digest
+                .parse::<Digest>()
+                .map_err(|e| invalid(e.to_string()))
+        };
+        let media_type = json.media_type.as_deref().unwrap_or(media_type);
+        let is_index = matches!(media_type, media::OCI_INDEX | media::DOCKER_LIST)
+            || (json.manifests.is_some() && json.config.is_none());
+        if is_index {
+            let children = json.manifests.unwrap_or_default();
+            return children
+                .iter()
+                .map(|c| {
+                    Ok(Entry {
+                        digest: digest(c)?,
+                        platform: c
+                            .platform
+                            .as_ref()
+                            .map(|p| (p.os.clone(), p.architecture.clone(), p.variant.clone())),
+                    })
+                })
+                .collect::<Result<_, InvalidListing>>()
+                .map(Listing::Index);
+        }
+        let config = json
+            .config
+            .as_ref()
+            .ok_or_else(|| invalid("no config and no manifests".into()))?;
+        std::iter::once(config)
+            .chain(&json.layers)
+            .map(|d| {
+                Ok(Blob {
+                    digest: digest(d)?,
+                    size: d.size,
+                })
+            })
+            .collect::<Result<_, InvalidListing>>()
+            .map(Listing::Image)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +406,45 @@ mod tests {
         assert_eq!(armv7.to_string(), "linux/arm/v7");
         assert!("linux".parse::<Platform>().is_err());
         assert!("linux/amd64/v1/x".parse::<Platform>().is_err());
+    }
+
+    #[test]
+    fn an_index_lists_its_platforms_and_an_image_its_blobs() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[
+            {{"digest":"{a}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}},
+            {{"digest":"{b}","size":1,"platform":{{"os":"unknown","architecture":"unknown"}}}}]}}"#
+        );
+        let Listing::Index(entries) = Listing::parse(media::OCI_INDEX, index.as_bytes()).unwrap()
+        else {
+            panic!("not an index");
+        };
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        let wanted: Vec<_> = entries
+            .iter()
+            .filter(|e| e.is_for(std::slice::from_ref(&amd64)))
+            .collect();
+        assert_eq!(wanted.len(), 1);
+        assert_eq!(wanted[0].digest.to_string(), a);
+        assert_eq!(entries.iter().filter(|e| e.is_for(&[])).count(), 2);
+
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{a}","size":3}},"layers":[{{"digest":"{b}","size":5}}]}}"#
+        );
+        let Listing::Image(blobs) = Listing::parse(media::OCI_MANIFEST, image.as_bytes()).unwrap()
+        else {
+            panic!("not an image");
+        };
+        assert_eq!(blobs.iter().map(|b| b.size).sum::<u64>(), 8);
+        assert_eq!(blobs[0].digest.to_string(), a, "the config comes first");
+        // A Docker manifest list without its own mediaType is an index by its served type.
+        let list = format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"{a}","size":1}}]}}"#);
+        assert!(matches!(
+            Listing::parse(media::DOCKER_LIST, list.as_bytes()),
+            Ok(Listing::Index(_))
+        ));
+        assert!(Listing::parse(media::OCI_MANIFEST, b"<html>").is_err());
     }
 }

@@ -139,6 +139,56 @@ impl Tier {
     }
 }
 
+/// What became of one blob a prefetch was asked for: the `outcome` label of
+/// `pullthrough_prefetch_total`. Each blob is counted once, as soon as this is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Prefetched {
+    /// Its download was started by the prefetch and got going (its end is the download's
+    /// business, logged and counted as any download's).
+    Started,
+    /// Already on this replica's disk.
+    Held,
+    /// Already downloading (a client's download, or queued for another prefetch): joined by
+    /// nothing, since whoever asks joins it anyway.
+    InFlight,
+    /// The disk cannot take it (larger than `storage.max_size`, or too little free space):
+    /// never relayed from memory with nobody reading.
+    NoSpace,
+    /// The download the prefetch started failed before its first byte.
+    Failed,
+    /// Not tried: the queue was full, the upstream had no request slot to spare for it
+    /// (`max_concurrent_requests`) or was backing off, or it waited in the queue too long.
+    Skipped,
+}
+
+impl Prefetched {
+    pub const ALL: [Prefetched; 6] = [
+        Prefetched::Started,
+        Prefetched::Held,
+        Prefetched::InFlight,
+        Prefetched::NoSpace,
+        Prefetched::Failed,
+        Prefetched::Skipped,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Prefetched::Started => "started",
+            Prefetched::Held => "held",
+            Prefetched::InFlight => "in_flight",
+            Prefetched::NoSpace => "no_space",
+            Prefetched::Failed => "failed",
+            Prefetched::Skipped => "skipped",
+        }
+    }
+}
+
+impl EncodeLabelValue for Prefetched {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.label(), encoder)
+    }
+}
+
 impl EncodeLabelValue for Tier {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         EncodeLabelValue::encode(&self.label(), encoder)

@@ -1,4 +1,5 @@
-//! `[cache]`: how long tags are trusted, and how long a stale one waits.
+//! `[cache]`: how long tags are trusted, how long a stale one waits, and how many blobs are
+//! prefetched at once.
 
 use std::time::Duration;
 
@@ -21,6 +22,17 @@ pub struct CacheConfig {
     /// cached value is served stale; the revalidation goes on in the background. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
+    /// Prefetch downloads at once, over all upstreams. Serving one platform's image manifest
+    /// with a `GET` (not an index: other platforms are never fetched) queues the downloads of
+    /// that image's config and layers the mirror does not hold; this many run at a time, below
+    /// clients (never the last free slot of `max_concurrent_requests`, and a client never waits
+    /// for one: it joins it), within the disk bound, and each is the download a client's miss
+    /// would start, so a client asking meanwhile joins it. dockerd asks for 3 layers at a time
+    /// and starts each only when it asks; 8 keeps most of a dozen-blob image in flight at once
+    /// over a long round trip, while staying well under what a registry allows one client.
+    /// 0 turns prefetch off everywhere (per upstream: `prefetch`, `prefetch_skip`). At most 64.
+    /// Default 8.
+    pub prefetch_concurrency: u32,
 }
 
 impl Default for CacheConfig {
@@ -29,6 +41,7 @@ impl Default for CacheConfig {
             tag_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(30),
             stale_after: Duration::from_secs(1),
+            prefetch_concurrency: 8,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, DOCKER_HUB_URL};
+use crate::oci::RepoName;
 use crate::policy::{RepoGlobs, TagPatterns};
 use crate::secret::Secret;
 
@@ -118,6 +119,15 @@ pub struct UpstreamConfig {
     /// upstream request and without serving what the cache holds; counted in
     /// `pullthrough_policy_refusals_total`. Default: none.
     pub deny_repositories: RepoGlobs,
+
+    // Prefetch: which images of this upstream are downloaded ahead of their clients.
+    /// Serving an image manifest of this upstream with a `GET` prefetches the image's config
+    /// and layers (see `cache.prefetch_concurrency`). Default true.
+    pub prefetch: bool,
+    /// Globs of repositories (as for `deny_repositories`) whose images are not prefetched,
+    /// for repositories whose manifests are read without pulling (inspection tools, update
+    /// bots) or whose layers are too large to fetch unasked. Default: none.
+    pub prefetch_skip: RepoGlobs,
 }
 
 impl Default for UpstreamConfig {
@@ -149,11 +159,19 @@ impl Default for UpstreamConfig {
             immutable_tags: TagPatterns::default(),
             allow_repositories: None,
             deny_repositories: RepoGlobs::default(),
+            prefetch: true,
+            prefetch_skip: RepoGlobs::default(),
         }
     }
 }
 
 impl UpstreamConfig {
+    /// Whether serving an image manifest of `repo` (named as this upstream knows it)
+    /// prefetches its blobs: `prefetch`, unless `prefetch_skip` names it.
+    pub fn prefetches(&self, repo: &RepoName) -> bool {
+        self.prefetch && !self.prefetch_skip.matches(repo)
+    }
+
     /// The base URLs in the order they are tried: `urls`, or `url`, or Docker Hub.
     pub fn base_urls(&self) -> Vec<&str> {
         if !self.urls.is_empty() {
@@ -225,6 +243,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::config::*;
+    use crate::oci::RepoName;
 
     fn two_upstreams(extra: &str) -> Result<Config, String> {
         let text = format!(
@@ -255,6 +274,29 @@ mod tests {
         assert_eq!(b.deny_repositories, up.deny_repositories);
         assert_eq!(b.tag_ttl, up.tag_ttl);
         assert_eq!(back.upstreams[DOCKER_HUB].allow_repositories, None);
+    }
+
+    #[test]
+    fn prefetch_is_on_by_default_and_off_per_upstream_or_repository() {
+        let c = two_upstreams("prefetch_skip = [\"big/*\"]\n[upstreams.\"quay.io\"]\nurl = \"https://quay.io\"\nprefetch = false\n").unwrap();
+        let repo = |s: &str| s.parse::<RepoName>().unwrap();
+        assert_eq!(c.cache.prefetch_concurrency, 8);
+        assert!(c.upstreams[DOCKER_HUB].prefetches(&repo("library/alpine")));
+        assert!(c.upstreams["ghcr.io"].prefetches(&repo("org/app")));
+        assert!(!c.upstreams["ghcr.io"].prefetches(&repo("big/model")));
+        assert!(!c.upstreams["quay.io"].prefetches(&repo("org/app")));
+        let back = Config::from_toml(&c.to_redacted_toml().unwrap()).unwrap();
+        assert_eq!(
+            back.upstreams["ghcr.io"].prefetch_skip,
+            c.upstreams["ghcr.io"].prefetch_skip
+        );
+        assert!(!back.upstreams["quay.io"].prefetch);
+        let e = Config::from_toml("[cache]\nprefetch_concurrency = 65\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cache.prefetch_concurrency"), "{e}");
     }
 
     #[test]

@@ -116,6 +116,13 @@ impl Config {
             }
             _ => {}
         }
+        if self.cache.prefetch_concurrency > 64 {
+            return Err(bad(
+                "cache.prefetch_concurrency",
+                &self.cache.prefetch_concurrency.to_string(),
+                "must be at most 64",
+            ));
+        }
         if self.storage.dir.as_os_str().is_empty() {
             return Err(bad("storage.dir", "", "must not be empty"));
         }

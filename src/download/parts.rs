@@ -54,8 +54,14 @@ impl Job {
         {
             return 1;
         }
-        cfg.parallel_parts
-            .min(self.upstream.spare_requests().saturating_add(1))
+        match self.upstream.free_request_slots() {
+            // One free request stays for clients.
+            Some(free) => {
+                let extra = u32::try_from(free.saturating_sub(1)).unwrap_or(u32::MAX);
+                cfg.parallel_parts.min(extra.saturating_add(1))
+            }
+            None => cfg.parallel_parts,
+        }
     }
 
     /// Fetches the blob in `count` parts, the first from `first`'s body, into `writer`;

@@ -3,7 +3,7 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 
-use crate::outcome::{CacheStatus, ObjectKind, Source, Tier};
+use crate::outcome::{CacheStatus, ObjectKind, Prefetched, Source, Tier};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct RequestLabels {
@@ -46,6 +46,11 @@ pub(super) struct VersionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct TierLabels {
     pub(super) source: Tier,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct PrefetchLabels {
+    pub(super) outcome: Prefetched,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

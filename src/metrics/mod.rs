@@ -5,7 +5,8 @@
 //! (`text/plain; version=0.0.4`), which `promtool check metrics` reads: see [`Format`].
 //!
 //! One file per domain: `requests.rs` (client requests, refusals), `cache.rs`, `upstream.rs`,
-//! `downloads.rs`, `cluster.rs` (leases, coordinator, shared tier) and `process.rs`. A metric's
+//! `downloads.rs`, `prefetch.rs`, `cluster.rs` (leases, coordinator, shared tier) and
+//! `process.rs`. A metric's
 //! field, its registration and the method its caller calls live in its domain's file; the
 //! few gauges callers set directly are fields of [`Metrics`], declared there and registered by their domain file.
 //! `labels.rs` holds the label sets, `format.rs` the exposition formats.
@@ -15,6 +16,7 @@ mod cluster;
 mod downloads;
 mod format;
 mod labels;
+mod prefetch;
 mod process;
 mod requests;
 mod upstream;
@@ -30,6 +32,7 @@ use self::cluster::ClusterMetrics;
 use self::downloads::DownloadMetrics;
 pub use self::format::Format;
 pub use self::labels::Refusal;
+use self::prefetch::PrefetchMetrics;
 use self::process::ProcessMetrics;
 use self::requests::RequestMetrics;
 use self::upstream::UpstreamMetrics;
@@ -41,6 +44,7 @@ pub struct Metrics {
     cache: CacheMetrics,
     upstream: UpstreamMetrics,
     downloads: DownloadMetrics,
+    prefetch: PrefetchMetrics,
     cluster: ClusterMetrics,
     // Set by their callers; registered by their domain's file.
     pub cache_size_bytes: Gauge,
@@ -69,6 +73,7 @@ impl Metrics {
             cache: CacheMetrics::new(),
             upstream: UpstreamMetrics::new(),
             downloads: DownloadMetrics::new(),
+            prefetch: PrefetchMetrics::new(),
             cluster: ClusterMetrics::new(),
             cache_size_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
@@ -88,6 +93,7 @@ impl Metrics {
             m.register_cache(r);
             m.register_upstream(r);
             m.register_downloads(r);
+            m.register_prefetch(r);
             m.register_cluster(r);
         }
         m

@@ -104,7 +104,8 @@ impl Housekeeping {
     }
 
     /// `/_pullthrough/status`: each upstream's pull budget, health and latest failures; the
-    /// downloads in flight; the last hour's samples; the busiest repositories; the cache size.
+    /// downloads in flight; what prefetch did; the last hour's samples; the busiest
+    /// repositories; the cache size.
     pub fn status(&self) -> serde_json::Value {
         let now = self.mirror.clock.now();
         let rfc3339 = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
@@ -150,6 +151,7 @@ impl Housekeeping {
         let (by_requests, by_bytes) = self.mirror.repositories.top(10);
         let cache = self.mirror.tiers.local.index.stats();
         let totals = self.mirror.metrics.totals();
+        let prefetch = self.mirror.metrics.prefetch_totals();
         let mut status = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "now": rfc3339(now),
@@ -157,6 +159,17 @@ impl Housekeeping {
             "cache_hit_ratio": self.mirror.metrics.hit_ratio(),
             "inflight_downloads": self.mirror.downloads.in_flight(),
             "downloads": self.mirror.downloads.progress(),
+            "prefetch": {
+                "concurrency": self.mirror.config.cache.prefetch_concurrency,
+                "started": prefetch.started,
+                "held": prefetch.held,
+                "in_flight": prefetch.in_flight,
+                "no_space": prefetch.no_space,
+                "failed": prefetch.failed,
+                "skipped": prefetch.skipped,
+                "queued": prefetch.queued,
+                "running": prefetch.running,
+            },
             "cache": {
                 "bytes": cache.bytes,
                 "entries": cache.entries,

@@ -122,6 +122,7 @@ impl Mirror {
             .await?;
         self.metrics
             .cache(target.registry(), ObjectKind::Manifest, answer.status);
+        self.prefetch_for(target, &answer);
         Ok(answer)
     }
 
@@ -149,7 +150,16 @@ impl Mirror {
         };
         self.metrics
             .cache(target.registry(), ObjectKind::Manifest, answer.status);
+        self.prefetch_for(target, &answer);
         Ok((answer, matched))
+    }
+
+    /// A manifest answered with its body (a `GET`, not a `HEAD` nor a `304`) is being pulled:
+    /// its image's blobs are prefetched (see `prefetch.rs`).
+    fn prefetch_for(self: &Arc<Self>, target: &Target, answer: &ManifestAnswer) {
+        if let Some(body) = &answer.body {
+            self.prefetch(target, &answer.media_type, body);
+        }
     }
 
     async fn lookup_manifest(

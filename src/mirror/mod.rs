@@ -11,6 +11,7 @@ mod fleet;
 mod housekeeping;
 mod links;
 mod manifests;
+mod prefetch;
 mod ranges;
 mod referrers;
 mod routing;
@@ -78,6 +79,8 @@ pub struct Mirror {
     members: Option<Members>,
     metrics: Arc<Metrics>,
     downloads: Downloads,
+    /// Blobs of served image manifests downloaded ahead of their clients.
+    prefetch: prefetch::Prefetch,
     verifications: Verifications,
     upstreams: HashMap<String, Arc<Upstream>>,
     /// Each upstream's policy, by the same names as `upstreams`.
@@ -164,6 +167,7 @@ impl Mirror {
                 metrics.clone(),
                 clock.clone(),
             ),
+            prefetch: prefetch::Prefetch::new(config.cache.prefetch_concurrency),
             tiers,
             cluster,
             members,

@@ -203,6 +203,12 @@ impl Index {
         self.max.is_none_or(|max| size <= max)
     }
 
+    /// Whether `key` is indexed, without counting an access (a look that is not a read, such as
+    /// a prefetch's, must not keep content from eviction).
+    pub fn contains(&self, key: &Key) -> bool {
+        self.lock().slots.contains_key(key)
+    }
+
     /// Records an access; the entry's size and whether it was verified, if indexed.
     pub fn touch(&self, key: &Key) -> Option<(u64, bool)> {
         let mut inner = self.lock();

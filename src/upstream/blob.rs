@@ -210,17 +210,6 @@ impl Upstream {
         })
     }
 
-    /// How many more requests the upstream's `max_concurrent_requests` lets start now while
-    /// leaving one for clients (`u32::MAX` without a cap).
-    pub fn spare_requests(&self) -> u32 {
-        match &self.concurrency {
-            Some(s) => u32::try_from(s.available_permits())
-                .unwrap_or(u32::MAX)
-                .saturating_sub(1),
-            None => u32::MAX,
-        }
-    }
-
     /// `HEAD` of a blob: its size, without downloading it.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
         let resp = self

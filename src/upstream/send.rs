@@ -63,6 +63,12 @@ impl Upstream {
             .unwrap_or(&self.endpoints[0])
     }
 
+    /// How many `max_concurrent_requests` slots are free now; `None` without a cap. For work
+    /// that must leave room for clients (prefetch), not for taking one.
+    pub fn free_request_slots(&self) -> Option<usize> {
+        self.concurrency.as_ref().map(|s| s.available_permits())
+    }
+
     /// A `max_concurrent_requests` permit; `None` without a cap. (The semaphore is never
     /// closed, so acquiring cannot fail.)
     async fn permit(&self) -> Option<OwnedSemaphorePermit> {

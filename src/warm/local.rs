@@ -26,7 +26,10 @@ impl Local {
 
     /// A pull layer of its own on the configured storage directory, as `serve` builds it.
     /// Blocking.
-    pub fn open(config: Config) -> anyhow::Result<Local> {
+    pub fn open(mut config: Config) -> anyhow::Result<Local> {
+        // The walk fetches every blob itself; a prefetch alongside would only make its report
+        // call "cached" what the prefetch it triggered fetched first.
+        config.cache.prefetch_concurrency = 0;
         let mirror = Mirror::new(
             config,
             Arc::new(Metrics::new()),

@@ -15,12 +15,13 @@ use std::future::Future;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use local::Local;
 
-use crate::image::{ImageRef, Platform};
-use crate::oci::{media, Digest, Reference};
+pub use crate::image::Blob;
+use crate::image::{ImageRef, Listing, Platform};
+use crate::oci::{Digest, Reference};
 
 /// How many blobs of one image are fetched at once (dockerd's default).
 const BLOB_CONCURRENCY: usize = 3;
@@ -68,13 +69,6 @@ pub trait Source: Sync {
         blob: &Blob,
         progress: &(dyn Fn(u64) + Sync),
     ) -> impl Future<Output = Result<bool, SourceError>> + Send;
-}
-
-/// A config or layer blob of an image manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blob {
-    pub digest: Digest,
-    pub size: u64,
 }
 
 /// Why one image could not be warmed, or why the walk stopped.
@@ -259,9 +253,9 @@ async fn warm_image(
     report.digest = Some(top.digest.to_string());
     let mut blobs = Vec::new();
     match parse(&top)? {
-        Parsed::Image(b) => blobs.extend(b),
-        Parsed::Index(children) => {
-            let chosen: Vec<&Child> = children.iter().filter(|c| c.wanted(platforms)).collect();
+        Listing::Image(b) => blobs.extend(b),
+        Listing::Index(children) => {
+            let chosen: Vec<_> = children.iter().filter(|c| c.is_for(platforms)).collect();
             if chosen.is_empty() && !platforms.is_empty() {
                 let names: Vec<String> = platforms.iter().map(Platform::to_string).collect();
                 return Err(Error::NoPlatform {
@@ -279,8 +273,8 @@ async fn warm_image(
                     });
                 }
                 match parse(&m)? {
-                    Parsed::Image(b) => blobs.extend(b),
-                    Parsed::Index(_) => {
+                    Listing::Image(b) => blobs.extend(b),
+                    Listing::Index(_) => {
                         return Err(Error::InvalidManifest {
                             digest: m.digest,
                             detail: "an index inside an index".into(),
@@ -344,108 +338,18 @@ async fn fetch_manifest(
     Ok(m)
 }
 
-/// An entry of an index.
-#[derive(Debug, Clone)]
-struct Child {
-    digest: Digest,
-    platform: Option<(String, String, Option<String>)>,
-}
-
-impl Child {
-    /// Every entry when no platform is asked for; else those for one of them (an entry
-    /// without a platform, such as an attestation, is for none).
-    fn wanted(&self, platforms: &[Platform]) -> bool {
-        if platforms.is_empty() {
-            return true;
-        }
-        let Some((os, arch, variant)) = &self.platform else {
-            return false;
-        };
-        platforms
-            .iter()
-            .any(|p| p.matches(os, arch, variant.as_deref()))
-    }
-}
-
-enum Parsed {
-    Index(Vec<Child>),
-    Image(Vec<Blob>),
-}
-
-#[derive(Deserialize)]
-struct Json {
-    #[serde(rename = "mediaType")]
-    media_type: Option<String>,
-    manifests: Option<Vec<DescriptorJson>>,
-    config: Option<DescriptorJson>,
-    #[serde(default)]
-    layers: Vec<DescriptorJson>,
-}
-
-#[derive(Deserialize)]
-struct DescriptorJson {
-    digest: String,
-    size: u64,
-    platform: Option<PlatformJson>,
-}
-
-#[derive(Deserialize)]
-struct PlatformJson {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
 /// An index's entries, or an image manifest's config and layers.
-fn parse(m: &Manifest) -> Result<Parsed, Error> {
-    let invalid = |detail: String| Error::InvalidManifest {
+fn parse(m: &Manifest) -> Result<Listing, Error> {
+    Listing::parse(&m.media_type, &m.bytes).map_err(|e| Error::InvalidManifest {
         digest: m.digest.clone(),
-        detail,
-    };
-    let json: Json = serde_json::from_slice(&m.bytes).map_err(|e| invalid(e.to_string()))?;
-    let digest = |d: &DescriptorJson| {
-        d.digest
-            .parse::<Digest>()
-            .map_err(|e| invalid(e.to_string()))
-    };
-    let media_type = json.media_type.as_deref().unwrap_or(&m.media_type);
-    let is_index = matches!(media_type, media::OCI_INDEX | media::DOCKER_LIST)
-        || (json.manifests.is_some() && json.config.is_none());
-    if is_index {
-        let children = json.manifests.unwrap_or_default();
-        return children
-            .iter()
-            .map(|c| {
-                Ok(Child {
-                    digest: digest(c)?,
-                    platform: c
-                        .platform
-                        .as_ref()
-                        .map(|p| (p.os.clone(), p.architecture.clone(), p.variant.clone())),
-                })
-            })
-            .collect::<Result<_, Error>>()
-            .map(Parsed::Index);
-    }
-    let config = json
-        .config
-        .as_ref()
-        .ok_or_else(|| invalid("no config and no manifests".into()))?;
-    std::iter::once(config)
-        .chain(&json.layers)
-        .map(|d| {
-            Ok(Blob {
-                digest: digest(d)?,
-                size: d.size,
-            })
-        })
-        .collect::<Result<_, Error>>()
-        .map(Parsed::Image)
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::media;
 
     fn manifest(json: &str, media_type: &str) -> Manifest {
         Manifest {
@@ -454,36 +358,6 @@ mod tests {
             bytes: Bytes::from(json.to_owned()),
             cached: false,
         }
-    }
-
-    #[test]
-    fn an_index_lists_its_platforms_and_an_image_its_blobs() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        let index = format!(
-            r#"{{"schemaVersion":2,"manifests":[
-            {{"digest":"{a}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}},
-            {{"digest":"{b}","size":1,"platform":{{"os":"unknown","architecture":"unknown"}}}}]}}"#
-        );
-        let Parsed::Index(children) = parse(&manifest(&index, media::OCI_INDEX)).unwrap() else {
-            panic!("not an index");
-        };
-        let amd64: Platform = "linux/amd64".parse().unwrap();
-        let wanted: Vec<_> = children
-            .iter()
-            .filter(|c| c.wanted(std::slice::from_ref(&amd64)))
-            .collect();
-        assert_eq!(wanted.len(), 1);
-        assert_eq!(wanted[0].digest.to_string(), a);
-        assert_eq!(children.iter().filter(|c| c.wanted(&[])).count(), 2);
-
-        let image = format!(
-            r#"{{"schemaVersion":2,"config":{{"digest":"{a}","size":3}},"layers":[{{"digest":"{b}","size":5}}]}}"#
-        );
-        let Parsed::Image(blobs) = parse(&manifest(&image, media::OCI_MANIFEST)).unwrap() else {
-            panic!("not an image");
-        };
-        assert_eq!(blobs.iter().map(|b| b.size).sum::<u64>(), 8);
     }
 
     #[test]

@@ -143,6 +143,10 @@ same("cache entries", page.by_id.get("cache-entries"), s["cache"]["entries"])
 same("downloads in flight", page.by_id.get("inflight"), len(s["downloads"]))
 same("downloads", page.downloads, [(d["digest"], d["written"]) for d in s["downloads"]])
 same("the held layer", page.downloads, [(layer, 1 << 20)])
+for shown, key in [("started", "started"), ("held", "held"), ("in-flight", "in_flight"),
+                   ("failed", "failed"), ("no-space", "no_space"), ("skipped", "skipped"),
+                   ("queued", "queued"), ("running", "running")]:
+    same("prefetch " + key, page.by_id.get("prefetch-" + shown), s["prefetch"][key])
 same("upstreams", page.upstreams,
      [(u["name"], str(u["remaining"]), str(u["limit"])) for u in s["upstreams"]])
 same("pull budget", page.upstreams[0][1:] if page.upstreams else None, ("97", "100"))

@@ -45,10 +45,13 @@ pub struct TestMirror {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// A config for tests: `upstream_url` as docker.io, fast timeouts.
+/// A config for tests: `upstream_url` as docker.io, fast timeouts, no prefetch.
 pub fn test_config(upstream_url: &str, dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.storage.dir = dir.to_owned();
+    // Off: these tests count the upstream requests each client request costs, which prefetch's
+    // background downloads would race with. tests/prefetch.rs turns it on.
+    config.cache.prefetch_concurrency = 0;
     config.server.shutdown_grace = Duration::from_secs(5);
     let up = config.upstreams.get_mut(DOCKER_HUB).unwrap();
     up.url = upstream_url.to_owned();
