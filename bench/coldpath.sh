@@ -28,8 +28,9 @@
 # Systems: "pullthrough" is this checkout's release build (or PULLTHROUGH_BIN); "previous" is
 # PREVIOUS_BIN, else a release build of PREVIOUS_REF (default main) made from `git archive`
 # with its own cargo target dir (target/previous/, the binary kept there by commit).
-# --quick: blobs a quarter of the size, 1 run. --save DIR: copies the results and the report
-# to DIR. Env: BENCH_KEEP=1 keeps the temp dir with all logs.
+# --quick: 64 MiB blobs for the range and stream rows, layers a quarter of the size, 1 run.
+# --save DIR: copies the results and the report to DIR. Env: BENCH_KEEP=1 keeps the temp dir
+# with all logs.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -65,7 +66,7 @@ parse_args() {
     shift
   done
   if [ -n "$QUICK" ]; then
-    RANGE_SIZE=32MiB STREAM_SIZE=64MiB
+    RANGE_SIZE=64MiB STREAM_SIZE=64MiB
     LAYERS="12MiB 3MiB 64KiB 8MiB 1MiB 256KiB 6MiB 2MiB 128KiB 4MiB 512KiB 1536KiB"
   fi
   RUNS=${RUNS:-$([ -n "$QUICK" ] && echo 1 || echo 3)}

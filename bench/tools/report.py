@@ -643,11 +643,12 @@ def coldpath(res):
                   "up. ranges", "up. bytes / blob", "allowed", "one full body per blob"]
         crowd_rows = []
         for row in rows:
-            for sys_ in systems:
+            for k, sys_ in enumerate(systems):
+                label = "" if k else labels[row]
                 c = cold_client(res, row, sys_, "crowd")
                 u = cold_upstream(load(f"{res}/{row}-{sys_}-crowd.upstream.json"), blobs[row])
                 if not c:
-                    crowd_rows.append([labels[row], sys_, "no result"] + [""] * 9)
+                    crowd_rows.append([label, sys_, "no result"] + [""] * 9)
                     continue
                 s = c["summary"]
                 ones = [cold_client(res, row, sys_, f"run{i}") for i in range(1, runs + 1)]
@@ -655,7 +656,7 @@ def coldpath(res):
                 allowed = 1.1 * size[row] + c["requested_range_bytes"]
                 good = u["bytes"] <= allowed and u["full_max"] <= 1 and u["quiet"] and s["ok"] == s["clients"]
                 verdicts[sys_].append((row, f"{n} clients", good, u["bytes"] / size[row]))
-                crowd_rows.append([labels[row], sys_, f"{s['ok']}/{s['clients']}", f"{s['wall_max']:.3f}",
+                crowd_rows.append([label, sys_, f"{s['ok']}/{s['clients']}", f"{s['wall_max']:.3f}",
                                    f"{s['wall_median']:.3f}", f"{s['wall_max'] / one:.2f}" if one else "-", u["full"],
                                    u["full_max"], u["ranged"], f"{'' if u['quiet'] else '>='}{u['bytes'] / size[row]:.2f}",
                                    f"{allowed / size[row]:.2f}", verdict(good)])

@@ -14,7 +14,8 @@ a Content-Length.
 A remote registry over a long round trip (for the cold-path benchmark): --conn-rate caps the
 response bodies of each client connection on its own at that many bytes/s (as TCP over a long
 RTT caps each connection, so that N connections get N times the bandwidth), on top of the shared
---rate; --latency-ms delays every request by that much before it is forwarded, one round trip
+--rate (a body that fell behind its cap, on a busy machine, catches up by at most 256 KiB, so
+the cap holds on average instead of being lost); --latency-ms delays every request by that much before it is forwarded, one round trip
 before the response headers (a fixed delay per request: the slower TCP ramp-up of a real long
 round trip is not emulated).
 
@@ -37,6 +38,7 @@ import argparse, asyncio, json, random, re, time
 
 HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 SLOT = 64 * 1024
+CONN_BURST = 4 * SLOT  # how far a connection's body may catch up on its cap after a late turn
 
 
 def parse_size(v):
@@ -47,18 +49,24 @@ def parse_size(v):
 
 
 class Bucket:
-    """Shared cap: each caller reserves the next free time slot for its bytes, then sleeps."""
-    def __init__(self, rate):
-        self.rate, self.next = rate, time.monotonic()
+    """A cap: each caller reserves the next free time slot for its bytes, then sleeps. With a
+    burst, a sender that fell behind its slots (scheduled late on a busy machine) may catch up
+    by that many bytes, so the cap is kept on average rather than lost; `restart` (at the start
+    of a response) drops what was left over while idle."""
+    def __init__(self, rate, burst=0):
+        self.rate, self.next, self.lag = rate, time.monotonic(), (burst / rate if rate else 0.0)
+
+    def restart(self):
+        self.next = max(self.next, time.monotonic())
 
     def reserve(self, n):
         """Books the next free slot for n bytes; returns how long to wait for it (s)."""
         if not self.rate:
             return 0.0
         now = time.monotonic()
-        start = max(now, self.next)
+        start = max(now - self.lag, self.next)
         self.next = start + n / self.rate
-        return start - now
+        return max(0.0, start - now)
 
     async def take(self, n):
         wait = self.reserve(n)
@@ -101,7 +109,7 @@ class Proxy:
         return "429" if x < self.r429 else "cut" if x < self.r429 + self.cut else None
 
     async def client(self, reader, writer):
-        up, own = [], Bucket(self.conn_rate)  # up: the connection to the upstream, once opened
+        up, own = [], Bucket(self.conn_rate, CONN_BURST)  # up: the connection to the upstream, once opened
         try:
             while True:
                 req = await read_head(reader)
@@ -172,6 +180,8 @@ class Proxy:
             rg["status"][str(status)] = rg["status"].get(str(status), 0) + 1
             counters.append(rg)
         buckets = [self.bucket] + ([own] if own else [])
+        if own:
+            own.restart()
         chunked = "chunked" in rheaders.get("transfer-encoding", "").lower()
         if method == "HEAD" or status in (204, 304) or status < 200:
             length = 0
