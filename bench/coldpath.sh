@@ -91,7 +91,7 @@ build_previous() {
   [ -x "$PREV_BIN" ] && { log "previous: $PREV_BIN"; return; }
   log "previous: building $ref ($sha) from git archive, cargo target dir target/previous"
   mkdir -p "$RUN/previous-src"
-  git -C "$ROOT" archive "$sha" | tar -x -C "$RUN/previous-src"
+  git -C "$ROOT" archive "$sha" | tar -x -m -C "$RUN/previous-src"  # -m: newer than any build
   (cd "$RUN/previous-src" && cargo build --release --quiet --target-dir "$ROOT/target/previous") >&2 ||
     die "cargo build of $ref failed"
   cp "$ROOT/target/previous/release/pullthrough" "$PREV_BIN"
