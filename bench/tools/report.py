@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Prints the result tables of bench/singleflight.sh, hotpath.sh, soak.sh and cluster.sh
-(stdlib only).
+"""Prints the result tables of bench/singleflight.sh, hotpath.sh, soak.sh, cluster.sh and
+coldpath.sh (stdlib only).
 
     report.py singleflight RESULTS_DIR
     report.py hotpath RESULTS_DIR
     report.py soak RESULTS_DIR
     report.py cluster RESULTS_DIR
+    report.py coldpath RESULTS_DIR
 
 Reads the JSON files the scripts leave in RESULTS_DIR and prints a plain-text table with the
 ratios against the references measured in the same run, then how each target fared.
@@ -530,10 +531,158 @@ def cluster(res):
         print(f"  peak RSS per replica < 64 MiB: {verdict(max(rss) < 64 * 1024)} ({max(rss) / 1024:.1f} MiB)")
 
 
+# ---------------------------------------------------------------- cold path
+
+COLD_ROWS = {  # row: (label, target of the mirror's time over the direct time)
+    "tail": ("64 KiB at the end of a cold {r} blob", 1.5),
+    "stargz": ("stargz-like sequence on a cold {r} blob", 1.5),
+    "quarters": ("4 parallel ranges of a cold {r} blob", 1.1),
+    "stream": ("one stream, cold {s} blob", 0.5),
+    "image": ("12-layer image ({i}), 3 layers at a time", 0.6),
+}
+COLD_NAMES = {"pullthrough": "pullthrough", "previous": "previous"}
+
+
+def mib(n):
+    return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"
+
+
+def cold_blobs(res):
+    """{row: {blob path: size}}: the blobs each row reads, from the seed files."""
+    b, i = load(f"{res}/seed-blobs.json"), load(f"{res}/seed-image.json")
+    path = lambda seed, digest: f"GET /v2/{seed['repo']}/blobs/{digest}"
+    rng = {path(b, b["blobs"]["range"]["digest"]): b["blobs"]["range"]["size"]}
+    image = {path(i, x["digest"]): x["size"] for x in i["blobs"].values()}
+    cfg = load(f"{res}/image-manifest.json")["config"]
+    image[path(i, cfg["digest"])] = cfg["size"]
+    return {"tail": rng, "stargz": rng, "quarters": rng, "image": image,
+            "stream": {path(b, b["blobs"]["stream"]["digest"]): b["blobs"]["stream"]["size"]}}
+
+
+def cold_upstream(stats, blobs):
+    """What the upstream sent for these blobs: body bytes, whole 200 bodies (most of any one
+    blob), ranged GETs, and the other requests; and whether it was quiet when read."""
+    paths = (stats or {}).get("paths", {})
+    sent = sum(paths.get(p, {}).get("bytes", 0) for p in blobs)
+    full = [paths.get(p, {}).get("full", 0) for p in blobs]
+    ranged = sum(sum(r["requests"] for r in paths.get(p, {}).get("ranges", {}).values()) for p in blobs)
+    other = sum(v["requests"] for k, v in paths.items() if k not in blobs)
+    return {"bytes": sent, "full": sum(full), "full_max": max(full) if full else 0, "ranged": ranged,
+            "other": other, "quiet": (stats or {}).get("quiet", False)}
+
+
+def cold_client(res, row, system, tag):
+    c = load(f"{res}/{row}-{system}-{tag}.client.json")
+    return c if c and "summary" in c else None
+
+
+def coldpath(res):
+    run = load(f"{res}/run.json")
+    runs, systems, rows = run["runs"], run["systems"].split(), run["rows"].split()
+    blobs = cold_blobs(res)
+    size = {row: sum(b.values()) for row, b in blobs.items()}
+    labels = {row: COLD_ROWS[row][0].format(r=mib(size["tail"]), s=mib(size["stream"]), i=mib(size["image"]))
+              for row in rows}
+    print(f"\ncold path: the upstream caps each connection at {run['conn_rate'] / MiB:.0f} MiB/s and delays every "
+          f"request by {run['latency_ms']:g} ms; median of {runs} run(s), each mirror run on a fresh process and an "
+          f"empty cache; {os.cpu_count()} CPUs")
+    for sys_ in systems:
+        print(f"{sys_}: {run['binaries'].get(sys_) or '-'}")
+    other_load(res)
+    notes, verdicts = [], {s: [] for s in systems}
+    header = ["row", "system", "direct s", "mirror s", "ratio", "target", "verdict", "up. bytes / blob",
+              "allowed", "up. 200s", "up. ranges", "up. other", "ok"]
+    table_rows = []
+    med = lambda xs: statistics.median(xs) if xs else None
+    for row in rows:
+        label, target = COLD_ROWS[row]
+        direct = [cold_client(res, row, "direct", f"run{i}") for i in range(1, runs + 1)]
+        d_ok = [c["summary"]["wall_max"] for c in direct if c and c["summary"]["ok"] == c["summary"]["clients"]]
+        d = med(d_ok)
+        table_rows.append([labels[row], "direct", f"{d:.3f}" if d else "-", "", "", "", "", "", "", "", "", "",
+                           f"{len(d_ok)}/{runs}"])
+        for sys_ in systems:
+            cs = [cold_client(res, row, sys_, f"run{i}") for i in range(1, runs + 1)]
+            ups = [cold_upstream(load(f"{res}/{row}-{sys_}-run{i}.upstream.json"), blobs[row]) for i in range(1, runs + 1)]
+            ok = [c["summary"]["wall_max"] for c in cs if c and c["summary"]["ok"] == c["summary"]["clients"]]
+            m = med(ok)
+            ratio = m / d if m and d else None
+            asked = max((c["requested_range_bytes"] for c in cs if c), default=0)
+            allowed = 1.1 * size[row] + asked
+            worst = max(u["bytes"] for u in ups)
+            busy = not all(u["quiet"] for u in ups)
+            good = ratio is not None and ratio <= target and len(ok) == runs
+            verdicts[sys_].append((row, "time", good, ratio))
+            verdicts[sys_].append((row, "bytes", worst <= allowed and not busy, worst / size[row]))
+            table_rows.append(["", COLD_NAMES[sys_], "", f"{m:.3f}" if m else "-", f"{ratio:.2f}" if ratio else "-",
+                               f"<= {target}", verdict(good), f"{'>=' if busy else ''}{worst / size[row]:.2f}",
+                               f"{allowed / size[row]:.2f}", max(u["full"] for u in ups),
+                               max(u["ranged"] for u in ups), max(u["other"] for u in ups), f"{len(ok)}/{runs}"])
+            answers = {}
+            for c in cs:
+                for k, v in (c["summary"]["answers"] if c else {}).items():
+                    answers[k] = answers.get(k, 0) + v
+            if any(k.startswith("200 whole") or "one range for several" in k for k in answers):
+                notes.append(f"{row}, {sys_}: answers over the runs: "
+                             + ", ".join(f"{k}: {v}" for k, v in sorted(answers.items()))
+                             + " (a 200 with the whole blob to a Range request is correct but slow)")
+            errs = sorted({e for c in cs if c for e in c["summary"]["errors"]} | {"no result" for c in cs if not c})
+            if errs:
+                notes.append(f"{row}, {sys_}: client errors: {', '.join(errs)}")
+            if busy:
+                notes.append(f"{row}, {sys_}: the upstream was still sending when its counters were read "
+                             "(bytes are lower bounds)")
+    print()
+    print(table(header, table_rows, left=2))
+    print("ratio = mirror's median / direct's median; up. = the upstream's answers for the row's blobs (the worst "
+          "run): body bytes over the blobs' size, allowed = 1.1 + the ranges the client asked; 200s = whole "
+          "bodies sent; ranges = Range GETs; other = other requests (manifests, /v2/ ...)")
+    if run["crowd"]:
+        n = run["crowd"]
+        header = ["row", "system", "ok", "slowest s", "median s", "vs 1 client", "up. 200s", "most of one blob",
+                  "up. ranges", "up. bytes / blob", "allowed", "one full body per blob"]
+        crowd_rows = []
+        for row in rows:
+            for k, sys_ in enumerate(systems):
+                label = "" if k else labels[row]
+                c = cold_client(res, row, sys_, "crowd")
+                u = cold_upstream(load(f"{res}/{row}-{sys_}-crowd.upstream.json"), blobs[row])
+                if not c:
+                    crowd_rows.append([label, sys_, "no result"] + [""] * 9)
+                    continue
+                s = c["summary"]
+                ones = [cold_client(res, row, sys_, f"run{i}") for i in range(1, runs + 1)]
+                one = med([o["summary"]["wall_max"] for o in ones if o and o["summary"]["ok"]])
+                allowed = 1.1 * size[row] + c["requested_range_bytes"]
+                good = u["bytes"] <= allowed and u["full_max"] <= 1 and u["quiet"] and s["ok"] == s["clients"]
+                verdicts[sys_].append((row, f"{n} clients", good, u["bytes"] / size[row]))
+                crowd_rows.append([label, sys_, f"{s['ok']}/{s['clients']}", f"{s['wall_max']:.3f}",
+                                   f"{s['wall_median']:.3f}", f"{s['wall_max'] / one:.2f}" if one else "-", u["full"],
+                                   u["full_max"], u["ranged"], f"{'' if u['quiet'] else '>='}{u['bytes'] / size[row]:.2f}",
+                                   f"{allowed / size[row]:.2f}", verdict(good)])
+                if s["errors"]:
+                    notes.append(f"{row}, {sys_}, {n} clients: errors: {', '.join(s['errors'])}")
+        print(f"\n{n} clients at once, each doing the row's action, on a cold mirror:")
+        print(table(header, crowd_rows, left=2))
+        print("vs 1 client: the slowest of them over the 1-client median; allowed = 1.1 + one client's ranges; "
+              "most of one blob = the most whole bodies the upstream sent of any one blob (target: 1)")
+    for note in notes:
+        print("note: " + note)
+    print("targets:")
+    for sys_ in systems:
+        t = [v for v in verdicts[sys_] if v[1] == "time"]
+        b = [v for v in verdicts[sys_] if v[1] == "bytes"]
+        c = [v for v in verdicts[sys_] if v[1] not in ("time", "bytes")]
+        print(f"  {sys_}: times {sum(v[2] for v in t)}/{len(t)} meet their target; upstream bytes within "
+              f"1.1 x + ranges asked: {sum(v[2] for v in b)}/{len(b)} rows"
+              + (f"; one full body per blob with {run['crowd']} clients: {sum(v[2] for v in c)}/{len(c)} rows" if c else ""))
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath", "soak", "cluster"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("singleflight", "hotpath", "soak", "cluster", "coldpath"):
         sys.exit(__doc__)
-    {"singleflight": singleflight, "hotpath": hotpath, "soak": soak, "cluster": cluster}[sys.argv[1]](sys.argv[2])
+    {"singleflight": singleflight, "hotpath": hotpath, "soak": soak, "cluster": cluster,
+     "coldpath": coldpath}[sys.argv[1]](sys.argv[2])
 
 
 if __name__ == "__main__":
