@@ -101,7 +101,14 @@ async fn a_range_of_a_blob_another_replica_is_downloading_comes_before_the_downl
     let body = pseudo_random(4 * MIB, 3);
     let digest = up.add_blob(body.clone());
     up.behave(|b| b.hold_first_bytes_after = Some(MIB as u64 / 4));
-    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    // The held download is never resumed while the test runs: only the range can answer.
+    let patient = |c: &mut pullthrough::Config| {
+        c.upstreams.get_mut("docker.io").unwrap().idle_timeout = Duration::from_secs(120);
+    };
+    let (a, b) = (
+        fleet.replica_with(patient).await,
+        fleet.replica_with(patient).await,
+    );
     let path = blob_path(&digest);
     // Replica a holds the lease and its download is held a quarter of a MiB in.
     let leader = a.get(&path).send().await.unwrap();
