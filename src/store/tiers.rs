@@ -195,13 +195,14 @@ impl<U: BlobWrite> TierWriter<U> {
         if let Err(e) = upload.write(chunk).await {
             tracing::warn!(error = %e, "the shared-tier copy is given up; the blob stays local");
             if let Some(upload) = self.upload.take() {
-                Box::new(upload).abort().await;
+                abort_behind(upload);
             }
         }
     }
 
     /// Verifies and commits the local copy; the upload comes back for the caller to complete
-    /// (after its lease fence) only when the bytes verified, and is aborted otherwise.
+    /// (after its lease fence) only when the bytes verified, and is aborted otherwise (in the
+    /// background: the download's verdict does not wait on the shared tier).
     pub async fn finish(self, digest: &Digest, size: u64) -> (io::Result<Finished>, Option<U>) {
         let finished = self.local.finish(digest, size).await;
         let kept = matches!(
@@ -210,7 +211,7 @@ impl<U: BlobWrite> TierWriter<U> {
         );
         match self.upload {
             Some(upload) if !kept => {
-                Box::new(upload).abort().await;
+                abort_behind(upload);
                 (finished, None)
             }
             upload => (finished, upload),
@@ -227,6 +228,11 @@ impl<U: BlobWrite> TierWriter<U> {
         };
         futures_util::join!(self.local.abort(), upload);
     }
+}
+
+/// Aborts `upload` in its own task (its wait is bounded by the tier).
+fn abort_behind(upload: impl BlobWrite) {
+    tokio::spawn(Box::new(upload).abort());
 }
 
 #[cfg(test)]
@@ -339,7 +345,9 @@ mod tests {
         let (finished, upload) = writer.finish(&digest, size).await;
         assert!(matches!(finished, Ok(Finished::Mismatch { .. })));
         assert!(upload.is_none());
-        assert_eq!(store.uploads().aborted, 1);
+        store
+            .wait_until("the upload is aborted", |u| u.aborted == 1)
+            .await;
 
         // The blob: the upload comes back, and is completed through the seam.
         let mut writer = tiers.writer(&digest, true).await.unwrap();
