@@ -192,14 +192,24 @@ fn checked(opening: Opening, size: u64) -> Chunks {
 }
 
 impl Source {
-    /// `start..end` of a `size`-byte blob: from the shared tier when it holds the blob, else
-    /// from the upstream.
+    /// `start..end` of a `size`-byte blob: from the shared tier when it holds the blob (one
+    /// ranged request, through its handle) and answers, else from the upstream.
     async fn range(&self, start: u64, end: u64, size: u64) -> io::Result<(u64, Chunks)> {
-        if let Some(blob) = self.tiers.shared_blob(&self.digest, start).await {
-            if blob.size == size {
-                self.metrics.early_range(Tier::Shared);
-                let chunks = limit(blob.chunks.map_err(io::Error::other).boxed(), end - start);
-                return Ok((size, chunks));
+        if let Some(blob) = self.tiers.shared_handle(&self.digest).await {
+            if blob.size() == size {
+                let mut chunks = blob.stream(start, end - start);
+                // Its first chunk decides: a shared tier that does not answer is passed over.
+                match chunks.next().await {
+                    Some(Ok(first)) => {
+                        self.metrics.early_range(Tier::Shared);
+                        let chunks = stream::once(async move { Ok(first) }).chain(chunks);
+                        return Ok((size, chunks.boxed()));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(digest = %self.digest, error = %e, "the shared tier did not answer a range; asking the upstream");
+                    }
+                    None => return Ok((size, stream::empty().boxed())),
+                }
             }
         }
         let spec = Spec::From {
@@ -235,27 +245,6 @@ impl Source {
         .boxed();
         Ok((answered, chunks))
     }
-}
-
-/// The first `len` bytes of `chunks`.
-fn limit(chunks: Chunks, len: u64) -> Chunks {
-    stream::try_unfold((chunks, len), |(mut chunks, left)| async move {
-        if left == 0 {
-            return Ok(None);
-        }
-        match chunks.next().await.transpose()? {
-            Some(c) => {
-                let c = c.slice(..c.len().min(left as usize));
-                let n = c.len() as u64;
-                Ok(Some((c, (chunks, left - n))))
-            }
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the shared tier's body ended early",
-            )),
-        }
-    })
-    .boxed()
 }
 
 /// Whether `progress` has the byte at `pos` or is about to.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, StreamExt};
 use tokio::sync::watch;
 
 use super::coverage::Spans;
@@ -62,12 +63,39 @@ pub enum Failed {
     Abandoned,
 }
 
-/// Random access to a blob's bytes: what a storage tier implements.
-pub trait BlobRead: Send + Sync {
+/// How much the default [`BlobRead::stream`] reads per [`BlobRead::read_at`].
+pub const STREAM_CHUNK: usize = 256 * 1024;
+
+/// Random access to a blob's bytes: what each storage tier implements (the local disk's
+/// [`LocalFile`], the shared tier's object in `shared::SharedBlob`).
+pub trait BlobRead: Send + Sync + 'static {
     /// The local file, where the tier has one.
     fn file(&self) -> Option<&Arc<File>>;
     /// `len` bytes from `offset`; an error if the blob ends before.
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'static, io::Result<Bytes>>;
+    /// The `len` bytes from `offset`, in chunks, ending with an error if the blob ends before.
+    /// By default, one [`BlobRead::read_at`] of at most [`STREAM_CHUNK`] bytes per chunk, as
+    /// the stream is read; a tier whose every read is a request overrides it with one
+    /// request streamed in chunks.
+    fn stream(self: Arc<Self>, offset: u64, len: u64) -> BoxStream<'static, io::Result<Bytes>> {
+        let end = offset.saturating_add(len);
+        stream::try_unfold((self, offset), move |(reader, pos)| async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let want = (end - pos).min(STREAM_CHUNK as u64) as usize;
+            let chunk = reader.read_at(pos, want).await?;
+            if chunk.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the blob ended at {pos}, before {end}"),
+                ));
+            }
+            let next = pos + chunk.len() as u64;
+            Ok(Some((chunk, (reader, next))))
+        })
+        .boxed()
+    }
 }
 
 /// A blob on the local disk (committed, or a download's temp file).
@@ -99,8 +127,8 @@ pub struct BlobHandle {
 }
 
 impl BlobHandle {
-    /// A complete blob; `verified` is false for one found on disk at start-up and not yet
-    /// hashed by this process.
+    /// A complete blob; `verified` is false for one not yet hashed by this process (found on
+    /// disk at start-up, or the shared tier's object).
     pub fn complete(reader: Arc<dyn BlobRead>, size: u64, verified: bool) -> BlobHandle {
         BlobHandle {
             reader,
@@ -143,6 +171,14 @@ impl BlobHandle {
         self
     }
 
+    /// The `len` bytes from `offset`, through the tier's [`BlobRead::stream`] (one request
+    /// for a tier whose reads are requests). It reads what is there, without following a
+    /// writer: for a complete handle (one still written is read by `handlers::body`), and,
+    /// for an unverified one, for a range (a whole blob is served only once hashed).
+    pub fn stream(&self, offset: u64, len: u64) -> BoxStream<'static, io::Result<Bytes>> {
+        self.reader.clone().stream(offset, len)
+    }
+
     /// Where the writer is now (`None`: every byte is there and verified).
     pub fn progress(&self) -> Option<Progress> {
         self.progress.as_ref().map(|rx| rx.borrow().clone())
@@ -151,5 +187,73 @@ impl BlobHandle {
     /// The reader and the progress to follow (`None`: every byte is there and verified).
     pub fn into_parts(self) -> (Arc<dyn BlobRead>, Option<watch::Receiver<Progress>>) {
         (self.reader, self.progress)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::TryStreamExt;
+
+    use super::*;
+
+    /// A blob in memory, counting its reads.
+    struct Counted {
+        bytes: Bytes,
+        reads: AtomicUsize,
+    }
+
+    impl BlobRead for Counted {
+        fn file(&self) -> Option<&Arc<File>> {
+            None
+        }
+
+        fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'static, io::Result<Bytes>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let end = offset as usize + len;
+            let read = if end <= self.bytes.len() {
+                Ok(self.bytes.slice(offset as usize..end))
+            } else {
+                Err(io::Error::from(io::ErrorKind::UnexpectedEof))
+            };
+            Box::pin(async move { read })
+        }
+    }
+
+    fn counted(len: usize) -> Arc<Counted> {
+        Arc::new(Counted {
+            bytes: (0..len).map(|i| (i % 251) as u8).collect(),
+            reads: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_default_stream_reads_a_range_in_bounded_chunks_as_it_is_read() {
+        let blob = counted(3 * STREAM_CHUNK);
+        let len = 2 * STREAM_CHUNK as u64 + 10;
+        let chunks = blob.clone().stream(7, len);
+        assert_eq!(
+            blob.reads.load(Ordering::SeqCst),
+            0,
+            "nothing read before asked"
+        );
+        let chunks: Vec<Bytes> = chunks.try_collect().await.unwrap();
+        assert_eq!(
+            chunks.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [STREAM_CHUNK, STREAM_CHUNK, 10]
+        );
+        assert_eq!(chunks.concat(), blob.bytes[7..7 + len as usize]);
+        assert_eq!(blob.reads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn the_default_stream_fails_past_the_blobs_end() {
+        let blob = counted(1000);
+        let read: Result<Vec<Bytes>, _> = blob.clone().stream(995, 10).try_collect().await;
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let handle = BlobHandle::complete(blob, 1000, true);
+        let none: Vec<Bytes> = handle.stream(10, 0).try_collect().await.unwrap();
+        assert!(none.is_empty());
     }
 }

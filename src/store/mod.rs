@@ -26,6 +26,8 @@ pub mod manifests;
 pub mod s3;
 pub mod shared;
 pub mod tags;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tier;
 pub mod tiers;
 pub mod writer;

@@ -35,6 +35,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most one part of an upload (or its completion) may take.
 const PART_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most an explicit abort waits for the upload's task: it may be waiting on a part before
+/// it reads the abort, then asks the store to drop the parts.
+const ABORT_WAIT: Duration = PART_TIMEOUT.saturating_add(REQUEST_TIMEOUT);
 /// While the store is down, it is asked this often in the background whether it is back;
 /// requests meanwhile skip it at once (reads answer "not here", so the upstream answers).
 const REPROBE: Duration = Duration::from_secs(5);
@@ -195,11 +198,21 @@ impl S3 {
         }
     }
 
-    /// The blob `digest` from `offset` on, or `None` when the tier does not hold it.
-    async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<BlobStream>, Error> {
+    /// The bytes `from..to` of the blob `digest` (to its end without `to`), in one GET, or
+    /// `None` when the tier does not hold it.
+    async fn blob(
+        &self,
+        digest: &Digest,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<Option<BlobStream>, Error> {
         let path = Path::from(object_name(Kind::Blob, digest));
+        let range = match to {
+            Some(to) => Some(GetRange::Bounded(from..to)),
+            None => (from > 0).then_some(GetRange::Offset(from)),
+        };
         let options = GetOptions {
-            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            range,
             ..GetOptions::default()
         };
         let got = self.ask(
@@ -304,6 +317,8 @@ impl S3 {
 enum Msg {
     Chunk(Bytes),
     Complete(oneshot::Sender<Result<(), Error>>),
+    /// Give the upload up; answered once the store was asked to drop its parts.
+    Abort(oneshot::Sender<()>),
 }
 
 /// The blob upload in progress: bytes go to a task that sends them as parts.
@@ -346,6 +361,24 @@ impl Upload {
         // The task bounds each of its requests, so it answers.
         answer.await.unwrap_or(Err(Error::UploadFailed))
     }
+
+    /// Gives the upload up and waits (at most [`ABORT_WAIT`]) until the store was asked to
+    /// drop its parts. An upload that failed or never started has nothing left to abort (its
+    /// task aborted it, or does so as the channel closes).
+    async fn abort(mut self) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        let (reply, done) = oneshot::channel();
+        let told = tokio::time::timeout(ABORT_WAIT, async move {
+            if tx.send(Msg::Abort(reply)).await.is_ok() {
+                let _ = done.await;
+            }
+        });
+        if told.await.is_err() {
+            tracing::debug!("a shared-tier upload's abort goes on in the background");
+        }
+    }
 }
 
 async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Receiver<Msg>) {
@@ -365,7 +398,7 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
     let mut part_len = 0usize;
     let mut sent = 0usize;
     let mut in_flight = FuturesUnordered::new();
-    let failed = loop {
+    let (failed, aborted) = loop {
         match rx.recv().await {
             Some(Msg::Chunk(chunk)) => {
                 part_len += chunk.len();
@@ -379,7 +412,7 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
                 part_len = 0;
                 if in_flight.len() >= PARTS_IN_FLIGHT {
                     if let Some(Err(e)) = in_flight.next().await {
-                        break Some(e);
+                        break (Some(e), None);
                     }
                 }
             }
@@ -407,8 +440,9 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
                 let _ = reply.send(result);
                 return;
             }
+            Some(Msg::Abort(reply)) => break (None, Some(reply)),
             // The download was not verified, failed, or lost its lease: nothing is published.
-            None => break None,
+            None => break (None, None),
         }
     };
     drop(in_flight);
@@ -418,16 +452,20 @@ async fn run_upload(store: Arc<dyn ObjectStore>, path: Path, mut rx: mpsc::Recei
     if let Err(e) = within("an upload's abort", REQUEST_TIMEOUT, upload.abort()).await {
         tracing::debug!(object = %path, error = %e, "cannot abort a shared-tier upload");
     }
+    if let Some(reply) = aborted {
+        let _ = reply.send(());
+    }
 }
 
 impl Backend for S3 {
     fn blob(
         &self,
         digest: &Digest,
-        offset: u64,
+        from: u64,
+        to: Option<u64>,
     ) -> BoxFuture<'_, Result<Option<BlobStream>, Error>> {
         let digest = digest.clone();
-        Box::pin(async move { S3::blob(self, &digest, offset).await })
+        Box::pin(async move { S3::blob(self, &digest, from, to).await })
     }
 
     fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, Result<Option<u64>, Error>> {
@@ -475,162 +513,21 @@ impl PartUpload for Upload {
     fn complete(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(Upload::complete(*self))
     }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(Upload::abort(*self))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::{Recording, Uploads};
     use object_store::memory::InMemory;
-    use object_store::{
-        ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions, PutOptions, PutResult,
-        UploadPart,
-    };
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::sync::watch;
+    use std::sync::atomic::Ordering;
 
     fn tier() -> S3 {
         S3::over(Arc::new(InMemory::new()))
-    }
-
-    /// The multipart uploads a [`Recording`] store saw.
-    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-    struct Uploads {
-        started: usize,
-        completed: usize,
-        aborted: usize,
-    }
-
-    /// The in-memory store, counting multipart uploads started, completed and aborted (an
-    /// upload neither completed nor aborted is one S3 keeps, and bills, forever), and failing
-    /// every part when `fail_parts` is set.
-    #[derive(Debug)]
-    struct Recording {
-        inner: InMemory,
-        uploads: Arc<watch::Sender<Uploads>>,
-        fail_parts: Arc<AtomicBool>,
-    }
-
-    impl Recording {
-        fn new() -> Arc<Recording> {
-            Arc::new(Recording {
-                inner: InMemory::new(),
-                uploads: Arc::new(watch::Sender::new(Uploads::default())),
-                fail_parts: Arc::new(AtomicBool::new(false)),
-            })
-        }
-
-        fn uploads(&self) -> Uploads {
-            *self.uploads.borrow()
-        }
-
-        /// Waits (in virtual time, so a wait that cannot end fails at once) until `done` holds
-        /// of the uploads seen.
-        async fn wait_until(&self, what: &str, done: impl FnMut(&Uploads) -> bool) {
-            let mut seen = self.uploads.subscribe();
-            let waited = tokio::time::timeout(Duration::from_secs(60), seen.wait_for(done)).await;
-            assert!(waited.is_ok(), "{what}: {:?}", self.uploads());
-        }
-    }
-
-    impl std::fmt::Display for Recording {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "Recording({})", self.inner)
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for Recording {
-        async fn put_opts(
-            &self,
-            location: &Path,
-            payload: PutPayload,
-            opts: PutOptions,
-        ) -> object_store::Result<PutResult> {
-            self.inner.put_opts(location, payload, opts).await
-        }
-
-        async fn put_multipart_opts(
-            &self,
-            location: &Path,
-            opts: PutMultipartOptions,
-        ) -> object_store::Result<Box<dyn MultipartUpload>> {
-            let inner = self.inner.put_multipart_opts(location, opts).await?;
-            self.uploads.send_modify(|u| u.started += 1);
-            Ok(Box::new(RecordingUpload {
-                inner,
-                uploads: self.uploads.clone(),
-                fail_parts: self.fail_parts.clone(),
-            }))
-        }
-
-        async fn get_opts(
-            &self,
-            location: &Path,
-            options: GetOptions,
-        ) -> object_store::Result<object_store::GetResult> {
-            self.inner.get_opts(location, options).await
-        }
-
-        async fn delete(&self, location: &Path) -> object_store::Result<()> {
-            self.inner.delete(location).await
-        }
-
-        fn list(
-            &self,
-            prefix: Option<&Path>,
-        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-            self.inner.list(prefix)
-        }
-
-        async fn list_with_delimiter(
-            &self,
-            prefix: Option<&Path>,
-        ) -> object_store::Result<ListResult> {
-            self.inner.list_with_delimiter(prefix).await
-        }
-
-        async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
-            self.inner.copy(from, to).await
-        }
-
-        async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
-            self.inner.copy_if_not_exists(from, to).await
-        }
-    }
-
-    #[derive(Debug)]
-    struct RecordingUpload {
-        inner: Box<dyn MultipartUpload>,
-        uploads: Arc<watch::Sender<Uploads>>,
-        fail_parts: Arc<AtomicBool>,
-    }
-
-    #[async_trait::async_trait]
-    impl MultipartUpload for RecordingUpload {
-        fn put_part(&mut self, data: PutPayload) -> UploadPart {
-            if self.fail_parts.load(Ordering::SeqCst) {
-                return Box::pin(async {
-                    Err(object_store::Error::Generic {
-                        store: "recording",
-                        source: "injected part failure".into(),
-                    })
-                });
-            }
-            self.inner.put_part(data)
-        }
-
-        async fn complete(&mut self) -> object_store::Result<PutResult> {
-            let done = self.inner.complete().await;
-            if done.is_ok() {
-                self.uploads.send_modify(|u| u.completed += 1);
-            }
-            done
-        }
-
-        async fn abort(&mut self) -> object_store::Result<()> {
-            self.uploads.send_modify(|u| u.aborted += 1);
-            self.inner.abort().await
-        }
     }
 
     fn recorded() -> (S3, Arc<Recording>) {
@@ -644,7 +541,7 @@ mod tests {
     }
 
     async fn read_all(tier: &S3, d: &Digest, offset: u64) -> Option<Vec<u8>> {
-        let blob = tier.blob(d, offset).await.unwrap()?;
+        let blob = tier.blob(d, offset, None).await.unwrap()?;
         let parts: Vec<Bytes> = blob.chunks.map(|c| c.unwrap()).collect().await;
         Some(parts.concat())
     }

@@ -30,7 +30,7 @@ pub fn object_name(kind: Kind, digest: &Digest) -> String {
     format!("{dir}/{}/{}", crate::oci::ALGORITHM, digest.hex())
 }
 
-/// A blob read from a backend, from an offset on.
+/// A blob read from a backend: the bytes asked for, from an offset on.
 pub struct BlobStream {
     /// The whole object's length.
     pub size: u64,
@@ -62,23 +62,43 @@ impl Error {
     }
 }
 
-/// An upload in parts: invisible until [`PartUpload::complete`]; dropped, it is aborted.
+/// A read through the storage seam fails with an `io::Error` of the matching kind.
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> std::io::Error {
+        let kind = match e {
+            Error::NotFound => std::io::ErrorKind::NotFound,
+            Error::Timeout { .. } => std::io::ErrorKind::TimedOut,
+            _ => std::io::ErrorKind::Other,
+        };
+        std::io::Error::new(kind, e)
+    }
+}
+
+/// An upload in parts: invisible until [`PartUpload::complete`]; aborted by
+/// [`PartUpload::abort`] or, in the background, when dropped.
 pub trait PartUpload: Send {
     /// Passes `chunk` on, waiting (boundedly) when the store is slower than the caller; after
     /// a failure the upload is given up and this does nothing.
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, ()>;
     /// Makes the object visible: call only once every byte is verified.
     fn complete(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>>;
+    /// Gives the upload up: the parts sent are discarded and nothing becomes visible. Returns
+    /// once the store has been told (or, boundedly, when it does not answer: the upload is
+    /// then aborted in the background).
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
 /// An object store that can hold the shared tier. Every request has its deadline; a backend
 /// that fails is marked down (reads answer "not here", writes are skipped) until it answers.
 pub trait Backend: Send + Sync {
-    /// The blob `digest` from `offset` on, or `None` when the store does not hold it.
+    /// The bytes `from..to` of the blob `digest` (to its end without `to`), in one request,
+    /// or `None` when the store does not hold it. The body may end early (a range past the
+    /// object's end): callers count what they read.
     fn blob(
         &self,
         digest: &Digest,
-        offset: u64,
+        from: u64,
+        to: Option<u64>,
     ) -> BoxFuture<'_, Result<Option<BlobStream>, Error>>;
     /// The size of the blob `digest`, or `None` when the store does not hold it.
     fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, Result<Option<u64>, Error>>;

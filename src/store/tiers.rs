@@ -18,7 +18,7 @@ pub use super::shared::eviction::EVICT_EVERY;
 use super::shared::SharedTier;
 pub use super::shared::{Injected, Pass, Totals, Upload};
 use super::tier::{BlobStream, Kind};
-use super::writer::{BlobWriter, Finished};
+use super::writer::{BlobWrite, BlobWriter, Finished};
 use super::Store;
 use crate::clock::Clock;
 use crate::cluster::Cluster;
@@ -61,6 +61,28 @@ impl Tiers {
     /// `None` when there is none or it cannot be read now.
     pub async fn shared_blob(&self, digest: &Digest, offset: u64) -> Option<BlobStream> {
         self.shared.as_ref()?.blob(digest, offset).await
+    }
+
+    /// The blob from whichever tier holds it: the local disk's handle first (which may await
+    /// its first-read verification, see `BlobHandle::is_verified`), else the shared tier's
+    /// (`shared_handle`). `None` when neither holds it; a local disk that cannot be read is
+    /// logged and passed over.
+    pub async fn open(&self, digest: &Digest) -> Option<BlobHandle> {
+        match self.local.blobs.open(digest).await {
+            Ok(Some(handle)) => return Some(handle),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%digest, error = %e, "cannot open a cached blob"),
+        }
+        self.shared_handle(digest).await
+    }
+
+    /// The shared tier's copy of the blob as a handle read at offsets, each read one ranged
+    /// request ([`BlobHandle::stream`]: one request for the whole range), protected from
+    /// eviction while the handle lives. Unverified (this process has not hashed it): serve
+    /// ranges from it, and a whole blob only through a hash. `None` when there is none or it
+    /// cannot be read now.
+    pub async fn shared_handle(&self, digest: &Digest) -> Option<BlobHandle> {
+        self.shared.as_ref()?.open(digest).await
     }
 
     pub async fn shared_blob_size(&self, digest: &Digest) -> Option<u64> {
@@ -122,13 +144,15 @@ impl Tiers {
 }
 
 /// A download's bytes on their way into the tiers: written locally (hashed, readable behind
-/// the writer) and passed to the shared-tier upload, if any.
-pub struct TierWriter {
+/// the writer) and passed, in order, to the shared tier's writer `U` (its [`Upload`]), if any.
+/// The upload gives up by itself when it fails (the local copy is what clients read) and is
+/// completed only once the local write verified the bytes. Dropped, both are aborted.
+pub struct TierWriter<U: BlobWrite = Upload> {
     local: BlobWriter,
-    upload: Option<Upload>,
+    upload: Option<U>,
 }
 
-impl TierWriter {
+impl<U: BlobWrite> TierWriter<U> {
     /// A handle that reads the blob as it is written.
     pub fn reader(&self, size: u64) -> BlobHandle {
         self.local.reader(size)
@@ -138,8 +162,7 @@ impl TierWriter {
         self.local.written()
     }
 
-    /// Appends `chunk` locally, then hands it to the upload (which gives up by itself when
-    /// the shared tier fails: the local copy is what clients read).
+    /// Appends `chunk` locally, then hands it to the upload.
     pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
         let offset = self.local.written();
         self.write_at(offset, chunk).await
@@ -156,30 +179,217 @@ impl TierWriter {
         let in_order = offset == self.local.written();
         self.local.write_at(offset, chunk.clone()).await?;
         if in_order {
-            if let Some(upload) = &mut self.upload {
-                upload.write(chunk).await;
-            }
+            self.tee(chunk).await;
         }
         while let Some(caught_up) = self.local.catch_up().await? {
-            if let Some(upload) = &mut self.upload {
-                upload.write(caught_up).await;
-            }
+            self.tee(caught_up).await;
         }
         Ok(())
     }
 
+    /// Passes bytes of the local prefix to the upload; one that fails is given up.
+    async fn tee(&mut self, chunk: Bytes) {
+        let Some(upload) = &mut self.upload else {
+            return;
+        };
+        if let Err(e) = upload.write(chunk).await {
+            tracing::warn!(error = %e, "the shared-tier copy is given up; the blob stays local");
+            if let Some(upload) = self.upload.take() {
+                abort_behind(upload);
+            }
+        }
+    }
+
     /// Verifies and commits the local copy; the upload comes back for the caller to complete
-    /// (after its lease fence) only when the bytes verified.
-    pub async fn finish(
-        self,
-        digest: &Digest,
-        size: u64,
-    ) -> (io::Result<Finished>, Option<Upload>) {
+    /// (after its lease fence) only when the bytes verified, and is aborted otherwise (in the
+    /// background: the download's verdict does not wait on the shared tier).
+    pub async fn finish(self, digest: &Digest, size: u64) -> (io::Result<Finished>, Option<U>) {
         let finished = self.local.finish(digest, size).await;
         let kept = matches!(
             finished,
             Ok(Finished::Published) | Ok(Finished::TooLargeToKeep)
         );
-        (finished, self.upload.filter(|_| kept))
+        match self.upload {
+            Some(upload) if !kept => {
+                abort_behind(upload);
+                (finished, None)
+            }
+            upload => (finished, upload),
+        }
+    }
+
+    /// Gives the download up on both tiers: the local temp file goes (its readers are cut)
+    /// and the upload is aborted, so that nothing of the blob is left on either.
+    pub async fn abort(self) {
+        let upload = async {
+            if let Some(upload) = self.upload {
+                Box::new(upload).abort().await;
+            }
+        };
+        futures_util::join!(self.local.abort(), upload);
+    }
+}
+
+/// Aborts `upload` in its own task (its wait is bounded by the tier).
+fn abort_behind(upload: impl BlobWrite) {
+    tokio::spawn(Box::new(upload).abort());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use futures_util::{StreamExt, TryStreamExt};
+    use object_store::ObjectStore;
+
+    use super::*;
+    use crate::store::handle::{Failed, Progress};
+    use crate::store::s3::S3;
+    use crate::store::testing::{Recording, Uploads};
+    use crate::store::{Limits, Mode};
+
+    fn tiers(dir: &Path, store: &Arc<Recording>) -> Tiers {
+        let local = Arc::new(Store::open(dir, Limits::default(), Mode::Serve).unwrap());
+        let shared = SharedTier::new(
+            Arc::new(S3::over(store.clone())),
+            None,
+            None,
+            Clock::manual(),
+            Arc::new(Metrics::new()),
+        );
+        Tiers {
+            local,
+            shared: Some(Arc::new(shared)),
+        }
+    }
+
+    fn temp_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    async fn objects(store: &Recording) -> usize {
+        store.list(None).count().await
+    }
+
+    fn blob(len: usize) -> (Digest, Vec<u8>) {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        (Digest::sha256_of(&body), body)
+    }
+
+    #[tokio::test]
+    async fn an_aborted_tier_writer_leaves_nothing_on_either_tier() {
+        let (dir, store) = (tempfile::tempdir().unwrap(), Recording::new());
+        let tiers = tiers(dir.path(), &store);
+        // More than a part: the store holds one of its parts when the abort comes.
+        let (digest, body) = blob(6 << 20);
+        let mut writer = tiers.writer(&digest, true).await.unwrap();
+        let reader = writer.reader(body.len() as u64);
+        for chunk in body.chunks(1 << 20) {
+            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        assert_eq!(temp_files(dir.path()), 1);
+
+        writer.abort().await;
+        assert_eq!(temp_files(dir.path()), 0);
+        assert_eq!(
+            store.uploads(),
+            Uploads {
+                started: 1,
+                completed: 0,
+                aborted: 1
+            }
+        );
+        assert_eq!(objects(&store).await, 0);
+        assert!(matches!(
+            reader.progress(),
+            Some(Progress::Failed(Failed::Abandoned))
+        ));
+        assert!(tiers.open(&digest).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn each_tiers_writer_aborts_through_the_seam() {
+        let (dir, store) = (tempfile::tempdir().unwrap(), Recording::new());
+        let tiers = tiers(dir.path(), &store);
+        let (digest, body) = blob(100);
+        let writers: Vec<Box<dyn BlobWrite>> = vec![
+            Box::new(tiers.local.blob_writer().await.unwrap()),
+            Box::new(tiers.upload(&digest).unwrap()),
+        ];
+        for mut writer in writers {
+            writer.write(Bytes::from(body.clone())).await.unwrap();
+            writer.abort().await;
+        }
+        assert_eq!(temp_files(dir.path()), 0);
+        assert_eq!(
+            store.uploads(),
+            Uploads {
+                started: 1,
+                completed: 0,
+                aborted: 1
+            }
+        );
+        assert_eq!(objects(&store).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_tier_writer_hands_its_upload_back_only_once_the_bytes_verified() {
+        let (dir, store) = (tempfile::tempdir().unwrap(), Recording::new());
+        let tiers = tiers(dir.path(), &store);
+        let (digest, body) = blob(1000);
+        let size = body.len() as u64;
+
+        // Bytes that are not the blob: the upload is aborted, nothing is published.
+        let mut writer = tiers.writer(&digest, true).await.unwrap();
+        writer.write(Bytes::from(vec![0u8; 1000])).await.unwrap();
+        let (finished, upload) = writer.finish(&digest, size).await;
+        assert!(matches!(finished, Ok(Finished::Mismatch { .. })));
+        assert!(upload.is_none());
+        store
+            .wait_until("the upload is aborted", |u| u.aborted == 1)
+            .await;
+
+        // The blob: the upload comes back, and is completed through the seam.
+        let mut writer = tiers.writer(&digest, true).await.unwrap();
+        writer.write(Bytes::from(body.clone())).await.unwrap();
+        let (finished, upload) = writer.finish(&digest, size).await;
+        assert!(matches!(finished, Ok(Finished::Published)));
+        let upload: Box<dyn BlobWrite> = Box::new(upload.unwrap());
+        assert!(matches!(
+            upload.finish(&digest, size).await,
+            Ok(Finished::Published)
+        ));
+        assert_eq!(store.uploads().completed, 1);
+        assert_eq!(objects(&store).await, 1);
+
+        // Both tiers hold it: the local copy is opened first.
+        let local = tiers.open(&digest).await.unwrap();
+        assert!(local.file().is_some());
+        let shared = tiers.shared_handle(&digest).await.unwrap();
+        assert!(shared.file().is_none());
+        let chunks: Vec<Bytes> = shared.stream(0, size).try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), body);
+        tiers.local.blobs.discard(&digest);
+        assert!(tiers.open(&digest).await.unwrap().file().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upload_of_the_wrong_length_is_not_published() {
+        let (dir, store) = (tempfile::tempdir().unwrap(), Recording::new());
+        let tiers = tiers(dir.path(), &store);
+        let (digest, body) = blob(100);
+        let mut upload = tiers.upload(&digest).unwrap();
+        upload.write(Bytes::from(body[..50].to_vec())).await;
+        let upload: Box<dyn BlobWrite> = Box::new(upload);
+        assert!(upload.finish(&digest, 100).await.is_err());
+        assert_eq!(
+            store.uploads(),
+            Uploads {
+                started: 1,
+                completed: 0,
+                aborted: 1
+            }
+        );
+        assert_eq!(objects(&store).await, 0);
     }
 }

@@ -2,13 +2,18 @@
 //! bytes are readable (by followers, through [`BlobWriter::reader`]) as they arrive, and hashed
 //! as they are written; [`BlobWriter::finish`] alone makes the blob visible under its digest,
 //! and only when the length and the sha256 match. Dropping an unfinished writer aborts it:
-//! the temp file goes and readers are told the write failed.
+//! the temp file goes and readers are told the write failed ([`BlobWriter::abort`] does the
+//! same, off the async workers).
+//!
+//! [`BlobWrite`] is the write side of the seam both tiers implement: this writer, and the
+//! shared tier's upload (`shared::Upload`), which `tiers::TierWriter` tees the same bytes into.
 
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 use tokio::sync::watch;
@@ -27,6 +32,25 @@ pub enum Finished {
     TooLargeToKeep,
     /// The bytes hash to another digest (or have another length): discarded.
     Mismatch { actual: Digest },
+}
+
+/// A blob being written into a tier: what each tier's writer implements (the local disk's
+/// [`BlobWriter`], the shared tier's `shared::Upload`). Bytes go in order; only
+/// [`BlobWrite::finish`] makes the blob visible, and [`BlobWrite::abort`] leaves nothing of it.
+pub trait BlobWrite: Send + 'static {
+    /// Appends `chunk`. A tier whose copy is optional gives up by itself when it fails (the
+    /// shared upload: the blob stays local) and answers `Ok`.
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, io::Result<()>>;
+    /// Makes the blob visible under `digest` once it has `size` bytes. The local writer checks
+    /// the length and the sha256 itself; a tier that does not hash (the shared upload checks
+    /// the length only) is finished only after a writer that does has verified the same bytes.
+    fn finish<'a>(
+        self: Box<Self>,
+        digest: &'a Digest,
+        size: u64,
+    ) -> BoxFuture<'a, io::Result<Finished>>;
+    /// Gives the blob up: nothing of it stays in the tier, and readers following it are cut.
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
 pub struct BlobWriter {
@@ -191,8 +215,21 @@ impl BlobWriter {
     }
 }
 
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
+impl BlobWriter {
+    /// Gives the write up: readers are told, and the temp file is removed on the blocking
+    /// pool (dropping the writer does the same, in place).
+    pub async fn abort(mut self) {
+        self.abandon();
+        if let Some(temp) = self.temp.take() {
+            let closed = tokio::task::spawn_blocking(move || temp.close()).await;
+            if let Ok(Err(e)) = closed {
+                tracing::debug!(error = %e, "cannot remove an abandoned download's temp file");
+            }
+        }
+    }
+
+    /// Readers of a write still in progress learn that it was abandoned.
+    fn abandon(&self) {
         self.progress.send_if_modified(|p| {
             if matches!(p, Progress::Writing { .. }) {
                 *p = Progress::Failed(Failed::Abandoned);
@@ -201,5 +238,29 @@ impl Drop for BlobWriter {
                 false
             }
         });
+    }
+}
+
+impl BlobWrite for BlobWriter {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(BlobWriter::write(self, chunk))
+    }
+
+    fn finish<'a>(
+        self: Box<Self>,
+        digest: &'a Digest,
+        size: u64,
+    ) -> BoxFuture<'a, io::Result<Finished>> {
+        Box::pin(BlobWriter::finish(*self, digest, size))
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(BlobWriter::abort(*self))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }

@@ -266,7 +266,7 @@ mod tests {
 
     use super::super::readers::{Reading, READ_TTL};
     use super::super::recount::RECONCILE_EVERY;
-    use super::super::{Ledger, Pass};
+    use super::super::{Ledger, Pass, SharedTier};
     use super::*;
     use crate::clock::Clock;
     use crate::cluster::coordinator::Coordinator;
@@ -412,6 +412,41 @@ mod tests {
         a.flush().await;
         assert!(matches!(a.evict().await, Pass::Evicted { objects: 1, .. }));
         assert!(!fleet.holds(&read).await, "once read, it goes");
+        assert!(fleet.holds(&newer).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_blob_handle_protects_its_object_while_it_lives() {
+        let fleet = Fleet::new();
+        let a = fleet.replica("http://a", 1000);
+        let read = fleet.publish(&a, 1, 1000).await;
+        let unread = fleet.publish(&a, 2, 1000).await;
+        a.flush().await;
+        let b = Arc::new(SharedTier::new(
+            fleet.tier.clone(),
+            Some(fleet.cluster("http://b")),
+            Some(1000),
+            fleet.clock.clone(),
+            Arc::new(Metrics::new()),
+        ));
+        let handle = b.open(&read).await.unwrap();
+        assert!(matches!(a.evict().await, Pass::Evicted { objects: 1, .. }));
+        assert!(fleet.holds(&read).await, "the object being read stays");
+        assert!(!fleet.holds(&unread).await);
+        let chunks: Vec<Bytes> = futures_util::TryStreamExt::try_collect(handle.stream(0, 1000))
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), vec![1u8; 1000]);
+
+        drop(handle);
+        tokio::task::yield_now().await;
+        let newer = fleet.publish(&a, 3, 1000).await;
+        a.flush().await;
+        assert!(matches!(a.evict().await, Pass::Evicted { objects: 1, .. }));
+        assert!(
+            !fleet.holds(&read).await,
+            "once the handle is gone, so is the object"
+        );
         assert!(fleet.holds(&newer).await);
     }
 
