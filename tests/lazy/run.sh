@@ -253,15 +253,21 @@ umount_nydus() {
 
 # read_all NAME CLIENT PHASE: reads and compares every file of the mount; records the result.
 read_all() {
-  local name=$1 client=$2 phase=$3 out
-  if out=$(timeout -k 10 "$READ_DEADLINE" "$PY" "$LAZY/image.py" compare "$SRC" "$T/$name/mnt" 2>"$T/logs/compare-$name.err"); then
-    record "$client" "$REPO:$TAG" "$phase: every file's content" PASS "$out"
+  local name=$1 client=$2 phase=$3 out=$T/logs/compare-$name
+  if interruptible timeout -k 10 "$READ_DEADLINE" "$PY" "$LAZY/image.py" compare "$SRC" "$T/$name/mnt" >"$out.out" 2>"$out.err"; then
+    record "$client" "$REPO:$TAG" "$phase: every file's content" PASS "$(cat "$out.out")"
   else
-    local status=$?
-    [ "$status" -ne 124 ] && [ "$status" -ne 137 ] || out="no answer within ${READ_DEADLINE} s"
-    record "$client" "$REPO:$TAG" "$phase: every file's content" FAIL "$out; $(head -3 "$T/logs/compare-$name.err" | tr '\n' ' ' | cut -c1-200)"
+    local status=$? why
+    why=$(cat "$out.out")
+    [ "$status" -ne 124 ] && [ "$status" -ne 137 ] || why="no answer within ${READ_DEADLINE} s"
+    record "$client" "$REPO:$TAG" "$phase: every file's content" FAIL "$why; $(head -3 "$out.err" | tr '\n' ' ' | cut -c1-200)"
   fi
 }
+
+# interruptible CMD...: CMD in the background, waited for, so that a TERM or INT reaches the
+# traps at once (bash runs them only after a foreground command ends, and a read on a stuck
+# FUSE mount may not end before its deadline).
+interruptible() { "$@" & wait $!; }
 
 # probe NAME PHASE: the time to read one small file first, on a fresh mount (the latency a
 # container's first file access sees), and the range GETs the mirror answered for it.
@@ -269,7 +275,7 @@ probe() {
   local name=$1 phase=$2 t0 ms before after
   before=$(metric pullthrough_requests_total kind=blob code=206)
   t0=$(now_ms)
-  if timeout -k 5 "$READ_DEADLINE" cmp -s "$SRC/$PROBE" "$T/$name/mnt/$PROBE"; then
+  if interruptible timeout -k 5 "$READ_DEADLINE" cmp -s "$SRC/$PROBE" "$T/$name/mnt/$PROBE"; then
     ms=$(($(now_ms) - t0))
     after=$(metric pullthrough_requests_total kind=blob code=206)
     record nydusd "$REPO:$TAG" "$phase: first read ($PROBE)" PASS "$ms ms, $((after - before)) range GETs"
@@ -455,8 +461,10 @@ lazy_exit() {
     [ ! -s "$T/counts.txt" ] || cat "$T/counts.txt"
     echo "RESULT: FAIL (exit $status)"
   fi
-  (exit "$status")
-  on_exit
+  # on_exit reads the run's status from $?; after a failure, in a || list, so that set -e
+  # cannot cut the cleanup short.
+  if [ "$status" -eq 0 ]; then on_exit; else return_status "$status" || on_exit; fi
 }
+return_status() { return "$1"; }
 
 main "$@"
