@@ -64,7 +64,9 @@ impl RepoGlobs {
     }
 
     pub fn matches(&self, repo: &RepoName) -> bool {
-        self.set.is_match(repo.as_str())
+        // An empty set matches nothing, without building the candidate path a match needs
+        // (a per-request cost for every upstream without such a list).
+        !self.set.is_empty() && self.set.is_match(repo.as_str())
     }
 }
 

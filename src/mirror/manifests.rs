@@ -158,7 +158,7 @@ impl Mirror {
     /// its image's blobs are prefetched (see `prefetch.rs`).
     fn prefetch_for(self: &Arc<Self>, target: &Target, answer: &ManifestAnswer) {
         if let Some(body) = &answer.body {
-            self.prefetch(target, &answer.media_type, body);
+            self.prefetch(target, &answer.digest, &answer.media_type, body);
         }
     }
 

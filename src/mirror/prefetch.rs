@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 
@@ -45,7 +45,18 @@ pub(super) struct Prefetch {
     /// Per upstream, the prefetch downloads started that have not had their first answer yet:
     /// they may not hold their request slot yet, but will.
     starting: Arc<Mutex<HashMap<String, usize>>>,
+    /// The manifests whose blobs were looked at lately, and when: served again within
+    /// [`LOOKED_AT`], a manifest is not parsed again (a warm manifest hit stays as cheap as it
+    /// was; its blobs were queued, found held or found downloading a moment ago).
+    looked_at: Mutex<HashMap<Digest, SystemTime>>,
 }
+
+/// How long a manifest's blobs are not looked at again after a look.
+const LOOKED_AT: Duration = Duration::from_secs(60);
+
+/// The most manifests remembered as looked at; past it the memory is cleared (a few more
+/// looks, nothing worse).
+const LOOKED_AT_MOST: usize = 4096;
 
 impl Prefetch {
     pub(super) fn new(concurrency: u32) -> Prefetch {
@@ -57,7 +68,24 @@ impl Prefetch {
             slots,
             pending: Arc::default(),
             starting: Arc::default(),
+            looked_at: Mutex::default(),
         }
+    }
+
+    /// Whether the manifest `digest`'s blobs are to be looked at now (not within
+    /// [`LOOKED_AT`] of the last look); notes the look.
+    fn look(&self, digest: &Digest, now: SystemTime) -> bool {
+        let mut looked = crate::sync::lock(&self.looked_at);
+        if let Some(at) = looked.get(digest) {
+            if now.duration_since(*at).unwrap_or_default() < LOOKED_AT {
+                return false;
+            }
+        }
+        if looked.len() >= LOOKED_AT_MOST {
+            looked.clear();
+        }
+        looked.insert(digest.clone(), now);
+        true
     }
 
     /// Takes a place in the queue for `digest`, or says why not.
@@ -150,11 +178,20 @@ impl Mirror {
     /// queues the prefetch of its config and layers when it is one platform's image manifest
     /// and prefetch is on for the repository. Decides without waiting; the downloads run in
     /// their own tasks.
-    pub(super) fn prefetch(self: &Arc<Self>, target: &Target, media_type: &str, body: &[u8]) {
+    pub(super) fn prefetch(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        media_type: &str,
+        body: &[u8],
+    ) {
         let Some(slots) = &self.prefetch.slots else {
             return;
         };
         if !target.upstream.config().prefetches(&target.repo) {
+            return;
+        }
+        if !self.prefetch.look(digest, self.clock.now()) {
             return;
         }
         // An index (or anything else) names no blob of this client's platform.
