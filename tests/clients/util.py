@@ -65,6 +65,11 @@ def front_stats(log_path):
     records = [json.loads(line) for line in open(log_path) if line.strip()]
     blob_gets = [r for r in records if r["method"] == "GET" and "/blobs/sha256:" in r["path"]]
     per_blob = Counter(r["path"].split("?")[0] for r in blob_gets)
+    # A whole body: no Range, or from the first byte (a download in parts asks `bytes=0-`
+    # first, then the other parts from further on).
+    full_per_blob = Counter(
+        r["path"].split("?")[0] for r in blob_gets if (r["range"] or "bytes=0-").startswith("bytes=0-")
+    )
     bodies = defaultdict(lambda: {"bodies": 0, "bytes": 0})
     for r in blob_gets:
         b = bodies[r["path"].split("?")[0].rsplit("/", 1)[-1]]
@@ -76,6 +81,7 @@ def front_stats(log_path):
         "blob-gets": len(blob_gets),
         "distinct-blobs": len(per_blob),
         "max-gets-per-blob": max(per_blob.values(), default=0),
+        "max-full-gets-per-blob": max(full_per_blob.values(), default=0),
         "cuts": sum(1 for r in records if r["cut"]),
         "range-gets": sum(1 for r in blob_gets if r["range"]),
         "blob-bytes": sum(r["bytes"] for r in blob_gets),

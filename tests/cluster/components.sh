@@ -90,7 +90,7 @@ start_redis() {
 
 # render_replica FILE PORT DATA_DIR UPSTREAM_URL: examples/cluster/pullthrough.toml with this
 # replica's address (listen and advertise), its own local directory, the running Garage and
-# Redis, and UPSTREAM_URL for docker.io.
+# Redis, and UPSTREAM_URL for docker.io (with REPLICA_PARTS set, its parallel_parts).
 render_replica() {
   local file=$1 port=$2 data=$3 upstream=$4
   sed -e "s|^listen = .*|listen = \"127.0.0.1:$port\"|" \
@@ -98,7 +98,7 @@ render_replica() {
       -e "s|^endpoint = .*|endpoint = \"$S3_ENDPOINT\"|" \
       -e "s|^redis = .*|redis = \"$REDIS_URL\"|" \
       -e "s|^advertise = .*|advertise = \"http://127.0.0.1:$port\"|" \
-      -e "s|^url = \"https://registry-1.docker.io\"|url = \"$upstream\"|" \
+      -e "s|^url = \"https://registry-1.docker.io\"|url = \"$upstream\"${REPLICA_PARTS:+\\nparallel_parts = $REPLICA_PARTS}|" \
       "$EXAMPLE/pullthrough.toml" >"$file"
 }
 

@@ -196,7 +196,9 @@ phase_fanout() {
 # --- phase: the lease holder dies ------------------------------------------------------------
 phase_takeover() {
   log "== phase takeover: the lease holder is killed at 40 % of the blob"
-  start_cluster takeover
+  # One stream: the kill waits for one upstream body to reach 40 % (a download in parts
+  # would spread the blob over four bodies).
+  REPLICA_PARTS=1 start_cluster takeover
   local size lead= victim at=
   size=${LAYER[$BIG]#* }
   fetch_everywhere "$BIG" "$FANOUT_CLIENTS" takeover
