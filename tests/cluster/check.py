@@ -124,7 +124,7 @@ def verified(clients):
     return sum(1 for c in clients if not c["error"]), len(clients), errors
 
 
-def one_body(got, sent, size):
+def whole_once(got, sent, size):
     """One whole body of the blob for the fleet: a single GET without a Range or from its
     first byte (a download in parts adds the other parts' ranges), and about the blob's
     size in all (a part's connection closed at its end may have carried a little more)."""
@@ -147,7 +147,7 @@ def fanout(results, image, log, blob, leader, paths):
     r = Results(results)
     recs = records(log)
     got, sent, line = upstream_line(recs, digest, size)
-    r.add("cluster", image, "upstream sent one body", one_body(got, sent, size), line)
+    r.add("cluster", image, "upstream sent one body", whole_once(got, sent, size), line)
     # The download's own answer confirms the repository for every client that joins it: a
     # client that asked the upstream a HEAD of its own would wait for that round trip.
     heads = [x for x in recs if x["method"] == "HEAD" and x["path"].endswith(f"/blobs/{digest}")]
@@ -216,13 +216,15 @@ def clients_ok(results, image, check, paths):
 def one_body(results, log, skip, blob, image, check):
     digest, size = blob.split()[0], int(blob.split()[1])
     got, sent, line = upstream_line(records(log, int(skip)), digest, size)
-    Results(results).add("cluster", image, check, one_body(got, sent, size), line)
+    Results(results).add("cluster", image, check, whole_once(got, sent, size), line)
 
 
 def one_body_per_blob(results, log, image, note=""):
     per = {}
     for rec in records(log):
-        if rec["method"] == "GET" and "/blobs/sha256:" in rec["path"] and rec["bytes"] > 0:
+        # Whole bodies: a download in parts adds ranges from further on.
+        whole = (rec.get("range") or "bytes=0-").startswith("bytes=0-")
+        if rec["method"] == "GET" and "/blobs/sha256:" in rec["path"] and rec["bytes"] > 0 and whole:
             d = rec["path"].split("?")[0].rsplit("/", 1)[-1]
             per[d] = per.get(d, 0) + 1
     worst = max(per.values(), default=0)
