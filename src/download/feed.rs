@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use futures_util::FutureExt;
 
 use super::{Job, Outcome, Start, Waiting};
@@ -33,11 +33,7 @@ impl Feed {
     /// An upstream's body.
     pub(super) fn upstream(body: upstream::BlobBody) -> Feed {
         let (size, ranged) = (body.size, body.ranged);
-        let chunks = stream::try_unfold(body, |mut body| async move {
-            let chunk = body.next_chunk().await.map_err(Cut::Upstream)?;
-            Ok(chunk.map(|c| (c, body)))
-        })
-        .boxed();
+        let chunks = body.into_chunks().map_err(Cut::Upstream).boxed();
         Feed {
             tier: Tier::Upstream,
             size,
@@ -237,9 +233,7 @@ impl Job {
             Err(e @ upstream::Error::Protocol { .. }) => Opened::Fatal(Outcome::Protocol(e)),
             // A failure before the headers is retried like a cut body: the connection or the
             // upstream may be back at once.
-            Err(e) if e.is_outage() && !matches!(e, upstream::Error::BackingOff { .. }) => {
-                Opened::Retry(Cut::Upstream(e))
-            }
+            Err(e) if e.is_retryable() => Opened::Retry(Cut::Upstream(e)),
             Err(e) => Opened::Fatal(Outcome::Refused(e)),
         }
     }
@@ -248,7 +242,12 @@ impl Job {
     pub(super) fn pause(&self, cut: &Cut, attempt: u32) -> Duration {
         match (cut.is_upstream(), &self.cluster) {
             (false, Some(cluster)) => cluster.lease_ttl() / 5,
-            _ => Duration::from_millis(100 * u64::from(attempt.max(1))),
+            _ => upstream_pause(attempt),
         }
     }
+}
+
+/// The pause before the `attempt`-th request to the upstream after a cut or a failure.
+pub(super) fn upstream_pause(attempt: u32) -> Duration {
+    Duration::from_millis(100 * u64::from(attempt.max(1)))
 }

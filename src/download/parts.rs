@@ -11,7 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::feed::{Cut, Feed};
+use super::feed::{upstream_pause, Cut, Feed};
 use super::{Job, Outcome, WRITE_BATCH};
 use crate::outcome::Tier;
 use crate::ranges::Spec;
@@ -160,7 +160,7 @@ impl Part {
                         }
                         resumes += 1;
                         self.metrics.resume();
-                        tokio::time::sleep(pause(resumes)).await;
+                        tokio::time::sleep(upstream_pause(resumes)).await;
                         continue;
                     }
                 },
@@ -260,14 +260,9 @@ enum Opening {
 /// once; a refusal (404, 401, a protocol error) will not.
 fn retryable(cut: &Cut) -> bool {
     match cut {
-        Cut::Upstream(e) => e.is_outage() && !matches!(e, upstream::Error::BackingOff { .. }),
+        Cut::Upstream(e) => e.is_retryable(),
         _ => true,
     }
-}
-
-/// The pause before a part's `attempt`-th resume.
-fn pause(attempt: u32) -> std::time::Duration {
-    std::time::Duration::from_millis(100 * u64::from(attempt.max(1)))
 }
 
 #[cfg(test)]

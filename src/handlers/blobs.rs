@@ -36,11 +36,7 @@ pub async fn get(
         let status = answer.status();
         return Ok(with_cache_status(not_modified(digest, true), status));
     }
-    let requested = if if_range_holds(headers, digest) {
-        Requested::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()))
-    } else {
-        Requested::Whole
-    };
+    let requested = requested(headers, digest);
     if requested == Requested::TooMany {
         return Err(ApiError::too_many_ranges());
     }
@@ -137,11 +133,7 @@ pub async fn peer(
         .peer_blob(secret, digest)
         .await
         .map_err(|e| ApiError::from_mirror(e, Object::Blob))?;
-    let requested = if if_range_holds(headers, digest) {
-        Requested::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()))
-    } else {
-        Requested::Whole
-    };
+    let requested = requested(headers, digest);
     let metrics = mirror.metrics().clone();
     let size = handle.size();
     let resolved = match ranges::resolve(&requested, size) {
@@ -284,6 +276,15 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     content_headers(h, digest, true);
+}
+
+/// What the request's `Range` asks for, under its `If-Range`.
+fn requested(headers: &HeaderMap, digest: &Digest) -> Requested {
+    if if_range_holds(headers, digest) {
+        Requested::parse(headers.get(header::RANGE).and_then(|v| v.to_str().ok()))
+    } else {
+        Requested::Whole
+    }
 }
 
 /// Whether a `Range` applies under the request's `If-Range` (RFC 9110 §13.1.5): with none, or

@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use sha2::Digest as _;
 
 use super::ranges::OwnRanges;
@@ -408,15 +408,10 @@ impl Relayed {
         }
         let metrics = self.metrics.clone();
         let upstream = self.upstream.name.clone();
-        let chunks = stream::try_unfold(body, |mut body| async move {
-            let chunk = body.next_chunk().await.map_err(io::Error::other)?;
-            Ok(chunk.map(|c| (c, body)))
-        })
-        .inspect(move |c| {
-            if let Ok(c) = c {
-                metrics.upstream_bytes(&upstream, c.len() as u64);
-            }
-        });
+        let chunks = body
+            .into_chunks()
+            .map_err(io::Error::other)
+            .inspect_ok(move |c| metrics.upstream_bytes(&upstream, c.len() as u64));
         Ok(chunks.boxed())
     }
 }

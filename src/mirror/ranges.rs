@@ -237,12 +237,11 @@ impl Source {
         self.metrics.early_range(Tier::Upstream);
         let answered = body.size;
         let (metrics, upstream) = (self.metrics.clone(), self.upstream.name.clone());
-        let chunks = stream::try_unfold(body, |mut body| async move {
-            let chunk = body.next_chunk().await.map_err(io::Error::other)?;
-            Ok(chunk.map(|c| (c, body)))
-        })
-        .inspect_ok(move |c| metrics.upstream_bytes(&upstream, c.len() as u64))
-        .boxed();
+        let chunks = body
+            .into_chunks()
+            .map_err(io::Error::other)
+            .inspect_ok(move |c| metrics.upstream_bytes(&upstream, c.len() as u64))
+            .boxed();
         Ok((answered, chunks))
     }
 }

@@ -61,6 +61,15 @@ impl BlobBody {
         Ok(None)
     }
 
+    /// The body as a stream of chunks, ending where [`BlobBody::next_chunk`] ends.
+    pub fn into_chunks(self) -> futures_util::stream::BoxStream<'static, Result<Bytes, Error>> {
+        futures_util::stream::try_unfold(self, |mut body| async move {
+            let chunk = body.next_chunk().await?;
+            Ok(chunk.map(|c| (c, body)))
+        })
+        .boxed()
+    }
+
     async fn poll_next(&mut self) -> Result<Option<Bytes>, Error> {
         let next = tokio::time::timeout(self.idle_timeout, self.stream.next()).await;
         let result = match next {

@@ -143,6 +143,12 @@ impl Error {
         )
     }
 
+    /// Whether the same request is worth sending again shortly: an outage may be over at
+    /// once, unless the mirror itself is backing off from this upstream.
+    pub fn is_retryable(&self) -> bool {
+        self.is_outage() && !matches!(self, Error::BackingOff { .. })
+    }
+
     /// Whether cached content is worth serving stale after this failure: an outage or a
     /// refusal (429) says nothing about the content, unlike a 404, 401 or 403.
     pub fn allows_stale(&self) -> bool {
