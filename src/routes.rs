@@ -12,8 +12,8 @@ use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
 use crate::handlers::error::{ApiError, Object};
-use crate::handlers::{blobs, catalog, manifests, ops, referrers, tags, Query};
-use crate::mirror::{self, Housekeeping, Mirror, Target};
+use crate::handlers::{blobs, catalog, client_auth, manifests, ops, referrers, tags, Query};
+use crate::mirror::{self, Housekeeping, Mirror, Probe, Target};
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
 
@@ -58,6 +58,9 @@ pub enum Route {
     PeerBlob {
         digest: Digest,
     },
+    /// `GET /_pullthrough/token`: this mirror's token endpoint, for clients that send their
+    /// own upstream credentials (`credentials = "client"`).
+    Token,
     Healthz,
     Readyz,
     Metrics,
@@ -162,28 +165,57 @@ async fn answer<B>(
     };
     let head = req.method() == Method::HEAD;
     match route {
-        Route::Base => Ok(ops::base()),
+        Route::Base => {
+            client_auth::base(mirror, req)?;
+            Ok(ops::base())
+        }
+        // An upstream that takes clients' credentials confirms the caller's access first
+        // (boxed: only those requests carry its state).
         Route::Manifest {
             name,
             reference,
             head,
         } => {
-            let target = admitted(name, Object::Manifest)?;
+            let mut target = admitted(name, Object::Manifest)?;
+            if target.takes_client_credentials() {
+                let probe = Probe::Manifest(reference);
+                let confirmed =
+                    client_auth::caller_target(mirror, req, target, probe, Object::Manifest);
+                target = Box::pin(confirmed).await?;
+            }
             manifests::get(mirror, &target, reference, *head, req.headers()).await
         }
         Route::Blob { name, digest, head } => {
-            let target = admitted(name, Object::Blob)?;
+            let mut target = admitted(name, Object::Blob)?;
+            if target.takes_client_credentials() {
+                let probe = Probe::Blob(digest);
+                let confirmed =
+                    client_auth::caller_target(mirror, req, target, probe, Object::Blob);
+                target = Box::pin(confirmed).await?;
+            }
             blobs::get(mirror, &target, digest, *head, req.headers(), files).await
         }
         // The rarer answers are boxed: inline, their state would make every request's future
         // (moved into its task) kilobytes larger.
         Route::TagsList { name } => {
-            let target = admitted(name, Object::Tags)?;
+            let mut target = admitted(name, Object::Tags)?;
+            if target.takes_client_credentials() {
+                let probe = Probe::Repository;
+                let confirmed =
+                    client_auth::caller_target(mirror, req, target, probe, Object::Tags);
+                target = Box::pin(confirmed).await?;
+            }
             Box::pin(tags::list(mirror, &target, name, query, head)).await
         }
         Route::Catalog => Box::pin(catalog::list(mirror, query, head)).await,
         Route::Referrers { name, digest } => {
-            let target = admitted(name, Object::Manifest)?;
+            let mut target = admitted(name, Object::Manifest)?;
+            if target.takes_client_credentials() {
+                let probe = Probe::Repository;
+                let confirmed =
+                    client_auth::caller_target(mirror, req, target, probe, Object::Manifest);
+                target = Box::pin(confirmed).await?;
+            }
             let artifact_type = query.artifact_type.as_deref();
             Box::pin(referrers::list(
                 mirror,
@@ -199,6 +231,7 @@ async fn answer<B>(
         Route::PeerBlob { digest } => {
             Box::pin(blobs::peer(mirror, digest, req.headers(), files)).await
         }
+        Route::Token => client_auth::token(mirror, req),
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(Box::pin(ops::readyz(&Housekeeping::of(mirror))).await),
         Route::Metrics => Ok(ops::metrics(&Housekeeping::of(mirror), req.headers())),
@@ -225,6 +258,8 @@ pub fn parse(method: &Method, path: &str) -> Route {
         "/readyz" => Some(Route::Readyz),
         "/metrics" => Some(Route::Metrics),
         "/_pullthrough/status" => Some(Route::Status),
+        // A POST (the OAuth2 form) is 405, after which containerd asks with a GET.
+        crate::handlers::client_auth::TOKEN_PATH => Some(Route::Token),
         "/" | "/_pullthrough/ui" => Some(Route::Ui),
         _ => None,
     };

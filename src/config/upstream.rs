@@ -10,6 +10,17 @@ use crate::oci::RepoName;
 use crate::policy::{RepoGlobs, TagPatterns};
 use crate::secret::Secret;
 
+/// Whose credentials an upstream's requests carry (`credentials`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialsMode {
+    /// The mirror's own (configured, or anonymous), for every client.
+    #[default]
+    Mirror,
+    /// Each client's own, as it sent them to the mirror.
+    Client,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
@@ -45,6 +56,20 @@ pub struct UpstreamConfig {
     /// account password). Default: none. Env `PULLTHROUGH_UPSTREAM_PASSWORD` for the default
     /// upstream.
     pub password: Option<Secret>,
+    /// Whose credentials go to this upstream: `"mirror"` (default) uses `username`/`password`
+    /// or `credential_helper` (anonymous without them) for every client; `"client"` uses the
+    /// credentials each client sends the mirror (challenged for at `/v2/`, see
+    /// docs/private-images.md), and serves cached content to a client only once its own
+    /// credentials are confirmed to read the repository. `"client"` with mirror credentials
+    /// set as well is the mixed mode: what the mirror's credentials can read is served to
+    /// every client, the rest as in `"client"`. Not with `server.htpasswd` or
+    /// `server.tokens`, which use the same `Authorization` header.
+    pub credentials: CredentialsMode,
+    /// `credentials = "client"`: how long a client's confirmed access to a repository is
+    /// remembered before the upstream is asked again (a `HEAD`, not a counted pull). A
+    /// refusal is remembered for at most 30 s. Default 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub client_confirm_ttl: Duration,
     /// TCP + TLS connect timeout. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -143,6 +168,8 @@ impl Default for UpstreamConfig {
             max_requests_per_second: 0,
             username: None,
             password: None,
+            credentials: CredentialsMode::Mirror,
+            client_confirm_ttl: Duration::from_secs(5 * 60),
             connect_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(30),
             head_timeout: Duration::from_secs(5),

@@ -53,7 +53,19 @@ impl Config {
                 ));
             }
             up.validate(&key)?;
+            if up.credentials == super::upstream::CredentialsMode::Client
+                && (self.server.htpasswd.is_some() || !self.server.tokens.is_empty())
+            {
+                return Err(bad(
+                    &key("credentials"),
+                    "client",
+                    "clients send their upstream credentials in the Authorization header, \
+                     which server.htpasswd and server.tokens also use: restrict clients with \
+                     server.allow instead",
+                ));
+            }
             for (field, d) in [
+                ("client_confirm_ttl", up.client_confirm_ttl),
                 ("backoff", up.backoff),
                 ("max_pulls_window", up.max_pulls_window),
                 ("connect_timeout", up.connect_timeout),

@@ -226,7 +226,7 @@ impl Job {
         });
         match self
             .upstream
-            .blob(&self.repo, &self.digest, offset, Some(by))
+            .blob(&self.repo, &self.caller, &self.digest, offset, Some(by))
             .await
         {
             Ok(body) => Opened::Feed(Feed::upstream(body)),

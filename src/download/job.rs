@@ -14,6 +14,7 @@ use super::parts;
 use super::relay::{Relay, RelayWriter, Unread};
 use super::{Mismatched, Outcome, Start, WRITE_BATCH};
 use crate::cluster::Cluster;
+use crate::identity::Caller;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
@@ -25,6 +26,8 @@ pub(super) struct Job {
     pub(super) start: Arc<watch::Sender<Start>>,
     pub(super) upstream: Arc<Upstream>,
     pub(super) repo: RepoName,
+    /// On whose behalf it fetches: the client that started it.
+    pub(super) caller: Caller,
     pub(super) digest: Digest,
     pub(super) tiers: Arc<Tiers>,
     pub(super) cluster: Option<Arc<Cluster>>,

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::cluster::Cluster;
+use crate::identity::Caller;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
@@ -220,6 +221,7 @@ impl Downloads {
         &self,
         upstream: Arc<Upstream>,
         repo: &RepoName,
+        caller: &Caller,
         digest: &Digest,
     ) -> (Arc<Download>, bool) {
         let mut sender = None;
@@ -239,6 +241,7 @@ impl Downloads {
                     start: start.clone(),
                     upstream,
                     repo: repo.clone(),
+                    caller: caller.clone(),
                     digest: digest.clone(),
                     tiers: self.tiers.clone(),
                     cluster: self.cluster.clone(),

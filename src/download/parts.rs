@@ -81,6 +81,7 @@ impl Job {
             let part = Part {
                 upstream: self.upstream.clone(),
                 repo: self.repo.clone(),
+                caller: self.caller.clone(),
                 digest: self.digest.clone(),
                 metrics: self.metrics.clone(),
                 size,
@@ -132,6 +133,7 @@ impl Job {
 struct Part {
     upstream: std::sync::Arc<upstream::Upstream>,
     repo: crate::oci::RepoName,
+    caller: crate::identity::Caller,
     digest: crate::oci::Digest,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     size: u64,
@@ -235,7 +237,7 @@ impl Part {
         };
         let body = self
             .upstream
-            .blob_range(&self.repo, &self.digest, spec, Some(by))
+            .blob_range(&self.repo, &self.caller, &self.digest, spec, Some(by))
             .await
             .map_err(|e| Opening::Failed(Cut::Upstream(e)))?;
         if body.size != self.size {

@@ -276,6 +276,18 @@ impl ApiError {
                     format!("{what} unknown to this repository"),
                 )
             }
+            M::NotPermitted { refusal } => match refusal {
+                crate::mirror::Refusal::Unauthorized => ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    Code::Unauthorized,
+                    "authentication required: the upstream does not let these credentials read this repository",
+                ),
+                crate::mirror::Refusal::Denied => ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    Code::Denied,
+                    "the upstream denies these credentials this repository",
+                ),
+            },
             M::PeerUnauthorized => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 Code::Unauthorized,

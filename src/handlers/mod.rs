@@ -6,6 +6,7 @@
 pub mod blobs;
 pub mod body;
 pub mod catalog;
+pub mod client_auth;
 pub mod error;
 pub mod manifests;
 pub mod ops;

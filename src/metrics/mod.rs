@@ -5,13 +5,15 @@
 //! (`text/plain; version=0.0.4`), which `promtool check metrics` reads: see [`Format`].
 //!
 //! One file per domain: `requests.rs` (client requests, refusals), `cache.rs`, `upstream.rs`,
-//! `downloads.rs`, `prefetch.rs`, `cluster.rs` (leases, coordinator, shared tier) and
+//! `downloads.rs`, `prefetch.rs`, `cluster.rs` (leases, coordinator, shared tier), `clients.rs`
+//! (clients' own upstream credentials) and
 //! `process.rs`. A metric's
 //! field, its registration and the method its caller calls live in its domain's file; the
 //! few gauges callers set directly are fields of [`Metrics`], declared there and registered by their domain file.
 //! `labels.rs` holds the label sets, `format.rs` the exposition formats.
 
 mod cache;
+mod clients;
 mod cluster;
 mod downloads;
 mod format;
@@ -28,6 +30,7 @@ use prometheus_client::registry::Registry;
 
 use self::cache::CacheMetrics;
 pub use self::cache::Totals;
+use self::clients::ClientMetrics;
 use self::cluster::ClusterMetrics;
 use self::downloads::DownloadMetrics;
 pub use self::format::Format;
@@ -46,6 +49,7 @@ pub struct Metrics {
     downloads: DownloadMetrics,
     prefetch: PrefetchMetrics,
     cluster: ClusterMetrics,
+    clients: ClientMetrics,
     // Set by their callers; registered by their domain's file.
     pub cache_size_bytes: Gauge,
     pub cache_entries: Gauge,
@@ -75,6 +79,7 @@ impl Metrics {
             downloads: DownloadMetrics::new(),
             prefetch: PrefetchMetrics::new(),
             cluster: ClusterMetrics::new(),
+            clients: ClientMetrics::new(),
             cache_size_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             cache_max_bytes: Gauge::default(),
@@ -95,6 +100,7 @@ impl Metrics {
             m.register_downloads(r);
             m.register_prefetch(r);
             m.register_cluster(r);
+            m.register_clients(r);
         }
         m
     }

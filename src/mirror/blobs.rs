@@ -12,6 +12,7 @@ use sha2::Digest as _;
 use super::ranges::OwnRanges;
 use super::{Error, Mirror, Target};
 use crate::download::{self, Download, Relay, Start, Subscriber};
+use crate::identity::Caller;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::outcome::{CacheStatus, ObjectKind, Tier};
@@ -135,12 +136,15 @@ impl Mirror {
                 return Ok(BlobAnswer::Redirect { location });
             }
             if early.is_none() {
-                let asked = self.early_ranges(&target.upstream, &target.repo, digest, requested);
+                let asked = self.early_ranges(target, digest, requested);
                 early = Some(Box::pin(asked).await);
             }
-            let (download, joined) =
-                self.downloads
-                    .join(target.upstream.clone(), &target.repo, digest);
+            let (download, joined) = self.downloads.join(
+                target.upstream.clone(),
+                &target.repo,
+                &target.caller,
+                digest,
+            );
             match Box::pin(download.started()).await {
                 Start::Streaming(handle, tier) => {
                     self.link_download(target, digest, &download, tier).await?;
@@ -152,8 +156,7 @@ impl Mirror {
                     };
                     let own = match ranges::resolve(requested, handle.size()) {
                         Resolved::Ranges(wanted) => self.own_ranges(
-                            &target.upstream,
-                            &target.repo,
+                            target,
                             digest,
                             &handle,
                             &wanted,
@@ -248,7 +251,10 @@ impl Mirror {
             self.confirm_link(target, digest, ObjectKind::Blob).await?;
             return Ok(BlobAnswer::Size { size });
         }
-        let size = target.upstream.blob_size(&target.repo, digest).await?;
+        let size = target
+            .upstream
+            .blob_size(&target.repo, &target.caller, digest)
+            .await?;
         self.link(target, digest).await;
         Ok(BlobAnswer::Size { size })
     }
@@ -315,6 +321,7 @@ impl Mirror {
             relay,
             upstream: target.upstream.clone(),
             repo: target.repo.clone(),
+            caller: target.caller.clone(),
             digest: digest.clone(),
             tiers: self.tiers.clone(),
             metrics: self.metrics.clone(),
@@ -331,6 +338,7 @@ pub struct Relayed {
     held: Option<Subscriber>,
     upstream: Arc<Upstream>,
     repo: RepoName,
+    caller: Caller,
     digest: Digest,
     tiers: Arc<Tiers>,
     metrics: Arc<Metrics>,
@@ -396,7 +404,7 @@ impl Relayed {
         }
         let body = self
             .upstream
-            .blob(&self.repo, &self.digest, offset, None)
+            .blob(&self.repo, &self.caller, &self.digest, offset, None)
             .await
             .map_err(io::Error::other)?;
         if body.size != self.size() {

@@ -48,6 +48,10 @@ pub enum Error {
     /// for (404, or access refused): it is not there, for that repository.
     #[error("the {} is not in this repository upstream", .kind.as_str())]
     NotInRepository { kind: ObjectKind },
+    /// The upstream refuses the client's own credentials (or their absence) this repository
+    /// (`credentials = "client"`).
+    #[error("the upstream refuses this client the repository ({refusal:?})")]
+    NotPermitted { refusal: super::access::Refusal },
     /// A replica-to-replica request without the cluster secret (or to a replica without a
     /// cluster).
     #[error("a peer request without the cluster secret")]

@@ -120,6 +120,7 @@ impl Housekeeping {
                     errors.push((at, u.name.clone(), error));
                 }
                 let budget = u.budget();
+                let (client_accounts, client_lowest) = u.client_budgets();
                 // The window is counted from the reading: by then the budget is whole again.
                 let refills_in = budget.as_ref().map(|b| {
                     let refill = b.updated + std::time::Duration::from_secs(b.window_secs);
@@ -137,6 +138,13 @@ impl Housekeeping {
                     "counted_pulls": u.counted_pulls(),
                     "urls": u.urls(),
                     "budget_reserve": u.config().budget_reserve,
+                    "credentials": u.config().credentials,
+                    // Clients' own accounts (`credentials = "client"`), never named: how many
+                    // the mirror has read a budget of, and the lowest remaining.
+                    "client_budgets": {
+                        "accounts": client_accounts,
+                        "lowest_remaining": client_lowest,
+                    },
                 })
             })
             .collect();

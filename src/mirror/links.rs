@@ -59,14 +59,20 @@ impl Mirror {
         let confirmed = match kind {
             ObjectKind::Blob => target
                 .upstream
-                .blob_size(&target.repo, digest)
+                .blob_size(&target.repo, &target.caller, digest)
                 .await
                 .map(drop),
             ObjectKind::Manifest => {
                 let reference = Reference::Digest(digest.clone());
                 target
                     .upstream
-                    .manifest(&target.repo, &reference, true, media::ACCEPT_ALL)
+                    .manifest(
+                        &target.repo,
+                        &target.caller,
+                        &reference,
+                        true,
+                        media::ACCEPT_ALL,
+                    )
                     .await
                     .map(drop)
             }

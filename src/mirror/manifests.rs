@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::fleet::FleetTag;
 use super::{Error, Mirror, Target};
+use crate::identity::Caller;
 use crate::oci::{media, Accept, Digest, Reference, RepoName, Tag};
 use crate::outcome::{CacheStatus, ObjectKind};
 use crate::store::manifests::Manifest;
@@ -287,7 +288,13 @@ impl Mirror {
         let reference = Reference::Digest(digest.clone());
         let m = target
             .upstream
-            .manifest(&target.repo, &reference, true, media::ACCEPT_ALL)
+            .manifest(
+                &target.repo,
+                &target.caller,
+                &reference,
+                true,
+                media::ACCEPT_ALL,
+            )
             .await?;
         let Some(size) = m.size else {
             return Err(upstream::Error::Protocol {
@@ -367,6 +374,7 @@ impl Mirror {
         let stale = cached.clone();
         let this = self.clone();
         let up = target.upstream.clone();
+        let caller = target.caller.clone();
         let flight_key = key.clone();
         let flight = Box::pin(self.tag_flights.run(&key, || async move {
             // A flight that ended between our read and this one may have stored the tag.
@@ -397,9 +405,9 @@ impl Mirror {
                 _ => cached,
             };
             let result = match cached {
-                None if want_body => this.fetch_tag(&up, &flight_key).await,
+                None if want_body => this.fetch_tag(&up, &caller, &flight_key).await,
                 cached => {
-                    this.revalidate_tag(&up, &flight_key, cached, want_body)
+                    this.revalidate_tag(&up, &caller, &flight_key, cached, want_body)
                         .await
                 }
             };
@@ -443,13 +451,14 @@ impl Mirror {
     async fn revalidate_tag(
         &self,
         up: &Upstream,
+        caller: &Caller,
         key: &TagKey,
         cached: Option<TagRecord>,
         want_body: bool,
     ) -> TagResult {
         let reference = Reference::Tag(key.tag.clone());
         let head = up
-            .manifest(&key.repo, &reference, true, media::ACCEPT_ALL)
+            .manifest(&key.repo, caller, &reference, true, media::ACCEPT_ALL)
             .await;
         let m = match head {
             Ok(m) => m,
@@ -460,7 +469,7 @@ impl Mirror {
             if let (true, Some(record)) = (up.budget_is_low(), &cached) {
                 return Ok(self.stale(key, record.clone(), &"the pull budget is at its reserve"));
             }
-            return match self.fetch_tag(up, key).await {
+            return match self.fetch_tag(up, caller, key).await {
                 Err(Error::Upstream(e)) => self.stale_or(e, key, cached),
                 other => other,
             };
@@ -493,7 +502,7 @@ impl Mirror {
                     );
                     return Ok(self.stale(key, record.clone(), &why));
                 }
-                match self.back_head_digest(up, key, &digest).await {
+                match self.back_head_digest(up, caller, key, &digest).await {
                     Ok(fetched) => fetched,
                     Err(e) => return self.unbacked(key, &digest, e, cached),
                 }
@@ -523,12 +532,13 @@ impl Mirror {
     async fn back_head_digest(
         &self,
         up: &Upstream,
+        caller: &Caller,
         key: &TagKey,
         digest: &Digest,
     ) -> Result<Fetched, Error> {
         let reference = Reference::Digest(digest.clone());
         let m = up
-            .manifest(&key.repo, &reference, false, media::ACCEPT_ALL)
+            .manifest(&key.repo, caller, &reference, false, media::ACCEPT_ALL)
             .await?;
         self.verify_and_store(m, Some(digest)).await
     }
@@ -582,13 +592,19 @@ impl Mirror {
     /// Makes sure the manifest bytes for `digest` are stored, fetching them if needed: a
     /// `Hit` from the store or the shared tier, else a `Miss` fetched from the upstream for
     /// `repo`.
-    async fn manifest_bytes(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> FetchResult {
+    async fn manifest_bytes(
+        &self,
+        up: &Upstream,
+        caller: &Caller,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> FetchResult {
         if let Some(m) = self.held_manifest(digest).await? {
             return Ok((Fetched::Stored(m), CacheStatus::Hit));
         }
         let reference = Reference::Digest(digest.clone());
         let m = up
-            .manifest(repo, &reference, false, media::ACCEPT_ALL)
+            .manifest(repo, caller, &reference, false, media::ACCEPT_ALL)
             .await?;
         Ok((
             self.verify_and_store(m, Some(digest)).await?,
@@ -626,10 +642,10 @@ impl Mirror {
     }
 
     /// GETs a tag (one counted pull), storing the manifest and the tag.
-    async fn fetch_tag(&self, up: &Upstream, key: &TagKey) -> TagResult {
+    async fn fetch_tag(&self, up: &Upstream, caller: &Caller, key: &TagKey) -> TagResult {
         let reference = Reference::Tag(key.tag.clone());
         let m = up
-            .manifest(&key.repo, &reference, false, media::ACCEPT_ALL)
+            .manifest(&key.repo, caller, &reference, false, media::ACCEPT_ALL)
             .await?;
         let manifest = match self.verify_and_store(m, None).await? {
             Fetched::Stored(m) => m,
@@ -653,11 +669,12 @@ impl Mirror {
         );
         let this = self.clone();
         let up = target.upstream.clone();
+        let caller = target.caller.clone();
         let (repo, digest) = (target.repo.clone(), digest.clone());
         // Boxed, as every miss path here: inline, a miss's state would make every hit's
         // future kilobytes larger, and each request's future is moved into its task.
         let (result, coalesced) = Box::pin(self.manifest_flights.run(&key, || async move {
-            this.manifest_bytes(&up, &repo, &digest).await
+            this.manifest_bytes(&up, &caller, &repo, &digest).await
         }))
         .await?;
         result.map(|(m, s)| (m, s.joined(coalesced)))

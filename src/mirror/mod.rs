@@ -4,6 +4,7 @@
 //! upstream clients), never the other way round. Every answer is a named value
 //! ([`ManifestAnswer`], [`BlobAnswer`]), and every failure an [`Error`] with its cause.
 
+mod access;
 mod blobs;
 mod budget;
 mod error;
@@ -20,6 +21,7 @@ pub mod stats;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use access::{Probe, Refusal};
 pub use blobs::BlobAnswer;
 pub use error::Error;
 pub use housekeeping::Housekeeping;
@@ -31,6 +33,7 @@ use crate::cluster::members::Members;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::download::Downloads;
+use crate::identity::{Caller, Clients};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::policy::Policy;
@@ -47,6 +50,9 @@ pub struct Target {
     upstream: Arc<Upstream>,
     policy: Arc<Policy>,
     repo: RepoName,
+    /// On whose behalf the upstream is asked: the mirror itself, unless the upstream takes
+    /// clients' credentials (`credentials = "client"`) and [`Mirror::authorize`] said whose.
+    caller: Caller,
 }
 
 impl Target {
@@ -57,6 +63,12 @@ impl Target {
 
     pub fn repo(&self) -> &RepoName {
         &self.repo
+    }
+
+    /// Whether the upstream takes each client's own credentials: requests for it go through
+    /// [`Mirror::authorize`] first.
+    pub fn takes_client_credentials(&self) -> bool {
+        self.upstream.config().credentials == crate::config::CredentialsMode::Client
     }
 }
 
@@ -102,6 +114,11 @@ pub struct Mirror {
     referrer_flights: Coalesce<referrers::ReferrersKey, referrers::ReferrersResult>,
     /// Referrers lists by (registry, repository, subject), with when they were fetched.
     referrers: referrers::ReferrersCache,
+    /// Which callers may read which repositories (`credentials = "client"`).
+    access: access::Confirmations,
+    /// Clients' identities and the tokens issued to them; `None` when no upstream takes
+    /// clients' credentials.
+    clients: Option<Arc<Clients>>,
 }
 
 impl Mirror {
@@ -195,6 +212,17 @@ impl Mirror {
             repositories: stats::Repositories::default(),
             referrer_flights: Coalesce::default(),
             referrers: referrers::cache(),
+            access: access::Confirmations::default(),
+            clients: config
+                .upstreams
+                .values()
+                .any(|u| u.credentials == crate::config::CredentialsMode::Client)
+                .then(|| {
+                    Arc::new(Clients::new(
+                        config.cluster.as_ref().and_then(|c| c.secret.as_ref()),
+                        config.server.tls_cert.is_some(),
+                    ))
+                }),
             clock,
             config,
         })
@@ -214,6 +242,7 @@ impl Mirror {
             upstream: upstream.clone(),
             policy: policy.clone(),
             repo,
+            caller: Caller::Mirror,
         })
     }
 
@@ -282,10 +311,18 @@ impl Mirror {
         target: &Target,
         query: Option<&str>,
     ) -> Result<upstream::TagsPage, Error> {
-        Ok(target.upstream.tags(&target.repo, query).await?)
+        Ok(target
+            .upstream
+            .tags(&target.repo, &target.caller, query)
+            .await?)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Clients' identities and tokens, when an upstream takes clients' credentials.
+    pub fn clients(&self) -> Option<&Arc<Clients>> {
+        self.clients.as_ref()
     }
 }

@@ -262,9 +262,12 @@ impl Mirror {
         let Some(starting) = self.prefetch.admit(&target.upstream) else {
             return Err(Prefetched::Skipped);
         };
-        let (download, joined) = self
-            .downloads
-            .join(target.upstream.clone(), &target.repo, digest);
+        let (download, joined) = self.downloads.join(
+            target.upstream.clone(),
+            &target.repo,
+            &target.caller,
+            digest,
+        );
         if joined {
             return Err(Prefetched::InFlight);
         }

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use tokio::task::JoinHandle;
 
-use super::Mirror;
+use super::{Mirror, Target};
+use crate::identity::Caller;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::outcome::Tier;
@@ -56,6 +57,7 @@ impl OwnRanges {
 struct Source {
     upstream: Arc<Upstream>,
     repo: RepoName,
+    caller: Caller,
     digest: Digest,
     tiers: Arc<Tiers>,
     metrics: Arc<Metrics>,
@@ -82,8 +84,7 @@ impl Mirror {
     /// under way whose answer is in.
     pub(super) async fn early_ranges(
         &self,
-        upstream: &Arc<Upstream>,
-        repo: &RepoName,
+        target: &Target,
         digest: &Digest,
         requested: &Requested,
     ) -> Vec<Early> {
@@ -103,7 +104,7 @@ impl Mirror {
         if self.tiers.shared_blob_size(digest).await.is_some() {
             return Vec::new();
         }
-        let source = self.range_source(upstream, repo, digest);
+        let source = self.range_source(target, digest);
         specs
             .iter()
             .take(EARLY_AT_ONCE)
@@ -123,8 +124,7 @@ impl Mirror {
     /// ones (the first few at once).
     pub(super) fn own_ranges(
         &self,
-        upstream: &Arc<Upstream>,
-        repo: &RepoName,
+        target: &Target,
         digest: &Digest,
         handle: &BlobHandle,
         ranges: &[(u64, u64)],
@@ -137,7 +137,7 @@ impl Mirror {
             .into_iter()
             .filter_map(|e| Some((e.spec.resolve(size)?, e.opening)))
             .collect();
-        let source = self.range_source(upstream, repo, digest);
+        let source = self.range_source(target, digest);
         let mut own = HashMap::new();
         let mut at_once = 0;
         for &(start, end) in ranges {
@@ -164,10 +164,11 @@ impl Mirror {
         OwnRanges(own)
     }
 
-    fn range_source(&self, upstream: &Arc<Upstream>, repo: &RepoName, digest: &Digest) -> Source {
+    fn range_source(&self, target: &Target, digest: &Digest) -> Source {
         Source {
-            upstream: upstream.clone(),
-            repo: repo.clone(),
+            upstream: target.upstream.clone(),
+            repo: target.repo.clone(),
+            caller: target.caller.clone(),
             digest: digest.clone(),
             tiers: self.tiers.clone(),
             metrics: self.metrics.clone(),
@@ -224,7 +225,7 @@ impl Source {
         let by = tokio::time::Instant::now() + self.upstream.config().first_byte_timeout;
         let body = self
             .upstream
-            .blob_range(&self.repo, &self.digest, spec, Some(by))
+            .blob_range(&self.repo, &self.caller, &self.digest, spec, Some(by))
             .await
             .map_err(io::Error::other)?;
         if size.is_some_and(|s| s != body.size) {

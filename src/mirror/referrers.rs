@@ -114,7 +114,11 @@ impl Mirror {
         target: &Target,
         subject: &Digest,
     ) -> Result<Descriptors, Error> {
-        match target.upstream.referrers(&target.repo, subject).await {
+        match target
+            .upstream
+            .referrers(&target.repo, &target.caller, subject)
+            .await
+        {
             Ok(index) => Ok(Arc::new(index.manifests)),
             Err(upstream::Error::NotFound { .. }) => self.referrers_tag(target, subject).await,
             Err(e) => Err(e.into()),

@@ -3,7 +3,8 @@
 //! The first request to an upstream URL goes out anonymously; its 401 challenge tells us the
 //! token realm and service (or that the registry wants Basic on every request), which are
 //! remembered so later repositories get a token before their first request. Tokens are cached
-//! per repository scope until shortly before they expire. One `Auth` serves one upstream URL:
+//! per repository scope and caller until shortly before they expire: a client's token is
+//! used for that client alone (`credentials = "client"`). One `Auth` serves one upstream URL:
 //! realms differ between URLs, and so do their tokens.
 
 use std::sync::{Arc, RwLock};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use super::credentials::{Credential, Credentials};
 use super::Error;
 use crate::config::Secret;
+use crate::identity::{Caller, Who};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 
@@ -98,8 +100,13 @@ struct Token {
 
 struct TokenExpiry;
 
-impl moka::Expiry<String, Token> for TokenExpiry {
-    fn expire_after_create(&self, _: &String, token: &Token, _: Instant) -> Option<Duration> {
+impl moka::Expiry<(Who, String), Token> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _: &(Who, String),
+        token: &Token,
+        _: Instant,
+    ) -> Option<Duration> {
         // Refresh a little before the upstream's expiry so a token never dies in flight.
         let margin = (token.lifetime / 10).max(Duration::from_secs(5));
         Some(token.lifetime.saturating_sub(margin))
@@ -117,9 +124,13 @@ pub struct Auth {
     upstream: String,
     http: reqwest::Client,
     credentials: Credentials,
+    /// Whether a client's own credentials go to this URL (`credentials = "client"`, the first
+    /// URL): otherwise a client's requests go out as the mirror's own.
+    takes_client_credentials: bool,
     /// The last challenge seen; a plain lock because it is only ever read or replaced.
     challenge: RwLock<Option<Challenge>>,
-    tokens: Cache<String, Token>,
+    /// By caller and scope: one caller's token never goes out with another's request.
+    tokens: Cache<(Who, String), Token>,
     metrics: Arc<Metrics>,
     /// The most a token exchange (request and answer) may take: every request of its scope
     /// waits for it, before its own timeout starts.
@@ -131,6 +142,7 @@ impl Auth {
         upstream: String,
         http: reqwest::Client,
         credentials: Credentials,
+        takes_client_credentials: bool,
         metrics: Arc<Metrics>,
         timeout: Duration,
     ) -> Auth {
@@ -138,6 +150,7 @@ impl Auth {
             upstream,
             http,
             credentials,
+            takes_client_credentials,
             timeout,
             challenge: RwLock::new(None),
             tokens: Cache::builder()
@@ -163,33 +176,59 @@ impl Auth {
         ))
     }
 
+    /// Who `caller`'s requests go out as here: a client's own credentials only where they
+    /// are taken, the mirror's otherwise.
+    fn effective<'c>(&self, caller: &'c Caller) -> &'c Caller {
+        match caller {
+            Caller::Client(_) | Caller::Anonymous if !self.takes_client_credentials => {
+                &Caller::Mirror
+            }
+            c => c,
+        }
+    }
+
+    /// The credentials `caller`'s requests carry (after [`Auth::effective`]).
+    async fn credential(&self, caller: &Caller) -> Result<Option<Credential>, Error> {
+        match caller {
+            Caller::Mirror => self.credentials.get().await,
+            Caller::Anonymous => Ok(None),
+            Caller::Client(c) => Ok(Some(c.credential.clone())),
+        }
+    }
+
     /// The `Authorization` of a Basic-only registry: the credentials on every request.
-    async fn basic_authorization(&self) -> Result<Option<Secret>, Error> {
-        match self.credentials.get().await? {
+    async fn basic_authorization(&self, caller: &Caller) -> Result<Option<Secret>, Error> {
+        match self.credential(caller).await? {
             None => Ok(None),
             Some(Credential::Password { username, password }) => {
                 Ok(Some(Self::basic(&username, &password)))
             }
             Some(Credential::IdentityToken(_)) => Err(Error::Credentials {
                 upstream: self.upstream.clone(),
-                detail: "the helper answered an identity token, which a Basic-only registry does not take".into(),
+                detail: "the credentials are an identity token, which a Basic-only registry does not take".into(),
             }),
         }
     }
 
-    /// The `Authorization` value for a request on `repo`, if the upstream is known to want one.
-    pub async fn authorization(&self, repo: Option<&RepoName>) -> Result<Option<Secret>, Error> {
+    /// The `Authorization` value for `caller`'s request on `repo`, if the upstream is known
+    /// to want one.
+    pub async fn authorization(
+        &self,
+        repo: Option<&RepoName>,
+        caller: &Caller,
+    ) -> Result<Option<Secret>, Error> {
+        let caller = self.effective(caller);
         let challenge = crate::sync::read(&self.challenge).clone();
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => self.basic_authorization().await,
+            Some(Challenge::Basic) => self.basic_authorization(caller).await,
             Some(Challenge::Bearer { realm, service }) => {
                 let scope = Self::scope(repo);
                 let token = self
                     .tokens
                     .try_get_with(
-                        scope.clone(),
-                        self.fetch_token(&realm, service.as_deref(), &scope),
+                        (caller.who(), scope.clone()),
+                        self.fetch_token(&realm, service.as_deref(), &scope, caller),
                     )
                     .await
                     .map_err(|e: Arc<Error>| (*e).clone())?;
@@ -201,21 +240,30 @@ impl Auth {
         }
     }
 
-    /// Records a 401's challenge and drops the token that was refused. Returns whether a retry
-    /// can succeed (the challenge is one we can answer).
+    /// Records a 401's challenge and drops `caller`'s token that was refused. Returns whether
+    /// a retry can succeed (the challenge is one we can answer).
     pub async fn on_unauthorized(
         &self,
         www_authenticate: Option<&str>,
         repo: Option<&RepoName>,
+        caller: &Caller,
     ) -> bool {
+        let caller = self.effective(caller);
         let Some(challenge) = www_authenticate.and_then(parse_challenge) else {
             return false;
         };
-        if challenge == Challenge::Basic && self.credentials.is_anonymous() {
+        let anonymous = match caller {
+            Caller::Mirror => self.credentials.is_anonymous(),
+            Caller::Anonymous => true,
+            Caller::Client(_) => false,
+        };
+        if challenge == Challenge::Basic && anonymous {
             return false;
         }
         *crate::sync::write(&self.challenge) = Some(challenge);
-        self.tokens.invalidate(&Self::scope(repo)).await;
+        self.tokens
+            .invalidate(&(caller.who(), Self::scope(repo)))
+            .await;
         true
     }
 
@@ -226,9 +274,11 @@ impl Auth {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        caller: &Caller,
     ) -> Result<Token, Error> {
         let asked = std::time::Instant::now();
-        match tokio::time::timeout(self.timeout, self.exchange(realm, service, scope)).await {
+        let exchange = self.exchange(realm, service, scope, caller);
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => {
                 self.metrics
@@ -246,6 +296,7 @@ impl Auth {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        caller: &Caller,
     ) -> Result<Token, Error> {
         let realm = url::Url::parse(realm).map_err(|_| Error::Protocol {
             upstream: self.upstream.clone(),
@@ -261,7 +312,7 @@ impl Auth {
                 q.append_pair("scope", scope);
             }
         }
-        let req = match self.credentials.get().await? {
+        let req = match self.credential(caller).await? {
             None => self.http.get(url),
             Some(Credential::Password { username, password }) => {
                 let mut value =
@@ -313,7 +364,11 @@ impl Auth {
             tracing::warn!(upstream = %self.upstream, %status, "token request refused");
             return Err(match status.as_u16() {
                 401 => Error::Unauthorized {
-                    message: "upstream refused the configured credentials".into(),
+                    message: match caller {
+                        Caller::Client(_) => "upstream refused the client's credentials",
+                        _ => "upstream refused the configured credentials",
+                    }
+                    .into(),
                 },
                 403 => Error::Denied {
                     message: "upstream denied access to the repository".into(),

@@ -9,6 +9,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::send::{header_length, Call};
 use super::{Error, Upstream};
+use crate::identity::Caller;
 use crate::oci::{Digest, RepoName};
 use crate::ranges::Spec;
 
@@ -94,6 +95,7 @@ impl Upstream {
     pub async fn blob(
         &self,
         repo: &RepoName,
+        caller: &Caller,
         digest: &Digest,
         offset: u64,
         by: Option<tokio::time::Instant>,
@@ -103,7 +105,7 @@ impl Upstream {
             last: None,
         };
         let ask = offset > 0 || self.config.parallel_parts > 1;
-        self.blob_bytes(repo, digest, spec, ask, by).await
+        self.blob_bytes(repo, caller, digest, spec, ask, by).await
     }
 
     /// `GET` of the bytes `spec` names (a `Range` request): a part of a download, or a
@@ -111,16 +113,18 @@ impl Upstream {
     pub async fn blob_range(
         &self,
         repo: &RepoName,
+        caller: &Caller,
         digest: &Digest,
         spec: Spec,
         by: Option<tokio::time::Instant>,
     ) -> Result<BlobBody, Error> {
-        self.blob_bytes(repo, digest, spec, true, by).await
+        self.blob_bytes(repo, caller, digest, spec, true, by).await
     }
 
     async fn blob_bytes(
         &self,
         repo: &RepoName,
+        caller: &Caller,
         digest: &Digest,
         spec: Spec,
         ask: bool,
@@ -138,6 +142,7 @@ impl Upstream {
                 kind: "blob_get",
                 method: Method::GET,
                 repo,
+                caller,
                 tail: &path,
                 query: None,
                 headers,
@@ -183,6 +188,7 @@ impl Upstream {
                             kind: "blob_head",
                             method: Method::HEAD,
                             repo,
+                            caller,
                             tail: &path,
                             query: None,
                             headers: HeaderMap::new(),
@@ -220,12 +226,18 @@ impl Upstream {
     }
 
     /// `HEAD` of a blob: its size, without downloading it.
-    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
+    pub async fn blob_size(
+        &self,
+        repo: &RepoName,
+        caller: &Caller,
+        digest: &Digest,
+    ) -> Result<u64, Error> {
         let resp = self
             .send(Call {
                 kind: "blob_head",
                 method: Method::HEAD,
                 repo,
+                caller,
                 tail: &format!("blobs/{digest}"),
                 query: None,
                 headers: HeaderMap::new(),

@@ -10,8 +10,33 @@ use http::HeaderMap;
 
 use super::ratelimit::Budget;
 use super::{Error, Upstream};
+use crate::identity::Identity;
+
+/// The most client accounts whose budget is remembered per upstream; the least recently
+/// reported go first.
+pub(super) const MAX_CLIENT_BUDGETS: u64 = 1024;
 
 impl Upstream {
+    /// Records the budget a client's account reported, and updates the mirror-wide view of
+    /// the clients' budgets (how many, the lowest remaining), which never names an account.
+    pub(super) fn observe_client_budget(&self, identity: Identity, headers: &HeaderMap) {
+        let Some(budget) = super::ratelimit::parse(headers, self.clock.now()) else {
+            return;
+        };
+        self.client_budgets.insert(identity, budget);
+        self.client_budgets.run_pending_tasks();
+        let lowest = self.client_budgets.iter().map(|(_, b)| b.remaining).min();
+        self.metrics
+            .client_budgets(&self.name, self.client_budgets.entry_count(), lowest);
+    }
+
+    /// The clients' budgets as the status page shows them: how many accounts, the lowest
+    /// remaining.
+    pub fn client_budgets(&self) -> (u64, Option<u64>) {
+        let lowest = self.client_budgets.iter().map(|(_, b)| b.remaining).min();
+        (self.client_budgets.entry_count(), lowest)
+    }
+
     /// The pull budget of the URL the next request goes to.
     pub fn budget(&self) -> Option<Budget> {
         self.next_endpoint().budget.latest()

@@ -25,14 +25,7 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The `Username` by which a helper says its `Secret` is an identity token.
 const IDENTITY_TOKEN_USER: &str = "<token>";
 
-/// One set of credentials for an upstream.
-#[derive(Debug, Clone)]
-pub enum Credential {
-    /// Sent as Basic auth, to the token realm or (for Basic-only registries) on every request.
-    Password { username: String, password: Secret },
-    /// An OAuth2 refresh token, exchanged at the token realm for an access token.
-    IdentityToken(Secret),
-}
+pub use crate::identity::Credential;
 
 /// The source of an upstream's credentials.
 pub enum Credentials {

@@ -7,6 +7,7 @@ use http::{header, HeaderMap, HeaderValue, Method};
 
 use super::send::{header_length, Call};
 use super::{Error, Upstream};
+use crate::identity::Caller;
 use crate::oci::{Digest, Reference, RepoName};
 
 /// Manifests larger than this are refused: the distribution registry's own limit.
@@ -28,6 +29,7 @@ impl Upstream {
     pub async fn manifest(
         &self,
         repo: &RepoName,
+        caller: &Caller,
         reference: &Reference,
         head: bool,
         accept: &str,
@@ -47,6 +49,7 @@ impl Upstream {
                 kind,
                 method,
                 repo,
+                caller,
                 tail: &format!("manifests/{reference}"),
                 query: None,
                 headers,
@@ -75,8 +78,17 @@ impl Upstream {
             }
         };
         let resp = sent.resp;
-        if let Some(budget) = self.observe_budget(sent.endpoint, resp.headers()) {
-            self.share_budget(sent.endpoint, &budget).await;
+        match caller {
+            // A client's account has a budget of its own (Docker Hub counts per account): not
+            // the mirror's, which decides when cached tags are served stale.
+            Caller::Client(c) if sent.endpoint == 0 => {
+                self.observe_client_budget(c.identity, resp.headers())
+            }
+            _ => {
+                if let Some(budget) = self.observe_budget(sent.endpoint, resp.headers()) {
+                    self.share_budget(sent.endpoint, &budget).await;
+                }
+            }
         }
         if !head {
             self.counted_pulls.fetch_add(1, Ordering::Relaxed);

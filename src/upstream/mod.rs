@@ -97,6 +97,8 @@ pub struct Upstream {
     cluster: Option<Arc<Cluster>>,
     /// When the others' state was last learned (see `fleet`).
     synced_at: Mutex<Option<SystemTime>>,
+    /// The pull budgets clients' own accounts reported (`credentials = "client"`), by identity.
+    client_budgets: moka::sync::Cache<crate::identity::Identity, ratelimit::Budget>,
     /// The latest failures (not 404s), newest last, for the status page.
     recent_errors: Mutex<std::collections::VecDeque<(SystemTime, String)>>,
 }
@@ -153,6 +155,9 @@ impl Upstream {
                     name.to_owned(),
                     http.clone(),
                     credentials,
+                    // A client's credentials are for the registry it named, never for another
+                    // operator's fallback URL.
+                    i == 0 && config.credentials == crate::config::CredentialsMode::Client,
                     metrics.clone(),
                     config.first_byte_timeout,
                 ),
@@ -185,6 +190,7 @@ impl Upstream {
             cluster,
             synced_at: Mutex::new(None),
             recent_errors: Mutex::new(std::collections::VecDeque::new()),
+            client_budgets: moka::sync::Cache::new(budget::MAX_CLIENT_BUDGETS),
             pull_cap,
             concurrency,
             request_rate,
@@ -197,5 +203,12 @@ impl Upstream {
 
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// Whether the mirror has credentials of its own for this upstream (mixed mode, with
+    /// `credentials = "client"`).
+    pub fn has_own_credentials(&self) -> bool {
+        self.config.credential_helper.is_some()
+            || (self.config.username.is_some() && self.config.password.is_some())
     }
 }

@@ -4,6 +4,7 @@ use http::{header, HeaderMap, HeaderValue, Method};
 
 use super::send::Call;
 use super::{Error, Upstream, MAX_MANIFEST_BYTES};
+use crate::identity::Caller;
 use crate::oci::{Digest, RepoName};
 
 /// The descriptors of an upstream's referrers answer (`GET /v2/<name>/referrers/<digest>`):
@@ -20,6 +21,7 @@ impl Upstream {
     pub async fn referrers(
         &self,
         repo: &RepoName,
+        caller: &Caller,
         subject: &Digest,
     ) -> Result<ReferrersIndex, Error> {
         let mut headers = HeaderMap::new();
@@ -32,6 +34,7 @@ impl Upstream {
                 kind: "referrers",
                 method: Method::GET,
                 repo,
+                caller,
                 tail: &format!("referrers/{subject}"),
                 query: None,
                 headers,

@@ -12,6 +12,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{health, Endpoint, Error, Upstream};
+use crate::identity::Caller;
 use crate::oci::RepoName;
 
 /// What one upstream request asks, whichever of the upstream's URLs it goes to.
@@ -20,6 +21,8 @@ pub(super) struct Call<'a> {
     pub(super) kind: &'static str,
     pub(super) method: Method,
     pub(super) repo: &'a RepoName,
+    /// On whose behalf: whose credentials (and tokens) it carries.
+    pub(super) caller: &'a Caller,
     /// The path after `/v2/<repo>/`.
     pub(super) tail: &'a str,
     pub(super) query: Option<&'a str>,
@@ -161,7 +164,7 @@ impl Upstream {
         call: &Call<'_>,
         url: url::Url,
     ) -> Result<reqwest::Response, Error> {
-        let (kind, method, repo) = (call.kind, &call.method, call.repo);
+        let (kind, method, repo, caller) = (call.kind, &call.method, call.repo, call.caller);
         let mut answered_challenge = false;
         // One deadline for the token and the response headers: a client waits for both.
         let own = tokio::time::Instant::now()
@@ -177,7 +180,7 @@ impl Upstream {
                 .request(method.clone(), url.clone())
                 .headers(call.headers.clone());
             let authorization =
-                tokio::time::timeout_at(deadline, endpoint.auth.authorization(Some(repo)))
+                tokio::time::timeout_at(deadline, endpoint.auth.authorization(Some(repo), caller))
                     .await
                     .map_err(|_| Error::Timeout {
                         upstream: self.name.clone(),
@@ -226,7 +229,7 @@ impl Upstream {
                     .map(str::to_owned);
                 if endpoint
                     .auth
-                    .on_unauthorized(challenge.as_deref(), Some(repo))
+                    .on_unauthorized(challenge.as_deref(), Some(repo), caller)
                     .await
                 {
                     answered_challenge = true;

@@ -5,6 +5,7 @@ use http::{header, HeaderMap, HeaderValue, Method};
 
 use super::send::Call;
 use super::{Error, Upstream, MAX_MANIFEST_BYTES};
+use crate::identity::Caller;
 use crate::oci::RepoName;
 
 /// One page of a repository's tags, as the upstream sent it.
@@ -17,12 +18,18 @@ pub struct TagsPage {
 
 impl Upstream {
     /// `GET tags/list`, passed through with the client's query (`n`, `last`).
-    pub async fn tags(&self, repo: &RepoName, query: Option<&str>) -> Result<TagsPage, Error> {
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        caller: &Caller,
+        query: Option<&str>,
+    ) -> Result<TagsPage, Error> {
         let sent = self
             .send(Call {
                 kind: "tags",
                 method: Method::GET,
                 repo,
+                caller,
                 tail: "tags/list",
                 query,
                 headers: HeaderMap::new(),

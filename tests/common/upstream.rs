@@ -114,6 +114,39 @@ pub struct Behaviour {
     pub missing_repos: Vec<String>,
     /// A HEAD of a tag answers `Docker-Content-Digest: sha256:000…0` (a lying upstream).
     pub lie_on_tag_head: bool,
+    /// Accounts with per-repository rights, as Docker Hub has them: when any is set, every
+    /// registry request needs a token, and a token grants the scope it asked for only when
+    /// the repository is public or one of its account's.
+    pub accounts: Vec<Account>,
+    /// Repositories anyone (an anonymous token included) may read, with `accounts`.
+    pub public_repos: Vec<String>,
+}
+
+/// An account of the token realm (`Behaviour::accounts`).
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub user: String,
+    pub pass: String,
+    /// The private repositories it may read.
+    pub repos: Vec<String>,
+}
+
+impl Account {
+    pub fn new(user: &str, pass: &str, repos: &[&str]) -> Account {
+        Account {
+            user: user.into(),
+            pass: pass.into(),
+            repos: repos.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+}
+
+/// What a token was issued for: the account (`None`: anonymous) and the repository granted,
+/// if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub account: Option<String>,
+    pub repo: Option<String>,
 }
 
 /// The digest a lying tag HEAD names (`Behaviour::lie_on_tag_head`).
@@ -154,6 +187,7 @@ pub struct State {
     pub seen: Mutex<Vec<Seen>>,
     pub release: Notify,
     valid_tokens: Mutex<Vec<String>>,
+    grants: Mutex<HashMap<String, Grant>>,
     token_serial: AtomicU64,
     registry_addr: Mutex<Option<SocketAddr>>,
     token_addr: Mutex<Option<SocketAddr>>,
@@ -187,6 +221,7 @@ impl FakeUpstream {
             seen: Mutex::new(Vec::new()),
             release: Notify::new(),
             valid_tokens: Mutex::new(Vec::new()),
+            grants: Mutex::new(HashMap::new()),
             token_serial: AtomicU64::new(0),
             registry_addr: Mutex::new(None),
             token_addr: Mutex::new(None),
@@ -256,6 +291,29 @@ impl FakeUpstream {
     /// The most registry requests that were being answered at once.
     pub fn max_in_flight(&self) -> u64 {
         n(&self.state.counters.max_in_flight)
+    }
+
+    /// What the token in a request's `Authorization` was issued for (`Behaviour::accounts`).
+    pub fn grant_of(&self, headers: &HeaderMap) -> Option<Grant> {
+        let token = headers
+            .get("authorization")?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?;
+        self.state.grants.lock().unwrap().get(token).cloned()
+    }
+
+    /// Registry requests (not tokens) under `repo`, as seen, oldest first.
+    pub fn seen_under(&self, repo: &str) -> Vec<Seen> {
+        let prefix = format!("/v2/{repo}/");
+        self.state
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.host == "registry" && s.path.starts_with(&prefix))
+            .cloned()
+            .collect()
     }
 
     /// Forgets every issued token, as if they had expired upstream.
@@ -522,6 +580,40 @@ async fn token(state: &State, req: Request<Incoming>) -> Response<Body> {
         return issue_token(state, true);
     }
     let b = state.behaviour.lock().unwrap();
+    if !b.accounts.is_empty() {
+        let sent = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let account = match sent {
+            None => None,
+            Some(sent) => match b.accounts.iter().find(|a| basic(&a.user, &a.pass) == sent) {
+                Some(a) => Some(a.clone()),
+                None => return oci_error(401, "UNAUTHORIZED", "bad credentials"),
+            },
+        };
+        let scope_repo = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "scope")
+            .and_then(|(_, v)| {
+                v.strip_prefix("repository:")
+                    .and_then(|r| r.strip_suffix(":pull"))
+                    .map(str::to_owned)
+            });
+        let granted = scope_repo.filter(|r| {
+            b.public_repos.contains(r) || account.as_ref().is_some_and(|a| a.repos.contains(r))
+        });
+        drop(b);
+        let response = issue_token(state, false);
+        let token = state.valid_tokens.lock().unwrap().last().cloned().unwrap();
+        state.grants.lock().unwrap().insert(
+            token,
+            Grant {
+                account: account.map(|a| a.user),
+                repo: granted,
+            },
+        );
+        return response;
+    }
     if let Some((user, pass)) = &b.credentials {
         let want = basic(user, pass);
         if req
@@ -634,6 +726,17 @@ async fn registry(state: &Arc<State>, req: &Request<Incoming>) -> Response<Body>
     };
     if state.behaviour.lock().unwrap().require_token && !authorized(state, req.headers()) {
         return challenge(state, &repo);
+    }
+    if !state.behaviour.lock().unwrap().accounts.is_empty() {
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let grant = token.and_then(|t| state.grants.lock().unwrap().get(t).cloned());
+        if grant.and_then(|g| g.repo).as_deref() != Some(repo.as_str()) {
+            return challenge(state, &repo);
+        }
     }
     if let Some(refused) = basic_refusal(state, req.headers()) {
         return refused;
