@@ -389,6 +389,24 @@ async fn no_credential_is_in_a_log_line_an_error_the_status_or_the_metrics() {
     assert!(status.contains("\"credentials\":\"client\""), "{status}");
 }
 
+#[tokio::test]
+async fn the_catalog_names_no_repository_of_an_upstream_that_takes_clients_credentials() {
+    let (_up, m, private, _) = setup().await;
+    assert_eq!(
+        pull(&m, &private, Some(&basic("alice", PASS_A))).await,
+        [200, 200, 200]
+    );
+    let catalog = m
+        .get("/v2/_catalog")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!catalog.contains(PRIVATE), "{catalog}");
+}
+
 #[test]
 fn client_credentials_and_the_mirrors_own_client_auth_are_refused_together() {
     let dir = tempfile::tempdir().unwrap();

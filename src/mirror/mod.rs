@@ -290,8 +290,16 @@ impl Mirror {
         Ok(names)
     }
 
-    /// The repositories of `registry` with a tag record that its policy admits.
+    /// The repositories of `registry` with a tag record that its policy admits; none of an
+    /// upstream that takes clients' credentials, whose repository names may be private.
     async fn held(&self, registry: &str) -> Result<Vec<RepoName>, Error> {
+        if self
+            .upstreams
+            .get(registry)
+            .is_some_and(|u| u.config().credentials == crate::config::CredentialsMode::Client)
+        {
+            return Ok(Vec::new());
+        }
         let mut repos = self
             .tiers
             .local

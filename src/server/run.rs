@@ -275,7 +275,8 @@ fn warn_about_exposure(config: &Config, access: &Access) {
                 upstream = %name,
                 "UPSTREAM CREDENTIALS WITHOUT CLIENT ACCESS CONTROL: anyone who can reach this \
                  mirror can pull what these credentials can, private images included; set \
-                 server.allow, server.htpasswd or server.tokens"
+                 server.allow, server.htpasswd or server.tokens (or credentials = \"client\": \
+                 docs/private-images.md)"
             );
         }
     }
