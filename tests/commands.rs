@@ -206,6 +206,45 @@ async fn config_check_prints_the_effective_config_with_secrets_redacted() {
 }
 
 #[tokio::test]
+async fn config_check_redacts_the_credentials_of_each_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.toml");
+    std::fs::write(
+        &file,
+        "[upstreams.\"docker.io\"]\n[upstreams.\"registry.example.com\"]\n\
+         username = \"ci\"\npassword = \"up-secret\"\n\
+         urls = [\"https://primary.example.com\",\n\
+           { url = \"https://secondary.example.com\", username = \"ci2\", password = \"url-secret\" },\n\
+           { url = \"https://tertiary.example.com\", credentials = \"same\" }]\n",
+    )
+    .unwrap();
+    let out = pullthrough(
+        &["config", "check", "--config", file.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for secret in ["up-secret", "url-secret"] {
+        assert!(!text.contains(secret), "{secret} shown in\n{text}");
+    }
+    assert_eq!(text.matches("\"[REDACTED]\"").count(), 2, "{text}");
+    let effective = Config::from_toml(&text).unwrap();
+    effective.validate().unwrap();
+    let up = &effective.upstreams["registry.example.com"];
+    assert_eq!(
+        up.base_urls(),
+        [
+            "https://primary.example.com",
+            "https://secondary.example.com",
+            "https://tertiary.example.com"
+        ]
+    );
+    assert_eq!(up.urls[1].username.as_deref(), Some("ci2"));
+    assert!(up.urls[2].same_credentials);
+}
+
+#[tokio::test]
 async fn config_check_without_a_file_shows_the_defaults() {
     let out = pullthrough(&["config", "check"], &[]).await;
     assert!(out.status.success(), "{}", stderr(&out));

@@ -302,6 +302,7 @@ fn value_type(ty: &str, with: Option<&str>) -> String {
         "Platform" => "platform",
         "TimeOfDay" => "time of day",
         "LogFormat" => "string",
+        "UpstreamUrl" => "URL or table",
         other => return format!("`{other}`"),
     }
     .to_owned()

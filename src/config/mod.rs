@@ -27,7 +27,7 @@ pub use self::log::{LogConfig, LogFormat};
 pub use self::metrics::MetricsConfig;
 pub use self::server::ServerConfig;
 pub use self::storage::{SharedStorageConfig, StorageConfig};
-pub use self::upstream::{CredentialsMode, UpstreamConfig};
+pub use self::upstream::{CredentialsMode, UpstreamConfig, UpstreamUrl, UrlAuth};
 pub use self::warm::{TimeOfDay, WarmConfig, WarmSchedule};
 pub use crate::image::DOCKER_HUB;
 pub use crate::secret::Secret;

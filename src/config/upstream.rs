@@ -30,10 +30,16 @@ pub struct UpstreamConfig {
     pub url: String,
     /// Several base URLs of one registry's content, tried in order per request when one
     /// refuses (429) or is down (unreachable, timeout, 5xx, backing off); a 404 is an answer
-    /// and is not asked elsewhere. Each URL has its own health, tokens and pull budget; the
-    /// credentials go to the first URL only. Default: empty (use `url`).
+    /// and is not asked elsewhere. Each URL has its own health, tokens and pull budget. An
+    /// entry is a URL, or a table: `{ url = "…", username = "…", password = "…" }` or
+    /// `{ url = "…", credential_helper = "…" }` (that URL's own credentials), or
+    /// `{ url = "…", credentials = "same" }` (the upstream's `username`/`password` or
+    /// `credential_helper` go to that URL too). The upstream's credentials go to the first URL
+    /// (unless its entry has its own); a later URL written as a plain string is asked
+    /// anonymously. No URL's credentials or tokens are sent to another URL. Default: empty
+    /// (use `url`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub urls: Vec<String>,
+    pub urls: Vec<UpstreamUrl>,
     /// A Docker credential helper: `"ecr-login"` runs `docker-credential-ecr-login get` from
     /// `PATH`; a value containing `/` is the helper program's path. Its answer is used as the
     /// username and password (or identity token). Not with `username`/`password`. Default:
@@ -203,13 +209,38 @@ impl UpstreamConfig {
 
     /// The base URLs in the order they are tried: `urls`, or `url`, or Docker Hub.
     pub fn base_urls(&self) -> Vec<&str> {
-        if !self.urls.is_empty() {
-            self.urls.iter().map(String::as_str).collect()
-        } else if !self.url.is_empty() {
-            vec![self.url.as_str()]
-        } else {
-            vec![DOCKER_HUB_URL]
+        self.url_auths().into_iter().map(|(url, _)| url).collect()
+    }
+
+    /// The base URLs in the order they are tried, each with whose credentials it gets.
+    pub fn url_auths(&self) -> Vec<(&str, UrlAuth<'_>)> {
+        if self.urls.is_empty() {
+            let url = if self.url.is_empty() {
+                DOCKER_HUB_URL
+            } else {
+                self.url.as_str()
+            };
+            return vec![(url, UrlAuth::Upstream)];
         }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.url.as_str(), u.auth(i == 0)))
+            .collect()
+    }
+
+    /// Whether the upstream itself has credentials (`username` or `credential_helper`).
+    fn has_credentials(&self) -> bool {
+        self.username.is_some() || self.credential_helper.is_some()
+    }
+
+    /// Whether any of its URLs is sent credentials: the upstream's or a URL's own.
+    pub fn sends_credentials(&self) -> bool {
+        self.has_credentials()
+            || self
+                .urls
+                .iter()
+                .any(|u| u.username.is_some() || u.credential_helper.is_some())
     }
 
     pub(super) fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
@@ -238,32 +269,243 @@ impl UpstreamConfig {
                 ));
             }
         }
-        if self.password.is_some() && self.username.is_none() {
-            return Err(bad("username", "", "a password needs a username"));
-        }
-        if let Some(helper) = &self.credential_helper {
-            if self.username.is_some() || self.password.is_some() {
-                return Err(bad(
-                    "credential_helper",
-                    helper,
-                    "set credential_helper or username/password, not both",
-                ));
+        check_credentials(
+            &self.username,
+            &self.password,
+            &self.credential_helper,
+            &|f| key(f),
+        )?;
+        for (i, u) in self.urls.iter().enumerate() {
+            let entry = |f: &str| key(&format!("urls[{i}].{f}"));
+            check_credentials(&u.username, &u.password, &u.credential_helper, &entry)?;
+            // No environment fills in a URL's password, so a username alone is a mistake.
+            if u.username.is_some() && u.password.is_none() {
+                return Err(ConfigError::Value {
+                    key: entry("password"),
+                    value: String::new(),
+                    reason: "a username needs a password".to_owned(),
+                });
             }
-            // A bare name becomes part of a program name looked up on PATH.
-            let name_ok = helper.contains('/')
-                || (!helper.is_empty()
-                    && helper
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')));
-            if !name_ok {
-                return Err(bad(
-                    "credential_helper",
-                    helper,
-                    "must be a helper name such as ecr-login, or a path containing /",
-                ));
+            let own = u.username.is_some() || u.credential_helper.is_some();
+            if u.same_credentials {
+                if own {
+                    return Err(ConfigError::Value {
+                        key: entry("credentials"),
+                        value: "same".to_owned(),
+                        reason: "set credentials = \"same\" or this URL's own \
+                                 username/password or credential_helper, not both"
+                            .to_owned(),
+                    });
+                }
+                if !self.has_credentials() && self.credentials != CredentialsMode::Client {
+                    return Err(ConfigError::Value {
+                        key: entry("credentials"),
+                        value: "same".to_owned(),
+                        reason: "the upstream has no username or credential_helper to share \
+                                 (nor takes clients' credentials)"
+                            .to_owned(),
+                    });
+                }
+            }
+            if i == 0 && own && self.has_credentials() {
+                let field = if u.username.is_some() {
+                    "username"
+                } else {
+                    "credential_helper"
+                };
+                return Err(ConfigError::Value {
+                    key: entry(field),
+                    value: String::new(),
+                    reason: "the first URL gets the upstream's username/password or \
+                             credential_helper: set them there or here, not both"
+                        .to_owned(),
+                });
             }
         }
         Ok(())
+    }
+}
+
+/// The checks of one set of credentials, the upstream's or a URL's: a password needs a
+/// username, a helper excludes both and is a helper name or a path.
+fn check_credentials(
+    username: &Option<String>,
+    password: &Option<Secret>,
+    credential_helper: &Option<String>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    let bad = |field: &str, value: &str, reason: &str| ConfigError::Value {
+        key: key(field),
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if password.is_some() && username.is_none() {
+        return Err(bad("username", "", "a password needs a username"));
+    }
+    if let Some(helper) = credential_helper {
+        if username.is_some() || password.is_some() {
+            return Err(bad(
+                "credential_helper",
+                helper,
+                "set credential_helper or username/password, not both",
+            ));
+        }
+        // A bare name becomes part of a program name looked up on PATH.
+        let name_ok = helper.contains('/')
+            || (!helper.is_empty()
+                && helper
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')));
+        if !name_ok {
+            return Err(bad(
+                "credential_helper",
+                helper,
+                "must be a helper name such as ecr-login, or a path containing /",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whose credentials go to one base URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlAuth<'a> {
+    /// None: the URL is asked anonymously.
+    Anonymous,
+    /// The upstream's own `username`/`password` or `credential_helper` (anonymous when it
+    /// has none).
+    Upstream,
+    /// The URL's own username and password.
+    Password {
+        username: &'a str,
+        password: &'a Secret,
+    },
+    /// The URL's own credential helper, asked for the URL's host.
+    Helper(&'a str),
+}
+
+/// One entry of `urls`: a URL as a string, or a table with the URL and its credentials
+/// (`url`, `username`, `password`, `credential_helper`, `credentials = "same"`). Written back
+/// as it was read: a string when it has nothing but the URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub credential_helper: Option<String>,
+    /// `credentials = "same"`: the upstream's credentials go to this URL too (with the
+    /// upstream's `credentials = "client"`, each client's own as well).
+    pub same_credentials: bool,
+}
+
+impl UpstreamUrl {
+    /// Whose credentials this URL gets; `first`: it is the first URL, which gets the
+    /// upstream's unless it has its own.
+    fn auth(&self, first: bool) -> UrlAuth<'_> {
+        match (&self.username, &self.password, &self.credential_helper) {
+            (Some(username), Some(password), _) => UrlAuth::Password { username, password },
+            (_, _, Some(helper)) => UrlAuth::Helper(helper),
+            _ if first || self.same_credentials => UrlAuth::Upstream,
+            _ => UrlAuth::Anonymous,
+        }
+    }
+
+    fn is_plain(&self) -> bool {
+        self.username.is_none()
+            && self.password.is_none()
+            && self.credential_helper.is_none()
+            && !self.same_credentials
+    }
+}
+
+impl From<&str> for UpstreamUrl {
+    fn from(url: &str) -> UpstreamUrl {
+        UpstreamUrl {
+            url: url.to_owned(),
+            ..UpstreamUrl::default()
+        }
+    }
+}
+
+/// The only value of an entry's `credentials`.
+const SAME: &str = "same";
+const URL_FIELDS: &[&str] = &[
+    "url",
+    "username",
+    "password",
+    "credential_helper",
+    "credentials",
+];
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UpstreamUrl, D::Error> {
+        use serde::de::Error as _;
+
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UpstreamUrl;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a URL, or a table with `url` and its credentials")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UpstreamUrl, E> {
+                Ok(UpstreamUrl::from(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UpstreamUrl, A::Error> {
+                let mut out = UpstreamUrl::default();
+                let mut url = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "url" => url = Some(map.next_value::<String>()?),
+                        "username" => out.username = Some(map.next_value()?),
+                        "password" => out.password = Some(map.next_value()?),
+                        "credential_helper" => out.credential_helper = Some(map.next_value()?),
+                        "credentials" => {
+                            let value: String = map.next_value()?;
+                            if value != SAME {
+                                return Err(A::Error::invalid_value(
+                                    serde::de::Unexpected::Str(&value),
+                                    &"\"same\" (or give the URL its own username and password)",
+                                ));
+                            }
+                            out.same_credentials = true;
+                        }
+                        other => return Err(A::Error::unknown_field(other, URL_FIELDS)),
+                    }
+                }
+                out.url = url.ok_or_else(|| A::Error::missing_field("url"))?;
+                Ok(out)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for UpstreamUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        if self.is_plain() {
+            return s.serialize_str(&self.url);
+        }
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("url", &self.url)?;
+        if let Some(u) = &self.username {
+            map.serialize_entry("username", u)?;
+        }
+        if let Some(p) = &self.password {
+            // `Secret` serializes as [REDACTED].
+            map.serialize_entry("password", p)?;
+        }
+        if let Some(h) = &self.credential_helper {
+            map.serialize_entry("credential_helper", h)?;
+        }
+        if self.same_credentials {
+            map.serialize_entry("credentials", SAME)?;
+        }
+        map.end()
     }
 }
 
@@ -434,6 +676,137 @@ mod tests {
         assert!(e.contains("listed twice"), "{e}");
         let e = upstream_error("urls = [\"https://me:pw@a.example\"]\n");
         assert!(!e.contains("pw@") && e.contains("username/password"), "{e}");
+    }
+
+    #[test]
+    fn a_url_entry_is_a_string_or_a_table_with_its_credentials_and_prints_back_redacted() {
+        let c = Config::from_toml(
+            "[upstreams.\"docker.io\"]\nusername = \"hub\"\npassword = \"hub-pw-1\"\n\
+             urls = [\"https://a.example\",\n\
+               { url = \"https://b.example\", username = \"ci\", password = \"url-pw-2\" },\n\
+               { url = \"https://c.example\", credentials = \"same\" },\n\
+               { url = \"https://d.example\", credential_helper = \"ecr-login\" },\n\
+               { url = \"https://e.example\" }]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let up = &c.upstreams[DOCKER_HUB];
+        let auths = up.url_auths();
+        assert_eq!(auths[0], ("https://a.example", UrlAuth::Upstream));
+        assert!(
+            matches!(auths[1], ("https://b.example", UrlAuth::Password { username: "ci", password })
+                if password.expose() == "url-pw-2"),
+            "{auths:?}"
+        );
+        assert_eq!(auths[2], ("https://c.example", UrlAuth::Upstream));
+        assert_eq!(
+            auths[3],
+            ("https://d.example", UrlAuth::Helper("ecr-login"))
+        );
+        assert_eq!(auths[4], ("https://e.example", UrlAuth::Anonymous));
+        assert!(format!("{up:?}").contains("[REDACTED]") && !format!("{up:?}").contains("url-pw"));
+
+        let text = c.to_redacted_toml().unwrap();
+        assert!(
+            !text.contains("url-pw-2") && !text.contains("hub-pw-1"),
+            "{text}"
+        );
+        let back = Config::from_toml(&text).unwrap();
+        back.validate().unwrap();
+        let b = &back.upstreams[DOCKER_HUB];
+        assert_eq!(b.base_urls(), up.base_urls());
+        assert_eq!(
+            b.urls[0],
+            UpstreamUrl::from("https://a.example"),
+            "a string stays one"
+        );
+        assert_eq!(b.urls[1].username.as_deref(), Some("ci"));
+        assert_eq!(
+            b.urls[1].password.as_ref().map(|p| p.expose()),
+            Some("[REDACTED]")
+        );
+        assert!(b.urls[2].same_credentials);
+        assert_eq!(b.urls[3].credential_helper.as_deref(), Some("ecr-login"));
+        assert_eq!(b.urls[4], UpstreamUrl::from("https://e.example"));
+    }
+
+    #[test]
+    fn conflicting_credentials_of_a_url_entry_are_config_errors_naming_it() {
+        let urls = |entry: &str| format!("urls = [\"https://a.example\", {entry}]\n");
+        for (toml, key, why) in [
+            (
+                urls("{ url = \"https://b.example\", username = \"ci\", password = \"p\", credentials = \"same\" }")
+                    + "username = \"hub\"\npassword = \"q\"\n",
+                ".urls[1].credentials",
+                "not both",
+            ),
+            (
+                urls("{ url = \"https://b.example\", credentials = \"same\" }"),
+                ".urls[1].credentials",
+                "no username or credential_helper to share",
+            ),
+            (
+                urls("{ url = \"https://b.example\", username = \"ci\" }"),
+                ".urls[1].password",
+                "a username needs a password",
+            ),
+            (
+                urls("{ url = \"https://b.example\", password = \"p\" }"),
+                ".urls[1].username",
+                "a password needs a username",
+            ),
+            (
+                urls("{ url = \"https://b.example\", username = \"ci\", password = \"p\", credential_helper = \"gcr\" }"),
+                ".urls[1].credential_helper",
+                "not both",
+            ),
+            (
+                urls("{ url = \"https://b.example\", credential_helper = \"gcr; rm\" }"),
+                ".urls[1].credential_helper",
+                "helper name",
+            ),
+            (
+                "urls = [{ url = \"https://a.example\", username = \"ci\", password = \"p\" }]\n\
+                 credential_helper = \"ecr-login\"\n"
+                    .to_owned(),
+                ".urls[0].username",
+                "not both",
+            ),
+            (
+                urls("{ url = \"https://me:pw@b.example\" }"),
+                ".urls",
+                "username/password",
+            ),
+        ] {
+            let e = upstream_error(&toml);
+            assert!(e.contains(key) && e.contains(why), "{toml}: {e}");
+            assert!(!e.contains("\"p\"") && !e.contains("pw@"), "{toml}: {e}");
+        }
+        for (toml, why) in [
+            (
+                urls("{ url = \"https://b.example\", credentials = \"other\" }"),
+                "\"same\"",
+            ),
+            (
+                urls("{ url = \"https://b.example\", pasword = \"p\" }"),
+                "pasword",
+            ),
+            (
+                urls("{ username = \"ci\", password = \"p\" }"),
+                "missing field `url`",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[upstreams.\"docker.io\"]\n{toml}")).unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
+        // The first URL's own credentials when the upstream has none; "same" where it has some.
+        for ok in [
+            "urls = [{ url = \"https://a.example\", username = \"ci\", password = \"p\" }, \"https://b.example\"]\n",
+            "username = \"hub\"\npassword = \"q\"\nurls = [{ url = \"https://a.example\", credentials = \"same\" }]\n",
+        ] {
+            let c = Config::from_toml(&format!("[upstreams.\"docker.io\"]\n{ok}")).unwrap();
+            c.validate().unwrap();
+        }
     }
 
     #[test]

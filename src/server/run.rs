@@ -270,7 +270,7 @@ fn warn_about_exposure(config: &Config, access: &Access) {
         return;
     }
     for (name, up) in &config.upstreams {
-        if up.username.is_some() {
+        if up.sends_credentials() {
             tracing::warn!(
                 upstream = %name,
                 "UPSTREAM CREDENTIALS WITHOUT CLIENT ACCESS CONTROL: anyone who can reach this \

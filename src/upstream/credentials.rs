@@ -1,5 +1,5 @@
-//! Where an upstream's credentials come from: none, the configured username and password, or
-//! a Docker credential helper run on demand.
+//! Where the credentials of one upstream URL come from: none, a configured username and
+//! password (the upstream's, or the URL's own), or a Docker credential helper run on demand.
 //!
 //! The helper protocol (docker-credential-helpers): `docker-credential-<name> get` reads the
 //! registry host on stdin and prints `{"ServerURL":…,"Username":…,"Secret":…}`; it exits
@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -17,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Error;
 use crate::clock::Clock;
-use crate::config::Secret;
+use crate::config::{Secret, UpstreamConfig};
 
 /// How long a helper may take: ecr-login and its kind call a cloud API, which takes seconds.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,14 +28,39 @@ const IDENTITY_TOKEN_USER: &str = "<token>";
 
 pub use crate::identity::Credential;
 
-/// The source of an upstream's credentials.
+/// The source of the credentials of one upstream URL. Cloning shares a helper, and its last
+/// answer, between URLs that get the same credentials.
+#[derive(Clone)]
 pub enum Credentials {
     Anonymous,
     Static(Credential),
-    Helper(Helper),
+    Helper(Arc<Helper>),
 }
 
 impl Credentials {
+    /// A credential helper asked for the host (`host[:port]`) of `url`, run at most every
+    /// `credential_lifetime` of `config`.
+    pub fn helper(
+        upstream: &str,
+        helper: &str,
+        url: &str,
+        config: &UpstreamConfig,
+        clock: &Clock,
+    ) -> anyhow::Result<Credentials> {
+        let base = url::Url::parse(url)?;
+        let host = match base.port() {
+            Some(port) => format!("{}:{port}", base.host_str().unwrap_or_default()),
+            None => base.host_str().unwrap_or_default().to_owned(),
+        };
+        Ok(Credentials::Helper(Arc::new(Helper::new(
+            upstream,
+            helper,
+            host,
+            config.credential_lifetime,
+            clock.clone(),
+        ))))
+    }
+
     pub fn is_anonymous(&self) -> bool {
         matches!(self, Credentials::Anonymous)
     }

@@ -38,7 +38,7 @@ use tokio::sync::Semaphore;
 
 use crate::clock::Clock;
 use crate::cluster::Cluster;
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UrlAuth};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 
@@ -119,33 +119,43 @@ impl Upstream {
             .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let mut endpoints = Vec::new();
-        for (i, url) in config.base_urls().into_iter().enumerate() {
+        let auths = config.url_auths();
+        // The upstream's own credentials, made once: a URL with `credentials = "same"` shares
+        // them (a helper's answer too, asked for the first URL's host); its tokens are its own.
+        let own = match (&config.credential_helper, auths.first()) {
+            (Some(helper), Some((first, _))) => {
+                credentials::Credentials::helper(name, helper, first, config, &clock)?
+            }
+            _ => match (&config.username, &config.password) {
+                (Some(u), Some(p)) => {
+                    credentials::Credentials::Static(credentials::Credential::Password {
+                        username: u.clone(),
+                        password: p.clone(),
+                    })
+                }
+                _ => credentials::Credentials::Anonymous,
+            },
+        };
+        for (i, (url, auth)) in auths.into_iter().enumerate() {
+            // A client's credentials are for the registry it named: its first URL and those
+            // that share the upstream's credentials, never another operator's fallback.
+            let takes_client_credentials = config.credentials
+                == crate::config::CredentialsMode::Client
+                && (i == 0 || matches!(auth, UrlAuth::Upstream));
             let base = url::Url::parse(url.trim_end_matches('/'))?;
             // A fallback URL is often another operator's registry (mirror.gcr.io for Docker
-            // Hub): the credentials are the first URL's, and never sent to the others.
-            let credentials = if i > 0 {
-                credentials::Credentials::Anonymous
-            } else if let Some(helper) = &config.credential_helper {
-                let host = match base.port() {
-                    Some(port) => format!("{}:{port}", base.host_str().unwrap_or_default()),
-                    None => base.host_str().unwrap_or_default().to_owned(),
-                };
-                credentials::Credentials::Helper(credentials::Helper::new(
-                    name,
-                    helper,
-                    host,
-                    config.credential_lifetime,
-                    clock.clone(),
-                ))
-            } else {
-                match (&config.username, &config.password) {
-                    (Some(u), Some(p)) => {
-                        credentials::Credentials::Static(credentials::Credential::Password {
-                            username: u.clone(),
-                            password: p.clone(),
-                        })
-                    }
-                    _ => credentials::Credentials::Anonymous,
+            // Hub): it gets credentials only when its entry names them, its own or "same".
+            let credentials = match auth {
+                UrlAuth::Anonymous => credentials::Credentials::Anonymous,
+                UrlAuth::Upstream => own.clone(),
+                UrlAuth::Password { username, password } => {
+                    credentials::Credentials::Static(credentials::Credential::Password {
+                        username: username.to_owned(),
+                        password: password.clone(),
+                    })
+                }
+                UrlAuth::Helper(helper) => {
+                    credentials::Credentials::helper(name, helper, url, config, &clock)?
                 }
             };
             endpoints.push(Endpoint {
@@ -155,9 +165,7 @@ impl Upstream {
                     name.to_owned(),
                     http.clone(),
                     credentials,
-                    // A client's credentials are for the registry it named, never for another
-                    // operator's fallback URL.
-                    i == 0 && config.credentials == crate::config::CredentialsMode::Client,
+                    takes_client_credentials,
                     metrics.clone(),
                     config.first_byte_timeout,
                 ),
