@@ -2,7 +2,7 @@
 """A logging reverse proxy between pullthrough and its upstream, with blob cuts (stdlib only).
 
     front.py --port P --upstream http://127.0.0.1:U --log requests.jsonl [--cut-after 1MiB]
-             [--rate 64MiB]
+             [--rate 64MiB] [--keep-host]
 
 Every request is forwarded unchanged and logged as one JSON line (method, path, Range,
 status, body bytes sent, the Unix time of the first body byte, whether it was cut, whether
@@ -13,9 +13,15 @@ byte. With --cut-after N, the first GET of each blob path gets its full headers 
 connection is closed: an upstream or CDN dropping a transfer half-way. Later GETs of the
 same path (the mirror's Range resume) go through whole. --rate caps each response body at
 that many bytes per second, to make a download last long enough for concurrent clients to
-pile up on it.
+pile up on it. Each line also names whose credentials the request carried ("auth"): the
+`sub` of a Bearer JWT ("bearer:NAME", "bearer:" for an anonymous token), the user of Basic
+("basic:NAME"), "bearer:opaque" for a token that is not a JWT (the mirror's own), or null;
+never the token or secret itself. With --keep-host it forwards the client's Host, so a
+mirror behind it builds its challenge's realm with the front's address and the clients'
+token requests pass (and are logged) here too.
 """
 import argparse
+import base64
 import http.client
 import http.server
 import json
@@ -36,6 +42,21 @@ def size_arg(text):
     return int(m.group(1)) << {"K": 10, "M": 20, "G": 30}.get(unit, 0)
 
 
+def whose(authorization):
+    """Whose credentials an Authorization header carries, without the secret."""
+    scheme, _, value = (authorization or "").partition(" ")
+    try:
+        if scheme.lower() == "bearer":
+            payload = value.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            return "bearer:" + str(claims.get("sub", ""))
+        if scheme.lower() == "basic":
+            return "basic:" + base64.b64decode(value).decode().partition(":")[0]
+    except (ValueError, IndexError):  # not a JWT (the mirror's own tokens are opaque)
+        return scheme.lower() + ":opaque"
+    return None
+
+
 class FrontHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -52,7 +73,8 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=300)
         try:
             conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", upstream.netloc)
+            host = self.headers.get("Host") if self.server.keep_host else None
+            conn.putheader("Host", host or upstream.netloc)
             for name, value in self.headers.items():  # repeated headers stay separate lines
                 if name.lower() not in HOP_BY_HOP | {"host", "content-length"}:
                     conn.putheader(name, value)
@@ -151,6 +173,7 @@ class FrontHandler(http.server.BaseHTTPRequestHandler):
         rec = {"t": round(started, 3), "ms": round((time.time() - started) * 1000, 1),
                "method": self.command, "path": self.path, "range": self.headers.get("Range"),
                "status": status, "bytes": sent, "cut": cut, "aborted": aborted,
+               "auth": whose(self.headers.get("Authorization")),
                "first_byte": self.progress["first_byte"] if self.progress else None}
         with self.server.lock:
             self.server.logfile.write(json.dumps(rec) + "\n")
@@ -173,10 +196,12 @@ def main():
     ap.add_argument("--log", required=True)
     ap.add_argument("--cut-after", type=size_arg, default=0, help="cut each blob once after this many bytes")
     ap.add_argument("--rate", type=size_arg, default=0, help="body bytes per second per response")
+    ap.add_argument("--keep-host", action="store_true",
+                    help="forward the client's Host (a mirror's challenge then names this front)")
     args = ap.parse_args()
     server = Server(("127.0.0.1", args.port), FrontHandler)
     server.upstream = urllib.parse.urlsplit(args.upstream)
-    server.cut_after, server.rate = args.cut_after, args.rate
+    server.cut_after, server.rate, server.keep_host = args.cut_after, args.rate, args.keep_host
     server.lock, server.already_cut, server.transfers = threading.Lock(), set(), {}
     server.logfile = open(args.log, "a")
     server.serve_forever()

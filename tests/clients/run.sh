@@ -27,7 +27,9 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-PT_BIN=$ROOT/target/release/pullthrough
+# cargo's own target dir (CARGO_TARGET_DIR may put it outside the tree); main copies the
+# binary into the work dir, so another build into a shared target dir cannot swap it mid-run.
+PT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/pullthrough
 PACKAGES=(docker-registry skopeo podman containerd docker.io runc busybox-static openssl curl python3 procps apache2-utils)
 IMAGES=(multi-oci:v1 multi-docker:v1 hello:v1 single-oci:v1 big:v1)
 FAULT_IMAGES=(multi-oci:v1 big:v1)
@@ -42,6 +44,8 @@ UP_TOKEN=dckr_pat_$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 . "$HERE/clients.sh"
 # shellcheck source=tests/clients/registries.sh
 . "$HERE/registries.sh"
+# shellcheck source=tests/clients/clientauth.sh
+. "$HERE/clientauth.sh"
 
 # --- setup ------------------------------------------------------------------------------
 ensure_packages() {
@@ -406,6 +410,7 @@ main() {
   [ "${1:-}" != --install ] || return 0
   build_pullthrough
   make_workdir ptclients
+  cp "$PT_BIN" "$T/pullthrough" && PT_BIN=$T/pullthrough
   print_versions
   assert_closed_port
   start_upstreams
@@ -415,7 +420,7 @@ main() {
   start_containerd
   start_dockerd
   local phase
-  for phase in ${PHASES:-auth registries faults concurrency referrers}; do "phase_$phase"; done
+  for phase in ${PHASES:-auth registries faults concurrency referrers clientauth}; do "phase_$phase"; done
   stop_all
   local status=0
   python3 "$HERE/util.py" table "$T/results.tsv" || status=1

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
 """A Docker registry token server for the client suite (stdlib + the `openssl` command).
 
-    tokenserver.py --port P --key key.pem --cert cert.pem --issuer I --user NAME:TOKEN
-                   [--ttl 60] [--log requests.jsonl] [--anonymous-pull]
+    tokenserver.py --port P --key key.pem --cert cert.pem --issuer I --user NAME:TOKEN[:GLOB,...]
+                   [--user ...] [--public GLOB ...] [--ttl 60] [--log requests.jsonl]
+                   [--anonymous-pull]
 
 `GET /token?service=S&scope=repository:NAME:pull[,push]` with `Authorization: Basic
 base64(NAME:TOKEN)` answers `{"token", "access_token", "expires_in", "issued_at"}` the way
 auth.docker.io does. The token is an RS256 JWT whose header carries the signing
 certificate as `x5c`; distribution 2.8 (`auth.token`) accepts it because that certificate
-is its `rootcertbundle`. The configured user gets pull and push on every repository;
-anonymous callers get a token with no access (so the registry refuses them, like a private
-Hub repository), or with pull access under --anonymous-pull (like ghcr.io or quay.io for a
-public image); a wrong secret is a 401. Each request is logged as one JSON line.
+is its `rootcertbundle`. A user given as NAME:TOKEN gets pull and push on every repository,
+one given as NAME:TOKEN:GLOB[,GLOB] pull of the repositories those globs match only (another
+Hub account that cannot see a private repository gets a token without access to it).
+Anonymous callers get pull of the --public repositories and no access to the others (so the
+registry refuses them, like a private Hub repository), or pull of all under --anonymous-pull
+(like ghcr.io or quay.io for a public image); a wrong secret is a 401. Each request is logged
+as one JSON line (the user's name, never the secret).
 """
 import argparse
 import base64
+import fnmatch
 import http.server
 import json
 import os
@@ -46,14 +51,22 @@ class Signer:
         return signing_input + "." + b64url(signature)
 
 
-def granted(scopes, authenticated, anonymous_pull):
-    """The JWT `access` list: everything asked for when authenticated, pull (or nothing)
-    otherwise."""
+def matches(name, globs):
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def granted(scopes, user, cfg):
+    """The JWT `access` list for an authenticated `user` (None: anonymous): what its globs
+    (or --public, --anonymous-pull) allow of what was asked for."""
     access = []
     for scope in scopes:
         kind, _, rest = scope.partition(":")
         name, _, actions = rest.rpartition(":")
-        allowed = ("pull", "push") if authenticated else ("pull",) if anonymous_pull else ()
+        if user is not None:
+            globs = cfg.users[user][1]
+            allowed = ("pull", "push") if globs is None else ("pull",) if matches(name, globs) else ()
+        else:
+            allowed = ("pull",) if cfg.anonymous_pull or matches(name, cfg.public) else ()
         allowed = [a for a in actions.split(",") if a in allowed]
         if kind == "repository" and name and allowed:
             access.append({"type": kind, "name": name, "actions": allowed})
@@ -73,7 +86,7 @@ class TokenHandler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(url.query)
         user, secret = self.basic_credentials()
         cfg = self.server.cfg
-        authenticated = user is not None and (user, secret) == cfg.user
+        authenticated = user in cfg.users and cfg.users[user][0] == secret
         self.server.log({"user": user, "authenticated": authenticated,
                          "service": query.get("service", [""])[0], "scopes": query.get("scope", [])})
         if user is not None and not authenticated:
@@ -81,7 +94,7 @@ class TokenHandler(http.server.BaseHTTPRequestHandler):
         now = int(time.time())
         claims = {"iss": cfg.issuer, "sub": user or "", "aud": query.get("service", [""])[0],
                   "iat": now, "nbf": now - 5, "exp": now + cfg.ttl, "jti": b64url(os.urandom(9)),
-                  "access": granted(query.get("scope", []), authenticated, cfg.anonymous_pull)}
+                  "access": granted(query.get("scope", []), user if authenticated else None, cfg)}
         token = self.server.signer.sign(claims)
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         self.reply(200, {"token": token, "access_token": token, "expires_in": cfg.ttl, "issued_at": issued})
@@ -114,12 +127,20 @@ def main():
     ap.add_argument("--key", required=True)
     ap.add_argument("--cert", required=True)
     ap.add_argument("--issuer", default="pullthrough-test-issuer")
-    ap.add_argument("--user", required=True, help="NAME:TOKEN")
+    ap.add_argument("--user", action="append", required=True,
+                    help="NAME:TOKEN (pull and push everywhere) or NAME:TOKEN:GLOB[,GLOB] (pull of "
+                    "those repositories only); repeatable")
+    ap.add_argument("--public", action="append", default=[],
+                    help="a repository glob anonymous callers may pull; repeatable")
     ap.add_argument("--ttl", type=int, default=60, help="token lifetime in seconds")
     ap.add_argument("--log", help="JSON lines file (default stderr)")
     ap.add_argument("--anonymous-pull", action="store_true", help="grant pull to anonymous callers")
     cfg = ap.parse_args()
-    cfg.user = tuple(cfg.user.split(":", 1))
+    cfg.users = {}
+    for spec in cfg.user:
+        name, _, rest = spec.partition(":")
+        secret, _, globs = rest.partition(":")
+        cfg.users[name] = (secret, globs.split(",") if globs else None)
 
     server = Server(("127.0.0.1", cfg.port), TokenHandler)
     server.cfg, server.signer = cfg, Signer(cfg.key, cfg.cert)

@@ -8,6 +8,9 @@
                                        bytes of blob GETs), first-body-byte (Unix time, the
                                        earliest), per-blob (JSON: digest -> bodies, bytes)
     util.py registry-blob-gets LOG     blob GETs in a docker-registry access log
+    util.py counts LOG FROM FIELD [S]  of a JSON-lines log from line FROM (1-based) on (only
+                                       the lines containing S): how many hold each value of
+                                       FIELD ("VALUE=N ...", null as "-", sorted)
     util.py table RESULTS              the pass/fail tables; exit 1 if anything failed
 """
 import json
@@ -96,6 +99,13 @@ def registry_blob_gets(log_path):
         return sum(1 for line in f if pattern.search(line))
 
 
+def field_counts(log_path, start, field, containing=""):
+    with open(log_path) as f:
+        lines = [line for line in f.readlines()[start - 1:] if line.strip() and containing in line]
+    counts = Counter(json.loads(line).get(field) for line in lines)
+    return " ".join(f"{'-' if v is None else v}={n}" for v, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+
+
 def table(results_path):
     """Every check, then a check x client matrix with a verdict per client; 1 if any failed."""
     rows = [(line.rstrip("\n").split("\t") + [""] * 5)[:5] for line in open(results_path) if line.strip()]
@@ -148,6 +158,8 @@ def main(argv):
         print(front_stats(argv[2])[argv[3]])
     elif cmd == "registry-blob-gets":
         print(registry_blob_gets(argv[2]))
+    elif cmd == "counts":
+        print(field_counts(argv[2], int(argv[3]), argv[4], *argv[5:6]))
     elif cmd == "table":
         return table(argv[2])
     else:
