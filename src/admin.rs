@@ -256,8 +256,8 @@ pub fn run(global: &GlobalArgs, command: &Command) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Config(ConfigCommand::Check) => {
-            config_check::run(global, &mut std::io::stdout().lock())
+        Command::Config(ConfigCommand::Check { explain }) => {
+            config_check::run(global, explain, &mut std::io::stdout().lock())
         }
         Command::Cache(CacheCommand::Stats) => {
             with_storage_dir(global, |dir| finish(stats(dir).map(|r| print!("{r}"))))

@@ -181,7 +181,12 @@ pub enum CacheCommand {
 pub enum ConfigCommand {
     /// Load the configuration as the server would (file, environment, flags), validate it and
     /// print the effective values as TOML, secrets redacted. Exit status 1 when it is invalid.
-    Check,
+    Check {
+        /// Instead of the values, print which tag rule a reference gets and how long its
+        /// cached tag is trusted (alpine:latest, ghcr.io/org/app:v1.2.3). Repeatable.
+        #[arg(long, value_name = "REFERENCE")]
+        explain: Vec<ImageRef>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

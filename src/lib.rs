@@ -44,6 +44,7 @@ mod singleflight;
 mod size;
 pub mod store;
 mod sync;
+pub mod tag_rules;
 mod upstream;
 mod verify;
 mod warm;

@@ -1,10 +1,10 @@
 //! Per-upstream repository policy: which repositories an upstream is mirrored for
-//! (`allow_repositories` / `deny_repositories`, globs), which tags never move
-//! (`immutable_tags`, regexes), and how long its other tags are trusted (`tag_ttl`).
+//! (`allow_repositories` / `deny_repositories`, globs), and how long its tags are trusted
+//! ([`TagRules`]: `tag_rules`, `immutable_tags`, `tag_ttl`).
 //!
-//! The patterns are compiled once, when the configuration is read ([`TagPatterns`] and
-//! [`RepoGlobs`] are the config fields' types), so a bad pattern is a config error and a
-//! request only asks a [`Policy`] questions.
+//! The patterns are compiled once, when the configuration is read ([`RepoGlobs`] is the
+//! config fields' type), so a bad pattern is a config error and a request only asks a
+//! [`Policy`] questions.
 
 use std::fmt;
 use std::time::Duration;
@@ -12,33 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::oci::{RepoName, Tag};
-
-/// Regexes over tag names, anchored as written (`^v?[0-9]+\.[0-9]+\.[0-9]+$`; `1.0` alone
-/// matches any tag containing `1` + any character + `0`).
-#[derive(Clone, Default)]
-pub struct TagPatterns {
-    sources: Vec<String>,
-    regexes: Vec<regex::Regex>,
-}
-
-impl TagPatterns {
-    /// Compiles `patterns`; the error names the first one that is not a valid regex.
-    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<TagPatterns, String> {
-        let mut out = TagPatterns::default();
-        for p in patterns {
-            let p = p.as_ref();
-            let re = regex::Regex::new(p)
-                .map_err(|e| format!("invalid regular expression {p:?}: {e}"))?;
-            out.sources.push(p.to_owned());
-            out.regexes.push(re);
-        }
-        Ok(out)
-    }
-
-    pub fn matches(&self, tag: &str) -> bool {
-        self.regexes.iter().any(|re| re.is_match(tag))
-    }
-}
+use crate::tag_rules::{Freshness, TagRules};
 
 /// Shell-style globs over repository names (`library/*`, `myorg/**`, `team/{api,web}`);
 /// `*` matches across `/` too, so `myorg/*` covers `myorg/team/app`.
@@ -70,7 +44,7 @@ impl RepoGlobs {
     }
 }
 
-/// Both pattern lists read and print as the list of strings they were written as.
+/// The glob list reads and prints as the list of strings it was written as.
 macro_rules! patterns_serde {
     ($ty:ident) => {
         impl<'de> Deserialize<'de> for $ty {
@@ -100,32 +74,20 @@ macro_rules! patterns_serde {
     };
 }
 
-patterns_serde!(TagPatterns);
 patterns_serde!(RepoGlobs);
 
 /// One upstream's policy, built from its config once at start.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    tag_ttl: Duration,
-    immutable_tags: TagPatterns,
+    tags: TagRules,
     allow: Option<RepoGlobs>,
     deny: RepoGlobs,
 }
 
 impl Policy {
     /// `allow` of `None` admits every repository the deny list does not refuse.
-    pub fn new(
-        tag_ttl: Duration,
-        immutable_tags: TagPatterns,
-        allow: Option<RepoGlobs>,
-        deny: RepoGlobs,
-    ) -> Policy {
-        Policy {
-            tag_ttl,
-            immutable_tags,
-            allow,
-            deny,
-        }
+    pub fn new(tags: TagRules, allow: Option<RepoGlobs>, deny: RepoGlobs) -> Policy {
+        Policy { tags, allow, deny }
     }
 
     /// Whether `repo` (named as the upstream knows it) is mirrored: the deny list wins, and
@@ -134,20 +96,27 @@ impl Policy {
         !self.deny.matches(repo) && self.allow.as_ref().is_none_or(|a| a.matches(repo))
     }
 
-    /// A cached tag matching `immutable_tags` is answered from the cache for ever.
-    pub fn is_immutable(&self, tag: &Tag) -> bool {
-        self.immutable_tags.matches(tag.as_str())
+    /// How long a cached `repo:tag` is answered without asking the upstream.
+    pub fn freshness(&self, repo: &RepoName, tag: &Tag) -> Freshness {
+        self.tags.freshness(repo, tag)
     }
 
-    /// How long a cached tag (and a referrers list) is answered without asking the upstream.
-    pub fn tag_ttl(&self) -> Duration {
-        self.tag_ttl
+    /// The tag rules behind [`Policy::freshness`], for `config check --explain`.
+    pub fn tag_rules(&self) -> &TagRules {
+        &self.tags
+    }
+
+    /// How long a cached referrers list is answered without asking the upstream: the
+    /// upstream's `tag_ttl`, whatever its tag rules say.
+    pub fn referrers_ttl(&self) -> Duration {
+        self.tags.default_ttl()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tag_rules::TagPatterns;
 
     fn repo(s: &str) -> RepoName {
         s.parse().unwrap()
@@ -155,8 +124,7 @@ mod tests {
 
     fn policy(allow: Option<&[&str]>, deny: &[&str]) -> Policy {
         Policy::new(
-            Duration::from_secs(1),
-            TagPatterns::default(),
+            TagRules::new(&[], &TagPatterns::default(), Duration::from_secs(1)),
             allow.map(|a| RepoGlobs::new(a).unwrap()),
             RepoGlobs::new(deny).unwrap(),
         )
@@ -189,27 +157,7 @@ mod tests {
     }
 
     #[test]
-    fn immutable_tags_are_anchored_as_written() {
-        let p = Policy::new(
-            Duration::from_secs(1),
-            TagPatterns::new(&[r"^v?[0-9]+\.[0-9]+\.[0-9]+$"]).unwrap(),
-            None,
-            RepoGlobs::default(),
-        );
-        let tag = |s: &str| s.parse::<Tag>().unwrap();
-        assert!(p.is_immutable(&tag("1.2.3")));
-        assert!(p.is_immutable(&tag("v10.0.1")));
-        assert!(!p.is_immutable(&tag("1.2")));
-        assert!(!p.is_immutable(&tag("1.2.3-rc1")));
-        assert!(!p.is_immutable(&tag("latest")));
-        let loose = TagPatterns::new(&["1\\.0"]).unwrap();
-        assert!(loose.matches("x1.0y"), "no implicit anchors");
-    }
-
-    #[test]
-    fn bad_patterns_are_named() {
-        let e = TagPatterns::new(&["^ok$", "v(["]).unwrap_err();
-        assert!(e.contains("\"v([\""), "{e}");
+    fn bad_globs_are_named() {
         let e = RepoGlobs::new(&["a/[", "b"]).unwrap_err();
         assert!(e.contains("\"a/[\""), "{e}");
     }

@@ -291,6 +291,130 @@ async fn config_check_fails_on_a_bad_file_with_the_reason() {
     );
 }
 
+const TAG_RULES: &str = r#"[cache]
+tag_ttl = "5m"
+
+[upstreams."docker.io"]
+[[upstreams."docker.io".tag_rules]]
+match = "*:{latest,main}"
+ttl = "1m"
+[[upstreams."docker.io".tag_rules]]
+match = 're:^[^:]+:v?[0-9]+\.[0-9]+\.[0-9]+$'
+immutable = true
+
+[upstreams."ghcr.io"]
+url = "https://ghcr.io"
+tag_ttl = "1h"
+deny_repositories = ["org/secret"]
+[[upstreams."ghcr.io".tag_rules]]
+match = "ci/*:*"
+always = true
+[[upstreams."ghcr.io".tag_rules]]
+match = "org/*:v*"
+immutable = true
+"#;
+
+#[tokio::test]
+async fn config_check_explain_names_the_tag_rule_a_reference_gets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.toml");
+    std::fs::write(&file, TAG_RULES).unwrap();
+    let mut args = vec!["config", "check", "-c", file.to_str().unwrap()];
+    for image in [
+        "alpine:latest",
+        "ghcr.io/org/app:v1.2.3",
+        "ghcr.io/ci/tool:v1.2.3",
+        "ghcr.io/org/app:edge",
+        "alpine:3.20",
+        "library/alpine:3.20.3",
+        "ghcr.io/org/secret:v1",
+    ] {
+        args.extend(["--explain", image]);
+    }
+    let out = pullthrough(&args, &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    let text = stdout(&out);
+    for expected in [
+        "docker.io/library/alpine:latest\n  upstream:  upstreams.\"docker.io\", repository library/alpine\n  \
+         rule:      tag_rules #1 match = \"*:{latest,main}\"\n  freshness: ttl 1m (then revalidated with a HEAD)\n",
+        "ghcr.io/org/app:v1.2.3\n  upstream:  upstreams.\"ghcr.io\", repository org/app\n  \
+         rule:      tag_rules #2 match = \"org/*:v*\"\n  freshness: immutable (never revalidated once cached)\n",
+        "ghcr.io/ci/tool:v1.2.3\n  upstream:  upstreams.\"ghcr.io\", repository ci/tool\n  \
+         rule:      tag_rules #1 match = \"ci/*:*\"\n  freshness: always (a HEAD on every request)\n",
+        "ghcr.io/org/app:edge\n  upstream:  upstreams.\"ghcr.io\", repository org/app\n  \
+         rule:      none matches: the default tag_ttl (upstreams.\"ghcr.io\".tag_ttl)\n  freshness: ttl 1h",
+        "docker.io/library/alpine:3.20\n  upstream:  upstreams.\"docker.io\", repository library/alpine\n  \
+         rule:      none matches: the default tag_ttl (cache.tag_ttl)\n  freshness: ttl 5m",
+        "docker.io/library/alpine:3.20.3\n  upstream:  upstreams.\"docker.io\", repository library/alpine\n  \
+         rule:      tag_rules #2 match = 're:^[^:]+:v?[0-9]+\\.[0-9]+\\.[0-9]+$'\n  freshness: immutable",
+        "ghcr.io/org/secret:v1\n  upstream:  upstreams.\"ghcr.io\", repository org/secret\n  \
+         rule:      tag_rules #2 match = \"org/*:v*\"\n  freshness: immutable (never revalidated once cached)\n  \
+         refused:   not mirrored",
+    ] {
+        assert!(text.contains(expected), "{expected}\nnot in\n{text}");
+    }
+
+    // A registry with no [upstreams] entry: the reason, exit 1.
+    let out = pullthrough(
+        &[
+            "config",
+            "check",
+            "-c",
+            file.to_str().unwrap(),
+            "--explain",
+            "quay.io/org/x:1",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("quay.io/org/x:1: quay.io is not mirrored"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn config_check_names_a_bad_tag_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "match = \"*:v*\"\nttl = \"1m\"\nimmutable = true\n",
+            "tag_rules #2 (match = \"*:v*\"): ttl and immutable are set: a rule has exactly one of ttl, immutable and always",
+        ),
+        (
+            "match = \"*:v*\"\n",
+            "tag_rules #2 (match = \"*:v*\"): no action: set one of ttl = \"…\", immutable = true or always = true",
+        ),
+        (
+            "match = \"library/[:v*\"\nalways = true\n",
+            "tag_rules #2 (match = \"library/[:v*\"): invalid glob \"library/[\"",
+        ),
+        (
+            "match = \"re:^v([0-9]$\"\nalways = true\n",
+            "tag_rules #2 (match = \"re:^v([0-9]$\"): invalid regular expression \"^v([0-9]$\"",
+        ),
+        (
+            "match = \"latest\"\nalways = true\n",
+            "tag_rules #2 (match = \"latest\"): expected REPOSITORY-GLOB:TAG-GLOB",
+        ),
+    ];
+    for (i, (rule, reason)) in cases.iter().enumerate() {
+        let text = format!(
+            "[upstreams.\"docker.io\"]\n[[upstreams.\"docker.io\".tag_rules]]\n\
+             match = \"*:latest\"\nttl = \"1m\"\n[[upstreams.\"docker.io\".tag_rules]]\n{rule}"
+        );
+        let file = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&file, &text).unwrap();
+        let out = pullthrough(&["config", "check", "-c", file.to_str().unwrap()], &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(stderr(&out).contains(reason), "{text}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "nothing printed for an invalid config");
+    }
+}
+
 #[tokio::test]
 async fn a_bad_size_flag_shows_the_accepted_forms() {
     let out = pullthrough(&["--max-size", "lots"], &[]).await;

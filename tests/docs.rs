@@ -297,6 +297,7 @@ fn value_type(ty: &str, with: Option<&str>) -> String {
         "Secret" => "string (secret)",
         "IpNet" => "CIDR",
         "TagPatterns" => "array of regexes",
+        "TagRule" => "tag rule tables",
         "RepoGlobs" => "array of globs",
         "ImageRef" => "image",
         "Platform" => "platform",

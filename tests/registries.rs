@@ -16,7 +16,8 @@ use common::{
     error_code, metric, wait_committed, x_cache, FakeUpstream, TestMirror, PAST_TTL, TTL,
 };
 use pullthrough::config::{Config, UpstreamConfig};
-use pullthrough::policy::{RepoGlobs, TagPatterns};
+use pullthrough::policy::RepoGlobs;
+use pullthrough::tag_rules::TagPatterns;
 
 struct Registries {
     hub: FakeUpstream,

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, DOCKER_HUB_URL};
 use crate::oci::RepoName;
-use crate::policy::{RepoGlobs, TagPatterns};
+use crate::policy::{Policy, RepoGlobs};
 use crate::secret::Secret;
+use crate::tag_rules::{TagPatterns, TagRule, TagRules};
 
 /// Whose credentials an upstream's requests carry (`credentials`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -136,11 +137,12 @@ pub struct UpstreamConfig {
     // Policy: which repositories are mirrored from this upstream, and how long its tags are
     // trusted.
     /// How long a cached tag (or referrers list) of this upstream is answered without asking
-    /// it. Default: `cache.tag_ttl`.
+    /// it, when no `tag_rules` entry matches the tag. Default: `cache.tag_ttl`.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub tag_ttl: Option<Duration>,
-    /// Regexes, anchored as written (`["^v?[0-9]+\\.[0-9]+\\.[0-9]+$"]`): a cached tag that
-    /// matches one is never revalidated. Default: none.
+    /// Deprecated: write `tag_rules` with `immutable = true`. Regexes over the tag alone,
+    /// anchored as written (`["^v?[0-9]+\\.[0-9]+\\.[0-9]+$"]`): a cached tag that matches
+    /// one is never revalidated. They apply after every `tag_rules` entry. Default: none.
     pub immutable_tags: TagPatterns,
     /// Globs over repository names as this upstream knows them (`["library/*", "myorg/*"]`;
     /// `*` crosses `/`): only these are mirrored, others are refused `403 DENIED`.
@@ -152,6 +154,20 @@ pub struct UpstreamConfig {
     /// upstream request and without serving what the cache holds; counted in
     /// `pullthrough_policy_refusals_total`. Default: none.
     pub deny_repositories: RepoGlobs,
+
+    /// Tag freshness by pattern: `[[upstreams."<registry>".tag_rules]]` tables, tried in order;
+    /// the first whose `match` fits decides, a tag none fits gets `tag_ttl`. `match` is
+    /// `"REPOSITORY-GLOB:TAG-GLOB"` (`"*:latest"`, `"library/*:3.*"`, `"*:{latest,main}"`;
+    /// the repository as this upstream names it, `*` also matching `/`) or `"re:<regex>"`
+    /// over `repository:tag`, anchored as written. Each has exactly one of `ttl = "1m"`,
+    /// `immutable = true` (never revalidated once cached) and `always = true` (a `HEAD` on
+    /// every request, a counted `GET` only when the digest moved). `pullthrough config check
+    /// --explain REFERENCE` shows which rule a reference gets. Default: none.
+    #[serde(
+        deserialize_with = "crate::tag_rules::deserialize_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tag_rules: Vec<TagRule>,
 
     // Prefetch: which images of this upstream are downloaded ahead of their clients.
     /// Serving an image manifest of this upstream with a `GET` prefetches the image's config
@@ -192,6 +208,7 @@ impl Default for UpstreamConfig {
             aliases: Vec::new(),
             tag_ttl: None,
             immutable_tags: TagPatterns::default(),
+            tag_rules: Vec::new(),
             allow_repositories: None,
             deny_repositories: RepoGlobs::default(),
             prefetch: true,
@@ -205,6 +222,21 @@ impl UpstreamConfig {
     /// prefetches its blobs: `prefetch`, unless `prefetch_skip` names it.
     pub fn prefetches(&self, repo: &RepoName) -> bool {
         self.prefetch && !self.prefetch_skip.matches(repo)
+    }
+
+    /// This upstream's policy: its repository lists, and its tag freshness (`tag_rules`, then
+    /// `immutable_tags`, then `tag_ttl`, else `cache_tag_ttl`).
+    pub fn policy(&self, cache_tag_ttl: Duration) -> Policy {
+        let tags = TagRules::new(
+            &self.tag_rules,
+            &self.immutable_tags,
+            self.tag_ttl.unwrap_or(cache_tag_ttl),
+        );
+        Policy::new(
+            tags,
+            self.allow_repositories.clone(),
+            self.deny_repositories.clone(),
+        )
     }
 
     /// The base URLs in the order they are tried: `urls`, or `url`, or Docker Hub.
@@ -515,6 +547,7 @@ mod tests {
 
     use crate::config::*;
     use crate::oci::RepoName;
+    use crate::tag_rules::Freshness;
 
     fn two_upstreams(extra: &str) -> Result<Config, String> {
         let text = format!(
@@ -579,6 +612,82 @@ mod tests {
     }
 
     #[test]
+    fn tag_rules_parse_in_order_and_print_back() {
+        let c = two_upstreams(
+            "tag_ttl = \"1h\"\nimmutable_tags = ['^v[0-9]+$']\n\
+             [[upstreams.\"ghcr.io\".tag_rules]]\nmatch = \"*:{latest,main}\"\nttl = \"1m\"\n\
+             [[upstreams.\"ghcr.io\".tag_rules]]\nmatch = 're:^org/.*:v[0-9.]+$'\nimmutable = true\n\
+             [[upstreams.\"ghcr.io\".tag_rules]]\nmatch = \"ci/*:*\"\nalways = true\n",
+        )
+        .unwrap();
+        let up = &c.upstreams["ghcr.io"];
+        let policy = up.policy(c.cache.tag_ttl);
+        let f = |r: &str, t: &str| policy.freshness(&r.parse().unwrap(), &t.parse().unwrap());
+        assert_eq!(
+            f("org/app", "main"),
+            Freshness::Ttl(Duration::from_secs(60))
+        );
+        assert_eq!(f("org/app", "v1.2"), Freshness::Immutable);
+        assert_eq!(f("ci/app", "v1.2"), Freshness::Always);
+        assert_eq!(
+            f("ci/app", "latest"),
+            Freshness::Ttl(Duration::from_secs(60))
+        );
+        assert_eq!(
+            f("ci/app", "v7"),
+            Freshness::Always,
+            "immutable_tags come last"
+        );
+        assert_eq!(f("x/app", "v7"), Freshness::Immutable);
+        assert_eq!(f("x/app", "1.0"), Freshness::Ttl(Duration::from_secs(3600)));
+        assert_eq!(
+            c.upstreams[DOCKER_HUB].policy(c.cache.tag_ttl).freshness(
+                &"library/alpine".parse().unwrap(),
+                &"latest".parse().unwrap()
+            ),
+            Freshness::Ttl(c.cache.tag_ttl)
+        );
+        let back = Config::from_toml(&c.to_redacted_toml().unwrap()).unwrap();
+        assert_eq!(back.upstreams["ghcr.io"].tag_rules, up.tag_rules);
+        assert_eq!(back.upstreams["ghcr.io"].tag_rules.len(), 3);
+    }
+
+    #[test]
+    fn a_bad_tag_rule_is_a_config_error_naming_the_rule() {
+        let rule = |body: &str| {
+            two_upstreams(&format!(
+                "[[upstreams.\"ghcr.io\".tag_rules]]\nmatch = \"*:latest\"\nttl = \"1m\"\n\
+                 [[upstreams.\"ghcr.io\".tag_rules]]\n{body}"
+            ))
+            .unwrap_err()
+        };
+        for (body, says) in [
+            (
+                "match = \"*:v*\"\nttl = \"1m\"\nalways = true\n",
+                "tag_rules #2 (match = \"*:v*\"): ttl and always are set: a rule has exactly one of",
+            ),
+            (
+                "match = \"*:v*\"\n",
+                "tag_rules #2 (match = \"*:v*\"): no action: set one of ttl",
+            ),
+            (
+                "match = \"*:v[\"\nimmutable = true\n",
+                "tag_rules #2 (match = \"*:v[\"): invalid glob \"v[\"",
+            ),
+            (
+                "match = \"re:v([\"\nimmutable = true\n",
+                "tag_rules #2 (match = \"re:v([\"): invalid regular expression \"v([\"",
+            ),
+            ("ttl = \"1m\"\n", "tag_rules #2: missing field `match`"),
+            ("match = \"*:v*\"\nttl = \"soon\"\n", "tag_rules #2: "),
+            ("match = \"*:v*\"\nimutable = true\n", "tag_rules #2: unknown field `imutable`"),
+        ] {
+            let e = rule(body);
+            assert!(e.contains(says), "{body}: {e}");
+        }
+    }
+
+    #[test]
     fn aliases_are_single_segments_unique_across_upstreams() {
         for (extra, key, why) in [
             ("aliases = [\"gh/cr\"]", "ghcr.io\".aliases", "one path segment"),
@@ -604,14 +713,17 @@ mod tests {
     }
 
     #[test]
-    fn the_commented_second_upstream_in_mirror_toml_is_valid() {
+    fn the_commented_tag_rules_and_second_upstream_in_mirror_toml_are_valid() {
         let text = include_str!("../../mirror.toml");
-        let start = text.find("# [upstreams.\"ghcr.io\"]").unwrap();
+        let start = text
+            .find("# [[upstreams.\"docker.io\".tag_rules]]")
+            .unwrap();
         let block: String = text[start..]
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| {
                 l.starts_with("[upstreams.")
+                    || l.starts_with("[[upstreams.")
                     || l.split_once(" = ").is_some_and(|(k, _)| {
                         k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
                     })
@@ -620,10 +732,33 @@ mod tests {
             .collect();
         let c = Config::from_toml(&format!("{text}\n{block}")).unwrap();
         c.validate().unwrap();
+        let fresh = |registry: &str, repo: &str, tag: &str| {
+            c.upstreams[registry]
+                .policy(c.cache.tag_ttl)
+                .freshness(&repo.parse().unwrap(), &tag.parse().unwrap())
+        };
+        let minute = Freshness::Ttl(Duration::from_secs(60));
+        assert_eq!(fresh(DOCKER_HUB, "library/alpine", "latest"), minute);
+        assert_eq!(fresh(DOCKER_HUB, "myorg/app", "main"), minute);
+        assert_eq!(
+            fresh(DOCKER_HUB, "myorg/app", "v1.2.3"),
+            Freshness::Immutable
+        );
+        let default = Freshness::Ttl(c.cache.tag_ttl);
+        assert_eq!(fresh(DOCKER_HUB, "library/python", "3.12.1"), default);
+        assert_eq!(fresh(DOCKER_HUB, "library/alpine", "3.20"), default);
         let ghcr = &c.upstreams["ghcr.io"];
         assert_eq!(ghcr.aliases, ["ghcr"]);
-        assert!(ghcr.immutable_tags.matches("v1.2.3"));
         assert!(ghcr.allow_repositories.is_some());
+        assert_eq!(fresh("ghcr.io", "cli/cli", "v2.40.1"), Freshness::Immutable);
+        assert_eq!(
+            fresh("ghcr.io", "myorg/ci-base", "latest"),
+            Freshness::Always
+        );
+        assert_eq!(
+            fresh("ghcr.io", "myorg/app", "latest"),
+            Freshness::Ttl(Duration::from_secs(3600))
+        );
     }
 
     fn upstream_error(toml: &str) -> String {

@@ -329,11 +329,12 @@ impl Mirror {
         }
     }
 
-    /// What `tag` points to: from the cache within the upstream's tag TTL (for ever for a tag
-    /// its policy names immutable), or from the record another replica shared within it, else
-    /// revalidated with an upstream HEAD (one per tag however many clients ask), else the
-    /// cached value when the upstream is failing. A tag never seen is fetched with one GET when
-    /// the caller wants the manifest anyway (`want_body`), and with a HEAD otherwise.
+    /// What `tag` points to: from the cache while its freshness allows (the upstream's tag
+    /// rules: a TTL, for ever when immutable, never when `always`), or from the record another
+    /// replica shared within it, else revalidated with an upstream HEAD (one per tag however
+    /// many clients ask), else the cached value when the upstream is failing. A tag never seen
+    /// is fetched with one GET when the caller wants the manifest anyway (`want_body`), and
+    /// with a HEAD otherwise.
     async fn resolve_tag(
         self: &Arc<Self>,
         target: &Target,
@@ -352,8 +353,8 @@ impl Mirror {
             .get(&key)
             .await
             .map_err(Error::storage("reading a tag record"))?;
-        let (immutable, ttl) = (target.policy.is_immutable(tag), target.policy.tag_ttl());
-        let fresh = move |age: std::time::Duration| immutable || age < ttl;
+        let freshness = target.policy.freshness(&target.repo, tag);
+        let fresh = move |age: std::time::Duration| freshness.is_fresh(age);
         if let Some(record) = &cached {
             if fresh(self.clock.since(record.fetched_at)) {
                 return Ok(Resolved::Record(record.clone(), CacheStatus::Hit));

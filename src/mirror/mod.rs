@@ -160,13 +160,14 @@ impl Mirror {
         for (name, cfg) in &config.upstreams {
             let up = Upstream::new(name, cfg, metrics.clone(), clock.clone(), cluster.clone())?;
             upstreams.insert(name.clone(), Arc::new(up));
-            let policy = Policy::new(
-                cfg.tag_ttl.unwrap_or(config.cache.tag_ttl),
-                cfg.immutable_tags.clone(),
-                cfg.allow_repositories.clone(),
-                cfg.deny_repositories.clone(),
-            );
-            policies.insert(name.clone(), Arc::new(policy));
+            if !cfg.immutable_tags.is_empty() {
+                tracing::warn!(
+                    upstream = %name,
+                    "immutable_tags is deprecated: write tag_rules with immutable = true \
+                     (immutable_tags apply after every tag rule)"
+                );
+            }
+            policies.insert(name.clone(), Arc::new(cfg.policy(config.cache.tag_ttl)));
         }
         let verifications = Verifications::new(store.clone(), metrics.clone());
         let tiers = Arc::new(Tiers::from_config(

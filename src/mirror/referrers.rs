@@ -64,7 +64,7 @@ impl Mirror {
         };
         let cached = self.referrers.get(&key);
         let (list, status) = match &cached {
-            Some((list, at)) if self.clock.since(*at) < target.policy.tag_ttl() => {
+            Some((list, at)) if self.clock.since(*at) < target.policy.referrers_ttl() => {
                 (list.clone(), CacheStatus::Hit)
             }
             _ => {
