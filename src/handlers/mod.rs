@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod error;
 pub mod manifests;
 pub mod ops;
+pub mod purge;
 mod query;
 pub mod referrers;
 pub mod tags;

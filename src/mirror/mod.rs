@@ -12,6 +12,7 @@ mod housekeeping;
 mod links;
 mod manifests;
 mod prefetch;
+pub mod purge;
 mod ranges;
 mod referrers;
 mod routing;
@@ -102,6 +103,8 @@ pub struct Mirror {
     referrer_flights: Coalesce<referrers::ReferrersKey, referrers::ReferrersResult>,
     /// Referrers lists by (registry, repository, subject), with when they were fetched.
     referrers: referrers::ReferrersCache,
+    /// Recent purges, and where this replica is in the fleet's purge log.
+    purges: purge::Purges,
 }
 
 impl Mirror {
@@ -195,6 +198,7 @@ impl Mirror {
             repositories: stats::Repositories::default(),
             referrer_flights: Coalesce::default(),
             referrers: referrers::cache(),
+            purges: purge::Purges::default(),
             clock,
             config,
         })
