@@ -1,12 +1,14 @@
 //! Operator commands. On a storage directory: `cache stats`, `cache prune`, `verify`. They open
 //! the store without cleaning or evicting anything, so they are safe next to a running mirror:
 //! a file they delete is, to the mirror, a miss it fetches again. Besides: `config check`,
-//! `completions`, `man`, `healthcheck` and `warm` (which pulls through a running mirror, or
-//! serves the storage directory itself: see `admin/warm.rs`). [`run`] dispatches a parsed [`Command`].
+//! `completions`, `man`, `healthcheck`, `warm` (which pulls through a running mirror, or
+//! serves the storage directory itself: see `admin/warm.rs`) and `cache purge|refresh` (a
+//! running mirror's admin API, or the storage directory at rest: `admin/purge.rs`). [`run`] dispatches a parsed [`Command`].
 
 mod config_check;
 mod healthcheck;
 mod progress;
+mod purge;
 mod warm;
 
 use std::io::{BufRead, BufReader, Read};
@@ -265,6 +267,8 @@ pub fn run(global: &GlobalArgs, command: &Command) -> ExitCode {
         Command::Cache(CacheCommand::Prune { to }) => with_storage_dir(global, |dir| {
             finish(prune(dir, to.as_u64()).map(|r| print!("{r}")))
         }),
+        Command::Cache(CacheCommand::Purge(args)) => purge::run_purge(global, args),
+        Command::Cache(CacheCommand::Refresh(args)) => purge::run_refresh(global, args),
         Command::Warm(args) => warm::run(global, args),
         Command::Verify { repair, json } => {
             with_storage_dir(global, |dir| verify_command(dir, *repair, *json))

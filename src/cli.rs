@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{parse_size, Config, ConfigError, LogFormat, Overrides, Secret};
 use crate::image::{ImageRef, Platform};
+use crate::mirror::purge::Subject;
 
 /// A pull-through caching mirror for Docker Hub and other OCI registries.
 #[derive(Debug, Parser)]
@@ -175,6 +176,77 @@ pub enum CacheCommand {
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         to: bytesize::ByteSize,
     },
+    /// Forget tags, or remove content, so that the next pull fetches it from the upstream.
+    ///
+    /// REFERENCE is a tag (alpine:3.20: its record is forgotten), a digest reference
+    /// (alpine@sha256:…: that manifest is removed and unlinked from the repository) or a
+    /// repository (alpine, ghcr.io/org/app: every tag of it). --digest removes a blob or
+    /// manifest and unlinks it from every repository. With replicas, the shared tier and the
+    /// fleet's records forget it too, and the other replicas within seconds. With --mirror,
+    /// through a running mirror's admin API; without, on the configured storage directory
+    /// (refused while a mirror serves it: use --mirror then). Exit status 1 when a purge
+    /// failed; finding nothing to purge is not a failure.
+    Purge(PurgeArgs),
+    /// Revalidate tags now, whatever their TTL: a HEAD to the upstream, and the manifest
+    /// fetched if the tag moved.
+    ///
+    /// REFERENCE is a tag (alpine:3.20), or a repository (alpine: every tag the mirror holds
+    /// of it). With replicas, the others drop their own copy of the tag and read the new one.
+    /// With --mirror, through a running mirror's admin API; without, on the configured storage
+    /// directory. Exit status 1 when a tag could not be refreshed (the upstream did not
+    /// answer, or has no such tag).
+    Refresh(RefreshArgs),
+}
+
+/// A running mirror to ask, for the commands that can also work on a storage dir.
+#[derive(Debug, Clone, Args)]
+pub struct MirrorArgs {
+    /// A running mirror to ask, e.g. http://127.0.0.1:5000 (its admin API).
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<url::Url>,
+    /// Bearer token for a --mirror that asks for one (server.tokens).
+    #[arg(long, value_name = "TOKEN", env = "PULLTHROUGH_MIRROR_TOKEN", hide_env_values = true,
+        value_parser = parse_secret)]
+    pub mirror_token: Option<Secret>,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    /// What to purge: alpine:3.20, ghcr.io/org/app@sha256:…, or a repository (alpine).
+    #[arg(value_name = "REFERENCE", value_parser = parse_subject,
+        required_unless_present = "digest")]
+    pub references: Vec<Subject>,
+    /// A blob or manifest to remove, with its links to every repository.
+    #[arg(long, value_name = "DIGEST")]
+    pub digest: Vec<crate::oci::Digest>,
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RefreshArgs {
+    /// What to revalidate: a tag (alpine:3.20) or a repository (alpine).
+    #[arg(value_name = "REFERENCE", value_parser = parse_refreshable, required = true)]
+    pub references: Vec<Subject>,
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+}
+
+fn parse_subject(s: &str) -> Result<Subject, String> {
+    s.parse()
+}
+
+fn parse_refreshable(s: &str) -> Result<Subject, String> {
+    let subject: Subject = s.parse()?;
+    match subject.tags() {
+        Some(_) => Ok(subject),
+        None => Err(format!(
+            "{s:?} is named by its digest, which never changes: refresh a tag or a repository"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -382,6 +454,40 @@ mod tests {
     }
 
     #[test]
+    fn purge_and_refresh_take_references_digests_and_a_mirror() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let cli = parse(&[
+            "cache",
+            "purge",
+            "alpine:3.20",
+            "ghcr.io/org/app",
+            "--digest",
+            &d,
+            "--mirror",
+            "http://127.0.0.1:5000",
+        ])
+        .unwrap();
+        let Some(Command::Cache(CacheCommand::Purge(args))) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.references.len(), 2);
+        assert!(matches!(args.references[1], Subject::Repository { .. }));
+        assert_eq!(args.digest[0].to_string(), d);
+        assert!(args.mirror.mirror.is_some());
+        assert!(parse(&["cache", "purge", "--digest", &d]).is_ok());
+        assert!(parse(&["cache", "purge"]).is_err(), "something to purge");
+        let err = parse(&["cache", "purge", "--digest", "sha256:12"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sha256:12"), "{err}");
+        let err = parse(&["cache", "refresh", &format!("alpine@{d}")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("never changes"), "{err}");
+        assert!(parse(&["cache", "refresh", "alpine", "alpine:3.20"]).is_ok());
+    }
+
+    #[test]
     fn healthcheck_defaults_to_the_local_healthz() {
         let cli = parse(&["healthcheck"]).unwrap();
         match cli.command {
@@ -421,6 +527,8 @@ mod tests {
         for word in [
             "COMMAND: VERIFY",
             "COMMAND: CACHE PRUNE",
+            "COMMAND: CACHE PURGE",
+            "COMMAND: CACHE REFRESH",
             "COMMAND: CONFIG CHECK",
             "COMMAND: HEALTHCHECK",
             "COMMAND: WARM",

@@ -12,7 +12,7 @@ use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
 use crate::handlers::error::{ApiError, Object};
-use crate::handlers::{blobs, catalog, client_auth, manifests, ops, referrers, tags, Query};
+use crate::handlers::{blobs, catalog, client_auth, manifests, ops, purge, referrers, tags, Query};
 use crate::mirror::{self, Housekeeping, Mirror, Probe, Target};
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
@@ -67,6 +67,10 @@ pub enum Route {
     Status,
     /// The status page: `/` and `/_pullthrough/ui`.
     Ui,
+    /// `/_pullthrough/cache/purge` (admin API; POST).
+    Purge,
+    /// `/_pullthrough/cache/refresh` (admin API; POST).
+    Refresh,
     /// A well-formed request the mirror never serves: pushes, deletes, uploads.
     Unsupported,
     /// A name, tag or digest that fails the grammar.
@@ -91,6 +95,7 @@ impl Route {
             Route::Referrers { .. } => "referrers",
             Route::Catalog => "catalog",
             Route::PeerBlob { .. } => "peer",
+            Route::Purge | Route::Refresh => "admin",
             _ => "other",
         }
     }
@@ -137,7 +142,13 @@ pub async fn dispatch<B>(
     let mut resp = answer(mirror, route, req, query, target, files).await?;
     if !matches!(
         route,
-        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::PeerBlob { .. }
+        Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::Status
+            | Route::PeerBlob { .. }
+            | Route::Purge
+            | Route::Refresh
     ) {
         resp.headers_mut().insert(
             HeaderName::from_static("docker-distribution-api-version"),
@@ -237,6 +248,8 @@ async fn answer<B>(
         Route::Metrics => Ok(ops::metrics(&Housekeeping::of(mirror), req.headers())),
         Route::Status => Ok(ops::status(&Housekeeping::of(mirror))),
         Route::Ui => Ok(ops::ui()),
+        Route::Purge => Box::pin(purge::purge(mirror, req)).await,
+        Route::Refresh => Box::pin(purge::refresh(mirror, req)).await,
         Route::Unsupported => Err(ApiError::unsupported()),
         Route::Invalid(e) => Err(e.clone().into()),
         Route::BadHost => Err(ApiError::bad_host()),
@@ -265,6 +278,12 @@ pub fn parse(method: &Method, path: &str) -> Route {
     };
     if let Some(route) = operational {
         return if read { route } else { Route::Unsupported };
+    }
+    // Any method: the handler answers anything but POST with what it takes.
+    match path {
+        "/_pullthrough/cache/purge" => return Route::Purge,
+        "/_pullthrough/cache/refresh" => return Route::Refresh,
+        _ => {}
     }
     if let Some(digest) = path.strip_prefix(crate::peer_api::BLOBS_PATH) {
         if method != Method::GET {
@@ -403,6 +422,18 @@ mod tests {
             parse(&Method::GET, "/_pullthrough/peer/blobs/sha256:xyz"),
             Route::Invalid(_)
         ));
+        assert_eq!(
+            parse(&Method::POST, "/_pullthrough/cache/purge"),
+            Route::Purge
+        );
+        assert_eq!(
+            parse(&Method::GET, "/_pullthrough/cache/refresh"),
+            Route::Refresh
+        );
+        assert_eq!(
+            parse(&Method::POST, "/_pullthrough/cache/purge/x"),
+            Route::NotFound
+        );
         assert_eq!(parse(&Method::GET, "/"), Route::Ui);
         assert_eq!(parse(&Method::GET, "/_pullthrough/ui"), Route::Ui);
         assert_eq!(parse(&Method::POST, "/"), Route::Unsupported);

@@ -268,3 +268,45 @@ async fn replicas_share_a_tag_through_a_real_redis() {
         "the in-memory one was not used"
     );
 }
+
+#[tokio::test]
+async fn a_purge_reaches_the_other_replicas_through_a_real_redis() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::with_redis(&server.url).await;
+    let (digest, _) = fleet.upstream.add_image("library/alpine", "3", &[100]);
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    let path = "/v2/library/alpine/manifests/3";
+    for m in [&a, &b] {
+        let r = m.get(path).send().await.unwrap();
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    }
+    assert_eq!(fleet.upstream.manifest_gets(), 1);
+
+    let r = a
+        .client
+        .post(format!("{}/_pullthrough/cache/purge", a.url))
+        .query(&[("reference", "alpine:3")])
+        .send()
+        .await
+        .unwrap();
+    let purged: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(purged["fleet"], true, "{purged}");
+    common::eventually("b applied a's purge", common::SETTLE, || async {
+        let s: serde_json::Value = b
+            .get("/_pullthrough/status")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s["recent_purges"][0]["subject"] == "docker.io/library/alpine:3"
+    })
+    .await;
+    let r = b.get(path).send().await.unwrap();
+    assert_eq!(common::x_cache(&r), "MISS");
+    assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    assert_eq!(fleet.upstream.manifest_gets(), 2, "b fetched the tag again");
+}

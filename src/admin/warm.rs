@@ -122,7 +122,7 @@ fn read_list(path: &Path) -> anyhow::Result<Vec<ImageRef>> {
 /// Why a request to the mirror failed. URLs are left out: the mirror's address is known to
 /// the operator, and reqwest's errors would print it with every query.
 #[derive(Debug, thiserror::Error)]
-enum HttpError {
+pub(super) enum HttpError {
     #[error("cannot reach the mirror: {0}")]
     Request(reqwest::Error),
     #[error("the mirror answered {status}: {message}")]
@@ -141,15 +141,16 @@ impl From<reqwest::Error> for HttpError {
     }
 }
 
-/// A running mirror's registry API, asked as containerd would (`?ns=<registry>`).
-struct Http {
+/// A running mirror's registry API, asked as containerd would (`?ns=<registry>`); and its
+/// admin API, for `cache purge|refresh` (`admin/purge.rs`).
+pub(super) struct Http {
     client: reqwest::Client,
     base: String,
     token: Option<Secret>,
 }
 
 impl Http {
-    fn new(url: &url::Url, token: Option<Secret>) -> anyhow::Result<Http> {
+    pub(super) fn new(url: &url::Url, token: Option<Secret>) -> anyhow::Result<Http> {
         if !matches!(url.scheme(), "http" | "https") {
             anyhow::bail!("--mirror must be an http:// or https:// URL");
         }
@@ -169,7 +170,14 @@ impl Http {
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let request = self.client.get(format!("{}{path}", self.base));
+        self.authorized(self.client.get(format!("{}{path}", self.base)))
+    }
+
+    pub(super) fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(self.client.post(format!("{}{path}", self.base)))
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => request.bearer_auth(t.expose()),
             None => request,
@@ -177,7 +185,10 @@ impl Http {
     }
 
     /// A 2xx response, or the status and the OCI error's message as the error.
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, HttpError> {
+    pub(super) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, HttpError> {
         let response = request.send().await?;
         if response.status().is_success() {
             return Ok(response);

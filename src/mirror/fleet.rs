@@ -87,6 +87,27 @@ impl Mirror {
         cluster.set_json(&tag_key(key), &shared, Some(ttl)).await;
     }
 
+    /// Deletes the fleet's record of the tag (a purge); with `before`, only one learned before
+    /// then.
+    pub(super) async fn unshare_tag(&self, key: &TagKey, before: Option<SystemTime>) {
+        let Some(cluster) = &self.cluster else { return };
+        if let Some(before) = before {
+            match self.fleet_tag(key).await {
+                Some(FleetTag::Record(r)) if r.fetched_at <= before => {}
+                Some(FleetTag::Missing(_, at)) if at <= before => {}
+                _ => return,
+            }
+        }
+        cluster.delete(&tag_key(key)).await;
+    }
+
+    /// Deletes the fleet's link of `digest` to the repository (a purge).
+    pub(super) async fn unshare_link(&self, registry: &str, repo: &RepoName, digest: &Digest) {
+        if let Some(cluster) = &self.cluster {
+            cluster.delete(&link_key(registry, repo, digest)).await;
+        }
+    }
+
     /// Whether another replica's upstream served or confirmed `digest` for the repository.
     pub(super) async fn fleet_link(
         &self,

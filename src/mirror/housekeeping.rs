@@ -26,6 +26,8 @@ pub enum Periodic {
     FlushShared,
     /// One eviction pass of the shared tier.
     EvictShared,
+    /// Apply the purges other replicas logged (see `purge.rs`).
+    FleetPurges,
 }
 
 impl Periodic {
@@ -34,6 +36,7 @@ impl Periodic {
             Periodic::Heartbeat => crate::cluster::HEARTBEAT,
             Periodic::FlushShared => crate::store::tiers::FLUSH_EVERY,
             Periodic::EvictShared => crate::store::tiers::EVICT_EVERY,
+            Periodic::FleetPurges => super::purge::APPLY_EVERY,
         }
     }
 }
@@ -52,6 +55,7 @@ impl Housekeeping {
                 Periodic::Heartbeat,
                 Periodic::FlushShared,
                 Periodic::EvictShared,
+                Periodic::FleetPurges,
             ]
         } else {
             &[]
@@ -64,6 +68,7 @@ impl Housekeeping {
             Periodic::Heartbeat => self.heartbeat().await,
             Periodic::FlushShared => self.flush_shared_accesses().await,
             Periodic::EvictShared => self.evict_shared().await,
+            Periodic::FleetPurges => self.mirror.apply_fleet_purges().await,
         }
     }
 
@@ -199,7 +204,28 @@ impl Housekeeping {
         if let Some(cluster) = self.cluster_status() {
             status["cluster"] = cluster;
         }
+        status["recent_purges"] = self.recent_purges();
         status
+    }
+
+    /// The status page's `recent_purges`: the latest purges and refreshes, here and in the
+    /// fleet, the latest first.
+    fn recent_purges(&self) -> serde_json::Value {
+        let rfc3339 =
+            |ms| humantime::format_rfc3339_seconds(crate::clock::from_unix_millis(ms)).to_string();
+        self.mirror
+            .recent_purges()
+            .into_iter()
+            .map(|p| {
+                serde_json::json!({
+                    "time": rfc3339(p.at_ms),
+                    "action": p.action,
+                    "subject": p.subject,
+                    "by": p.by,
+                    "replica": p.replica,
+                })
+            })
+            .collect()
     }
 
     /// Announces this replica to the cluster and refreshes the member list.

@@ -449,7 +449,7 @@ impl Mirror {
     /// lie, a broken push) leaves the tag record as it was, served stale. Only a cold tag
     /// asked with a HEAD, with nothing to fall back on, is answered from the HEAD alone (no
     /// pull spent): that answer is kept in memory (`unverified_tags`), not in the record.
-    async fn revalidate_tag(
+    pub(super) async fn revalidate_tag(
         &self,
         up: &Upstream,
         caller: &Caller,
@@ -643,7 +643,12 @@ impl Mirror {
     }
 
     /// GETs a tag (one counted pull), storing the manifest and the tag.
-    async fn fetch_tag(&self, up: &Upstream, caller: &Caller, key: &TagKey) -> TagResult {
+    pub(super) async fn fetch_tag(
+        &self,
+        up: &Upstream,
+        caller: &Caller,
+        key: &TagKey,
+    ) -> TagResult {
         let reference = Reference::Tag(key.tag.clone());
         let m = up
             .manifest(&key.repo, caller, &reference, false, media::ACCEPT_ALL)

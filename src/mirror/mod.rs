@@ -13,6 +13,7 @@ mod housekeeping;
 mod links;
 mod manifests;
 mod prefetch;
+pub mod purge;
 mod ranges;
 mod referrers;
 mod routing;
@@ -119,6 +120,8 @@ pub struct Mirror {
     /// Clients' identities and the tokens issued to them; `None` when no upstream takes
     /// clients' credentials.
     clients: Option<Arc<Clients>>,
+    /// Recent purges, and where this replica is in the fleet's purge log.
+    purges: purge::Purges,
 }
 
 impl Mirror {
@@ -224,6 +227,7 @@ impl Mirror {
                         config.server.tls_cert.is_some(),
                     ))
                 }),
+            purges: purge::Purges::default(),
             clock,
             config,
         })

@@ -55,9 +55,10 @@ pub struct Access {
     htpasswd: HashMap<String, String>,
     tokens: Vec<Secret>,
     realm: String,
-    /// Credentials already checked, by a hash of the header: bcrypt costs tens of
-    /// milliseconds, far too much to pay on every request.
-    accepted: moka::sync::Cache<[u8; 32], ()>,
+    /// Credentials already checked, by a hash of the header, with whose they are (see
+    /// [`Access::check_credentials`]): bcrypt costs tens of milliseconds, far too much to pay
+    /// on every request.
+    accepted: moka::sync::Cache<[u8; 32], Arc<str>>,
 }
 
 impl Access {
@@ -124,64 +125,82 @@ impl Access {
         }
     }
 
-    /// Checks an `Authorization` value against the tokens and the htpasswd file. Blocking:
-    /// bcrypt takes tens of milliseconds.
-    fn credentials_ok(&self, value: &str) -> bool {
+    /// The token `presented` is, as `token #N` (its place in `server.tokens`, from 1): the
+    /// token itself is never named.
+    fn token(&self, presented: &[u8]) -> Option<String> {
+        self.tokens
+            .iter()
+            .position(|t| t.matches(presented))
+            .map(|i| format!("token #{}", i + 1))
+    }
+
+    /// Checks an `Authorization` value against the tokens and the htpasswd file: whose
+    /// credential it is (`token #2`, `user alice`), or `None`. Blocking: bcrypt takes tens of
+    /// milliseconds.
+    fn credentials_ok(&self, value: &str) -> Option<String> {
         // RFC 9110 §11.1: the scheme is case-insensitive.
         let (scheme, rest) = value.trim_start().split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
-            return self
-                .tokens
-                .iter()
-                .any(|t| t.matches(rest.trim().as_bytes()));
+            return self.token(rest.trim().as_bytes());
         }
         if !scheme.eq_ignore_ascii_case("basic") {
-            return false;
+            return None;
         }
         let encoded = rest;
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .ok()
             .and_then(|raw| String::from_utf8(raw).ok());
-        let Some((user, pass)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
-            return false;
-        };
-        self.tokens.iter().any(|t| t.matches(pass.as_bytes()))
-            || self
-                .htpasswd
-                .get(user)
-                .is_some_and(|hash| bcrypt::verify(pass, hash).unwrap_or(false))
+        let (user, pass) = decoded.as_deref().and_then(|d| d.split_once(':'))?;
+        // The client chose the user name: quoted and bounded in what is logged.
+        let user_name: String = user.chars().take(64).collect();
+        if let Some(token) = self.token(pass.as_bytes()) {
+            return Some(format!("{token} (user {user_name:?})"));
+        }
+        self.htpasswd
+            .get(user)
+            .is_some_and(|hash| bcrypt::verify(pass, hash).unwrap_or(false))
+            .then(|| format!("user {user_name:?}"))
     }
 
-    pub async fn check_credentials(self: &Arc<Self>, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// Checks the request's credentials when the mirror asks for some: `Ok(Some(whose))`
+    /// (`token #2`, `user "alice"`) for good ones, `Ok(None)` when none are asked for.
+    pub async fn check_credentials(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<str>>, ApiError> {
         if !self.requires_credentials() {
-            return Ok(());
+            return Ok(None);
         }
         let value = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let ok = match value {
-            None => false,
+        let whose = match value {
+            None => None,
             Some(value) => {
                 // Credentials seen before are checked here, without a trip to a blocking thread.
                 let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-                if self.accepted.contains_key(&key) {
-                    true
-                } else {
-                    let this = self.clone();
-                    let ok = tokio::task::spawn_blocking(move || this.credentials_ok(&value))
-                        .await
-                        .unwrap_or(false);
-                    if ok {
-                        self.accepted.insert(key, ());
+                match self.accepted.get(&key) {
+                    Some(whose) => Some(whose),
+                    None => {
+                        let this = self.clone();
+                        let whose: Option<Arc<str>> =
+                            tokio::task::spawn_blocking(move || this.credentials_ok(&value))
+                                .await
+                                .ok()
+                                .flatten()
+                                .map(Into::into);
+                        if let Some(whose) = &whose {
+                            self.accepted.insert(key, whose.clone());
+                        }
+                        whose
                     }
-                    ok
                 }
             }
         };
-        if ok {
-            Ok(())
+        if let Some(whose) = whose {
+            Ok(Some(whose))
         } else {
             let mut e = ApiError::new(
                 StatusCode::UNAUTHORIZED,

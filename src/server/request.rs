@@ -25,20 +25,22 @@ use crate::sendfile::Sendfile;
 
 /// Access control, then the per-client limit. Health checks are always answered, so that
 /// orchestrators need no credentials; replica-to-replica requests are authenticated by the
-/// cluster secret instead (in the pull layer), since replicas are not clients.
+/// cluster secret instead (in the pull layer), since replicas are not clients. The operator's
+/// routes (metrics, status, the admin API) are admitted as clients are, without the limit.
+/// Whose credentials the request carried, when the mirror asks for some.
 async fn admit(
     app: &App,
     route: &Route,
     role: Role,
     req: &Request<Incoming>,
     client: IpAddr,
-) -> Result<(), ApiError> {
+) -> Result<Option<Arc<str>>, ApiError> {
     if matches!(
         route,
         Route::Healthz | Route::Readyz | Route::PeerBlob { .. }
     ) || role == Role::Metrics
     {
-        return Ok(());
+        return Ok(None);
     }
     use crate::metrics::Refusal;
     let refused = |why| {
@@ -52,16 +54,19 @@ async fn admit(
         .check_address(client)
         .map_err(refused(Refusal::Address))?;
     // Boxed: a password check's state would otherwise sit in every request's future.
-    Box::pin(app.access.check_credentials(req.headers()))
+    let whose = Box::pin(app.access.check_credentials(req.headers()))
         .await
         .map_err(refused(Refusal::Credentials))?;
-    if matches!(route, Route::Metrics | Route::Status | Route::Ui) {
-        return Ok(());
+    if matches!(
+        route,
+        Route::Metrics | Route::Status | Route::Ui | Route::Purge | Route::Refresh
+    ) {
+        return Ok(whose);
     }
     let Some(limit) = &app.client_limit else {
-        return Ok(());
+        return Ok(whose);
     };
-    limit.check(client).map_err(|wait| {
+    limit.check(client).map(|()| whose).map_err(|wait| {
         let mut e = ApiError::new(
             http::StatusCode::TOO_MANY_REQUESTS,
             crate::handlers::error::Code::Toomanyrequests,
@@ -92,7 +97,7 @@ pub(super) struct ConnInfo {
 /// response buffer budget is spent is refused: the error resets it with its reason.
 pub(super) async fn handle(
     app: Arc<App>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<Response<Body>, h2::Error> {
     let ConnInfo {
@@ -165,7 +170,14 @@ pub(super) async fn handle(
     };
     let dispatched = match admit(&app, &route, role, &req, client).await {
         Err(e) => Ok(Err(e)),
-        Ok(()) => {
+        Ok(whose) => {
+            if matches!(route, Route::Purge | Route::Refresh) {
+                // Who asked, for the purge's log line.
+                req.extensions_mut().insert(crate::handlers::purge::Caller {
+                    client,
+                    credential: whose.map(|w| w.to_string()),
+                });
+            }
             let asked = Instant::now();
             let answer = std::panic::AssertUnwindSafe(routes::dispatch(
                 &app.mirror,

@@ -7,7 +7,9 @@
 //! `links`, one line per link appended as it is made: `<registry> <repository> <digest>`. A
 //! crash can cut only the last line, which is skipped on load; a lost link costs one upstream
 //! `HEAD` to make again, never a wrong answer. Links of evicted content are kept: the upstream
-//! confirmed them, and they are small.
+//! confirmed them, and they are small. A purge unlinks with a line of its own,
+//! `<registry> <repository> <digest> unlinked`, read in order on load (a version without
+//! purges skips such a line).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
@@ -42,8 +44,18 @@ impl Links {
         match text {
             Ok(text) => {
                 for line in text.lines() {
-                    if let Some((registry, repo, digest)) = parse(line) {
-                        insert(&mut table, registry, repo, digest);
+                    match parse(line) {
+                        Some((registry, repo, digest, false)) => {
+                            insert(&mut table, registry, repo, digest)
+                        }
+                        Some((registry, repo, digest, true)) => {
+                            if let Some(digests) =
+                                table.get_mut(registry).and_then(|r| r.get_mut(&repo))
+                            {
+                                digests.remove(&digest);
+                            }
+                        }
+                        None => {}
                     }
                 }
                 if !text.is_empty() && !text.ends_with('\n') {
@@ -88,6 +100,60 @@ impl Links {
     }
 }
 
+impl Links {
+    /// Unlinks `digest` from every repository (a purge), in memory and on disk; the
+    /// repositories it was linked to, by registry.
+    pub async fn remove_digest(&self, digest: &Digest) -> Vec<(String, RepoName)> {
+        let mut removed = Vec::new();
+        {
+            let mut table = crate::sync::lock(&self.table);
+            for (registry, repos) in table.iter_mut() {
+                for (repo, digests) in repos.iter_mut() {
+                    if digests.remove(digest) {
+                        removed.push((registry.clone(), repo.clone()));
+                    }
+                }
+            }
+        }
+        removed.sort();
+        self.persist_unlinked(&removed, digest).await;
+        removed
+    }
+
+    /// Unlinks `digest` from one repository (a purge); whether it was linked.
+    pub async fn remove(&self, registry: &str, repo: &RepoName, digest: &Digest) -> bool {
+        let removed = crate::sync::lock(&self.table)
+            .get_mut(registry)
+            .and_then(|repos| repos.get_mut(repo))
+            .is_some_and(|digests| digests.remove(digest));
+        if removed {
+            self.persist_unlinked(&[(registry.to_owned(), repo.clone())], digest)
+                .await;
+        }
+        removed
+    }
+
+    async fn persist_unlinked(&self, repos: &[(String, RepoName)], digest: &Digest) {
+        if repos.is_empty() {
+            return;
+        }
+        let lines: String = repos
+            .iter()
+            .map(|(registry, repo)| format!("{registry} {repo} {digest} {UNLINKED}\n"))
+            .collect();
+        let path = self.path.clone();
+        let written = tokio::task::spawn_blocking(move || append(&path, lines.as_bytes())).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist a repository unlink"),
+            Err(e) => tracing::warn!(error = %e, "cannot persist a repository unlink"),
+        }
+    }
+}
+
+/// The fourth field of a line that removes a link.
+const UNLINKED: &str = "unlinked";
+
 /// One write per line with `O_APPEND`: concurrent appends never interleave within a line.
 fn append(path: &Path, line: &[u8]) -> io::Result<()> {
     std::fs::OpenOptions::new()
@@ -113,12 +179,21 @@ fn insert(table: &mut Table, registry: &str, repo: RepoName, digest: Digest) {
         .insert(digest);
 }
 
-fn parse(line: &str) -> Option<(&str, RepoName, Digest)> {
+/// A link line, and whether it unlinks.
+fn parse(line: &str) -> Option<(&str, RepoName, Digest, bool)> {
     let mut parts = line.split(' ');
     let registry = parts.next().filter(|r| !r.is_empty())?;
     let repo = parts.next()?.parse().ok()?;
     let digest = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((registry, repo, digest))
+    let unlinks = match parts.next() {
+        None => false,
+        Some(UNLINKED) => true,
+        Some(_) => return None,
+    };
+    parts
+        .next()
+        .is_none()
+        .then_some((registry, repo, digest, unlinks))
 }
 
 #[cfg(test)]
@@ -162,5 +237,38 @@ mod tests {
         );
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert_eq!(text.matches("library/alpine").count(), 1, "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_unlink_is_kept_across_opens_and_a_later_link_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b): (RepoName, RepoName) = ("library/a".parse().unwrap(), "x/b".parse().unwrap());
+        let digest = Digest::sha256_of(b"layer");
+        let links = Links::open(dir.path(), true).unwrap();
+        links.add("docker.io", &a, &digest).await;
+        links.add("ghcr.io", &b, &digest).await;
+        assert!(links.remove("docker.io", &a, &digest).await);
+        assert!(
+            !links.remove("docker.io", &a, &digest).await,
+            "gone already"
+        );
+        let again = Links::open(dir.path(), true).unwrap();
+        assert!(!again.contains("docker.io", &a, &digest));
+        assert!(again.contains("ghcr.io", &b, &digest));
+        again.add("docker.io", &a, &digest).await;
+        assert_eq!(
+            again.remove_digest(&digest).await,
+            vec![
+                ("docker.io".to_owned(), a.clone()),
+                ("ghcr.io".to_owned(), b.clone())
+            ]
+        );
+        again.add("ghcr.io", &b, &digest).await;
+        let third = Links::open(dir.path(), true).unwrap();
+        assert!(!third.contains("docker.io", &a, &digest));
+        assert!(
+            third.contains("ghcr.io", &b, &digest),
+            "linked after the unlink"
+        );
     }
 }

@@ -121,6 +121,11 @@ impl Manifests {
         self.memory.invalidate(digest);
     }
 
+    /// Forgets a manifest kept in memory only (a purge); whether there was one.
+    pub(super) fn forget_unwritten(&self, digest: &Digest) -> bool {
+        self.unwritten.remove(digest).is_some()
+    }
+
     /// Stores a manifest whose bytes were verified against `m.digest`; returns what must be
     /// evicted to stay within the bound. When the file cannot be written, the manifest is
     /// kept in memory (bounded) and the error returned.

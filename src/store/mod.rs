@@ -168,6 +168,37 @@ impl Store {
         }
     }
 
+    /// Removes a blob or manifest on an operator's request (a purge): from memory, the index
+    /// and the disk. With `before`, a file written after that time is kept: it was fetched
+    /// again since the purge was asked for. Whether something was removed. Blocking.
+    pub fn purge(&self, key: &Key, before: Option<SystemTime>) -> io::Result<bool> {
+        let path = self.path_of(key);
+        if let Some(before) = before {
+            match std::fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(written) if written > before => return Ok(false),
+                _ => {}
+            }
+        }
+        let in_memory = match key.kind {
+            Kind::Manifest => {
+                self.manifests.forget(&key.digest);
+                self.manifests.forget_unwritten(&key.digest)
+            }
+            Kind::Blob => {
+                self.blobs.forget(&key.digest);
+                false
+            }
+        };
+        let indexed = self.index.contains(key);
+        self.index.remove(key);
+        let on_disk = match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        Ok(in_memory || indexed || on_disk)
+    }
+
     /// Tells a running server that files were deleted under it (by `cache prune`). Blocking.
     pub fn mark_pruned(&self) -> io::Result<()> {
         let stamp = std::time::SystemTime::now()
@@ -501,7 +532,7 @@ fn lock_dir(root: &Path) -> io::Result<std::fs::File> {
             io::ErrorKind::ResourceBusy,
             format!(
                 "in use by another pullthrough process (pid {pid}); while a mirror runs, go \
-                 through its HTTP API (`pullthrough warm --mirror URL`)"
+                 through its HTTP API (`--mirror URL`)"
             ),
         )),
     }

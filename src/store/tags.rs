@@ -114,6 +114,39 @@ impl Tags {
         .await
     }
 
+    /// Forgets the tag's record, in memory and on disk (a purge); whether there was one.
+    pub async fn remove(&self, key: &TagKey) -> io::Result<bool> {
+        let in_memory = self.memory.remove(key).is_some();
+        let path = self.path(key);
+        let on_disk = blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        })
+        .await?;
+        Ok(in_memory || on_disk)
+    }
+
+    /// The tags of the repository that have a record on disk, sorted (only valid tag names).
+    pub async fn list(&self, registry: &str, repo: &RepoName) -> io::Result<Vec<Tag>> {
+        let dir = self.dir.join(registry).join(repo.as_str()).join("_tags");
+        blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut tags = Vec::new();
+            for entry in entries {
+                let name = entry?.file_name();
+                tags.extend(name.to_str().and_then(|n| n.parse::<Tag>().ok()));
+            }
+            tags.sort();
+            Ok(tags)
+        })
+        .await
+    }
+
     pub async fn put(&self, key: &TagKey, record: TagRecord) -> io::Result<()> {
         let raw = serde_json::to_vec(&record).map_err(io::Error::other)?;
         let path = self.path(key);

@@ -108,6 +108,15 @@ impl Tiers {
         }
     }
 
+    /// Deletes the shared tier's copy on an operator's request (a purge); whether there was
+    /// one.
+    pub async fn purge_shared(&self, kind: Kind, digest: &Digest) -> bool {
+        match &self.shared {
+            Some(tier) => tier.purge(kind, digest).await,
+            None => false,
+        }
+    }
+
     /// A presigned URL of the shared tier's copy, valid for `ttl`.
     pub async fn redirect(&self, digest: &Digest, ttl: Duration) -> Option<url::Url> {
         self.shared.as_ref()?.redirect(digest, ttl).await

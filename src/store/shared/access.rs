@@ -31,6 +31,23 @@ impl Ledger {
         self.record(kind, digest, size, true);
     }
 
+    /// The object of `size` bytes was deleted on an operator's request (a purge): it leaves
+    /// the access order, and the total unless its publication was not counted yet.
+    pub async fn purged(&self, kind: Kind, digest: &Digest, size: u64) {
+        let object = Object {
+            kind,
+            digest: digest.clone(),
+        };
+        let uncounted = lock(&self.pending)
+            .remove(&object)
+            .is_some_and(|p| p.published);
+        self.cluster.zrem(ACCESS, vec![object.member(size)]).await;
+        if !uncounted {
+            let by = -i64::try_from(size).unwrap_or(i64::MAX);
+            self.cluster.add(BYTES, by, None).await;
+        }
+    }
+
     /// The object was read from the shared tier (`size`: its whole length).
     pub fn accessed(&self, kind: Kind, digest: &Digest, size: u64) {
         self.record(kind, digest, size, false);

@@ -360,6 +360,35 @@ impl SharedTier {
         });
     }
 
+    /// Deletes the object on an operator's request (a purge), and takes it out of the fleet's
+    /// record; whether the tier held it (a failure is counted and logged, and is `false`).
+    pub async fn purge(&self, kind: Kind, digest: &Digest) -> bool {
+        let size = match kind {
+            Kind::Blob => self.backend.blob_size(digest).await,
+            Kind::Manifest => self
+                .backend
+                .read(kind, digest)
+                .await
+                .map(|raw| raw.map(|r| r.len() as u64)),
+        };
+        let size = match size {
+            Ok(Some(size)) => size,
+            Ok(None) => return false,
+            Err(e) => {
+                self.failed("look up an object to purge", digest, &e);
+                return false;
+            }
+        };
+        if let Err(e) = self.backend.delete_named(&object_name(kind, digest)).await {
+            self.failed("purge an object", digest, &e);
+            return false;
+        }
+        if let Some(l) = &self.ledger {
+            l.purged(kind, digest, size).await;
+        }
+        true
+    }
+
     /// A presigned URL of the blob valid for `ttl`, when the tier holds it and can sign; the
     /// object is protected from eviction that long and recorded as an access.
     pub async fn redirect(&self, digest: &Digest, ttl: Duration) -> Option<url::Url> {
