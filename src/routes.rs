@@ -12,7 +12,7 @@ use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
 use crate::handlers::error::{ApiError, Object};
-use crate::handlers::{blobs, catalog, manifests, ops, referrers, tags, Query};
+use crate::handlers::{blobs, catalog, manifests, ops, pins, referrers, tags, Query};
 use crate::mirror::{self, Housekeeping, Mirror, Target};
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
@@ -64,6 +64,8 @@ pub enum Route {
     Status,
     /// The status page: `/` and `/_pullthrough/ui`.
     Ui,
+    /// `/_pullthrough/pins`: list (`GET`), pin (`POST`) and unpin (`DELETE`) images.
+    Pins,
     /// A well-formed request the mirror never serves: pushes, deletes, uploads.
     Unsupported,
     /// A name, tag or digest that fails the grammar.
@@ -134,7 +136,12 @@ pub async fn dispatch<B>(
     let mut resp = answer(mirror, route, req, query, target, files).await?;
     if !matches!(
         route,
-        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::PeerBlob { .. }
+        Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::Status
+            | Route::Pins
+            | Route::PeerBlob { .. }
     ) {
         resp.headers_mut().insert(
             HeaderName::from_static("docker-distribution-api-version"),
@@ -202,7 +209,11 @@ async fn answer<B>(
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(Box::pin(ops::readyz(&Housekeeping::of(mirror))).await),
         Route::Metrics => Ok(ops::metrics(&Housekeeping::of(mirror), req.headers())),
-        Route::Status => Ok(ops::status(&Housekeeping::of(mirror))),
+        Route::Status => Ok(Box::pin(ops::status(&Housekeeping::of(mirror))).await),
+        Route::Pins => {
+            let hk = Housekeeping::of(mirror);
+            Box::pin(pins::handle(&hk, req.method(), req.uri().query())).await
+        }
         Route::Ui => Ok(ops::ui()),
         Route::Unsupported => Err(ApiError::unsupported()),
         Route::Invalid(e) => Err(e.clone().into()),
@@ -230,6 +241,9 @@ pub fn parse(method: &Method, path: &str) -> Route {
     };
     if let Some(route) = operational {
         return if read { route } else { Route::Unsupported };
+    }
+    if path == "/_pullthrough/pins" {
+        return Route::Pins;
     }
     if let Some(digest) = path.strip_prefix(crate::peer_api::BLOBS_PATH) {
         if method != Method::GET {
@@ -353,6 +367,9 @@ mod tests {
         assert_eq!(parse(&Method::GET, "/readyz"), Route::Readyz);
         assert_eq!(parse(&Method::GET, "/metrics"), Route::Metrics);
         assert_eq!(parse(&Method::GET, "/_pullthrough/status"), Route::Status);
+        for m in [Method::GET, Method::POST, Method::DELETE] {
+            assert_eq!(parse(&m, "/_pullthrough/pins"), Route::Pins);
+        }
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(
             parse(&Method::GET, &format!("/_pullthrough/peer/blobs/{d}")),

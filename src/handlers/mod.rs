@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod error;
 pub mod manifests;
 pub mod ops;
+pub mod pins;
 mod query;
 pub mod referrers;
 pub mod tags;
