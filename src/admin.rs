@@ -7,6 +7,7 @@
 
 mod config_check;
 mod healthcheck;
+mod pin;
 mod progress;
 mod purge;
 mod warm;
@@ -49,9 +50,12 @@ pub fn stats(dir: &Path) -> anyhow::Result<String> {
 }
 
 /// `pullthrough cache prune --to SIZE`: deletes least recently used files until the cache
-/// holds at most `to` bytes.
-pub fn prune(dir: &Path, to: u64) -> anyhow::Result<String> {
-    let store = open(dir)?;
+/// holds at most `to` bytes; content `pins` (and the directory's own pins) name stays.
+pub fn prune(dir: &Path, to: u64, pins: Vec<crate::config::PinConfig>) -> anyhow::Result<String> {
+    if !dir.is_dir() {
+        anyhow::bail!("storage dir {} does not exist", dir.display());
+    }
+    let store = Store::open_pinned(dir, Limits::default(), Mode::Inspect, pins)?;
     let before = store.index.total();
     let evicted = store.index.evict_bytes(before.saturating_sub(to));
     store.delete_files(&evicted);
@@ -264,11 +268,19 @@ pub fn run(global: &GlobalArgs, command: &Command) -> ExitCode {
         Command::Cache(CacheCommand::Stats) => {
             with_storage_dir(global, |dir| finish(stats(dir).map(|r| print!("{r}"))))
         }
-        Command::Cache(CacheCommand::Prune { to }) => with_storage_dir(global, |dir| {
-            finish(prune(dir, to.as_u64()).map(|r| print!("{r}")))
-        }),
+        Command::Cache(CacheCommand::Prune { to }) => match global.load_config() {
+            Ok(config) => finish(
+                prune(&config.storage.dir, to.as_u64(), config.pins()).map(|r| print!("{r}")),
+            ),
+            Err(e) => {
+                eprintln!("pullthrough: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Cache(CacheCommand::Purge(args)) => purge::run_purge(global, args),
         Command::Cache(CacheCommand::Refresh(args)) => purge::run_refresh(global, args),
+        Command::Cache(CacheCommand::Pin(args)) => pin::run(global, args, pin::Change::Pin),
+        Command::Cache(CacheCommand::Unpin(args)) => pin::run(global, args, pin::Change::Unpin),
         Command::Warm(args) => warm::run(global, args),
         Command::Verify { repair, json } => {
             with_storage_dir(global, |dir| verify_command(dir, *repair, *json))

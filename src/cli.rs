@@ -196,6 +196,15 @@ pub enum CacheCommand {
     /// directory. Exit status 1 when a tag could not be refreshed (the upstream did not
     /// answer, or has no such tag).
     Refresh(RefreshArgs),
+    /// Pin images: their manifests and blobs are never evicted (kept in the storage dir's
+    /// `pins` file, so a restart keeps them).
+    ///
+    /// With --mirror, through a running mirror's API; without, on the configured storage
+    /// directory (refused while a mirror serves it). Refused, with the figures, when the
+    /// pinned images would take more than storage.max_size. Exit status 1 when refused.
+    Pin(PinArgs),
+    /// Unpin images pinned with `cache pin` (config pins stay: change the config).
+    Unpin(PinArgs),
 }
 
 /// A running mirror to ask, for the commands that can also work on a storage dir.
@@ -247,6 +256,25 @@ fn parse_refreshable(s: &str) -> Result<Subject, String> {
             "{s:?} is named by its digest, which never changes: refresh a tag or a repository"
         )),
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PinArgs {
+    /// Images as you would pull them: alpine:3.20, ghcr.io/org/app:1.0,
+    /// library/alpine@sha256:…
+    #[arg(value_name = "REFERENCE", required = true)]
+    pub images: Vec<ImageRef>,
+    /// A running mirror to ask, e.g. http://127.0.0.1:5000.
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<url::Url>,
+    /// Bearer token for a --mirror that asks for one (server.tokens).
+    #[arg(long, value_name = "TOKEN", env = "PULLTHROUGH_MIRROR_TOKEN", hide_env_values = true,
+        value_parser = parse_secret)]
+    pub mirror_token: Option<Secret>,
+    /// Only these platforms of multi-platform images, comma-separated (linux/amd64).
+    /// Default: every platform. (pin only)
+    #[arg(long, value_name = "PLATFORMS", value_delimiter = ',')]
+    pub platform: Vec<Platform>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -485,6 +513,30 @@ mod tests {
             .to_string();
         assert!(err.contains("never changes"), "{err}");
         assert!(parse(&["cache", "refresh", "alpine", "alpine:3.20"]).is_ok());
+    }
+
+    #[test]
+    fn pin_takes_references_a_mirror_and_platforms() {
+        let cli = parse(&[
+            "cache",
+            "pin",
+            "alpine:3.20",
+            "--platform",
+            "linux/amd64",
+            "--mirror",
+            "http://127.0.0.1:5000",
+        ])
+        .unwrap();
+        let Some(Command::Cache(CacheCommand::Pin(args))) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.images[0].to_string(), "docker.io/library/alpine:3.20");
+        assert_eq!(args.platform.len(), 1);
+        assert!(args.mirror.is_some());
+        assert!(
+            parse(&["cache", "unpin"]).is_err(),
+            "a reference is required"
+        );
     }
 
     #[test]

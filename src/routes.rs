@@ -12,7 +12,9 @@ use http::{Method, Request, Response};
 
 use crate::handlers::body::Body;
 use crate::handlers::error::{ApiError, Object};
-use crate::handlers::{blobs, catalog, client_auth, manifests, ops, purge, referrers, tags, Query};
+use crate::handlers::{
+    blobs, catalog, client_auth, manifests, ops, pins, purge, referrers, tags, Query,
+};
 use crate::mirror::{self, Housekeeping, Mirror, Probe, Target};
 use crate::oci::{Digest, ParseError, Reference, RepoName};
 use crate::sendfile::Sendfile;
@@ -71,6 +73,8 @@ pub enum Route {
     Purge,
     /// `/_pullthrough/cache/refresh` (admin API; POST).
     Refresh,
+    /// `/_pullthrough/pins`: list (`GET`), pin (`POST`) and unpin (`DELETE`) images.
+    Pins,
     /// A well-formed request the mirror never serves: pushes, deletes, uploads.
     Unsupported,
     /// A name, tag or digest that fails the grammar.
@@ -146,6 +150,7 @@ pub async fn dispatch<B>(
             | Route::Readyz
             | Route::Metrics
             | Route::Status
+            | Route::Pins
             | Route::PeerBlob { .. }
             | Route::Purge
             | Route::Refresh
@@ -246,7 +251,11 @@ async fn answer<B>(
         Route::Healthz => Ok(ops::healthz()),
         Route::Readyz => Ok(Box::pin(ops::readyz(&Housekeeping::of(mirror))).await),
         Route::Metrics => Ok(ops::metrics(&Housekeeping::of(mirror), req.headers())),
-        Route::Status => Ok(ops::status(&Housekeeping::of(mirror))),
+        Route::Status => Ok(Box::pin(ops::status(&Housekeeping::of(mirror))).await),
+        Route::Pins => {
+            let hk = Housekeeping::of(mirror);
+            Box::pin(pins::handle(&hk, req.method(), req.uri().query())).await
+        }
         Route::Ui => Ok(ops::ui()),
         Route::Purge => Box::pin(purge::purge(mirror, req)).await,
         Route::Refresh => Box::pin(purge::refresh(mirror, req)).await,
@@ -283,6 +292,7 @@ pub fn parse(method: &Method, path: &str) -> Route {
     match path {
         "/_pullthrough/cache/purge" => return Route::Purge,
         "/_pullthrough/cache/refresh" => return Route::Refresh,
+        "/_pullthrough/pins" => return Route::Pins,
         _ => {}
     }
     if let Some(digest) = path.strip_prefix(crate::peer_api::BLOBS_PATH) {
@@ -407,6 +417,9 @@ mod tests {
         assert_eq!(parse(&Method::GET, "/readyz"), Route::Readyz);
         assert_eq!(parse(&Method::GET, "/metrics"), Route::Metrics);
         assert_eq!(parse(&Method::GET, "/_pullthrough/status"), Route::Status);
+        for m in [Method::GET, Method::POST, Method::DELETE] {
+            assert_eq!(parse(&m, "/_pullthrough/pins"), Route::Pins);
+        }
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(
             parse(&Method::GET, &format!("/_pullthrough/peer/blobs/{d}")),

@@ -299,6 +299,7 @@ fn value_type(ty: &str, with: Option<&str>) -> String {
         "TagPatterns" => "array of regexes",
         "TagRule" => "tag rule tables",
         "RepoGlobs" => "array of globs",
+        "RepoPattern" => "glob",
         "ImageRef" => "image",
         "Platform" => "platform",
         "TimeOfDay" => "time of day",
@@ -334,6 +335,8 @@ impl Table<'_> {
     fn heading(&self) -> String {
         if self.path.is_empty() {
             "Top level".to_owned()
+        } else if let Some(array) = self.path.strip_suffix("[]") {
+            format!("`[[{array}]]`")
         } else {
             format!("`[{}]`", self.path)
         }
@@ -370,7 +373,8 @@ fn tables<'a>(structs: &'a BTreeMap<&str, &'a Struct>) -> Vec<Table<'a>> {
     out
 }
 
-/// The table a field opens, if its type (inside `Option` or a map) is a config struct.
+/// The table a field opens, if its type (inside `Option` or a map) is a config struct; a
+/// `Vec` of one is an array of tables, its path ending in `[]`.
 fn child_table<'a>(
     parent: &str,
     field: &Field,
@@ -389,6 +393,10 @@ fn child_table<'a>(
             .find(|(f, _)| *f == field.name)
             .map_or("name", |(_, k)| k);
         return Some((format!("{prefix}.\"<{key}>\""), child));
+    }
+    if let Some(element) = ty.strip_prefix("Vec<").and_then(|r| r.strip_suffix('>')) {
+        let child = structs.get(last_segment(element.trim()))?;
+        return Some((format!("{prefix}[]"), child));
     }
     let child = structs.get(last_segment(ty))?;
     Some((prefix, child))
@@ -478,12 +486,17 @@ fn render_reference(structs: &[Struct]) -> String {
                     field.doc.clone(),
                 )
             } else if let Some((path, _)) = child_table(&table.path, field, &by_name) {
-                let heading = format!("`[{path}]`");
+                let heading = match path.strip_suffix("[]") {
+                    Some(array) => format!("`[[{array}]]`"),
+                    None => format!("`[{path}]`"),
+                };
                 let is_map = map_value(unwrap_type(&field.ty)).is_some();
                 (
                     format!("`{}`", field.name),
                     if is_map {
                         "tables, one per key"
+                    } else if path.ends_with("[]") {
+                        "array of tables"
                     } else {
                         "table"
                     }

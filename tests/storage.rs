@@ -373,7 +373,7 @@ async fn operator_commands_report_verify_repair_and_prune() {
         "the running mirror refetches a removed blob"
     );
 
-    pullthrough::admin::prune(&root, MIB as u64).unwrap();
+    pullthrough::admin::prune(&root, MIB as u64, Vec::new()).unwrap();
     assert!(cached_bytes(&root) <= MIB as u64);
 }
 

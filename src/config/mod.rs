@@ -9,6 +9,7 @@ mod cluster;
 mod load;
 mod log;
 mod metrics;
+mod pin;
 mod server;
 mod storage;
 mod upstream;
@@ -25,6 +26,7 @@ pub use self::cluster::ClusterConfig;
 pub use self::load::Overrides;
 pub use self::log::{LogConfig, LogFormat};
 pub use self::metrics::MetricsConfig;
+pub use self::pin::{PinConfig, RepoPattern};
 pub use self::server::ServerConfig;
 pub use self::storage::{SharedStorageConfig, StorageConfig};
 pub use self::upstream::{CredentialsMode, UpstreamConfig, UpstreamUrl, UrlAuth};
@@ -70,6 +72,10 @@ pub struct Config {
     /// Replicas sharing one cache (with `[storage.shared]`). Default: none, a single node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// Images and repositories never evicted (`[[pin]]`, see `pullthrough cache pin`).
+    /// Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<PinConfig>,
     /// Upstream registries keyed by the registry name clients use (`docker.io`, `ghcr.io`).
     /// Default: `docker.io` → `https://registry-1.docker.io`, anonymous.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -85,6 +91,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             warm: WarmConfig::default(),
             cluster: None,
+            pin: Vec::new(),
             upstreams: BTreeMap::from([(
                 DOCKER_HUB.to_owned(),
                 UpstreamConfig {
@@ -100,5 +107,19 @@ impl Config {
     /// The registry whose `library/` namespace applies to single-component names.
     pub fn is_docker_hub(registry: &str) -> bool {
         registry == DOCKER_HUB
+    }
+
+    /// The pins the config asks for: `[[pin]]`, and the `[warm]` images with `warm.pin`.
+    pub fn pins(&self) -> Vec<PinConfig> {
+        let mut pins = self.pin.clone();
+        if self.warm.pin {
+            pins.extend(
+                self.warm
+                    .images
+                    .iter()
+                    .map(|i| PinConfig::image(i.clone(), self.warm.platforms.clone())),
+            );
+        }
+        pins
     }
 }

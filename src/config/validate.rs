@@ -161,6 +161,19 @@ impl Config {
                 ));
             }
         }
+        for pin in &self.pin {
+            let value = pin.to_string();
+            if pin.image.is_some() == pin.repository.is_some() {
+                return Err(bad("pin", &value, "set one of image or repository"));
+            }
+            if !self.upstreams.contains_key(pin.registry()) {
+                return Err(bad(
+                    "pin",
+                    &value,
+                    "its registry is not a key of [upstreams]",
+                ));
+            }
+        }
         Ok(())
     }
 

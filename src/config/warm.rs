@@ -26,6 +26,9 @@ pub struct WarmConfig {
     /// run is the next such time after start. Default: unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub at: Option<TimeOfDay>,
+    /// Pin what is warmed: the `images` (their `platforms`) are never evicted, as `[[pin]]`
+    /// entries would be. Default `false`.
+    pub pin: bool,
 }
 
 /// When the `[warm]` list is refreshed.

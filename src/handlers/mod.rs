@@ -10,6 +10,7 @@ pub mod client_auth;
 pub mod error;
 pub mod manifests;
 pub mod ops;
+pub mod pins;
 pub mod purge;
 mod query;
 pub mod referrers;

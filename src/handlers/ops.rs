@@ -78,6 +78,7 @@ pub fn ui() -> Response<Body> {
 }
 
 /// `GET /_pullthrough/status`: the pull budget and health of each upstream.
-pub fn status(mirror: &Housekeeping) -> Response<Body> {
+pub async fn status(mirror: &Housekeeping) -> Response<Body> {
+    mirror.refresh_space().await;
     super::json(mirror.status().to_string().into_bytes(), false)
 }

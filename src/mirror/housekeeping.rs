@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use super::{stats, Mirror};
 use crate::cluster::members::Members;
+use crate::config::PinConfig;
+use crate::image::ImageRef;
+use crate::store::pins::{PinError, PinSummary};
 use crate::store::tiers::Pass;
 use crate::upstream;
 
@@ -163,6 +166,7 @@ impl Housekeeping {
             .collect();
         let (by_requests, by_bytes) = self.mirror.repositories.top(10);
         let cache = self.mirror.tiers.local.index.stats();
+        let space = self.mirror.tiers.local.last_space();
         let totals = self.mirror.metrics.totals();
         let prefetch = self.mirror.metrics.prefetch_totals();
         let mut status = serde_json::json!({
@@ -187,6 +191,10 @@ impl Housekeeping {
                 "bytes": cache.bytes,
                 "entries": cache.entries,
                 "max_bytes": self.mirror.tiers.local.index.max(),
+                // The last reading (see `refresh_space`): what an unbounded cache can grow to.
+                "disk_free_bytes": space.map(|s| s.free),
+                "disk_total_bytes": space.map(|s| s.total),
+                "pins": self.mirror.tiers.local.pin_summary(),
             },
             "totals": {
                 "lookups": totals.lookups,
@@ -226,6 +234,38 @@ impl Housekeeping {
                 })
             })
             .collect()
+    }
+
+    /// Reads the storage file system's free space unless a reading is recent (see
+    /// `Store::space`: at most one `statvfs` a second, on the blocking pool), for
+    /// [`Housekeeping::status`].
+    pub async fn refresh_space(&self) {
+        let _ = self.mirror.tiers.local.space().await;
+    }
+
+    /// `cache pin` through the admin API: adds runtime pins, refused with the figures when
+    /// the pinned content would not fit in the bound.
+    pub async fn pin(&self, add: Vec<PinConfig>) -> Result<PinSummary, PinError> {
+        let who = add.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let summary = self.mirror.tiers.local.pin(add).await?;
+        tracing::info!(pins = ?who, "pinned");
+        Ok(summary)
+    }
+
+    /// `cache unpin` through the admin API.
+    pub async fn unpin(&self, images: Vec<ImageRef>) -> Result<PinSummary, PinError> {
+        let who = images.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let summary = self.mirror.tiers.local.unpin(images).await?;
+        tracing::info!(pins = ?who, "unpinned");
+        Ok(summary)
+    }
+
+    /// What is pinned, with the bytes its manifests list that are not cached yet.
+    pub async fn pins(&self) -> PinSummary {
+        let store = self.mirror.tiers.local.clone();
+        tokio::task::spawn_blocking(move || store.pin_report())
+            .await
+            .unwrap_or_default()
     }
 
     /// Announces this replica to the cluster and refreshes the member list.

@@ -620,7 +620,7 @@ impl Mirror {
     }
 
     async fn keep_tag(&self, key: &TagKey, record: &TagRecord) {
-        if let Err(e) = self.tiers.local.tags.put(key, record.clone()).await {
+        if let Err(e) = self.tiers.local.put_tag(key, record.clone()).await {
             tracing::warn!(error = %e, "cannot persist tag record");
         }
     }

@@ -134,7 +134,7 @@ impl Mirror {
     ) -> anyhow::Result<Mirror> {
         let limits = Limits::from_config(&config.storage);
         let store = Arc::new(
-            Store::open(&config.storage.dir, limits, Mode::Serve)
+            Store::open_pinned(&config.storage.dir, limits, Mode::Serve, config.pins())
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "cannot open storage dir {}: {e}",

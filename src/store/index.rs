@@ -6,9 +6,9 @@
 //!
 //! The lock is a plain mutex held only for map updates, never across I/O or an await.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::oci::Digest;
@@ -138,16 +138,17 @@ impl Inner {
         Some(slot)
     }
 
-    /// Removes least-recently-used entries until the total is at most `target`.
-    fn evict_to(&mut self, target: u64, keep: Option<&Key>) -> Vec<Key> {
+    /// Removes least-recently-used entries until the total is at most `target`, sparing
+    /// `keep` and every pinned entry (so pinned content alone may stay above `target`).
+    fn evict_to(&mut self, target: u64, keep: Option<&Key>, pinned: &HashSet<Key>) -> Vec<Key> {
         let mut evicted = Vec::new();
-        let mut skipped = None;
+        let mut skipped = Vec::new();
         while self.total > target {
-            let Some((_, key)) = self.order.pop_first() else {
+            let Some((tick, key)) = self.order.pop_first() else {
                 break;
             };
-            if Some(&key) == keep {
-                skipped = self.slots.get(&key).map(|s| (s.tick, key.clone()));
+            if Some(&key) == keep || pinned.contains(&key) {
+                skipped.push((tick, key));
                 continue;
             }
             if let Some(slot) = self.slots.remove(&key) {
@@ -155,9 +156,7 @@ impl Inner {
             }
             evicted.push(key);
         }
-        if let Some((tick, key)) = skipped {
-            self.order.insert(tick, key);
-        }
+        self.order.extend(skipped);
         evicted
     }
 }
@@ -170,8 +169,32 @@ pub struct Stats {
     pub newest_access: Option<u64>,
 }
 
+/// The keys pinned content resolves to (`store::pins`): never evicted, from the local disk
+/// or the shared tier. Shared by the index and the shared tier's evictor; replaced whole.
+#[derive(Clone, Default)]
+pub struct Pinned(Arc<RwLock<HashSet<Key>>>);
+
+impl Pinned {
+    pub fn contains(&self, key: &Key) -> bool {
+        crate::sync::read(&self.0).contains(key)
+    }
+
+    pub fn replace(&self, keys: HashSet<Key>) {
+        *crate::sync::write(&self.0) = keys;
+    }
+}
+
+/// The pinned entries the index holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PinnedStats {
+    pub entries: usize,
+    pub bytes: u64,
+}
+
 pub struct Index {
     inner: Mutex<Inner>,
+    /// Read under `inner`'s lock, never the other way round.
+    pinned: Pinned,
     /// Hard bound in bytes; `None` = unbounded.
     max: Option<u64>,
     /// Evict down to this once the bound is crossed.
@@ -183,6 +206,7 @@ impl Index {
     pub fn new(max: Option<u64>, low_watermark: Option<u64>) -> Index {
         Index {
             inner: Mutex::new(Inner::default()),
+            pinned: Pinned::default(),
             max,
             low: low_watermark,
             dirty: AtomicBool::new(false),
@@ -196,6 +220,33 @@ impl Index {
 
     pub fn max(&self) -> Option<u64> {
         self.max
+    }
+
+    /// The pinned set this index spares (shared with the shared tier's evictor).
+    pub fn pinned(&self) -> &Pinned {
+        &self.pinned
+    }
+
+    /// How many pinned entries are held, and their bytes.
+    pub fn pinned_stats(&self) -> PinnedStats {
+        let inner = self.lock();
+        let pinned = crate::sync::read(&self.pinned.0);
+        let mut stats = PinnedStats::default();
+        for key in pinned.iter() {
+            if let Some(slot) = inner.slots.get(key) {
+                stats.entries += 1;
+                stats.bytes += slot.size;
+            }
+        }
+        stats
+    }
+
+    /// The sizes of those of `keys` that are indexed.
+    pub fn sizes<'a>(&self, keys: impl IntoIterator<Item = &'a Key>) -> HashMap<Key, u64> {
+        let inner = self.lock();
+        keys.into_iter()
+            .filter_map(|k| Some((k.clone(), inner.slots.get(k)?.size)))
+            .collect()
     }
 
     /// Whether a file of `size` bytes may be kept at all.
@@ -240,7 +291,7 @@ impl Index {
         match self.max {
             Some(max) if inner.total > max => {
                 let target = self.low.unwrap_or(max).min(max);
-                inner.evict_to(target, Some(&key))
+                inner.evict_to(target, Some(&key), &crate::sync::read(&self.pinned.0))
             }
             _ => Vec::new(),
         }
@@ -269,7 +320,8 @@ impl Index {
         }
         match self.max {
             Some(max) if inner.total > max => {
-                inner.evict_to(self.low.unwrap_or(max).min(max), None)
+                let target = self.low.unwrap_or(max).min(max);
+                inner.evict_to(target, None, &crate::sync::read(&self.pinned.0))
             }
             _ => Vec::new(),
         }
@@ -292,7 +344,7 @@ impl Index {
     pub fn evict_bytes(&self, bytes: u64) -> Vec<Key> {
         let mut inner = self.lock();
         let target = inner.total.saturating_sub(bytes);
-        inner.evict_to(target, None)
+        inner.evict_to(target, None, &crate::sync::read(&self.pinned.0))
     }
 
     pub fn total(&self) -> u64 {
@@ -364,6 +416,31 @@ mod tests {
         assert_eq!(evicted, vec![key(0)]);
         assert_eq!(idx.total(), 45);
         assert!(!idx.fits(51));
+    }
+
+    #[test]
+    fn pinned_entries_are_never_evicted_and_keep_their_place() {
+        let idx = Index::new(Some(100), None);
+        for n in 0..5 {
+            idx.insert(key(n), 20, true);
+        }
+        idx.pinned().replace(HashSet::from([key(0), key(2)]));
+        // 120 > 100: the oldest unpinned one goes, the pinned 0 stays.
+        assert_eq!(idx.insert(key(5), 20, true), vec![key(1)]);
+        assert_eq!(
+            idx.pinned_stats(),
+            PinnedStats {
+                entries: 2,
+                bytes: 40
+            }
+        );
+        // Everything unpinned goes before a pinned entry does.
+        assert_eq!(idx.evict_bytes(1000), vec![key(3), key(4), key(5)]);
+        assert_eq!(idx.total(), 40);
+        let order: Vec<_> = idx.snapshot().into_iter().map(|e| e.key).collect();
+        assert_eq!(order, vec![key(0), key(2)]);
+        idx.pinned().replace(HashSet::new());
+        assert_eq!(idx.evict_bytes(1), vec![key(0)]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! tmp/                         downloads in progress; emptied at start-up
 //! lock                         locked by the one process serving the directory
 //! links                        which (registry, repository) each digest was fetched for
+//! pins                         the pins of `cache pin` (see `pins.rs`)
 //! ```
 //!
 //! Paths are only ever built from parsed `Digest`, `RepoName` and `Tag` values and from
@@ -23,6 +24,7 @@ pub mod handle;
 pub mod index;
 pub mod links;
 pub mod manifests;
+pub mod pins;
 pub mod s3;
 pub mod shared;
 pub mod tags;
@@ -87,6 +89,7 @@ pub struct Store {
     pub manifests: manifests::Manifests,
     pub tags: tags::Tags,
     pub links: links::Links,
+    pins: pins::Pins,
 }
 
 impl Store {
@@ -105,6 +108,18 @@ impl Store {
     }
 
     pub fn open(root: &Path, limits: Limits, mode: Mode) -> io::Result<Store> {
+        Store::open_pinned(root, limits, mode, Vec::new())
+    }
+
+    /// [`Store::open`] with the config's pins (and those kept in the directory): their
+    /// content is never evicted. Refused (`InvalidInput`, with the figures) when the pinned
+    /// content is larger than `limits.max_size`.
+    pub fn open_pinned(
+        root: &Path,
+        limits: Limits,
+        mode: Mode,
+        config_pins: Vec<crate::config::PinConfig>,
+    ) -> io::Result<Store> {
         let tmp = root.join("tmp");
         let mut lock = None;
         if mode == Mode::Serve {
@@ -132,9 +147,17 @@ impl Store {
             tmp,
             prune_seen: Mutex::new(std::fs::read_to_string(root.join(PRUNE_MARKER)).ok()),
             _lock: lock,
+            pins: pins::Pins::load(root, config_pins),
             index,
         };
-        let evicted = store.index.load(scan(root)?);
+        let found = scan(root)?;
+        // Pinned before the index is loaded, which evicts down to the bound.
+        let sizes: HashMap<Key, u64> = found.iter().map(|e| (e.key.clone(), e.size)).collect();
+        store
+            .pins
+            .start(&store, &sizes, limits.max_size)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let evicted = store.index.load(found);
         if mode == Mode::Serve {
             store.delete_files(&evicted);
         }
@@ -301,6 +324,11 @@ impl Store {
         Ok(space)
     }
 
+    /// The last reading of the free space, however old; `None` before the first.
+    pub fn last_space(&self) -> Option<Space> {
+        crate::sync::lock(&self.disk.reading).map(|(_, space)| space)
+    }
+
     /// Whether caching is paused for lack of space: a write failed for it, and no reading
     /// since shows space again.
     async fn paused(&self) -> bool {
@@ -363,6 +391,66 @@ impl Store {
         self.evict(evicted).await
     }
 
+    /// Writes a tag record; a tag a pin follows resolves the pins again (see `pins.rs`).
+    pub async fn put_tag(
+        self: &Arc<Self>,
+        key: &tags::TagKey,
+        record: tags::TagRecord,
+    ) -> io::Result<()> {
+        self.tags.put(key, record).await?;
+        if self.pins.follows(key) {
+            self.refresh_pins().await;
+        }
+        Ok(())
+    }
+
+    /// Resolves the pins again (a tag or manifest they name arrived), off the async workers.
+    async fn refresh_pins(self: &Arc<Self>) {
+        let store = self.clone();
+        let _ = blocking(move || {
+            store.pins.refresh(&store);
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Adds runtime pins (kept in the directory's pins file), refused with the figures when
+    /// the pinned content would exceed the bound; what is pinned then.
+    pub async fn pin(
+        self: &Arc<Self>,
+        add: Vec<crate::config::PinConfig>,
+    ) -> Result<pins::PinSummary, pins::PinError> {
+        let store = self.clone();
+        pin_blocking(move || {
+            store.pins.pin(&store, add)?;
+            Ok(store.pins.report(&store))
+        })
+        .await
+    }
+
+    /// Removes runtime pins; what is pinned then.
+    pub async fn unpin(
+        self: &Arc<Self>,
+        images: Vec<crate::image::ImageRef>,
+    ) -> Result<pins::PinSummary, pins::PinError> {
+        let store = self.clone();
+        pin_blocking(move || {
+            store.pins.unpin(&store, &images)?;
+            Ok(store.pins.report(&store))
+        })
+        .await
+    }
+
+    /// What is pinned and how much of it is held (no files read: for the status page).
+    pub fn pin_summary(&self) -> pins::PinSummary {
+        self.pins.summary(self)
+    }
+
+    /// What is pinned, with the bytes not held yet. Blocking.
+    pub fn pin_report(&self) -> pins::PinSummary {
+        self.pins.report(self)
+    }
+
     /// Stores a verified manifest and applies the evictions it causes. When it cannot be
     /// written it is still kept in memory, so it is served without another upstream fetch.
     pub async fn put_manifest(self: &Arc<Self>, m: Arc<manifests::Manifest>) -> io::Result<()> {
@@ -371,6 +459,7 @@ impl Store {
             self.manifests.keep_unwritten(m);
             return Ok(());
         }
+        let wanted = self.pins.wants(&m.digest);
         let evicted = match self.manifests.put(m).await {
             Ok(evicted) => evicted,
             Err(e) => {
@@ -378,6 +467,9 @@ impl Store {
                 return Err(e);
             }
         };
+        if wanted {
+            self.refresh_pins().await;
+        }
         self.evict(evicted).await
     }
 
@@ -625,6 +717,15 @@ fn persist(temp: NamedTempFile, path: &Path) -> io::Result<()> {
     }
     temp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// Runs a pin change off the async runtime.
+async fn pin_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, pins::PinError> + Send + 'static,
+) -> Result<T, pins::PinError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| pins::PinError::Io(io::Error::other(e)))?
 }
 
 /// Runs blocking file work off the async runtime.

@@ -81,37 +81,44 @@ impl Tags {
     /// `_catalog` lists. Only directories whose names are valid repository names count.
     pub async fn repositories(&self, registry: &str) -> io::Result<Vec<RepoName>> {
         let root = self.dir.join(registry);
-        blocking(move || {
-            let mut found = Vec::new();
-            let mut pending = vec![root.clone()];
-            while let Some(dir) = pending.pop() {
-                let entries = match std::fs::read_dir(&dir) {
-                    Ok(entries) => entries,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                };
-                for entry in entries {
-                    let entry = entry?;
-                    if !entry.file_type()?.is_dir() {
-                        continue;
-                    }
-                    let path = entry.path();
-                    if entry.file_name() == "_tags" {
-                        let name = dir
-                            .strip_prefix(&root)
-                            .ok()
-                            .and_then(|rel| rel.to_str())
-                            .and_then(|rel| rel.parse::<RepoName>().ok());
-                        found.extend(name);
-                    } else {
-                        pending.push(path);
-                    }
-                }
-            }
-            found.sort();
-            Ok(found)
-        })
-        .await
+        blocking(move || repositories_under(&root)).await
+    }
+
+    /// The tag records of `registry`/`repo` on disk, by tag, unreadable ones left out.
+    /// Blocking.
+    pub(super) fn records_on_disk(
+        &self,
+        registry: &str,
+        repo: &RepoName,
+    ) -> io::Result<Vec<(Tag, TagRecord)>> {
+        let dir = self.dir.join(registry).join(repo.as_str()).join("_tags");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let Some(tag) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let record = std::fs::read(entry.path())
+                .ok()
+                .and_then(|raw| serde_json::from_slice(&raw).ok());
+            found.extend(record.map(|r| (tag, r)));
+        }
+        Ok(found)
+    }
+
+    /// The tag record on disk, if any. Blocking.
+    pub(super) fn record_on_disk(&self, key: &TagKey) -> Option<TagRecord> {
+        let raw = std::fs::read(self.path(key)).ok()?;
+        serde_json::from_slice(&raw).ok()
+    }
+
+    /// The repositories of `registry` with a tag record, sorted. Blocking.
+    pub(super) fn repositories_on_disk(&self, registry: &str) -> io::Result<Vec<RepoName>> {
+        repositories_under(&self.dir.join(registry))
     }
 
     /// Forgets the tag's record, in memory and on disk (a purge); whether there was one.
@@ -154,6 +161,38 @@ impl Tags {
         self.memory.insert(key.clone(), record);
         blocking(move || write_atomic(&tmp, &path, &raw)).await
     }
+}
+
+/// The repositories with a `_tags` directory under `root` (one registry's), sorted.
+fn repositories_under(root: &std::path::Path) -> io::Result<Vec<RepoName>> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_name() == "_tags" {
+                let name = dir
+                    .strip_prefix(root)
+                    .ok()
+                    .and_then(|rel| rel.to_str())
+                    .and_then(|rel| rel.parse::<RepoName>().ok());
+                found.extend(name);
+            } else {
+                pending.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 #[cfg(test)]

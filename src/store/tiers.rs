@@ -44,9 +44,10 @@ impl Tiers {
         clock: Clock,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Tiers> {
+        let pinned = local.index.pinned().clone();
         let shared = match shared {
             Some(cfg) => Some(Arc::new(SharedTier::from_config(
-                cfg, injected, cluster, clock, metrics,
+                cfg, injected, cluster, clock, metrics, pinned,
             )?)),
             None => None,
         };
@@ -265,6 +266,7 @@ mod tests {
             None,
             Clock::manual(),
             Arc::new(Metrics::new()),
+            crate::store::index::Pinned::default(),
         );
         Tiers {
             local,

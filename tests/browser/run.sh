@@ -48,6 +48,8 @@ dir = "$work/data"
 max_size = "1GiB"
 [upstreams."docker.io"]
 url = "$upstream"
+[[pin]]
+image = "library/demo:latest"
 TOML
 "$bin" --config "$work/mirror.toml" --listen 127.0.0.1:0 --log-format json 2> "$work/mirror.log" &
 pids+=($!)
@@ -140,6 +142,15 @@ same("lookups", page.by_id.get("lookups"), s["totals"]["lookups"])
 same("cache size", page.by_id.get("cache-size"), s["cache"]["bytes"])
 same("cache bound", page.by_id.get("cache-max"), s["cache"]["max_bytes"])
 same("cache entries", page.by_id.get("cache-entries"), s["cache"]["entries"])
+pins = s["cache"]["pins"]
+same("pins", page.by_id.get("pins-count"), len(pins["config"]) + len(pins["runtime"]))
+same("pinned files", page.by_id.get("pins-files"), pins["files"])
+same("pinned bytes", page.by_id.get("pins-bytes"), pins["bytes"])
+# The manifest and the config blob; the held layer is not committed yet.
+same("pinned files of the demo image", pins["files"], 2)
+# Free space moves between the page's poll and this reading: both must have one.
+if not (int(page.by_id.get("disk-free") or 0) > 0 and (s["cache"]["disk_free_bytes"] or 0) > 0):
+    problems.append(f"free space: page {page.by_id.get('disk-free')!r}, status {s['cache']['disk_free_bytes']!r}")
 same("downloads in flight", page.by_id.get("inflight"), len(s["downloads"]))
 same("downloads", page.downloads, [(d["digest"], d["written"]) for d in s["downloads"]])
 same("the held layer", page.downloads, [(layer, 1 << 20)])

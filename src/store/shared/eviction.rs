@@ -11,6 +11,7 @@ use super::readers::readers_key;
 use super::{Ledger, Object, ACCESS, BYTES, EVICTIONS};
 use crate::cluster::coordinator::{Claim, Lease};
 use crate::cluster::Cluster;
+use crate::store::index::Key;
 use crate::store::tier::Kind;
 
 /// How often each replica looks at the shared tier's size (and evicts if it holds the lease).
@@ -207,6 +208,13 @@ impl Ledger {
     /// Whether the object has a live reader or a download lease; `true` when that cannot be
     /// told (the coordinator did not answer).
     pub(super) async fn is_protected(&self, object: &Object, name: &str) -> bool {
+        let key = match object.kind {
+            Kind::Blob => Key::blob(&object.digest),
+            Kind::Manifest => Key::manifest(&object.digest),
+        };
+        if self.pinned.contains(&key) {
+            return true;
+        }
         let c = &self.cluster;
         match c
             .zrange(&readers_key(name), self.now_ms(), f64::INFINITY, 1)
@@ -275,6 +283,7 @@ mod tests {
     use crate::config::{ClusterConfig, Secret};
     use crate::metrics::Metrics;
     use crate::oci::Digest;
+    use crate::store::index::Pinned;
     use crate::store::s3::S3;
     use crate::store::tier::{object_name, Backend};
     use bytes::Bytes;
@@ -312,12 +321,17 @@ mod tests {
         }
 
         fn replica(&self, advertise: &str, max: u64) -> Ledger {
+            self.pinning_replica(advertise, max, Pinned::default())
+        }
+
+        fn pinning_replica(&self, advertise: &str, max: u64, pinned: Pinned) -> Ledger {
             Ledger::new(
                 self.cluster(advertise),
                 self.tier.clone(),
                 Some(max),
                 self.clock.clone(),
                 Arc::new(Metrics::new()),
+                pinned,
             )
         }
 
@@ -382,6 +396,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_pinned_object_is_not_evicted() {
+        let fleet = Fleet::new();
+        let pinned = Pinned::default();
+        let a = fleet.pinning_replica("http://a", 1000, pinned.clone());
+        let oldest = fleet.publish(&a, 1, 1000).await;
+        let newer = fleet.publish(&a, 2, 1000).await;
+        a.flush().await;
+        pinned.replace(std::collections::HashSet::from([Key::blob(&oldest)]));
+        assert!(matches!(a.evict().await, Pass::Evicted { objects: 1, .. }));
+        assert!(fleet.holds(&oldest).await, "the pinned object stays");
+        assert!(!fleet.holds(&newer).await, "the unpinned one goes instead");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_object_with_a_reader_is_not_evicted() {
         let fleet = Fleet::new();
         let (a, b) = (
@@ -428,6 +456,7 @@ mod tests {
             Some(1000),
             fleet.clock.clone(),
             Arc::new(Metrics::new()),
+            Pinned::default(),
         ));
         let handle = b.open(&read).await.unwrap();
         assert!(matches!(a.evict().await, Pass::Evicted { objects: 1, .. }));

@@ -35,6 +35,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::handle::{BlobHandle, BlobRead};
+use super::index::Pinned;
 use super::manifests::{self, Manifest};
 use super::s3::S3;
 use super::tier::{object_name, Backend, BlobStream, Error, Kind, PartUpload};
@@ -97,6 +98,8 @@ pub struct Ledger {
     /// The fleet's total and evictions as last read, for the status page.
     bytes: AtomicU64,
     evictions: AtomicU64,
+    /// What this replica's pins name: never evicted while this replica evicts.
+    pinned: Pinned,
 }
 
 impl Ledger {
@@ -106,8 +109,10 @@ impl Ledger {
         max: Option<u64>,
         clock: Clock,
         metrics: Arc<Metrics>,
+        pinned: Pinned,
     ) -> Ledger {
         Ledger {
+            pinned,
             cluster,
             tier,
             max,
@@ -180,9 +185,18 @@ impl SharedTier {
         max: Option<u64>,
         clock: Clock,
         metrics: Arc<Metrics>,
+        pinned: Pinned,
     ) -> SharedTier {
-        let ledger =
-            cluster.map(|c| Arc::new(Ledger::new(c, backend.clone(), max, clock, metrics.clone())));
+        let ledger = cluster.map(|c| {
+            Arc::new(Ledger::new(
+                c,
+                backend.clone(),
+                max,
+                clock,
+                metrics.clone(),
+                pinned,
+            ))
+        });
         SharedTier {
             backend,
             ledger,
@@ -199,6 +213,7 @@ impl SharedTier {
         cluster: Option<Arc<Cluster>>,
         clock: Clock,
         metrics: Arc<Metrics>,
+        pinned: Pinned,
     ) -> anyhow::Result<SharedTier> {
         let backend: Arc<dyn Backend> = match injected {
             Some(store) => Arc::new(S3::over(store)),
@@ -207,7 +222,9 @@ impl SharedTier {
             })?),
         };
         let max = cfg.max_size.map(|m| m.as_u64());
-        Ok(SharedTier::new(backend, cluster, max, clock, metrics))
+        Ok(SharedTier::new(
+            backend, cluster, max, clock, metrics, pinned,
+        ))
     }
 
     /// Counts and logs a failed request, once per outage (the store is then marked down and
@@ -645,6 +662,7 @@ mod tests {
             None,
             Clock::manual(),
             Arc::new(Metrics::new()),
+            Pinned::default(),
         ))
     }
 
