@@ -28,7 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "foundations",
         &[
             "config", "image", "oci", "policy", "outcome", "metrics", "logging", "clock", "sync",
-            "platform", "sendfile", "ranges", "idle", "secret", "size", "peer_api",
+            "platform", "sendfile", "ranges", "idle", "secret", "size", "peer_api", "trace",
         ],
     ),
 ];

@@ -11,6 +11,7 @@ mod log;
 mod metrics;
 mod server;
 mod storage;
+mod tracing;
 mod upstream;
 mod validate;
 mod warm;
@@ -27,6 +28,7 @@ pub use self::log::{LogConfig, LogFormat};
 pub use self::metrics::MetricsConfig;
 pub use self::server::ServerConfig;
 pub use self::storage::{SharedStorageConfig, StorageConfig};
+pub use self::tracing::TracingConfig;
 pub use self::upstream::UpstreamConfig;
 pub use self::warm::{TimeOfDay, WarmConfig, WarmSchedule};
 pub use crate::image::DOCKER_HUB;
@@ -65,6 +67,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Where `/metrics` is served.
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces of requests (off unless a collector is named).
+    pub tracing: TracingConfig,
     /// Images the running mirror keeps warm on a schedule. Default: none.
     pub warm: WarmConfig,
     /// Replicas sharing one cache (with `[storage.shared]`). Default: none, a single node.
@@ -83,6 +87,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            tracing: TracingConfig::default(),
             warm: WarmConfig::default(),
             cluster: None,
             upstreams: BTreeMap::from([(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use moka::future::Cache;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use super::credentials::{Credential, Credentials};
 use super::Error;
@@ -228,7 +229,9 @@ impl Auth {
         scope: &str,
     ) -> Result<Token, Error> {
         let asked = std::time::Instant::now();
-        match tokio::time::timeout(self.timeout, self.exchange(realm, service, scope)).await {
+        let span = crate::trace::span!("upstream.token", upstream = %self.upstream, scope);
+        let exchange = self.exchange(realm, service, scope).instrument(span);
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => {
                 self.metrics
