@@ -6,7 +6,7 @@
 //! layer: what to answer; `mirror::Housekeeping` for status, metrics and periodic work) →
 //! services (`download`, `store` with both tiers behind one seam, `verify`, `upstream`,
 //! `cluster`, `singleflight`) → foundations (`config`, `oci`, `outcome`, `metrics`,
-//! `logging`, `clock`, `sync`, `platform`, `sendfile`, `secret`, `size`, `ranges`,
+//! `logging`, `trace`, `clock`, `sync`, `platform`, `sendfile`, `secret`, `size`, `ranges`,
 //! `peer_api`).
 //!
 //! An embedder needs [`serve`] (or [`Server`]) and [`Config`]; the operator commands are in
@@ -45,6 +45,7 @@ mod size;
 pub mod store;
 mod sync;
 pub mod tag_rules;
+pub mod trace;
 mod upstream;
 mod verify;
 mod warm;

@@ -17,8 +17,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LogFormat;
 
@@ -158,21 +161,44 @@ impl Drop for FlushGuard {
 }
 
 /// Installs the global subscriber writing to stderr: `PULLTHROUGH_LOG` (an `EnvFilter`, default
-/// `info`) picks what is logged, `format` how. Keep the guard until exit.
-pub fn init(format: LogFormat) -> io::Result<FlushGuard> {
+/// `info`) picks what is logged, `format` how; with `traces` (from [`crate::trace::layer`]),
+/// trace spans are exported beside, and never logged. Keep the guard until exit.
+pub fn init(
+    format: LogFormat,
+    traces: Option<Box<dyn Layer<Registry> + Send + Sync>>,
+) -> io::Result<FlushGuard> {
     let (writer, guard) = BatchWriter::new(io::stderr())?;
     // A second `init` (there is none outside tests) keeps the first destination.
     let _ = ACCESS_OUT.set((writer.clone(), format));
     let filter =
         EnvFilter::try_from_env("PULLTHROUGH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+    let ansi = io::IsTerminal::is_terminal(&io::stderr());
+    let Some(traces) = traces else {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi)
+            .with_writer(writer);
+        match format {
+            LogFormat::Json => builder.json().init(),
+            LogFormat::Text => builder.init(),
+        }
+        return Ok(guard);
+    };
+    // Per-layer filters, since the trace layer wants spans the log filter would drop.
+    let log = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(writer);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let log = match format {
+        LogFormat::Json => log.json().boxed(),
+        LogFormat::Text => log.boxed(),
+    };
+    let not_traces = filter_fn(|m| m.target() != crate::trace::TARGET);
+    tracing_subscriber::registry()
+        .with(vec![
+            traces,
+            log.with_filter(filter.and(not_traces)).boxed(),
+        ])
+        .init();
     Ok(guard)
 }
 

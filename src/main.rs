@@ -25,7 +25,15 @@ fn serve(global: &GlobalArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _flush_logs_on_exit = match pullthrough::logging::init(config.log.format) {
+    // Spans still buffered are sent when this is dropped, after the runtime stopped.
+    let (traces, _send_traces_on_exit) = match pullthrough::trace::layer(&config.tracing) {
+        Ok(t) => t.unzip(),
+        Err(e) => {
+            eprintln!("pullthrough: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _flush_logs_on_exit = match pullthrough::logging::init(config.log.format, traces) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("pullthrough: cannot start the log writer: {e}");

@@ -45,6 +45,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "peer_api",
             "tag_rules",
             "identity",
+            "trace",
         ],
     ),
 ];

@@ -36,7 +36,7 @@ impl Where {
         let config = global.load_config()?;
         let dir = config.storage.dir.clone();
         // The purge's log line goes where a mirror's would.
-        let logs = crate::logging::init(config.log.format)?;
+        let logs = crate::logging::init(config.log.format, None)?;
         let mirror = Mirror::new(
             config,
             Arc::new(Metrics::new()),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, StreamExt};
 use http::header;
+use tracing::Instrument;
 
 use crate::config::Secret;
 use crate::oci::Digest;
@@ -87,13 +88,23 @@ impl Peers {
         if offset > 0 {
             request = request.header(header::RANGE, format!("bytes={offset}-"));
         }
+        let span = crate::trace::span!(
+            "peer.read",
+            otel.kind = "client",
+            peer,
+            %digest,
+            offset,
+            http.response.status_code = tracing::field::Empty,
+        );
         let resp = tokio::time::timeout(patience.first_byte, request.send())
+            .instrument(span.clone())
             .await
             .map_err(|_| PeerError::Timeout {
                 what: "response headers",
                 limit: patience.first_byte,
             })?
             .map_err(PeerError::of)?;
+        span.record("http.response.status_code", resp.status().as_u16());
         let headers = resp.headers();
         let size = match resp.status().as_u16() {
             200 if offset == 0 => headers

@@ -168,6 +168,33 @@ mod tests {
     }
 
     #[test]
+    fn tracing_settings_are_checked() {
+        let c = Config::from_toml(
+            "[tracing]\notlp_endpoint = \"http://collector:4318\"\nsample_ratio = 0.25\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tracing.sample_ratio, 0.25);
+        let err = Config::from_toml("[tracing]\nsample_ratio = 1.5\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tracing.sample_ratio") && err.contains("1.5"),
+            "{err}"
+        );
+        let err = Config::from_toml("[tracing]\notlp_endpoint = \"grpc://c:4317\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tracing.otlp_endpoint"), "{err}");
+        let err = Config::from_toml("[tracing]\nendpoint = \"http://c\"\n").unwrap_err();
+        assert!(err.contains("endpoint"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n").unwrap_err();
         assert!(err.contains("listen_addr"), "{err}");

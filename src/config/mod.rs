@@ -12,6 +12,7 @@ mod metrics;
 mod pin;
 mod server;
 mod storage;
+mod tracing;
 mod upstream;
 mod validate;
 mod warm;
@@ -29,6 +30,7 @@ pub use self::metrics::MetricsConfig;
 pub use self::pin::{PinConfig, RepoPattern};
 pub use self::server::ServerConfig;
 pub use self::storage::{SharedStorageConfig, StorageConfig};
+pub use self::tracing::TracingConfig;
 pub use self::upstream::{CredentialsMode, UpstreamConfig, UpstreamUrl, UrlAuth};
 pub use self::warm::{TimeOfDay, WarmConfig, WarmSchedule};
 pub use crate::image::DOCKER_HUB;
@@ -67,6 +69,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Where `/metrics` is served.
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces of requests (off unless a collector is named).
+    pub tracing: TracingConfig,
     /// Images the running mirror keeps warm on a schedule. Default: none.
     pub warm: WarmConfig,
     /// Replicas sharing one cache (with `[storage.shared]`). Default: none, a single node.
@@ -89,6 +93,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            tracing: TracingConfig::default(),
             warm: WarmConfig::default(),
             cluster: None,
             pin: Vec::new(),

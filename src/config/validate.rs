@@ -22,6 +22,22 @@ impl Config {
                 "no [upstreams] entry with this name",
             ));
         }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(bad(
+                "tracing.sample_ratio",
+                &self.tracing.sample_ratio.to_string(),
+                "must be between 0 and 1",
+            ));
+        }
+        if let Some(url) = &self.tracing.otlp_endpoint {
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(bad(
+                    "tracing.otlp_endpoint",
+                    url.as_str(),
+                    "must be an http:// or https:// URL (OTLP over HTTP)",
+                ));
+            }
+        }
         for (name, up) in &self.upstreams {
             let key = |field: &str| format!("upstreams.\"{name}\".{field}");
             // The name becomes a directory under tags/: a host name with an optional port.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::cluster::Cluster;
@@ -30,6 +31,7 @@ use crate::outcome::Tier;
 use crate::singleflight::{Flights, Joined};
 use crate::store::handle::BlobHandle;
 use crate::store::tiers::Tiers;
+use crate::trace;
 use crate::upstream::Upstream;
 
 mod feed;
@@ -96,18 +98,30 @@ pub struct Download {
     /// digest for that repository only.
     upstream: String,
     repo: RepoName,
+    /// The leader's span, which the spans of clients waiting on it link to.
+    span: trace::Link,
 }
 
 impl Download {
-    fn new(upstream: &Upstream, repo: &RepoName) -> (Download, watch::Sender<Start>) {
+    fn new(
+        upstream: &Upstream,
+        repo: &RepoName,
+        span: trace::Link,
+    ) -> (Download, watch::Sender<Start>) {
         let (tx, rx) = watch::channel(Start::Pending(Waiting::Tiers));
         let download = Download {
             start: rx,
             wait_limit: upstream.config().first_byte_timeout,
             upstream: upstream.name.clone(),
             repo: repo.clone(),
+            span,
         };
         (download, tx)
+    }
+
+    /// The download's span, for a waiting client's span to link to.
+    pub fn span(&self) -> &trace::Link {
+        &self.span
     }
 
     /// Whether it was started for `repo` of the upstream named `upstream`.
@@ -225,8 +239,11 @@ impl Downloads {
         digest: &Digest,
     ) -> (Arc<Download>, bool) {
         let mut sender = None;
+        let mut span = tracing::Span::none();
         let joined = self.flights.join_or_start(digest, || {
-            let (download, tx) = Download::new(&upstream, repo);
+            // Under the span of the client that starts it.
+            span = trace::span!("download", upstream = %upstream.name, repository = %repo, %digest);
+            let (download, tx) = Download::new(&upstream, repo, trace::Link::of(&span));
             sender = Some(tx);
             download
         });
@@ -250,23 +267,26 @@ impl Downloads {
                 };
                 let metrics = self.metrics.clone();
                 metrics.inflight_downloads.inc();
-                tokio::spawn(async move {
-                    let (digest, repo, up) = (
-                        job.digest.clone(),
-                        job.repo.clone(),
-                        job.upstream.name.clone(),
-                    );
-                    let started = Instant::now();
-                    let outcome = std::panic::AssertUnwindSafe(job.run())
-                        .catch_unwind()
-                        .await
-                        .unwrap_or(Outcome::Panicked);
-                    // Make sure no waiter is left waiting, whatever happened.
-                    let outcome = finish_waiters(&start, outcome, &digest);
-                    drop(guard);
-                    metrics.inflight_downloads.dec();
-                    log_outcome(&outcome, &up, &repo, &digest, started);
-                });
+                tokio::spawn(
+                    async move {
+                        let (digest, repo, up) = (
+                            job.digest.clone(),
+                            job.repo.clone(),
+                            job.upstream.name.clone(),
+                        );
+                        let started = Instant::now();
+                        let outcome = std::panic::AssertUnwindSafe(job.run())
+                            .catch_unwind()
+                            .await
+                            .unwrap_or(Outcome::Panicked);
+                        // Make sure no waiter is left waiting, whatever happened.
+                        let outcome = finish_waiters(&start, outcome, &digest);
+                        drop(guard);
+                        metrics.inflight_downloads.dec();
+                        log_outcome(&outcome, &up, &repo, &digest, started);
+                    }
+                    .instrument(span),
+                );
                 (d, false)
             }
         }
@@ -321,7 +341,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_whose_leader_vanished_is_told_dangling_at_once() {
-        let (download, start) = Download::new(&upstream(Duration::from_secs(3600)), &repo());
+        let (download, start) = Download::new(
+            &upstream(Duration::from_secs(3600)),
+            &repo(),
+            trace::Link::default(),
+        );
         drop(start);
         let waited = tokio::time::timeout(Duration::from_secs(5), download.started()).await;
         assert!(matches!(waited, Ok(Start::Failed(Failure::Dangling))));
@@ -329,7 +353,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_waits_for_a_stuck_leader_no_longer_than_first_byte_timeout() {
-        let (download, _start) = Download::new(&upstream(Duration::from_secs(30)), &repo());
+        let (download, _start) = Download::new(
+            &upstream(Duration::from_secs(30)),
+            &repo(),
+            trace::Link::default(),
+        );
         let asked = tokio::time::Instant::now();
         let started = download.started().await;
         assert!(

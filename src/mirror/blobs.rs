@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use sha2::Digest as _;
+use tracing::Instrument;
 
 use super::ranges::OwnRanges;
 use super::{Error, Mirror, Target};
@@ -145,7 +146,16 @@ impl Mirror {
                 &target.caller,
                 digest,
             );
-            match Box::pin(download.started()).await {
+            // A client that joined another's download waits in a span of its own, linked to
+            // the download's.
+            let wait = if joined {
+                let wait = crate::trace::span!("download.wait", %digest);
+                download.span().add_to(&wait);
+                wait
+            } else {
+                tracing::Span::none()
+            };
+            match Box::pin(download.started().instrument(wait)).await {
                 Start::Streaming(handle, tier) => {
                     self.link_download(target, digest, &download, tier).await?;
                     self.metrics.blob_source(tier);

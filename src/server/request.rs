@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use super::activity::{Activity, InFlight};
 use super::budget::ResponseBudget;
@@ -151,6 +152,14 @@ pub(super) async fn handle(
     let repository = resolved
         .map(|t| t.repo().clone())
         .or_else(|| route.repository().cloned());
+    let span = crate::trace::request(
+        req.headers(),
+        &method,
+        route.kind(),
+        registry.as_deref().unwrap_or("-"),
+        repository.as_ref().map_or("-", RepoName::as_str),
+        &reference,
+    );
     let mut waited = Duration::ZERO;
     // A new HTTP/2 stream once the response buffer budget is spent: refused at once, rather
     // than left to wait holding its request (health checks and metrics are always answered).
@@ -179,14 +188,10 @@ pub(super) async fn handle(
                 });
             }
             let asked = Instant::now();
-            let answer = std::panic::AssertUnwindSafe(routes::dispatch(
-                &app.mirror,
-                &route,
-                &req,
-                &query,
-                target,
-                files,
-            ))
+            let answer = std::panic::AssertUnwindSafe(
+                routes::dispatch(&app.mirror, &route, &req, &query, target, files)
+                    .instrument(span.clone()),
+            )
             .catch_unwind()
             .await;
             // What the pull layer took to answer is time spent on the upstream, unless the
@@ -232,6 +237,9 @@ pub(super) async fn handle(
             let complete = ended || head || declared.is_some_and(|len| bytes >= len);
             let elapsed = started.elapsed();
             let kind = route.kind();
+            span.record("cache", cache);
+            span.record("bytes", bytes);
+            span.record("http.response.status_code", status);
             metrics.request(kind, method.as_str(), status, cache_status, elapsed);
             logging::access(&AccessLine {
                 peer,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tracing::Instrument;
 
 use super::handle::BlobHandle;
 use super::manifests::Manifest;
@@ -61,7 +62,9 @@ impl Tiers {
     /// The shared tier's copy of the blob from `offset` on, read as a registered reader;
     /// `None` when there is none or it cannot be read now.
     pub async fn shared_blob(&self, digest: &Digest, offset: u64) -> Option<BlobStream> {
-        self.shared.as_ref()?.blob(digest, offset).await
+        let shared = self.shared.as_ref()?;
+        let span = crate::trace::span!("shared.read", object = "blob", %digest, offset);
+        shared.blob(digest, offset).instrument(span).await
     }
 
     /// The blob from whichever tier holds it: the local disk's handle first (which may await
@@ -83,16 +86,22 @@ impl Tiers {
     /// ranges from it, and a whole blob only through a hash. `None` when there is none or it
     /// cannot be read now.
     pub async fn shared_handle(&self, digest: &Digest) -> Option<BlobHandle> {
-        self.shared.as_ref()?.open(digest).await
+        let shared = self.shared.as_ref()?;
+        let span = crate::trace::span!("shared.read", object = "blob handle", %digest);
+        shared.open(digest).instrument(span).await
     }
 
     pub async fn shared_blob_size(&self, digest: &Digest) -> Option<u64> {
-        self.shared.as_ref()?.blob_size(digest).await
+        let shared = self.shared.as_ref()?;
+        let span = crate::trace::span!("shared.read", object = "blob size", %digest);
+        shared.blob_size(digest).instrument(span).await
     }
 
     /// The shared tier's copy of the manifest, verified.
     pub async fn shared_manifest(&self, digest: &Digest) -> Option<Manifest> {
-        self.shared.as_ref()?.manifest(digest).await
+        let shared = self.shared.as_ref()?;
+        let span = crate::trace::span!("shared.read", object = "manifest", %digest);
+        shared.manifest(digest).instrument(span).await
     }
 
     /// Publishes a verified manifest to the shared tier, in the background.

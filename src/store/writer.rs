@@ -17,6 +17,7 @@ use futures_util::future::BoxFuture;
 use sha2::{Digest as _, Sha256};
 use tempfile::NamedTempFile;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::coverage::{Coverage, Spans};
 use super::handle::{BlobHandle, Failed, LocalFile, Progress};
@@ -184,7 +185,12 @@ impl BlobWriter {
 
     /// Checks the bytes against `digest` and `size`, then publishes them (fsync, atomic
     /// rename, index, evictions). Readers learn the verdict either way.
-    pub async fn finish(mut self, digest: &Digest, size: u64) -> io::Result<Finished> {
+    pub async fn finish(self, digest: &Digest, size: u64) -> io::Result<Finished> {
+        let span = crate::trace::span!("store.commit", %digest, size);
+        self.commit(digest, size).instrument(span).await
+    }
+
+    async fn commit(mut self, digest: &Digest, size: u64) -> io::Result<Finished> {
         let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
         if self.written != size || actual != *digest {
             self.progress

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use moka::future::Cache;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use super::credentials::{Credential, Credentials};
 use super::Error;
@@ -277,7 +278,10 @@ impl Auth {
         caller: &Caller,
     ) -> Result<Token, Error> {
         let asked = std::time::Instant::now();
-        let exchange = self.exchange(realm, service, scope, caller);
+        let span = crate::trace::span!("upstream.token", upstream = %self.upstream, scope);
+        let exchange = self
+            .exchange(realm, service, scope, caller)
+            .instrument(span);
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => {

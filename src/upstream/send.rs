@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use super::{health, Endpoint, Error, Upstream};
 use crate::identity::Caller;
@@ -108,7 +109,26 @@ impl Upstream {
             }
             let mut url = endpoint.url(call.repo, call.tail);
             url.set_query(call.query);
-            let result = self.send_admitted(endpoint, &call, url).await;
+            let span = crate::trace::span!(
+                "upstream.request",
+                otel.kind = "client",
+                upstream = %self.name,
+                kind = call.kind,
+                http.request.method = %call.method,
+                url.index = i,
+                fallback = i > 0,
+                http.response.status_code = tracing::field::Empty,
+                challenge_retry = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
+            let result = self
+                .send_admitted(endpoint, &call, url)
+                .instrument(span.clone())
+                .await;
+            match &result {
+                Ok(resp) => span.record("http.response.status_code", resp.status().as_u16()),
+                Err(e) => span.record("error", tracing::field::display(e)),
+            };
             let outage = matches!(&result, Err(e) if e.is_outage());
             if let Err(e) = &result {
                 if outage {
@@ -233,6 +253,9 @@ impl Upstream {
                     .await
                 {
                     answered_challenge = true;
+                    if crate::trace::on() {
+                        tracing::Span::current().record("challenge_retry", true);
+                    }
                     continue;
                 }
             }
