@@ -388,6 +388,24 @@ impl TagRules {
         }
     }
 
+    /// What tags of `repo` get, for the status page: each rule that can match one of them,
+    /// in order (`tag_rules #1 match = "*:latest": ttl 1m`), then the default.
+    pub fn for_repository(&self, repo: &RepoName) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|r| match &r.matcher {
+                Matcher::Globs { repo: part, .. } => part.matches(repo.as_str()),
+                // A regex over `repository:tag` or the tag alone: any repository may match.
+                Matcher::Regex(_) | Matcher::TagRegex(_) => true,
+            })
+            .map(|r| format!("{r}: {}", r.freshness))
+            .chain(std::iter::once(format!(
+                "otherwise: {}",
+                Freshness::Ttl(self.default_ttl)
+            )))
+            .collect()
+    }
+
     /// The TTL of a tag no rule matches (and of a referrers list).
     pub fn default_ttl(&self) -> Duration {
         self.default_ttl

@@ -162,3 +162,49 @@ async fn immutable_tags_still_work_and_apply_after_the_tag_rules() {
     assert_eq!(seen(&up, "HEAD", app), 0);
     assert_eq!(seen(&up, "HEAD", risky_path), 2);
 }
+
+#[tokio::test]
+async fn the_status_page_shows_each_busy_repositorys_tag_rules() {
+    let up = FakeUpstream::start().await;
+    up.add_image("library/app", "latest", &[100]);
+    let m = mirror_with_rules(
+        &up,
+        r#"[[upstreams."docker.io".tag_rules]]
+match = "*:latest"
+ttl = "1m"
+[[upstreams."docker.io".tag_rules]]
+match = "other/*:*"
+always = true
+"#,
+    )
+    .await;
+    pull(&m, "latest").await;
+    let status: serde_json::Value = common::wait_for("the request counted", TTL, || async {
+        let s: serde_json::Value = m
+            .get("/_pullthrough/status")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (!s["top_repositories"]["by_requests"][0].is_null()).then_some(s)
+    })
+    .await;
+    let row = &status["top_repositories"]["by_requests"][0];
+    assert_eq!(row["repository"], "library/app");
+    assert_eq!(row["registry"], "docker.io");
+    let rules: Vec<&str> = row["tag_rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    // The rule for other/* cannot match this repository; the default closes the list.
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert!(
+        rules[0].starts_with("tag_rules #1 match = \"*:latest\": ttl 1m"),
+        "{rules:?}"
+    );
+    assert!(rules[1].starts_with("otherwise: ttl"), "{rules:?}");
+}

@@ -107,8 +107,8 @@ impl Housekeeping {
     }
 
     /// Counts a request for `repository` that sent `bytes` of body, for the status page.
-    pub fn record_request(&self, repository: &str, bytes: u64) {
-        self.mirror.repositories.record(repository, bytes);
+    pub fn record_request(&self, registry: &str, repository: &str, bytes: u64) {
+        self.mirror.repositories.record(registry, repository, bytes);
     }
 
     /// `/_pullthrough/status`: each upstream's pull budget, health and latest failures; the
@@ -165,6 +165,25 @@ impl Housekeeping {
             })
             .collect();
         let (by_requests, by_bytes) = self.mirror.repositories.top(10);
+        // Each busy repository with the tag rules that can apply to it, in order.
+        let with_rules = |rows: Vec<stats::RepoRow>| -> Vec<serde_json::Value> {
+            rows.into_iter()
+                .map(|row| {
+                    let rules = row
+                        .repository
+                        .parse::<crate::oci::RepoName>()
+                        .ok()
+                        .and_then(|repo| {
+                            let policy = self.mirror.policies.get(&row.registry)?;
+                            Some(policy.tag_rules().for_repository(&repo))
+                        });
+                    let mut v = serde_json::json!(row);
+                    v["tag_rules"] = serde_json::json!(rules.unwrap_or_default());
+                    v
+                })
+                .collect()
+        };
+        let (by_requests, by_bytes) = (with_rules(by_requests), with_rules(by_bytes));
         let cache = self.mirror.tiers.local.index.stats();
         let space = self.mirror.tiers.local.last_space();
         let totals = self.mirror.metrics.totals();

@@ -55,43 +55,50 @@ impl History {
 /// beyond that replaces the least requested.
 #[derive(Default)]
 pub struct Repositories {
-    table: Mutex<HashMap<String, (u64, u64)>>,
+    /// Repository → (requests, bytes, the registry of its latest request).
+    table: Mutex<HashMap<String, (u64, u64, String)>>,
 }
 
 const REPOS: usize = 1000;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RepoRow {
+    pub registry: String,
     pub repository: String,
     pub requests: u64,
     pub bytes: u64,
 }
 
 impl Repositories {
-    pub fn record(&self, repository: &str, bytes: u64) {
+    pub fn record(&self, registry: &str, repository: &str, bytes: u64) {
         let mut table = crate::sync::lock(&self.table);
-        if let Some((requests, total)) = table.get_mut(repository) {
+        if let Some((requests, total, last)) = table.get_mut(repository) {
             *requests += 1;
             *total += bytes;
+            // Only when two registries share a repository name does this allocate.
+            if last != registry {
+                *last = registry.to_owned();
+            }
             return;
         }
         if table.len() >= REPOS {
             if let Some(least) = table
                 .iter()
-                .min_by_key(|(_, (requests, _))| *requests)
+                .min_by_key(|(_, (requests, _, _))| *requests)
                 .map(|(k, _)| k.clone())
             {
                 table.remove(&least);
             }
         }
-        table.insert(repository.to_owned(), (1, bytes));
+        table.insert(repository.to_owned(), (1, bytes, registry.to_owned()));
     }
 
     /// The `n` repositories with most requests, and the `n` with most bytes.
     pub fn top(&self, n: usize) -> (Vec<RepoRow>, Vec<RepoRow>) {
         let rows: Vec<RepoRow> = crate::sync::lock(&self.table)
             .iter()
-            .map(|(k, (requests, bytes))| RepoRow {
+            .map(|(k, (requests, bytes, registry))| RepoRow {
+                registry: registry.clone(),
                 repository: k.clone(),
                 requests: *requests,
                 bytes: *bytes,
@@ -136,13 +143,13 @@ mod tests {
     #[test]
     fn the_repository_table_stays_bounded() {
         let r = Repositories::default();
-        r.record("big", 1 << 30);
-        r.record("big", 0);
+        r.record("docker.io", "big", 1 << 30);
+        r.record("docker.io", "big", 0);
         for _ in 0..3 {
-            r.record("busy", 1);
+            r.record("docker.io", "busy", 1);
         }
         for i in 0..2 * REPOS {
-            r.record(&format!("r{i}"), 1);
+            r.record("docker.io", &format!("r{i}"), 1);
         }
         assert!(crate::sync::lock(&r.table).len() <= REPOS);
         let (by_requests, by_bytes) = r.top(3);

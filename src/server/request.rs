@@ -263,7 +263,7 @@ pub(super) async fn handle(
                 user_agent: &user_agent,
             });
             if let Some(repo) = &repository {
-                chores.record_request(repo.as_str(), bytes);
+                chores.record_request(registry.as_deref().unwrap_or("-"), repo.as_str(), bytes);
             }
             drop(in_flight);
         })
