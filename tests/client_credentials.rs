@@ -419,3 +419,36 @@ fn client_credentials_and_the_mirrors_own_client_auth_are_refused_together() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn the_admin_api_answers_only_this_host_while_clients_bring_their_credentials() {
+    log();
+    let up = FakeUpstream::start().await;
+    up.add_image(PUBLIC, "1.0", &[100]);
+    let m = TestMirror::start_with(&up, |c| {
+        c.upstreams.get_mut(DOCKER_HUB).unwrap().credentials = CredentialsMode::Client;
+        // The test's requests come from 127.0.0.1, a proxy that names the client it relays.
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let purge = |from: &'static str| {
+        let req = m
+            .client
+            .post(format!(
+                "{}/_pullthrough/cache/purge?reference={PUBLIC}:1.0",
+                m.url
+            ))
+            .header("x-forwarded-for", from);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(
+        purge("10.1.2.3").await,
+        403,
+        "a client elsewhere may not purge"
+    );
+    assert_eq!(
+        purge("127.0.0.1").await,
+        200,
+        "an operator on this host may"
+    );
+}

@@ -54,6 +54,20 @@ async fn admit(
     app.access
         .check_address(client)
         .map_err(refused(Refusal::Address))?;
+    // With clients' own upstream credentials the Authorization header is theirs, so the
+    // mirror has no credentials of its own to ask of an operator: its admin API answers only
+    // this host (an operator's shell, `kubectl exec`).
+    if matches!(route, Route::Purge | Route::Refresh | Route::Pins)
+        && app.mirror.clients().is_some()
+        && !client.is_loopback()
+        && !client_is_mapped_loopback(client)
+    {
+        return Err(refused(Refusal::Address)(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            crate::handlers::error::Code::Denied,
+            "the admin API answers only this host while an upstream takes clients' credentials",
+        )));
+    }
     // Boxed: a password check's state would otherwise sit in every request's future.
     let whose = Box::pin(app.access.check_credentials(req.headers()))
         .await
@@ -77,6 +91,11 @@ async fn admit(
         app.metrics.client_refused(Refusal::RateLimit);
         e
     })
+}
+
+/// `::ffff:127.0.0.1`: a loopback client on a dual-stack socket.
+fn client_is_mapped_loopback(client: IpAddr) -> bool {
+    matches!(client, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
 }
 
 /// What a request knows of its connection.
