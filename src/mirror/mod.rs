@@ -18,6 +18,7 @@ mod ranges;
 mod referrers;
 mod routing;
 pub mod stats;
+mod tag_fetch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
