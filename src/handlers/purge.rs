@@ -18,14 +18,14 @@ use crate::oci::Digest;
 /// Who sent an admin request, as admission found it: put in the request's extensions by the
 /// server, for the log line of a purge. Never the credential itself.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct Requester {
     pub client: IpAddr,
     /// `token #2` (its place in `server.tokens`), `user alice` (htpasswd), or `None` when the
     /// mirror asks for no credentials.
     pub credential: Option<String>,
 }
 
-impl std::fmt::Display for Caller {
+impl std::fmt::Display for Requester {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.credential {
             Some(c) => write!(f, "{} with {c}", self.client),
@@ -75,8 +75,8 @@ fn reference(value: &str) -> Result<Subject, ApiError> {
 
 fn who<B>(req: &Request<B>) -> String {
     req.extensions()
-        .get::<Caller>()
-        .map_or_else(|| "an unknown client".to_owned(), Caller::to_string)
+        .get::<Requester>()
+        .map_or_else(|| "an unknown client".to_owned(), Requester::to_string)
 }
 
 fn answer(value: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {

@@ -201,10 +201,11 @@ pub(super) async fn handle(
         Ok(whose) => {
             if matches!(route, Route::Purge | Route::Refresh) {
                 // Who asked, for the purge's log line.
-                req.extensions_mut().insert(crate::handlers::purge::Caller {
-                    client,
-                    credential: whose.map(|w| w.to_string()),
-                });
+                req.extensions_mut()
+                    .insert(crate::handlers::purge::Requester {
+                        client,
+                        credential: whose.map(|w| w.to_string()),
+                    });
             }
             let asked = Instant::now();
             let answer = std::panic::AssertUnwindSafe(
