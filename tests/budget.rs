@@ -11,14 +11,7 @@ use common::{error_code, x_cache, FakeUpstream, TestMirror, PAST_TTL, TTL};
 use pullthrough::config::DOCKER_HUB;
 
 async fn status(m: &TestMirror) -> serde_json::Value {
-    let v: serde_json::Value = m
-        .get("/_pullthrough/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = m.status().await;
     v["upstreams"][0].clone()
 }
 

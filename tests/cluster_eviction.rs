@@ -17,13 +17,7 @@ use pullthrough::oci::Digest;
 use pullthrough::store::tier::{object_name, Kind};
 
 async fn status(m: &TestMirror) -> serde_json::Value {
-    m.get("/_pullthrough/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    m.status().await
 }
 
 async fn members(m: &TestMirror) -> Vec<String> {

@@ -294,14 +294,7 @@ async fn a_purge_reaches_the_other_replicas_through_a_real_redis() {
     let purged: serde_json::Value = r.json().await.unwrap();
     assert_eq!(purged["fleet"], true, "{purged}");
     common::eventually("b applied a's purge", common::SETTLE, || async {
-        let s: serde_json::Value = b
-            .get("/_pullthrough/status")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: serde_json::Value = b.status().await;
         s["recent_purges"][0]["subject"] == "docker.io/library/alpine:3"
     })
     .await;

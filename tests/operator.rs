@@ -516,15 +516,7 @@ async fn status_page_and_the_json_it_polls_show_downloads_history_repositories_a
     // A blob held by the upstream at 70 000 of 200 000 bytes.
     let blob = format!("/v2/library/alpine/blobs/{}", layers[0]);
     let pull = tokio::spawn(m.get(&blob).send());
-    let status = || async {
-        m.get("/_pullthrough/status")
-            .send()
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()
-    };
+    let status = || async { m.status().await };
     let download = common::wait_for("the held download", SETTLE, || async {
         let s = status().await;
         let d = s["downloads"].get(0)?.clone();

@@ -70,13 +70,7 @@ async fn get_blob(m: &TestMirror, repo: &str, digest: &str) -> String {
 }
 
 async fn status(m: &TestMirror) -> serde_json::Value {
-    m.get("/_pullthrough/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    m.status().await
 }
 
 /// Pulls `keep` (pinned or not), then more than the bound of other content; returns what a

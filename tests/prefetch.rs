@@ -124,14 +124,7 @@ async fn serving_an_image_manifest_prefetches_its_config_and_layers_once_each() 
     m.advance(std::time::Duration::from_secs(61));
     get_manifest(&m, &format!("/v2/library/app/manifests/{digest}")).await;
     assert_eq!(settled(&m, 8).await, counts(4, 4, 0, 0, 0));
-    let status: serde_json::Value = m
-        .get("/_pullthrough/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = m.status().await;
     assert_eq!(status["prefetch"]["started"], 4);
     assert_eq!(status["prefetch"]["held"], 4);
     assert_eq!(status["prefetch"]["concurrency"], 8);

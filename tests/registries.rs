@@ -151,14 +151,7 @@ async fn alias_routes_to_its_registry() {
     }
     assert_eq!(r.totals(), [0, 1, 0]);
     // The status page counts the repository as ghcr.io knows it.
-    let status: serde_json::Value = m
-        .get("/_pullthrough/status")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = m.status().await;
     let top = status["top_repositories"]["by_requests"].to_string();
     assert!(
         top.contains("\"org/app\"") && !top.contains("ghcr/"),

@@ -180,14 +180,7 @@ always = true
     .await;
     pull(&m, "latest").await;
     let status: serde_json::Value = common::wait_for("the request counted", TTL, || async {
-        let s: serde_json::Value = m
-            .get("/_pullthrough/status")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s: serde_json::Value = m.status().await;
         (!s["top_repositories"]["by_requests"][0].is_null()).then_some(s)
     })
     .await;

@@ -31,6 +31,22 @@ pub enum Probe<'a> {
     Repository,
 }
 
+impl Probe<'_> {
+    /// Asks the upstream whether it serves this under `target`'s repository to `caller`: a
+    /// `HEAD` (or one tag of the list), never a counted pull.
+    pub(super) async fn ask(self, target: &Target, caller: &Caller) -> Result<(), upstream::Error> {
+        let (up, repo) = (&target.upstream, &target.repo);
+        match self {
+            Probe::Manifest(reference) => up
+                .manifest(repo, caller, reference, true, media::ACCEPT_ALL)
+                .await
+                .map(drop),
+            Probe::Blob(digest) => up.blob_size(repo, caller, digest).await.map(drop),
+            Probe::Repository => up.tags(repo, caller, Some("n=1")).await.map(drop),
+        }
+    }
+}
+
 /// Why a caller may not read a repository, as the upstream said it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -146,23 +162,7 @@ impl Mirror {
             self.access.0.invalidate(&key).await;
         }
         let asked = async {
-            let answer = match probe {
-                Probe::Manifest(reference) => target
-                    .upstream
-                    .manifest(&target.repo, caller, reference, true, media::ACCEPT_ALL)
-                    .await
-                    .map(drop),
-                Probe::Blob(digest) => target
-                    .upstream
-                    .blob_size(&target.repo, caller, digest)
-                    .await
-                    .map(drop),
-                Probe::Repository => target
-                    .upstream
-                    .tags(&target.repo, caller, Some("n=1"))
-                    .await
-                    .map(drop),
-            };
+            let answer = probe.ask(target, caller).await;
             self.metrics
                 .client_confirmation(target.registry(), confirmation_label(&answer));
             let verdict = match answer {

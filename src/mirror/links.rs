@@ -3,8 +3,8 @@
 //! digest costs one upstream `HEAD` under the asking repository (not a counted pull on Docker
 //! Hub); a `404` or a refusal there is the answer, and no cached byte goes out.
 
-use super::{Error, Mirror, Target};
-use crate::oci::{media, Digest, Reference};
+use super::{Error, Mirror, Probe, Target};
+use crate::oci::{Digest, Reference};
 use crate::outcome::ObjectKind;
 use crate::upstream;
 
@@ -56,27 +56,15 @@ impl Mirror {
                 .await;
             return Ok(());
         }
-        let confirmed = match kind {
-            ObjectKind::Blob => target
-                .upstream
-                .blob_size(&target.repo, &target.caller, digest)
-                .await
-                .map(drop),
+        let reference;
+        let probe = match kind {
+            ObjectKind::Blob => Probe::Blob(digest),
             ObjectKind::Manifest => {
-                let reference = Reference::Digest(digest.clone());
-                target
-                    .upstream
-                    .manifest(
-                        &target.repo,
-                        &target.caller,
-                        &reference,
-                        true,
-                        media::ACCEPT_ALL,
-                    )
-                    .await
-                    .map(drop)
+                reference = Reference::Digest(digest.clone());
+                Probe::Manifest(&reference)
             }
         };
+        let confirmed = probe.ask(target, &target.caller).await;
         match confirmed {
             Ok(()) => {
                 self.link(target, digest).await;

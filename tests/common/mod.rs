@@ -166,6 +166,17 @@ impl TestMirror {
         self.client.head(format!("{}{path}", self.url))
     }
 
+    /// `/_pullthrough/status`, parsed.
+    pub async fn status(&self) -> serde_json::Value {
+        self.get("/_pullthrough/status")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.get("/metrics")
             .send()
