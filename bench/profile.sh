@@ -2,15 +2,19 @@
 # Where a cached hit spends its instructions: a release pullthrough under callgrind serving one
 # hot path, then the instructions per request and the functions that cost most.
 #
-#   bench/profile.sh [--path h2-manifest|h1-manifest|h2-blob] [--requests 20000] [--top 25]
+#   bench/profile.sh [--path h2-manifest|h1-manifest|http-manifest|close-manifest|h2-blob]
+#                    [--requests 20000] [--top 25] [--access-log]
 #
 # h2-manifest: the manifest by digest over HTTPS with HTTP/2 (h2load, 16 connections x 8
-# streams); h1-manifest: the same over HTTPS with HTTP/1.1 (h2load --h1); h2-blob: a 1 MiB blob
-# over HTTP/2. 2000 requests warm the cache and the connections up with instrumentation off,
+# streams); h1-manifest: the same over HTTPS with HTTP/1.1 (h2load --h1); http-manifest: the
+# same over plain HTTP/1.1 (no TLS: what bench/hotpath.sh's manifest rows serve);
+# close-manifest: that with `Connection: close`, a new connection per request (as dockerd and
+# podman ask); h2-blob: a 1 MiB blob over HTTP/2. 2000 requests warm the cache and the connections up with instrumentation off,
 # then --requests are counted. Instruction counts do not depend on what else the machine runs,
 # unlike the throughput rows of bench/hotpath.sh, so this can compare two builds on a busy
 # machine: PULLTHROUGH_BIN=old bench/profile.sh, then with the new binary. The totals include
 # the 16 TLS handshakes, whose share shrinks as --requests grows.
+# --access-log keeps the access log on (written to a file), as bench/hotpath.sh has it.
 # Env: PULLTHROUGH_BIN (skip cargo build), BENCH_KEEP=1 (keep the callgrind output).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -18,6 +22,7 @@ source "$(dirname "$0")/lib.sh"
 PROFILE=h2-manifest
 REQUESTS=20000
 TOP=25
+LOG_LEVEL=warn
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
@@ -26,6 +31,7 @@ while [ $# -gt 0 ]; do
     --path) PROFILE=$2; shift ;;
     --requests) REQUESTS=$2; shift ;;
     --top) TOP=$2; shift ;;
+    --access-log) LOG_LEVEL=info ;;
     -h|--help) usage 0 ;;
     *) log "unknown argument $1"; usage 2 >&2 ;;
   esac
@@ -45,28 +51,35 @@ main() {
   setup_run
   seed_upstream "$RUN/upstream" "$(free_port)" small=1MiB
   make_cert "$RUN/tls"
-  local port dir=$RUN/pullthrough out=$RUN/callgrind.out path load=(h2load) vg
+  local port dir=$RUN/pullthrough out=$RUN/callgrind.out path load=(h2load) vg scheme=https tls streams=8
   port=$(free_port)
   mkdir -p "$dir"
-  printf '[server]\nlisten = "127.0.0.1:%s"\ntls_cert = "%s"\ntls_key = "%s"\n[storage]\ndir = "%s"\n[cache]\ntag_ttl = "1h"\n[upstreams."docker.io"]\nurl = "http://127.0.0.1:%s"\n' \
-    "$port" "$RUN/tls/cert.pem" "$RUN/tls/key.pem" "$dir/data" "$UP_PORT" >"$dir/mirror.toml"
   case $PROFILE in
     h2-manifest) path="/v2/$(seed_get repo)/manifests/$(seed_get manifest.digest)" ;;
     h1-manifest) path="/v2/$(seed_get repo)/manifests/$(seed_get manifest.digest)"; load+=(--h1) ;;
+    http-manifest) path="/v2/$(seed_get repo)/manifests/$(seed_get manifest.digest)"; load+=(--h1); scheme=http ;;
+    close-manifest) path="/v2/$(seed_get repo)/manifests/$(seed_get manifest.digest)"
+                    load+=(--h1 -H "Connection: close"); scheme=http; streams=1 ;;
     h2-blob) path="/v2/$(seed_get repo)/blobs/$(seed_get blobs.small.digest)" ;;
     *) die "unknown --path $PROFILE" ;;
   esac
-  load+=(-t 1 -c 16 -m 8 -H "Accept: application/vnd.oci.image.manifest.v1+json")
-  # The access log would be a large share of the profile, and not the part under study.
-  PULLTHROUGH_LOG=warn spawn "$dir.log" valgrind --tool=callgrind --instr-atstart=no \
+  tls=$(printf 'tls_cert = "%s"\ntls_key = "%s"' "$RUN/tls/cert.pem" "$RUN/tls/key.pem")
+  [ "$scheme" = http ] && tls=""
+  printf '[server]\nlisten = "127.0.0.1:%s"\n%s\n[storage]\ndir = "%s"\n[cache]\ntag_ttl = "1h"\n[upstreams."docker.io"]\nurl = "http://127.0.0.1:%s"\n' \
+    "$port" "$tls" "$dir/data" "$UP_PORT" >"$dir/mirror.toml"
+  # HTTP/1.1 pipelines up to -m requests on a connection; one that closes takes one.
+  load+=(-t 1 -c 16 -m "$streams" -H "Accept: application/vnd.oci.image.manifest.v1+json")
+  # Without --access-log, the access log is off: a large share of the profile, and not always
+  # the part under study.
+  PULLTHROUGH_LOG=$LOG_LEVEL spawn "$dir.log" valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file="$out" "$PT_BIN" --config "$dir/mirror.toml"
   vg=$LAST_PID
-  wait_http "https://127.0.0.1:$port/v2/" 120
+  wait_http "$scheme://127.0.0.1:$port/v2/" 120
   log "warming up (2000 requests, not counted)"
-  "${load[@]}" -n 2000 "https://127.0.0.1:$port$path" >"$RUN/warmup.txt" 2>&1 || die "warm-up failed: $(tail -3 "$RUN/warmup.txt")"
+  "${load[@]}" -n 2000 "$scheme://127.0.0.1:$port$path" >"$RUN/warmup.txt" 2>&1 || die "warm-up failed: $(tail -3 "$RUN/warmup.txt")"
   callgrind_control -i on "$vg" >/dev/null
   log "measuring $REQUESTS requests ($PROFILE)"
-  "${load[@]}" -n "$REQUESTS" "https://127.0.0.1:$port$path" >"$RUN/load.txt" 2>&1 || true
+  "${load[@]}" -n "$REQUESTS" "$scheme://127.0.0.1:$port$path" >"$RUN/load.txt" 2>&1 || true
   callgrind_control -i off "$vg" >/dev/null
   callgrind_control -d "$vg" >/dev/null
   grep -E '^requests:|^status codes:' "$RUN/load.txt" >&2

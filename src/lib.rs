@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod config;
 mod download;
 mod handlers;
+mod hashing;
 mod identity;
 mod idle;
 pub mod image;

@@ -234,6 +234,19 @@ pub struct AccessLine<'a> {
     pub user_agent: &'a str,
 }
 
+/// A `User-Agent` as the access line shows it: text (invalid UTF-8 replaced), at most 256
+/// characters, empty when there was none.
+pub fn user_agent(value: Option<&http::HeaderValue>) -> std::borrow::Cow<'_, str> {
+    let Some(value) = value else {
+        return "".into();
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    match text.char_indices().nth(256) {
+        None => text,
+        Some((end, _)) => text[..end].to_owned().into(),
+    }
+}
+
 /// Milliseconds to the microsecond. The text line formats it with integers (float formatting
 /// was a visible part of a line's cost); JSON takes the float, free of noise (2.263, not
 /// 2.2630000000000003).
@@ -331,13 +344,14 @@ pub fn access(line: &AccessLine<'_>) {
 }
 
 fn write_line(buf: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &AccessLine<'_>) {
-    let timestamp = humantime::format_rfc3339_micros(now);
     // Writing into a Vec cannot fail.
     let _ = match format {
         LogFormat::Text => {
-            writeln!(buf, "{timestamp}  INFO {ACCESS_TARGET}: request {line}")
+            text_line(buf, now, line);
+            Ok(())
         }
         LogFormat::Json => {
+            let timestamp = humantime::format_rfc3339_micros(now);
             let json = JsonLine {
                 timestamp: &timestamp.to_string(),
                 level: "INFO",
@@ -368,9 +382,182 @@ fn write_line(buf: &mut Vec<u8>, format: LogFormat, now: SystemTime, line: &Acce
     };
 }
 
+/// The text line, byte for byte what `{timestamp}  INFO {ACCESS_TARGET}: request {line}` formats
+/// (the test `the_text_line_is_the_display_format` holds the two together), written without
+/// the formatting machinery, which was most of a cached manifest's access line: numbers with
+/// `itoa`, the timestamp's date and second kept per thread until the second changes.
+fn text_line(buf: &mut Vec<u8>, now: SystemTime, line: &AccessLine<'_>) {
+    timestamp(buf, now);
+    buf.extend_from_slice(b"  INFO ");
+    buf.extend_from_slice(ACCESS_TARGET.as_bytes());
+    buf.extend_from_slice(b": request peer=");
+    socket_addr(buf, line.peer);
+    buf.extend_from_slice(b" client=");
+    ip_addr(buf, line.client);
+    let mut int = itoa::Buffer::new();
+    for (name, value) in [
+        (&b" request_id="[..], line.request_id),
+        (b" method=", line.method),
+        (b" registry=", line.registry),
+        (b" repository=", line.repository),
+        (b" reference=", line.reference),
+        (b" kind=\"", line.kind),
+        (b"\" status=", int.format(line.status)),
+    ] {
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(value.as_bytes());
+    }
+    buf.extend_from_slice(b" bytes=");
+    buf.extend_from_slice(int.format(line.bytes).as_bytes());
+    buf.extend_from_slice(if line.complete {
+        b" complete=true cache="
+    } else {
+        b" complete=false cache="
+    });
+    buf.extend_from_slice(line.cache.as_bytes());
+    buf.extend_from_slice(b" ms=");
+    millis(buf, line.elapsed);
+    buf.extend_from_slice(b" upstream_ms=");
+    millis(buf, line.upstream);
+    buf.extend_from_slice(b" user_agent=");
+    let ua = line.user_agent;
+    if ua
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        buf.push(b'"');
+        buf.extend_from_slice(ua.as_bytes());
+        buf.push(b'"');
+    } else {
+        let _ = write!(buf, "{ua:?}");
+    }
+    buf.push(b'\n');
+}
+
+thread_local! {
+    /// The second of the last timestamp written on this thread, and its text up to the dot.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// RFC 3339 in UTC to the microsecond, as `humantime::format_rfc3339_micros` writes it.
+fn timestamp(buf: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            use std::fmt::Write as _;
+            text.clear();
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            // `…:SS` then `Z`: the fraction goes between.
+            text.pop();
+            text.push('.');
+            *second = secs;
+        }
+        buf.extend_from_slice(text.as_bytes());
+    });
+    let mut digits = [b'0'; 6];
+    let mut int = itoa::Buffer::new();
+    let micros = int.format(since.subsec_micros()).as_bytes();
+    digits[6 - micros.len()..].copy_from_slice(micros);
+    buf.extend_from_slice(&digits);
+    buf.push(b'Z');
+}
+
+/// [`Millis`]'s format: whole milliseconds, a dot, three digits.
+fn millis(buf: &mut Vec<u8>, d: Duration) {
+    let micros = d.as_micros();
+    let mut int = itoa::Buffer::new();
+    buf.extend_from_slice(int.format(micros / 1000).as_bytes());
+    buf.push(b'.');
+    let frac = (micros % 1000) as u16;
+    buf.extend_from_slice(&[
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+}
+
+fn socket_addr(buf: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            ip_addr(buf, IpAddr::V4(*v4.ip()));
+            buf.push(b':');
+            buf.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(buf, "{addr}");
+        }
+    }
+}
+
+fn ip_addr(buf: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut int = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                buf.extend_from_slice(int.format(octet).as_bytes());
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(buf, "{ip}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_line_is_the_display_format() {
+        let line = |peer: &str, client: &str, ua: &'static str, ms: u64| AccessLine {
+            peer: peer.parse().unwrap(),
+            client: client.parse().unwrap(),
+            request_id: "0123456789abcdef",
+            method: "GET",
+            registry: "docker.io",
+            repository: "library/alpine",
+            reference: "sha256:0000",
+            kind: "manifest",
+            status: 200,
+            bytes: 709,
+            complete: ms % 2 == 0,
+            cache: "HIT",
+            elapsed: Duration::from_micros(ms),
+            upstream: Duration::from_micros(ms / 7),
+            user_agent: ua,
+        };
+        let cases = [
+            line("127.0.0.1:38958", "127.0.0.1", "curl/7.88.1", 1281),
+            line("10.0.0.255:1", "192.168.1.2", "", 0),
+            line("[::1]:8080", "::ffff:10.1.2.3", "quo\"te \\ tab\t", 999_999),
+            line(
+                "[fe80::1%2]:1",
+                "2001:db8::1",
+                "ünïcode\u{7f}",
+                12_345_678_901,
+            ),
+        ];
+        let times = [
+            SystemTime::UNIX_EPOCH,
+            SystemTime::UNIX_EPOCH + Duration::new(1_796_683_685, 269_545_000),
+            SystemTime::UNIX_EPOCH + Duration::new(1_796_683_685, 7_000),
+            SystemTime::UNIX_EPOCH + Duration::new(1_796_683_686, 999_999_999),
+        ];
+        for (line, now) in cases.iter().zip(times) {
+            let mut fast = Vec::new();
+            text_line(&mut fast, now, line);
+            let timestamp = humantime::format_rfc3339_micros(now);
+            let slow = format!("{timestamp}  INFO {ACCESS_TARGET}: request {line}\n");
+            assert_eq!(String::from_utf8(fast).unwrap(), slow);
+        }
+    }
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
@@ -33,10 +34,11 @@ const MAX_TAG_LEN: usize = 128;
 /// not hold.
 ///
 /// Kept as the one string clients and upstreams exchange (`sha256:<hex>`), so printing it into
-/// a header or a log costs a copy, not a format.
+/// a header or a log costs a copy, not a format; shared, since a request's digest is handed to
+/// the index, the caches and the answer (a copy each cost an allocation per hit).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
-    text: String,
+    text: Arc<str>,
 }
 
 /// The one algorithm a [`Digest`] has, as written before its colon.
@@ -64,7 +66,7 @@ impl Digest {
 
     pub fn from_sha256(raw: [u8; 32]) -> Digest {
         Digest {
-            text: format!("{ALGORITHM}:{}", hex::encode(raw)),
+            text: format!("{ALGORITHM}:{}", hex::encode(raw)).into(),
         }
     }
 
@@ -93,7 +95,7 @@ impl FromStr for Digest {
             {
                 return Err(bad());
             }
-            return Ok(Digest { text: s.to_owned() });
+            return Ok(Digest { text: s.into() });
         }
         // Any other algorithm by the spec's grammar: algorithm [a-z0-9]+ (separated by
         // [+._-]), encoded [a-zA-Z0-9=_-]+. Well-formed is "not mirrored", not "invalid".
@@ -144,9 +146,37 @@ impl fmt::Debug for Digest {
     }
 }
 
+/// `ETag` for content named by `digest`: the quoted digest.
+pub fn etag(digest: &Digest) -> Option<http::HeaderValue> {
+    let mut etag = String::with_capacity(digest.as_str().len() + 2);
+    etag.push('"');
+    etag.push_str(digest.as_str());
+    etag.push('"');
+    http::HeaderValue::try_from(etag).ok()
+}
+
+/// A manifest's `Content-Type`, `Docker-Content-Digest` and `ETag` values, made once when the
+/// manifest is cached rather than on each hit (each made value is a copy and a check).
+#[derive(Clone, Debug)]
+pub struct ManifestHeaders {
+    pub content_type: Option<http::HeaderValue>,
+    pub digest: Option<http::HeaderValue>,
+    pub etag: Option<http::HeaderValue>,
+}
+
+impl ManifestHeaders {
+    pub fn new(digest: &Digest, media_type: &str) -> ManifestHeaders {
+        ManifestHeaders {
+            content_type: http::HeaderValue::from_str(media_type).ok(),
+            digest: http::HeaderValue::from_str(digest.as_str()).ok(),
+            etag: etag(digest),
+        }
+    }
+}
+
 /// A repository name: lowercase components joined by `/`, at most 255 characters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RepoName(String);
+pub struct RepoName(Arc<str>);
 
 impl RepoName {
     pub fn as_str(&self) -> &str {
@@ -158,15 +188,15 @@ impl RepoName {
     pub fn split_first(&self) -> Option<(&str, RepoName)> {
         let (first, rest) = self.0.split_once('/')?;
         // The rest of a valid name is one: whole components, and shorter.
-        Some((first, RepoName(rest.to_owned())))
+        Some((first, RepoName(rest.into())))
     }
 
     /// Docker Hub's implicit namespace: `alpine` is `library/alpine`.
-    pub fn with_library_prefix(&self) -> RepoName {
+    pub fn with_library_prefix(self) -> RepoName {
         if self.0.contains('/') {
-            self.clone()
+            self
         } else {
-            RepoName(format!("library/{}", self.0))
+            RepoName(format!("library/{}", self.0).into())
         }
     }
 }
@@ -204,7 +234,7 @@ impl FromStr for RepoName {
         if s.is_empty() || s.len() > MAX_NAME_LEN || !s.split('/').all(component_ok) {
             return Err(ParseError::Name(truncate(s)));
         }
-        Ok(RepoName(s.to_owned()))
+        Ok(RepoName(s.into()))
     }
 }
 
@@ -280,6 +310,15 @@ impl FromStr for Reference {
     }
 }
 
+impl Reference {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reference::Tag(t) => t.as_str(),
+            Reference::Digest(d) => d.as_str(),
+        }
+    }
+}
+
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -336,7 +375,9 @@ pub mod media {
 #[derive(Debug, Clone, Default)]
 pub struct Accept {
     any: bool,
-    types: Vec<String>,
+    /// The media types named, lowercased, each followed by `,` (one allocation for them all,
+    /// rather than one each: this is parsed on every manifest request).
+    types: String,
 }
 
 impl Accept {
@@ -344,6 +385,7 @@ impl Accept {
         let mut accept = Accept::default();
         let mut seen = false;
         for value in values {
+            accept.types.reserve(value.len() + 1);
             for item in value.split(',') {
                 let mt = item.split(';').next().unwrap_or("").trim();
                 if mt.is_empty() {
@@ -353,7 +395,10 @@ impl Accept {
                 if mt == "*/*" {
                     accept.any = true;
                 } else {
-                    accept.types.push(mt.to_ascii_lowercase());
+                    accept
+                        .types
+                        .extend(mt.chars().map(|c| c.to_ascii_lowercase()));
+                    accept.types.push(',');
                 }
             }
         }
@@ -362,12 +407,12 @@ impl Accept {
         accept
     }
 
+    fn types(&self) -> impl Iterator<Item = &str> {
+        self.types.split_terminator(',')
+    }
+
     pub fn allows(&self, media_type: &str) -> bool {
-        self.any
-            || self
-                .types
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(media_type))
+        self.any || self.types().any(|t| t.eq_ignore_ascii_case(media_type))
     }
 
     /// The header values to forward upstream when the client's own Accept must be used.
@@ -375,9 +420,9 @@ impl Accept {
         if self.types.is_empty() && self.any {
             return None;
         }
-        let mut parts = self.types.clone();
+        let mut parts: Vec<&str> = self.types().collect();
         if self.any {
-            parts.push("*/*".into());
+            parts.push("*/*");
         }
         Some(parts.join(", "))
     }

@@ -104,6 +104,15 @@ impl Route {
         }
     }
 
+    /// The tag or digest the request names, for its log line and trace.
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            Route::Manifest { reference, .. } => Some(reference.as_str()),
+            Route::Blob { digest, .. } | Route::Referrers { digest, .. } => Some(digest.as_str()),
+            _ => None,
+        }
+    }
+
     pub fn repository(&self) -> Option<&RepoName> {
         match self {
             Route::Manifest { name, .. }
@@ -272,6 +281,14 @@ pub fn host_is_valid(version: http::Version, headers: &http::HeaderMap) -> bool 
     version != http::Version::HTTP_11 || headers.get_all(http::header::HOST).iter().count() == 1
 }
 
+/// `path.rfind(segment)` for a `segment` that starts with `/`: only the path's slashes are
+/// tried (a substring searcher's set-up cost more than the search, on every request).
+fn rfind_segment(path: &str, segment: &str) -> Option<usize> {
+    path.rmatch_indices('/')
+        .map(|(i, _)| i)
+        .find(|&i| path[i..].starts_with(segment))
+}
+
 pub fn parse(method: &Method, path: &str) -> Route {
     let read = method == Method::GET || method == Method::HEAD;
     let head = method == Method::HEAD;
@@ -336,7 +353,7 @@ pub fn parse(method: &Method, path: &str) -> Route {
         };
     }
     // The digest has no `/`, so a `/referrers/` followed by one is part of a longer path.
-    if let Some(i) = rest.rfind("/referrers/") {
+    if let Some(i) = rfind_segment(rest, "/referrers/") {
         let (name, digest) = (&rest[..i], &rest[i + "/referrers/".len()..]);
         if !digest.contains('/') {
             if !read {
@@ -352,7 +369,7 @@ pub fn parse(method: &Method, path: &str) -> Route {
             };
         }
     }
-    if let Some(i) = rest.rfind("/manifests/") {
+    if let Some(i) = rfind_segment(rest, "/manifests/") {
         let (name, reference) = (&rest[..i], &rest[i + "/manifests/".len()..]);
         if !read {
             return Route::Unsupported;
@@ -376,10 +393,10 @@ pub fn parse(method: &Method, path: &str) -> Route {
             (Err(e), _) | (_, Err(e)) => Route::Invalid(e),
         };
     }
-    if rest.ends_with("/blobs/uploads") || rest.contains("/blobs/uploads/") {
+    if rest.ends_with("/blobs/uploads") || rfind_segment(rest, "/blobs/uploads/").is_some() {
         return Route::Unsupported;
     }
-    if let Some(i) = rest.rfind("/blobs/") {
+    if let Some(i) = rfind_segment(rest, "/blobs/") {
         let (name, digest) = (&rest[..i], &rest[i + "/blobs/".len()..]);
         if !read {
             return Route::Unsupported;
@@ -406,6 +423,25 @@ mod tests {
 
     fn d() -> String {
         format!("sha256:{}", "ab".repeat(32))
+    }
+
+    #[test]
+    fn rfind_segment_is_rfind() {
+        for path in [
+            "a/manifests/b",
+            "a/manifests/manifests/b",
+            "manifests/x",
+            "a/b/manifests/",
+            "/manifests/",
+            "a/manifestsx/b/manifests",
+            "",
+        ] {
+            assert_eq!(
+                rfind_segment(path, "/manifests/"),
+                path.rfind("/manifests/"),
+                "{path}"
+            );
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "logging",
             "clock",
             "sync",
+            "hashing",
             "platform",
             "sendfile",
             "ranges",

@@ -241,6 +241,17 @@ async fn silent_connection_is_closed_at_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn http1_half_a_request_head_is_closed_at_the_header_timeout() {
+    assert_closed_after_sending(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", "half an HTTP/1.1 head").await;
+    // The same after a whole request on the connection: the next head has the same limit.
+    assert_closed_after_sending(
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: x\r\n",
+        "a request, then half a head",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn idle_h2_client_is_sent_away_at_the_header_timeout() {
     let _serial = SERIAL.lock().await;
     let up = FakeUpstream::start().await;

@@ -7,10 +7,10 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response};
 
 use super::body::{self, Body};
-use super::{content_headers, none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST};
+use super::{none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST, IMMUTABLE};
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::{ManifestAnswer, Mirror, Target};
-use crate::oci::{Accept, Reference};
+use crate::oci::{Accept, ManifestHeaders, Reference};
 
 pub async fn get(
     mirror: &Arc<Mirror>,
@@ -54,14 +54,24 @@ fn response(m: ManifestAnswer, by_digest: bool) -> Response<Body> {
         Some(b) => body::full(b),
         None => body::empty(),
     });
+    // Room for these and what the server adds (the API version, the request id): no regrowth.
+    *resp.headers_mut() = HeaderMap::with_capacity(8);
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+    let made = m
+        .headers
+        .unwrap_or_else(|| ManifestHeaders::new(&m.digest, &m.media_type));
+    if let Some(v) = made.content_type {
         h.insert(header::CONTENT_TYPE, v);
     }
-    if let Ok(v) = HeaderValue::from_str(m.digest.as_str()) {
+    if let Some(v) = made.digest {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));
-    content_headers(h, &m.digest, by_digest);
+    if let Some(v) = made.etag {
+        h.insert(header::ETAG, v);
+    }
+    if by_digest {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+    }
     with_cache_status(resp, m.status)
 }

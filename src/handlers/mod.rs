@@ -34,11 +34,7 @@ const IMMUTABLE: &str = "max-age=31536000, immutable";
 
 /// `ETag` (the quoted digest) and, for content addressed by digest, `Cache-Control`.
 fn content_headers(h: &mut http::HeaderMap, digest: &Digest, by_digest: bool) {
-    let mut etag = String::with_capacity(digest.as_str().len() + 2);
-    etag.push('"');
-    etag.push_str(digest.as_str());
-    etag.push('"');
-    if let Ok(v) = HeaderValue::try_from(etag) {
+    if let Some(v) = crate::oci::etag(digest) {
         h.insert(header::ETAG, v);
     }
     if by_digest {

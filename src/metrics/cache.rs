@@ -1,6 +1,7 @@
 //! The cache: outcomes by object kind, bytes served by source, the tier a blob came from, the
 //! cache's size and evictions, and the totals the status page samples.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
@@ -8,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::labels::{CacheLabels, SourceLabels, TierLabels};
+use super::memo::{self, Memo};
 use super::Metrics;
 use crate::outcome::{CacheStatus, ObjectKind, Source, Tier};
 
@@ -20,6 +22,10 @@ pub struct Totals {
     /// Body bytes sent to clients from the cache and from upstreams.
     pub bytes_cache: u64,
     pub bytes_upstream: u64,
+}
+
+thread_local! {
+    static OUTCOMES: RefCell<Memo<CacheLabels, Counter>> = const { RefCell::new(Memo::new()) };
 }
 
 pub(super) struct CacheMetrics {
@@ -93,14 +99,24 @@ impl Metrics {
     }
 
     pub fn cache(&self, upstream: &str, kind: ObjectKind, outcome: CacheStatus) {
-        self.cache
-            .outcomes
-            .get_or_create(&CacheLabels {
-                kind,
-                outcome,
-                upstream: upstream.to_owned(),
-            })
-            .inc();
+        let family = &self.cache.outcomes;
+        memo::with(
+            &OUTCOMES,
+            self.owner,
+            |l| l.kind == kind && l.outcome == outcome && l.upstream == upstream,
+            || {
+                let labels = CacheLabels {
+                    kind,
+                    outcome,
+                    upstream: upstream.to_owned(),
+                };
+                let series = family.get_or_create(&labels).clone();
+                (labels, series)
+            },
+            |c| {
+                c.inc();
+            },
+        );
         self.cache.cache_answers.fetch_add(1, Ordering::Relaxed);
         if !outcome.downloaded() {
             self.cache

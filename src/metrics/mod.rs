@@ -18,6 +18,7 @@ mod cluster;
 mod downloads;
 mod format;
 mod labels;
+mod memo;
 mod prefetch;
 mod process;
 mod requests;
@@ -42,6 +43,8 @@ use self::upstream::UpstreamMetrics;
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// This instance, for the per-thread memory of series (`memo.rs`).
+    owner: u64,
     process: ProcessMetrics,
     requests: RequestMetrics,
     cache: CacheMetrics,
@@ -72,6 +75,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let m = Metrics {
             registry: Mutex::new(Registry::default()),
+            owner: memo::next_owner(),
             process: ProcessMetrics::new(),
             requests: RequestMetrics::new(),
             cache: CacheMetrics::new(),

@@ -1,6 +1,7 @@
 //! Client requests: counts and durations by route kind, and the requests and connections refused
 //! before a handler.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -12,8 +13,15 @@ use super::labels::{
     method_label, status_class, status_code, DurationLabels, ReasonLabels, Refusal, RequestLabels,
     UpstreamLabels,
 };
+use super::memo::{self, Memo};
 use super::Metrics;
 use crate::outcome::CacheStatus;
+
+thread_local! {
+    static COUNTS: RefCell<Memo<RequestLabels, Counter>> = const { RefCell::new(Memo::new()) };
+    static DURATIONS: RefCell<Memo<DurationLabels, Histogram>> =
+        const { RefCell::new(Memo::new()) };
+}
 
 pub(super) struct RequestMetrics {
     count: Family<RequestLabels, Counter>,
@@ -94,22 +102,34 @@ impl Metrics {
         cache: Option<CacheStatus>,
         elapsed: Duration,
     ) {
-        self.requests
-            .count
-            .get_or_create(&RequestLabels {
-                kind,
-                method: method_label(method),
-                status: status_class(status),
-                code: status_code(status),
-            })
-            .inc();
-        self.requests
-            .duration
-            .get_or_create(&DurationLabels {
-                kind,
-                cache: cache.map_or("none", CacheStatus::label),
-            })
-            .observe(elapsed.as_secs_f64());
+        let labels = RequestLabels {
+            kind,
+            method: method_label(method),
+            status: status_class(status),
+            code: status_code(status),
+        };
+        let family = &self.requests.count;
+        memo::with(
+            &COUNTS,
+            self.owner,
+            |l| *l == labels,
+            || (labels.clone(), family.get_or_create(&labels).clone()),
+            |c| {
+                c.inc();
+            },
+        );
+        let labels = DurationLabels {
+            kind,
+            cache: cache.map_or("none", CacheStatus::label),
+        };
+        let family = &self.requests.duration;
+        memo::with(
+            &DURATIONS,
+            self.owner,
+            |l| *l == labels,
+            || (labels.clone(), family.get_or_create(&labels).clone()),
+            |h| h.observe(elapsed.as_secs_f64()),
+        );
     }
 
     pub fn client_refused(&self, why: Refusal) {

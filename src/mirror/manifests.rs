@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::fleet::FleetTag;
 use super::{Error, Mirror, Target};
 use crate::identity::Caller;
-use crate::oci::{media, Accept, Digest, Reference, RepoName, Tag};
+use crate::oci::{media, Accept, Digest, ManifestHeaders, Reference, RepoName, Tag};
 use crate::outcome::{CacheStatus, ObjectKind};
 use crate::store::manifests::Manifest;
 pub(super) use crate::store::tags::TagKey;
@@ -50,6 +50,8 @@ pub struct ManifestAnswer {
     /// `None` for HEAD.
     pub body: Option<Bytes>,
     pub status: CacheStatus,
+    /// A cached manifest's response headers, made when it was cached.
+    pub headers: Option<ManifestHeaders>,
 }
 
 impl ManifestAnswer {
@@ -60,6 +62,7 @@ impl ManifestAnswer {
             size: m.bytes.len() as u64,
             body: (!head).then(|| m.bytes.clone()),
             status,
+            headers: Some(m.headers.clone()),
         }
     }
 }
@@ -205,6 +208,7 @@ impl Mirror {
                 size: record.size,
                 body: None,
                 status: tag_status,
+                headers: None,
             });
         }
         let fetched = self.fetch_manifest(target, &record.digest).await;
@@ -316,6 +320,7 @@ impl Mirror {
             size,
             body: None,
             status: CacheStatus::Miss,
+            headers: None,
         })
     }
 
@@ -524,11 +529,7 @@ impl Mirror {
                 return Err(self.mismatch(claimed.clone(), &actual));
             }
         }
-        let manifest = Arc::new(Manifest {
-            digest: actual,
-            media_type: m.media_type,
-            bytes,
-        });
+        let manifest = Arc::new(Manifest::new(actual, m.media_type, bytes));
         if !media::is_cacheable(&manifest.media_type) {
             return Ok(Fetched::Uncacheable(manifest));
         }

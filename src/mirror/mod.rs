@@ -20,7 +20,6 @@ mod routing;
 pub mod stats;
 mod tag_fetch;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use access::{Probe, Refusal};
@@ -96,9 +95,9 @@ pub struct Mirror {
     /// Blobs of served image manifests downloaded ahead of their clients.
     prefetch: prefetch::Prefetch,
     verifications: Verifications,
-    upstreams: HashMap<String, Arc<Upstream>>,
+    upstreams: crate::hashing::Map<String, Arc<Upstream>>,
     /// Each upstream's policy, by the same names as `upstreams`.
-    policies: HashMap<String, Arc<Policy>>,
+    policies: crate::hashing::Map<String, Arc<Policy>>,
     routing: routing::Routing,
     tag_flights: Coalesce<manifests::TagKey, manifests::TagResult>,
     /// Tags the upstream recently answered 404 for, with when it did.
@@ -159,8 +158,8 @@ impl Mirror {
             (None, _) => None,
         };
         let members = cluster.clone().map(|c| Members::new(c, clock.clone()));
-        let mut upstreams = HashMap::new();
-        let mut policies = HashMap::new();
+        let mut upstreams = crate::hashing::Map::default();
+        let mut policies = crate::hashing::Map::default();
         for (name, cfg) in &config.upstreams {
             let up = Upstream::new(name, cfg, metrics.clone(), clock.clone(), cluster.clone())?;
             upstreams.insert(name.clone(), Arc::new(up));

@@ -41,14 +41,14 @@ pub(super) struct Prefetch {
     /// `cache.prefetch_concurrency`; `None` when it is 0 (prefetch off everywhere).
     slots: Option<Arc<Semaphore>>,
     /// The digests queued or running, so a second trigger does not queue them twice.
-    pending: Arc<Mutex<HashSet<Digest>>>,
+    pending: Arc<Mutex<crate::hashing::Set<Digest>>>,
     /// Per upstream, the prefetch downloads started that have not had their first answer yet:
     /// they may not hold their request slot yet, but will.
     starting: Arc<Mutex<HashMap<String, usize>>>,
     /// The manifests whose blobs were looked at lately, and when: served again within
     /// [`LOOKED_AT`], a manifest is not parsed again (a warm manifest hit stays as cheap as it
     /// was; its blobs were queued, found held or found downloading a moment ago).
-    looked_at: Mutex<HashMap<Digest, SystemTime>>,
+    looked_at: Mutex<crate::hashing::Map<Digest, SystemTime>>,
 }
 
 /// How long a manifest's blobs are not looked at again after a look.
@@ -133,7 +133,7 @@ impl Prefetch {
 /// A blob's place in the queue and then its slot: leaves `pending` (and the gauges) when
 /// dropped, however its task ends.
 struct Queued {
-    pending: Arc<Mutex<HashSet<Digest>>>,
+    pending: Arc<Mutex<crate::hashing::Set<Digest>>>,
     digest: Digest,
     metrics: Arc<Metrics>,
     /// Waiting for a slot (counted in `prefetch_queued`), else holding one.

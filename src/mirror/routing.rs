@@ -14,8 +14,6 @@
 //! A registry with a port in its name (`registry.local:5000`) cannot be a path prefix (`:` is
 //! not in the name grammar): clients reach it with `ns` or an alias.
 
-use std::collections::HashMap;
-
 use super::Error;
 use crate::config::{Config, DOCKER_HUB};
 use crate::oci::RepoName;
@@ -24,13 +22,13 @@ use crate::oci::RepoName;
 #[derive(Debug, Clone)]
 pub(super) struct Routing {
     /// Registry names and aliases → the registry name (the `[upstreams]` key).
-    names: HashMap<String, String>,
+    names: crate::hashing::Map<String, String>,
     default: String,
 }
 
 impl Routing {
     pub(super) fn new(config: &Config) -> Routing {
-        let mut names = HashMap::new();
+        let mut names = crate::hashing::Map::default();
         for (name, up) in &config.upstreams {
             names.insert(name.clone(), name.clone());
             for alias in &up.aliases {
@@ -67,9 +65,14 @@ impl Routing {
                     .ok_or_else(|| Error::NotMirrored(ns.to_owned()))?;
                 (registry, name.clone())
             }
-            None => match name.split_first() {
-                Some((first, rest)) => match self.registry(first) {
-                    Some(registry) => (registry, rest),
+            // The rest of the name is made only when the first component is a registry.
+            None => match name.as_str().split_once('/').map(|(first, _)| first) {
+                Some(first) => match self.registry(first) {
+                    Some(registry) => (
+                        registry,
+                        name.split_first()
+                            .map_or_else(|| name.clone(), |(_, rest)| rest),
+                    ),
                     None if looks_like_host(first) => {
                         return Err(Error::NotMirrored(first.to_owned()))
                     }

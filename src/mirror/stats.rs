@@ -1,7 +1,7 @@
 //! What the status page shows beyond the metrics: a ring of samples for the last hour's chart,
 //! and the repositories clients ask for most. Both bounded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -56,7 +56,7 @@ impl History {
 #[derive(Default)]
 pub struct Repositories {
     /// Repository → (requests, bytes, the registry of its latest request).
-    table: Mutex<HashMap<String, (u64, u64, String)>>,
+    table: Mutex<crate::hashing::Map<String, (u64, u64, String)>>,
 }
 
 const REPOS: usize = 1000;

@@ -22,7 +22,6 @@
 //! hold the budget until its keep-alive ping fails. A connection whose client reads, however
 //! slowly, is never closed for it: it only waits for room.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -64,7 +63,7 @@ pub struct ResponseBudget {
 #[derive(Default)]
 struct Connections {
     next: u64,
-    open: HashMap<u64, Weak<Activity>>,
+    open: crate::hashing::Map<u64, Weak<Activity>>,
 }
 
 /// When the budget was first found spent, and last.

@@ -59,14 +59,35 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// PING; then it is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// hyper's settings for every connection, HTTP/1.1 and HTTP/2 alike; `header_timeout` is
-/// `server.header_read_timeout`.
-pub(super) fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// hyper's connection builders: one that tells HTTP/1.1 from HTTP/2 by the first bytes (plain
+/// TCP, where a client may speak HTTP/2 with prior knowledge), and one for each protocol when
+/// TLS's ALPN named it already, which spares hyper its own look (a small read and a copy).
+pub(super) struct Builders {
+    pub(super) auto: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    pub(super) fn new() -> Builders {
+        Builders {
+            auto: http_builder(),
+            http1: http_builder().http1_only(),
+            http2: http_builder().http2_only(),
+        }
+    }
+}
+
+/// hyper's settings for every connection, HTTP/1.1 and HTTP/2 alike.
+fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        // `server.header_read_timeout` is the watchdog's (`serve_io`): a connection with no
+        // request in flight for that long is closed, half a head or not. hyper's own would
+        // only repeat it, at the cost of a timer reset on every request.
+        .header_read_timeout(None)
         // hyper asks a body for more while its write buffer is below this; the default
         // (~400 KiB) would let every slow reader pin that much memory.
         .max_buf_size(64 * 1024)
@@ -99,7 +120,7 @@ pub(super) fn spawn_main(
     peer: SocketAddr,
     place: ConnGuard,
     tls: Option<&Arc<Tls>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     app: Arc<App>,
     stop: watch::Receiver<bool>,
 ) {
@@ -107,8 +128,11 @@ pub(super) fn spawn_main(
     match tls {
         None => {
             let (conn, sendfile) = sendfile::Connection::new(stream);
+            // The connection's state machine is boxed where it is made: spawned inline, its
+            // kilobytes were copied at each move into the task.
             tokio::spawn(async move {
-                serve_io(
+                let builder = &builders.auto;
+                let serve = serve_io(
                     builder,
                     conn,
                     app,
@@ -116,8 +140,8 @@ pub(super) fn spawn_main(
                     Role::Main,
                     Some(stop),
                     Some(sendfile),
-                )
-                .await;
+                );
+                Box::pin(serve).await;
                 drop(place);
             });
         }
@@ -130,14 +154,19 @@ pub(super) fn spawn_main(
                     accepted = handshake => accepted,
                     () = stopped(&mut stop) => return,
                 };
+                // ALPN named the protocol: each goes to its own builder.
                 match accepted {
                     Ok(Ok(tls_stream)) if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
                         let io = batched_writes::BatchedWrites::new(tls_stream);
-                        serve_io(builder, io, app, peer, Role::Main, stop, None).await
+                        let builder = &builders.http2;
+                        Box::pin(serve_io(builder, io, app, peer, Role::Main, stop, None)).await
                     }
                     Ok(Ok(tls_stream)) => {
                         let files = Some(Sendfile::copy_only(TLS_FILE_CHUNK));
-                        serve_io(builder, tls_stream, app, peer, Role::Main, stop, files).await
+                        let builder = &builders.http1;
+                        let serve =
+                            serve_io(builder, tls_stream, app, peer, Role::Main, stop, files);
+                        Box::pin(serve).await
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -163,7 +192,7 @@ pub(super) fn spawn_main(
 /// connection's many I/O wake-ups do not poll them (the shutdown signal's mutex is shared by
 /// every connection).
 pub(super) async fn serve_io<I>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: &auto::Builder<TokioExecutor>,
     io: I,
     app: Arc<App>,
     peer: SocketAddr,
@@ -206,9 +235,8 @@ pub(super) async fn serve_io<I>(
             Box::pin(handle(app, req, conn))
         })
     };
-    let conn = builder
-        .serve_connection(TokioIo::new(io), service)
-        .into_owned();
+    // Borrowing the builder for as long as the connection is served (no copy of it).
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let watchdog_waker = Waker::from(activity.clone());
     let mut closing = false;

@@ -2,7 +2,6 @@
 //! (`server.max_connections_per_client`), HTTP/1.1 and HTTP/2 alike: one address must not take
 //! every file descriptor, nor pin the memory of thousands of connections.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -11,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct ConnLimit {
     /// 0 = unlimited.
     max: usize,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Mutex<crate::hashing::Map<IpAddr, usize>>>,
 }
 
 /// One admitted connection: its place is given back when this drops.
@@ -53,7 +52,7 @@ impl ConnLimit {
         self.lock().get(&ip.to_canonical()).copied().unwrap_or(0)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn lock(&self) -> MutexGuard<'_, crate::hashing::Map<IpAddr, usize>> {
         crate::sync::lock(&self.open)
     }
 }

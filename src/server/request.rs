@@ -145,21 +145,8 @@ pub(super) async fn handle(
     let head = method == http::Method::HEAD;
     let client = app.trusted_proxies.client(peer.ip(), req.headers());
     let request_id = request_id::for_request(req.headers());
-    let user_agent: String = req
-        .headers()
-        .get(http::header::USER_AGENT)
-        .map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .chars()
-                .take(256)
-                .collect()
-        })
-        .unwrap_or_default();
-    let reference = match &route {
-        Route::Manifest { reference, .. } => reference.to_string(),
-        Route::Blob { digest, .. } | Route::Referrers { digest, .. } => digest.to_string(),
-        _ => String::new(),
-    };
+    // Kept as sent (a shared slice of the request's buffer), made text for the log line.
+    let user_agent = req.headers().get(http::header::USER_AGENT).cloned();
     // The query and the target are worked out once, here, and handed down with the request.
     let query = Query::parse(req.uri().query());
     let target = routes::target(&app.mirror, &route, &query);
@@ -177,7 +164,7 @@ pub(super) async fn handle(
         route.kind(),
         registry.as_deref().unwrap_or("-"),
         repository.as_ref().map_or("-", RepoName::as_str),
-        &reference,
+        route.reference().unwrap_or(""),
     );
     let mut waited = Duration::ZERO;
     // A new HTTP/2 stream once the response buffer budget is spent: refused at once, rather
@@ -268,11 +255,7 @@ pub(super) async fn handle(
                 method: method.as_str(),
                 registry: registry.as_deref().unwrap_or("-"),
                 repository: repository.as_ref().map_or("-", RepoName::as_str),
-                reference: if reference.is_empty() {
-                    "-"
-                } else {
-                    &reference
-                },
+                reference: route.reference().unwrap_or("-"),
                 kind,
                 status,
                 bytes,
@@ -280,7 +263,7 @@ pub(super) async fn handle(
                 cache,
                 elapsed,
                 upstream: waited,
-                user_agent: &user_agent,
+                user_agent: &logging::user_agent(user_agent.as_ref()),
             });
             if let Some(repo) = &repository {
                 chores.record_request(registry.as_deref().unwrap_or("-"), repo.as_str(), bytes);

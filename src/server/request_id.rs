@@ -52,10 +52,12 @@ pub fn for_request(headers: &HeaderMap) -> String {
 /// `v` as 16 lowercase hex digits; by hand, as `format!` costs more than the rest of the id.
 fn hex16(v: u64) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    (0..16)
-        .rev()
-        .map(|i| char::from(DIGITS[((v >> (i * 4)) & 0xf) as usize]))
-        .collect()
+    let mut text = [0u8; 16];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = DIGITS[((v >> ((15 - i) * 4)) & 0xf) as usize];
+    }
+    // Hex digits are ASCII: the conversion cannot fail.
+    std::str::from_utf8(&text).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]

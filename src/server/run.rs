@@ -15,7 +15,7 @@ use super::background::{
     trim_periodically, INDEX_SAVE_INTERVAL,
 };
 use super::client_addr::TrustedProxies;
-use super::connection::{http_builder, serve_io, spawn_main};
+use super::connection::{serve_io, spawn_main, Builders};
 use super::connlimit::ConnLimit;
 use super::tls::Tls;
 use super::{App, Role};
@@ -196,27 +196,22 @@ pub(super) async fn run(
     }
 
     // Shared, not cloned per connection: a clone copies every setting and bumps two Arcs.
-    let builder = Arc::new(http_builder(header_timeout));
+    let builders = Arc::new(Builders::new());
     // Told to every connection at shutdown; dropped by each when it ends, which is how the
     // drain below knows they all have.
     let (stop_tx, stop_rx) = watch::channel(false);
 
     if let Some(metrics_listener) = metrics_listener {
         tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
-        let (builder, app) = (builder.clone(), app.clone());
+        let (builders, app) = (builders.clone(), app.clone());
         // Scrapes are short: this listener is simply stopped at shutdown, not drained.
         background.push(tokio::spawn(async move {
             while let Ok((stream, peer)) = metrics_listener.accept().await {
-                let (builder, app) = (builder.clone(), app.clone());
-                tokio::spawn(serve_io(
-                    builder,
-                    stream,
-                    app,
-                    peer,
-                    Role::Metrics,
-                    None,
-                    None,
-                ));
+                let (builders, app) = (builders.clone(), app.clone());
+                tokio::spawn(async move {
+                    let builder = &builders.auto;
+                    serve_io(builder, stream, app, peer, Role::Metrics, None, None).await;
+                });
             }
         }));
     }
@@ -241,8 +236,8 @@ pub(super) async fn run(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (builder, app, stop) = (builder.clone(), app.clone(), stop_rx.clone());
-        spawn_main(stream, peer, place, tls.as_ref(), builder, app, stop);
+        let (builders, app, stop) = (builders.clone(), app.clone(), stop_rx.clone());
+        spawn_main(stream, peer, place, tls.as_ref(), builders, app, stop);
     }
     drop(listener);
     tracing::info!(

@@ -23,7 +23,7 @@ pub struct Blobs {
     dir: PathBuf,
     tmp: PathBuf,
     index: Arc<Index>,
-    open_files: Cache<Digest, Arc<File>>,
+    open_files: Cache<Digest, Arc<File>, crate::hashing::State>,
 }
 
 impl Blobs {
@@ -35,7 +35,7 @@ impl Blobs {
             open_files: Cache::builder()
                 .max_capacity(OPEN_FILES)
                 .time_to_idle(OPEN_IDLE)
-                .build(),
+                .build_with_hasher(crate::hashing::State::default()),
         }
     }
 

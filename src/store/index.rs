@@ -112,7 +112,7 @@ struct Slot {
 
 #[derive(Default)]
 struct Inner {
-    slots: HashMap<Key, Slot>,
+    slots: crate::hashing::Map<Key, Slot>,
     /// Access order: the smallest tick is the least recently used.
     order: BTreeMap<u64, Key>,
     next_tick: u64,
@@ -123,6 +123,11 @@ impl Inner {
     fn bump(&mut self, key: &Key) -> Option<&mut Slot> {
         let tick = self.next_tick;
         let slot = self.slots.get_mut(key)?;
+        // Already the most recently used (a hot object hit again and again): the order stays.
+        if slot.tick + 1 == tick {
+            slot.last_access = now_secs();
+            return Some(slot);
+        }
         self.order.remove(&slot.tick);
         slot.tick = tick;
         slot.last_access = now_secs();

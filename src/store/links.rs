@@ -11,7 +11,7 @@
 //! `<registry> <repository> <digest> unlinked`, read in order on load (a version without
 //! purges skips such a line).
 
-use std::collections::{HashMap, HashSet};
+use crate::hashing::{Map, Set};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -21,7 +21,7 @@ use crate::oci::{Digest, RepoName};
 const FILE: &str = "links";
 
 /// registry → repository → digests.
-type Table = HashMap<String, HashMap<RepoName, HashSet<Digest>>>;
+type Table = Map<String, Map<RepoName, Set<Digest>>>;
 
 pub struct Links {
     path: PathBuf,
@@ -35,7 +35,7 @@ impl Links {
     /// operator command inspecting the directory) nothing is read or written. Blocking.
     pub fn open(root: &Path, load: bool) -> io::Result<Links> {
         let path = root.join(FILE);
-        let mut table = Table::new();
+        let mut table = Table::default();
         let text = if load {
             std::fs::read_to_string(&path)
         } else {

@@ -11,7 +11,7 @@ use moka::sync::Cache;
 
 use super::index::{Index, Key};
 use super::{blocking, digest_path, write_atomic};
-use crate::oci::Digest;
+use crate::oci::{Digest, ManifestHeaders};
 
 /// Memory for manifests kept in RAM, by their byte size.
 const MEMORY_BYTES: u64 = 64 * 1024 * 1024;
@@ -21,6 +21,19 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Bytes,
+    /// Its response headers, made once here rather than on each hit.
+    pub headers: ManifestHeaders,
+}
+
+impl Manifest {
+    pub fn new(digest: Digest, media_type: String, bytes: Bytes) -> Manifest {
+        Manifest {
+            headers: ManifestHeaders::new(&digest, &media_type),
+            digest,
+            media_type,
+            bytes,
+        }
+    }
 }
 
 /// Memory for manifests that could not be written (the disk is full), so that each costs the
@@ -30,8 +43,8 @@ const UNWRITTEN_BYTES: u64 = 16 * 1024 * 1024;
 pub struct Manifests {
     dir: PathBuf,
     tmp: PathBuf,
-    memory: Cache<Digest, Arc<Manifest>>,
-    unwritten: Cache<Digest, Arc<Manifest>>,
+    memory: Cache<Digest, Arc<Manifest>, crate::hashing::State>,
+    unwritten: Cache<Digest, Arc<Manifest>, crate::hashing::State>,
     index: Arc<Index>,
 }
 
@@ -57,11 +70,11 @@ pub fn decode(digest: &Digest, raw: Bytes) -> Option<Manifest> {
     if Digest::sha256_of(&bytes) != *digest {
         return None;
     }
-    Some(Manifest {
-        digest: digest.clone(),
-        media_type: String::from_utf8_lossy(&raw[..newline]).into_owned(),
+    Some(Manifest::new(
+        digest.clone(),
+        String::from_utf8_lossy(&raw[..newline]).into_owned(),
         bytes,
-    })
+    ))
 }
 
 impl Manifests {
@@ -73,11 +86,11 @@ impl Manifests {
             memory: Cache::builder()
                 .max_capacity(MEMORY_BYTES)
                 .weigher(weigh)
-                .build(),
+                .build_with_hasher(crate::hashing::State::default()),
             unwritten: Cache::builder()
                 .max_capacity(UNWRITTEN_BYTES)
                 .weigher(weigh)
-                .build(),
+                .build_with_hasher(crate::hashing::State::default()),
         }
     }
 

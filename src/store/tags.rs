@@ -32,7 +32,7 @@ pub struct TagRecord {
 pub struct Tags {
     dir: PathBuf,
     tmp: PathBuf,
-    memory: Cache<TagKey, TagRecord>,
+    memory: Cache<TagKey, TagRecord, crate::hashing::State>,
 }
 
 impl Tags {
@@ -40,7 +40,9 @@ impl Tags {
         Tags {
             dir,
             tmp,
-            memory: Cache::new(100_000),
+            memory: Cache::builder()
+                .max_capacity(100_000)
+                .build_with_hasher(crate::hashing::State::default()),
         }
     }
 
