@@ -8,12 +8,6 @@ use clap::Parser;
 use pullthrough::cli::{Cli, GlobalArgs};
 use pullthrough::config::Config;
 
-/// mimalloc: a request's short-lived allocations (headers, the request's state, the access
-/// line) cost about half of what glibc's malloc and free did (`bench/profile.sh`), and its
-/// per-thread pages give memory back to the system as glibc's arenas do not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Parses the command line: an operator command runs in `admin`, no command runs the mirror.
 fn main() -> ExitCode {
     let cli = Cli::parse();
