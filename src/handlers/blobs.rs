@@ -275,7 +275,7 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest, len: u64) {
     if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
-    content_headers(h, digest, true);
+    content_headers(h, crate::oci::etag(digest), true);
 }
 
 /// What the request's `Range` asks for, under its `If-Range`.

@@ -7,7 +7,7 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response};
 
 use super::body::{self, Body};
-use super::{none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST, IMMUTABLE};
+use super::{content_headers, none_match, not_modified, with_cache_status, DOCKER_CONTENT_DIGEST};
 use crate::handlers::error::{ApiError, Object};
 use crate::mirror::{ManifestAnswer, Mirror, Target};
 use crate::oci::{Accept, ManifestHeaders, Reference};
@@ -67,11 +67,6 @@ fn response(m: ManifestAnswer, by_digest: bool) -> Response<Body> {
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));
-    if let Some(v) = made.etag {
-        h.insert(header::ETAG, v);
-    }
-    if by_digest {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
-    }
+    content_headers(h, made.etag, by_digest);
     with_cache_status(resp, m.status)
 }

@@ -32,9 +32,10 @@ const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api
 /// For content named by its digest, which never changes: a year, and `immutable`.
 const IMMUTABLE: &str = "max-age=31536000, immutable";
 
-/// `ETag` (the quoted digest) and, for content addressed by digest, `Cache-Control`.
-fn content_headers(h: &mut http::HeaderMap, digest: &Digest, by_digest: bool) {
-    if let Some(v) = crate::oci::etag(digest) {
+/// `ETag` (the quoted digest, [`crate::oci::etag`]) and, for content addressed by digest,
+/// `Cache-Control`.
+fn content_headers(h: &mut http::HeaderMap, etag: Option<HeaderValue>, by_digest: bool) {
+    if let Some(v) = etag {
         h.insert(header::ETAG, v);
     }
     if by_digest {
@@ -58,7 +59,7 @@ fn none_match(headers: &http::HeaderMap, digest: &Digest) -> bool {
 fn not_modified(digest: &Digest, by_digest: bool) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
-    content_headers(resp.headers_mut(), digest, by_digest);
+    content_headers(resp.headers_mut(), crate::oci::etag(digest), by_digest);
     if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
         resp.headers_mut().insert(DOCKER_CONTENT_DIGEST, v);
     }

@@ -5,8 +5,11 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::LocalKey;
+
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 
 const SLOTS: usize = 16;
 
@@ -23,6 +26,30 @@ impl<L, M> Memo<L, M> {
     pub(super) const fn new() -> Memo<L, M> {
         Memo(VecDeque::new())
     }
+}
+
+/// [`with`] for labels the caller has made already: compared whole, and kept if new.
+pub(super) fn with_labels<L, M, C>(
+    memo: &'static LocalKey<RefCell<Memo<L, M>>>,
+    owner: u64,
+    family: &Family<L, M, C>,
+    labels: L,
+    count: impl FnOnce(&M),
+) where
+    L: Clone + Eq + Hash + 'static,
+    M: Clone + 'static,
+    C: MetricConstructor<M>,
+{
+    with(
+        memo,
+        owner,
+        |l| *l == labels,
+        || {
+            let series = family.get_or_create(&labels).clone();
+            (labels.clone(), series)
+        },
+        count,
+    );
 }
 
 /// Runs `count` on the series of `owner`'s family whose labels `matches`; `make` gives the

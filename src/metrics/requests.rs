@@ -108,26 +108,18 @@ impl Metrics {
             status: status_class(status),
             code: status_code(status),
         };
-        let family = &self.requests.count;
-        memo::with(
-            &COUNTS,
-            self.owner,
-            |l| *l == labels,
-            || (labels.clone(), family.get_or_create(&labels).clone()),
-            |c| {
-                c.inc();
-            },
-        );
+        memo::with_labels(&COUNTS, self.owner, &self.requests.count, labels, |c| {
+            c.inc();
+        });
         let labels = DurationLabels {
             kind,
             cache: cache.map_or("none", CacheStatus::label),
         };
-        let family = &self.requests.duration;
-        memo::with(
+        memo::with_labels(
             &DURATIONS,
             self.owner,
-            |l| *l == labels,
-            || (labels.clone(), family.get_or_create(&labels).clone()),
+            &self.requests.duration,
+            labels,
             |h| h.observe(elapsed.as_secs_f64()),
         );
     }
